@@ -1,0 +1,112 @@
+//! `lanyard.v1.Audit`.
+
+use std::pin::Pin;
+
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::debug;
+
+use super::{Authenticator, status};
+use crate::audit::AuditLog;
+use crate::pb::v1::{self as pb, audit_server::Audit};
+use crate::policy::{ROLE_ADMIN, ROLE_AUDITOR};
+use crate::store::AuditRecord;
+
+/// The Audit service.
+pub struct AuditService {
+    log: AuditLog,
+    auth: Authenticator,
+}
+
+impl AuditService {
+    /// Wires the service.
+    pub fn new(log: AuditLog, auth: Authenticator) -> Self {
+        Self { log, auth }
+    }
+}
+
+/// Converts a stored record to its wire form.
+pub fn to_proto(r: AuditRecord) -> pb::AuditEvent {
+    pb::AuditEvent {
+        seq: r.seq,
+        time_ms: r.time_ms,
+        kind: r.kind,
+        actor: r.actor,
+        subject: r.subject,
+        serial: r.serial,
+        roles: r.roles,
+        not_after: r.not_after,
+        reason: r.reason,
+        prev_hash: r.prev_hash.to_vec(),
+        hash: r.hash.to_vec(),
+    }
+}
+
+/// Converts a wire event back to a record (for chain verification on the client).
+pub fn from_proto(e: pb::AuditEvent) -> Option<AuditRecord> {
+    Some(AuditRecord {
+        v: crate::store::RECORD_VERSION,
+        seq: e.seq,
+        time_ms: e.time_ms,
+        kind: e.kind,
+        actor: e.actor,
+        subject: e.subject,
+        serial: e.serial,
+        roles: e.roles,
+        not_after: e.not_after,
+        reason: e.reason,
+        prev_hash: e.prev_hash.try_into().ok()?,
+        hash: e.hash.try_into().ok()?,
+    })
+}
+
+#[tonic::async_trait]
+impl Audit for AuditService {
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::AuditEvent, Status>> + Send>>;
+
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let who = self
+            .auth
+            .require_role(&req, &[ROLE_AUDITOR, ROLE_ADMIN])
+            .map_err(status::auth)?;
+        let b = req.into_inner();
+        let mut sub = self.log.subscribe(b.from_seq);
+        let (tx, rx) = mpsc::channel(256);
+        let kinds = b.kinds;
+        let id = b.spiffe_id;
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    r = sub.next(b.follow) => r,
+                    () = tx.closed() => break,
+                };
+                match next {
+                    Ok(Some(r)) => {
+                        if (!kinds.is_empty() && !kinds.contains(&r.kind))
+                            || (!id.is_empty() && r.subject != id && r.actor != id)
+                        {
+                            continue;
+                        }
+                        // A full channel applies backpressure to this subscriber only: the
+                        // writer never waits for it, and it resumes from the store.
+                        if tx.send(Ok(to_proto(r))).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(status::audit(e))).await;
+                        break;
+                    }
+                }
+            }
+            debug!(subscriber = %who.spiffe_id, "audit subscription ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,10 @@
+//! tonic adapters: proto ↔ domain, authentication, and the one place errors become `Status`.
+
+pub mod admin;
+pub mod audit;
+pub mod auth;
+pub mod ca;
+pub mod revocation;
+pub mod status;
+
+pub use auth::Authenticator;

@@ -1,0 +1,172 @@
+//! `lanyard.v1.Revocation`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{Authenticator, status};
+use crate::ca::{Authority, Serial};
+use crate::pb::v1::{self as pb, revocation_server::Revocation, revoke_request::Target};
+use crate::policy::ROLE_ADMIN;
+use crate::revocation::Revocations;
+use crate::spiffe::SpiffeId;
+use crate::store::RevocationRecord;
+
+/// The Revocation service.
+pub struct RevocationService {
+    revocations: Arc<Revocations>,
+    authority: Arc<Authority>,
+    auth: Authenticator,
+    crl_validity: Duration,
+}
+
+impl RevocationService {
+    /// Wires the service.
+    pub fn new(
+        revocations: Arc<Revocations>,
+        authority: Arc<Authority>,
+        auth: Authenticator,
+        crl_validity: Duration,
+    ) -> Self {
+        Self {
+            revocations,
+            authority,
+            auth,
+            crl_validity,
+        }
+    }
+}
+
+/// Converts a stored entry to its wire form.
+pub fn to_proto(r: RevocationRecord) -> pb::RevocationEntry {
+    pb::RevocationEntry {
+        rev: r.rev,
+        serial: r.serial,
+        spiffe_id: r.spiffe_id,
+        identity_rule: r.identity_rule,
+        before: r.before,
+        reason: r.reason,
+        revoked_at: r.revoked_at,
+        expires_at: r.expires_at,
+        blocked: r.blocked,
+    }
+}
+
+#[tonic::async_trait]
+impl Revocation for RevocationService {
+    async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Result<Response<pb::RevokeResponse>, Status> {
+        let admin = self.auth.require_role(&req, &[ROLE_ADMIN]).map_err(status::auth)?;
+        let b = req.into_inner();
+        let actor = admin.spiffe_id.as_str();
+        let reason = b.reason.trim();
+        if reason.is_empty() {
+            return Err(Status::invalid_argument("a reason is required (--reason)"));
+        }
+        if reason.len() > 1024 {
+            return Err(Status::invalid_argument("reason is longer than 1024 bytes"));
+        }
+        let entries = match b.target {
+            Some(Target::Serial(s)) => {
+                if b.lift {
+                    return Err(Status::invalid_argument("--lift applies to --spiffe-id, not --serial"));
+                }
+                let serial = Serial::parse_hex(&s)
+                    .ok_or_else(|| Status::invalid_argument(format!("{s:?} is not a hex serial number")))?;
+                self.revocations.revoke_serial(actor, &serial, reason).await
+            }
+            Some(Target::SpiffeId(id)) => {
+                let id = SpiffeId::parse(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                if b.lift {
+                    self.revocations.lift(actor, &id, reason).await
+                } else {
+                    self.revocations.revoke_identity(actor, &id, reason).await
+                }
+            }
+            None => return Err(Status::invalid_argument("name a --serial or a --spiffe-id to revoke")),
+        }
+        .map_err(status::revocation)?;
+        Ok(Response::new(pb::RevokeResponse {
+            entries: entries.into_iter().map(to_proto).collect(),
+        }))
+    }
+
+    async fn check(&self, req: Request<pb::CheckRequest>) -> Result<Response<pb::CheckResponse>, Status> {
+        self.auth.peer(&req, false).map_err(status::auth)?;
+        let s = &req.get_ref().serial;
+        let serial = Serial::parse_hex(s)
+            .ok_or_else(|| Status::invalid_argument(format!("{s:?} is not a hex serial number")))?;
+        let entry = self.revocations.check(&serial).map_err(status::store)?;
+        Ok(Response::new(pb::CheckResponse {
+            revoked: entry.is_some(),
+            entry: entry.map(to_proto),
+        }))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::RevocationEntry, Status>> + Send>>;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        self.auth.peer(&req, false).map_err(status::auth)?;
+        let since = req.get_ref().since;
+        // Subscribe before the snapshot so nothing committed in between is missed.
+        let mut live = self.revocations.log().live();
+        let revocations = self.revocations.clone();
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            let mut sent = since;
+            let mut resync = true;
+            loop {
+                if resync {
+                    let snapshot = match revocations.since(sent) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = tx.send(Err(status::store(e))).await;
+                            return;
+                        }
+                    };
+                    for r in snapshot {
+                        sent = sent.max(r.rev);
+                        if tx.send(Ok(to_proto(r))).await.is_err() {
+                            return;
+                        }
+                    }
+                    resync = false;
+                }
+                let c = tokio::select! {
+                    c = live.recv() => c,
+                    () = tx.closed() => return,
+                };
+                match c {
+                    Ok(c) => {
+                        if c.record.seq <= sent {
+                            continue;
+                        }
+                        for r in &c.revocations {
+                            if tx.send(Ok(to_proto(r.clone()))).await.is_err() {
+                                return;
+                            }
+                        }
+                        if !c.revocations.is_empty() {
+                            sent = c.record.seq;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => resync = true,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_crl(&self, _req: Request<pb::GetCrlRequest>) -> Result<Response<pb::Crl>, Status> {
+        let der = self
+            .revocations
+            .crl(&self.authority, self.crl_validity)
+            .map_err(status::revocation)?;
+        Ok(Response::new(pb::Crl { der: der.to_vec() }))
+    }
+}

@@ -1,0 +1,57 @@
+//! Domain errors → `tonic::Status`. Internal details are logged, never sent.
+
+use tonic::Status;
+use tracing::error;
+
+use crate::audit::AuditError;
+use crate::issuance::IssueError;
+use crate::revocation::RevocationError;
+use crate::store::StoreError;
+
+use super::auth::AuthError;
+
+/// Maps an issuance error.
+pub fn issue(e: IssueError) -> Status {
+    match e {
+        IssueError::BadRequest(m) => Status::invalid_argument(m),
+        IssueError::Unauthenticated(m) => Status::unauthenticated(m),
+        IssueError::Denied(m) => Status::permission_denied(m),
+        IssueError::Precondition(m) => Status::failed_precondition(m),
+        IssueError::Internal(m) => internal(&m),
+    }
+}
+
+/// Maps an authentication error.
+pub fn auth(e: AuthError) -> Status {
+    match e {
+        AuthError::Revoked(m) => Status::failed_precondition(m),
+        AuthError::MissingRole(m) => Status::permission_denied(m),
+        AuthError::Internal(m) => internal(&m),
+        other => Status::unauthenticated(other.to_string()),
+    }
+}
+
+/// Maps a revocation error.
+pub fn revocation(e: RevocationError) -> Status {
+    match e {
+        RevocationError::UnknownSerial(_) | RevocationError::NotRevoked(_) => {
+            Status::not_found(e.to_string())
+        }
+        other => internal(&other.to_string()),
+    }
+}
+
+/// Maps an audit error.
+pub fn audit(e: AuditError) -> Status {
+    internal(&e.to_string())
+}
+
+/// Maps a store error.
+pub fn store(e: StoreError) -> Status {
+    internal(&e.to_string())
+}
+
+fn internal(detail: &str) -> Status {
+    error!(detail, "internal error");
+    Status::internal("internal error")
+}

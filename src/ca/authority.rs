@@ -1,0 +1,293 @@
+//! The signing CA: created on first start or loaded from PEM files, then signs leaves and CRLs.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CustomExtension,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, PublicKeyData, RevokedCertParams, SanType, SerialNumber,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::svid::{RolesOid, Serial, encode_roles};
+use super::CaError;
+use crate::fsutil::{create_private_dir, write_atomic};
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// How long a generated root CA is valid.
+const ROOT_VALIDITY_SECS: i64 = 5 * 365 * 24 * 3600;
+
+/// The CA: its signing key, its certificate chain and the trust anchor.
+pub struct Authority {
+    trust_domain: TrustDomain,
+    issuer: Issuer<'static, KeyPair>,
+    /// Certificates sent after the leaf (intermediates; empty when the CA is the root).
+    intermediates: Vec<CertificateDer<'static>>,
+    /// The trust anchor workloads must trust.
+    root: CertificateDer<'static>,
+    fingerprint: [u8; 32],
+    roles_oid: RolesOid,
+    not_after: i64,
+}
+
+/// What to put in a leaf certificate.
+#[derive(Debug, Clone)]
+pub struct LeafParams {
+    /// The one URI SAN.
+    pub spiffe_id: SpiffeId,
+    /// Roles for the roles extension (omitted when empty).
+    pub roles: Vec<String>,
+    /// notBefore, seconds since the Unix epoch (already backdated for clock skew).
+    pub not_before: i64,
+    /// notAfter, seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// A signed leaf certificate.
+#[derive(Debug, Clone)]
+pub struct SignedLeaf {
+    /// The leaf, DER.
+    pub der: CertificateDer<'static>,
+    /// Its serial.
+    pub serial: Serial,
+}
+
+impl Authority {
+    /// Loads `dir/ca.pem` + `dir/ca.key`, or creates a new P-256 root there (key mode 0600).
+    pub fn load_or_create(
+        dir: &Path,
+        trust_domain: &TrustDomain,
+        roles_oid: RolesOid,
+    ) -> Result<Self, CaError> {
+        let cert_path = dir.join("ca.pem");
+        let key_path = dir.join("ca.key");
+        if cert_path.exists() || key_path.exists() {
+            return Self::load(&cert_path, &key_path, trust_domain, roles_oid);
+        }
+        create_private_dir(dir).map_err(|e| io(dir, e))?;
+        let key = KeyPair::generate().map_err(CaError::Sign)?;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Lanyard");
+        dn.push(DnType::CommonName, format!("Lanyard CA {trust_domain}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.subject_alt_names = vec![SanType::URI(
+            trust_domain.id_string().try_into().map_err(CaError::Sign)?,
+        )];
+        params.serial_number = Some(SerialNumber::from_slice(Serial::random().as_bytes()));
+        params.not_before = to_time(now - 60)?;
+        params.not_after = to_time(now + ROOT_VALIDITY_SECS)?;
+        params.key_identifier_method = KeyIdMethod::Sha256;
+        let cert = params.self_signed(&key)?;
+        write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)
+            .map_err(|e| io(&key_path, e))?;
+        write_atomic(&cert_path, cert.pem().as_bytes(), 0o644).map_err(|e| io(&cert_path, e))?;
+        Self::load(&cert_path, &key_path, trust_domain, roles_oid)
+    }
+
+    /// Loads a CA from a PEM chain file (signing cert first, then its parents up to the root) and
+    /// a PEM private key.
+    pub fn load(
+        cert_path: &Path,
+        key_path: &Path,
+        trust_domain: &TrustDomain,
+        roles_oid: RolesOid,
+    ) -> Result<Self, CaError> {
+        let bad = |m: String| CaError::BadCaFiles(cert_path.to_path_buf(), m);
+        let pem = read(cert_path)?;
+        let key_pem = String::from_utf8(read(key_path)?)
+            .map_err(|_| CaError::BadCaFiles(key_path.to_path_buf(), "key is not PEM".into()))?;
+        let mode = fs::metadata(key_path).map_err(|e| io(key_path, e))?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(CaError::BadCaFiles(
+                key_path.to_path_buf(),
+                format!("key file mode is {:o}; it must not be readable by group or others (chmod 600)", mode & 0o777),
+            ));
+        }
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(format!("cannot read PEM certificates: {e}")))?;
+        let (signing, parents) = chain
+            .split_first()
+            .ok_or_else(|| bad("no certificate found".into()))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .map_err(|e| CaError::BadCaFiles(key_path.to_path_buf(), e.to_string()))?;
+        let (_, parsed) = X509Certificate::from_der(signing)
+            .map_err(|e| bad(format!("cannot parse CA certificate: {e}")))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
+            return Err(bad("the private key does not match the CA certificate".into()));
+        }
+        if !parsed.is_ca() {
+            return Err(bad("the certificate is not a CA (basicConstraints CA=false)".into()));
+        }
+        let not_after = parsed.validity().not_after.timestamp();
+        let issuer = Issuer::from_ca_cert_der(signing, key)?;
+        let root = parents.last().unwrap_or(signing).clone();
+        let intermediates = if parents.is_empty() {
+            Vec::new()
+        } else {
+            chain[..chain.len() - 1].to_vec()
+        };
+        let fingerprint = Sha256::digest(root.as_ref()).into();
+        Ok(Self {
+            trust_domain: trust_domain.clone(),
+            issuer,
+            intermediates,
+            root,
+            fingerprint,
+            roles_oid,
+            not_after,
+        })
+    }
+
+    /// Signs a leaf X.509-SVID for `public_key`. Only the key and `params` go into it.
+    pub fn sign_leaf(
+        &self,
+        public_key: &impl PublicKeyData,
+        params: &LeafParams,
+    ) -> Result<SignedLeaf, CaError> {
+        if !params.spiffe_id.is_in(&self.trust_domain) {
+            return Err(CaError::InvalidCsr(format!(
+                "{} is outside trust domain {}",
+                params.spiffe_id, self.trust_domain
+            )));
+        }
+        let serial = Serial::random();
+        let mut p = CertificateParams::default();
+        // An empty subject is what X.509-SVIDs use; rcgen then marks the SAN critical (RFC 5280).
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(
+            params.spiffe_id.as_str().to_string().try_into().map_err(CaError::Sign)?,
+        )];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.serial_number = Some(SerialNumber::from_slice(serial.as_bytes()));
+        p.not_before = to_time(params.not_before)?;
+        p.not_after = to_time(params.not_after.min(self.not_after))?;
+        p.use_authority_key_identifier_extension = true;
+        p.key_identifier_method = KeyIdMethod::Sha256;
+        if !params.roles.is_empty() {
+            let mut ext = CustomExtension::from_oid_content(
+                self.roles_oid.arcs(),
+                encode_roles(&params.roles),
+            );
+            ext.set_criticality(false);
+            p.custom_extensions = vec![ext];
+        }
+        let cert = p.signed_by(public_key, &self.issuer)?;
+        Ok(SignedLeaf {
+            der: cert.der().clone(),
+            serial,
+        })
+    }
+
+    /// Signs a CRL listing `revoked` (serial, revocation time) valid from `this_update` to
+    /// `next_update` (seconds since the Unix epoch).
+    pub fn sign_crl(
+        &self,
+        revoked: &[(Serial, i64)],
+        crl_number: u64,
+        this_update: i64,
+        next_update: i64,
+    ) -> Result<Vec<u8>, CaError> {
+        let revoked_certs = revoked
+            .iter()
+            .map(|(serial, at)| {
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(serial.as_bytes()),
+                    revocation_time: to_time(*at)?,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, CaError>>()?;
+        let params = CertificateRevocationListParams {
+            this_update: to_time(this_update)?,
+            next_update: to_time(next_update)?,
+            crl_number: SerialNumber::from(crl_number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.der().to_vec())
+    }
+
+    /// The trust domain this CA signs for.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// Certificates to send after a leaf (intermediates only).
+    pub fn intermediates(&self) -> &[CertificateDer<'static>] {
+        &self.intermediates
+    }
+
+    /// The trust anchor.
+    pub fn root(&self) -> &CertificateDer<'static> {
+        &self.root
+    }
+
+    /// SHA-256 of the trust anchor's DER: what a join token pins.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    /// The roles extension OID.
+    pub fn roles_oid(&self) -> &RolesOid {
+        &self.roles_oid
+    }
+
+    /// The signing certificate's notAfter; no leaf outlives it.
+    pub fn not_after(&self) -> i64 {
+        self.not_after
+    }
+}
+
+/// PEM-encodes DER certificates.
+pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
+    use base64::Engine;
+    let mut out = String::new();
+    for c in certs {
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}
+
+fn to_time(unix: i64) -> Result<OffsetDateTime, CaError> {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .map_err(|_| CaError::InvalidCsr(format!("time {unix} is out of range")))
+}
+
+fn io(path: &Path, source: std::io::Error) -> CaError {
+    CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, CaError> {
+    fs::read(path).map_err(|e| io(path, e))
+}

@@ -1,0 +1,316 @@
+//! Server configuration: a TOML file (every field optional), overridden by flags and `LANYARD_*`
+//! environment variables (clap reads those), merged once into typed [`ServeSettings`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ca::RolesOid;
+use crate::policy::{Policy, PolicyError, RuleSpec};
+use crate::spiffe::TrustDomain;
+
+/// Errors loading configuration. The server exits with status 64 on any of them.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// The file is not valid TOML or has unknown fields.
+    #[error("config {0}: {1}")]
+    Parse(PathBuf, String),
+    /// A required setting is missing.
+    #[error("missing setting: {0}")]
+    Missing(&'static str),
+    /// A setting has a bad value.
+    #[error("invalid {0}: {1}")]
+    Invalid(&'static str, String),
+    /// The policy section is invalid.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+/// The config file, as written. Every field is optional; see `deploy/lanyard.example.toml`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Trust domain, e.g. `example.org`.
+    pub trust_domain: Option<String>,
+    /// Where the CA keeps its key, credentials and sled store.
+    pub data_dir: Option<PathBuf>,
+    /// gRPC listen address.
+    pub listen: Option<SocketAddr>,
+    /// Certificate lifetime when a request names none.
+    #[serde(default, with = "opt_duration")]
+    pub default_ttl: Option<Duration>,
+    /// Shortest lifetime a request may ask for.
+    #[serde(default, with = "opt_duration")]
+    pub min_ttl: Option<Duration>,
+    /// Hard cap on any certificate lifetime, whatever policy says.
+    #[serde(default, with = "opt_duration")]
+    pub max_cert_lifetime: Option<Duration>,
+    /// How long after expiry a certificate may still renew (0 disables).
+    #[serde(default, with = "opt_duration")]
+    pub renewal_grace: Option<Duration>,
+    /// Lifetime of the server's own serving certificate.
+    #[serde(default, with = "opt_duration")]
+    pub server_cert_ttl: Option<Duration>,
+    /// Lifetime of the local admin credential in `<data_dir>/admin`.
+    #[serde(default, with = "opt_duration")]
+    pub admin_cert_ttl: Option<Duration>,
+    /// Default join token lifetime.
+    #[serde(default, with = "opt_duration")]
+    pub token_ttl: Option<Duration>,
+    /// How long a CRL is valid (its nextUpdate).
+    #[serde(default, with = "opt_duration")]
+    pub crl_validity: Option<Duration>,
+    /// OID of the roles extension (every arc below 2^28).
+    pub roles_oid: Option<String>,
+    /// A CA certificate chain (PEM, signing cert first) to use instead of a generated root.
+    pub ca_cert: Option<PathBuf>,
+    /// The private key (PEM, mode 0600) for `ca_cert`.
+    pub ca_key: Option<PathBuf>,
+    /// Policy rules; everything they do not allow is denied.
+    #[serde(default)]
+    pub policy: Vec<RuleSpec>,
+}
+
+/// Values given on the command line or in the environment; they win over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--trust-domain` / `LANYARD_TRUST_DOMAIN`.
+    pub trust_domain: Option<String>,
+    /// `--data-dir` / `LANYARD_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+    /// `--listen` / `LANYARD_LISTEN`.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Fully merged and validated server settings.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Default certificate lifetime.
+    pub default_ttl: Duration,
+    /// Lifetime floor.
+    pub min_ttl: Duration,
+    /// Lifetime cap.
+    pub max_cert_lifetime: Duration,
+    /// Renewal grace after expiry.
+    pub renewal_grace: Duration,
+    /// Serving certificate lifetime.
+    pub server_cert_ttl: Duration,
+    /// Admin credential lifetime.
+    pub admin_cert_ttl: Duration,
+    /// Default join token lifetime.
+    pub token_ttl: Duration,
+    /// CRL validity.
+    pub crl_validity: Duration,
+    /// Roles extension OID.
+    pub roles_oid: RolesOid,
+    /// An operator-supplied CA (cert chain, key).
+    pub ca_files: Option<(PathBuf, PathBuf)>,
+    /// The config file, watched for policy changes.
+    pub config_path: Option<PathBuf>,
+    /// The validated policy.
+    pub policy: Policy,
+}
+
+/// Defaults, in one place so docs and the example config can be checked against them.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Listen address.
+    pub const LISTEN: &str = "127.0.0.1:8443";
+    /// Data directory.
+    pub const DATA_DIR: &str = "./lanyard-data";
+    /// Default certificate lifetime.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(5 * 60);
+    /// Lifetime floor.
+    pub const MIN_TTL: Duration = Duration::from_secs(30);
+    /// Lifetime cap.
+    pub const MAX_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+    /// Renewal grace.
+    pub const RENEWAL_GRACE: Duration = Duration::from_secs(3600);
+    /// Serving certificate lifetime.
+    pub const SERVER_CERT_TTL: Duration = Duration::from_secs(3600);
+    /// Admin credential lifetime.
+    pub const ADMIN_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+    /// Join token lifetime.
+    pub const TOKEN_TTL: Duration = Duration::from_secs(3600);
+    /// CRL validity.
+    pub const CRL_VALIDITY: Duration = Duration::from_secs(5 * 60);
+}
+
+impl FileConfig {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))
+    }
+}
+
+impl ServeSettings {
+    /// Merges the file (if any) with overrides and validates everything.
+    pub fn resolve(
+        config_path: Option<&Path>,
+        overrides: Overrides,
+    ) -> Result<Self, ConfigError> {
+        let file = match config_path {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let td_name = overrides
+            .trust_domain
+            .or(file.trust_domain.clone())
+            .ok_or(ConfigError::Missing("trust_domain (--trust-domain or LANYARD_TRUST_DOMAIN)"))?;
+        let trust_domain = TrustDomain::new(&td_name)
+            .map_err(|e| ConfigError::Invalid("trust_domain", e.to_string()))?;
+        let listen = match overrides.listen.or(file.listen) {
+            Some(l) => l,
+            None => defaults::LISTEN
+                .parse()
+                .map_err(|_| ConfigError::Invalid("listen", defaults::LISTEN.into()))?,
+        };
+        let roles_oid = match &file.roles_oid {
+            Some(s) => RolesOid::parse(s).map_err(|e| ConfigError::Invalid("roles_oid", e.to_string()))?,
+            None => RolesOid::default(),
+        };
+        let ca_files = match (&file.ca_cert, &file.ca_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "ca_cert/ca_key",
+                    "set both or neither".into(),
+                ));
+            }
+        };
+        let max_cert_lifetime = file.max_cert_lifetime.unwrap_or(defaults::MAX_CERT_LIFETIME);
+        let min_ttl = file.min_ttl.unwrap_or(defaults::MIN_TTL);
+        let default_ttl = file.default_ttl.unwrap_or(defaults::DEFAULT_TTL);
+        if min_ttl.is_zero() || min_ttl > default_ttl || default_ttl > max_cert_lifetime {
+            return Err(ConfigError::Invalid(
+                "ttl settings",
+                format!(
+                    "need 0 < min_ttl ({min_ttl:?}) <= default_ttl ({default_ttl:?}) <= max_cert_lifetime ({max_cert_lifetime:?})"
+                ),
+            ));
+        }
+        let server_cert_ttl = file.server_cert_ttl.unwrap_or(defaults::SERVER_CERT_TTL);
+        let admin_cert_ttl = file.admin_cert_ttl.unwrap_or(defaults::ADMIN_CERT_TTL);
+        for (name, v) in [("server_cert_ttl", server_cert_ttl), ("admin_cert_ttl", admin_cert_ttl)] {
+            if v < Duration::from_secs(2) || v > max_cert_lifetime {
+                return Err(ConfigError::Invalid(
+                    name,
+                    format!("{v:?} must be between 2s and max_cert_lifetime"),
+                ));
+            }
+        }
+        let policy = Policy::from_specs(&file.policy, &trust_domain, default_ttl, max_cert_lifetime)?;
+        Ok(Self {
+            trust_domain,
+            data_dir: overrides
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(defaults::DATA_DIR)),
+            listen,
+            default_ttl,
+            min_ttl,
+            max_cert_lifetime,
+            renewal_grace: file.renewal_grace.unwrap_or(defaults::RENEWAL_GRACE),
+            server_cert_ttl,
+            admin_cert_ttl,
+            token_ttl: file.token_ttl.unwrap_or(defaults::TOKEN_TTL),
+            crl_validity: file.crl_validity.unwrap_or(defaults::CRL_VALIDITY),
+            roles_oid,
+            ca_files,
+            config_path: config_path.map(Path::to_path_buf),
+            policy,
+        })
+    }
+
+    /// Re-reads only the policy from the config file (for reloads).
+    pub fn reload_policy(&self) -> Result<Policy, ConfigError> {
+        let Some(path) = &self.config_path else {
+            return Ok(self.policy.clone());
+        };
+        let file = FileConfig::load(path)?;
+        Ok(Policy::from_specs(
+            &file.policy,
+            &self.trust_domain,
+            self.default_ttl,
+            self.max_cert_lifetime,
+        )?)
+    }
+}
+
+/// Parses `"5m"`, `"1h30m"`, `"30s"` (humantime) into a duration.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?}: {e} (examples: 30s, 5m, 1h)"))
+}
+
+/// serde helper for optional humantime durations.
+pub mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    /// Deserializes an optional duration string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| super::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/lanyard.example.toml");
+        let s = ServeSettings::resolve(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(s.default_ttl, defaults::DEFAULT_TTL);
+        assert_eq!(s.min_ttl, defaults::MIN_TTL);
+        assert_eq!(s.max_cert_lifetime, defaults::MAX_CERT_LIFETIME);
+        assert_eq!(s.renewal_grace, defaults::RENEWAL_GRACE);
+        assert_eq!(s.server_cert_ttl, defaults::SERVER_CERT_TTL);
+        assert_eq!(s.admin_cert_ttl, defaults::ADMIN_CERT_TTL);
+        assert_eq!(s.token_ttl, defaults::TOKEN_TTL);
+        assert_eq!(s.crl_validity, defaults::CRL_VALIDITY);
+        assert_eq!(s.listen.to_string(), defaults::LISTEN);
+        assert_eq!(s.roles_oid, RolesOid::default());
+        assert!(!s.policy.is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        for bad in [
+            "trust_domain = \"example.org\"\nbogus = 1\n",
+            "trust_domain = \"Example.org\"\n",
+            "trust_domain = \"example.org\"\ndefault_ttl = \"5 parsecs\"\n",
+            "trust_domain = \"example.org\"\nroles_oid = \"2.25.340282366920938463463374607431768211455\"\n",
+            "trust_domain = \"example.org\"\nmin_ttl = \"10m\"\n",
+            "trust_domain = \"example.org\"\n[[policy]]\nspiffe_id = \"spiffe://other.org/x\"\n",
+        ] {
+            std::fs::write(&p, bad).unwrap();
+            assert!(ServeSettings::resolve(Some(&p), Overrides::default()).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            ServeSettings::resolve(None, Overrides::default()),
+            Err(ConfigError::Missing(_))
+        ));
+    }
+}

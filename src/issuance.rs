@@ -1,0 +1,513 @@
+//! Issuance: the decisions around signing. Join-token bootstrap, mTLS renewal, local credentials
+//! and token minting, each audited, each durable before the caller gets anything.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::PublicKeyData;
+use rustls_pki_types::CertificateDer;
+use tracing::{info, warn};
+
+use crate::audit::{AuditLog, Event, Kind};
+use crate::ca::{Authority, CaError, LeafParams, SvidInfo, ValidCsr, parse_csr};
+use crate::policy::{self, Ask, Limits, PolicyHandle, RESERVED_PREFIX};
+use crate::revocation::Revocations;
+use crate::spiffe::{IdPattern, SpiffeId, normalize_roles};
+use crate::store::{Consume, Enrollment, IssuedRecord, RECORD_VERSION, Store, TokenRecord, Write};
+use crate::tls::unix_now;
+use crate::tokens::JoinToken;
+
+/// Seconds a certificate's notBefore is backdated, for clock skew between machines.
+pub const BACKDATE_SECS: i64 = 30;
+
+/// Lifetime settings of the issuance service.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Certificate lifetime when the request names none.
+    pub default_ttl: Duration,
+    /// Lifetime floor.
+    pub min_ttl: Duration,
+    /// Lifetime cap for every certificate.
+    pub max_cert_lifetime: Duration,
+    /// How long after expiry a certificate may still renew.
+    pub renewal_grace: Duration,
+    /// Default join token lifetime.
+    pub token_ttl: Duration,
+}
+
+/// Why a request was refused. Each maps to one gRPC code at the API edge.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IssueError {
+    /// The request itself is malformed (bad CSR, bad role name, bad ttl): `InvalidArgument`.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No valid credential (unknown, forged or expired token; bad client cert): `Unauthenticated`.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Policy forbids it: `PermissionDenied`.
+    #[error("{0}")]
+    Denied(String),
+    /// The credential was valid but can no longer be used (token used up, cert or identity
+    /// revoked): `FailedPrecondition`.
+    #[error("{0}")]
+    Precondition(String),
+    /// Store, audit or signing failure: `Internal`, details only in the server log.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// One issuance request.
+#[derive(Debug, Clone, Default)]
+pub struct IssueRequest {
+    /// DER PKCS#10.
+    pub csr: Vec<u8>,
+    /// Requested lifetime.
+    pub ttl: Option<Duration>,
+    /// Requested roles (empty: all allowed).
+    pub roles: Vec<String>,
+}
+
+/// A signed certificate, ready to return.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Trust anchors.
+    pub bundle: Vec<CertificateDer<'static>>,
+    /// What the leaf says.
+    pub svid: SvidInfo,
+}
+
+/// A token to mint.
+#[derive(Debug, Clone)]
+pub struct TokenSpec {
+    /// Exact ID or `/prefix/*` pattern.
+    pub spiffe_id: String,
+    /// Roles allowed.
+    pub roles: Vec<String>,
+    /// Longest certificate lifetime (`None`: the policy maximum).
+    pub max_ttl: Option<Duration>,
+    /// Token lifetime (`None`: the server default).
+    pub expires_in: Option<Duration>,
+    /// Uses (at least 1).
+    pub uses: u32,
+}
+
+/// The issuance service.
+pub struct Issuance {
+    authority: Arc<Authority>,
+    policy: PolicyHandle,
+    log: AuditLog,
+    revocations: Arc<Revocations>,
+    settings: Settings,
+}
+
+impl Issuance {
+    /// Wires the service.
+    pub fn new(
+        authority: Arc<Authority>,
+        policy: PolicyHandle,
+        log: AuditLog,
+        revocations: Arc<Revocations>,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            authority,
+            policy,
+            log,
+            revocations,
+            settings,
+        }
+    }
+
+    /// The signing CA.
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.authority
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn store(&self) -> &Arc<dyn Store> {
+        self.log.store()
+    }
+
+    /// Bootstrap: issues a certificate to the holder of a join token, consuming one use.
+    pub async fn with_token(&self, token: &str, req: IssueRequest) -> Result<Issued, IssueError> {
+        let actor_unknown = "token:?".to_string();
+        let parsed = match JoinToken::parse(token) {
+            Ok(t) => t,
+            Err(e) => return Err(self.deny(&actor_unknown, "", IssueError::Unauthenticated(e.to_string())).await),
+        };
+        let actor = format!("token:{}", parsed.id);
+        let csr = match self.check_csr(&req.csr).await {
+            Ok(c) => c,
+            Err(e) => return Err(self.deny(&actor, "", e).await),
+        };
+        let subject = csr.spiffe_id.to_string();
+        let record = match self.check_token(&parsed, &csr.spiffe_id) {
+            Ok(r) => r,
+            Err(e) => return Err(self.deny(&actor, &subject, e).await),
+        };
+        let ceiling_ttl = Duration::from_secs(record.max_ttl);
+        let leaf = match self.plan(&csr.spiffe_id, &record.roles, Some(ceiling_ttl), &req) {
+            Ok(l) => l,
+            Err(e) => return Err(self.deny(&actor, &subject, e).await),
+        };
+        // Sign before consuming: a failure here leaves the token usable.
+        let signed = self.sign(&csr, leaf).await?;
+        match self.store().consume_token(&parsed.id, unix_now()).map_err(internal)? {
+            Consume::Won(_) => {}
+            Consume::AlreadyUsed => {
+                return Err(self
+                    .deny(&actor, &subject, IssueError::Precondition(format!("join token {} already used", parsed.id)))
+                    .await);
+            }
+            Consume::Expired => {
+                return Err(self
+                    .deny(&actor, &subject, IssueError::Unauthenticated(format!("join token {} has expired; ask an admin for a new one", parsed.id)))
+                    .await);
+            }
+            Consume::Missing => {
+                return Err(self.deny(&actor, &subject, invalid_token()).await);
+            }
+        }
+        let enrollment = Enrollment {
+            v: RECORD_VERSION,
+            spiffe_id: subject.clone(),
+            roles: record.roles.clone(),
+            max_ttl: record.max_ttl,
+            via: actor.clone(),
+        };
+        self.commit(Kind::Issued, &actor, signed, vec![Write::PutEnrollment(enrollment)], format!("join token {}", parsed.id))
+            .await
+    }
+
+    /// Renewal: issues a new certificate for the same identity to an authenticated peer. Roles
+    /// are re-evaluated: the identity's enrollment ceiling, intersected with policy now.
+    pub async fn renew(&self, peer: &SvidInfo, req: IssueRequest) -> Result<Issued, IssueError> {
+        let actor = peer.spiffe_id.to_string();
+        let csr = match self.check_csr(&req.csr).await {
+            Ok(c) => c,
+            Err(e) => return Err(self.deny(&actor, &actor, e).await),
+        };
+        if csr.spiffe_id != peer.spiffe_id {
+            let e = IssueError::Denied(format!(
+                "renewal must keep the identity: the client certificate is {}, the CSR asks for {}",
+                peer.spiffe_id, csr.spiffe_id
+            ));
+            return Err(self.deny(&actor, csr.spiffe_id.as_str(), e).await);
+        }
+        let enrollment = match self.store().enrollment(&actor).map_err(internal)? {
+            Some(e) => e,
+            None => {
+                let e = IssueError::Denied(format!("{actor} has no enrollment; bootstrap it with a join token"));
+                return Err(self.deny(&actor, &actor, e).await);
+            }
+        };
+        let ceiling_ttl = Duration::from_secs(enrollment.max_ttl);
+        let leaf = match self.plan(&csr.spiffe_id, &enrollment.roles, Some(ceiling_ttl), &req) {
+            Ok(l) => l,
+            Err(e) => return Err(self.deny(&actor, &actor, e).await),
+        };
+        let signed = self.sign(&csr, leaf).await?;
+        self.commit(Kind::Renewed, &actor, signed, vec![], format!("renewal of {}", peer.serial))
+            .await
+    }
+
+    /// Issues a credential the server makes for itself (its serving cert, the admin credential):
+    /// no CSR, no policy lookup (the reserved `/lanyard/` identities are not in policy).
+    pub async fn local(
+        &self,
+        id: &SpiffeId,
+        roles: Vec<String>,
+        ttl: Duration,
+        key: &impl PublicKeyData,
+    ) -> Result<Issued, IssueError> {
+        let now = unix_now();
+        let params = LeafParams {
+            spiffe_id: id.clone(),
+            roles: roles.clone(),
+            not_before: now - BACKDATE_SECS,
+            not_after: now + ttl.as_secs() as i64,
+        };
+        let leaf = self.authority.sign_leaf(key, &params).map_err(internal)?;
+        let svid = self.svid_of(&leaf.der)?;
+        let enrollment = Enrollment {
+            v: RECORD_VERSION,
+            spiffe_id: id.to_string(),
+            roles,
+            max_ttl: ttl.as_secs(),
+            via: "local".into(),
+        };
+        let issued = self.finish(leaf.der, svid);
+        self.commit_issued(Kind::CredentialIssued, "lanyard", issued, vec![Write::PutEnrollment(enrollment)], "local credential".into())
+            .await
+    }
+
+    /// Mints a join token. The caller is an authenticated admin.
+    pub async fn create_token(&self, actor: &str, spec: TokenSpec) -> Result<(String, TokenRecord), IssueError> {
+        let pattern = IdPattern::parse(&spec.spiffe_id).map_err(|e| IssueError::BadRequest(e.to_string()))?;
+        let td = self.authority.trust_domain();
+        if pattern.trust_domain_name() != td.as_str() {
+            return Err(IssueError::BadRequest(format!("{} is outside trust domain {td}", spec.spiffe_id)));
+        }
+        let probe = match &pattern {
+            IdPattern::Exact(id) | IdPattern::Prefix(id) => id.clone(),
+        };
+        if format!("{}/", probe.path()).starts_with(RESERVED_PREFIX) {
+            return Err(IssueError::BadRequest("the /lanyard/ path is reserved for the CA".into()));
+        }
+        let roles = normalize_roles(&spec.roles).map_err(|e| IssueError::BadRequest(e.to_string()))?;
+        // The token may not promise more than policy allows today. For a prefix token, check the
+        // rule that covers the prefix itself.
+        let policy = self.policy.current();
+        let probe_id = match &pattern {
+            IdPattern::Exact(id) => id.clone(),
+            IdPattern::Prefix(p) => SpiffeId::parse(&format!("{p}/x")).map_err(|e| IssueError::BadRequest(e.to_string()))?,
+        };
+        let rule = policy
+            .lookup(&probe_id)
+            .ok_or_else(|| IssueError::Denied(format!("no policy rule allows {}", spec.spiffe_id)))?;
+        if let Some(r) = roles.iter().find(|r| !rule.roles.contains(r)) {
+            return Err(IssueError::Denied(format!(
+                "role {r:?} is not allowed for {} by policy (allowed: {})",
+                spec.spiffe_id,
+                if rule.roles.is_empty() { "none".into() } else { rule.roles.join(",") }
+            )));
+        }
+        let max_ttl = spec.max_ttl.unwrap_or(rule.max_ttl);
+        if max_ttl > rule.max_ttl {
+            return Err(IssueError::Denied(format!(
+                "max ttl {}s is above the policy maximum of {}s for {}",
+                max_ttl.as_secs(),
+                rule.max_ttl.as_secs(),
+                spec.spiffe_id
+            )));
+        }
+        if max_ttl < self.settings.min_ttl {
+            return Err(IssueError::BadRequest(format!(
+                "max ttl {}s is below the minimum of {}s",
+                max_ttl.as_secs(),
+                self.settings.min_ttl.as_secs()
+            )));
+        }
+        let expires_in = spec.expires_in.unwrap_or(self.settings.token_ttl);
+        if expires_in.is_zero() || expires_in > Duration::from_secs(30 * 24 * 3600) {
+            return Err(IssueError::BadRequest("token lifetime must be between 1s and 30 days".into()));
+        }
+        let token = JoinToken::generate(self.authority.fingerprint(), &pattern.to_string());
+        let record = TokenRecord {
+            v: RECORD_VERSION,
+            id: token.id.clone(),
+            secret_hash: token.secret_hash(),
+            spiffe_id: pattern.to_string(),
+            roles: roles.clone(),
+            max_ttl: max_ttl.as_secs(),
+            expires_at: unix_now() + expires_in.as_secs() as i64,
+            uses_left: spec.uses.max(1),
+            created_by: actor.to_string(),
+        };
+        let event = Event::new(Kind::TokenCreated, actor)
+            .subject(pattern.to_string())
+            .roles(roles)
+            .reason(format!("token {} ({} uses, expires {})", token.id, record.uses_left, record.expires_at));
+        self.log
+            .record(event, vec![Write::PutToken(record.clone())])
+            .await
+            .map_err(internal)?;
+        info!(token_id = %token.id, spiffe_id = %record.spiffe_id, "join token created");
+        Ok((token.to_token_string(), record))
+    }
+
+    async fn check_csr(&self, der: &[u8]) -> Result<ValidCsr, IssueError> {
+        let der = der.to_vec();
+        let td = self.authority.trust_domain().clone();
+        let csr = tokio::task::spawn_blocking(move || parse_csr(&der, &td))
+            .await
+            .map_err(internal)?
+            .map_err(|e| IssueError::BadRequest(e.to_string()))?;
+        if format!("{}/", csr.spiffe_id.path()).starts_with(RESERVED_PREFIX) {
+            return Err(IssueError::Denied(format!(
+                "{} is reserved for the CA itself",
+                csr.spiffe_id
+            )));
+        }
+        if let Some(rule) = self.revocations.blocked(&csr.spiffe_id).map_err(internal)? {
+            return Err(IssueError::Precondition(format!(
+                "{} was revoked at {} ({}); an admin must lift it with `lanyard revoke --spiffe-id {} --lift`",
+                csr.spiffe_id, fmt_time(rule.revoked_at), rule.reason, csr.spiffe_id
+            )));
+        }
+        Ok(csr)
+    }
+
+    fn check_token(&self, token: &JoinToken, id: &SpiffeId) -> Result<TokenRecord, IssueError> {
+        let record = self.store().token(&token.id).map_err(internal)?.ok_or_else(invalid_token)?;
+        if !token.matches(&record.secret_hash) {
+            return Err(invalid_token());
+        }
+        if record.expires_at <= unix_now() {
+            return Err(IssueError::Unauthenticated(format!(
+                "join token {} expired at {}; ask an admin for a new one",
+                token.id,
+                fmt_time(record.expires_at)
+            )));
+        }
+        if record.uses_left == 0 {
+            return Err(IssueError::Precondition(format!("join token {} already used", token.id)));
+        }
+        let pattern = IdPattern::parse(&record.spiffe_id).map_err(internal)?;
+        if !pattern.matches(id) {
+            return Err(IssueError::Denied(format!(
+                "join token {} is for {}, not {id}",
+                token.id, record.spiffe_id
+            )));
+        }
+        Ok(record)
+    }
+
+    fn plan(
+        &self,
+        id: &SpiffeId,
+        ceiling_roles: &[String],
+        ceiling_ttl: Option<Duration>,
+        req: &IssueRequest,
+    ) -> Result<LeafParams, IssueError> {
+        let requested_roles = normalize_roles(&req.roles).map_err(|e| IssueError::BadRequest(e.to_string()))?;
+        let limits = Limits {
+            default_ttl: self.settings.default_ttl,
+            min_ttl: self.settings.min_ttl,
+        };
+        let policy = self.policy.current();
+        let decision = policy::decide(
+            &policy,
+            limits,
+            &Ask {
+                spiffe_id: id,
+                ceiling_roles,
+                ceiling_ttl,
+                requested_roles: &requested_roles,
+                requested_ttl: req.ttl,
+            },
+        )
+        .map_err(|d| match d {
+            policy::Denial::TtlTooShort { .. } => IssueError::BadRequest(d.to_string()),
+            other => IssueError::Denied(other.to_string()),
+        })?;
+        let now = unix_now();
+        Ok(LeafParams {
+            spiffe_id: id.clone(),
+            roles: decision.roles,
+            not_before: now - BACKDATE_SECS,
+            not_after: now + decision.ttl.min(self.settings.max_cert_lifetime).as_secs() as i64,
+        })
+    }
+
+    async fn sign(&self, csr: &ValidCsr, leaf: LeafParams) -> Result<Issued, IssueError> {
+        let authority = self.authority.clone();
+        let key = csr.public_key.clone();
+        let signed = tokio::task::spawn_blocking(move || authority.sign_leaf(&key, &leaf))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+        let svid = self.svid_of(&signed.der)?;
+        Ok(self.finish(signed.der, svid))
+    }
+
+    fn svid_of(&self, der: &CertificateDer<'_>) -> Result<SvidInfo, IssueError> {
+        crate::ca::parse_svid(der, self.authority.roles_oid()).map_err(internal)
+    }
+
+    fn finish(&self, leaf: CertificateDer<'static>, svid: SvidInfo) -> Issued {
+        let mut chain = vec![leaf];
+        chain.extend(self.authority.intermediates().iter().cloned());
+        Issued {
+            chain,
+            bundle: vec![self.authority.root().clone()],
+            svid,
+        }
+    }
+
+    async fn commit(
+        &self,
+        kind: Kind,
+        actor: &str,
+        issued: Issued,
+        writes: Vec<Write>,
+        reason: String,
+    ) -> Result<Issued, IssueError> {
+        self.commit_issued(kind, actor, issued, writes, reason).await
+    }
+
+    async fn commit_issued(
+        &self,
+        kind: Kind,
+        actor: &str,
+        issued: Issued,
+        mut writes: Vec<Write>,
+        reason: String,
+    ) -> Result<Issued, IssueError> {
+        let s = &issued.svid;
+        writes.push(Write::PutIssued(
+            IssuedRecord {
+                v: RECORD_VERSION,
+                spiffe_id: s.spiffe_id.to_string(),
+                serial: s.serial.to_hex(),
+                roles: s.roles.clone(),
+                not_after: s.not_after,
+            },
+            s.not_after + self.settings.renewal_grace.as_secs() as i64,
+        ));
+        let event = Event::new(kind, actor)
+            .subject(s.spiffe_id.as_str())
+            .serial(s.serial.to_hex())
+            .roles(s.roles.clone())
+            .not_after(s.not_after)
+            .reason(reason);
+        self.log.record(event, writes).await.map_err(internal)?;
+        info!(spiffe_id = %s.spiffe_id, serial = %s.serial, kind = kind.as_str(), "certificate issued");
+        Ok(issued)
+    }
+
+    /// Records a denial, then hands the error back for the caller to return.
+    pub async fn deny(&self, actor: &str, subject: &str, err: IssueError) -> IssueError {
+        if matches!(err, IssueError::Internal(_)) {
+            return err;
+        }
+        warn!(actor, subject, reason = %err, "request denied");
+        let event = Event::new(Kind::Denied, actor).subject(subject).reason(err.to_string());
+        if let Err(e) = self.log.record(event, vec![]).await {
+            warn!(error = %e, "cannot record denial");
+        }
+        err
+    }
+}
+
+fn invalid_token() -> IssueError {
+    IssueError::Unauthenticated("join token is not valid (unknown or forged); ask an admin for a new one".into())
+}
+
+fn internal(e: impl std::fmt::Display) -> IssueError {
+    IssueError::Internal(e.to_string())
+}
+
+impl From<CaError> for IssueError {
+    fn from(e: CaError) -> Self {
+        match e {
+            CaError::InvalidCsr(m) => IssueError::BadRequest(m),
+            other => internal(other),
+        }
+    }
+}
+
+/// RFC 3339 rendering of seconds since the epoch, for messages.
+pub fn fmt_time(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}

@@ -1,0 +1,47 @@
+//! Lanyard: a certificate authority for minute-scale machine identities.
+//!
+//! # Layout
+//! - [`spiffe`]: SPIFFE IDs, patterns and role names.
+//! - [`ca`]: CSR checks, leaf and CRL signing, SVID parsing (pure, no I/O).
+//! - [`policy`]: which identity may hold which roles, for how long (pure).
+//! - [`store`]: durable state behind a domain trait; sled backend.
+//! - [`audit`]: the hash-chained audit log with group commit and subscriptions.
+//! - [`revocation`]: revocation by serial and identity, CRLs.
+//! - [`issuance`]: token bootstrap, renewal, local credentials, token minting.
+//! - [`tls`]: rustls pieces for SPIFFE mTLS.
+//! - [`api`]: tonic services (the only place errors become `tonic::Status`).
+//! - [`server`]: `lanyard serve` wiring.
+//! - [`client`]: connecting to the CA.
+//! - [`config`], [`telemetry`], [`fsutil`], [`tokens`].
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod audit;
+pub mod ca;
+pub mod client;
+pub mod config;
+pub mod fsutil;
+pub mod issuance;
+pub mod policy;
+pub mod revocation;
+pub mod server;
+pub mod spiffe;
+pub mod store;
+pub mod telemetry;
+pub mod tls;
+pub mod tokens;
+
+/// Generated protobuf and gRPC code.
+pub mod pb {
+    #![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+    /// `lanyard.v1`.
+    pub mod v1 {
+        tonic::include_proto!("lanyard.v1");
+    }
+    /// The SPIFFE Workload API (no proto package).
+    pub mod workload {
+        tonic::include_proto!("_");
+    }
+    /// Encoded file descriptors, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lanyard_descriptor");
+}

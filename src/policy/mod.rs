@@ -1,0 +1,261 @@
+//! Policy: which identity may hold which roles, for how long. Pure functions, default deny.
+//!
+//! A rule maps a SPIFFE ID pattern (exact, or `/prefix/*`) to roles and a maximum ttl. The most
+//! specific matching rule wins (exact beats prefix, longer prefix beats shorter), like a routing
+//! table, so a narrow rule can restrict a broad one. An ID no rule matches gets nothing.
+
+mod decide;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use decide::{Ask, Decision, Denial, Limits, decide};
+
+use crate::spiffe::{IdError, IdPattern, SpiffeId, TrustDomain, normalize_roles};
+
+/// Path prefix reserved for the CA's own identities (server, admin).
+pub const RESERVED_PREFIX: &str = "/lanyard/";
+
+/// Role that authorizes admin calls.
+pub const ROLE_ADMIN: &str = "lanyard:admin";
+/// Role that authorizes reading the audit log.
+pub const ROLE_AUDITOR: &str = "lanyard:auditor";
+/// Role that authorizes approving access requests.
+pub const ROLE_APPROVER: &str = "lanyard:approver";
+
+/// A rule as written in TOML.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// `spiffe://td/path` or `spiffe://td/prefix/*`.
+    pub spiffe_id: String,
+    /// Roles the matching identities may hold.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Longest certificate lifetime, e.g. `"10m"`.
+    #[serde(default, with = "crate::config::opt_duration")]
+    pub max_ttl: Option<Duration>,
+}
+
+/// Why a policy was rejected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// A rule's pattern or roles are malformed.
+    #[error("policy rule {index} ({spiffe_id}): {source}")]
+    Id {
+        /// 1-based rule index.
+        index: usize,
+        /// The rule's pattern as written.
+        spiffe_id: String,
+        /// What is wrong.
+        source: IdError,
+    },
+    /// A rule is for another trust domain.
+    #[error("policy rule {index} ({spiffe_id}) is outside trust domain {td}")]
+    ForeignDomain {
+        /// 1-based rule index.
+        index: usize,
+        /// The pattern.
+        spiffe_id: String,
+        /// This CA's trust domain.
+        td: String,
+    },
+    /// A rule targets the reserved `/lanyard/` path.
+    #[error("policy rule {index} ({spiffe_id}) targets the reserved path /lanyard/")]
+    Reserved {
+        /// 1-based rule index.
+        index: usize,
+        /// The pattern.
+        spiffe_id: String,
+    },
+    /// Two rules have the same pattern.
+    #[error("policy has two rules for {0}")]
+    Duplicate(String),
+    /// A rule's max_ttl is zero or above the server's hard cap.
+    #[error("policy rule {index} ({spiffe_id}): max_ttl must be between 1s and {cap:?}")]
+    Ttl {
+        /// 1-based rule index.
+        index: usize,
+        /// The pattern.
+        spiffe_id: String,
+        /// The server's max_cert_lifetime.
+        cap: Duration,
+    },
+}
+
+/// One validated rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Which IDs it covers.
+    pub pattern: IdPattern,
+    /// Roles allowed, sorted.
+    pub roles: Vec<String>,
+    /// Longest certificate lifetime.
+    pub max_ttl: Duration,
+}
+
+/// A validated policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+/// The live policy, swapped atomically on reload.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyHandle(Arc<RwLock<Arc<Policy>>>);
+
+impl Policy {
+    /// Validates rules for trust domain `td`. `default_max_ttl` applies to rules without one;
+    /// `cap` is the server's hard maximum.
+    pub fn from_specs(
+        specs: &[RuleSpec],
+        td: &TrustDomain,
+        default_max_ttl: Duration,
+        cap: Duration,
+    ) -> Result<Self, PolicyError> {
+        let mut rules: Vec<Rule> = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            let index = i + 1;
+            let id_err = |source| PolicyError::Id {
+                index,
+                spiffe_id: spec.spiffe_id.clone(),
+                source,
+            };
+            let pattern = IdPattern::parse(&spec.spiffe_id).map_err(id_err)?;
+            if pattern.trust_domain_name() != td.as_str() {
+                return Err(PolicyError::ForeignDomain {
+                    index,
+                    spiffe_id: spec.spiffe_id.clone(),
+                    td: td.to_string(),
+                });
+            }
+            let path = match &pattern {
+                IdPattern::Exact(id) => format!("{}/", id.path()),
+                IdPattern::Prefix(id) => format!("{}/", id.path()),
+            };
+            if path.starts_with(RESERVED_PREFIX) {
+                return Err(PolicyError::Reserved {
+                    index,
+                    spiffe_id: spec.spiffe_id.clone(),
+                });
+            }
+            let roles = normalize_roles(&spec.roles).map_err(id_err)?;
+            let max_ttl = spec.max_ttl.unwrap_or(default_max_ttl.min(cap));
+            if max_ttl.is_zero() || max_ttl > cap {
+                return Err(PolicyError::Ttl {
+                    index,
+                    spiffe_id: spec.spiffe_id.clone(),
+                    cap,
+                });
+            }
+            if rules.iter().any(|r| r.pattern == pattern) {
+                return Err(PolicyError::Duplicate(pattern.to_string()));
+            }
+            rules.push(Rule {
+                pattern,
+                roles,
+                max_ttl,
+            });
+        }
+        Ok(Self { rules })
+    }
+
+    /// The most specific rule matching `id`, if any.
+    pub fn lookup(&self, id: &SpiffeId) -> Option<&Rule> {
+        self.rules
+            .iter()
+            .filter(|r| r.pattern.matches(id))
+            .max_by_key(|r| r.pattern.specificity())
+    }
+
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether there are no rules (everything is denied).
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+}
+
+impl PolicyHandle {
+    /// A handle holding `policy`.
+    pub fn new(policy: Policy) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(policy))))
+    }
+
+    /// The current policy.
+    pub fn current(&self) -> Arc<Policy> {
+        match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the policy for every later call.
+    pub fn replace(&self, policy: Policy) {
+        match self.0.write() {
+            Ok(mut g) => *g = Arc::new(policy),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, roles: &[&str], ttl: Option<u64>) -> RuleSpec {
+        RuleSpec {
+            spiffe_id: id.into(),
+            roles: roles.iter().map(|s| s.to_string()).collect(),
+            max_ttl: ttl.map(Duration::from_secs),
+        }
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    const CAP: Duration = Duration::from_secs(86400);
+    const DEF: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn most_specific_rule_wins() {
+        let p = Policy::from_specs(
+            &[
+                spec("spiffe://example.org/ns/*", &["read"], None),
+                spec("spiffe://example.org/ns/prod/*", &["read", "deploy"], Some(600)),
+                spec("spiffe://example.org/ns/prod/sa/api", &["db-read"], Some(60)),
+            ],
+            &td(),
+            DEF,
+            CAP,
+        )
+        .unwrap();
+        let id = |s: &str| SpiffeId::parse(s).unwrap();
+        assert_eq!(p.lookup(&id("spiffe://example.org/ns/dev/x")).unwrap().roles, vec!["read"]);
+        assert_eq!(p.lookup(&id("spiffe://example.org/ns/prod/x")).unwrap().max_ttl.as_secs(), 600);
+        assert_eq!(p.lookup(&id("spiffe://example.org/ns/prod/sa/api")).unwrap().roles, vec!["db-read"]);
+        assert!(p.lookup(&id("spiffe://example.org/other")).is_none());
+    }
+
+    #[test]
+    fn rejects_bad_rules() {
+        for bad in [
+            vec![spec("spiffe://other.org/x", &[], None)],
+            vec![spec("spiffe://example.org/lanyard/admin", &["lanyard:admin"], None)],
+            vec![spec("spiffe://example.org/lanyard/*", &[], None)],
+            vec![spec("spiffe://example.org/x", &["Bad Role"], None)],
+            vec![spec("spiffe://example.org/x", &[], Some(0))],
+            vec![spec("spiffe://example.org/x", &[], Some(CAP.as_secs() + 1))],
+            vec![spec("spiffe://example.org/x", &[], None), spec("spiffe://example.org/x", &[], None)],
+        ] {
+            assert!(Policy::from_specs(&bad, &td(), DEF, CAP).is_err(), "{bad:?}");
+        }
+    }
+}

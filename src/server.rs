@@ -1,0 +1,388 @@
+//! `lanyard serve`: load the CA, open the store, start the audit writer, mint the server's own
+//! certificate and the local admin credential, then serve gRPC over TLS until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::KeyPair;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::api::{Authenticator, admin::AdminService, audit::AuditService, ca::CaService, revocation::RevocationService};
+use crate::audit::{AuditLog, Event, Kind};
+use crate::ca::{Authority, CaError};
+use crate::config::ServeSettings;
+use crate::fsutil::{create_private_dir, write_atomic};
+use crate::issuance::{Issuance, Issued, Settings};
+use crate::pb::v1::{admin_server::AdminServer, audit_server::AuditServer, ca_server::CaServer, revocation_server::RevocationServer};
+use crate::policy::{PolicyHandle, ROLE_ADMIN};
+use crate::revocation::Revocations;
+use crate::spiffe::SpiffeId;
+use crate::store::{SledStore, Store};
+use crate::tls::{Bundle, CertSlot, DeferredClientVerifier, provider, unix_now};
+
+/// Largest gRPC message the server decodes. CSRs are ~300 bytes; nothing legitimate is close.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// How long a client gets to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The CA could not be loaded or created.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(String),
+    /// Data directory or credential file I/O.
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    /// TLS set-up failed.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// Issuing the server's own credentials failed.
+    #[error("issuing local credential: {0}")]
+    Credential(String),
+    /// The listener could not bind.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+}
+
+/// A running server.
+pub struct Running {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// Trips shutdown.
+    pub shutdown: watch::Sender<bool>,
+    /// Finishes when the server has stopped.
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+/// The identity the server presents.
+pub fn server_id(settings: &ServeSettings) -> Result<SpiffeId, ServeError> {
+    settings
+        .trust_domain
+        .id("/lanyard/server")
+        .map_err(|e| ServeError::Credential(e.to_string()))
+}
+
+/// Runs the server until `shutdown` resolves.
+pub async fn run(settings: ServeSettings, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    let running = start(settings).await?;
+    let tx = running.shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let _ = running.done.await;
+    Ok(())
+}
+
+/// Starts the server and returns once it is listening.
+pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
+    let data = settings.data_dir.clone();
+    create_private_dir(&data).map_err(|e| ServeError::Io(data.clone(), e))?;
+    let authority = Arc::new(match &settings.ca_files {
+        Some((cert, key)) => Authority::load(cert, key, &settings.trust_domain, settings.roles_oid.clone())?,
+        None => Authority::load_or_create(&data.join("ca"), &settings.trust_domain, settings.roles_oid.clone())?,
+    });
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&data.join("store")).map_err(|e| ServeError::Store(e.to_string()))?);
+    let log = AuditLog::start(store.clone()).map_err(|e| ServeError::Store(e.to_string()))?;
+    let revocations = Arc::new(Revocations::new(log.clone(), settings.renewal_grace, settings.max_cert_lifetime));
+    let policy = PolicyHandle::new(settings.policy.clone());
+    let issuance = Arc::new(Issuance::new(
+        authority.clone(),
+        policy.clone(),
+        log.clone(),
+        revocations.clone(),
+        Settings {
+            default_ttl: settings.default_ttl,
+            min_ttl: settings.min_ttl,
+            max_cert_lifetime: settings.max_cert_lifetime,
+            renewal_grace: settings.renewal_grace,
+            token_ttl: settings.token_ttl,
+        },
+    ));
+    let bundle = Bundle::new(vec![authority.root().clone()]).map_err(|e| ServeError::Tls(e.to_string()))?;
+    let auth = Authenticator::new(bundle, settings.roles_oid.clone(), settings.renewal_grace, revocations.clone());
+
+    // The server's own certificate, rotated at half-life.
+    let slot = CertSlot::new();
+    let sid = server_id(&settings)?;
+    let server_not_after = refresh_server_cert(&issuance, &slot, &sid, settings.server_cert_ttl).await?;
+    ensure_admin_credential(&issuance, &settings, &data.join("admin")).await?;
+    log.record(
+        Event::new(Kind::ServerStarted, "lanyard")
+            .subject(sid.as_str())
+            .reason(format!("listening on {}; policy has {} rules", settings.listen, settings.policy.len())),
+        vec![],
+    )
+    .await
+    .map_err(|e| ServeError::Store(e.to_string()))?;
+
+    let listener = TcpListener::bind(settings.listen).await.map_err(|e| ServeError::Bind(settings.listen, e))?;
+    let addr = listener.local_addr().map_err(|e| ServeError::Bind(settings.listen, e))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_client_cert_verifier(DeferredClientVerifier::new())
+        .with_cert_resolver(slot.clone());
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (conn_tx, conn_rx) = mpsc::channel(128);
+    tokio::spawn(accept_loop(listener, acceptor, conn_tx, shutdown_rx.clone()));
+    tokio::spawn(
+        rotate_server_cert(issuance.clone(), slot.clone(), sid.clone(), settings.server_cert_ttl, server_not_after, shutdown_rx.clone())
+            .instrument(info_span!("rotate", spiffe_id = %sid)),
+    );
+    tokio::spawn(maintain_admin(issuance.clone(), settings.clone(), shutdown_rx.clone()));
+    tokio::spawn(prune_loop(store.clone(), shutdown_rx.clone()));
+    tokio::spawn(policy_reload_loop(settings.clone(), policy.clone(), log.clone(), shutdown_rx.clone()));
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<CaServer<CaService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(CaServer::new(CaService::new(issuance.clone(), auth.clone())).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(AdminServer::new(AdminService::new(issuance.clone(), auth.clone())).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(AuditServer::new(AuditService::new(log.clone(), auth.clone())).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(
+            RevocationServer::new(RevocationService::new(revocations.clone(), authority.clone(), auth.clone(), settings.crl_validity))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        );
+    let addr_file = data.join("serve.addr");
+    write_atomic(&addr_file, addr.to_string().as_bytes(), 0o644).map_err(|e| ServeError::Io(addr_file.clone(), e))?;
+    info!(%addr, trust_domain = %settings.trust_domain, data_dir = %data.display(), "lanyard CA listening");
+    let mut stop = shutdown_rx.clone();
+    let done = tokio::spawn(async move {
+        let signal = async move {
+            stopped(&mut stop).await;
+        };
+        if let Err(e) = router.serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), signal).await {
+            error!(error = %e, "server stopped with an error");
+        }
+        if let Err(e) = store.flush() {
+            error!(error = %e, "final flush failed");
+        }
+        info!("lanyard CA stopped");
+    });
+    Ok(Running {
+        addr,
+        shutdown: shutdown_tx,
+        done,
+    })
+}
+
+/// Resolves once `rx` says the server is stopping.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<Result<TlsConn, std::io::Error>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut shutdown) => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(conn)) => {
+                    let _ = tx.send(Ok(conn)).await;
+                }
+                Ok(Err(e)) => debug!(%peer, error = %e, "tls handshake failed"),
+                Err(_) => debug!(%peer, "tls handshake timed out"),
+            }
+        });
+    }
+}
+
+/// Issues a fresh serving certificate into `slot`; returns its notAfter.
+async fn refresh_server_cert(issuance: &Issuance, slot: &CertSlot, id: &SpiffeId, ttl: Duration) -> Result<i64, ServeError> {
+    let key = KeyPair::generate().map_err(|e| ServeError::Credential(e.to_string()))?;
+    let issued = issuance.local(id, vec![], ttl, &key).await.map_err(|e| ServeError::Credential(e.to_string()))?;
+    // Send the root too, so a client holding only the CA fingerprint (a join token) can pin it.
+    let mut chain = issued.chain.clone();
+    chain.extend(issued.bundle.iter().cloned());
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    slot.set(chain, key_der).map_err(|e| ServeError::Tls(e.to_string()))?;
+    Ok(issued.svid.not_after)
+}
+
+async fn rotate_server_cert(
+    issuance: Arc<Issuance>,
+    slot: Arc<CertSlot>,
+    id: SpiffeId,
+    ttl: Duration,
+    mut not_after: i64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let wait = half_life_wait(not_after, ttl);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stopped(&mut shutdown) => return,
+        }
+        match refresh_server_cert(&issuance, &slot, &id, ttl).await {
+            Ok(n) => {
+                debug!(not_after = n, "serving certificate rotated");
+                not_after = n;
+            }
+            Err(e) => {
+                error!(error = %e, "serving certificate rotation failed; retrying in 5s");
+                not_after = unix_now() + 10;
+            }
+        }
+    }
+}
+
+/// Time until half of a `ttl`-long certificate ending at `not_after` has passed (at least 1 s).
+fn half_life_wait(not_after: i64, ttl: Duration) -> Duration {
+    let at = not_after - (ttl.as_secs() as i64) / 2;
+    Duration::from_secs((at - unix_now()).max(1) as u64)
+}
+
+/// Writes `dir/{cert,key,bundle}.pem` for the admin identity unless a valid one (same CA, more
+/// than half its lifetime left) is already there.
+async fn ensure_admin_credential(issuance: &Issuance, settings: &ServeSettings, dir: &Path) -> Result<i64, ServeError> {
+    let authority = issuance.authority();
+    if let Some(not_after) = existing_admin(dir, authority, settings) {
+        debug!(dir = %dir.display(), "reusing admin credential");
+        return Ok(not_after);
+    }
+    let id = settings.trust_domain.id("/lanyard/admin").map_err(|e| ServeError::Credential(e.to_string()))?;
+    let key = KeyPair::generate().map_err(|e| ServeError::Credential(e.to_string()))?;
+    let issued = issuance
+        .local(&id, vec![ROLE_ADMIN.to_string()], settings.admin_cert_ttl, &key)
+        .await
+        .map_err(|e| ServeError::Credential(e.to_string()))?;
+    write_credential(dir, &issued, &key.serialize_pem()).map_err(|e| ServeError::Io(dir.to_path_buf(), e))?;
+    info!(dir = %dir.display(), spiffe_id = %id, serial = %issued.svid.serial, "admin credential written");
+    Ok(issued.svid.not_after)
+}
+
+fn existing_admin(dir: &Path, authority: &Authority, settings: &ServeSettings) -> Option<i64> {
+    let cert = std::fs::read(dir.join("cert.pem")).ok()?;
+    std::fs::metadata(dir.join("key.pem")).ok()?;
+    let bundle = Bundle::new(vec![authority.root().clone()]).ok()?;
+    let chain: Vec<CertificateDer<'static>> = {
+        use rustls_pki_types::pem::PemObject;
+        CertificateDer::pem_slice_iter(&cert).collect::<Result<_, _>>().ok()?
+    };
+    let now = unix_now();
+    let svid = crate::tls::verify_svid(&chain, &bundle, crate::tls::unix_time(now), webpki::KeyUsage::client_auth(), authority.roles_oid()).ok()?;
+    let remaining = svid.not_after - now;
+    (remaining > settings.admin_cert_ttl.as_secs() as i64 / 2).then_some(svid.not_after)
+}
+
+async fn maintain_admin(issuance: Arc<Issuance>, settings: ServeSettings, mut shutdown: watch::Receiver<bool>) {
+    let dir = settings.data_dir.join("admin");
+    loop {
+        let wait = (settings.admin_cert_ttl / 4).max(Duration::from_secs(1));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stopped(&mut shutdown) => return,
+        }
+        if let Err(e) = ensure_admin_credential(&issuance, &settings, &dir).await {
+            error!(error = %e, "refreshing admin credential failed");
+        }
+    }
+}
+
+/// Writes a credential directory: `cert.pem` (chain), `key.pem` (0600), `bundle.pem`.
+pub fn write_credential(dir: &Path, issued: &Issued, key_pem: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    write_atomic(&dir.join("key.pem"), key_pem.as_bytes(), 0o600)?;
+    write_atomic(&dir.join("cert.pem"), crate::ca::certs_to_pem(&issued.chain).as_bytes(), 0o644)?;
+    write_atomic(&dir.join("bundle.pem"), crate::ca::certs_to_pem(&issued.bundle).as_bytes(), 0o644)
+}
+
+async fn prune_loop(store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            () = stopped(&mut shutdown) => return,
+        }
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.prune(unix_now())).await {
+            Ok(Ok(n)) if n > 0 => debug!(pruned = n, "expired entries pruned"),
+            Ok(Err(e)) => warn!(error = %e, "prune failed"),
+            _ => {}
+        }
+    }
+}
+
+async fn policy_reload_loop(settings: ServeSettings, policy: PolicyHandle, log: AuditLog, mut shutdown: watch::Receiver<bool>) {
+    let Some(path) = settings.config_path.clone() else {
+        return;
+    };
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = mtime(&path);
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "cannot install SIGHUP handler; reloading on file change only");
+            None
+        }
+    };
+    loop {
+        let by_signal = tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => false,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            () = stopped(&mut shutdown) => return,
+        };
+        let now = mtime(&path);
+        if !by_signal && now == last {
+            continue;
+        }
+        last = now;
+        let reason = match settings.reload_policy() {
+            Ok(p) => {
+                let n = p.len();
+                policy.replace(p);
+                info!(path = %path.display(), rules = n, "policy reloaded");
+                format!("{}: {n} rules", path.display())
+            }
+            Err(e) => {
+                error!(path = %path.display(), error = %e, "policy reload rejected; keeping the previous policy");
+                format!("rejected, previous policy kept: {e}")
+            }
+        };
+        if let Err(e) = log.record(Event::new(Kind::PolicyReloaded, "lanyard").reason(reason), vec![]).await {
+            warn!(error = %e, "cannot audit policy reload");
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Typed, versioned records kept in the store. Every value is JSON with a `v` field so a later
+//! release can read what an earlier one wrote (sled makes no on-disk format promise of its own).
+
+use serde::{Deserialize, Serialize};
+
+/// Version of every record layout below.
+pub const RECORD_VERSION: u32 = 1;
+
+/// A join token, as stored: the secret only as a SHA-256 hash.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Record layout version.
+    pub v: u32,
+    /// Public id (hex), the key.
+    pub id: String,
+    /// SHA-256 of the secret part.
+    pub secret_hash: [u8; 32],
+    /// `spiffe://td/path` or `spiffe://td/prefix/*`.
+    pub spiffe_id: String,
+    /// Roles the token may put in a certificate.
+    pub roles: Vec<String>,
+    /// Longest certificate lifetime, seconds.
+    pub max_ttl: u64,
+    /// Expiry, seconds since the Unix epoch.
+    pub expires_at: i64,
+    /// Issuances left.
+    pub uses_left: u32,
+    /// Who created it (SPIFFE ID).
+    pub created_by: String,
+}
+
+/// The role ceiling an identity enrolled with (from its join token); renewals never exceed it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Enrollment {
+    /// Record layout version.
+    pub v: u32,
+    /// The identity.
+    pub spiffe_id: String,
+    /// Roles the identity enrolled with.
+    pub roles: Vec<String>,
+    /// Longest certificate lifetime it enrolled with, seconds.
+    pub max_ttl: u64,
+    /// The token used, or `local` for credentials the server made itself.
+    pub via: String,
+}
+
+/// A certificate the CA issued and that has not yet expired (plus renewal grace).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IssuedRecord {
+    /// Record layout version.
+    pub v: u32,
+    /// The identity.
+    pub spiffe_id: String,
+    /// Serial, hex.
+    pub serial: String,
+    /// Roles in the certificate.
+    pub roles: Vec<String>,
+    /// notAfter, seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// One revocation: a serial, or an identity rule (every cert of it with notBefore < `before`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevocationRecord {
+    /// Record layout version.
+    pub v: u32,
+    /// Revision: the audit sequence number of the event that recorded it.
+    pub rev: u64,
+    /// Serial (hex) for a serial entry; empty for an identity rule.
+    pub serial: String,
+    /// The identity concerned.
+    pub spiffe_id: String,
+    /// Whether this is an identity rule.
+    pub identity_rule: bool,
+    /// Identity rules: certificates with notBefore before this instant are revoked.
+    pub before: i64,
+    /// Why.
+    pub reason: String,
+    /// When, seconds since the Unix epoch.
+    pub revoked_at: i64,
+    /// After this instant nothing the entry covers can be used any more; it is pruned.
+    pub expires_at: i64,
+    /// Identity rules: new issuance for the identity is refused while set.
+    pub blocked: bool,
+}
+
+/// A durable audit event, hash-chained to the one before it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Record layout version.
+    pub v: u32,
+    /// Gapless sequence number, from 1.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: i64,
+    /// Event kind, e.g. `issued`.
+    pub kind: String,
+    /// Who acted.
+    pub actor: String,
+    /// Who was acted upon.
+    pub subject: String,
+    /// Certificate serial, hex.
+    pub serial: String,
+    /// Roles involved.
+    pub roles: Vec<String>,
+    /// Certificate notAfter, seconds; 0 when none.
+    pub not_after: i64,
+    /// Why.
+    pub reason: String,
+    /// Hash of the previous record (zeros for the first).
+    #[serde(with = "hex32")]
+    pub prev_hash: [u8; 32],
+    /// SHA-256 over the canonical encoding of this record.
+    #[serde(with = "hex32")]
+    pub hash: [u8; 32],
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
+        s.serialize_str(&hex)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() != 64 || !s.is_ascii() {
+            return Err(D::Error::custom("expected 64 hex characters"));
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(D::Error::custom)?;
+        }
+        Ok(out)
+    }
+}

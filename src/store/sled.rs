@@ -1,0 +1,472 @@
+//! The embedded backend: sled trees, one per collection, plus an expiry index that makes pruning
+//! proportional to what expired rather than to what is stored.
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+
+use super::{
+    AuditRecord, Consume, Enrollment, IssuedRecord, RevocationRecord, Store, StoreError,
+    StoreStats, TokenRecord, Write,
+};
+
+/// Which collection an expiry-index entry points into.
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum Coll {
+    Token = 1,
+    Issued = 2,
+    Revoked = 3,
+    IdentityRule = 4,
+}
+
+/// The sled-backed [`Store`].
+pub struct SledStore {
+    db: sled::Db,
+    audit: sled::Tree,
+    tokens: sled::Tree,
+    enrollments: sled::Tree,
+    /// serial → IssuedRecord.
+    issued: sled::Tree,
+    /// spiffe_id + 0 + serial → (), to list an identity's live certificates.
+    issued_ids: sled::Tree,
+    revoked: sled::Tree,
+    identity_rules: sled::Tree,
+    /// rev (8 bytes BE) + collection byte + key → (), for `revocations_since`.
+    revs: sled::Tree,
+    /// expires_at (8 bytes BE, offset) + collection byte + key → (), for `prune`.
+    expiry: sled::Tree,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        // Lanyard flushes explicitly (group commit) before acknowledging anything; the periodic
+        // background flush only bounds what an unacknowledged write may lose.
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(Some(1000))
+            .open()
+            .map_err(backend)?;
+        let tree = |name: &str| db.open_tree(name).map_err(backend);
+        Ok(Self {
+            audit: tree("audit")?,
+            tokens: tree("tokens")?,
+            enrollments: tree("enrollments")?,
+            issued: tree("issued")?,
+            issued_ids: tree("issued_ids")?,
+            revoked: tree("revoked")?,
+            identity_rules: tree("identity_rules")?,
+            revs: tree("revs")?,
+            expiry: tree("expiry")?,
+            db,
+        })
+    }
+
+    fn coll_tree(&self, c: u8) -> Option<&sled::Tree> {
+        match c {
+            x if x == Coll::Token as u8 => Some(&self.tokens),
+            x if x == Coll::Issued as u8 => Some(&self.issued),
+            x if x == Coll::Revoked as u8 => Some(&self.revoked),
+            x if x == Coll::IdentityRule as u8 => Some(&self.identity_rules),
+            _ => None,
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        get(&self.tokens, id.as_bytes())
+    }
+
+    fn consume_token(&self, id: &str, now: i64) -> Result<Consume, StoreError> {
+        let outcome = self
+            .tokens
+            .transaction(|t| {
+                let Some(raw) = t.get(id.as_bytes())? else {
+                    return Ok(Consume::Missing);
+                };
+                let rec: TokenRecord = decode(id.as_bytes(), &raw)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                if rec.uses_left == 0 {
+                    return Ok(Consume::AlreadyUsed);
+                }
+                if rec.expires_at <= now {
+                    return Ok(Consume::Expired);
+                }
+                let mut after = rec.clone();
+                after.uses_left -= 1;
+                t.insert(id.as_bytes(), encode(&after))?;
+                Ok(Consume::Won(rec))
+            })
+            .map_err(tx_err)?;
+        if matches!(outcome, Consume::Won(_)) {
+            self.db.flush().map_err(backend)?;
+        }
+        Ok(outcome)
+    }
+
+    fn enrollment(&self, spiffe_id: &str) -> Result<Option<Enrollment>, StoreError> {
+        get(&self.enrollments, spiffe_id.as_bytes())
+    }
+
+    fn issued_for(&self, spiffe_id: &str) -> Result<Vec<IssuedRecord>, StoreError> {
+        let prefix = issued_prefix(spiffe_id);
+        let mut out = Vec::new();
+        for kv in self.issued_ids.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(backend)?;
+            if let Some(rec) = get(&self.issued, &k[prefix.len()..])? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    fn issued(&self, serial: &str) -> Result<Option<IssuedRecord>, StoreError> {
+        get(&self.issued, serial.as_bytes())
+    }
+
+    fn revoked_serial(&self, serial: &str) -> Result<Option<RevocationRecord>, StoreError> {
+        get(&self.revoked, serial.as_bytes())
+    }
+
+    fn identity_rule(&self, spiffe_id: &str) -> Result<Option<RevocationRecord>, StoreError> {
+        get(&self.identity_rules, spiffe_id.as_bytes())
+    }
+
+    fn revocations_since(&self, since: u64) -> Result<Vec<RevocationRecord>, StoreError> {
+        let start = since.saturating_add(1).to_be_bytes();
+        let mut out = Vec::new();
+        for kv in self.revs.range(start..) {
+            let (k, _) = kv.map_err(backend)?;
+            let Some(tree) = k.get(8).and_then(|c| self.coll_tree(*c)) else {
+                continue;
+            };
+            if let Some(raw) = tree.get(&k[9..]).map_err(backend)? {
+                out.push(decode(&k[9..], &raw)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        match self.audit.last().map_err(backend)? {
+            None => Ok(None),
+            Some((k, v)) => {
+                let rec: AuditRecord = decode(&k, &v)?;
+                Ok(Some((rec.seq, rec.hash)))
+            }
+        }
+    }
+
+    fn read_audit(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        self.audit
+            .range(from.to_be_bytes()..)
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn commit(&self, records: &[AuditRecord], writes: &[Write]) -> Result<(), StoreError> {
+        if let Some(first) = records.first() {
+            let expected = self.audit_head()?.map_or(1, |(seq, _)| seq + 1);
+            if first.seq != expected {
+                return Err(StoreError::OutOfOrder {
+                    expected,
+                    got: first.seq,
+                });
+            }
+        }
+        let trees = (
+            &self.audit,
+            &self.tokens,
+            &self.enrollments,
+            &self.issued,
+            &self.issued_ids,
+            &self.revoked,
+            &self.identity_rules,
+            &self.revs,
+            &self.expiry,
+        );
+        trees
+            .transaction(|(audit, tokens, enrollments, issued, issued_ids, revoked, rules, revs, expiry)| {
+                for r in records {
+                    audit.insert(&r.seq.to_be_bytes(), encode(r))?;
+                }
+                for w in writes {
+                    match w {
+                        Write::PutToken(t) => {
+                            tokens.insert(t.id.as_bytes(), encode(t))?;
+                            index_expiry(expiry, t.expires_at, Coll::Token, t.id.as_bytes())?;
+                        }
+                        Write::PutEnrollment(e) => {
+                            enrollments.insert(e.spiffe_id.as_bytes(), encode(e))?;
+                        }
+                        Write::PutIssued(i, prune_at) => {
+                            let mut id_key = issued_prefix(&i.spiffe_id);
+                            id_key.extend_from_slice(i.serial.as_bytes());
+                            issued.insert(i.serial.as_bytes(), encode(i))?;
+                            issued_ids.insert(id_key, &[])?;
+                            index_expiry(expiry, *prune_at, Coll::Issued, i.serial.as_bytes())?;
+                        }
+                        Write::PutRevocation(r) => {
+                            let (tree, coll, key) = if r.identity_rule {
+                                (&*rules, Coll::IdentityRule, r.spiffe_id.as_bytes())
+                            } else {
+                                (&*revoked, Coll::Revoked, r.serial.as_bytes())
+                            };
+                            if let Some(old) = tree.get(key)? {
+                                // Replacing an entry: drop its old rev index key.
+                                let old: RevocationRecord = decode(key, &old)
+                                    .map_err(ConflictableTransactionError::Abort)?;
+                                revs.remove(rev_key(old.rev, coll, key))?;
+                            }
+                            tree.insert(key, encode(r))?;
+                            revs.insert(rev_key(r.rev, coll, key), &[])?;
+                            index_expiry(expiry, r.expires_at, coll, key)?;
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(backend)
+    }
+
+    fn prune(&self, now: i64) -> Result<usize, StoreError> {
+        let end = expiry_prefix(now);
+        let mut pruned = 0;
+        for kv in self.expiry.range(..end) {
+            let (k, _) = kv.map_err(backend)?;
+            let coll = k[8];
+            let key = &k[9..];
+            if let Some(tree) = self.coll_tree(coll) {
+                // The same key may have been re-indexed with a later expiry (a renewed token, a
+                // re-revoked identity): only delete when the stored record is really expired.
+                if let Some(raw) = tree.get(key).map_err(backend)?
+                    && record_expiry(coll, key, &raw)? < now
+                {
+                    if coll == Coll::Revoked as u8 || coll == Coll::IdentityRule as u8 {
+                        let rec: RevocationRecord = decode(key, &raw)?;
+                        self.revs.remove(rev_key(rec.rev, coll_of(coll), key)).map_err(backend)?;
+                    } else if coll == Coll::Issued as u8 {
+                        let rec: IssuedRecord = decode(key, &raw)?;
+                        let mut id_key = issued_prefix(&rec.spiffe_id);
+                        id_key.extend_from_slice(key);
+                        self.issued_ids.remove(id_key).map_err(backend)?;
+                    }
+                    tree.remove(key).map_err(backend)?;
+                    pruned += 1;
+                }
+            }
+            self.expiry.remove(&k).map_err(backend)?;
+        }
+        Ok(pruned)
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        Ok(StoreStats {
+            tokens: self.tokens.len(),
+            issued: self.issued.len(),
+            revoked_serials: self.revoked.len(),
+            identity_rules: self.identity_rules.len(),
+            audit: self.audit.len(),
+            disk_bytes: self.db.size_on_disk().map_err(backend)?,
+        })
+    }
+}
+
+fn coll_of(c: u8) -> Coll {
+    match c {
+        1 => Coll::Token,
+        2 => Coll::Issued,
+        3 => Coll::Revoked,
+        _ => Coll::IdentityRule,
+    }
+}
+
+fn record_expiry(coll: u8, key: &[u8], raw: &[u8]) -> Result<i64, StoreError> {
+    Ok(match coll_of(coll) {
+        Coll::Token => decode::<TokenRecord>(key, raw)?.expires_at,
+        // The issued index is written with its prune time only in the expiry index; the record's
+        // notAfter is a lower bound, and the index entry is only reached once that time passed.
+        Coll::Issued => i64::MIN,
+        Coll::Revoked | Coll::IdentityRule => decode::<RevocationRecord>(key, raw)?.expires_at,
+    })
+}
+
+fn issued_prefix(spiffe_id: &str) -> Vec<u8> {
+    let mut k = spiffe_id.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn rev_key(rev: u64, coll: Coll, key: &[u8]) -> Vec<u8> {
+    let mut k = rev.to_be_bytes().to_vec();
+    k.push(coll as u8);
+    k.extend_from_slice(key);
+    k
+}
+
+/// Expiry times are signed; offsetting by 2^63 keeps big-endian byte order equal to time order.
+fn expiry_prefix(at: i64) -> [u8; 8] {
+    ((at as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn index_expiry(
+    expiry: &TransactionalTree,
+    at: i64,
+    coll: Coll,
+    key: &[u8],
+) -> Result<(), ConflictableTransactionError<StoreError>> {
+    let mut k = expiry_prefix(at).to_vec();
+    k.push(coll as u8);
+    k.extend_from_slice(key);
+    expiry.insert(k, &[])?;
+    Ok(())
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing these plain structs to JSON cannot fail (no maps with non-string keys).
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], raw: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|e| StoreError::Decode {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>, StoreError> {
+    tree.get(key)
+        .map_err(backend)?
+        .map(|raw| decode(key, &raw))
+        .transpose()
+}
+
+fn backend(e: sled::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn tx_err(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => backend(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RECORD_VERSION;
+
+    fn token(id: &str, uses: u32, expires_at: i64) -> TokenRecord {
+        TokenRecord {
+            v: RECORD_VERSION,
+            id: id.into(),
+            secret_hash: [7; 32],
+            spiffe_id: "spiffe://example.org/a".into(),
+            roles: vec![],
+            max_ttl: 300,
+            expires_at,
+            uses_left: uses,
+            created_by: "spiffe://example.org/lanyard/admin".into(),
+        }
+    }
+
+    fn revocation(serial: &str, rev: u64, expires_at: i64) -> RevocationRecord {
+        RevocationRecord {
+            v: RECORD_VERSION,
+            rev,
+            serial: serial.into(),
+            spiffe_id: "spiffe://example.org/a".into(),
+            identity_rule: false,
+            before: 0,
+            reason: "test".into(),
+            revoked_at: 0,
+            expires_at,
+            blocked: false,
+        }
+    }
+
+    #[test]
+    fn token_is_consumed_once_even_under_contention() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+        store.commit(&[], &[Write::PutToken(token("t1", 1, 1000))]).unwrap();
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let s = store.clone();
+                std::thread::spawn(move || s.consume_token("t1", 10).unwrap())
+            })
+            .collect();
+        let outcomes: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(outcomes.iter().filter(|o| matches!(o, Consume::Won(_))).count(), 1);
+        assert_eq!(outcomes.iter().filter(|o| **o == Consume::AlreadyUsed).count(), 7);
+        assert_eq!(store.consume_token("nope", 10).unwrap(), Consume::Missing);
+        store.commit(&[], &[Write::PutToken(token("t2", 1, 5))]).unwrap();
+        assert_eq!(store.consume_token("t2", 10).unwrap(), Consume::Expired);
+    }
+
+    #[test]
+    fn prune_removes_only_expired_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store
+            .commit(
+                &[],
+                &[
+                    Write::PutRevocation(revocation("aa", 1, 100)),
+                    Write::PutRevocation(revocation("bb", 2, 300)),
+                    Write::PutToken(token("t", 1, 150)),
+                ],
+            )
+            .unwrap();
+        assert_eq!(store.revocations_since(0).unwrap().len(), 2);
+        assert_eq!(store.revocations_since(1).unwrap()[0].serial, "bb");
+        assert_eq!(store.prune(200).unwrap(), 2);
+        assert!(store.revoked_serial("aa").unwrap().is_none());
+        assert!(store.revoked_serial("bb").unwrap().is_some());
+        assert!(store.token("t").unwrap().is_none());
+        assert_eq!(store.revocations_since(0).unwrap().len(), 1);
+        assert_eq!(store.prune(200).unwrap(), 0);
+    }
+
+    #[test]
+    fn audit_commit_rejects_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let rec = |seq| AuditRecord {
+            v: RECORD_VERSION,
+            seq,
+            time_ms: 0,
+            kind: "x".into(),
+            actor: String::new(),
+            subject: String::new(),
+            serial: String::new(),
+            roles: vec![],
+            not_after: 0,
+            reason: String::new(),
+            prev_hash: [0; 32],
+            hash: [1; 32],
+        };
+        store.commit(&[rec(1)], &[]).unwrap();
+        assert!(matches!(
+            store.commit(&[rec(3)], &[]),
+            Err(StoreError::OutOfOrder { expected: 2, got: 3 })
+        ));
+        store.commit(&[rec(2)], &[]).unwrap();
+        assert_eq!(store.audit_head().unwrap().unwrap().0, 2);
+        assert_eq!(store.read_audit(2, 10).unwrap().len(), 1);
+    }
+}
