@@ -95,6 +95,21 @@ impl Credential {
     }
 }
 
+/// Writes a credential directory: `cert.pem` (chain), `key.pem` (0600), `bundle.pem`, each
+/// replaced atomically. The key is written first, so a reader that sees a new certificate also
+/// finds its key (the agent relies on the same order).
+pub fn write_credential(
+    dir: &Path,
+    chain: &[CertificateDer<'_>],
+    bundle: &[CertificateDer<'_>],
+    key_pem: &str,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    crate::fsutil::write_atomic(&dir.join("key.pem"), key_pem.as_bytes(), 0o600)?;
+    crate::fsutil::write_atomic(&dir.join("cert.pem"), crate::ca::certs_to_pem(chain).as_bytes(), 0o644)?;
+    crate::fsutil::write_atomic(&dir.join("bundle.pem"), crate::ca::certs_to_pem(bundle).as_bytes(), 0o644)
+}
+
 /// A fresh P-256 key and a CSR for `id` (one URI SAN, empty subject).
 pub fn generate_csr(id: &SpiffeId) -> Result<(KeyPair, Vec<u8>), ClientError> {
     let key = KeyPair::generate().map_err(|e| ClientError::Keygen(e.to_string()))?;

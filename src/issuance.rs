@@ -314,7 +314,12 @@ impl Issuance {
         let event = Event::new(Kind::TokenCreated, actor)
             .subject(pattern.to_string())
             .roles(roles)
-            .reason(format!("token {} ({} uses, expires {})", token.id, record.uses_left, record.expires_at));
+            .reason(format!(
+                "token {} ({} uses, expires {})",
+                token.id,
+                record.uses_left,
+                fmt_time(record.expires_at)
+            ));
         self.log
             .record(event, vec![Write::PutToken(record.clone())])
             .await

@@ -18,6 +18,7 @@
 pub mod api;
 pub mod audit;
 pub mod ca;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod fsutil;

@@ -19,8 +19,9 @@ use crate::api::{Authenticator, admin::AdminService, audit::AuditService, ca::Ca
 use crate::audit::{AuditLog, Event, Kind};
 use crate::ca::{Authority, CaError};
 use crate::config::ServeSettings;
+use crate::client::write_credential;
 use crate::fsutil::{create_private_dir, write_atomic};
-use crate::issuance::{Issuance, Issued, Settings};
+use crate::issuance::{Issuance, Settings};
 use crate::pb::v1::{admin_server::AdminServer, audit_server::AuditServer, ca_server::CaServer, revocation_server::RevocationServer};
 use crate::policy::{PolicyHandle, ROLE_ADMIN};
 use crate::revocation::Revocations;
@@ -289,7 +290,7 @@ async fn ensure_admin_credential(issuance: &Issuance, settings: &ServeSettings, 
         .local(&id, vec![ROLE_ADMIN.to_string()], settings.admin_cert_ttl, &key)
         .await
         .map_err(|e| ServeError::Credential(e.to_string()))?;
-    write_credential(dir, &issued, &key.serialize_pem()).map_err(|e| ServeError::Io(dir.to_path_buf(), e))?;
+    write_credential(dir, &issued.chain, &issued.bundle, &key.serialize_pem()).map_err(|e| ServeError::Io(dir.to_path_buf(), e))?;
     info!(dir = %dir.display(), spiffe_id = %id, serial = %issued.svid.serial, "admin credential written");
     Ok(issued.svid.not_after)
 }
@@ -320,14 +321,6 @@ async fn maintain_admin(issuance: Arc<Issuance>, settings: ServeSettings, mut sh
             error!(error = %e, "refreshing admin credential failed");
         }
     }
-}
-
-/// Writes a credential directory: `cert.pem` (chain), `key.pem` (0600), `bundle.pem`.
-pub fn write_credential(dir: &Path, issued: &Issued, key_pem: &str) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    write_atomic(&dir.join("key.pem"), key_pem.as_bytes(), 0o600)?;
-    write_atomic(&dir.join("cert.pem"), crate::ca::certs_to_pem(&issued.chain).as_bytes(), 0o644)?;
-    write_atomic(&dir.join("bundle.pem"), crate::ca::certs_to_pem(&issued.bundle).as_bytes(), 0o644)
 }
 
 async fn prune_loop(store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>) {

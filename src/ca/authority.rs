@@ -262,17 +262,20 @@ impl Authority {
 
 /// PEM-encodes DER certificates.
 pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
+    certs.into_iter().map(|c| pem_encode("CERTIFICATE", c)).collect()
+}
+
+/// PEM-encodes one DER object under `label` (e.g. `X509 CRL`).
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
     use base64::Engine;
-    let mut out = String::new();
-    for c in certs {
-        out.push_str("-----BEGIN CERTIFICATE-----\n");
-        let b64 = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
-        for line in b64.as_bytes().chunks(64) {
-            out.push_str(std::str::from_utf8(line).unwrap_or_default());
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE-----\n");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        // base64 output is ASCII, so every chunk is valid UTF-8.
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
     }
+    out.push_str(&format!("-----END {label}-----\n"));
     out
 }
 

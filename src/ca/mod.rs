@@ -7,7 +7,7 @@ mod csr;
 mod der;
 mod svid;
 
-pub use authority::{Authority, LeafParams, SignedLeaf, certs_to_pem};
+pub use authority::{Authority, LeafParams, SignedLeaf, certs_to_pem, pem_encode};
 pub use csr::{ValidCsr, parse_csr, MAX_CSR_BYTES};
 pub use svid::{RolesOid, Serial, SvidInfo, encode_roles, parse_svid};
 

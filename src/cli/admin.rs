@@ -1,0 +1,150 @@
+//! Admin verbs: tokens, revocation, CRL, bundle.
+#![expect(clippy::print_stdout, reason = "the CLI's output is its job")]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use super::{Conn, rpc_error};
+use crate::config::parse_duration;
+use crate::pb::v1::{self as pb, admin_client::AdminClient, ca_client::CaClient, revocation_client::RevocationClient};
+
+#[derive(Debug, Subcommand)]
+pub(super) enum TokenCmd {
+    /// Mint a join token (needs lanyard:admin).
+    Create(TokenCreate),
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct TokenCreate {
+    /// SPIFFE ID the token is bound to, or spiffe://td/prefix/* for any ID below a prefix.
+    #[arg(long)]
+    spiffe_id: String,
+    /// Roles the certificate may carry (comma-separated); each must be allowed by policy.
+    #[arg(long, value_delimiter = ',')]
+    roles: Vec<String>,
+    /// Longest certificate lifetime (default: the policy maximum).
+    #[arg(long, value_parser = parse_duration)]
+    max_ttl: Option<std::time::Duration>,
+    /// Token lifetime (default: the server's token_ttl, 1h).
+    #[arg(long, value_parser = parse_duration)]
+    expires_in: Option<std::time::Duration>,
+    /// How many issuances the token allows.
+    #[arg(long, default_value_t = 1)]
+    uses: u32,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct RevokeArgs {
+    /// Serial number (hex, colons allowed).
+    #[arg(long, conflicts_with = "spiffe_id", required_unless_present = "spiffe_id")]
+    serial: Option<String>,
+    /// SPIFFE ID: revoke every certificate of it and refuse new ones until lifted.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// Why (recorded in the audit log).
+    #[arg(long)]
+    reason: String,
+    /// With --spiffe-id: allow new certificates again (old ones stay revoked).
+    #[arg(long, requires = "spiffe_id")]
+    lift: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct CrlArgs {
+    /// Write the CRL here (PEM).
+    #[arg(long)]
+    out: PathBuf,
+    /// Write DER instead of PEM.
+    #[arg(long)]
+    der: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct BundleArgs {
+    /// Write the bundle here instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub(super) async fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
+    let TokenCmd::Create(a) = cmd;
+    let mut client = AdminClient::new(a.conn.channel().await?);
+    let secs = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_secs().min(u32::MAX as u64) as u32);
+    let resp = client
+        .create_join_token(pb::CreateJoinTokenRequest {
+            spiffe_id: a.spiffe_id,
+            roles: a.roles,
+            max_ttl_seconds: secs(a.max_ttl),
+            expires_in_seconds: secs(a.expires_in),
+            uses: a.uses,
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    eprintln!(
+        "token {} expires at {}",
+        resp.token_id,
+        crate::issuance::fmt_time(resp.expires_at)
+    );
+    println!("{}", resp.token);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
+    use pb::revoke_request::Target;
+    let target = match (a.serial, a.spiffe_id) {
+        (Some(s), _) => Target::Serial(s),
+        (None, Some(id)) => Target::SpiffeId(id),
+        (None, None) => anyhow::bail!("give --serial or --spiffe-id"),
+    };
+    let mut client = RevocationClient::new(a.conn.channel().await?);
+    let resp = client
+        .revoke(pb::RevokeRequest {
+            target: Some(target),
+            reason: a.reason,
+            lift: a.lift,
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    for e in resp.entries {
+        if e.identity_rule {
+            let state = if e.blocked { "revoked (new certificates refused)" } else { "lifted (earlier certificates stay revoked)" };
+            println!("identity {} {state} rev={}", e.spiffe_id, e.rev);
+        } else {
+            println!("serial {} of {} revoked rev={}", e.serial, e.spiffe_id, e.rev);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn crl(a: CrlArgs) -> anyhow::Result<ExitCode> {
+    let mut client = RevocationClient::new(a.conn.channel().await?);
+    let der = client.get_crl(pb::GetCrlRequest {}).await.map_err(rpc_error)?.into_inner().der;
+    let data = if a.der { der } else { crate::ca::pem_encode("X509 CRL", &der).into_bytes() };
+    crate::fsutil::write_atomic(&a.out, &data, 0o644)?;
+    eprintln!("CRL written to {}", a.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn bundle(a: BundleArgs) -> anyhow::Result<ExitCode> {
+    let mut client = CaClient::new(a.conn.channel().await?);
+    let b = client.get_trust_bundle(pb::GetTrustBundleRequest {}).await.map_err(rpc_error)?.into_inner();
+    let certs: Vec<rustls_pki_types::CertificateDer<'_>> = b.ca_certs.into_iter().map(Into::into).collect();
+    let text = crate::ca::certs_to_pem(&certs);
+    match a.out {
+        Some(p) => crate::fsutil::write_atomic(&p, text.as_bytes(), 0o644)?,
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,187 @@
+//! The `lanyard` command tree.
+#![expect(clippy::print_stdout, reason = "the CLI's output is its job")]
+
+mod admin;
+mod audit;
+mod issue;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::ca::RolesOid;
+use crate::config::{Overrides, ServeSettings};
+use crate::telemetry::{self, LogFormat};
+
+/// Exit status for invalid configuration (sysexits EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// Lanyard: a certificate authority for minute-scale machine identities.
+#[derive(Debug, Parser)]
+#[command(name = "lanyard", version, about)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain, env = "LANYARD_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter (e.g. `info`, `lanyard=debug`).
+    #[arg(long, global = true, env = "LANYARD_LOG")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the CA is and which credential to use, for every verb that calls it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Conn {
+    /// CA address, host:port.
+    #[arg(long, env = "LANYARD_SERVER", default_value = "127.0.0.1:8443")]
+    server: String,
+    /// Credential directory (cert.pem, key.pem, bundle.pem) used for mTLS.
+    #[arg(long, env = "LANYARD_CREDENTIAL", default_value = "./lanyard-data/admin")]
+    credential: PathBuf,
+    /// OID of the roles extension, if the CA uses a non-default one.
+    #[arg(long, env = "LANYARD_ROLES_OID", default_value = "1.3.9999.7781.1")]
+    roles_oid: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the CA.
+    Serve(ServeArgs),
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(admin::TokenCmd),
+    /// Get a first certificate with a join token.
+    Issue(issue::IssueArgs),
+    /// Renew a certificate over mTLS with the current one.
+    Renew(issue::RenewArgs),
+    /// Print what a certificate says: SPIFFE ID, roles, serial, validity.
+    Inspect(issue::InspectArgs),
+    /// Revoke a certificate by serial, or every certificate of an identity.
+    Revoke(admin::RevokeArgs),
+    /// Fetch the CA's signed CRL.
+    Crl(admin::CrlArgs),
+    /// Print the CA's trust bundle (PEM).
+    Bundle(admin::BundleArgs),
+    /// Read and verify the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
+}
+
+/// `lanyard serve` flags.
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML config file (settings and policy); reloaded for policy on change or SIGHUP.
+    #[arg(long, env = "LANYARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (CA key, admin credential, sled store).
+    #[arg(long, env = "LANYARD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Listen address (port 0 picks one; it is written to <data-dir>/serve.addr).
+    #[arg(long, env = "LANYARD_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Trust domain, e.g. example.org.
+    #[arg(long, env = "LANYARD_TRUST_DOMAIN")]
+    trust_domain: Option<String>,
+}
+
+/// Parses arguments, runs the command, and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = cli.log.clone().or_else(|| std::env::var("RUST_LOG").ok());
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
+    telemetry::init(cli.log_format, filter, default_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Serve(a) => serve(a).await,
+        Command::Token(c) => admin::token(c).await,
+        Command::Issue(a) => issue::issue(a).await,
+        Command::Renew(a) => issue::renew(a).await,
+        Command::Inspect(a) => issue::inspect(a),
+        Command::Revoke(a) => admin::revoke(a).await,
+        Command::Crl(a) => admin::crl(a).await,
+        Command::Bundle(a) => admin::bundle(a).await,
+        Command::Audit(c) => audit::run(c).await,
+    }
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let settings = match ServeSettings::resolve(
+        a.config.as_deref(),
+        Overrides {
+            trust_domain: a.trust_domain,
+            data_dir: a.data_dir,
+            listen: a.listen,
+        },
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {}
+        }
+        tracing::info!("shutting down");
+    };
+    crate::server::run(settings, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+impl Conn {
+    fn oid(&self) -> anyhow::Result<RolesOid> {
+        Ok(RolesOid::parse(&self.roles_oid)?)
+    }
+
+    /// A channel authenticated with the credential directory.
+    async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let oid = self.oid()?;
+        let cred = crate::client::Credential::load(&self.credential, &oid).map_err(|e| {
+            anyhow::anyhow!("{e} (set --credential or LANYARD_CREDENTIAL to a directory with cert.pem, key.pem, bundle.pem)")
+        })?;
+        let trust = crate::tls::ServerTrust::Bundle(cred.bundle.clone());
+        Ok(crate::client::connect(&self.server, trust, Some(cred.slot()?), oid).await?)
+    }
+}
+
+/// Turns a gRPC status into an error a person can act on.
+fn rpc_error(s: tonic::Status) -> anyhow::Error {
+    let msg = s.message();
+    if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown {
+        let detail = std::error::Error::source(&s).map(crate::client::error_chain).unwrap_or_default();
+        return anyhow::anyhow!("{:?}: {msg} {detail}", s.code());
+    }
+    anyhow::anyhow!("{:?}: {msg}", s.code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
