@@ -19,6 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("lanyard_descriptor.bin"))
-        .compile_with_config(cfg, &protos, &[PathBuf::from("proto"), protoc_bin_vendored::include_path()?])?;
+        .compile_with_config(
+            cfg,
+            &protos,
+            &[PathBuf::from("proto"), protoc_bin_vendored::include_path()?],
+        )?;
     Ok(())
 }

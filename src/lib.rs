@@ -15,6 +15,7 @@
 //! - [`config`], [`telemetry`], [`fsutil`], [`tokens`].
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod api;
 pub mod audit;
 pub mod ca;
@@ -44,5 +45,6 @@ pub mod pb {
         tonic::include_proto!("_");
     }
     /// Encoded file descriptors, for gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lanyard_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("lanyard_descriptor");
 }

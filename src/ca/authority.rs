@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::svid::{RolesOid, Serial, encode_roles};
 use super::CaError;
+use super::svid::{RolesOid, Serial, encode_roles};
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
@@ -110,11 +110,17 @@ impl Authority {
         let pem = read(cert_path)?;
         let key_pem = String::from_utf8(read(key_path)?)
             .map_err(|_| CaError::BadCaFiles(key_path.to_path_buf(), "key is not PEM".into()))?;
-        let mode = fs::metadata(key_path).map_err(|e| io(key_path, e))?.permissions().mode();
+        let mode = fs::metadata(key_path)
+            .map_err(|e| io(key_path, e))?
+            .permissions()
+            .mode();
         if mode & 0o077 != 0 {
             return Err(CaError::BadCaFiles(
                 key_path.to_path_buf(),
-                format!("key file mode is {:o}; it must not be readable by group or others (chmod 600)", mode & 0o777),
+                format!(
+                    "key file mode is {:o}; it must not be readable by group or others (chmod 600)",
+                    mode & 0o777
+                ),
             ));
         }
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
@@ -128,10 +134,14 @@ impl Authority {
         let (_, parsed) = X509Certificate::from_der(signing)
             .map_err(|e| bad(format!("cannot parse CA certificate: {e}")))?;
         if parsed.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
-            return Err(bad("the private key does not match the CA certificate".into()));
+            return Err(bad(
+                "the private key does not match the CA certificate".into()
+            ));
         }
         if !parsed.is_ca() {
-            return Err(bad("the certificate is not a CA (basicConstraints CA=false)".into()));
+            return Err(bad(
+                "the certificate is not a CA (basicConstraints CA=false)".into(),
+            ));
         }
         let not_after = parsed.validity().not_after.timestamp();
         let issuer = Issuer::from_ca_cert_der(signing, key)?;
@@ -170,9 +180,19 @@ impl Authority {
         // An empty subject is what X.509-SVIDs use; rcgen then marks the SAN critical (RFC 5280).
         p.distinguished_name = DistinguishedName::new();
         p.subject_alt_names = vec![SanType::URI(
-            params.spiffe_id.as_str().to_string().try_into().map_err(CaError::Sign)?,
+            params
+                .spiffe_id
+                .as_str()
+                .to_string()
+                .try_into()
+                .map_err(CaError::Sign)?,
         )];
-        p.is_ca = IsCa::ExplicitNoCa;
+        // basicConstraints CA=false, written by hand: rcgen's ExplicitNoCa encodes the DEFAULT
+        // `cA FALSE` explicitly, which DER forbids and strict parsers (Python's cryptography,
+        // hence py-spiffe) reject. An empty SEQUENCE is the DER form of CA=false.
+        p.is_ca = IsCa::NoCa;
+        let mut bc = CustomExtension::from_oid_content(&[2, 5, 29, 19], vec![0x30, 0x00]);
+        bc.set_criticality(true);
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -183,13 +203,14 @@ impl Authority {
         p.not_after = to_time(params.not_after.min(self.not_after))?;
         p.use_authority_key_identifier_extension = true;
         p.key_identifier_method = KeyIdMethod::Sha256;
+        p.custom_extensions = vec![bc];
         if !params.roles.is_empty() {
             let mut ext = CustomExtension::from_oid_content(
                 self.roles_oid.arcs(),
                 encode_roles(&params.roles),
             );
             ext.set_criticality(false);
-            p.custom_extensions = vec![ext];
+            p.custom_extensions.push(ext);
         }
         let cert = p.signed_by(public_key, &self.issuer)?;
         Ok(SignedLeaf {
@@ -262,7 +283,10 @@ impl Authority {
 
 /// PEM-encodes DER certificates.
 pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
-    certs.into_iter().map(|c| pem_encode("CERTIFICATE", c)).collect()
+    certs
+        .into_iter()
+        .map(|c| pem_encode("CERTIFICATE", c))
+        .collect()
 }
 
 /// PEM-encodes one DER object under `label` (e.g. `X509 CRL`).

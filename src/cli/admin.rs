@@ -8,7 +8,9 @@ use clap::Subcommand;
 
 use super::{Conn, rpc_error};
 use crate::config::parse_duration;
-use crate::pb::v1::{self as pb, admin_client::AdminClient, ca_client::CaClient, revocation_client::RevocationClient};
+use crate::pb::v1::{
+    self as pb, admin_client::AdminClient, ca_client::CaClient, revocation_client::RevocationClient,
+};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum TokenCmd {
@@ -40,7 +42,11 @@ pub(super) struct TokenCreate {
 #[derive(Debug, clap::Args)]
 pub(super) struct RevokeArgs {
     /// Serial number (hex, colons allowed).
-    #[arg(long, conflicts_with = "spiffe_id", required_unless_present = "spiffe_id")]
+    #[arg(
+        long,
+        conflicts_with = "spiffe_id",
+        required_unless_present = "spiffe_id"
+    )]
     serial: Option<String>,
     /// SPIFFE ID: revoke every certificate of it and refuse new ones until lifted.
     #[arg(long)]
@@ -79,7 +85,8 @@ pub(super) struct BundleArgs {
 pub(super) async fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
     let TokenCmd::Create(a) = cmd;
     let mut client = AdminClient::new(a.conn.channel().await?);
-    let secs = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_secs().min(u32::MAX as u64) as u32);
+    let secs =
+        |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_secs().min(u32::MAX as u64) as u32);
     let resp = client
         .create_join_token(pb::CreateJoinTokenRequest {
             spiffe_id: a.spiffe_id,
@@ -117,12 +124,22 @@ pub(super) async fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(rpc_error)?
         .into_inner();
-    for e in resp.entries {
+    let serials = resp.entries.iter().filter(|e| !e.identity_rule).count();
+    for e in &resp.entries {
         if e.identity_rule {
-            let state = if e.blocked { "revoked (new certificates refused)" } else { "lifted (earlier certificates stay revoked)" };
-            println!("identity {} {state} rev={}", e.spiffe_id, e.rev);
-        } else {
-            println!("serial {} of {} revoked rev={}", e.serial, e.spiffe_id, e.rev);
+            let state = if e.blocked {
+                format!(
+                    "revoked with {serials} live certificates; new certificates refused until --lift"
+                )
+            } else {
+                "lifted: new certificates allowed; earlier ones stay revoked".into()
+            };
+            println!("identity {} {state} (rev {})", e.spiffe_id, e.rev);
+        } else if resp.entries.len() == 1 {
+            println!(
+                "serial {} of {} revoked (rev {})",
+                e.serial, e.spiffe_id, e.rev
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -130,8 +147,17 @@ pub(super) async fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
 
 pub(super) async fn crl(a: CrlArgs) -> anyhow::Result<ExitCode> {
     let mut client = RevocationClient::new(a.conn.channel().await?);
-    let der = client.get_crl(pb::GetCrlRequest {}).await.map_err(rpc_error)?.into_inner().der;
-    let data = if a.der { der } else { crate::ca::pem_encode("X509 CRL", &der).into_bytes() };
+    let der = client
+        .get_crl(pb::GetCrlRequest {})
+        .await
+        .map_err(rpc_error)?
+        .into_inner()
+        .der;
+    let data = if a.der {
+        der
+    } else {
+        crate::ca::pem_encode("X509 CRL", &der).into_bytes()
+    };
     crate::fsutil::write_atomic(&a.out, &data, 0o644)?;
     eprintln!("CRL written to {}", a.out.display());
     Ok(ExitCode::SUCCESS)
@@ -139,8 +165,13 @@ pub(super) async fn crl(a: CrlArgs) -> anyhow::Result<ExitCode> {
 
 pub(super) async fn bundle(a: BundleArgs) -> anyhow::Result<ExitCode> {
     let mut client = CaClient::new(a.conn.channel().await?);
-    let b = client.get_trust_bundle(pb::GetTrustBundleRequest {}).await.map_err(rpc_error)?.into_inner();
-    let certs: Vec<rustls_pki_types::CertificateDer<'_>> = b.ca_certs.into_iter().map(Into::into).collect();
+    let b = client
+        .get_trust_bundle(pb::GetTrustBundleRequest {})
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let certs: Vec<rustls_pki_types::CertificateDer<'_>> =
+        b.ca_certs.into_iter().map(Into::into).collect();
     let text = crate::ca::certs_to_pem(&certs);
     match a.out {
         Some(p) => crate::fsutil::write_atomic(&p, text.as_bytes(), 0o644)?,

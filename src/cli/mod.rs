@@ -2,6 +2,7 @@
 #![expect(clippy::print_stdout, reason = "the CLI's output is its job")]
 
 mod admin;
+mod agent;
 mod audit;
 mod issue;
 
@@ -38,7 +39,11 @@ pub struct Conn {
     #[arg(long, env = "LANYARD_SERVER", default_value = "127.0.0.1:8443")]
     server: String,
     /// Credential directory (cert.pem, key.pem, bundle.pem) used for mTLS.
-    #[arg(long, env = "LANYARD_CREDENTIAL", default_value = "./lanyard-data/admin")]
+    #[arg(
+        long,
+        env = "LANYARD_CREDENTIAL",
+        default_value = "./lanyard-data/admin"
+    )]
     credential: PathBuf,
     /// OID of the roles extension, if the CA uses a non-default one.
     #[arg(long, env = "LANYARD_ROLES_OID", default_value = "1.3.9999.7781.1")]
@@ -49,6 +54,8 @@ pub struct Conn {
 enum Command {
     /// Run the CA.
     Serve(ServeArgs),
+    /// Run the sidecar agent: bootstrap, rotate, write files, serve the Workload API.
+    Agent(agent::AgentArgs),
     /// Join tokens.
     #[command(subcommand)]
     Token(admin::TokenCmd),
@@ -90,9 +97,16 @@ struct ServeArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = cli.log.clone().or_else(|| std::env::var("RUST_LOG").ok());
-    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Agent(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     telemetry::init(cli.log_format, filter, default_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -111,6 +125,7 @@ pub fn main() -> ExitCode {
 async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Serve(a) => serve(a).await,
+        Command::Agent(a) => agent::run(a).await,
         Command::Token(c) => admin::token(c).await,
         Command::Issue(a) => issue::issue(a).await,
         Command::Renew(a) => issue::renew(a).await,
@@ -138,7 +153,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {}
@@ -169,7 +185,9 @@ impl Conn {
 fn rpc_error(s: tonic::Status) -> anyhow::Error {
     let msg = s.message();
     if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown {
-        let detail = std::error::Error::source(&s).map(crate::client::error_chain).unwrap_or_default();
+        let detail = std::error::Error::source(&s)
+            .map(crate::client::error_chain)
+            .unwrap_or_default();
         return anyhow::anyhow!("{:?}: {msg} {detail}", s.code());
     }
     anyhow::anyhow!("{:?}: {msg}", s.code())

@@ -5,7 +5,23 @@
 //! - [`CertSlot`]: the current certificate and key, swapped on rotation without a restart.
 //! - [`ServerVerifier`]: for clients, authenticates a server by SPIFFE ID instead of DNS name.
 //! - [`DeferredClientVerifier`]: for the CA, lets a handler authenticate the client itself.
+//! - [`TlsSource`], [`Authorizer`], [`RevocationSet`], [`server_config`], [`client_config`]:
+//!   workload-to-workload mTLS that follows rotation and revocation live.
+//!
+//! A service does mTLS in a few lines:
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use lanyard::tls::{Authorizer, TlsSource, server_config};
+//! let source = TlsSource::from_dir("/run/lanyard/svid", Default::default(), std::time::Duration::from_secs(1)).await?;
+//! let authz = Authorizer::parse(&["spiffe://example.org/ns/prod/* role=db-read"])?;
+//! let config = server_config(&source, authz, None)?; // hand to tokio-rustls / hyper / tonic
+//! # let _ = config; Ok(()) }
+//! ```
 
+mod authz;
+mod mtls;
+mod revocations;
+mod source;
 mod verifiers;
 
 use std::sync::{Arc, RwLock};
@@ -15,6 +31,10 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use webpki::{EndEntityCert, KeyUsage};
 
+pub use authz::{Authorizer, PeerRule};
+pub use mtls::{PeerVerifier, client_config, peer_svid, server_config};
+pub use revocations::RevocationSet;
+pub use source::{TlsSource, check_key_matches};
 pub use verifiers::{DeferredClientVerifier, ServerTrust, ServerVerifier};
 
 use crate::ca::{RolesOid, SvidInfo, parse_svid};

@@ -1,0 +1,141 @@
+//! Writing the credential directory so readers never see a torn or mismatched pair.
+//!
+//! Each generation is written into a fresh hidden directory (`..<n>`), fsynced, then published
+//! by renaming one symlink (`..data`) — the same scheme Kubernetes uses for projected volumes.
+//! `cert.pem`, `key.pem`, `bundle.pem` and `svid.pem` (key + chain in one file) are symlinks
+//! through `..data`, so every file a reader opens is complete, and a reader that opens the files
+//! of one generation gets a matching key and certificate. `svid.pem` holds both in one file for
+//! readers (nginx, haproxy) that can load key and chain from a single path.
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::CertificateDer;
+
+use crate::ca::certs_to_pem;
+use crate::fsutil::write_atomic;
+
+const DATA: &str = "..data";
+const FILES: [&str; 4] = ["cert.pem", "key.pem", "bundle.pem", "svid.pem"];
+
+/// Publishes a new generation of the credential in `dir`.
+pub fn write_svid_dir(
+    dir: &Path,
+    chain: &[CertificateDer<'_>],
+    key_pem: &str,
+    bundle: &[CertificateDer<'_>],
+) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let gen_name = format!(
+        "..{}.{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+        std::process::id()
+    );
+    let gen_dir = dir.join(&gen_name);
+    fs::create_dir(&gen_dir)?;
+    fs::set_permissions(&gen_dir, fs::Permissions::from_mode(0o755))?;
+    let chain_pem = certs_to_pem(chain);
+    write_atomic(&gen_dir.join("key.pem"), key_pem.as_bytes(), 0o600)?;
+    write_atomic(&gen_dir.join("cert.pem"), chain_pem.as_bytes(), 0o644)?;
+    write_atomic(
+        &gen_dir.join("bundle.pem"),
+        certs_to_pem(bundle).as_bytes(),
+        0o644,
+    )?;
+    write_atomic(
+        &gen_dir.join("svid.pem"),
+        format!("{key_pem}{chain_pem}").as_bytes(),
+        0o600,
+    )?;
+
+    let previous = fs::read_link(dir.join(DATA)).ok();
+    swap_symlink(dir, DATA, Path::new(&gen_name))?;
+    for f in FILES {
+        let link = dir.join(f);
+        let target = Path::new(DATA).join(f);
+        if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+            swap_symlink(dir, f, &target)?;
+        }
+    }
+    fs::File::open(dir)?.sync_all()?;
+    // Keep the previous generation (a reader may still be inside it); drop older ones.
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("..")
+            && name != DATA
+            && *name != *gen_name
+            && previous.as_deref() != Some(Path::new(name.as_ref()))
+            && entry.file_type()?.is_dir()
+        {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Atomically points `dir/name` at `target` (create a temp symlink, rename over).
+fn swap_symlink(dir: &Path, name: &str, target: &Path) -> std::io::Result<()> {
+    let tmp: PathBuf = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    symlink(target, &tmp)?;
+    fs::rename(&tmp, dir.join(name))
+}
+
+/// Reads `cert.pem` and `key.pem` of one generation (through one resolution of `..data`), for
+/// readers that want a guaranteed pair; falls back to the plain files in a directory written
+/// by `lanyard issue`.
+pub fn read_consistent(dir: &Path) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    let base = match fs::read_link(dir.join(DATA)) {
+        Ok(gen_dir) => dir.join(gen_dir),
+        Err(_) => dir.to_path_buf(),
+    };
+    Ok((
+        fs::read(base.join("cert.pem"))?,
+        fs::read(base.join("key.pem"))?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_swap_and_old_ones_are_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = CertificateDer::from(vec![0x30, 0x00]);
+        for i in 0..4 {
+            write_svid_dir(
+                dir.path(),
+                std::slice::from_ref(&cert),
+                &format!("KEY{i}\n"),
+                std::slice::from_ref(&cert),
+            )
+            .unwrap();
+            assert_eq!(
+                fs::read_to_string(dir.path().join("key.pem")).unwrap(),
+                format!("KEY{i}\n")
+            );
+        }
+        let gens = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let n = e.as_ref().unwrap().file_name();
+                n.to_string_lossy().starts_with("..") && n != DATA
+            })
+            .count();
+        assert_eq!(gens, 2, "current and previous generation kept");
+        let mode = fs::metadata(dir.path().join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (c, k) = read_consistent(dir.path()).unwrap();
+        assert!(c.starts_with(b"-----BEGIN CERTIFICATE-----"));
+        assert_eq!(k, b"KEY3\n");
+    }
+}

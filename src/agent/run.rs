@@ -1,0 +1,460 @@
+//! The agent's main loop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::KeyPair;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::watch;
+use tonic::Code;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::timing::{Backoff, refresh_in};
+use super::{AgentConfig, AgentError, files};
+use crate::ca::{SvidInfo, parse_svid};
+use crate::client::{connect, csr_for};
+use crate::pb::v1::{self as pb, ca_client::CaClient, revocation_client::RevocationClient};
+use crate::spiffe::{IdPattern, SpiffeId};
+use crate::tls::{Bundle, RevocationSet, ServerTrust, TlsSource, unix_now};
+use crate::tokens::JoinToken;
+
+/// Everything the agent hands to workloads at one moment.
+#[derive(Clone)]
+pub struct SvidState {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// PKCS#8 DER private key.
+    pub key_der: Vec<u8>,
+    /// PEM private key.
+    key_pem: String,
+    /// CA certificates.
+    pub bundle: Vec<CertificateDer<'static>>,
+    /// The latest CRL from the CA (DER), if fetched.
+    pub crl: Option<Vec<u8>>,
+    /// When the agent received the certificate (seconds since the epoch). Renewal timing runs
+    /// from here, not from notBefore, which the CA backdates for clock skew.
+    pub received_at: i64,
+    /// What the leaf says.
+    pub svid: SvidInfo,
+}
+
+impl std::fmt::Debug for SvidState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SvidState")
+            .field("spiffe_id", &self.svid.spiffe_id)
+            .field("serial", &self.svid.serial)
+            .field("not_after", &self.svid.not_after)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    cfg: AgentConfig,
+    state_tx: watch::Sender<Option<Arc<SvidState>>>,
+    source: Arc<TlsSource>,
+    revocations: Arc<RevocationSet>,
+}
+
+impl Agent {
+    /// An agent that has not fetched anything yet.
+    pub fn new(cfg: AgentConfig) -> Self {
+        let source = TlsSource::empty(cfg.roles_oid.clone());
+        Self {
+            cfg,
+            state_tx: watch::channel(None).0,
+            source,
+            revocations: RevocationSet::new(),
+        }
+    }
+
+    /// Follows the current SVID (for the Workload API).
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<SvidState>>> {
+        self.state_tx.subscribe()
+    }
+
+    /// The live TLS credential (for in-process mTLS).
+    pub fn source(&self) -> Arc<TlsSource> {
+        self.source.clone()
+    }
+
+    /// Runs until `shutdown` fires (Ok) or the credential is lost for good (Err).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+        let state = self.bootstrap().await?;
+        let id = state.svid.spiffe_id.clone();
+        self.publish(state).await?;
+        let watch_task = self
+            .revocations
+            .follow(self.cfg.server.clone(), self.source.clone());
+        let result = self
+            .rotate_forever(&mut shutdown)
+            .instrument(info_span!("agent", spiffe_id = %id))
+            .await;
+        watch_task.abort();
+        result
+    }
+
+    async fn rotate_forever(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), AgentError> {
+        let mut backoff = Backoff::new(Duration::from_secs(1), self.cfg.max_backoff);
+        let mut last_failure: Option<String> = None;
+        let mut revocation_check = tokio::time::interval(Duration::from_millis(250));
+        let mut next = tokio::time::Instant::now() + self.next_refresh();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                _ = revocation_check.tick() => {
+                    if let Some(state) = self.current() && let Some(why) = self.revocations.check(&state.svid) {
+                        return Err(AgentError::Revoked(why));
+                    }
+                    continue;
+                }
+                _ = shutdown.changed() => {
+                    info!("agent stopping");
+                    return Ok(());
+                }
+            }
+            match self.renew().await {
+                Ok(state) => {
+                    if last_failure.take().is_some() {
+                        info!("CA reachable again; certificate renewed");
+                    }
+                    backoff.reset();
+                    self.publish(state).await?;
+                    next = tokio::time::Instant::now() + self.next_refresh();
+                }
+                Err(e) => {
+                    let Some(state) = self.current() else {
+                        return Err(AgentError::Bootstrap(e.message().to_string()));
+                    };
+                    if let Some(fatal) = classify(&e) {
+                        return Err(fatal);
+                    }
+                    let left = state.svid.not_after - unix_now();
+                    let msg = format!("{:?}: {}", e.code(), e.message());
+                    let life = (state.svid.not_after - state.svid.not_before).max(1);
+                    if left < life / 5 {
+                        error!(expires_in_s = left, error = %msg, "certificate renewal failing; certificate expires soon (or has expired)");
+                    } else if last_failure.as_deref() != Some(msg.as_str()) {
+                        warn!(expires_in_s = left, error = %msg, "certificate renewal failed; retrying with backoff");
+                    } else {
+                        debug!(error = %msg, "renewal retry failed");
+                    }
+                    last_failure = Some(msg);
+                    next = tokio::time::Instant::now() + backoff.next_wait();
+                }
+            }
+        }
+    }
+
+    fn current(&self) -> Option<Arc<SvidState>> {
+        self.state_tx.borrow().clone()
+    }
+
+    fn next_refresh(&self) -> Duration {
+        match self.current() {
+            Some(s) => {
+                let jitter = rand::random::<f64>() * 2.0 - 1.0;
+                refresh_in(
+                    unix_now(),
+                    s.received_at,
+                    s.svid.not_after,
+                    self.cfg.renew_fraction,
+                    jitter,
+                )
+            }
+            None => Duration::ZERO,
+        }
+    }
+
+    /// A credential left in `out_dir` by an earlier run is reused if it can still renew;
+    /// otherwise the join token is used.
+    async fn bootstrap(&self) -> Result<SvidState, AgentError> {
+        if let Some(dir) = &self.cfg.out_dir
+            && let Some(state) = self.load_existing(dir)
+        {
+            info!(spiffe_id = %state.svid.spiffe_id, serial = %state.svid.serial, dir = %dir.display(), "reusing existing credential");
+            self.install(&state)?;
+            if state.svid.not_after > unix_now() {
+                return Ok(state);
+            }
+            // Expired while the agent was down: the CA's renewal grace may still allow it.
+            match self.renew().await {
+                Ok(renewed) => return Ok(renewed),
+                Err(e) => {
+                    if let Some(AgentError::Revoked(m)) = classify(&e) {
+                        return Err(AgentError::Revoked(m));
+                    }
+                    if self.cfg.token.is_none() {
+                        return Err(AgentError::Expired(e.message().to_string()));
+                    }
+                    warn!(
+                        error = e.message(),
+                        "cannot renew the expired credential; using the join token"
+                    );
+                }
+            }
+        }
+        self.bootstrap_with_token().await
+    }
+
+    async fn bootstrap_with_token(&self) -> Result<SvidState, AgentError> {
+        let raw = self.cfg.token.as_deref().ok_or_else(|| {
+            AgentError::Bootstrap("no credential to renew and no --token given".into())
+        })?;
+        let token = JoinToken::parse(raw).map_err(|e| AgentError::Bootstrap(e.to_string()))?;
+        let pattern =
+            IdPattern::parse(&token.spiffe_id).map_err(|e| AgentError::Bootstrap(e.to_string()))?;
+        let id = match (&self.cfg.spiffe_id, pattern) {
+            (Some(s), p) => {
+                let id = SpiffeId::parse(s).map_err(|e| AgentError::Bootstrap(e.to_string()))?;
+                if !p.matches(&id) {
+                    return Err(AgentError::Bootstrap(format!(
+                        "the token is for {p}, not {id}"
+                    )));
+                }
+                id
+            }
+            (None, IdPattern::Exact(id)) => id,
+            (None, IdPattern::Prefix(p)) => {
+                return Err(AgentError::Bootstrap(format!(
+                    "the token is for any ID below {p}/; pass --spiffe-id"
+                )));
+            }
+        };
+        let trust = match &self.cfg.bundle {
+            Some(p) => {
+                let pem = std::fs::read(p)
+                    .map_err(|e| AgentError::Io(format!("{}: {e}", p.display())))?;
+                ServerTrust::Bundle(
+                    Bundle::from_pem(&pem).map_err(|e| AgentError::Bootstrap(e.to_string()))?,
+                )
+            }
+            None => ServerTrust::Fingerprint(token.ca_fingerprint),
+        };
+        let mut backoff = Backoff::new(Duration::from_secs(1), self.cfg.max_backoff);
+        loop {
+            let key = KeyPair::generate().map_err(|e| AgentError::Bootstrap(e.to_string()))?;
+            let attempt = async {
+                let csr = csr_for(&id, &key).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                let channel = connect(
+                    &self.cfg.server,
+                    trust.clone(),
+                    None,
+                    self.cfg.roles_oid.clone(),
+                )
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                CaClient::new(channel)
+                    .issue(pb::IssueRequest {
+                        csr,
+                        join_token: raw.trim().to_string(),
+                        ttl_seconds: self.ttl_secs(),
+                        roles: vec![],
+                    })
+                    .await
+                    .map(|r| r.into_inner())
+            };
+            match attempt.await {
+                Ok(resp) => return self.state_from(resp, &key),
+                // Only an unreachable CA is worth retrying; a refused token will stay refused.
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown
+                    ) =>
+                {
+                    let wait = backoff.next_wait();
+                    warn!(
+                        error = e.message(),
+                        retry_in_s = wait.as_secs(),
+                        "CA unreachable during bootstrap"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    return Err(AgentError::Bootstrap(format!(
+                        "{:?}: {}",
+                        e.code(),
+                        e.message()
+                    )));
+                }
+            }
+        }
+    }
+
+    fn load_existing(&self, dir: &std::path::Path) -> Option<SvidState> {
+        use rustls_pki_types::pem::PemObject;
+        let (cert, key) = files::read_consistent(dir).ok()?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        crate::tls::check_key_matches(chain.first()?, &key).ok()?;
+        let key_pem = String::from_utf8(key).ok()?;
+        let key = KeyPair::from_pem(&key_pem).ok()?;
+        let bundle_pem = std::fs::read(dir.join("bundle.pem")).ok()?;
+        let bundle: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bundle_pem)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let svid = parse_svid(chain.first()?, &self.cfg.roles_oid).ok()?;
+        Some(SvidState {
+            chain,
+            key_der: key.serialize_der(),
+            key_pem,
+            bundle,
+            crl: None,
+            received_at: (svid.not_before + crate::issuance::BACKDATE_SECS).min(unix_now()),
+            svid,
+        })
+    }
+
+    /// Renews over mTLS with the installed credential and a fresh key.
+    async fn renew(&self) -> Result<SvidState, tonic::Status> {
+        let svid = self
+            .source
+            .svid()
+            .ok_or_else(|| tonic::Status::failed_precondition("no credential to renew"))?;
+        let key = KeyPair::generate().map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let csr =
+            csr_for(&svid.spiffe_id, &key).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let trust = ServerTrust::Bundle((*self.source.bundle()).clone());
+        let channel = connect(
+            &self.cfg.server,
+            trust,
+            Some(self.source.slot()),
+            self.cfg.roles_oid.clone(),
+        )
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let resp = CaClient::new(channel)
+            .issue(pb::IssueRequest {
+                csr,
+                join_token: String::new(),
+                ttl_seconds: self.ttl_secs(),
+                roles: vec![],
+            })
+            .await?
+            .into_inner();
+        self.state_from(resp, &key)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+
+    fn ttl_secs(&self) -> u32 {
+        self.cfg
+            .ttl
+            .map_or(0, |d| d.as_secs().min(u32::MAX as u64) as u32)
+    }
+
+    fn state_from(&self, resp: pb::IssueResponse, key: &KeyPair) -> Result<SvidState, AgentError> {
+        let chain: Vec<CertificateDer<'static>> = resp
+            .cert_chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let bundle: Vec<CertificateDer<'static>> = resp
+            .trust_bundle
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let leaf = chain
+            .first()
+            .ok_or_else(|| AgentError::Bootstrap("CA returned no certificate".into()))?;
+        let svid = parse_svid(leaf, &self.cfg.roles_oid)
+            .map_err(|e| AgentError::Bootstrap(e.to_string()))?;
+        Ok(SvidState {
+            chain,
+            key_der: key.serialize_der(),
+            key_pem: key.serialize_pem(),
+            bundle,
+            crl: None,
+            received_at: unix_now(),
+            svid,
+        })
+    }
+
+    fn install(&self, state: &SvidState) -> Result<(), AgentError> {
+        let bundle =
+            Bundle::new(state.bundle.clone()).map_err(|e| AgentError::Bootstrap(e.to_string()))?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(state.key_der.clone()));
+        self.source
+            .update(state.chain.clone(), key, bundle)
+            .map_err(|e| AgentError::Bootstrap(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Installs a new SVID everywhere: TLS source, files, Workload API watchers, on-rotate hook.
+    async fn publish(&self, mut state: SvidState) -> Result<(), AgentError> {
+        self.install(&state)?;
+        state.crl = self.fetch_crl().await;
+        if let Some(dir) = &self.cfg.out_dir {
+            files::write_svid_dir(dir, &state.chain, &state.key_pem, &state.bundle)
+                .map_err(|e| AgentError::Io(format!("writing {}: {e}", dir.display())))?;
+        }
+        info!(
+            spiffe_id = %state.svid.spiffe_id,
+            serial = %state.svid.serial,
+            not_after = state.svid.not_after,
+            roles = %state.svid.roles.join(","),
+            "certificate rotated"
+        );
+        let svid = state.svid.clone();
+        self.state_tx.send_replace(Some(Arc::new(state)));
+        if let Some(cmd) = &self.cfg.on_rotate {
+            run_hook(cmd, &svid).await;
+        }
+        Ok(())
+    }
+
+    async fn fetch_crl(&self) -> Option<Vec<u8>> {
+        let trust = ServerTrust::Bundle((*self.source.bundle()).clone());
+        let fetch = async {
+            let channel = connect(
+                &self.cfg.server,
+                trust,
+                Some(self.source.slot()),
+                self.cfg.roles_oid.clone(),
+            )
+            .await
+            .ok()?;
+            RevocationClient::new(channel)
+                .get_crl(pb::GetCrlRequest {})
+                .await
+                .ok()
+                .map(|r| r.into_inner().der)
+        };
+        tokio::time::timeout(Duration::from_secs(5), fetch)
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// Errors after which retrying cannot help.
+fn classify(e: &tonic::Status) -> Option<AgentError> {
+    let m = e.message();
+    match e.code() {
+        Code::FailedPrecondition if m.contains("revoked") => {
+            Some(AgentError::Revoked(m.to_string()))
+        }
+        Code::Unauthenticated if m.contains("renewal grace") => {
+            Some(AgentError::Expired(m.to_string()))
+        }
+        _ => None,
+    }
+}
+
+async fn run_hook(cmd: &str, svid: &SvidInfo) {
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("LANYARD_SPIFFE_ID", svid.spiffe_id.as_str())
+        .env("LANYARD_SERIAL", svid.serial.to_hex())
+        .kill_on_drop(true)
+        .status();
+    match tokio::time::timeout(Duration::from_secs(60), child).await {
+        Ok(Ok(status)) if status.success() => debug!(cmd, "on-rotate command succeeded"),
+        Ok(Ok(status)) => warn!(cmd, %status, "on-rotate command failed"),
+        Ok(Err(e)) => warn!(cmd, error = %e, "on-rotate command could not start"),
+        Err(_) => warn!(cmd, "on-rotate command timed out after 60s"),
+    }
+}

@@ -1,0 +1,172 @@
+//! The SPIFFE Workload API on a unix socket: `FetchX509SVID` and `FetchX509Bundles` stream the
+//! full state at once and again on every rotation. JWT-SVIDs are not supported.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::{Stream, StreamExt};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use super::SvidState;
+use crate::pb::workload::{
+    self as wl,
+    spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer},
+};
+
+/// The Workload API service over the agent's current SVID.
+pub struct WorkloadApi {
+    state: watch::Receiver<Option<Arc<SvidState>>>,
+}
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl WorkloadApi {
+    /// A service following `state`.
+    pub fn new(state: watch::Receiver<Option<Arc<SvidState>>>) -> Self {
+        Self { state }
+    }
+
+    /// Streams `make(state)` now and after every change.
+    fn follow<T: Send + 'static>(&self, make: fn(&SvidState) -> T) -> Stream_<T> {
+        let mut rx = self.state.clone();
+        let (tx, out) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let current = rx.borrow_and_update().clone();
+                if let Some(s) = current
+                    && tx.send(Ok(make(&s))).await.is_err()
+                {
+                    return;
+                }
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(out))
+    }
+}
+
+/// Rejects calls without the `workload.spiffe.io: true` header, as the SPIFFE spec requires
+/// (it keeps browsers and proxies from reaching the API by accident).
+fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
+    match req
+        .metadata()
+        .get("workload.spiffe.io")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some("true") => Ok(()),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
+    }
+}
+
+fn concat(certs: &[rustls_pki_types::CertificateDer<'_>]) -> Vec<u8> {
+    certs.iter().flat_map(|c| c.iter().copied()).collect()
+}
+
+fn td_key(s: &SvidState) -> String {
+    format!("spiffe://{}", s.svid.spiffe_id.trust_domain_name())
+}
+
+fn svid_response(s: &SvidState) -> wl::X509svidResponse {
+    wl::X509svidResponse {
+        svids: vec![wl::X509svid {
+            spiffe_id: s.svid.spiffe_id.to_string(),
+            x509_svid: concat(&s.chain),
+            x509_svid_key: s.key_der.clone(),
+            bundle: concat(&s.bundle),
+            hint: String::new(),
+        }],
+        crl: s.crl.iter().cloned().collect(),
+        federated_bundles: Default::default(),
+    }
+}
+
+fn bundles_response(s: &SvidState) -> wl::X509BundlesResponse {
+    wl::X509BundlesResponse {
+        crl: s.crl.iter().cloned().collect(),
+        bundles: [(td_key(s), concat(&s.bundle))].into_iter().collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<wl::JwtsvidRequest>,
+    ) -> Result<Response<wl::JwtsvidResponse>, Status> {
+        check_header(&req)?;
+        Err(Status::unimplemented("lanyard issues X.509-SVIDs only"))
+    }
+
+    type FetchJWTBundlesStream = Stream_<wl::JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<wl::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&req)?;
+        Err(Status::unimplemented("lanyard issues X.509-SVIDs only"))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<wl::ValidateJwtsvidRequest>,
+    ) -> Result<Response<wl::ValidateJwtsvidResponse>, Status> {
+        check_header(&req)?;
+        Err(Status::unimplemented("lanyard issues X.509-SVIDs only"))
+    }
+
+    type FetchX509SVIDStream = Stream_<wl::X509svidResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<wl::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&req)?;
+        Ok(Response::new(self.follow(svid_response)))
+    }
+
+    type FetchX509BundlesStream = Stream_<wl::X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<wl::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&req)?;
+        Ok(Response::new(self.follow(bundles_response)))
+    }
+}
+
+/// Serves the Workload API on `path` (a stale socket file is replaced) until `shutdown`.
+pub async fn serve_workload_api(
+    path: &Path,
+    state: watch::Receiver<Option<Arc<SvidState>>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    info!(socket = %path.display(), "serving the SPIFFE Workload API");
+    let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(super::uds::relay));
+    tonic::transport::Server::builder()
+        .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(state)))
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await
+        .map_err(std::io::Error::other)
+}

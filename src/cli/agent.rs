@@ -1,0 +1,102 @@
+//! `lanyard agent`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::error;
+
+use crate::agent::{Agent, AgentConfig, serve_workload_api};
+use crate::ca::RolesOid;
+use crate::config::parse_duration;
+
+#[derive(Debug, clap::Args)]
+pub(super) struct AgentArgs {
+    /// CA address.
+    #[arg(long, env = "LANYARD_SERVER", default_value = "127.0.0.1:8443")]
+    server: String,
+    /// Join token for the first certificate (not needed when --out already holds a credential
+    /// that can still renew).
+    #[arg(long, env = "LANYARD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// SPIFFE ID to ask for, when the token is for a /prefix/*.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// Trust this CA bundle for the first call instead of the token's CA fingerprint.
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// Write cert.pem, key.pem (0600), bundle.pem and svid.pem (key + chain) here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Serve the SPIFFE Workload API on this unix socket.
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET_PATH")]
+    workload_socket: Option<PathBuf>,
+    /// Run this shell command after each rotation (e.g. 'nginx -s reload').
+    #[arg(long)]
+    on_rotate: Option<String>,
+    /// Requested certificate lifetime (default: the CA's default, capped by policy).
+    #[arg(long, value_parser = parse_duration)]
+    ttl: Option<Duration>,
+    /// Renew after this fraction of the lifetime (jittered by ±10 % of the lifetime).
+    #[arg(long, default_value_t = 0.5)]
+    renew_at: f64,
+    /// Longest wait between retries while the CA is unreachable.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    max_backoff: Duration,
+    /// OID of the roles extension.
+    #[arg(long, env = "LANYARD_ROLES_OID", default_value = "1.3.9999.7781.1")]
+    roles_oid: String,
+}
+
+pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
+    if !(0.05..=0.95).contains(&a.renew_at) {
+        anyhow::bail!("--renew-at must be between 0.05 and 0.95");
+    }
+    if a.out.is_none() && a.workload_socket.is_none() {
+        anyhow::bail!(
+            "give --out, --workload-socket, or both: otherwise nobody can use the certificate"
+        );
+    }
+    let cfg = AgentConfig {
+        token: a.token,
+        spiffe_id: a.spiffe_id,
+        bundle: a.bundle,
+        out_dir: a.out,
+        workload_socket: a.workload_socket.clone(),
+        on_rotate: a.on_rotate,
+        ttl: a.ttl,
+        renew_fraction: a.renew_at,
+        max_backoff: a.max_backoff,
+        roles_oid: RolesOid::parse(&a.roles_oid)?,
+        ..AgentConfig::new(a.server)
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    let agent = Agent::new(cfg);
+    if let Some(path) = a.workload_socket {
+        let state = agent.subscribe();
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_workload_api(&path, state, stop).await {
+                error!(socket = %path.display(), error = %e, "workload API stopped");
+            }
+        });
+    }
+    match agent.run(stop_rx).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            error!(error = %e, "agent stopped");
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(e.exit_code()))
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! mTLS between workloads: rustls configs that present the live SVID, verify the peer's chain
+//! against the live bundle, authorize its SPIFFE ID and roles, and refuse revoked peers.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use webpki::KeyUsage;
+
+use super::{Authorizer, RevocationSet, TlsError, TlsSource, provider, verify_svid};
+use crate::ca::SvidInfo;
+
+/// Verifies a peer (either side): chain → authorization → revocation.
+#[derive(Debug)]
+pub struct PeerVerifier {
+    source: Arc<TlsSource>,
+    authz: Authorizer,
+    revocations: Option<Arc<RevocationSet>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PeerVerifier {
+    /// A verifier trusting `source`'s live bundle, accepting peers `authz` allows, refusing peers
+    /// in `revocations`.
+    pub fn new(
+        source: Arc<TlsSource>,
+        authz: Authorizer,
+        revocations: Option<Arc<RevocationSet>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            source,
+            authz,
+            revocations,
+            provider: provider(),
+        })
+    }
+
+    /// Checks a presented chain for `usage` at `now`.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: KeyUsage,
+    ) -> Result<SvidInfo, TlsError> {
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(end_entity.clone());
+        chain.extend(intermediates.iter().cloned());
+        let svid = verify_svid(&chain, &self.source.bundle(), now, usage, self.source.oid())?;
+        self.authz.check(&svid).map_err(TlsError::Svid)?;
+        if let Some(why) = self.revocations.as_ref().and_then(|r| r.check(&svid)) {
+            return Err(TlsError::Svid(why));
+        }
+        Ok(svid)
+    }
+
+    fn err(e: TlsError) -> rustls::Error {
+        tracing::warn!(error = %e, "peer rejected");
+        rustls::Error::General(e.to_string())
+    }
+}
+
+impl ClientCertVerifier for PeerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verify(end_entity, intermediates, now, KeyUsage::client_auth())
+            .map(|_| ClientCertVerified::assertion())
+            .map_err(Self::err)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.verify(end_entity, intermediates, now, KeyUsage::server_auth())
+            .map(|_| ServerCertVerified::assertion())
+            .map_err(Self::err)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A server config: presents `source`'s SVID, requires a client certificate that `authz`
+/// accepts and `revocations` does not list. Set `alpn_protocols` on the result as needed.
+pub fn server_config(
+    source: &Arc<TlsSource>,
+    authz: Authorizer,
+    revocations: Option<Arc<RevocationSet>>,
+) -> Result<ServerConfig, TlsError> {
+    let verifier = PeerVerifier::new(source.clone(), authz, revocations);
+    Ok(ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Credential(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(source.slot()))
+}
+
+/// A client config: presents `source`'s SVID and accepts a server that `authz` allows (DNS
+/// names are ignored; the SPIFFE ID is what counts).
+pub fn client_config(
+    source: &Arc<TlsSource>,
+    authz: Authorizer,
+    revocations: Option<Arc<RevocationSet>>,
+) -> Result<ClientConfig, TlsError> {
+    let verifier = PeerVerifier::new(source.clone(), authz, revocations);
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Credential(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(source.slot()))
+}
+
+/// The SVID of the peer on an established connection.
+pub fn peer_svid(certs: Option<&[CertificateDer<'_>]>, source: &TlsSource) -> Option<SvidInfo> {
+    certs
+        .and_then(|c| c.first())
+        .and_then(|leaf| crate::ca::parse_svid(leaf, source.oid()).ok())
+}
