@@ -1,5 +1,4 @@
 //! The `lanyard` command tree.
-#![expect(clippy::print_stdout, reason = "the CLI's output is its job")]
 
 mod admin;
 mod agent;

@@ -128,6 +128,10 @@ pub fn verify_svid(
 fn describe_webpki(e: &webpki::Error) -> String {
     match e {
         webpki::Error::UnknownIssuer => "not issued by a trusted CA (unknown issuer)".into(),
+        // A CA with the same name but another key (another Lanyard install, a rotated-away CA).
+        webpki::Error::InvalidSignatureForPublicKey => {
+            "not issued by a trusted CA (the issuer name matches, but the signature does not verify with the trusted CA key)".into()
+        }
         webpki::Error::CertExpired { .. } => "certificate expired".into(),
         webpki::Error::CertNotValidYet { .. } => "certificate not valid yet".into(),
         other => format!("{other:?}"),

@@ -1,6 +1,11 @@
 //! Shared test helpers: a real CA server on 127.0.0.1:0 over a temp data dir, real TLS, real
 //! gRPC. Every helper here is used by several test files; append new ones at the end.
 #![allow(dead_code, unreachable_pub)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers fail loudly"
+)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -131,14 +136,27 @@ impl TestCa {
 
     /// A channel with no client certificate.
     pub async fn anon_channel(&self) -> Channel {
-        connect(&self.server(), ServerTrust::Bundle(self.bundle()), None, RolesOid::default())
-            .await
-            .expect("connect")
+        connect(
+            &self.server(),
+            ServerTrust::Bundle(self.bundle()),
+            None,
+            RolesOid::default(),
+        )
+        .await
+        .expect("connect")
     }
 
     /// Mints a token through the Admin API.
-    pub async fn token(&self, spiffe_id: &str, roles: &[&str], max_ttl_secs: u32, uses: u32) -> String {
-        self.try_token(spiffe_id, roles, max_ttl_secs, 0, uses).await.expect("token created")
+    pub async fn token(
+        &self,
+        spiffe_id: &str,
+        roles: &[&str],
+        max_ttl_secs: u32,
+        uses: u32,
+    ) -> String {
+        self.try_token(spiffe_id, roles, max_ttl_secs, 0, uses)
+            .await
+            .expect("token created")
     }
 
     /// Mints a token; returns the status on failure.
@@ -177,7 +195,12 @@ impl TestCa {
     }
 
     /// Sends a raw CSR with a token over a channel without a client certificate.
-    pub async fn issue_csr(&self, token: &str, csr: Vec<u8>, ttl_secs: u32) -> Result<pb::IssueResponse, tonic::Status> {
+    pub async fn issue_csr(
+        &self,
+        token: &str,
+        csr: Vec<u8>,
+        ttl_secs: u32,
+    ) -> Result<pb::IssueResponse, tonic::Status> {
         let mut ca = CaClient::new(self.anon_channel().await);
         ca.issue(pb::IssueRequest {
             csr,
@@ -199,7 +222,11 @@ impl TestCa {
     }
 
     /// Renews the credential in `dir` with a new key; writes the result back.
-    pub async fn renew(&self, dir: &Path, ttl_secs: u32) -> Result<pb::IssueResponse, tonic::Status> {
+    pub async fn renew(
+        &self,
+        dir: &Path,
+        ttl_secs: u32,
+    ) -> Result<pb::IssueResponse, tonic::Status> {
         let cred = Credential::load(dir, &RolesOid::default()).unwrap();
         let key = KeyPair::generate().unwrap();
         let csr = csr_for(&cred.svid.spiffe_id, &key).unwrap();
@@ -220,12 +247,285 @@ impl TestCa {
 
 /// Writes an Issue response and its key as a credential directory.
 pub fn write_response(dir: &Path, resp: &pb::IssueResponse, key: &KeyPair) {
-    let chain: Vec<CertificateDer<'_>> = resp.cert_chain.iter().map(|c| CertificateDer::from(c.as_slice())).collect();
-    let bundle: Vec<CertificateDer<'_>> = resp.trust_bundle.iter().map(|c| CertificateDer::from(c.as_slice())).collect();
+    let chain: Vec<CertificateDer<'_>> = resp
+        .cert_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let bundle: Vec<CertificateDer<'_>> = resp
+        .trust_bundle
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
     write_credential(dir, &chain, &bundle, &key.serialize_pem()).unwrap();
 }
 
 /// Path of the built `lanyard` binary.
 pub fn lanyard_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lanyard"))
+}
+
+impl TestCa {
+    /// A CA from a complete config file (it must set `trust_domain`; `listen` defaults to
+    /// 127.0.0.1:0 when absent). Unlike [`TestCa::start_with`] it adds no `min_ttl`, so a test
+    /// can set its own floor.
+    pub async fn start_with_full_config(config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("lanyard.toml");
+        let config = if config.lines().any(|l| l.trim_start().starts_with("listen")) {
+            config.to_string()
+        } else {
+            format!("listen = \"127.0.0.1:0\"\n{config}")
+        };
+        std::fs::write(&config_path, config).expect("write config");
+        Self::start_in(dir, config_path).await
+    }
+}
+
+// === audit and revocation helpers (tests/audit.rs, tests/revocation.rs) ===
+
+/// Reads a whole audit stream (`follow = false`) into records, failing on malformed hashes.
+pub async fn drain_audit(
+    mut stream: tonic::Streaming<pb::AuditEvent>,
+) -> Vec<lanyard::store::AuditRecord> {
+    let mut out = Vec::new();
+    while let Some(ev) = stream.message().await.expect("audit stream ends cleanly") {
+        out.push(lanyard::api::audit::from_proto(ev).expect("event hashes are 32 bytes"));
+    }
+    out
+}
+
+impl TestCa {
+    /// The whole stored audit log, read through `Audit.Subscribe` as the admin.
+    pub async fn audit_log(&self) -> Vec<lanyard::store::AuditRecord> {
+        let mut client = pb::audit_client::AuditClient::new(self.admin_channel().await);
+        let stream = client
+            .subscribe(pb::SubscribeRequest {
+                from_seq: 1,
+                follow: false,
+                kinds: vec![],
+                spiffe_id: String::new(),
+            })
+            .await
+            .expect("admin may subscribe")
+            .into_inner();
+        drain_audit(stream).await
+    }
+}
+
+// === process and agent helpers (tests/agent.rs, tests/agent_interop.rs, tests/mtls.rs) ===
+
+/// A child process that is stopped and reaped on drop, so a failing assertion never leaks it.
+/// Its stdout and stderr go to `log`. Started in its own process group: dropping it signals the
+/// whole group (nginx's workers, a shell's children), TERM first, then KILL.
+pub struct ChildGuard {
+    pub child: std::process::Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` with stdin closed and output appended to `log`.
+    pub fn spawn(name: &str, cmd: &mut std::process::Command, log: &Path) -> Self {
+        use std::os::unix::process::CommandExt;
+        use std::process::Stdio;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open child log");
+        let err = out.try_clone().expect("clone log handle");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Self {
+            child,
+            name: name.to_string(),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits (without blocking the runtime) up to `timeout` for the process to exit.
+    pub async fn wait_exit(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Everything the process wrote so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` (e.g. "TERM") to the process group (with the shell's `kill`, which is
+    /// always there, unlike procps).
+    pub fn signal_group(&self, signal: &str) {
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -s {signal} -- -{}", self.child.id()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            // The leader is gone; make sure nothing it started lingers.
+            self.signal_group("KILL");
+            return;
+        }
+        self.signal_group("TERM");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                self.signal_group("KILL");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.signal_group("KILL");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Environment variables the `lanyard` binary reads; cleared so the host cannot leak into a test.
+pub const LANYARD_ENV_VARS: &[&str] = &[
+    "LANYARD_SERVER",
+    "LANYARD_CREDENTIAL",
+    "LANYARD_TOKEN",
+    "LANYARD_CONFIG",
+    "LANYARD_DATA_DIR",
+    "LANYARD_LISTEN",
+    "LANYARD_TRUST_DOMAIN",
+    "LANYARD_ROLES_OID",
+    "LANYARD_LOG",
+    "LANYARD_LOG_FORMAT",
+    "RUST_LOG",
+    "SPIFFE_ENDPOINT_SOCKET_PATH",
+];
+
+/// A `lanyard` command with a clean environment.
+pub fn lanyard_cmd() -> std::process::Command {
+    let mut cmd = std::process::Command::new(lanyard_bin());
+    for v in LANYARD_ENV_VARS {
+        cmd.env_remove(v);
+    }
+    cmd
+}
+
+/// Starts `lanyard agent --server <server> --token <token> --out <out> <extra...>`, logging to
+/// `<out>.log` (next to the directory, so the credential directory holds only what the agent
+/// writes).
+pub fn spawn_agent(server: &str, token: &str, out: &Path, extra: &[&str]) -> ChildGuard {
+    let log = out.with_extension("log");
+    let mut cmd = lanyard_cmd();
+    cmd.args(["agent", "--server", server, "--token", token, "--out"])
+        .arg(out)
+        .args(extra);
+    ChildGuard::spawn("lanyard agent", &mut cmd, &log)
+}
+
+/// Polls `f` every `every` until it returns `Some` or `timeout` passes.
+pub async fn poll_until<T>(
+    timeout: std::time::Duration,
+    every: std::time::Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// What the leaf of a PEM chain says (None if the PEM does not parse).
+pub fn pem_leaf_svid(cert_pem: &[u8]) -> Option<lanyard::ca::SvidInfo> {
+    use rustls_pki_types::pem::PemObject;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    lanyard::ca::parse_svid(chain.first()?, &RolesOid::default()).ok()
+}
+
+/// The SVID currently in a credential directory (one generation, through `..data`).
+pub fn dir_svid(dir: &Path) -> Option<lanyard::ca::SvidInfo> {
+    let (cert, _) = lanyard::agent::read_consistent(dir).ok()?;
+    pem_leaf_svid(&cert)
+}
+
+/// Waits up to `timeout` for `dir` to hold a certificate; returns it.
+pub async fn wait_for_svid(
+    dir: &Path,
+    timeout: std::time::Duration,
+) -> Option<lanyard::ca::SvidInfo> {
+    poll_until(timeout, std::time::Duration::from_millis(25), || {
+        dir_svid(dir)
+    })
+    .await
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Whether an outside tool the test needs is present. When it is not: with `CI` set, panics
+/// with `install` (what `.ci/run` must install); otherwise prints a loud skip and returns false.
+pub fn require_tool(what: &str, present: bool, install: &str) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is missing on CI: .ci/run must {install}");
+    }
+    eprintln!(
+        "\n================ SKIPPED: {what} is not installed ({install} to run this test) ================\n"
+    );
+    false
+}
+
+/// Whether `program args...` runs and exits 0.
+pub fn command_works(program: &str, args: &[&str]) -> bool {
+    std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }

@@ -1,0 +1,3 @@
+module lanyard.dev/tests/svidverify
+
+go 1.19
