@@ -64,7 +64,8 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         bundle: a.bundle,
         out_dir: a.out,
         workload_socket: a.workload_socket.clone(),
-        on_rotate: a.on_rotate,
+        // An empty hook (e.g. an unset variable in a unit file) means no hook.
+        on_rotate: a.on_rotate.filter(|c| !c.trim().is_empty()),
         ttl: a.ttl,
         renew_fraction: a.renew_at,
         max_backoff: a.max_backoff,
