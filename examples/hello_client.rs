@@ -6,6 +6,7 @@
 //!     --expect spiffe://example.org/ns/prod/db --count 5 --interval 2s
 //! ```
 #![forbid(unsafe_code)]
+#![allow(clippy::print_stdout, reason = "an example prints what it gets")]
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,13 +45,15 @@ struct Args {
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let mut failures = 0;
-    let source = match TlsSource::from_dir(&args.svid_dir, Default::default(), Duration::from_secs(1)).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("cannot load {}: {e}", args.svid_dir.display());
-            return std::process::ExitCode::FAILURE;
-        }
-    };
+    let source =
+        match TlsSource::from_dir(&args.svid_dir, Default::default(), Duration::from_secs(1)).await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot load {}: {e}", args.svid_dir.display());
+                return std::process::ExitCode::FAILURE;
+            }
+        };
     for i in 0..args.count {
         if i > 0 {
             tokio::time::sleep(args.interval).await;
@@ -63,7 +66,11 @@ async fn main() -> std::process::ExitCode {
             }
         }
     }
-    if failures == 0 { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
+    if failures == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
 }
 
 async fn call(args: &Args, source: &Arc<TlsSource>) -> Result<String, Box<dyn std::error::Error>> {
@@ -71,11 +78,17 @@ async fn call(args: &Args, source: &Arc<TlsSource>) -> Result<String, Box<dyn st
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = TcpStream::connect(&args.server).await?;
     // The name is only used for SNI; the server is authenticated by its SPIFFE ID.
-    let tls = TlsConnector::from(Arc::new(config)).connect(ServerName::try_from("localhost")?, tcp).await?;
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
     tokio::spawn(conn);
     let resp = sender
-        .send_request(Request::get("/").header("host", "localhost").body(Empty::<Bytes>::new())?)
+        .send_request(
+            Request::get("/")
+                .header("host", "localhost")
+                .body(Empty::<Bytes>::new())?,
+        )
         .await?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();

@@ -45,8 +45,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
-    let source = TlsSource::from_dir(&args.svid_dir, Default::default(), Duration::from_secs(1)).await?;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let source =
+        TlsSource::from_dir(&args.svid_dir, Default::default(), Duration::from_secs(1)).await?;
     let revocations = args.ca.map(|ca| {
         let set = RevocationSet::new();
         set.follow(ca, source.clone());
@@ -56,7 +59,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind(&args.listen).await?;
-    eprintln!("hello_server listening on {} as {:?}", listener.local_addr()?, source.svid().map(|s| s.spiffe_id.to_string()));
+    eprintln!(
+        "hello_server listening on {} as {:?}",
+        listener.local_addr()?,
+        source.svid().map(|s| s.spiffe_id.to_string())
+    );
     loop {
         let (tcp, addr) = listener.accept().await?;
         let acceptor = acceptor.clone();
@@ -74,14 +81,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
                 let body = format!(
                     "hello {}, roles [{}]; this is {} (serial {})\n",
-                    peer.as_ref().map_or("?".into(), |p| p.spiffe_id.to_string()),
+                    peer.as_ref()
+                        .map_or("?".into(), |p| p.spiffe_id.to_string()),
                     peer.as_ref().map_or(String::new(), |p| p.roles.join(",")),
                     me.as_ref().map_or("?".into(), |m| m.spiffe_id.to_string()),
                     me.as_ref().map_or("?".into(), |m| m.serial.to_hex()),
                 );
                 async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await {
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
                 eprintln!("connection from {addr}: {e}");
             }
         });

@@ -147,33 +147,44 @@ impl ServerCertVerifier for PeerVerifier {
 
 /// A server config: presents `source`'s SVID, requires a client certificate that `authz`
 /// accepts and `revocations` does not list. Set `alpn_protocols` on the result as needed.
+///
+/// Session resumption is off: a resumed session skips certificate verification, so it would
+/// keep admitting a client after its certificate was revoked or rotated away.
 pub fn server_config(
     source: &Arc<TlsSource>,
     authz: Authorizer,
     revocations: Option<Arc<RevocationSet>>,
 ) -> Result<ServerConfig, TlsError> {
     let verifier = PeerVerifier::new(source.clone(), authz, revocations);
-    Ok(ServerConfig::builder_with_provider(provider())
+    let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Credential(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(source.slot()))
+        .with_cert_resolver(source.slot());
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(cfg)
 }
 
 /// A client config: presents `source`'s SVID and accepts a server that `authz` allows (DNS
 /// names are ignored; the SPIFFE ID is what counts).
+///
+/// Session resumption is off, for the same reason as in [`server_config`]: every handshake
+/// verifies the server's current certificate against the live bundle and revocations.
 pub fn client_config(
     source: &Arc<TlsSource>,
     authz: Authorizer,
     revocations: Option<Arc<RevocationSet>>,
 ) -> Result<ClientConfig, TlsError> {
     let verifier = PeerVerifier::new(source.clone(), authz, revocations);
-    Ok(ClientConfig::builder_with_provider(provider())
+    let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Credential(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(source.slot()))
+        .with_client_cert_resolver(source.slot());
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(cfg)
 }
 
 /// The SVID of the peer on an established connection.

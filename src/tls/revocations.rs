@@ -52,6 +52,14 @@ impl RevocationSet {
         }
     }
 
+    /// Records that the CA reported `svid` itself as revoked (`reason` is its message).
+    fn mark_revoked(&self, svid: &SvidInfo, reason: &str) {
+        warn!(serial = %svid.serial, reason, "the CA reports our own certificate as revoked");
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        g.serials
+            .insert(svid.serial.to_hex(), (svid.not_after, reason.to_string()));
+    }
+
     /// Why `svid` is revoked, if it is.
     pub fn check(&self, svid: &SvidInfo) -> Option<String> {
         let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
@@ -101,11 +109,24 @@ impl RevocationSet {
             crate::client::connect(server, trust, Some(source.slot()), source.oid().clone())
                 .await
                 .map_err(|e| e.to_string())?;
-        let mut stream = RevocationClient::new(channel)
+        let mut stream = match RevocationClient::new(channel)
             .watch(WatchRequest { since: self.rev() })
             .await
-            .map_err(|s| s.message().to_string())?
-            .into_inner();
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                // The CA refuses the watch because our own certificate (or identity) is revoked,
+                // which happens when the revocation came while we were not watching (a restart,
+                // a reconnect). That is news the holder must act on, not a retryable error.
+                if s.code() == tonic::Code::FailedPrecondition
+                    && s.message().contains("revoked")
+                    && let Some(own) = source.svid()
+                {
+                    self.mark_revoked(&own, s.message());
+                }
+                return Err(s.message().to_string());
+            }
+        };
         info!(server, since = self.rev(), "following revocations");
         loop {
             match stream.message().await {

@@ -513,7 +513,10 @@ pub fn require_tool(what: &str, present: bool, install: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("{what} is missing on CI: .ci/run must {install}");
     }
-    eprintln!(
+    // Straight to stderr: libtest captures `eprintln!` of passing tests, and a skip must show.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
         "\n================ SKIPPED: {what} is not installed ({install} to run this test) ================\n"
     );
     false
