@@ -15,14 +15,20 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::api::{Authenticator, admin::AdminService, audit::AuditService, ca::CaService, revocation::RevocationService};
+use crate::api::{
+    Authenticator, admin::AdminService, audit::AuditService, ca::CaService,
+    revocation::RevocationService,
+};
 use crate::audit::{AuditLog, Event, Kind};
 use crate::ca::{Authority, CaError};
-use crate::config::ServeSettings;
 use crate::client::write_credential;
+use crate::config::ServeSettings;
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::issuance::{Issuance, Settings};
-use crate::pb::v1::{admin_server::AdminServer, audit_server::AuditServer, ca_server::CaServer, revocation_server::RevocationServer};
+use crate::pb::v1::{
+    admin_server::AdminServer, audit_server::AuditServer, ca_server::CaServer,
+    revocation_server::RevocationServer,
+};
 use crate::policy::{PolicyHandle, ROLE_ADMIN};
 use crate::revocation::Revocations;
 use crate::spiffe::SpiffeId;
@@ -77,7 +83,10 @@ pub fn server_id(settings: &ServeSettings) -> Result<SpiffeId, ServeError> {
 }
 
 /// Runs the server until `shutdown` resolves.
-pub async fn run(settings: ServeSettings, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+pub async fn run(
+    settings: ServeSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let running = start(settings).await?;
     let tx = running.shutdown.clone();
     tokio::spawn(async move {
@@ -93,12 +102,27 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     let data = settings.data_dir.clone();
     create_private_dir(&data).map_err(|e| ServeError::Io(data.clone(), e))?;
     let authority = Arc::new(match &settings.ca_files {
-        Some((cert, key)) => Authority::load(cert, key, &settings.trust_domain, settings.roles_oid.clone())?,
-        None => Authority::load_or_create(&data.join("ca"), &settings.trust_domain, settings.roles_oid.clone())?,
+        Some((cert, key)) => Authority::load(
+            cert,
+            key,
+            &settings.trust_domain,
+            settings.roles_oid.clone(),
+        )?,
+        None => Authority::load_or_create(
+            &data.join("ca"),
+            &settings.trust_domain,
+            settings.roles_oid.clone(),
+        )?,
     });
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&data.join("store")).map_err(|e| ServeError::Store(e.to_string()))?);
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open(&data.join("store")).map_err(|e| ServeError::Store(e.to_string()))?,
+    );
     let log = AuditLog::start(store.clone()).map_err(|e| ServeError::Store(e.to_string()))?;
-    let revocations = Arc::new(Revocations::new(log.clone(), settings.renewal_grace, settings.max_cert_lifetime));
+    let revocations = Arc::new(Revocations::new(
+        log.clone(),
+        settings.renewal_grace,
+        settings.max_cert_lifetime,
+    ));
     let policy = PolicyHandle::new(settings.policy.clone());
     let issuance = Arc::new(Issuance::new(
         authority.clone(),
@@ -113,25 +137,40 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
             token_ttl: settings.token_ttl,
         },
     ));
-    let bundle = Bundle::new(vec![authority.root().clone()]).map_err(|e| ServeError::Tls(e.to_string()))?;
-    let auth = Authenticator::new(bundle, settings.roles_oid.clone(), settings.renewal_grace, revocations.clone());
+    let bundle =
+        Bundle::new(vec![authority.root().clone()]).map_err(|e| ServeError::Tls(e.to_string()))?;
+    let auth = Authenticator::new(
+        bundle,
+        settings.roles_oid.clone(),
+        settings.renewal_grace,
+        revocations.clone(),
+    );
 
     // The server's own certificate, rotated at half-life.
     let slot = CertSlot::new();
     let sid = server_id(&settings)?;
-    let server_not_after = refresh_server_cert(&issuance, &slot, &sid, settings.server_cert_ttl).await?;
+    let server_not_after =
+        refresh_server_cert(&issuance, &slot, &sid, settings.server_cert_ttl).await?;
     ensure_admin_credential(&issuance, &settings, &data.join("admin")).await?;
     log.record(
         Event::new(Kind::ServerStarted, "lanyard")
             .subject(sid.as_str())
-            .reason(format!("listening on {}; policy has {} rules", settings.listen, settings.policy.len())),
+            .reason(format!(
+                "listening on {}; policy has {} rules",
+                settings.listen,
+                settings.policy.len()
+            )),
         vec![],
     )
     .await
     .map_err(|e| ServeError::Store(e.to_string()))?;
 
-    let listener = TcpListener::bind(settings.listen).await.map_err(|e| ServeError::Bind(settings.listen, e))?;
-    let addr = listener.local_addr().map_err(|e| ServeError::Bind(settings.listen, e))?;
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| ServeError::Bind(settings.listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServeError::Bind(settings.listen, e))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ServeError::Tls(e.to_string()))?
@@ -142,14 +181,49 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (conn_tx, conn_rx) = mpsc::channel(128);
-    tokio::spawn(accept_loop(listener, acceptor, conn_tx, shutdown_rx.clone()));
+    tokio::spawn(accept_loop(
+        listener,
+        acceptor,
+        conn_tx,
+        shutdown_rx.clone(),
+    ));
     tokio::spawn(
-        rotate_server_cert(issuance.clone(), slot.clone(), sid.clone(), settings.server_cert_ttl, server_not_after, shutdown_rx.clone())
-            .instrument(info_span!("rotate", spiffe_id = %sid)),
+        rotate_server_cert(
+            issuance.clone(),
+            slot.clone(),
+            sid.clone(),
+            settings.server_cert_ttl,
+            server_not_after,
+            shutdown_rx.clone(),
+        )
+        .instrument(info_span!("rotate", spiffe_id = %sid)),
     );
-    tokio::spawn(maintain_admin(issuance.clone(), settings.clone(), shutdown_rx.clone()));
-    tokio::spawn(prune_loop(store.clone(), shutdown_rx.clone()));
-    tokio::spawn(policy_reload_loop(settings.clone(), policy.clone(), log.clone(), shutdown_rx.clone()));
+    tokio::spawn(maintain_admin(
+        issuance.clone(),
+        settings.clone(),
+        shutdown_rx.clone(),
+    ));
+    tokio::spawn(prune_loop(
+        store.clone(),
+        settings.prune_interval,
+        shutdown_rx.clone(),
+    ));
+    // Installed here, before anything is spawned, so an early SIGHUP reloads instead of
+    // killing the process with the default action.
+    let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "cannot install SIGHUP handler; reloading on file change only");
+            None
+        }
+    };
+    tokio::spawn(policy_reload_loop(
+        settings.clone(),
+        policy.clone(),
+        log.clone(),
+        hup,
+        shutdown_rx.clone(),
+    ));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<CaServer<CaService>>().await;
@@ -161,22 +235,45 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     let router = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(CaServer::new(CaService::new(issuance.clone(), auth.clone())).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .add_service(AdminServer::new(AdminService::new(issuance.clone(), auth.clone())).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .add_service(AuditServer::new(AuditService::new(log.clone(), auth.clone())).max_decoding_message_size(MAX_REQUEST_BYTES))
         .add_service(
-            RevocationServer::new(RevocationService::new(revocations.clone(), authority.clone(), auth.clone(), settings.crl_validity))
+            CaServer::new(CaService::new(issuance.clone(), auth.clone()))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            AdminServer::new(AdminService::new(issuance.clone(), auth.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            AuditServer::new(AuditService::new(
+                log.clone(),
+                auth.clone(),
+                shutdown_rx.clone(),
+            ))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            RevocationServer::new(RevocationService::new(
+                revocations.clone(),
+                authority.clone(),
+                auth.clone(),
+                settings.crl_validity,
+                shutdown_rx.clone(),
+            ))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
         );
     let addr_file = data.join("serve.addr");
-    write_atomic(&addr_file, addr.to_string().as_bytes(), 0o644).map_err(|e| ServeError::Io(addr_file.clone(), e))?;
+    write_atomic(&addr_file, addr.to_string().as_bytes(), 0o644)
+        .map_err(|e| ServeError::Io(addr_file.clone(), e))?;
     info!(%addr, trust_domain = %settings.trust_domain, data_dir = %data.display(), "lanyard CA listening");
     let mut stop = shutdown_rx.clone();
     let done = tokio::spawn(async move {
         let signal = async move {
             stopped(&mut stop).await;
         };
-        if let Err(e) = router.serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), signal).await {
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), signal)
+            .await
+        {
             error!(error = %e, "server stopped with an error");
         }
         if let Err(e) = store.flush() {
@@ -192,7 +289,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
 }
 
 /// Resolves once `rx` says the server is stopping.
-async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
@@ -232,14 +329,23 @@ async fn accept_loop(
 }
 
 /// Issues a fresh serving certificate into `slot`; returns its notAfter.
-async fn refresh_server_cert(issuance: &Issuance, slot: &CertSlot, id: &SpiffeId, ttl: Duration) -> Result<i64, ServeError> {
+async fn refresh_server_cert(
+    issuance: &Issuance,
+    slot: &CertSlot,
+    id: &SpiffeId,
+    ttl: Duration,
+) -> Result<i64, ServeError> {
     let key = KeyPair::generate().map_err(|e| ServeError::Credential(e.to_string()))?;
-    let issued = issuance.local(id, vec![], ttl, &key).await.map_err(|e| ServeError::Credential(e.to_string()))?;
+    let issued = issuance
+        .local(id, vec![], ttl, &key)
+        .await
+        .map_err(|e| ServeError::Credential(e.to_string()))?;
     // Send the root too, so a client holding only the CA fingerprint (a join token) can pin it.
     let mut chain = issued.chain.clone();
     chain.extend(issued.bundle.iter().cloned());
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    slot.set(chain, key_der).map_err(|e| ServeError::Tls(e.to_string()))?;
+    slot.set(chain, key_der)
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
     Ok(issued.svid.not_after)
 }
 
@@ -278,19 +384,32 @@ fn half_life_wait(not_after: i64, ttl: Duration) -> Duration {
 
 /// Writes `dir/{cert,key,bundle}.pem` for the admin identity unless a valid one (same CA, more
 /// than half its lifetime left) is already there.
-async fn ensure_admin_credential(issuance: &Issuance, settings: &ServeSettings, dir: &Path) -> Result<i64, ServeError> {
+async fn ensure_admin_credential(
+    issuance: &Issuance,
+    settings: &ServeSettings,
+    dir: &Path,
+) -> Result<i64, ServeError> {
     let authority = issuance.authority();
     if let Some(not_after) = existing_admin(dir, authority, settings) {
         debug!(dir = %dir.display(), "reusing admin credential");
         return Ok(not_after);
     }
-    let id = settings.trust_domain.id("/lanyard/admin").map_err(|e| ServeError::Credential(e.to_string()))?;
+    let id = settings
+        .trust_domain
+        .id("/lanyard/admin")
+        .map_err(|e| ServeError::Credential(e.to_string()))?;
     let key = KeyPair::generate().map_err(|e| ServeError::Credential(e.to_string()))?;
     let issued = issuance
-        .local(&id, vec![ROLE_ADMIN.to_string()], settings.admin_cert_ttl, &key)
+        .local(
+            &id,
+            vec![ROLE_ADMIN.to_string()],
+            settings.admin_cert_ttl,
+            &key,
+        )
         .await
         .map_err(|e| ServeError::Credential(e.to_string()))?;
-    write_credential(dir, &issued.chain, &issued.bundle, &key.serialize_pem()).map_err(|e| ServeError::Io(dir.to_path_buf(), e))?;
+    write_credential(dir, &issued.chain, &issued.bundle, &key.serialize_pem())
+        .map_err(|e| ServeError::Io(dir.to_path_buf(), e))?;
     info!(dir = %dir.display(), spiffe_id = %id, serial = %issued.svid.serial, "admin credential written");
     Ok(issued.svid.not_after)
 }
@@ -301,15 +420,28 @@ fn existing_admin(dir: &Path, authority: &Authority, settings: &ServeSettings) -
     let bundle = Bundle::new(vec![authority.root().clone()]).ok()?;
     let chain: Vec<CertificateDer<'static>> = {
         use rustls_pki_types::pem::PemObject;
-        CertificateDer::pem_slice_iter(&cert).collect::<Result<_, _>>().ok()?
+        CertificateDer::pem_slice_iter(&cert)
+            .collect::<Result<_, _>>()
+            .ok()?
     };
     let now = unix_now();
-    let svid = crate::tls::verify_svid(&chain, &bundle, crate::tls::unix_time(now), webpki::KeyUsage::client_auth(), authority.roles_oid()).ok()?;
+    let svid = crate::tls::verify_svid(
+        &chain,
+        &bundle,
+        crate::tls::unix_time(now),
+        webpki::KeyUsage::client_auth(),
+        authority.roles_oid(),
+    )
+    .ok()?;
     let remaining = svid.not_after - now;
     (remaining > settings.admin_cert_ttl.as_secs() as i64 / 2).then_some(svid.not_after)
 }
 
-async fn maintain_admin(issuance: Arc<Issuance>, settings: ServeSettings, mut shutdown: watch::Receiver<bool>) {
+async fn maintain_admin(
+    issuance: Arc<Issuance>,
+    settings: ServeSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let dir = settings.data_dir.join("admin");
     loop {
         let wait = (settings.admin_cert_ttl / 4).max(Duration::from_secs(1));
@@ -323,10 +455,10 @@ async fn maintain_admin(issuance: Arc<Issuance>, settings: ServeSettings, mut sh
     }
 }
 
-async fn prune_loop(store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>) {
+async fn prune_loop(store: Arc<dyn Store>, every: Duration, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            () = tokio::time::sleep(every) => {}
             () = stopped(&mut shutdown) => return,
         }
         let s = store.clone();
@@ -338,19 +470,18 @@ async fn prune_loop(store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>) 
     }
 }
 
-async fn policy_reload_loop(settings: ServeSettings, policy: PolicyHandle, log: AuditLog, mut shutdown: watch::Receiver<bool>) {
+async fn policy_reload_loop(
+    settings: ServeSettings,
+    policy: PolicyHandle,
+    log: AuditLog,
+    mut hup: Option<tokio::signal::unix::Signal>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let Some(path) = settings.config_path.clone() else {
         return;
     };
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut last = mtime(&path);
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!(error = %e, "cannot install SIGHUP handler; reloading on file change only");
-            None
-        }
-    };
     loop {
         let by_signal = tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(1)) => false,
@@ -374,7 +505,13 @@ async fn policy_reload_loop(settings: ServeSettings, policy: PolicyHandle, log: 
                 format!("rejected, previous policy kept: {e}")
             }
         };
-        if let Err(e) = log.record(Event::new(Kind::PolicyReloaded, "lanyard").reason(reason), vec![]).await {
+        if let Err(e) = log
+            .record(
+                Event::new(Kind::PolicyReloaded, "lanyard").reason(reason),
+                vec![],
+            )
+            .await
+        {
             warn!(error = %e, "cannot audit policy reload");
         }
     }

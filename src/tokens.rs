@@ -57,7 +57,11 @@ impl JoinToken {
         ) else {
             return Err(MalformedToken);
         };
-        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        if id.len() != 16
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
             return Err(MalformedToken);
         }
         let decode32 = |s: &str| -> Result<[u8; 32], MalformedToken> {
@@ -133,13 +137,33 @@ mod tests {
     #[test]
     fn rejects_malformed() {
         let good = JoinToken::generate([1; 32], "spiffe://example.org/a").to_token_string();
+        let parts: Vec<&str> = good.split('.').collect();
+        let short_secret = format!(
+            "{}.{}.{}.{}.{}",
+            parts[0],
+            parts[1],
+            &parts[2][2..],
+            parts[3],
+            parts[4]
+        );
+        let short_fp = format!(
+            "{}.{}.{}.{}.{}",
+            parts[0],
+            parts[1],
+            parts[2],
+            &parts[3][1..],
+            parts[4]
+        );
+        let bad_id = format!("{}.{}.{}.{}.%%%", parts[0], parts[1], parts[2], parts[3]);
         for bad in [
             "",
             "lanyard1",
             "lanyard2.0011223344556677.x.y.z",
             &good.replace("lanyard1.", "lanyard1.zz"),
             &format!("{good}.extra"),
-            &good[..good.len() - 2],
+            &short_secret,
+            &short_fp,
+            &bad_id,
         ] {
             assert!(JoinToken::parse(bad).is_err(), "{bad:?}");
         }

@@ -597,7 +597,6 @@ async fn concurrent_readers_never_see_a_torn_or_mismatched_credential() {
 // === CA shutdown with agents connected ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "known bug (reported): `lanyard serve` ignores SIGTERM while an agent's Revocation.Watch stream is open, because graceful shutdown waits for every stream to finish; remove this once the server ends open streams on shutdown"]
 async fn ca_exits_on_sigterm_while_an_agent_is_watching() {
     let work = tempfile::tempdir().unwrap();
     let config = work.path().join("lanyard.toml");

@@ -31,9 +31,9 @@ pub struct SvidState {
     pub bundle: Vec<CertificateDer<'static>>,
     /// The latest CRL from the CA (DER), if fetched.
     pub crl: Option<Vec<u8>>,
-    /// When the agent received the certificate (seconds since the epoch). Renewal timing runs
-    /// from here, not from notBefore, which the CA backdates for clock skew.
-    pub received_at: i64,
+    /// When the agent received the certificate (milliseconds since the epoch). Renewal timing
+    /// runs from here, not from notBefore, which the CA backdates for clock skew.
+    pub received_at_ms: i64,
     /// What the leaf says.
     pub svid: SvidInfo,
 }
@@ -156,9 +156,9 @@ impl Agent {
             Some(s) => {
                 let jitter = rand::random::<f64>() * 2.0 - 1.0;
                 refresh_in(
-                    unix_now(),
-                    s.received_at,
-                    s.svid.not_after,
+                    now_ms(),
+                    s.received_at_ms,
+                    s.svid.not_after * 1000,
                     self.cfg.renew_fraction,
                     jitter,
                 )
@@ -175,6 +175,11 @@ impl Agent {
         {
             info!(spiffe_id = %state.svid.spiffe_id, serial = %state.svid.serial, dir = %dir.display(), "reusing existing credential");
             self.install(&state)?;
+            // Do not hand a revoked credential to workloads, not even briefly: ask the CA first
+            // (an unreachable CA is not a reason to stop serving a still-valid certificate).
+            if let Some(why) = self.revoked_per_ca(&state.svid).await {
+                return Err(AgentError::Revoked(why));
+            }
             if state.svid.not_after > unix_now() {
                 return Ok(state);
             }
@@ -303,7 +308,8 @@ impl Agent {
             key_pem,
             bundle,
             crl: None,
-            received_at: (svid.not_before + crate::issuance::BACKDATE_SECS).min(unix_now()),
+            received_at_ms: ((svid.not_before + crate::issuance::BACKDATE_SECS) * 1000)
+                .min(now_ms()),
             svid,
         })
     }
@@ -367,7 +373,7 @@ impl Agent {
             key_pem: key.serialize_pem(),
             bundle,
             crl: None,
-            received_at: unix_now(),
+            received_at_ms: now_ms(),
             svid,
         })
     }
@@ -405,6 +411,46 @@ impl Agent {
         Ok(())
     }
 
+    /// Asks the CA whether `svid` is revoked; `None` when it is not or the CA cannot say.
+    async fn revoked_per_ca(&self, svid: &SvidInfo) -> Option<String> {
+        let trust = ServerTrust::Bundle((*self.source.bundle()).clone());
+        let ask = async {
+            let channel = connect(
+                &self.cfg.server,
+                trust,
+                Some(self.source.slot()),
+                self.cfg.roles_oid.clone(),
+            )
+            .await
+            .ok()?;
+            let answer = RevocationClient::new(channel)
+                .check(pb::CheckRequest {
+                    serial: svid.serial.to_hex(),
+                })
+                .await;
+            match answer {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    r.revoked.then(|| {
+                        format!(
+                            "certificate {} is revoked: {}",
+                            svid.serial,
+                            r.entry.map(|e| e.reason).unwrap_or_default()
+                        )
+                    })
+                }
+                Err(e) => classify(&e).and_then(|err| match err {
+                    AgentError::Revoked(m) => Some(m),
+                    _ => None,
+                }),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), ask)
+            .await
+            .ok()
+            .flatten()
+    }
+
     async fn fetch_crl(&self) -> Option<Vec<u8>> {
         let trust = ServerTrust::Bundle((*self.source.bundle()).clone());
         let fetch = async {
@@ -427,6 +473,12 @@ impl Agent {
             .ok()
             .flatten()
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Errors after which retrying cannot help.

@@ -2,22 +2,21 @@
 
 use std::time::Duration;
 
-/// Time from `now` until the renewal point: `fraction` of the lifetime
-/// `[not_before, not_after]`, moved by `jitter` (in [-1, 1]) times 10 % of the lifetime, so a
-/// fleet started together spreads its renewals. Never negative.
+/// Time from `now_ms` until the renewal point: `fraction` of the lifetime
+/// `[start_ms, not_after_ms]`, moved by `jitter` (in [-1, 1]) times 10 % of the lifetime, so a
+/// fleet started together spreads its renewals. Never negative. Milliseconds, so seconds-scale
+/// certificates are timed as precisely as minute-scale ones.
 pub fn refresh_in(
-    now: i64,
-    not_before: i64,
-    not_after: i64,
+    now_ms: i64,
+    start_ms: i64,
+    not_after_ms: i64,
     fraction: f64,
     jitter: f64,
 ) -> Duration {
-    let life = (not_after - not_before).max(1) as f64;
-    let at = not_before as f64
-        + life * fraction.clamp(0.05, 0.95)
-        + life * 0.1 * jitter.clamp(-1.0, 1.0);
-    let wait = (at - now as f64).max(0.0);
-    Duration::from_millis((wait * 1000.0) as u64)
+    let life = (not_after_ms - start_ms).max(1) as f64;
+    let at =
+        start_ms as f64 + life * fraction.clamp(0.05, 0.95) + life * 0.1 * jitter.clamp(-1.0, 1.0);
+    Duration::from_millis((at - now_ms as f64).max(0.0) as u64)
 }
 
 /// Capped exponential backoff, reset on success.
@@ -57,20 +56,19 @@ mod tests {
 
     #[test]
     fn renews_at_half_life_with_bounded_jitter() {
+        let s = |n: u64| Duration::from_secs(n);
+        assert_eq!(refresh_in(100_000, 100_000, 400_000, 0.5, 0.0), s(150));
+        assert_eq!(refresh_in(100_000, 100_000, 400_000, 0.5, 1.0), s(180));
+        assert_eq!(refresh_in(100_000, 100_000, 400_000, 0.5, -1.0), s(120));
         assert_eq!(
-            refresh_in(100, 100, 400, 0.5, 0.0),
-            Duration::from_secs(150)
-        );
-        assert_eq!(
-            refresh_in(100, 100, 400, 0.5, 1.0),
-            Duration::from_secs(180)
-        );
-        assert_eq!(
-            refresh_in(100, 100, 400, 0.5, -1.0),
-            Duration::from_secs(120)
+            refresh_in(0, 0, 4_000, 0.5, 0.0),
+            Duration::from_millis(2_000)
         );
         // Past the renewal point: renew at once.
-        assert_eq!(refresh_in(500, 100, 400, 0.5, 0.0), Duration::ZERO);
+        assert_eq!(
+            refresh_in(500_000, 100_000, 400_000, 0.5, 0.0),
+            Duration::ZERO
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::pin::Pin;
 
 use futures_util::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::debug;
@@ -18,12 +18,18 @@ use crate::store::AuditRecord;
 pub struct AuditService {
     log: AuditLog,
     auth: Authenticator,
+    /// Ends follow streams when the server stops, so graceful shutdown does not wait forever.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl AuditService {
     /// Wires the service.
-    pub fn new(log: AuditLog, auth: Authenticator) -> Self {
-        Self { log, auth }
+    pub fn new(log: AuditLog, auth: Authenticator, shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            log,
+            auth,
+            shutdown,
+        }
     }
 }
 
@@ -79,11 +85,13 @@ impl Audit for AuditService {
         let (tx, rx) = mpsc::channel(256);
         let kinds = b.kinds;
         let id = b.spiffe_id;
+        let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
                     r = sub.next(b.follow) => r,
                     () = tx.closed() => break,
+                    () = crate::server::stopped(&mut shutdown) => break,
                 };
                 match next {
                     Ok(Some(r)) => {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -23,6 +23,8 @@ pub struct RevocationService {
     authority: Arc<Authority>,
     auth: Authenticator,
     crl_validity: Duration,
+    /// Ends watch streams when the server stops, so graceful shutdown does not wait forever.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl RevocationService {
@@ -32,12 +34,14 @@ impl RevocationService {
         authority: Arc<Authority>,
         auth: Authenticator,
         crl_validity: Duration,
+        shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
             revocations,
             authority,
             auth,
             crl_validity,
+            shutdown,
         }
     }
 }
@@ -59,8 +63,14 @@ pub fn to_proto(r: RevocationRecord) -> pb::RevocationEntry {
 
 #[tonic::async_trait]
 impl Revocation for RevocationService {
-    async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Result<Response<pb::RevokeResponse>, Status> {
-        let admin = self.auth.require_role(&req, &[ROLE_ADMIN]).map_err(status::auth)?;
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let admin = self
+            .auth
+            .require_role(&req, &[ROLE_ADMIN])
+            .map_err(status::auth)?;
         let b = req.into_inner();
         let actor = admin.spiffe_id.as_str();
         let reason = b.reason.trim();
@@ -73,21 +83,29 @@ impl Revocation for RevocationService {
         let entries = match b.target {
             Some(Target::Serial(s)) => {
                 if b.lift {
-                    return Err(Status::invalid_argument("--lift applies to --spiffe-id, not --serial"));
+                    return Err(Status::invalid_argument(
+                        "--lift applies to --spiffe-id, not --serial",
+                    ));
                 }
-                let serial = Serial::parse_hex(&s)
-                    .ok_or_else(|| Status::invalid_argument(format!("{s:?} is not a hex serial number")))?;
+                let serial = Serial::parse_hex(&s).ok_or_else(|| {
+                    Status::invalid_argument(format!("{s:?} is not a hex serial number"))
+                })?;
                 self.revocations.revoke_serial(actor, &serial, reason).await
             }
             Some(Target::SpiffeId(id)) => {
-                let id = SpiffeId::parse(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let id =
+                    SpiffeId::parse(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
                 if b.lift {
                     self.revocations.lift(actor, &id, reason).await
                 } else {
                     self.revocations.revoke_identity(actor, &id, reason).await
                 }
             }
-            None => return Err(Status::invalid_argument("name a --serial or a --spiffe-id to revoke")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "name a --serial or a --spiffe-id to revoke",
+                ));
+            }
         }
         .map_err(status::revocation)?;
         Ok(Response::new(pb::RevokeResponse {
@@ -95,7 +113,10 @@ impl Revocation for RevocationService {
         }))
     }
 
-    async fn check(&self, req: Request<pb::CheckRequest>) -> Result<Response<pb::CheckResponse>, Status> {
+    async fn check(
+        &self,
+        req: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
         self.auth.peer(&req, false).map_err(status::auth)?;
         let s = &req.get_ref().serial;
         let serial = Serial::parse_hex(s)
@@ -109,12 +130,16 @@ impl Revocation for RevocationService {
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::RevocationEntry, Status>> + Send>>;
 
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         self.auth.peer(&req, false).map_err(status::auth)?;
         let since = req.get_ref().since;
         // Subscribe before the snapshot so nothing committed in between is missed.
         let mut live = self.revocations.log().live();
         let revocations = self.revocations.clone();
+        let mut shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(async move {
             let mut sent = since;
@@ -139,6 +164,7 @@ impl Revocation for RevocationService {
                 let c = tokio::select! {
                     c = live.recv() => c,
                     () = tx.closed() => return,
+                    () = crate::server::stopped(&mut shutdown) => return,
                 };
                 match c {
                     Ok(c) => {
