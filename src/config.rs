@@ -66,6 +66,9 @@ pub struct FileConfig {
     /// How long a CRL is valid (its nextUpdate).
     #[serde(default, with = "opt_duration")]
     pub crl_validity: Option<Duration>,
+    /// How often expired tokens, issued-certificate records and revocations are pruned.
+    #[serde(default, with = "opt_duration")]
+    pub prune_interval: Option<Duration>,
     /// OID of the roles extension (every arc below 2^28).
     pub roles_oid: Option<String>,
     /// A CA certificate chain (PEM, signing cert first) to use instead of a generated root.
@@ -113,6 +116,8 @@ pub struct ServeSettings {
     pub token_ttl: Duration,
     /// CRL validity.
     pub crl_validity: Duration,
+    /// Interval between prune passes over expired store entries.
+    pub prune_interval: Duration,
     /// Roles extension OID.
     pub roles_oid: RolesOid,
     /// An operator-supplied CA (cert chain, key).
@@ -147,6 +152,8 @@ pub mod defaults {
     pub const TOKEN_TTL: Duration = Duration::from_secs(3600);
     /// CRL validity.
     pub const CRL_VALIDITY: Duration = Duration::from_secs(5 * 60);
+    /// Interval between prune passes.
+    pub const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 }
 
 impl FileConfig {
@@ -160,18 +167,18 @@ impl FileConfig {
 
 impl ServeSettings {
     /// Merges the file (if any) with overrides and validates everything.
-    pub fn resolve(
-        config_path: Option<&Path>,
-        overrides: Overrides,
-    ) -> Result<Self, ConfigError> {
+    pub fn resolve(config_path: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
         let file = match config_path {
             Some(p) => FileConfig::load(p)?,
             None => FileConfig::default(),
         };
-        let td_name = overrides
-            .trust_domain
-            .or(file.trust_domain.clone())
-            .ok_or(ConfigError::Missing("trust_domain (--trust-domain or LANYARD_TRUST_DOMAIN)"))?;
+        let td_name =
+            overrides
+                .trust_domain
+                .or(file.trust_domain.clone())
+                .ok_or(ConfigError::Missing(
+                    "trust_domain (--trust-domain or LANYARD_TRUST_DOMAIN)",
+                ))?;
         let trust_domain = TrustDomain::new(&td_name)
             .map_err(|e| ConfigError::Invalid("trust_domain", e.to_string()))?;
         let listen = match overrides.listen.or(file.listen) {
@@ -181,7 +188,9 @@ impl ServeSettings {
                 .map_err(|_| ConfigError::Invalid("listen", defaults::LISTEN.into()))?,
         };
         let roles_oid = match &file.roles_oid {
-            Some(s) => RolesOid::parse(s).map_err(|e| ConfigError::Invalid("roles_oid", e.to_string()))?,
+            Some(s) => {
+                RolesOid::parse(s).map_err(|e| ConfigError::Invalid("roles_oid", e.to_string()))?
+            }
             None => RolesOid::default(),
         };
         let ca_files = match (&file.ca_cert, &file.ca_key) {
@@ -194,7 +203,9 @@ impl ServeSettings {
                 ));
             }
         };
-        let max_cert_lifetime = file.max_cert_lifetime.unwrap_or(defaults::MAX_CERT_LIFETIME);
+        let max_cert_lifetime = file
+            .max_cert_lifetime
+            .unwrap_or(defaults::MAX_CERT_LIFETIME);
         let min_ttl = file.min_ttl.unwrap_or(defaults::MIN_TTL);
         let default_ttl = file.default_ttl.unwrap_or(defaults::DEFAULT_TTL);
         if min_ttl.is_zero() || min_ttl > default_ttl || default_ttl > max_cert_lifetime {
@@ -207,7 +218,10 @@ impl ServeSettings {
         }
         let server_cert_ttl = file.server_cert_ttl.unwrap_or(defaults::SERVER_CERT_TTL);
         let admin_cert_ttl = file.admin_cert_ttl.unwrap_or(defaults::ADMIN_CERT_TTL);
-        for (name, v) in [("server_cert_ttl", server_cert_ttl), ("admin_cert_ttl", admin_cert_ttl)] {
+        for (name, v) in [
+            ("server_cert_ttl", server_cert_ttl),
+            ("admin_cert_ttl", admin_cert_ttl),
+        ] {
             if v < Duration::from_secs(2) || v > max_cert_lifetime {
                 return Err(ConfigError::Invalid(
                     name,
@@ -215,7 +229,15 @@ impl ServeSettings {
                 ));
             }
         }
-        let policy = Policy::from_specs(&file.policy, &trust_domain, default_ttl, max_cert_lifetime)?;
+        let prune_interval = file.prune_interval.unwrap_or(defaults::PRUNE_INTERVAL);
+        if prune_interval < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(
+                "prune_interval",
+                format!("{prune_interval:?} must be at least 1s"),
+            ));
+        }
+        let policy =
+            Policy::from_specs(&file.policy, &trust_domain, default_ttl, max_cert_lifetime)?;
         Ok(Self {
             trust_domain,
             data_dir: overrides
@@ -231,6 +253,7 @@ impl ServeSettings {
             admin_cert_ttl,
             token_ttl: file.token_ttl.unwrap_or(defaults::TOKEN_TTL),
             crl_validity: file.crl_validity.unwrap_or(defaults::CRL_VALIDITY),
+            prune_interval,
             roles_oid,
             ca_files,
             config_path: config_path.map(Path::to_path_buf),
@@ -288,6 +311,7 @@ mod tests {
         assert_eq!(s.admin_cert_ttl, defaults::ADMIN_CERT_TTL);
         assert_eq!(s.token_ttl, defaults::TOKEN_TTL);
         assert_eq!(s.crl_validity, defaults::CRL_VALIDITY);
+        assert_eq!(s.prune_interval, defaults::PRUNE_INTERVAL);
         assert_eq!(s.listen.to_string(), defaults::LISTEN);
         assert_eq!(s.roles_oid, RolesOid::default());
         assert!(!s.policy.is_empty());
@@ -303,10 +327,14 @@ mod tests {
             "trust_domain = \"example.org\"\ndefault_ttl = \"5 parsecs\"\n",
             "trust_domain = \"example.org\"\nroles_oid = \"2.25.340282366920938463463374607431768211455\"\n",
             "trust_domain = \"example.org\"\nmin_ttl = \"10m\"\n",
+            "trust_domain = \"example.org\"\nprune_interval = \"0s\"\n",
             "trust_domain = \"example.org\"\n[[policy]]\nspiffe_id = \"spiffe://other.org/x\"\n",
         ] {
             std::fs::write(&p, bad).unwrap();
-            assert!(ServeSettings::resolve(Some(&p), Overrides::default()).is_err(), "{bad}");
+            assert!(
+                ServeSettings::resolve(Some(&p), Overrides::default()).is_err(),
+                "{bad}"
+            );
         }
         assert!(matches!(
             ServeSettings::resolve(None, Overrides::default()),
