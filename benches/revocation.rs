@@ -1,1 +1,276 @@
-fn main() {}
+//! Revocation storage benchmark (issue 4): what a million live serial revocations cost in sled,
+//! and whether the store shrinks back once they expire.
+//!
+//! Straight against `lanyard::store::SledStore` in a temp dir, no server:
+//! 1. **Insert**: N serial revocations (`Write::PutRevocation`, each expiring 20 s from the start)
+//!    through `Store::commit` in batches, then one `Store::flush`; time, rate, and sled's
+//!    `size_on_disk` next to the bytes the files take.
+//! 2. **Check latency**: `Store::revoked_serial` (what `Revocation.Check` and every authenticated
+//!    call do) for random serials, half of them revoked (hits), half never seen (misses); p50,
+//!    p99, p99.9 and max.
+//! 3. **Full scan**: `Store::revocations_since(0)`, the input of `Revocation.Watch{since: 0}` and of
+//!    every CRL.
+//! 4. **Prune**: `Store::prune` at a time after every entry expired; time, entries pruned, and
+//!    the size afterwards: right after the prune, after a flush, and after reopening the store.
+//!    (sled is log-structured: freed segments are reused for new writes rather than handed back
+//!    to the file system, so the file need not shrink.)
+//! 5. **Second wave**: as many revocations again, then pruned again: whether sled reuses the
+//!    space the first wave freed or keeps growing.
+//!
+//! Knobs (environment; `scripts/bench-revocation` documents them too):
+//! - `LANYARD_BENCH_REVOCATIONS` live revocations to insert (default 1000000)
+//! - `LANYARD_BENCH_LOOKUPS`     `revoked_serial` calls to time (default 100000)
+//! - `LANYARD_BENCH_BATCH`       revocations per `Store::commit` (default 1000)
+//! - `LANYARD_BENCH_SECOND_WAVE` 0 skips step 5 (default 1)
+//!
+//! It prints figures and asserts nothing.
+#![expect(clippy::print_stdout, reason = "a benchmark prints its figures")]
+
+use std::error::Error;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use lanyard::ca::Serial;
+use lanyard::store::{RECORD_VERSION, RevocationRecord, SledStore, Store, StoreStats, Write};
+use lanyard::tls::unix_now;
+use rand::Rng;
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let n: usize = knob("LANYARD_BENCH_REVOCATIONS", 1_000_000)?;
+    let lookups: usize = knob("LANYARD_BENCH_LOOKUPS", 100_000)?;
+    let batch: usize = knob("LANYARD_BENCH_BATCH", 1000)?.max(1);
+    let second_wave = knob("LANYARD_BENCH_SECOND_WAVE", 1u8)? != 0;
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("store");
+    println!(
+        "revocation storage benchmark: {n} serial revocations, batches of {batch}, {lookups} lookups"
+    );
+    println!("store: sled in {}", path.display());
+
+    let store = SledStore::open(&path)?;
+    report("empty store", &store.stats()?, &path);
+
+    // 1. Insert.
+    let (serials, expires_at, inserted) = insert(&store, n, batch, 0)?;
+    let t = Instant::now();
+    store.flush()?;
+    let flushed = t.elapsed();
+    println!(
+        "\n1. insert: {n} revocations in {} ({:.0}/s), then flush in {}",
+        secs(inserted),
+        n as f64 / inserted.as_secs_f64(),
+        secs(flushed)
+    );
+    let full = store.stats()?;
+    report("after insert + flush", &full, &path);
+    if n > 0 {
+        println!(
+            "   {:.0} bytes on disk per live revocation (size_on_disk / entries)",
+            full.disk_bytes as f64 / n as f64
+        );
+    }
+
+    // 2. Check latency.
+    let mut rng = rand::rng();
+    let queries: Vec<(bool, String)> = (0..lookups)
+        .map(|i| {
+            if i % 2 == 0 && n > 0 {
+                (true, serials[rng.random_range(0..n)].clone())
+            } else {
+                (false, Serial::random().to_hex())
+            }
+        })
+        .collect();
+    let (mut hits, mut misses) = (Vec::new(), Vec::new());
+    let mut wrong = 0;
+    let t = Instant::now();
+    for (revoked, serial) in &queries {
+        let q = Instant::now();
+        let found = store.revoked_serial(serial)?.is_some();
+        let took = q.elapsed();
+        if found != *revoked {
+            wrong += 1;
+        }
+        if *revoked {
+            hits.push(took)
+        } else {
+            misses.push(took)
+        }
+    }
+    let total = t.elapsed();
+    println!(
+        "\n2. Store::revoked_serial: {lookups} lookups in {} ({:.0}/s, one thread){}",
+        secs(total),
+        lookups as f64 / total.as_secs_f64(),
+        if wrong > 0 {
+            format!(", {wrong} WRONG ANSWERS")
+        } else {
+            String::new()
+        }
+    );
+    let mut all: Vec<Duration> = hits.iter().chain(&misses).copied().collect();
+    latency("all", &mut all);
+    latency("hits (revoked)", &mut hits);
+    latency("misses (not revoked)", &mut misses);
+
+    // 3. Full scan.
+    let t = Instant::now();
+    let scanned = store.revocations_since(0)?.len();
+    println!(
+        "\n3. Store::revocations_since(0) (Watch{{since: 0}} and CRL input): {scanned} entries in {}",
+        secs(t.elapsed())
+    );
+
+    // 4. Prune, at an instant after every entry expired (no need to wait for the clock).
+    let t = Instant::now();
+    let pruned = store.prune(expires_at + 1)?;
+    let took = t.elapsed();
+    println!(
+        "\n4. Store::prune: {pruned} entries pruned in {} ({:.0}/s)",
+        secs(took),
+        pruned as f64 / took.as_secs_f64()
+    );
+    report("right after prune", &store.stats()?, &path);
+    store.flush()?;
+    report("after prune + flush", &store.stats()?, &path);
+    drop(store);
+    let store = SledStore::open(&path)?;
+    report("after reopening", &store.stats()?, &path);
+
+    // 5. A second wave of as many revocations: does the store grow again, or reuse the space the
+    //    first wave freed?
+    if second_wave && n > 0 {
+        let (_, expires_at, inserted) = insert(&store, n, batch, n as u64)?;
+        store.flush()?;
+        println!(
+            "\n5. second wave: {n} more revocations in {} ({:.0}/s)",
+            secs(inserted),
+            n as f64 / inserted.as_secs_f64()
+        );
+        report("after the second wave", &store.stats()?, &path);
+        let t = Instant::now();
+        let pruned = store.prune(expires_at + 1)?;
+        let took = t.elapsed();
+        store.flush()?;
+        report(
+            &format!("after pruning it ({pruned} entries in {})", secs(took)),
+            &store.stats()?,
+            &path,
+        );
+    }
+    Ok(())
+}
+
+/// Inserts `n` live serial revocations expiring 20 s from now, `batch` per commit, with revs
+/// after `first_rev`. Returns their serials, their expiry and the time it took.
+fn insert(
+    store: &SledStore,
+    n: usize,
+    batch: usize,
+    first_rev: u64,
+) -> Result<(Vec<String>, i64, Duration), Box<dyn Error>> {
+    let start = unix_now();
+    let expires_at = start + 20;
+    let mut serials = Vec::with_capacity(n);
+    let mut writes = Vec::with_capacity(batch);
+    let t = Instant::now();
+    for i in 0..n {
+        let serial = Serial::random().to_hex();
+        writes.push(Write::PutRevocation(RevocationRecord {
+            v: RECORD_VERSION,
+            rev: first_rev + i as u64 + 1,
+            serial: serial.clone(),
+            spiffe_id: format!("spiffe://example.org/ns/prod/workload-{}", i % 10_000),
+            identity_rule: false,
+            before: 0,
+            reason: "benchmark".into(),
+            revoked_at: start,
+            expires_at,
+            blocked: false,
+            renewable: false,
+        }));
+        serials.push(serial);
+        if writes.len() == batch {
+            store.commit(&[], &writes)?;
+            writes.clear();
+        }
+    }
+    if !writes.is_empty() {
+        store.commit(&[], &writes)?;
+    }
+    Ok((serials, expires_at, t.elapsed()))
+}
+
+fn knob<T: FromStr>(name: &str, default: T) -> Result<T, Box<dyn Error>>
+where
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) => v
+            .replace('_', "")
+            .parse()
+            .map_err(|e| format!("{name}={v}: {e}").into()),
+        Err(_) => Ok(default),
+    }
+}
+
+fn report(when: &str, s: &StoreStats, path: &Path) {
+    let (apparent, allocated) = dir_size(path);
+    println!(
+        "   {when}: {} revoked serials, sled size_on_disk {}, files {} ({} allocated)",
+        s.revoked_serials,
+        mib(s.disk_bytes),
+        mib(apparent),
+        mib(allocated)
+    );
+}
+
+/// Apparent and allocated bytes of every file under `path`.
+fn dir_size(path: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = (0, 0);
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return total;
+    };
+    for e in entries.flatten() {
+        let Ok(m) = e.metadata() else { continue };
+        if m.is_dir() {
+            let (a, b) = dir_size(&e.path());
+            total = (total.0 + a, total.1 + b);
+        } else {
+            total = (total.0 + m.len(), total.1 + m.blocks() * 512);
+        }
+    }
+    total
+}
+
+fn latency(label: &str, samples: &mut [Duration]) {
+    if samples.is_empty() {
+        return;
+    }
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    println!(
+        "   {label:<22} n={:<7} mean {}  p50 {}  p99 {}  p99.9 {}  max {}",
+        samples.len(),
+        us(mean),
+        us(at(0.50)),
+        us(at(0.99)),
+        us(at(0.999)),
+        us(samples[samples.len() - 1])
+    );
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1}µs", d.as_secs_f64() * 1e6)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2}s", d.as_secs_f64())
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}

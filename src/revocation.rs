@@ -13,8 +13,8 @@ use tracing::info;
 
 use crate::audit::{AuditError, AuditLog, Event, Kind};
 use crate::ca::{Authority, CaError, Serial, SvidInfo};
-use crate::store::{RECORD_VERSION, RevocationRecord, Store, StoreError, Write};
 use crate::spiffe::SpiffeId;
+use crate::store::{RECORD_VERSION, RevocationRecord, Store, StoreError, Write};
 use crate::tls::unix_now;
 
 /// Errors of revocation operations.
@@ -51,6 +51,8 @@ pub struct Revocations {
 
 struct CachedCrl {
     rev: u64,
+    /// Entries it was built from: pruning removes entries without raising `rev`.
+    entries: usize,
     number: u64,
     this_update: i64,
     next_update: i64,
@@ -85,6 +87,18 @@ impl Revocations {
         Ok(self.store.identity_rule(id.as_str())?.filter(|r| r.blocked))
     }
 
+    /// The earliest notBefore a new certificate for `id` may carry: the `before` of a lifted
+    /// identity rule. Issuance backdates notBefore for clock skew, which would otherwise put a
+    /// certificate issued just after the lift under the rule ("notBefore < before") and so revoke
+    /// it at birth. A blocked rule gives no floor: nothing may be issued then.
+    pub fn not_before_floor(&self, id: &SpiffeId) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .store
+            .identity_rule(id.as_str())?
+            .filter(|r| !r.blocked)
+            .map(|r| r.before))
+    }
+
     /// The entry for one serial.
     pub fn check(&self, serial: &Serial) -> Result<Option<RevocationRecord>, StoreError> {
         self.store.revoked_serial(&serial.to_hex())
@@ -114,6 +128,7 @@ impl Revocations {
             revoked_at: now,
             expires_at: issued.not_after + self.grace.as_secs() as i64,
             blocked: false,
+            renewable: false,
         };
         let event = Event::new(Kind::Revoked, actor)
             .subject(&issued.spiffe_id)
@@ -121,9 +136,15 @@ impl Revocations {
             .roles(issued.roles.clone())
             .not_after(issued.not_after)
             .reason(reason);
-        let rec = self.log.record(event, vec![Write::PutRevocation(entry.clone())]).await?;
+        let rec = self
+            .log
+            .record(event, vec![Write::PutRevocation(entry.clone())])
+            .await?;
         info!(serial = %hex, spiffe_id = %issued.spiffe_id, "certificate revoked");
-        Ok(vec![RevocationRecord { rev: rec.seq, ..entry }])
+        Ok(vec![RevocationRecord {
+            rev: rec.seq,
+            ..entry
+        }])
     }
 
     /// Revokes every certificate of `id` issued up to now and blocks new ones until lifted.
@@ -149,6 +170,7 @@ impl Revocations {
             // Blocked rules stay until lifted.
             expires_at: i64::MAX,
             blocked: true,
+            renewable: false,
         }];
         for cert in self.store.issued_for(id.as_str())? {
             entries.push(RevocationRecord {
@@ -162,11 +184,15 @@ impl Revocations {
                 revoked_at: now,
                 expires_at: cert.not_after + self.grace.as_secs() as i64,
                 blocked: false,
+                renewable: false,
             });
         }
         let event = Event::new(Kind::Revoked, actor)
             .subject(id.as_str())
-            .reason(format!("{reason} (identity; {} live certificates)", entries.len() - 1));
+            .reason(format!(
+                "{reason} (identity; {} live certificates)",
+                entries.len() - 1
+            ));
         let writes = entries.iter().cloned().map(Write::PutRevocation).collect();
         let rec = self.log.record(event, writes).await?;
         info!(spiffe_id = %id, certs = entries.len() - 1, "identity revoked");
@@ -200,18 +226,27 @@ impl Revocations {
             .record(event, vec![Write::PutRevocation(lifted.clone())])
             .await?;
         info!(spiffe_id = %id, "identity revocation lifted");
-        Ok(vec![RevocationRecord { rev: rec.seq, ..lifted }])
+        Ok(vec![RevocationRecord {
+            rev: rec.seq,
+            ..lifted
+        }])
     }
 
     /// A signed CRL of every revoked serial still alive, valid for `validity`. Cached until the
-    /// revocations change or half its validity has passed.
-    pub fn crl(&self, authority: &Authority, validity: Duration) -> Result<Arc<Vec<u8>>, RevocationError> {
+    /// revocations change (a new entry or a pruned one) or half its validity has passed.
+    pub fn crl(
+        &self,
+        authority: &Authority,
+        validity: Duration,
+    ) -> Result<Arc<Vec<u8>>, RevocationError> {
         let entries = self.store.revocations_since(0)?;
         let rev = entries.iter().map(|e| e.rev).max().unwrap_or(0);
+        let count = entries.len();
         let now = unix_now();
         let mut cache = self.crl.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = cache.as_ref()
             && c.rev == rev
+            && c.entries == count
             && now < c.this_update + (c.next_update - c.this_update) / 2
         {
             return Ok(c.der.clone());
@@ -228,6 +263,7 @@ impl Revocations {
         let der = Arc::new(authority.sign_crl(&serials, crl_number, this_update, next_update)?);
         *cache = Some(CachedCrl {
             rev,
+            entries: count,
             number: crl_number,
             this_update,
             next_update,
