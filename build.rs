@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/lanyard/v1/admin.proto",
         "proto/lanyard/v1/audit.proto",
         "proto/lanyard/v1/revocation.proto",
+        "proto/lanyard/v1/access.proto",
         "proto/spiffe/workload.proto",
     ];
     let protos: Vec<PathBuf> = protos.iter().map(PathBuf::from).collect();

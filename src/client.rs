@@ -69,13 +69,15 @@ impl Credential {
             std::fs::read(&p).map_err(|e| ClientError::Io(p, e))
         };
         let cert_path = dir.join("cert.pem");
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read("cert.pem")?)
-            .collect::<Result<_, _>>()
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&read("cert.pem")?)
+                .collect::<Result<_, _>>()
+                .map_err(|e| ClientError::BadCredential(cert_path.clone(), e.to_string()))?;
+        let leaf = chain.first().ok_or_else(|| {
+            ClientError::BadCredential(cert_path.clone(), "no certificate".into())
+        })?;
+        let svid = parse_svid(leaf, oid)
             .map_err(|e| ClientError::BadCredential(cert_path.clone(), e.to_string()))?;
-        let leaf = chain
-            .first()
-            .ok_or_else(|| ClientError::BadCredential(cert_path.clone(), "no certificate".into()))?;
-        let svid = parse_svid(leaf, oid).map_err(|e| ClientError::BadCredential(cert_path.clone(), e.to_string()))?;
         let key = PrivateKeyDer::from_pem_slice(&read("key.pem")?)
             .map_err(|e| ClientError::BadCredential(dir.join("key.pem"), e.to_string()))?;
         let bundle = Bundle::from_pem(&read("bundle.pem")?)?;
@@ -106,8 +108,16 @@ pub fn write_credential(
 ) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     crate::fsutil::write_atomic(&dir.join("key.pem"), key_pem.as_bytes(), 0o600)?;
-    crate::fsutil::write_atomic(&dir.join("cert.pem"), crate::ca::certs_to_pem(chain).as_bytes(), 0o644)?;
-    crate::fsutil::write_atomic(&dir.join("bundle.pem"), crate::ca::certs_to_pem(bundle).as_bytes(), 0o644)
+    crate::fsutil::write_atomic(
+        &dir.join("cert.pem"),
+        crate::ca::certs_to_pem(chain).as_bytes(),
+        0o644,
+    )?;
+    crate::fsutil::write_atomic(
+        &dir.join("bundle.pem"),
+        crate::ca::certs_to_pem(bundle).as_bytes(),
+        0o644,
+    )
 }
 
 /// A fresh P-256 key and a CSR for `id` (one URI SAN, empty subject).
@@ -121,10 +131,13 @@ pub fn generate_csr(id: &SpiffeId) -> Result<(KeyPair, Vec<u8>), ClientError> {
 pub fn csr_for(id: &SpiffeId, key: &KeyPair) -> Result<Vec<u8>, ClientError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(
-        id.as_str().to_string().try_into().map_err(|e: rcgen::Error| ClientError::Keygen(e.to_string()))?,
-    )];
-    let csr = params.serialize_request(key).map_err(|e| ClientError::Keygen(e.to_string()))?;
+    params.subject_alt_names =
+        vec![SanType::URI(id.as_str().to_string().try_into().map_err(
+            |e: rcgen::Error| ClientError::Keygen(e.to_string()),
+        )?)];
+    let csr = params
+        .serialize_request(key)
+        .map_err(|e| ClientError::Keygen(e.to_string()))?;
     Ok(csr.der().to_vec())
 }
 
@@ -156,7 +169,10 @@ pub async fn connect_with(
     let uri: Uri = format!("http://{hostport}")
         .parse()
         .map_err(|_| ClientError::BadAddress(server.to_string()))?;
-    let host = uri.host().ok_or_else(|| ClientError::BadAddress(server.to_string()))?.to_string();
+    let host = uri
+        .host()
+        .ok_or_else(|| ClientError::BadAddress(server.to_string()))?
+        .to_string();
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Credential(e.to_string()))?
@@ -168,8 +184,12 @@ pub async fn connect_with(
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_string())
-        .map_err(|_| ClientError::BadAddress(server.to_string()))?;
+    let name = ServerName::try_from(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+    )
+    .map_err(|_| ClientError::BadAddress(server.to_string()))?;
     let endpoint = Endpoint::from(uri)
         .connect_timeout(std::time::Duration::from_secs(10))
         .tcp_nodelay(true);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::ca::RolesOid;
-use crate::policy::{Policy, PolicyError, RuleSpec};
+use crate::policy::{AccessRuleSpec, Policy, PolicyError, RuleSpec};
 use crate::spiffe::TrustDomain;
 
 /// Errors loading configuration. The server exits with status 64 on any of them.
@@ -75,9 +75,20 @@ pub struct FileConfig {
     pub ca_cert: Option<PathBuf>,
     /// The private key (PEM, mode 0600) for `ca_cert`.
     pub ca_key: Option<PathBuf>,
+    /// How long an access request waits for approvals before it expires.
+    #[serde(default, with = "opt_duration")]
+    pub access_request_ttl: Option<Duration>,
+    /// Shell command run on every new access request (details in `LANYARD_ACCESS_*`).
+    pub access_notify_cmd: Option<String>,
+    /// `http://` URL that receives a JSON POST on every new access request.
+    pub access_webhook: Option<String>,
     /// Policy rules; everything they do not allow is denied.
     #[serde(default)]
     pub policy: Vec<RuleSpec>,
+    /// Temporary-access rules: which roles may be requested, for how long, with how many
+    /// approvals.
+    #[serde(default)]
+    pub access: Vec<AccessRuleSpec>,
 }
 
 /// Values given on the command line or in the environment; they win over the file.
@@ -118,6 +129,12 @@ pub struct ServeSettings {
     pub crl_validity: Duration,
     /// Interval between prune passes over expired store entries.
     pub prune_interval: Duration,
+    /// How long an access request stays pending.
+    pub access_request_ttl: Duration,
+    /// Command run on new access requests.
+    pub access_notify_cmd: Option<String>,
+    /// Webhook for new access requests.
+    pub access_webhook: Option<String>,
     /// Roles extension OID.
     pub roles_oid: RolesOid,
     /// An operator-supplied CA (cert chain, key).
@@ -154,6 +171,8 @@ pub mod defaults {
     pub const CRL_VALIDITY: Duration = Duration::from_secs(5 * 60);
     /// Interval between prune passes.
     pub const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+    /// How long an access request waits for approvals.
+    pub const ACCESS_REQUEST_TTL: Duration = Duration::from_secs(3600);
 }
 
 impl FileConfig {
@@ -237,7 +256,22 @@ impl ServeSettings {
             ));
         }
         let policy =
-            Policy::from_specs(&file.policy, &trust_domain, default_ttl, max_cert_lifetime)?;
+            Policy::from_specs(&file.policy, &trust_domain, default_ttl, max_cert_lifetime)?
+                .with_access(&file.access, &trust_domain)?;
+        let access_request_ttl = file
+            .access_request_ttl
+            .unwrap_or(defaults::ACCESS_REQUEST_TTL);
+        if access_request_ttl.is_zero() {
+            return Err(ConfigError::Invalid("access_request_ttl", "must be positive".into()));
+        }
+        if let Some(url) = &file.access_webhook
+            && !url.starts_with("http://")
+        {
+            return Err(ConfigError::Invalid(
+                "access_webhook",
+                format!("{url:?}: only http:// URLs are supported (put a TLS proxy in front)"),
+            ));
+        }
         Ok(Self {
             trust_domain,
             data_dir: overrides
@@ -254,6 +288,9 @@ impl ServeSettings {
             token_ttl: file.token_ttl.unwrap_or(defaults::TOKEN_TTL),
             crl_validity: file.crl_validity.unwrap_or(defaults::CRL_VALIDITY),
             prune_interval,
+            access_request_ttl,
+            access_notify_cmd: file.access_notify_cmd.clone(),
+            access_webhook: file.access_webhook.clone(),
             roles_oid,
             ca_files,
             config_path: config_path.map(Path::to_path_buf),
@@ -272,7 +309,8 @@ impl ServeSettings {
             &self.trust_domain,
             self.default_ttl,
             self.max_cert_lifetime,
-        )?)
+        )?
+        .with_access(&file.access, &self.trust_domain)?)
     }
 }
 

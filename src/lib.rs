@@ -15,6 +15,7 @@
 //! - [`config`], [`telemetry`], [`fsutil`], [`tokens`].
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod agent;
 pub mod api;
 pub mod audit;

@@ -10,10 +10,14 @@ pub enum IdError {
     #[error("{0:?} is not a SPIFFE ID: it must start with spiffe://")]
     Scheme(String),
     /// The trust domain is empty or has characters outside `[a-z0-9.-_]`.
-    #[error("{0:?} has an invalid trust domain (allowed: lowercase letters, digits, '.', '-', '_')")]
+    #[error(
+        "{0:?} has an invalid trust domain (allowed: lowercase letters, digits, '.', '-', '_')"
+    )]
     TrustDomain(String),
     /// A path segment is empty, `.` or `..`, or has characters outside `[A-Za-z0-9.-_]`.
-    #[error("{0:?} has an invalid path (segments of letters, digits, '.', '-', '_'; no empty, '.' or '..' segment)")]
+    #[error(
+        "{0:?} has an invalid path (segments of letters, digits, '.', '-', '_'; no empty, '.' or '..' segment)"
+    )]
     Path(String),
     /// The ID carries a query, fragment, port or user info.
     #[error("{0:?} must not carry a query, fragment, port or user info")]
@@ -22,7 +26,9 @@ pub enum IdError {
     #[error("SPIFFE ID is longer than 2048 bytes")]
     TooLong,
     /// A role name does not match `[a-z0-9][a-z0-9._:-]{0,63}`.
-    #[error("{0:?} is not a valid role name (1-64 chars of [a-z0-9._:-], starting with a letter or digit)")]
+    #[error(
+        "{0:?} is not a valid role name (1-64 chars of [a-z0-9._:-], starting with a letter or digit)"
+    )]
     Role(String),
 }
 

@@ -55,7 +55,10 @@ fn systemd_units_are_well_formed_and_their_commands_parse() {
         let words = split_command(&exec.replace("%i", "api").replace("${ON_ROTATE}", "true"));
         assert_eq!(words[0], "/usr/local/bin/lanyard", "{unit}");
         parse_cli(&words[1..], unit);
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
             assert!(
                 line.starts_with('[') || line.contains('='),
                 "{unit}: not a section or key=value: {line}"
@@ -85,7 +88,12 @@ print(json.dumps(out))
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     assert!(files.len() >= 2);
-    let out = match std::process::Command::new("python3").arg("-c").arg(script).args(&files).output() {
+    let out = match std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(&files)
+        .output()
+    {
         Ok(o) => o,
         Err(e) if std::env::var_os("CI").is_none() => {
             eprintln!("SKIPPED: python3 not available ({e})");
@@ -94,7 +102,10 @@ print(json.dumps(out))
         Err(e) => panic!("python3 is required in CI (.ci/run installs it): {e}"),
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() && stderr.contains("No module named 'yaml'") && std::env::var_os("CI").is_none() {
+    if !out.status.success()
+        && stderr.contains("No module named 'yaml'")
+        && std::env::var_os("CI").is_none()
+    {
         eprintln!("SKIPPED: PyYAML not installed");
         return;
     }

@@ -29,7 +29,10 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
-        let admin = self.auth.require_role(&req, &[ROLE_ADMIN]).map_err(status::auth)?;
+        let admin = self
+            .auth
+            .require_role(&req, &[ROLE_ADMIN])
+            .map_err(status::auth)?;
         let b = req.into_inner();
         let secs = |s: u32| (s > 0).then(|| Duration::from_secs(s.into()));
         let (token, record) = self

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::{Authenticator, status};
-use crate::issuance::{IssueRequest, Issuance, Issued};
+use crate::issuance::{Issuance, IssueRequest, Issued};
 use crate::pb::v1::{self as pb, ca_server::Ca};
 
 /// The Ca service.
@@ -26,7 +26,10 @@ impl CaService {
 #[tonic::async_trait]
 impl Ca for CaService {
     #[instrument(skip_all, fields(mode))]
-    async fn issue(&self, req: Request<pb::IssueRequest>) -> Result<Response<pb::IssueResponse>, Status> {
+    async fn issue(
+        &self,
+        req: Request<pb::IssueRequest>,
+    ) -> Result<Response<pb::IssueResponse>, Status> {
         let body = req.get_ref();
         let ask = IssueRequest {
             csr: body.csr.clone(),
@@ -41,11 +44,22 @@ impl Ca for CaService {
                     let actor = req
                         .peer_certs()
                         .and_then(|c| c.first().cloned())
-                        .and_then(|c| crate::ca::parse_svid(&c, self.issuance.authority().roles_oid()).ok())
-                        .map_or_else(|| "unauthenticated".to_string(), |s| s.spiffe_id.to_string());
+                        .and_then(|c| {
+                            crate::ca::parse_svid(&c, self.issuance.authority().roles_oid()).ok()
+                        })
+                        .map_or_else(
+                            || "unauthenticated".to_string(),
+                            |s| s.spiffe_id.to_string(),
+                        );
                     let status = status::auth(e);
                     self.issuance
-                        .deny(&actor, &actor, crate::issuance::IssueError::Unauthenticated(status.message().to_string()))
+                        .deny(
+                            &actor,
+                            &actor,
+                            crate::issuance::IssueError::Unauthenticated(
+                                status.message().to_string(),
+                            ),
+                        )
                         .await;
                     return Err(status);
                 }

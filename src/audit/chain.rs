@@ -120,17 +120,29 @@ mod tests {
     fn tampering_gaps_and_relinks_are_caught() {
         let mut c = chain(5);
         c[2].roles.push("admin".into());
-        assert_eq!(verify_chain(&c, 1, GENESIS_HASH), Err(ChainError::Altered(3)));
+        assert_eq!(
+            verify_chain(&c, 1, GENESIS_HASH),
+            Err(ChainError::Altered(3))
+        );
 
         let mut c = chain(5);
         c.remove(2);
-        assert!(matches!(verify_chain(&c, 1, GENESIS_HASH), Err(ChainError::Gap { expected: 3, found: 4 })));
+        assert!(matches!(
+            verify_chain(&c, 1, GENESIS_HASH),
+            Err(ChainError::Gap {
+                expected: 3,
+                found: 4
+            })
+        ));
 
         // Re-hashing an altered record does not help: the next link breaks.
         let mut c = chain(5);
         c[1].reason = "edited".into();
         c[1].hash = compute_hash(&c[1]);
-        assert_eq!(verify_chain(&c, 1, GENESIS_HASH), Err(ChainError::BrokenLink(3)));
+        assert_eq!(
+            verify_chain(&c, 1, GENESIS_HASH),
+            Err(ChainError::BrokenLink(3))
+        );
     }
 
     #[test]

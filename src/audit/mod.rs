@@ -47,6 +47,20 @@ pub enum Kind {
     ServerStarted,
     /// The server wrote a local credential (admin or its own serving cert).
     CredentialIssued,
+    /// Someone asked for temporary roles.
+    AccessRequested,
+    /// An approver approved an access request (more approvals may be needed).
+    AccessApproved,
+    /// An access request was denied (or withdrawn).
+    AccessDenied,
+    /// An access request expired with nobody acting on it.
+    AccessExpired,
+    /// A grant started: the subject's next certificates carry the roles.
+    AccessGranted,
+    /// A grant ran out.
+    AccessEnded,
+    /// A grant was ended early; certificates carrying it were revoked.
+    AccessRevoked,
 }
 
 /// An audit event before it gets a sequence number and hash.
@@ -72,7 +86,7 @@ pub struct Event {
 
 impl Kind {
     /// Every kind, for CLI validation.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Issued,
         Kind::Renewed,
         Kind::Denied,
@@ -82,6 +96,13 @@ impl Kind {
         Kind::PolicyReloaded,
         Kind::ServerStarted,
         Kind::CredentialIssued,
+        Kind::AccessRequested,
+        Kind::AccessApproved,
+        Kind::AccessDenied,
+        Kind::AccessExpired,
+        Kind::AccessGranted,
+        Kind::AccessEnded,
+        Kind::AccessRevoked,
     ];
 
     /// The wire and storage name.
@@ -96,6 +117,13 @@ impl Kind {
             Kind::PolicyReloaded => "policy_reloaded",
             Kind::ServerStarted => "server_started",
             Kind::CredentialIssued => "credential_issued",
+            Kind::AccessRequested => "access_requested",
+            Kind::AccessApproved => "access_approved",
+            Kind::AccessDenied => "access_denied",
+            Kind::AccessExpired => "access_expired",
+            Kind::AccessGranted => "access_granted",
+            Kind::AccessEnded => "access_ended",
+            Kind::AccessRevoked => "access_revoked",
         }
     }
 }

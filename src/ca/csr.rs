@@ -29,7 +29,9 @@ const OID_ED25519: &str = "1.3.101.112";
 pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
     let invalid = |m: String| CaError::InvalidCsr(m);
     if der.is_empty() {
-        return Err(invalid("CSR is empty: send a DER-encoded PKCS#10 request".into()));
+        return Err(invalid(
+            "CSR is empty: send a DER-encoded PKCS#10 request".into(),
+        ));
     }
     if der.len() > MAX_CSR_BYTES {
         return Err(invalid(format!(
@@ -40,7 +42,9 @@ pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
     let (rest, csr) = X509CertificationRequest::from_der(der)
         .map_err(|_| invalid("CSR is not a DER-encoded PKCS#10 request".into()))?;
     if !rest.is_empty() {
-        return Err(invalid("CSR has trailing bytes after the PKCS#10 structure".into()));
+        return Err(invalid(
+            "CSR has trailing bytes after the PKCS#10 structure".into(),
+        ));
     }
     check_key_type(&csr)?;
     csr.verify_signature().map_err(|_| {
@@ -70,7 +74,9 @@ pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
                     ));
                 }
                 ParsedExtension::ParseError { .. } => {
-                    return Err(invalid("CSR carries an extension that does not parse".into()));
+                    return Err(invalid(
+                        "CSR carries an extension that does not parse".into(),
+                    ));
                 }
                 _ => {}
             }
@@ -97,8 +103,11 @@ pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
             "CSR asks for {spiffe_id}, which is outside this CA's trust domain {td}"
         )));
     }
-    let public_key = rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
-        .map_err(|_| invalid("CSR public key is not a supported SubjectPublicKeyInfo".into()))?;
+    let public_key =
+        rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+            .map_err(|_| {
+                invalid("CSR public key is not a supported SubjectPublicKeyInfo".into())
+            })?;
     Ok(ValidCsr {
         spiffe_id,
         public_key,

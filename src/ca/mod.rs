@@ -8,7 +8,7 @@ mod der;
 mod svid;
 
 pub use authority::{Authority, LeafParams, SignedLeaf, certs_to_pem, pem_encode};
-pub use csr::{ValidCsr, parse_csr, MAX_CSR_BYTES};
+pub use csr::{MAX_CSR_BYTES, ValidCsr, parse_csr};
 pub use svid::{RolesOid, Serial, SvidInfo, encode_roles, parse_svid};
 
 use crate::spiffe::IdError;

@@ -115,7 +115,11 @@ impl Serial {
     pub fn from_bytes(bytes: &[u8]) -> Self {
         let skip = bytes.iter().take_while(|b| **b == 0).count();
         let rest = &bytes[skip..];
-        Self(if rest.is_empty() { vec![0] } else { rest.to_vec() })
+        Self(if rest.is_empty() {
+            vec![0]
+        } else {
+            rest.to_vec()
+        })
     }
 
     /// Parses hex, with or without colons (as `openssl x509 -serial` prints it).
@@ -213,7 +217,11 @@ mod tests {
 
     #[test]
     fn roles_round_trip() {
-        let roles = vec!["deploy".to_string(), "db-read".to_string(), "deploy".to_string()];
+        let roles = vec![
+            "deploy".to_string(),
+            "db-read".to_string(),
+            "deploy".to_string(),
+        ];
         let der = encode_roles(&roles);
         assert_eq!(der[0], 0x30);
         assert_eq!(decode_roles(&der).unwrap(), vec!["db-read", "deploy"]);
@@ -228,7 +236,10 @@ mod tests {
 
     #[test]
     fn oid_arcs_must_fit_go() {
-        assert_eq!(RolesOid::parse("1.3.9999.7781.1").unwrap(), RolesOid::default());
+        assert_eq!(
+            RolesOid::parse("1.3.9999.7781.1").unwrap(),
+            RolesOid::default()
+        );
         assert!(RolesOid::parse("2.25.329800735698586629295641978511506172918").is_err());
         assert!(RolesOid::parse(&format!("1.3.{}", 1u64 << 28)).is_err());
         assert!(RolesOid::parse("1").is_err());

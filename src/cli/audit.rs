@@ -81,7 +81,11 @@ async fn tail(a: TailArgs) -> anyhow::Result<ExitCode> {
         let Some(r) = from_proto(ev) else {
             anyhow::bail!("server sent an event with malformed hashes");
         };
-        let text = if a.json { serde_json::to_string(&r)? } else { line(&r) };
+        let text = if a.json {
+            serde_json::to_string(&r)?
+        } else {
+            line(&r)
+        };
         // Each event is flushed as it arrives so `--follow | grep` sees it at once; a closed
         // pipe (`| head`) ends the command quietly.
         match writeln!(out, "{text}").and_then(|()| out.flush()) {
@@ -97,7 +101,10 @@ async fn tail(a: TailArgs) -> anyhow::Result<ExitCode> {
 fn line(r: &AuditRecord) -> String {
     let time = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(r.time_ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default();
     let mut s = format!("#{} {time} {} actor={}", r.seq, r.kind, r.actor);
     if !r.subject.is_empty() {
@@ -110,7 +117,10 @@ fn line(r: &AuditRecord) -> String {
         s.push_str(&format!(" roles={}", r.roles.join(",")));
     }
     if r.not_after != 0 {
-        s.push_str(&format!(" not_after={}", crate::issuance::fmt_time(r.not_after)));
+        s.push_str(&format!(
+            " not_after={}",
+            crate::issuance::fmt_time(r.not_after)
+        ));
     }
     if !r.reason.is_empty() {
         s.push_str(&format!(" reason={:?}", r.reason));
@@ -121,14 +131,18 @@ fn line(r: &AuditRecord) -> String {
 async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let records: Vec<AuditRecord> = match &a.file {
         Some(path) => {
-            let f = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let f = std::fs::File::open(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             let mut out = Vec::new();
             for (n, l) in std::io::BufReader::new(f).lines().enumerate() {
                 let l = l?;
                 if l.trim().is_empty() {
                     continue;
                 }
-                out.push(serde_json::from_str(&l).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?);
+                out.push(
+                    serde_json::from_str(&l)
+                        .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?,
+                );
             }
             out
         }
@@ -156,14 +170,23 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     // An export may start mid-log: trust its first prev_hash and check everything after it.
-    let (start, prev) = if first.seq == 1 { (1, GENESIS_HASH) } else { (first.seq, first.prev_hash) };
+    let (start, prev) = if first.seq == 1 {
+        (1, GENESIS_HASH)
+    } else {
+        (first.seq, first.prev_hash)
+    };
     match verify_chain(&records, start, prev) {
         Ok(_) if start == 1 => {
             println!("{} events, chain intact", records.len());
             Ok(ExitCode::SUCCESS)
         }
         Ok(_) => {
-            println!("{} events (seq {} to {}), chain intact from seq {start}", records.len(), start, start + records.len() as u64 - 1);
+            println!(
+                "{} events (seq {} to {}), chain intact from seq {start}",
+                records.len(),
+                start,
+                start + records.len() as u64 - 1
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

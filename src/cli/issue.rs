@@ -96,7 +96,9 @@ pub(super) async fn issue(a: IssueArgs) -> anyhow::Result<ExitCode> {
         }
         (None, IdPattern::Exact(id)) => id,
         (None, IdPattern::Prefix(p)) => {
-            anyhow::bail!("the token is for any ID below {p}/; choose one with --spiffe-id {p}/<name>")
+            anyhow::bail!(
+                "the token is for any ID below {p}/; choose one with --spiffe-id {p}/<name>"
+            )
         }
     };
     let trust = match &a.bundle {
@@ -130,7 +132,13 @@ pub(super) async fn renew(a: RenewArgs) -> anyhow::Result<ExitCode> {
         rcgen::KeyPair::generate()?
     };
     let csr = csr_for(&cred.svid.spiffe_id, &key)?;
-    let channel = connect(&a.server, ServerTrust::Bundle(cred.bundle.clone()), Some(cred.slot()?), oid).await?;
+    let channel = connect(
+        &a.server,
+        ServerTrust::Bundle(cred.bundle.clone()),
+        Some(cred.slot()?),
+        oid,
+    )
+    .await?;
     let resp = CaClient::new(channel)
         .issue(pb::IssueRequest {
             csr,
@@ -167,7 +175,14 @@ pub(super) fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!("spiffe_id:  {}", s.spiffe_id);
-        println!("roles:      {}", if s.roles.is_empty() { "(none)".into() } else { s.roles.join(",") });
+        println!(
+            "roles:      {}",
+            if s.roles.is_empty() {
+                "(none)".into()
+            } else {
+                s.roles.join(",")
+            }
+        );
         println!("serial:     {}", s.serial);
         println!("not_before: {}", fmt_time(s.not_before));
         println!("not_after:  {}", fmt_time(s.not_after));
@@ -182,9 +197,18 @@ pub(super) fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn write_response(dir: &Path, r: &pb::IssueResponse, key_pem: &str) -> anyhow::Result<()> {
-    let chain: Vec<CertificateDer<'_>> = r.cert_chain.iter().map(|c| CertificateDer::from(c.as_slice())).collect();
-    let bundle: Vec<CertificateDer<'_>> = r.trust_bundle.iter().map(|c| CertificateDer::from(c.as_slice())).collect();
-    write_credential(dir, &chain, &bundle, key_pem).map_err(|e| anyhow::anyhow!("writing {}: {e}", dir.display()))
+    let chain: Vec<CertificateDer<'_>> = r
+        .cert_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let bundle: Vec<CertificateDer<'_>> = r
+        .trust_bundle
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    write_credential(dir, &chain, &bundle, key_pem)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", dir.display()))
 }
 
 fn print_summary(r: &pb::IssueResponse) {
@@ -192,7 +216,11 @@ fn print_summary(r: &pb::IssueResponse) {
         "{} serial={} roles={} not_after={}",
         r.spiffe_id,
         r.serial,
-        if r.roles.is_empty() { "-".into() } else { r.roles.join(",") },
+        if r.roles.is_empty() {
+            "-".into()
+        } else {
+            r.roles.join(",")
+        },
         fmt_time(r.not_after)
     );
 }

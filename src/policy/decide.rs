@@ -188,7 +188,10 @@ mod tests {
             requested_ttl: ttl,
         };
         let admin: &'static [String] = Box::leak(Box::new(["admin".to_string()]));
-        assert!(matches!(decide(&policy(), LIMITS, &ask(admin, None)), Err(Denial::Role { .. })));
+        assert!(matches!(
+            decide(&policy(), LIMITS, &ask(admin, None)),
+            Err(Denial::Role { .. })
+        ));
         assert!(matches!(
             decide(&policy(), LIMITS, &ask(&[], Some(Duration::from_secs(601)))),
             Err(Denial::TtlTooLong { .. })
@@ -199,7 +202,14 @@ mod tests {
         ));
         let other = SpiffeId::parse("spiffe://example.org/ns/dev/api").unwrap();
         assert!(matches!(
-            decide(&policy(), LIMITS, &Ask { spiffe_id: &other, ..ask(&[], None) }),
+            decide(
+                &policy(),
+                LIMITS,
+                &Ask {
+                    spiffe_id: &other,
+                    ..ask(&[], None)
+                }
+            ),
             Err(Denial::NoRule(_))
         ));
     }

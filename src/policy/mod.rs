@@ -86,6 +86,35 @@ pub enum PolicyError {
     },
 }
 
+/// A temporary-access rule as written in TOML: which roles an identity may *request*.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRuleSpec {
+    /// `spiffe://td/path` or `spiffe://td/prefix/*`: who may receive the roles.
+    pub spiffe_id: String,
+    /// Roles that may be requested.
+    pub roles: Vec<String>,
+    /// Longest grant, e.g. `"1h"`.
+    #[serde(default, with = "crate::config::opt_duration")]
+    pub max_duration: Option<Duration>,
+    /// Approvals needed from distinct `lanyard:approver` holders (default 1).
+    #[serde(default)]
+    pub approvals: Option<u32>,
+}
+
+/// One validated temporary-access rule.
+#[derive(Debug, Clone)]
+pub struct AccessRule {
+    /// Who may receive the roles.
+    pub pattern: IdPattern,
+    /// Requestable roles, sorted.
+    pub roles: Vec<String>,
+    /// Longest grant.
+    pub max_duration: Duration,
+    /// Approvals needed (at least 1).
+    pub approvals: u32,
+}
+
 /// One validated rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -101,6 +130,7 @@ pub struct Rule {
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     rules: Vec<Rule>,
+    access: Vec<AccessRule>,
 }
 
 /// The live policy, swapped atomically on reload.
@@ -160,7 +190,59 @@ impl Policy {
                 max_ttl,
             });
         }
-        Ok(Self { rules })
+        Ok(Self {
+            rules,
+            access: Vec::new(),
+        })
+    }
+
+    /// Adds temporary-access rules. A grant may last at most `cap` (the server's
+    /// max_cert_lifetime bounds certificates, not grants, so grants get their own cap of 7 days).
+    pub fn with_access(mut self, specs: &[AccessRuleSpec], td: &TrustDomain) -> Result<Self, PolicyError> {
+        const MAX_GRANT: Duration = Duration::from_secs(7 * 24 * 3600);
+        for (i, spec) in specs.iter().enumerate() {
+            let index = i + 1;
+            let id_err = |source| PolicyError::Id {
+                index,
+                spiffe_id: spec.spiffe_id.clone(),
+                source,
+            };
+            let pattern = IdPattern::parse(&spec.spiffe_id).map_err(id_err)?;
+            if pattern.trust_domain_name() != td.as_str() {
+                return Err(PolicyError::ForeignDomain {
+                    index,
+                    spiffe_id: spec.spiffe_id.clone(),
+                    td: td.to_string(),
+                });
+            }
+            let roles = normalize_roles(&spec.roles).map_err(id_err)?;
+            let max_duration = spec.max_duration.unwrap_or(Duration::from_secs(3600));
+            if max_duration.is_zero() || max_duration > MAX_GRANT {
+                return Err(PolicyError::Ttl {
+                    index,
+                    spiffe_id: spec.spiffe_id.clone(),
+                    cap: MAX_GRANT,
+                });
+            }
+            if self.access.iter().any(|r| r.pattern == pattern) {
+                return Err(PolicyError::Duplicate(format!("[[access]] {pattern}")));
+            }
+            self.access.push(AccessRule {
+                pattern,
+                roles,
+                max_duration,
+                approvals: spec.approvals.unwrap_or(1).max(1),
+            });
+        }
+        Ok(self)
+    }
+
+    /// The most specific temporary-access rule matching `id`, if any.
+    pub fn lookup_access(&self, id: &SpiffeId) -> Option<&AccessRule> {
+        self.access
+            .iter()
+            .filter(|r| r.pattern.matches(id))
+            .max_by_key(|r| r.pattern.specificity())
     }
 
     /// The most specific rule matching `id`, if any.
@@ -229,8 +311,16 @@ mod tests {
         let p = Policy::from_specs(
             &[
                 spec("spiffe://example.org/ns/*", &["read"], None),
-                spec("spiffe://example.org/ns/prod/*", &["read", "deploy"], Some(600)),
-                spec("spiffe://example.org/ns/prod/sa/api", &["db-read"], Some(60)),
+                spec(
+                    "spiffe://example.org/ns/prod/*",
+                    &["read", "deploy"],
+                    Some(600),
+                ),
+                spec(
+                    "spiffe://example.org/ns/prod/sa/api",
+                    &["db-read"],
+                    Some(60),
+                ),
             ],
             &td(),
             DEF,
@@ -238,9 +328,25 @@ mod tests {
         )
         .unwrap();
         let id = |s: &str| SpiffeId::parse(s).unwrap();
-        assert_eq!(p.lookup(&id("spiffe://example.org/ns/dev/x")).unwrap().roles, vec!["read"]);
-        assert_eq!(p.lookup(&id("spiffe://example.org/ns/prod/x")).unwrap().max_ttl.as_secs(), 600);
-        assert_eq!(p.lookup(&id("spiffe://example.org/ns/prod/sa/api")).unwrap().roles, vec!["db-read"]);
+        assert_eq!(
+            p.lookup(&id("spiffe://example.org/ns/dev/x"))
+                .unwrap()
+                .roles,
+            vec!["read"]
+        );
+        assert_eq!(
+            p.lookup(&id("spiffe://example.org/ns/prod/x"))
+                .unwrap()
+                .max_ttl
+                .as_secs(),
+            600
+        );
+        assert_eq!(
+            p.lookup(&id("spiffe://example.org/ns/prod/sa/api"))
+                .unwrap()
+                .roles,
+            vec!["db-read"]
+        );
         assert!(p.lookup(&id("spiffe://example.org/other")).is_none());
     }
 
@@ -248,14 +354,24 @@ mod tests {
     fn rejects_bad_rules() {
         for bad in [
             vec![spec("spiffe://other.org/x", &[], None)],
-            vec![spec("spiffe://example.org/lanyard/admin", &["lanyard:admin"], None)],
+            vec![spec(
+                "spiffe://example.org/lanyard/admin",
+                &["lanyard:admin"],
+                None,
+            )],
             vec![spec("spiffe://example.org/lanyard/*", &[], None)],
             vec![spec("spiffe://example.org/x", &["Bad Role"], None)],
             vec![spec("spiffe://example.org/x", &[], Some(0))],
             vec![spec("spiffe://example.org/x", &[], Some(CAP.as_secs() + 1))],
-            vec![spec("spiffe://example.org/x", &[], None), spec("spiffe://example.org/x", &[], None)],
+            vec![
+                spec("spiffe://example.org/x", &[], None),
+                spec("spiffe://example.org/x", &[], None),
+            ],
         ] {
-            assert!(Policy::from_specs(&bad, &td(), DEF, CAP).is_err(), "{bad:?}");
+            assert!(
+                Policy::from_specs(&bad, &td(), DEF, CAP).is_err(),
+                "{bad:?}"
+            );
         }
     }
 }

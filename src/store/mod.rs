@@ -10,7 +10,8 @@ mod records;
 mod sled;
 
 pub use records::{
-    AuditRecord, Enrollment, IssuedRecord, RECORD_VERSION, RevocationRecord, TokenRecord,
+    AccessRecord, ApprovalRecord, AuditRecord, Enrollment, IssuedRecord, RECORD_VERSION,
+    RevocationRecord, TokenRecord,
 };
 pub use sled::SledStore;
 
@@ -63,6 +64,8 @@ pub enum Write {
     PutIssued(IssuedRecord, i64),
     /// Store a revocation; its `rev` is set to the seq of the record it is committed with.
     PutRevocation(RevocationRecord),
+    /// Create or update an access request / grant (deleted at its `prune_at`).
+    PutAccess(AccessRecord),
 }
 
 /// Durable state, in domain terms.
@@ -82,6 +85,8 @@ pub trait Store: Send + Sync + 'static {
     fn revoked_serial(&self, serial: &str) -> Result<Option<RevocationRecord>, StoreError>;
     /// The identity rule of one SPIFFE ID, if any.
     fn identity_rule(&self, spiffe_id: &str) -> Result<Option<RevocationRecord>, StoreError>;
+    /// Every access request and grant still kept.
+    fn access_all(&self) -> Result<Vec<AccessRecord>, StoreError>;
     /// Every live revocation with `rev > since`, ordered by rev.
     fn revocations_since(&self, since: u64) -> Result<Vec<RevocationRecord>, StoreError>;
     /// The last audit record's seq and hash; `None` for an empty log.

@@ -82,6 +82,10 @@ pub struct RevocationRecord {
     pub expires_at: i64,
     /// Identity rules: new issuance for the identity is refused while set.
     pub blocked: bool,
+    /// Serial entries: the holder may still renew (peers must refuse the certificate). Used when
+    /// a grant is revoked: the certificate carried roles it no longer may, the identity is fine.
+    #[serde(default)]
+    pub renewable: bool,
 }
 
 /// A durable audit event, hash-chained to the one before it.
@@ -134,4 +138,52 @@ mod hex32 {
         }
         Ok(out)
     }
+}
+
+/// One approval of an access request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApprovalRecord {
+    /// Who approved (SPIFFE ID).
+    pub approver: String,
+    /// Their comment.
+    pub comment: String,
+    /// When, seconds since the Unix epoch.
+    pub at: i64,
+}
+
+/// A temporary access request and, once approved, the grant it became.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccessRecord {
+    /// Record layout version.
+    pub v: u32,
+    /// Request id (hex), the key; also the grant id.
+    pub id: String,
+    /// The identity that would receive the roles.
+    pub spiffe_id: String,
+    /// Roles asked for, sorted.
+    pub roles: Vec<String>,
+    /// Grant duration, seconds.
+    pub duration_secs: u64,
+    /// Why (free text, e.g. an incident number).
+    pub reason: String,
+    /// Who asked (SPIFFE ID).
+    pub requester: String,
+    /// When, seconds since the Unix epoch.
+    pub created_at: i64,
+    /// `pending`, `granted`, `denied`, `expired`, `ended` or `revoked`.
+    pub state: String,
+    /// Approvals so far.
+    pub approvals: Vec<ApprovalRecord>,
+    /// Approvals needed (from policy at request time).
+    pub approvals_needed: u32,
+    /// Pending: when the request expires. Granted: when the grant ends.
+    pub expires_at: i64,
+    /// When the grant started; 0 until granted.
+    pub granted_at: i64,
+    /// Who denied or revoked it.
+    pub closed_by: String,
+    /// Why it was denied or revoked.
+    pub close_reason: String,
+    /// When the record itself is deleted from the store (the audit log keeps the history).
+    pub prune_at: i64,
 }

@@ -2,14 +2,15 @@
 //! proportional to what expired rather than to what is stored.
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::{
-    AuditRecord, Consume, Enrollment, IssuedRecord, RevocationRecord, Store, StoreError,
+    AccessRecord, AuditRecord, Consume, Enrollment, IssuedRecord, RevocationRecord, Store, StoreError,
     StoreStats, TokenRecord, Write,
 };
 
@@ -21,6 +22,7 @@ enum Coll {
     Issued = 2,
     Revoked = 3,
     IdentityRule = 4,
+    Access = 5,
 }
 
 /// The sled-backed [`Store`].
@@ -35,10 +37,18 @@ pub struct SledStore {
     issued_ids: sled::Tree,
     revoked: sled::Tree,
     identity_rules: sled::Tree,
+    /// access request id → AccessRecord.
+    access: sled::Tree,
     /// rev (8 bytes BE) + collection byte + key → (), for `revocations_since`.
     revs: sled::Tree,
     /// expires_at (8 bytes BE, offset) + collection byte + key → (), for `prune`.
     expiry: sled::Tree,
+    /// The seq the next audit record must carry, once known. Only [`Store::commit`] appends to
+    /// the audit tree and sled's directory lock keeps other processes out, so after one read of
+    /// the head this is the truth; it saves a tree read and a decode on every group commit. The
+    /// mutex is held across the commit, so commits are serialized (there is one writer anyway).
+    /// `None` after a failed commit: the next one re-reads the head.
+    next_seq: Mutex<Option<u64>>,
 }
 
 impl SledStore {
@@ -60,9 +70,11 @@ impl SledStore {
             issued_ids: tree("issued_ids")?,
             revoked: tree("revoked")?,
             identity_rules: tree("identity_rules")?,
+            access: tree("access")?,
             revs: tree("revs")?,
             expiry: tree("expiry")?,
             db,
+            next_seq: Mutex::new(None),
         })
     }
 
@@ -72,6 +84,7 @@ impl SledStore {
             x if x == Coll::Issued as u8 => Some(&self.issued),
             x if x == Coll::Revoked as u8 => Some(&self.revoked),
             x if x == Coll::IdentityRule as u8 => Some(&self.identity_rules),
+            x if x == Coll::Access as u8 => Some(&self.access),
             _ => None,
         }
     }
@@ -89,8 +102,8 @@ impl Store for SledStore {
                 let Some(raw) = t.get(id.as_bytes())? else {
                     return Ok(Consume::Missing);
                 };
-                let rec: TokenRecord = decode(id.as_bytes(), &raw)
-                    .map_err(ConflictableTransactionError::Abort)?;
+                let rec: TokenRecord =
+                    decode(id.as_bytes(), &raw).map_err(ConflictableTransactionError::Abort)?;
                 if rec.uses_left == 0 {
                     return Ok(Consume::AlreadyUsed);
                 }
@@ -103,9 +116,15 @@ impl Store for SledStore {
                 Ok(Consume::Won(rec))
             })
             .map_err(tx_err)?;
-        if matches!(outcome, Consume::Won(_)) {
-            self.db.flush().map_err(backend)?;
-        }
+        // No fsync of its own. Exactly-once is decided above: the transaction lets one of two
+        // racers for the last use win, whatever the disk does. Durability comes from the caller's
+        // audit group commit: `Issuance::with_token` answers only after the issuance's audit
+        // record is committed, and that commit's `flush` makes every write made to this database
+        // before it durable as well (sled has one log for all trees, and a flush covers everything
+        // already in it). So no certificate is handed out on a use that a crash could give back;
+        // a crash before that flush loses the use together with the never-sent certificate, and
+        // the token simply keeps that use. Flushing here cost one extra fsync per issuance, paid
+        // on an async worker thread.
         Ok(outcome)
     }
 
@@ -131,6 +150,16 @@ impl Store for SledStore {
 
     fn revoked_serial(&self, serial: &str) -> Result<Option<RevocationRecord>, StoreError> {
         get(&self.revoked, serial.as_bytes())
+    }
+
+    fn access_all(&self) -> Result<Vec<AccessRecord>, StoreError> {
+        self.access
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode(&k, &v)
+            })
+            .collect()
     }
 
     fn identity_rule(&self, spiffe_id: &str) -> Result<Option<RevocationRecord>, StoreError> {
@@ -174,16 +203,33 @@ impl Store for SledStore {
     }
 
     fn commit(&self, records: &[AuditRecord], writes: &[Write]) -> Result<(), StoreError> {
-        if let Some(first) = records.first() {
-            let expected = self.audit_head()?.map_or(1, |(seq, _)| seq + 1);
-            if first.seq != expected {
+        let mut next_seq = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
+        if !records.is_empty() {
+            let expected = match *next_seq {
+                Some(n) => n,
+                None => self.audit_head()?.map_or(1, |(seq, _)| seq + 1),
+            };
+            if let Some((i, r)) = records
+                .iter()
+                .enumerate()
+                .find(|(i, r)| r.seq != expected + *i as u64)
+            {
                 return Err(StoreError::OutOfOrder {
-                    expected,
-                    got: first.seq,
+                    expected: expected + i as u64,
+                    got: r.seq,
                 });
             }
         }
-        let trees = (
+        // Encode every key and value before the transaction: sled runs a transaction under a
+        // process-wide write lock that every other read and write (the issuance path's revocation
+        // and enrollment lookups included) waits on, so only the inserts happen inside it.
+        let audit: Vec<([u8; 8], Vec<u8>)> = records
+            .iter()
+            .map(|r| (r.seq.to_be_bytes(), encode(r)))
+            .collect();
+        let prepared: Vec<Prepared<'_>> = writes.iter().map(Prepared::new).collect();
+        // More trees than sled's tuple impls take, so the slice form; the order is fixed here.
+        let trees = [
             &self.audit,
             &self.tokens,
             &self.enrollments,
@@ -193,49 +239,81 @@ impl Store for SledStore {
             &self.identity_rules,
             &self.revs,
             &self.expiry,
-        );
-        trees
-            .transaction(|(audit, tokens, enrollments, issued, issued_ids, revoked, rules, revs, expiry)| {
-                for r in records {
-                    audit.insert(&r.seq.to_be_bytes(), encode(r))?;
-                }
-                for w in writes {
-                    match w {
-                        Write::PutToken(t) => {
-                            tokens.insert(t.id.as_bytes(), encode(t))?;
-                            index_expiry(expiry, t.expires_at, Coll::Token, t.id.as_bytes())?;
-                        }
-                        Write::PutEnrollment(e) => {
-                            enrollments.insert(e.spiffe_id.as_bytes(), encode(e))?;
-                        }
-                        Write::PutIssued(i, prune_at) => {
-                            let mut id_key = issued_prefix(&i.spiffe_id);
-                            id_key.extend_from_slice(i.serial.as_bytes());
-                            issued.insert(i.serial.as_bytes(), encode(i))?;
-                            issued_ids.insert(id_key, &[])?;
-                            index_expiry(expiry, *prune_at, Coll::Issued, i.serial.as_bytes())?;
-                        }
-                        Write::PutRevocation(r) => {
-                            let (tree, coll, key) = if r.identity_rule {
-                                (&*rules, Coll::IdentityRule, r.spiffe_id.as_bytes())
-                            } else {
-                                (&*revoked, Coll::Revoked, r.serial.as_bytes())
-                            };
-                            if let Some(old) = tree.get(key)? {
-                                // Replacing an entry: drop its old rev index key.
-                                let old: RevocationRecord = decode(key, &old)
-                                    .map_err(ConflictableTransactionError::Abort)?;
-                                revs.remove(rev_key(old.rev, coll, key))?;
+            &self.access,
+        ];
+        let result = trees[..]
+            .transaction(
+                |t| {
+                    let (audit_t, tokens, enrollments, issued, issued_ids) =
+                        (&t[0], &t[1], &t[2], &t[3], &t[4]);
+                    let (revoked, rules, revs, expiry, access) =
+                        (&t[5], &t[6], &t[7], &t[8], &t[9]);
+                    for (k, v) in &audit {
+                        audit_t.insert(k, v.as_slice())?;
+                    }
+                    for w in &prepared {
+                        match w {
+                            Prepared::Token {
+                                key,
+                                value,
+                                expiry_key,
+                            } => {
+                                tokens.insert(*key, value.as_slice())?;
+                                expiry.insert(expiry_key.as_slice(), &[])?;
                             }
-                            tree.insert(key, encode(r))?;
-                            revs.insert(rev_key(r.rev, coll, key), &[])?;
-                            index_expiry(expiry, r.expires_at, coll, key)?;
+                            Prepared::Enrollment { key, value } => {
+                                enrollments.insert(*key, value.as_slice())?;
+                            }
+                            Prepared::Issued {
+                                key,
+                                value,
+                                id_key,
+                                expiry_key,
+                            } => {
+                                issued.insert(*key, value.as_slice())?;
+                                issued_ids.insert(id_key.as_slice(), &[])?;
+                                expiry.insert(expiry_key.as_slice(), &[])?;
+                            }
+                            Prepared::Revocation {
+                                rec,
+                                value,
+                                expiry_key,
+                            } => {
+                                let (tree, coll, key) = if rec.identity_rule {
+                                    (rules, Coll::IdentityRule, rec.spiffe_id.as_bytes())
+                                } else {
+                                    (revoked, Coll::Revoked, rec.serial.as_bytes())
+                                };
+                                if let Some(old) = tree.get(key)? {
+                                    // Replacing an entry: drop its old rev index key.
+                                    let old: RevocationRecord = decode(key, &old)
+                                        .map_err(ConflictableTransactionError::Abort)?;
+                                    revs.remove(rev_key(old.rev, coll, key))?;
+                                }
+                                tree.insert(key, value.as_slice())?;
+                                revs.insert(rev_key(rec.rev, coll, key), &[])?;
+                                expiry.insert(expiry_key.as_slice(), &[])?;
+                            }
+                            Prepared::Access {
+                                key,
+                                value,
+                                expiry_key,
+                            } => {
+                                access.insert(*key, value.as_slice())?;
+                                expiry.insert(expiry_key.as_slice(), &[])?;
+                            }
                         }
                     }
-                }
-                Ok(())
-            })
-            .map_err(tx_err)
+                    Ok(())
+                },
+            )
+            .map_err(tx_err);
+        *next_seq = match (&result, records.last()) {
+            (Ok(()), Some(last)) => Some(last.seq + 1),
+            (Ok(()), None) => *next_seq,
+            (Err(_), _) => None,
+        };
+        result
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -257,7 +335,9 @@ impl Store for SledStore {
                 {
                     if coll == Coll::Revoked as u8 || coll == Coll::IdentityRule as u8 {
                         let rec: RevocationRecord = decode(key, &raw)?;
-                        self.revs.remove(rev_key(rec.rev, coll_of(coll), key)).map_err(backend)?;
+                        self.revs
+                            .remove(rev_key(rec.rev, coll_of(coll), key))
+                            .map_err(backend)?;
                     } else if coll == Coll::Issued as u8 {
                         let rec: IssuedRecord = decode(key, &raw)?;
                         let mut id_key = issued_prefix(&rec.spiffe_id);
@@ -290,6 +370,7 @@ fn coll_of(c: u8) -> Coll {
         1 => Coll::Token,
         2 => Coll::Issued,
         3 => Coll::Revoked,
+        5 => Coll::Access,
         _ => Coll::IdentityRule,
     }
 }
@@ -301,6 +382,7 @@ fn record_expiry(coll: u8, key: &[u8], raw: &[u8]) -> Result<i64, StoreError> {
         // notAfter is a lower bound, and the index entry is only reached once that time passed.
         Coll::Issued => i64::MIN,
         Coll::Revoked | Coll::IdentityRule => decode::<RevocationRecord>(key, raw)?.expires_at,
+        Coll::Access => decode::<AccessRecord>(key, raw)?.prune_at,
     })
 }
 
@@ -322,17 +404,84 @@ fn expiry_prefix(at: i64) -> [u8; 8] {
     ((at as u64) ^ (1 << 63)).to_be_bytes()
 }
 
-fn index_expiry(
-    expiry: &TransactionalTree,
-    at: i64,
-    coll: Coll,
-    key: &[u8],
-) -> Result<(), ConflictableTransactionError<StoreError>> {
+fn expiry_key(at: i64, coll: Coll, key: &[u8]) -> Vec<u8> {
     let mut k = expiry_prefix(at).to_vec();
     k.push(coll as u8);
     k.extend_from_slice(key);
-    expiry.insert(k, &[])?;
-    Ok(())
+    k
+}
+
+/// A [`Write`] with its keys and value already encoded, ready for the commit transaction.
+enum Prepared<'a> {
+    Token {
+        key: &'a [u8],
+        value: Vec<u8>,
+        expiry_key: Vec<u8>,
+    },
+    Enrollment {
+        key: &'a [u8],
+        value: Vec<u8>,
+    },
+    Issued {
+        key: &'a [u8],
+        value: Vec<u8>,
+        id_key: Vec<u8>,
+        expiry_key: Vec<u8>,
+    },
+    /// Its rev-index cleanup needs a read inside the transaction.
+    Revocation {
+        rec: &'a RevocationRecord,
+        value: Vec<u8>,
+        expiry_key: Vec<u8>,
+    },
+    Access {
+        key: &'a [u8],
+        value: Vec<u8>,
+        expiry_key: Vec<u8>,
+    },
+}
+
+impl<'a> Prepared<'a> {
+    fn new(w: &'a Write) -> Self {
+        match w {
+            Write::PutToken(t) => Prepared::Token {
+                key: t.id.as_bytes(),
+                value: encode(t),
+                expiry_key: expiry_key(t.expires_at, Coll::Token, t.id.as_bytes()),
+            },
+            Write::PutEnrollment(e) => Prepared::Enrollment {
+                key: e.spiffe_id.as_bytes(),
+                value: encode(e),
+            },
+            Write::PutIssued(i, prune_at) => {
+                let mut id_key = issued_prefix(&i.spiffe_id);
+                id_key.extend_from_slice(i.serial.as_bytes());
+                Prepared::Issued {
+                    key: i.serial.as_bytes(),
+                    value: encode(i),
+                    id_key,
+                    expiry_key: expiry_key(*prune_at, Coll::Issued, i.serial.as_bytes()),
+                }
+            }
+            Write::PutRevocation(r) => {
+                let (coll, key) = if r.identity_rule {
+                    (Coll::IdentityRule, r.spiffe_id.as_bytes())
+                } else {
+                    (Coll::Revoked, r.serial.as_bytes())
+                };
+                Prepared::Revocation {
+                    rec: r,
+                    value: encode(r),
+                    expiry_key: expiry_key(r.expires_at, coll, key),
+                }
+            }
+            Write::PutAccess(a) => Prepared::Access {
+                key: a.id.as_bytes(),
+                value: encode(a),
+                expiry_key: expiry_key(a.prune_at, Coll::Access, a.id.as_bytes()),
+            },
+        }
+    }
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -396,6 +545,7 @@ mod tests {
             revoked_at: 0,
             expires_at,
             blocked: false,
+            renewable: false,
         }
     }
 
@@ -403,7 +553,9 @@ mod tests {
     fn token_is_consumed_once_even_under_contention() {
         let dir = tempfile::tempdir().unwrap();
         let store = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
-        store.commit(&[], &[Write::PutToken(token("t1", 1, 1000))]).unwrap();
+        store
+            .commit(&[], &[Write::PutToken(token("t1", 1, 1000))])
+            .unwrap();
         let handles: Vec<_> = (0..8)
             .map(|_| {
                 let s = store.clone();
@@ -411,10 +563,24 @@ mod tests {
             })
             .collect();
         let outcomes: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        assert_eq!(outcomes.iter().filter(|o| matches!(o, Consume::Won(_))).count(), 1);
-        assert_eq!(outcomes.iter().filter(|o| **o == Consume::AlreadyUsed).count(), 7);
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| matches!(o, Consume::Won(_)))
+                .count(),
+            1
+        );
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| **o == Consume::AlreadyUsed)
+                .count(),
+            7
+        );
         assert_eq!(store.consume_token("nope", 10).unwrap(), Consume::Missing);
-        store.commit(&[], &[Write::PutToken(token("t2", 1, 5))]).unwrap();
+        store
+            .commit(&[], &[Write::PutToken(token("t2", 1, 5))])
+            .unwrap();
         assert_eq!(store.consume_token("t2", 10).unwrap(), Consume::Expired);
     }
 
@@ -463,7 +629,10 @@ mod tests {
         store.commit(&[rec(1)], &[]).unwrap();
         assert!(matches!(
             store.commit(&[rec(3)], &[]),
-            Err(StoreError::OutOfOrder { expected: 2, got: 3 })
+            Err(StoreError::OutOfOrder {
+                expected: 2,
+                got: 3
+            })
         ));
         store.commit(&[rec(2)], &[]).unwrap();
         assert_eq!(store.audit_head().unwrap().unwrap().0, 2);

@@ -1,0 +1,480 @@
+//! Temporary elevated access: requests with a reason, approval by other identities, grants that
+//! expire by themselves, all on the audit record.
+//!
+//! One [`Access`] service owns every access record. Mutations are serialized by one async lock
+//! (read, decide, commit through the audit log, then update the in-memory index), so two
+//! approvers acting at once are counted correctly. Issuance asks [`Access::active_grants`], a
+//! synchronous lookup in that index, on its hot path.
+
+mod notify;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+pub use notify::Notifier;
+
+use crate::audit::{AuditError, AuditLog, Event, Kind};
+use crate::ca::SvidInfo;
+use crate::policy::{PolicyHandle, ROLE_ADMIN, ROLE_APPROVER, ROLE_AUDITOR};
+use crate::revocation::Revocations;
+use crate::spiffe::{SpiffeId, normalize_roles};
+use crate::store::{
+    AccessRecord, ApprovalRecord, RECORD_VERSION, RevocationRecord, Store, StoreError, Write,
+};
+use crate::tls::unix_now;
+
+/// How long finished records stay in the store (the audit log keeps them for good).
+const KEEP_FINISHED: i64 = 7 * 24 * 3600;
+/// Longest free-text reason or comment.
+const MAX_TEXT: usize = 1024;
+
+/// Request states.
+pub mod state {
+    /// Waiting for approvals.
+    pub const PENDING: &str = "pending";
+    /// Approved: the roles are granted until `expires_at`.
+    pub const GRANTED: &str = "granted";
+    /// Denied or withdrawn.
+    pub const DENIED: &str = "denied";
+    /// Nobody acted in time.
+    pub const EXPIRED: &str = "expired";
+    /// The grant ran out.
+    pub const ENDED: &str = "ended";
+    /// The grant was ended early.
+    pub const REVOKED: &str = "revoked";
+}
+
+/// Why an access operation was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AccessError {
+    /// Malformed input (roles, duration, empty reason): `InvalidArgument`.
+    #[error("{0}")]
+    Invalid(String),
+    /// The caller may not do this (self-approval, not an approver, roles not requestable):
+    /// `PermissionDenied`.
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such request: `NotFound`.
+    #[error("no access request {0}")]
+    NotFound(String),
+    /// The request is not in a state that allows this (already decided, subject revoked):
+    /// `FailedPrecondition`.
+    #[error("{0}")]
+    Conflict(String),
+    /// Store or audit failure: `Internal`.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A live grant, as issuance needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Grant (request) id.
+    pub id: String,
+    /// Roles granted.
+    pub roles: Vec<String>,
+    /// End of the grant, seconds since the Unix epoch.
+    pub ends_at: i64,
+}
+
+/// Settings of the access service.
+#[derive(Debug, Clone)]
+pub struct AccessSettings {
+    /// How long a request stays pending.
+    pub request_ttl: Duration,
+    /// How long past notAfter a certificate may renew (revocations must outlive that).
+    pub renewal_grace: Duration,
+}
+
+/// The access service.
+pub struct Access {
+    log: AuditLog,
+    store: Arc<dyn Store>,
+    policy: PolicyHandle,
+    revocations: Arc<Revocations>,
+    settings: AccessSettings,
+    notifier: Notifier,
+    /// Every kept record by id; the lock also serializes mutations.
+    records: Mutex<HashMap<String, AccessRecord>>,
+    /// Live grants by subject, for issuance.
+    grants: RwLock<HashMap<String, Vec<Grant>>>,
+}
+
+impl Access {
+    /// Loads the kept records from the store.
+    pub fn load(
+        log: AuditLog,
+        policy: PolicyHandle,
+        revocations: Arc<Revocations>,
+        settings: AccessSettings,
+        notifier: Notifier,
+    ) -> Result<Arc<Self>, StoreError> {
+        let store = log.store().clone();
+        let records: HashMap<String, AccessRecord> =
+            store.access_all()?.into_iter().map(|r| (r.id.clone(), r)).collect();
+        let access = Arc::new(Self {
+            log,
+            store,
+            policy,
+            revocations,
+            settings,
+            notifier,
+            records: Mutex::new(HashMap::new()),
+            grants: RwLock::new(HashMap::new()),
+        });
+        access.reindex(&records);
+        if let Ok(mut g) = access.records.try_lock() {
+            *g = records;
+        }
+        Ok(access)
+    }
+
+    /// Roles `subject` holds through live grants at `now`.
+    pub fn active_grants(&self, subject: &str, now: i64) -> Vec<Grant> {
+        self.grants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(subject)
+            .map(|gs| gs.iter().filter(|g| g.ends_at > now).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Creates a pending request. `caller` must be the subject or an admin.
+    pub async fn request(
+        &self,
+        caller: &SvidInfo,
+        subject: &str,
+        roles: &[String],
+        duration: Duration,
+        reason: &str,
+    ) -> Result<AccessRecord, AccessError> {
+        let subject = SpiffeId::parse(subject).map_err(|e| AccessError::Invalid(e.to_string()))?;
+        let is_admin = has_role(caller, ROLE_ADMIN);
+        if caller.spiffe_id != subject && !is_admin {
+            return Err(AccessError::Forbidden(format!(
+                "{} may only request access for itself (or hold {ROLE_ADMIN})",
+                caller.spiffe_id
+            )));
+        }
+        let reason = text(reason, "a reason is required (--reason), e.g. an incident or ticket")?;
+        let roles = normalize_roles(roles).map_err(|e| AccessError::Invalid(e.to_string()))?;
+        if roles.is_empty() {
+            return Err(AccessError::Invalid("name at least one role (--roles)".into()));
+        }
+        if duration.is_zero() {
+            return Err(AccessError::Invalid("duration must be positive (--duration)".into()));
+        }
+        let policy = self.policy.current();
+        let rule = policy.lookup_access(&subject).ok_or_else(|| {
+            AccessError::Forbidden(format!("no [[access]] rule lets {subject} request roles"))
+        })?;
+        if let Some(r) = roles.iter().find(|r| !rule.roles.contains(r)) {
+            return Err(AccessError::Forbidden(format!(
+                "role {r:?} is not requestable for {subject} (requestable: {})",
+                if rule.roles.is_empty() { "none".into() } else { rule.roles.join(",") }
+            )));
+        }
+        if duration > rule.max_duration {
+            return Err(AccessError::Forbidden(format!(
+                "duration {}s is above the maximum of {}s for {subject}",
+                duration.as_secs(),
+                rule.max_duration.as_secs()
+            )));
+        }
+        if let Some(block) = self.revocations.blocked(&subject).map_err(internal)? {
+            return Err(AccessError::Conflict(format!(
+                "{subject} is revoked ({}); lift the revocation first",
+                block.reason
+            )));
+        }
+        let now = unix_now();
+        let expires_at = now + self.settings.request_ttl.as_secs() as i64;
+        let id: [u8; 8] = rand::random();
+        let record = AccessRecord {
+            v: RECORD_VERSION,
+            id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            spiffe_id: subject.to_string(),
+            roles: roles.clone(),
+            duration_secs: duration.as_secs(),
+            reason: reason.to_string(),
+            requester: caller.spiffe_id.to_string(),
+            created_at: now,
+            state: state::PENDING.into(),
+            approvals: Vec::new(),
+            approvals_needed: rule.approvals,
+            expires_at,
+            granted_at: 0,
+            closed_by: String::new(),
+            close_reason: String::new(),
+            prune_at: expires_at + KEEP_FINISHED,
+        };
+        let event = Event::new(Kind::AccessRequested, caller.spiffe_id.as_str())
+            .subject(subject.as_str())
+            .roles(roles)
+            .reason(format!(
+                "request {} for {}s ({} approvals needed): {reason}",
+                record.id, record.duration_secs, record.approvals_needed
+            ));
+        let mut records = self.records.lock().await;
+        self.commit(&mut records, record.clone(), event, vec![]).await?;
+        drop(records);
+        info!(id = %record.id, spiffe_id = %record.spiffe_id, roles = %record.roles.join(","), "access requested");
+        self.notifier.notify(&record);
+        Ok(record)
+    }
+
+    /// Adds `caller`'s approval; starts the grant when enough approvals are in.
+    pub async fn approve(&self, caller: &SvidInfo, id: &str, comment: &str) -> Result<AccessRecord, AccessError> {
+        if !has_role(caller, ROLE_APPROVER) {
+            return Err(AccessError::Forbidden(format!(
+                "{} lacks {ROLE_APPROVER}",
+                caller.spiffe_id
+            )));
+        }
+        let comment = text(comment, "").unwrap_or_default().to_string();
+        let mut records = self.records.lock().await;
+        let mut r = pending(&records, id)?;
+        let who = caller.spiffe_id.as_str();
+        if who == r.requester || who == r.spiffe_id {
+            return Err(AccessError::Forbidden(format!(
+                "{who} cannot approve request {id}: the requester and the subject never approve their own access"
+            )));
+        }
+        if r.approvals.iter().any(|a| a.approver == who) {
+            return Err(AccessError::Conflict(format!("{who} already approved request {id}")));
+        }
+        let now = unix_now();
+        r.approvals.push(ApprovalRecord {
+            approver: who.to_string(),
+            comment: comment.clone(),
+            at: now,
+        });
+        let granted = r.approvals.len() as u32 >= r.approvals_needed;
+        let mut event = Event::new(Kind::AccessApproved, who)
+            .subject(&r.spiffe_id)
+            .roles(r.roles.clone())
+            .reason(format!(
+                "request {id}: approval {}/{}{}",
+                r.approvals.len(),
+                r.approvals_needed,
+                if comment.is_empty() { String::new() } else { format!(": {comment}") }
+            ));
+        if granted {
+            r.state = state::GRANTED.into();
+            r.granted_at = now;
+            r.expires_at = now + r.duration_secs as i64;
+            r.prune_at = r.expires_at + KEEP_FINISHED;
+            event = Event::new(Kind::AccessGranted, who)
+                .subject(&r.spiffe_id)
+                .roles(r.roles.clone())
+                .not_after(r.expires_at)
+                .reason(format!(
+                    "grant {id} until {} after {} approvals ({}): {}",
+                    crate::issuance::fmt_time(r.expires_at),
+                    r.approvals.len(),
+                    r.approvals.iter().map(|a| a.approver.as_str()).collect::<Vec<_>>().join(", "),
+                    r.reason
+                ));
+        }
+        self.commit(&mut records, r.clone(), event, vec![]).await?;
+        info!(%id, approver = who, granted, "access approved");
+        Ok(r)
+    }
+
+    /// Denies a pending request (an approver), or withdraws it (its requester).
+    pub async fn deny(&self, caller: &SvidInfo, id: &str, reason: &str) -> Result<AccessRecord, AccessError> {
+        let reason = text(reason, "a reason is required (--reason)")?.to_string();
+        let mut records = self.records.lock().await;
+        let mut r = pending(&records, id)?;
+        let who = caller.spiffe_id.as_str();
+        if !has_role(caller, ROLE_APPROVER) && who != r.requester {
+            return Err(AccessError::Forbidden(format!(
+                "{who} lacks {ROLE_APPROVER} and did not make request {id}"
+            )));
+        }
+        r.state = state::DENIED.into();
+        r.closed_by = who.to_string();
+        r.close_reason = reason.clone();
+        r.prune_at = unix_now() + KEEP_FINISHED;
+        let event = Event::new(Kind::AccessDenied, who)
+            .subject(&r.spiffe_id)
+            .roles(r.roles.clone())
+            .reason(format!("request {id}: {reason}"));
+        self.commit(&mut records, r.clone(), event, vec![]).await?;
+        info!(%id, by = who, "access denied");
+        Ok(r)
+    }
+
+    /// Ends a grant early and revokes every live certificate of the subject that carries one of
+    /// its roles. Those revocations are *renewable*: the holder may renew at once (and gets a
+    /// certificate without the roles), while peers refuse the old certificate.
+    pub async fn revoke(&self, caller: &SvidInfo, id: &str, reason: &str) -> Result<AccessRecord, AccessError> {
+        if !has_role(caller, ROLE_APPROVER) && !has_role(caller, ROLE_ADMIN) {
+            return Err(AccessError::Forbidden(format!(
+                "{} lacks {ROLE_APPROVER} or {ROLE_ADMIN}",
+                caller.spiffe_id
+            )));
+        }
+        let reason = text(reason, "a reason is required (--reason)")?.to_string();
+        let mut records = self.records.lock().await;
+        let mut r = records.get(id).cloned().ok_or_else(|| AccessError::NotFound(id.to_string()))?;
+        let now = unix_now();
+        if r.state != state::GRANTED || r.expires_at <= now {
+            return Err(AccessError::Conflict(format!("grant {id} is not active (state {})", r.state)));
+        }
+        let who = caller.spiffe_id.as_str();
+        let grace = self.settings.renewal_grace.as_secs() as i64;
+        let writes: Vec<Write> = self
+            .store
+            .issued_for(&r.spiffe_id)
+            .map_err(internal)?
+            .into_iter()
+            .filter(|c| c.not_after + grace >= now && c.roles.iter().any(|role| r.roles.contains(role)))
+            .map(|c| {
+                Write::PutRevocation(RevocationRecord {
+                    v: RECORD_VERSION,
+                    rev: 0,
+                    serial: c.serial,
+                    spiffe_id: c.spiffe_id,
+                    identity_rule: false,
+                    before: 0,
+                    reason: format!("grant {id} revoked: {reason}"),
+                    revoked_at: now,
+                    expires_at: c.not_after + grace,
+                    blocked: false,
+                    renewable: true,
+                })
+            })
+            .collect();
+        let n = writes.len();
+        r.state = state::REVOKED.into();
+        r.closed_by = who.to_string();
+        r.close_reason = reason.clone();
+        r.expires_at = now;
+        r.prune_at = now + KEEP_FINISHED;
+        let event = Event::new(Kind::AccessRevoked, who)
+            .subject(&r.spiffe_id)
+            .roles(r.roles.clone())
+            .reason(format!("grant {id}: {reason} ({n} certificates revoked)"));
+        self.commit(&mut records, r.clone(), event, writes).await?;
+        info!(%id, by = who, certs = n, "grant revoked");
+        Ok(r)
+    }
+
+    /// Requests visible to `caller`, newest first.
+    pub async fn list(&self, caller: &SvidInfo, pending_only: bool, subject: &str) -> Vec<AccessRecord> {
+        let sees_all = [ROLE_APPROVER, ROLE_ADMIN, ROLE_AUDITOR].iter().any(|r| has_role(caller, r));
+        let me = caller.spiffe_id.as_str();
+        let records = self.records.lock().await;
+        let mut out: Vec<AccessRecord> = records
+            .values()
+            .filter(|r| sees_all || r.spiffe_id == me || r.requester == me)
+            .filter(|r| !pending_only || r.state == state::PENDING)
+            .filter(|r| subject.is_empty() || r.spiffe_id == subject)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.id.cmp(&b.id)));
+        out
+    }
+
+    /// Expires pending requests nobody acted on and ends grants that ran out (each audited).
+    pub async fn sweep(&self) -> Result<usize, AccessError> {
+        let now = unix_now();
+        let mut records = self.records.lock().await;
+        let due: Vec<AccessRecord> = records
+            .values()
+            .filter(|r| (r.state == state::PENDING || r.state == state::GRANTED) && r.expires_at <= now)
+            .cloned()
+            .collect();
+        for mut r in due.iter().cloned() {
+            let (kind, reason) = if r.state == state::PENDING {
+                r.state = state::EXPIRED.into();
+                (Kind::AccessExpired, format!("request {}: no decision in time", r.id))
+            } else {
+                r.state = state::ENDED.into();
+                (Kind::AccessEnded, format!("grant {} ran out", r.id))
+            };
+            let event = Event::new(kind, "lanyard")
+                .subject(&r.spiffe_id)
+                .roles(r.roles.clone())
+                .reason(reason);
+            self.commit(&mut records, r, event, vec![]).await?;
+        }
+        Ok(due.len())
+    }
+
+    /// Runs [`Access::sweep`] every `every` until the task is dropped.
+    pub fn spawn_sweeper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(access) = me.upgrade() else { return };
+                if let Err(e) = access.sweep().await {
+                    warn!(error = %e, "access sweep failed");
+                }
+            }
+        })
+    }
+
+    async fn commit(
+        &self,
+        records: &mut HashMap<String, AccessRecord>,
+        record: AccessRecord,
+        event: Event,
+        mut writes: Vec<Write>,
+    ) -> Result<(), AccessError> {
+        writes.push(Write::PutAccess(record.clone()));
+        self.log.record(event, writes).await.map_err(|e: AuditError| internal(e))?;
+        records.insert(record.id.clone(), record);
+        self.reindex(records);
+        Ok(())
+    }
+
+    fn reindex(&self, records: &HashMap<String, AccessRecord>) {
+        let mut grants: HashMap<String, Vec<Grant>> = HashMap::new();
+        for r in records.values().filter(|r| r.state == state::GRANTED) {
+            grants.entry(r.spiffe_id.clone()).or_default().push(Grant {
+                id: r.id.clone(),
+                roles: r.roles.clone(),
+                ends_at: r.expires_at,
+            });
+        }
+        *self.grants.write().unwrap_or_else(|p| p.into_inner()) = grants;
+    }
+}
+
+fn pending(records: &HashMap<String, AccessRecord>, id: &str) -> Result<AccessRecord, AccessError> {
+    let r = records.get(id).cloned().ok_or_else(|| AccessError::NotFound(id.to_string()))?;
+    if r.state != state::PENDING {
+        return Err(AccessError::Conflict(format!("request {id} is {}, not pending", r.state)));
+    }
+    if r.expires_at <= unix_now() {
+        return Err(AccessError::Conflict(format!("request {id} has expired")));
+    }
+    Ok(r)
+}
+
+fn has_role(svid: &SvidInfo, role: &str) -> bool {
+    svid.roles.iter().any(|r| r == role)
+}
+
+fn text<'a>(s: &'a str, required: &str) -> Result<&'a str, AccessError> {
+    let t = s.trim();
+    if t.is_empty() && !required.is_empty() {
+        return Err(AccessError::Invalid(required.to_string()));
+    }
+    if t.len() > MAX_TEXT {
+        return Err(AccessError::Invalid(format!("text longer than {MAX_TEXT} bytes")));
+    }
+    Ok(t)
+}
+
+fn internal(e: impl std::fmt::Display) -> AccessError {
+    AccessError::Internal(e.to_string())
+}
