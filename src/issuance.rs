@@ -101,6 +101,8 @@ pub struct Issuance {
     log: AuditLog,
     revocations: Arc<Revocations>,
     settings: Settings,
+    /// Temporary-access grants, consulted at every issuance (set once at start-up).
+    access: std::sync::OnceLock<Arc<crate::access::Access>>,
 }
 
 impl Issuance {
@@ -118,7 +120,13 @@ impl Issuance {
             log,
             revocations,
             settings,
+            access: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Connects the temporary-access service: its live grants add roles to certificates.
+    pub fn set_access(&self, access: Arc<crate::access::Access>) {
+        let _ = self.access.set(access);
     }
 
     /// The signing CA.
@@ -461,6 +469,17 @@ impl Issuance {
             default_ttl: self.settings.default_ttl,
             min_ttl: self.settings.min_ttl,
         };
+        let now = unix_now();
+        // Live grants add roles beyond the policy rule and the enrollment ceiling, but never
+        // past the grant's end.
+        let grants = self
+            .access
+            .get()
+            .map(|a| a.active_grants(id.as_str(), now))
+            .unwrap_or_default();
+        let granted = |r: &String| grants.iter().any(|g| g.roles.contains(r));
+        let (asked_granted, asked_policy): (Vec<String>, Vec<String>) =
+            requested_roles.iter().cloned().partition(granted);
         let policy = self.policy.current();
         let decision = policy::decide(
             &policy,
@@ -469,7 +488,7 @@ impl Issuance {
                 spiffe_id: id,
                 ceiling_roles,
                 ceiling_ttl,
-                requested_roles: &requested_roles,
+                requested_roles: &asked_policy,
                 requested_ttl: req.ttl,
             },
         )
@@ -477,12 +496,31 @@ impl Issuance {
             policy::Denial::TtlTooShort { .. } => IssueError::BadRequest(d.to_string()),
             other => IssueError::Denied(other.to_string()),
         })?;
-        let now = unix_now();
+        let mut roles = if !requested_roles.is_empty() && asked_policy.is_empty() {
+            Vec::new()
+        } else {
+            decision.roles
+        };
+        let mut not_after =
+            now + decision.ttl.min(self.settings.max_cert_lifetime).as_secs() as i64;
+        for g in &grants {
+            let used: Vec<&String> = g
+                .roles
+                .iter()
+                .filter(|r| requested_roles.is_empty() || asked_granted.contains(r))
+                .collect();
+            if !used.is_empty() {
+                roles.extend(used.into_iter().cloned());
+                not_after = not_after.min(g.ends_at);
+            }
+        }
+        roles.sort();
+        roles.dedup();
         Ok(LeafParams {
             spiffe_id: id.clone(),
-            roles: decision.roles,
+            roles,
             not_before: now - BACKDATE_SECS,
-            not_after: now + decision.ttl.min(self.settings.max_cert_lifetime).as_secs() as i64,
+            not_after,
         })
     }
 

@@ -15,6 +15,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::access::{Access, AccessSettings, Notifier};
+use crate::api::access::AccessService;
 use crate::api::{
     Authenticator, admin::AdminService, audit::AuditService, ca::CaService,
     revocation::RevocationService,
@@ -26,8 +28,8 @@ use crate::config::ServeSettings;
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::issuance::{Issuance, Settings};
 use crate::pb::v1::{
-    admin_server::AdminServer, audit_server::AuditServer, ca_server::CaServer,
-    revocation_server::RevocationServer,
+    access_server::AccessServer, admin_server::AdminServer, audit_server::AuditServer,
+    ca_server::CaServer, revocation_server::RevocationServer,
 };
 use crate::policy::{PolicyHandle, ROLE_ADMIN};
 use crate::revocation::Revocations;
@@ -139,6 +141,22 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     ));
     let bundle =
         Bundle::new(vec![authority.root().clone()]).map_err(|e| ServeError::Tls(e.to_string()))?;
+    let access = Access::load(
+        log.clone(),
+        policy.clone(),
+        revocations.clone(),
+        AccessSettings {
+            request_ttl: settings.access_request_ttl,
+            renewal_grace: settings.renewal_grace,
+        },
+        Notifier {
+            cmd: settings.access_notify_cmd.clone(),
+            webhook: settings.access_webhook.clone(),
+        },
+    )
+    .map_err(|e| ServeError::Store(e.to_string()))?;
+    issuance.set_access(access.clone());
+    let sweeper = access.spawn_sweeper(Duration::from_secs(1));
     let auth = Authenticator::new(
         bundle,
         settings.roles_oid.clone(),
@@ -244,6 +262,10 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
+            AccessServer::new(AccessService::new(access.clone(), auth.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
             AuditServer::new(AuditService::new(
                 log.clone(),
                 auth.clone(),
@@ -279,6 +301,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         if let Err(e) = store.flush() {
             error!(error = %e, "final flush failed");
         }
+        sweeper.abort();
         info!("lanyard CA stopped");
     });
     Ok(Running {

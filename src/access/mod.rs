@@ -115,8 +115,11 @@ impl Access {
         notifier: Notifier,
     ) -> Result<Arc<Self>, StoreError> {
         let store = log.store().clone();
-        let records: HashMap<String, AccessRecord> =
-            store.access_all()?.into_iter().map(|r| (r.id.clone(), r)).collect();
+        let records: HashMap<String, AccessRecord> = store
+            .access_all()?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
         let access = Arc::new(Self {
             log,
             store,
@@ -161,13 +164,20 @@ impl Access {
                 caller.spiffe_id
             )));
         }
-        let reason = text(reason, "a reason is required (--reason), e.g. an incident or ticket")?;
+        let reason = text(
+            reason,
+            "a reason is required (--reason), e.g. an incident or ticket",
+        )?;
         let roles = normalize_roles(roles).map_err(|e| AccessError::Invalid(e.to_string()))?;
         if roles.is_empty() {
-            return Err(AccessError::Invalid("name at least one role (--roles)".into()));
+            return Err(AccessError::Invalid(
+                "name at least one role (--roles)".into(),
+            ));
         }
         if duration.is_zero() {
-            return Err(AccessError::Invalid("duration must be positive (--duration)".into()));
+            return Err(AccessError::Invalid(
+                "duration must be positive (--duration)".into(),
+            ));
         }
         let policy = self.policy.current();
         let rule = policy.lookup_access(&subject).ok_or_else(|| {
@@ -176,7 +186,11 @@ impl Access {
         if let Some(r) = roles.iter().find(|r| !rule.roles.contains(r)) {
             return Err(AccessError::Forbidden(format!(
                 "role {r:?} is not requestable for {subject} (requestable: {})",
-                if rule.roles.is_empty() { "none".into() } else { rule.roles.join(",") }
+                if rule.roles.is_empty() {
+                    "none".into()
+                } else {
+                    rule.roles.join(",")
+                }
             )));
         }
         if duration > rule.max_duration {
@@ -221,7 +235,8 @@ impl Access {
                 record.id, record.duration_secs, record.approvals_needed
             ));
         let mut records = self.records.lock().await;
-        self.commit(&mut records, record.clone(), event, vec![]).await?;
+        self.commit(&mut records, record.clone(), event, vec![])
+            .await?;
         drop(records);
         info!(id = %record.id, spiffe_id = %record.spiffe_id, roles = %record.roles.join(","), "access requested");
         self.notifier.notify(&record);
@@ -229,7 +244,12 @@ impl Access {
     }
 
     /// Adds `caller`'s approval; starts the grant when enough approvals are in.
-    pub async fn approve(&self, caller: &SvidInfo, id: &str, comment: &str) -> Result<AccessRecord, AccessError> {
+    pub async fn approve(
+        &self,
+        caller: &SvidInfo,
+        id: &str,
+        comment: &str,
+    ) -> Result<AccessRecord, AccessError> {
         if !has_role(caller, ROLE_APPROVER) {
             return Err(AccessError::Forbidden(format!(
                 "{} lacks {ROLE_APPROVER}",
@@ -246,7 +266,9 @@ impl Access {
             )));
         }
         if r.approvals.iter().any(|a| a.approver == who) {
-            return Err(AccessError::Conflict(format!("{who} already approved request {id}")));
+            return Err(AccessError::Conflict(format!(
+                "{who} already approved request {id}"
+            )));
         }
         let now = unix_now();
         r.approvals.push(ApprovalRecord {
@@ -255,21 +277,32 @@ impl Access {
             at: now,
         });
         let granted = r.approvals.len() as u32 >= r.approvals_needed;
-        let mut event = Event::new(Kind::AccessApproved, who)
+        let approved = Event::new(Kind::AccessApproved, who)
             .subject(&r.spiffe_id)
             .roles(r.roles.clone())
             .reason(format!(
                 "request {id}: approval {}/{}{}",
                 r.approvals.len(),
                 r.approvals_needed,
-                if comment.is_empty() { String::new() } else { format!(": {comment}") }
+                if comment.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {comment}")
+                }
             ));
-        if granted {
+        if !granted {
+            self.commit(&mut records, r.clone(), approved, vec![])
+                .await?;
+        } else {
             r.state = state::GRANTED.into();
             r.granted_at = now;
             r.expires_at = now + r.duration_secs as i64;
             r.prune_at = r.expires_at + KEEP_FINISHED;
-            event = Event::new(Kind::AccessGranted, who)
+            // The approval and the grant it completes are two events; the grant's state change
+            // is committed with the second, so a crash between them leaves a pending request
+            // with one more approval on record, never a grant without its event.
+            self.log.record(approved, vec![]).await.map_err(internal)?;
+            let grant = Event::new(Kind::AccessGranted, who)
                 .subject(&r.spiffe_id)
                 .roles(r.roles.clone())
                 .not_after(r.expires_at)
@@ -277,17 +310,26 @@ impl Access {
                     "grant {id} until {} after {} approvals ({}): {}",
                     crate::issuance::fmt_time(r.expires_at),
                     r.approvals.len(),
-                    r.approvals.iter().map(|a| a.approver.as_str()).collect::<Vec<_>>().join(", "),
+                    r.approvals
+                        .iter()
+                        .map(|a| a.approver.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     r.reason
                 ));
+            self.commit(&mut records, r.clone(), grant, vec![]).await?;
         }
-        self.commit(&mut records, r.clone(), event, vec![]).await?;
         info!(%id, approver = who, granted, "access approved");
         Ok(r)
     }
 
     /// Denies a pending request (an approver), or withdraws it (its requester).
-    pub async fn deny(&self, caller: &SvidInfo, id: &str, reason: &str) -> Result<AccessRecord, AccessError> {
+    pub async fn deny(
+        &self,
+        caller: &SvidInfo,
+        id: &str,
+        reason: &str,
+    ) -> Result<AccessRecord, AccessError> {
         let reason = text(reason, "a reason is required (--reason)")?.to_string();
         let mut records = self.records.lock().await;
         let mut r = pending(&records, id)?;
@@ -313,7 +355,12 @@ impl Access {
     /// Ends a grant early and revokes every live certificate of the subject that carries one of
     /// its roles. Those revocations are *renewable*: the holder may renew at once (and gets a
     /// certificate without the roles), while peers refuse the old certificate.
-    pub async fn revoke(&self, caller: &SvidInfo, id: &str, reason: &str) -> Result<AccessRecord, AccessError> {
+    pub async fn revoke(
+        &self,
+        caller: &SvidInfo,
+        id: &str,
+        reason: &str,
+    ) -> Result<AccessRecord, AccessError> {
         if !has_role(caller, ROLE_APPROVER) && !has_role(caller, ROLE_ADMIN) {
             return Err(AccessError::Forbidden(format!(
                 "{} lacks {ROLE_APPROVER} or {ROLE_ADMIN}",
@@ -322,10 +369,16 @@ impl Access {
         }
         let reason = text(reason, "a reason is required (--reason)")?.to_string();
         let mut records = self.records.lock().await;
-        let mut r = records.get(id).cloned().ok_or_else(|| AccessError::NotFound(id.to_string()))?;
+        let mut r = records
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AccessError::NotFound(id.to_string()))?;
         let now = unix_now();
         if r.state != state::GRANTED || r.expires_at <= now {
-            return Err(AccessError::Conflict(format!("grant {id} is not active (state {})", r.state)));
+            return Err(AccessError::Conflict(format!(
+                "grant {id} is not active (state {})",
+                r.state
+            )));
         }
         let who = caller.spiffe_id.as_str();
         let grace = self.settings.renewal_grace.as_secs() as i64;
@@ -334,7 +387,9 @@ impl Access {
             .issued_for(&r.spiffe_id)
             .map_err(internal)?
             .into_iter()
-            .filter(|c| c.not_after + grace >= now && c.roles.iter().any(|role| r.roles.contains(role)))
+            .filter(|c| {
+                c.not_after + grace >= now && c.roles.iter().any(|role| r.roles.contains(role))
+            })
             .map(|c| {
                 Write::PutRevocation(RevocationRecord {
                     v: RECORD_VERSION,
@@ -367,8 +422,15 @@ impl Access {
     }
 
     /// Requests visible to `caller`, newest first.
-    pub async fn list(&self, caller: &SvidInfo, pending_only: bool, subject: &str) -> Vec<AccessRecord> {
-        let sees_all = [ROLE_APPROVER, ROLE_ADMIN, ROLE_AUDITOR].iter().any(|r| has_role(caller, r));
+    pub async fn list(
+        &self,
+        caller: &SvidInfo,
+        pending_only: bool,
+        subject: &str,
+    ) -> Vec<AccessRecord> {
+        let sees_all = [ROLE_APPROVER, ROLE_ADMIN, ROLE_AUDITOR]
+            .iter()
+            .any(|r| has_role(caller, r));
         let me = caller.spiffe_id.as_str();
         let records = self.records.lock().await;
         let mut out: Vec<AccessRecord> = records
@@ -378,7 +440,11 @@ impl Access {
             .filter(|r| subject.is_empty() || r.spiffe_id == subject)
             .cloned()
             .collect();
-        out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.id.cmp(&b.id)));
+        out.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
         out
     }
 
@@ -388,13 +454,18 @@ impl Access {
         let mut records = self.records.lock().await;
         let due: Vec<AccessRecord> = records
             .values()
-            .filter(|r| (r.state == state::PENDING || r.state == state::GRANTED) && r.expires_at <= now)
+            .filter(|r| {
+                (r.state == state::PENDING || r.state == state::GRANTED) && r.expires_at <= now
+            })
             .cloned()
             .collect();
         for mut r in due.iter().cloned() {
             let (kind, reason) = if r.state == state::PENDING {
                 r.state = state::EXPIRED.into();
-                (Kind::AccessExpired, format!("request {}: no decision in time", r.id))
+                (
+                    Kind::AccessExpired,
+                    format!("request {}: no decision in time", r.id),
+                )
             } else {
                 r.state = state::ENDED.into();
                 (Kind::AccessEnded, format!("grant {} ran out", r.id))
@@ -430,7 +501,10 @@ impl Access {
         mut writes: Vec<Write>,
     ) -> Result<(), AccessError> {
         writes.push(Write::PutAccess(record.clone()));
-        self.log.record(event, writes).await.map_err(|e: AuditError| internal(e))?;
+        self.log
+            .record(event, writes)
+            .await
+            .map_err(|e: AuditError| internal(e))?;
         records.insert(record.id.clone(), record);
         self.reindex(records);
         Ok(())
@@ -450,9 +524,15 @@ impl Access {
 }
 
 fn pending(records: &HashMap<String, AccessRecord>, id: &str) -> Result<AccessRecord, AccessError> {
-    let r = records.get(id).cloned().ok_or_else(|| AccessError::NotFound(id.to_string()))?;
+    let r = records
+        .get(id)
+        .cloned()
+        .ok_or_else(|| AccessError::NotFound(id.to_string()))?;
     if r.state != state::PENDING {
-        return Err(AccessError::Conflict(format!("request {id} is {}, not pending", r.state)));
+        return Err(AccessError::Conflict(format!(
+            "request {id} is {}, not pending",
+            r.state
+        )));
     }
     if r.expires_at <= unix_now() {
         return Err(AccessError::Conflict(format!("request {id} has expired")));
@@ -470,7 +550,9 @@ fn text<'a>(s: &'a str, required: &str) -> Result<&'a str, AccessError> {
         return Err(AccessError::Invalid(required.to_string()));
     }
     if t.len() > MAX_TEXT {
-        return Err(AccessError::Invalid(format!("text longer than {MAX_TEXT} bytes")));
+        return Err(AccessError::Invalid(format!(
+            "text longer than {MAX_TEXT} bytes"
+        )));
     }
     Ok(t)
 }

@@ -37,7 +37,9 @@ impl Notifier {
                 match tokio::time::timeout(Duration::from_secs(30), run).await {
                     Ok(Ok(s)) if s.success() => debug!(id = %r.id, "access notify command ran"),
                     Ok(Ok(s)) => warn!(id = %r.id, status = %s, "access notify command failed"),
-                    Ok(Err(e)) => warn!(id = %r.id, error = %e, "access notify command could not start"),
+                    Ok(Err(e)) => {
+                        warn!(id = %r.id, error = %e, "access notify command could not start")
+                    }
                     Err(_) => warn!(id = %r.id, "access notify command timed out"),
                 }
             });
@@ -58,7 +60,9 @@ impl Notifier {
             let id = r.id.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), post(&url, &body)).await {
-                    Ok(Ok(status)) if (200..300).contains(&status) => debug!(%id, status, "access webhook delivered"),
+                    Ok(Ok(status)) if (200..300).contains(&status) => {
+                        debug!(%id, status, "access webhook delivered")
+                    }
                     Ok(Ok(status)) => warn!(%id, status, "access webhook answered with an error"),
                     Ok(Err(e)) => warn!(%id, error = %e, "access webhook failed"),
                     Err(_) => warn!(%id, "access webhook timed out"),

@@ -104,10 +104,22 @@ impl Agent {
             tokio::select! {
                 () = tokio::time::sleep_until(next) => {}
                 _ = revocation_check.tick() => {
-                    if let Some(state) = self.current() && let Some(why) = self.revocations.check(&state.svid) {
-                        return Err(AgentError::Revoked(why));
+                    let Some(state) = self.current() else { continue };
+                    let Some(why) = self.revocations.check(&state.svid) else { continue };
+                    // A revoked grant revokes the certificate but not the identity: the CA lets
+                    // the holder renew at once (without the roles). Anything else ends here.
+                    match self.renew().await {
+                        Ok(renewed) => {
+                            info!(reason = %why, "certificate revoked but renewable; renewed");
+                            self.publish(renewed).await?;
+                            next = tokio::time::Instant::now() + self.next_refresh();
+                            continue;
+                        }
+                        Err(e) => {
+                            debug!(error = e.message(), "renewal after revocation refused");
+                            return Err(AgentError::Revoked(why));
+                        }
                     }
-                    continue;
                 }
                 _ = shutdown.changed() => {
                     info!("agent stopping");

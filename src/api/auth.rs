@@ -111,7 +111,7 @@ impl Authenticator {
             return Err(AuthError::NoCertificate);
         }
         let svid = self.verify_chain(chain, now, allow_grace)?;
-        self.check_revocation(svid)
+        self.check_revocation(svid, allow_grace)
     }
 
     /// Chain verification, through the cache. A cached entry stands for "`verify_svid` succeeded
@@ -176,13 +176,17 @@ impl Authenticator {
     }
 
     /// Revocation is never cached: a certificate or identity revoked a moment ago is refused on
-    /// its very next call.
-    fn check_revocation(&self, svid: SvidInfo) -> Result<SvidInfo, AuthError> {
+    /// its very next call. A *renewable* serial revocation (a revoked grant) still lets the
+    /// holder renew (`renewal`), and nothing else.
+    fn check_revocation(&self, svid: SvidInfo, renewal: bool) -> Result<SvidInfo, AuthError> {
         if let Some(r) = self
             .revocations
             .status(&svid)
             .map_err(|e| AuthError::Internal(e.to_string()))?
         {
+            if renewal && r.renewable && !r.identity_rule {
+                return Ok(svid);
+            }
             let what = if r.identity_rule {
                 format!("identity {} was revoked", svid.spiffe_id)
             } else {

@@ -1,5 +1,6 @@
 //! tonic adapters: proto ↔ domain, authentication, and the one place errors become `Status`.
 
+pub mod access;
 pub mod admin;
 pub mod audit;
 pub mod auth;

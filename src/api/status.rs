@@ -41,6 +41,18 @@ pub fn revocation(e: RevocationError) -> Status {
     }
 }
 
+/// Maps an access error.
+pub fn access(e: crate::access::AccessError) -> Status {
+    use crate::access::AccessError;
+    match e {
+        AccessError::Invalid(m) => Status::invalid_argument(m),
+        AccessError::Forbidden(m) => Status::permission_denied(m),
+        AccessError::NotFound(_) => Status::not_found(e.to_string()),
+        AccessError::Conflict(m) => Status::failed_precondition(m),
+        AccessError::Internal(m) => internal(&m),
+    }
+}
+
 /// Maps an audit error.
 pub fn audit(e: AuditError) -> Status {
     internal(&e.to_string())

@@ -1,5 +1,6 @@
 //! The `lanyard` command tree.
 
+mod access;
 mod admin;
 mod agent;
 mod audit;
@@ -73,6 +74,9 @@ enum Command {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Temporary elevated access: request, approve, deny, revoke.
+    #[command(subcommand)]
+    Access(access::AccessCmd),
 }
 
 /// `lanyard serve` flags.
@@ -133,6 +137,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Crl(a) => admin::crl(a).await,
         Command::Bundle(a) => admin::bundle(a).await,
         Command::Audit(c) => audit::run(c).await,
+        Command::Access(c) => access::run(c).await,
     }
 }
 

@@ -1,0 +1,133 @@
+//! `lanyard.v1.Access`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::{Authenticator, status};
+use crate::access::Access;
+use crate::pb::v1::{self as pb, access_server::Access as AccessRpc};
+use crate::store::AccessRecord;
+
+/// The Access service.
+pub struct AccessService {
+    access: Arc<Access>,
+    auth: Authenticator,
+}
+
+impl AccessService {
+    /// Wires the service.
+    pub fn new(access: Arc<Access>, auth: Authenticator) -> Self {
+        Self { access, auth }
+    }
+}
+
+/// Converts a stored record to its wire form.
+pub fn to_proto(r: AccessRecord) -> pb::AccessRequest {
+    pb::AccessRequest {
+        id: r.id,
+        spiffe_id: r.spiffe_id,
+        roles: r.roles,
+        duration_seconds: r.duration_secs.min(u64::from(u32::MAX)) as u32,
+        reason: r.reason,
+        requester: r.requester,
+        created_at: r.created_at,
+        state: r.state,
+        approvals: r
+            .approvals
+            .into_iter()
+            .map(|a| pb::Approval {
+                approver: a.approver,
+                comment: a.comment,
+                at: a.at,
+            })
+            .collect(),
+        approvals_needed: r.approvals_needed,
+        expires_at: r.expires_at,
+        granted_at: r.granted_at,
+        closed_by: r.closed_by,
+        close_reason: r.close_reason,
+    }
+}
+
+#[tonic::async_trait]
+impl AccessRpc for AccessService {
+    async fn request(
+        &self,
+        req: Request<pb::AccessRequestCreate>,
+    ) -> Result<Response<pb::AccessRequest>, Status> {
+        let caller = self.auth.peer(&req, false).map_err(status::auth)?;
+        let b = req.into_inner();
+        let r = self
+            .access
+            .request(
+                &caller,
+                &b.spiffe_id,
+                &b.roles,
+                Duration::from_secs(b.duration_seconds.into()),
+                &b.reason,
+            )
+            .await
+            .map_err(status::access)?;
+        Ok(Response::new(to_proto(r)))
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::AccessListRequest>,
+    ) -> Result<Response<pb::AccessListResponse>, Status> {
+        let caller = self.auth.peer(&req, false).map_err(status::auth)?;
+        let b = req.into_inner();
+        let requests = self
+            .access
+            .list(&caller, b.pending_only, &b.spiffe_id)
+            .await
+            .into_iter()
+            .map(to_proto)
+            .collect();
+        Ok(Response::new(pb::AccessListResponse { requests }))
+    }
+
+    async fn approve(
+        &self,
+        req: Request<pb::AccessDecision>,
+    ) -> Result<Response<pb::AccessRequest>, Status> {
+        let caller = self.auth.peer(&req, false).map_err(status::auth)?;
+        let b = req.into_inner();
+        let r = self
+            .access
+            .approve(&caller, &b.id, &b.comment)
+            .await
+            .map_err(status::access)?;
+        Ok(Response::new(to_proto(r)))
+    }
+
+    async fn deny(
+        &self,
+        req: Request<pb::AccessDecision>,
+    ) -> Result<Response<pb::AccessRequest>, Status> {
+        let caller = self.auth.peer(&req, false).map_err(status::auth)?;
+        let b = req.into_inner();
+        let r = self
+            .access
+            .deny(&caller, &b.id, &b.comment)
+            .await
+            .map_err(status::access)?;
+        Ok(Response::new(to_proto(r)))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<pb::AccessDecision>,
+    ) -> Result<Response<pb::AccessRequest>, Status> {
+        let caller = self.auth.peer(&req, false).map_err(status::auth)?;
+        let b = req.into_inner();
+        let r = self
+            .access
+            .revoke(&caller, &b.id, &b.comment)
+            .await
+            .map_err(status::access)?;
+        Ok(Response::new(to_proto(r)))
+    }
+}
