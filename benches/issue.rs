@@ -478,6 +478,8 @@ struct Point {
     /// Process CPU seconds during the measured window: all threads, and the clients' share.
     cpu: f64,
     client_cpu: f64,
+    /// Mean events per audit group commit (one fsync each).
+    per_group: f64,
     ok: usize,
     errors: usize,
     first_error: Option<String>,
@@ -487,12 +489,20 @@ struct Point {
 
 fn header() {
     println!(
-        "  {:>4}  {:>12}  {:>8}  {:>8}  {:>8}  {:>11}  {:>11}  {:>6}",
-        "N", "issuances/s", "p50 ms", "p99 ms", "ceiling", "server CPU", "client CPU", "errors"
+        "  {:>4}  {:>12}  {:>8}  {:>8}  {:>8}  {:>11}  {:>11}  {:>9}  {:>6}",
+        "N",
+        "issuances/s",
+        "p50 ms",
+        "p99 ms",
+        "ceiling",
+        "server CPU",
+        "client CPU",
+        "events",
+        "errors"
     );
     println!(
-        "  {:>4}  {:>12}  {:>8}  {:>8}  {:>8}  {:>11}  {:>11}",
-        "", "", "", "", "", "µs/issuance", "µs/issuance"
+        "  {:>4}  {:>12}  {:>8}  {:>8}  {:>8}  {:>11}  {:>11}  {:>9}",
+        "", "", "", "", "", "µs/issuance", "µs/issuance", "per fsync"
     );
 }
 
@@ -509,12 +519,13 @@ impl Point {
         let rate = self.ok as f64 / self.secs;
         let per = |cpu: f64| cpu * 1e6 / self.ok.max(1) as f64;
         println!(
-            "  {n:>4}  {rate:>12.0}  {:>8.2}  {:>8.2}  {:>7.1}%  {:>11.0}  {:>11.0}  {:>6}",
+            "  {n:>4}  {rate:>12.0}  {:>8.2}  {:>8.2}  {:>7.1}%  {:>11.0}  {:>11.0}  {:>9.1}  {:>6}",
             pct(0.50),
             pct(0.99),
             100.0 * rate / ceiling,
             per(self.cpu - self.client_cpu),
             per(self.client_cpu),
+            self.per_group,
             self.errors
         );
         if let Some(e) = &self.first_error {
@@ -567,11 +578,14 @@ async fn run_point(k: &Knobs, clients: &[Arc<Client>]) -> Point {
     // CPU time over the measured window only (the warm-up is excluded).
     tokio::time::sleep_until(measure_from.into()).await;
     let (cpu0, client0) = cpu_secs();
+    let (groups0, events0) = AuditLog::commit_counters();
     tokio::time::sleep_until(until.into()).await;
     let (cpu1, client1) = cpu_secs();
+    let (groups1, events1) = AuditLog::commit_counters();
     let mut p = Point {
         cpu: cpu1 - cpu0,
         client_cpu: client1 - client0,
+        per_group: (events1 - events0) as f64 / (groups1 - groups0).max(1) as f64,
         ok: 0,
         errors: 0,
         first_error: None,

@@ -62,7 +62,7 @@ async fn main() -> std::process::ExitCode {
             Ok(body) => print!("{body}"),
             Err(e) => {
                 failures += 1;
-                println!("call failed: {e}");
+                println!("call failed: {}", lanyard::client::error_chain(e.as_ref()));
             }
         }
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::ca::RolesOid;
+use crate::federation::{FederatedDomain, FederationConfigError, FederationSpec};
 use crate::policy::{AccessRuleSpec, Policy, PolicyError, RuleSpec};
 use crate::spiffe::TrustDomain;
 
@@ -30,6 +31,9 @@ pub enum ConfigError {
     /// The policy section is invalid.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// A `[[federation]]` entry is invalid.
+    #[error(transparent)]
+    Federation(#[from] FederationConfigError),
 }
 
 /// The config file, as written. Every field is optional; see `deploy/lanyard.example.toml`.
@@ -89,6 +93,17 @@ pub struct FileConfig {
     /// approvals.
     #[serde(default)]
     pub access: Vec<AccessRuleSpec>,
+    /// Where to serve the SPIFFE bundle endpoint (HTTPS); off when absent.
+    pub bundle_endpoint_listen: Option<SocketAddr>,
+    /// The `spiffe_refresh_hint` published in the own bundle.
+    #[serde(default, with = "opt_duration")]
+    pub bundle_refresh_hint: Option<Duration>,
+    /// How long a staged CA is published before signing switches to it (`lanyard ca rotate`).
+    #[serde(default, with = "opt_duration")]
+    pub ca_rotation_overlap: Option<Duration>,
+    /// Federated trust domains.
+    #[serde(default)]
+    pub federation: Vec<FederationSpec>,
 }
 
 /// Values given on the command line or in the environment; they win over the file.
@@ -135,6 +150,14 @@ pub struct ServeSettings {
     pub access_notify_cmd: Option<String>,
     /// Webhook for new access requests.
     pub access_webhook: Option<String>,
+    /// Bundle endpoint address, if served.
+    pub bundle_endpoint_listen: Option<SocketAddr>,
+    /// `spiffe_refresh_hint` of the own bundle.
+    pub bundle_refresh_hint: Duration,
+    /// Staged-CA publication time before the signing switch.
+    pub ca_rotation_overlap: Duration,
+    /// Federated trust domains.
+    pub federation: Vec<FederatedDomain>,
     /// Roles extension OID.
     pub roles_oid: RolesOid,
     /// An operator-supplied CA (cert chain, key).
@@ -173,6 +196,11 @@ pub mod defaults {
     pub const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
     /// How long an access request waits for approvals.
     pub const ACCESS_REQUEST_TTL: Duration = Duration::from_secs(3600);
+    /// `spiffe_refresh_hint` of the own bundle.
+    pub const BUNDLE_REFRESH_HINT: Duration = Duration::from_secs(300);
+    /// How many refresh hints a staged CA is published before signing switches to it (the
+    /// default `ca_rotation_overlap` is this many times `bundle_refresh_hint`).
+    pub const CA_ROTATION_OVERLAP_HINTS: u32 = 3;
 }
 
 impl FileConfig {
@@ -262,7 +290,10 @@ impl ServeSettings {
             .access_request_ttl
             .unwrap_or(defaults::ACCESS_REQUEST_TTL);
         if access_request_ttl.is_zero() {
-            return Err(ConfigError::Invalid("access_request_ttl", "must be positive".into()));
+            return Err(ConfigError::Invalid(
+                "access_request_ttl",
+                "must be positive".into(),
+            ));
         }
         if let Some(url) = &file.access_webhook
             && !url.starts_with("http://")
@@ -272,6 +303,25 @@ impl ServeSettings {
                 format!("{url:?}: only http:// URLs are supported (put a TLS proxy in front)"),
             ));
         }
+        let bundle_refresh_hint = file
+            .bundle_refresh_hint
+            .unwrap_or(defaults::BUNDLE_REFRESH_HINT);
+        if bundle_refresh_hint < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(
+                "bundle_refresh_hint",
+                format!("{bundle_refresh_hint:?} must be at least 1s"),
+            ));
+        }
+        let ca_rotation_overlap = file
+            .ca_rotation_overlap
+            .unwrap_or(bundle_refresh_hint * defaults::CA_ROTATION_OVERLAP_HINTS);
+        if ca_rotation_overlap < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(
+                "ca_rotation_overlap",
+                format!("{ca_rotation_overlap:?} must be at least 1s"),
+            ));
+        }
+        let federation = crate::federation::resolve_all(&file.federation, &trust_domain)?;
         Ok(Self {
             trust_domain,
             data_dir: overrides
@@ -291,6 +341,10 @@ impl ServeSettings {
             access_request_ttl,
             access_notify_cmd: file.access_notify_cmd.clone(),
             access_webhook: file.access_webhook.clone(),
+            bundle_endpoint_listen: file.bundle_endpoint_listen,
+            bundle_refresh_hint,
+            ca_rotation_overlap,
+            federation,
             roles_oid,
             ca_files,
             config_path: config_path.map(Path::to_path_buf),
@@ -349,6 +403,14 @@ mod tests {
         assert_eq!(s.admin_cert_ttl, defaults::ADMIN_CERT_TTL);
         assert_eq!(s.token_ttl, defaults::TOKEN_TTL);
         assert_eq!(s.crl_validity, defaults::CRL_VALIDITY);
+        assert_eq!(s.access_request_ttl, defaults::ACCESS_REQUEST_TTL);
+        assert_eq!(s.bundle_refresh_hint, defaults::BUNDLE_REFRESH_HINT);
+        assert_eq!(
+            s.ca_rotation_overlap,
+            defaults::BUNDLE_REFRESH_HINT * defaults::CA_ROTATION_OVERLAP_HINTS
+        );
+        assert_eq!(s.bundle_endpoint_listen, None);
+        assert!(s.federation.is_empty());
         assert_eq!(s.prune_interval, defaults::PRUNE_INTERVAL);
         assert_eq!(s.listen.to_string(), defaults::LISTEN);
         assert_eq!(s.roles_oid, RolesOid::default());
@@ -366,6 +428,8 @@ mod tests {
             "trust_domain = \"example.org\"\nroles_oid = \"2.25.340282366920938463463374607431768211455\"\n",
             "trust_domain = \"example.org\"\nmin_ttl = \"10m\"\n",
             "trust_domain = \"example.org\"\nprune_interval = \"0s\"\n",
+            "trust_domain = \"example.org\"\nbundle_refresh_hint = \"0s\"\n",
+            "trust_domain = \"example.org\"\n[[federation]]\ntrust_domain = \"b.example\"\nbundle_endpoint_url = \"http://b/\"\nendpoint_spiffe_id = \"spiffe://b.example/lanyard/server\"\n",
             "trust_domain = \"example.org\"\n[[policy]]\nspiffe_id = \"spiffe://other.org/x\"\n",
         ] {
             std::fs::write(&p, bad).unwrap();

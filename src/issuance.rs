@@ -8,7 +8,7 @@ use rcgen::PublicKeyData;
 use rustls_pki_types::CertificateDer;
 use tracing::{info, warn};
 
-use crate::audit::{AuditLog, Event, Kind};
+use crate::audit::{AuditLog, Event, Intent, Kind};
 use crate::ca::{Authority, CaError, LeafParams, SvidInfo, ValidCsr, parse_csr};
 use crate::policy::{self, Ask, Limits, PolicyHandle, RESERVED_PREFIX};
 use crate::revocation::Revocations;
@@ -19,6 +19,18 @@ use crate::tokens::JoinToken;
 
 /// Seconds a certificate's notBefore is backdated, for clock skew between machines.
 pub const BACKDATE_SECS: i64 = 30;
+
+tokio::task_local! {
+    /// The audit [`Intent`] of the token or renewal request running on this task: taken when the
+    /// request starts, handed to the audit log with the request's one event (issued or denied),
+    /// so the group commit knows an event is on its way while the CSR is checked and signed.
+    static INTENT: std::cell::RefCell<Option<Intent>>;
+}
+
+/// The current task's audit intent, if it has one left.
+fn take_intent() -> Option<Intent> {
+    INTENT.try_with(|i| i.borrow_mut().take()).ok().flatten()
+}
 
 /// Lifetime settings of the issuance service.
 #[derive(Debug, Clone, Copy)]
@@ -145,6 +157,11 @@ impl Issuance {
 
     /// Bootstrap: issues a certificate to the holder of a join token, consuming one use.
     pub async fn with_token(&self, token: &str, req: IssueRequest) -> Result<Issued, IssueError> {
+        let intent = std::cell::RefCell::new(Some(self.log.intent()));
+        INTENT.scope(intent, self.token_inner(token, req)).await
+    }
+
+    async fn token_inner(&self, token: &str, req: IssueRequest) -> Result<Issued, IssueError> {
         let actor_unknown = "token:?".to_string();
         let parsed = match JoinToken::parse(token) {
             Ok(t) => t,
@@ -227,6 +244,11 @@ impl Issuance {
     /// Renewal: issues a new certificate for the same identity to an authenticated peer. Roles
     /// are re-evaluated: the identity's enrollment ceiling, intersected with policy now.
     pub async fn renew(&self, peer: &SvidInfo, req: IssueRequest) -> Result<Issued, IssueError> {
+        let intent = std::cell::RefCell::new(Some(self.log.intent()));
+        INTENT.scope(intent, self.renew_inner(peer, req)).await
+    }
+
+    async fn renew_inner(&self, peer: &SvidInfo, req: IssueRequest) -> Result<Issued, IssueError> {
         let actor = peer.spiffe_id.to_string();
         let csr = match self.check_csr(&req.csr) {
             Ok(c) => c,
@@ -538,6 +560,8 @@ impl Issuance {
         };
         let ahead = floor - unix_now();
         if ahead > 0 {
+            // Do not hold the audit group commit open while sleeping.
+            drop(take_intent());
             tokio::time::sleep(Duration::from_secs(ahead as u64)).await;
             leaf.not_after += ahead;
         }
@@ -606,7 +630,10 @@ impl Issuance {
             .roles(s.roles.clone())
             .not_after(s.not_after)
             .reason(reason);
-        self.log.record(event, writes).await.map_err(internal)?;
+        self.log
+            .record_with(take_intent(), event, writes)
+            .await
+            .map_err(internal)?;
         info!(spiffe_id = %s.spiffe_id, serial = %s.serial, kind = kind.as_str(), "certificate issued");
         Ok(issued)
     }
@@ -620,7 +647,7 @@ impl Issuance {
         let event = Event::new(Kind::Denied, actor)
             .subject(subject)
             .reason(err.to_string());
-        if let Err(e) = self.log.record(event, vec![]).await {
+        if let Err(e) = self.log.record_with(take_intent(), event, vec![]).await {
             warn!(error = %e, "cannot record denial");
         }
         err

@@ -9,6 +9,7 @@
 //! - [`revocation`]: revocation by serial and identity, CRLs.
 //! - [`issuance`]: token bootstrap, renewal, local credentials, token minting.
 //! - [`tls`]: rustls pieces for SPIFFE mTLS.
+//! - [`federation`]: SPIFFE bundles, the bundle endpoint, federated trust domains.
 //! - [`api`]: tonic services (the only place errors become `tonic::Status`).
 //! - [`server`]: `lanyard serve` wiring.
 //! - [`client`]: connecting to the CA.
@@ -23,6 +24,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod federation;
 pub mod fsutil;
 pub mod issuance;
 pub mod policy;

@@ -25,6 +25,7 @@ use crate::audit::{AuditLog, Event, Kind};
 use crate::ca::{Authority, CaError};
 use crate::client::write_credential;
 use crate::config::ServeSettings;
+use crate::federation::{BundleHub, serve_bundle_endpoint, spawn_refreshers};
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::issuance::{Issuance, Settings};
 use crate::pb::v1::{
@@ -64,12 +65,17 @@ pub enum ServeError {
     /// The listener could not bind.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    /// Federation state (bundles under `<data_dir>/federation`) could not be loaded.
+    #[error("federation: {0}")]
+    Federation(String),
 }
 
 /// A running server.
 pub struct Running {
     /// The bound address.
     pub addr: SocketAddr,
+    /// The bundle endpoint's bound address, when `bundle_endpoint_listen` is set.
+    pub bundle_endpoint: Option<SocketAddr>,
     /// Trips shutdown.
     pub shutdown: watch::Sender<bool>,
     /// Finishes when the server has stopped.
@@ -120,6 +126,15 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         SledStore::open(&data.join("store")).map_err(|e| ServeError::Store(e.to_string()))?,
     );
     let log = AuditLog::start(store.clone()).map_err(|e| ServeError::Store(e.to_string()))?;
+    let bundles = BundleHub::open(
+        &data.join("federation"),
+        settings.trust_domain.clone(),
+        vec![authority.root().clone()],
+        settings.bundle_refresh_hint,
+        log.clone(),
+    )
+    .await
+    .map_err(|e| ServeError::Federation(e.to_string()))?;
     let revocations = Arc::new(Revocations::new(
         log.clone(),
         settings.renewal_grace,
@@ -196,8 +211,40 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         .with_cert_resolver(slot.clone());
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let bundle_listener = match settings.bundle_endpoint_listen {
+        Some(at) => Some(
+            TcpListener::bind(at)
+                .await
+                .map_err(|e| ServeError::Bind(at, e))?,
+        ),
+        None => None,
+    };
+    let bundle_endpoint = match &bundle_listener {
+        Some(l) => {
+            let at = l.local_addr().map_err(|e| ServeError::Bind(addr, e))?;
+            let file = data.join("bundle_endpoint.addr");
+            write_atomic(&file, at.to_string().as_bytes(), 0o644)
+                .map_err(|e| ServeError::Io(file.clone(), e))?;
+            Some(at)
+        }
+        None => None,
+    };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    if let Some(l) = bundle_listener {
+        tokio::spawn(serve_bundle_endpoint(
+            l,
+            slot.clone(),
+            bundles.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    spawn_refreshers(
+        bundles.clone(),
+        settings.federation.clone(),
+        settings.roles_oid.clone(),
+        shutdown_rx.clone(),
+    );
     let (conn_tx, conn_rx) = mpsc::channel(128);
     tokio::spawn(accept_loop(
         listener,
@@ -254,11 +301,20 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         .add_service(health)
         .add_service(reflection)
         .add_service(
-            CaServer::new(CaService::new(issuance.clone(), auth.clone()))
+            CaServer::new(CaService::new(
+                issuance.clone(),
+                auth.clone(),
+                bundles.clone(),
+                shutdown_rx.clone(),
+            ))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
-            AdminServer::new(AdminService::new(issuance.clone(), auth.clone()))
+            AdminServer::new(AdminService::new(
+                issuance.clone(),
+                auth.clone(),
+                bundles.clone(),
+            ))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
@@ -306,6 +362,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     });
     Ok(Running {
         addr,
+        bundle_endpoint,
         shutdown: shutdown_tx,
         done,
     })

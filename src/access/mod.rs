@@ -256,7 +256,7 @@ impl Access {
                 caller.spiffe_id
             )));
         }
-        let comment = text(comment, "").unwrap_or_default().to_string();
+        let comment = text(comment, "")?.to_string();
         let mut records = self.records.lock().await;
         let mut r = pending(&records, id)?;
         let who = caller.spiffe_id.as_str();
@@ -382,14 +382,26 @@ impl Access {
         }
         let who = caller.spiffe_id.as_str();
         let grace = self.settings.renewal_grace.as_secs() as i64;
-        let writes: Vec<Write> = self
-            .store
-            .issued_for(&r.spiffe_id)
-            .map_err(internal)?
+        let mut live = Vec::new();
+        for c in self.store.issued_for(&r.spiffe_id).map_err(internal)? {
+            if c.not_after + grace < now || !c.roles.iter().any(|role| r.roles.contains(role)) {
+                continue;
+            }
+            // A certificate already revoked (by serial, by its identity, by an earlier grant)
+            // keeps that entry: replacing it with a renewable one would let a certificate
+            // revoked for good (a leaked key) renew again.
+            if self
+                .store
+                .revoked_serial(&c.serial)
+                .map_err(internal)?
+                .is_some()
+            {
+                continue;
+            }
+            live.push(c);
+        }
+        let writes: Vec<Write> = live
             .into_iter()
-            .filter(|c| {
-                c.not_after + grace >= now && c.roles.iter().any(|role| r.roles.contains(role))
-            })
             .map(|c| {
                 Write::PutRevocation(RevocationRecord {
                     v: RECORD_VERSION,

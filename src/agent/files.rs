@@ -6,7 +6,12 @@
 //! through `..data`, so every file a reader opens is complete, and a reader that opens the files
 //! of one generation gets a matching key and certificate. `svid.pem` holds both in one file for
 //! readers (nginx, haproxy) that can load key and chain from a single path.
+//!
+//! Federated bundles live in the same generation, as `federated/<trust-domain>.pem` (the
+//! `federated` link points through `..data` like the files), so a reader always sees bundles
+//! that were current together with the certificate.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
@@ -17,14 +22,27 @@ use crate::ca::certs_to_pem;
 use crate::fsutil::write_atomic;
 
 const DATA: &str = "..data";
-const FILES: [&str; 4] = ["cert.pem", "key.pem", "bundle.pem", "svid.pem"];
+const FEDERATED: &str = "federated";
+const FILES: [&str; 5] = ["cert.pem", "key.pem", "bundle.pem", "svid.pem", FEDERATED];
 
-/// Publishes a new generation of the credential in `dir`.
+/// Publishes a new generation of the credential in `dir`, without federated bundles.
 pub fn write_svid_dir(
     dir: &Path,
     chain: &[CertificateDer<'_>],
     key_pem: &str,
     bundle: &[CertificateDer<'_>],
+) -> std::io::Result<()> {
+    write_credential_dir(dir, chain, key_pem, bundle, &BTreeMap::new())
+}
+
+/// Publishes a new generation of the credential in `dir`, with `federated` bundles (trust domain
+/// name → CA certificates) as `federated/<td>.pem`.
+pub fn write_credential_dir(
+    dir: &Path,
+    chain: &[CertificateDer<'_>],
+    key_pem: &str,
+    bundle: &[CertificateDer<'_>],
+    federated: &BTreeMap<String, Vec<CertificateDer<'_>>>,
 ) -> std::io::Result<()> {
     fs::create_dir_all(dir)?;
     let gen_name = format!(
@@ -50,6 +68,23 @@ pub fn write_svid_dir(
         format!("{key_pem}{chain_pem}").as_bytes(),
         0o600,
     )?;
+    let fed_dir = gen_dir.join(FEDERATED);
+    fs::create_dir(&fed_dir)?;
+    fs::set_permissions(&fed_dir, fs::Permissions::from_mode(0o755))?;
+    for (td, certs) in federated {
+        // Trust domain names are [a-z0-9._-]; refuse anything that could leave the directory.
+        if td.is_empty() || td.contains('/') || td.starts_with('.') {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("bad trust domain name {td:?}"),
+            ));
+        }
+        write_atomic(
+            &fed_dir.join(format!("{td}.pem")),
+            certs_to_pem(certs).as_bytes(),
+            0o644,
+        )?;
+    }
 
     let previous = fs::read_link(dir.join(DATA)).ok();
     swap_symlink(dir, DATA, Path::new(&gen_name))?;
@@ -84,6 +119,29 @@ fn swap_symlink(dir: &Path, name: &str, target: &Path) -> std::io::Result<()> {
     let _ = fs::remove_file(&tmp);
     symlink(target, &tmp)?;
     fs::rename(&tmp, dir.join(name))
+}
+
+/// Reads the federated bundles of the current generation (`federated/<td>.pem`); unreadable
+/// files are skipped.
+pub fn read_federated(dir: &Path) -> BTreeMap<String, Vec<CertificateDer<'static>>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut out = BTreeMap::new();
+    let Ok(entries) = fs::read_dir(dir.join(FEDERATED)) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(td) = name.to_str().and_then(|n| n.strip_suffix(".pem")) else {
+            continue;
+        };
+        let certs: Option<Vec<CertificateDer<'static>>> = fs::read(entry.path())
+            .ok()
+            .and_then(|pem| CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>().ok());
+        if let Some(certs) = certs.filter(|c| !c.is_empty()) {
+            out.insert(td.to_string(), certs);
+        }
+    }
+    out
 }
 
 /// Reads `cert.pem` and `key.pem` of one generation (through one resolution of `..data`), for
@@ -137,5 +195,29 @@ mod tests {
         let (c, k) = read_consistent(dir.path()).unwrap();
         assert!(c.starts_with(b"-----BEGIN CERTIFICATE-----"));
         assert_eq!(k, b"KEY3\n");
+        assert!(
+            fs::read_dir(dir.path().join("federated"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn federated_bundles_are_part_of_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = CertificateDer::from(vec![0x30, 0x00]);
+        let mut fed = BTreeMap::new();
+        fed.insert("b.example".to_string(), vec![cert.clone()]);
+        write_credential_dir(dir.path(), &[cert.clone()], "K\n", &[cert.clone()], &fed).unwrap();
+        let pem = fs::read_to_string(dir.path().join("federated/b.example.pem")).unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        fed.clear();
+        fed.insert("c.example".to_string(), vec![cert.clone()]);
+        write_credential_dir(dir.path(), &[cert.clone()], "K\n", &[cert.clone()], &fed).unwrap();
+        assert!(!dir.path().join("federated/b.example.pem").exists());
+        assert!(dir.path().join("federated/c.example.pem").exists());
+        fed.insert("../x".to_string(), vec![cert.clone()]);
+        assert!(write_credential_dir(dir.path(), &[cert.clone()], "K\n", &[cert], &fed).is_err());
     }
 }

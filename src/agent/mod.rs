@@ -2,6 +2,7 @@
 //! certificate's lifetime, writes the credential to files atomically, serves the SPIFFE Workload
 //! API, and stops when its identity is revoked.
 
+mod bundles;
 mod files;
 mod run;
 mod timing;
@@ -12,7 +13,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use files::{read_consistent, write_svid_dir};
+pub use bundles::{Bundles, follow_bundles, split_der};
+pub use files::{read_consistent, read_federated, write_credential_dir, write_svid_dir};
 pub use run::{Agent, SvidState};
 pub use timing::{Backoff, refresh_in};
 pub use workload::{WorkloadApi, serve_workload_api};

@@ -1,5 +1,6 @@
 //! The agent's main loop.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use tokio::sync::watch;
 use tonic::Code;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use super::bundles::{Bundles, decode_federated, follow_bundles};
 use super::timing::{Backoff, refresh_in};
 use super::{AgentConfig, AgentError, files};
 use crate::ca::{SvidInfo, parse_svid};
@@ -29,6 +31,10 @@ pub struct SvidState {
     key_pem: String,
     /// CA certificates.
     pub bundle: Vec<CertificateDer<'static>>,
+    /// Bundles of federated trust domains: name (`b.example`) → CA certificates.
+    pub federated: BTreeMap<String, Vec<CertificateDer<'static>>>,
+    /// The CA's revision of `bundle` + `federated` (0 when unknown, e.g. read back from files).
+    pub bundle_revision: u64,
     /// The latest CRL from the CA (DER), if fetched.
     pub crl: Option<Vec<u8>>,
     /// When the agent received the certificate (milliseconds since the epoch). Renewal timing
@@ -87,15 +93,21 @@ impl Agent {
         let watch_task = self
             .revocations
             .follow(self.cfg.server.clone(), self.source.clone());
+        let (bundle_task, mut bundles) = follow_bundles(self.cfg.server.clone(), self.source.clone());
         let result = self
-            .rotate_forever(&mut shutdown)
+            .rotate_forever(&mut shutdown, &mut bundles)
             .instrument(info_span!("agent", spiffe_id = %id))
             .await;
         watch_task.abort();
+        bundle_task.abort();
         result
     }
 
-    async fn rotate_forever(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), AgentError> {
+    async fn rotate_forever(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+        bundles: &mut watch::Receiver<Option<Bundles>>,
+    ) -> Result<(), AgentError> {
         let mut backoff = Backoff::new(Duration::from_secs(1), self.cfg.max_backoff);
         let mut last_failure: Option<String> = None;
         let mut revocation_check = tokio::time::interval(Duration::from_millis(250));
@@ -120,6 +132,13 @@ impl Agent {
                             return Err(AgentError::Revoked(why));
                         }
                     }
+                }
+                Ok(()) = bundles.changed() => {
+                    let latest = bundles.borrow_and_update().clone();
+                    if let Some(b) = latest {
+                        self.apply_bundles(b).await?;
+                    }
+                    continue;
                 }
                 _ = shutdown.changed() => {
                     info!("agent stopping");
@@ -319,6 +338,8 @@ impl Agent {
             key_der: key.serialize_der(),
             key_pem,
             bundle,
+            federated: files::read_federated(dir),
+            bundle_revision: 0,
             crl: None,
             received_at_ms: ((svid.not_before + crate::issuance::BACKDATE_SECS) * 1000)
                 .min(now_ms()),
@@ -335,15 +356,7 @@ impl Agent {
         let key = KeyPair::generate().map_err(|e| tonic::Status::internal(e.to_string()))?;
         let csr =
             csr_for(&svid.spiffe_id, &key).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let trust = ServerTrust::Bundle((*self.source.bundle()).clone());
-        let channel = connect(
-            &self.cfg.server,
-            trust,
-            Some(self.source.slot()),
-            self.cfg.roles_oid.clone(),
-        )
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let channel = self.ca_channel().await?;
         let resp = CaClient::new(channel)
             .issue(pb::IssueRequest {
                 csr,
@@ -379,11 +392,21 @@ impl Agent {
             .ok_or_else(|| AgentError::Bootstrap("CA returned no certificate".into()))?;
         let svid = parse_svid(leaf, &self.cfg.roles_oid)
             .map_err(|e| AgentError::Bootstrap(e.to_string()))?;
+        let federated = decode_federated(resp.federated_bundles);
+        // The bundle watch may already have delivered newer bundles than this response carries.
+        let (bundle, federated, bundle_revision) = match self.current() {
+            Some(cur) if cur.bundle_revision > resp.bundle_revision || federated.is_none() => {
+                (cur.bundle.clone(), cur.federated.clone(), cur.bundle_revision)
+            }
+            _ => (bundle, federated.unwrap_or_default(), resp.bundle_revision),
+        };
         Ok(SvidState {
             chain,
             key_der: key.serialize_der(),
             key_pem: key.serialize_pem(),
             bundle,
+            federated,
+            bundle_revision,
             crl: None,
             received_at_ms: now_ms(),
             svid,
@@ -397,6 +420,63 @@ impl Agent {
         self.source
             .update(state.chain.clone(), key, bundle)
             .map_err(|e| AgentError::Bootstrap(e.to_string()))?;
+        self.source.set_federated(federated_tls(&state.federated));
+        Ok(())
+    }
+
+    /// Installs bundles from the CA's bundle watch when they are newer and differ: TLS source,
+    /// files (a new generation with the same certificate), Workload API watchers, on-rotate hook.
+    async fn apply_bundles(&self, b: Bundles) -> Result<(), AgentError> {
+        let Some(cur) = self.current() else {
+            return Ok(());
+        };
+        if b.revision <= cur.bundle_revision {
+            return Ok(());
+        }
+        if b.own == cur.bundle && b.federated == cur.federated {
+            // Same content: remember the revision without waking anybody.
+            self.state_tx.send_if_modified(|s| {
+                if let Some(s) = s {
+                    Arc::make_mut(s).bundle_revision = b.revision;
+                }
+                false
+            });
+            return Ok(());
+        }
+        let own = match Bundle::new(b.own.clone()) {
+            Ok(own) if !b.own.is_empty() => own,
+            Ok(_) | Err(_) => {
+                warn!("ignoring an unusable own bundle from the CA");
+                return Ok(());
+            }
+        };
+        let mut next = (*cur).clone();
+        next.bundle = b.own;
+        next.federated = b.federated;
+        next.bundle_revision = b.revision;
+        self.source.set_bundle(own);
+        self.source.set_federated(federated_tls(&next.federated));
+        if let Some(dir) = &self.cfg.out_dir {
+            files::write_credential_dir(
+                dir,
+                &next.chain,
+                &next.key_pem,
+                &next.bundle,
+                &next.federated,
+            )
+            .map_err(|e| AgentError::Io(format!("writing {}: {e}", dir.display())))?;
+        }
+        info!(
+            authorities = next.bundle.len(),
+            federated = %next.federated.keys().cloned().collect::<Vec<_>>().join(","),
+            revision = next.bundle_revision,
+            "trust bundles updated"
+        );
+        let svid = next.svid.clone();
+        self.state_tx.send_replace(Some(Arc::new(next)));
+        if let Some(cmd) = &self.cfg.on_rotate {
+            run_hook(cmd, &svid).await;
+        }
         Ok(())
     }
 
@@ -405,8 +485,14 @@ impl Agent {
         self.install(&state)?;
         state.crl = self.fetch_crl().await;
         if let Some(dir) = &self.cfg.out_dir {
-            files::write_svid_dir(dir, &state.chain, &state.key_pem, &state.bundle)
-                .map_err(|e| AgentError::Io(format!("writing {}: {e}", dir.display())))?;
+            files::write_credential_dir(
+                dir,
+                &state.chain,
+                &state.key_pem,
+                &state.bundle,
+                &state.federated,
+            )
+            .map_err(|e| AgentError::Io(format!("writing {}: {e}", dir.display())))?;
         }
         info!(
             spiffe_id = %state.svid.spiffe_id,
@@ -423,18 +509,18 @@ impl Agent {
         Ok(())
     }
 
+    /// A channel to the CA, trusting the current bundle and presenting the current certificate.
+    async fn ca_channel(&self) -> Result<tonic::transport::Channel, tonic::Status> {
+        let trust = ServerTrust::Bundle((*self.source.bundle()).clone());
+        connect(&self.cfg.server, trust, Some(self.source.slot()), self.cfg.roles_oid.clone())
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))
+    }
+
     /// Asks the CA whether `svid` is revoked; `None` when it is not or the CA cannot say.
     async fn revoked_per_ca(&self, svid: &SvidInfo) -> Option<String> {
-        let trust = ServerTrust::Bundle((*self.source.bundle()).clone());
         let ask = async {
-            let channel = connect(
-                &self.cfg.server,
-                trust,
-                Some(self.source.slot()),
-                self.cfg.roles_oid.clone(),
-            )
-            .await
-            .ok()?;
+            let channel = self.ca_channel().await.ok()?;
             let answer = RevocationClient::new(channel)
                 .check(pb::CheckRequest {
                     serial: svid.serial.to_hex(),
@@ -464,16 +550,8 @@ impl Agent {
     }
 
     async fn fetch_crl(&self) -> Option<Vec<u8>> {
-        let trust = ServerTrust::Bundle((*self.source.bundle()).clone());
         let fetch = async {
-            let channel = connect(
-                &self.cfg.server,
-                trust,
-                Some(self.source.slot()),
-                self.cfg.roles_oid.clone(),
-            )
-            .await
-            .ok()?;
+            let channel = self.ca_channel().await.ok()?;
             RevocationClient::new(channel)
                 .get_crl(pb::GetCrlRequest {})
                 .await
@@ -485,6 +563,22 @@ impl Agent {
             .ok()
             .flatten()
     }
+}
+
+/// Federated bundles as `lanyard::tls` takes them; an unusable one is skipped (logged).
+fn federated_tls(
+    federated: &BTreeMap<String, Vec<CertificateDer<'static>>>,
+) -> Vec<(String, Bundle)> {
+    federated
+        .iter()
+        .filter_map(|(td, certs)| match Bundle::new(certs.clone()) {
+            Ok(b) => Some((td.clone(), b)),
+            Err(e) => {
+                warn!(trust_domain = %td, error = %e, "skipping an unusable federated bundle");
+                None
+            }
+        })
+        .collect()
 }
 
 fn now_ms() -> i64 {

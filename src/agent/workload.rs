@@ -1,5 +1,7 @@
 //! The SPIFFE Workload API on a unix socket: `FetchX509SVID` and `FetchX509Bundles` stream the
-//! full state at once and again on every rotation. JWT-SVIDs are not supported.
+//! full state at once and again on every rotation or bundle change. Federated bundles travel in
+//! `federated_bundles` (FetchX509SVID) and next to the own bundle in `bundles`
+//! (FetchX509Bundles), keyed `spiffe://<td>`. JWT-SVIDs are not supported.
 
 use std::path::Path;
 use std::pin::Pin;
@@ -86,14 +88,22 @@ fn svid_response(s: &SvidState) -> wl::X509svidResponse {
             hint: String::new(),
         }],
         crl: s.crl.iter().cloned().collect(),
-        federated_bundles: Default::default(),
+        federated_bundles: federated(s).collect(),
     }
+}
+
+fn federated(s: &SvidState) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
+    s.federated
+        .iter()
+        .map(|(td, certs)| (format!("spiffe://{td}"), concat(certs)))
 }
 
 fn bundles_response(s: &SvidState) -> wl::X509BundlesResponse {
     wl::X509BundlesResponse {
         crl: s.crl.iter().cloned().collect(),
-        bundles: [(td_key(s), concat(&s.bundle))].into_iter().collect(),
+        bundles: federated(s)
+            .chain(std::iter::once((td_key(s), concat(&s.bundle))))
+            .collect(),
     }
 }
 

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Authenticator, status};
 use crate::access::Access;
+use crate::ca::SvidInfo;
 use crate::pb::v1::{self as pb, access_server::Access as AccessRpc};
 use crate::store::AccessRecord;
 
@@ -20,6 +21,23 @@ impl AccessService {
     /// Wires the service.
     pub fn new(access: Arc<Access>, auth: Authenticator) -> Self {
         Self { access, auth }
+    }
+}
+
+type Decided<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<AccessRecord, crate::access::AccessError>> + Send + 'a>,
+>;
+
+impl AccessService {
+    /// Authenticates the caller, then runs one decision (approve, deny, revoke) on a request.
+    async fn decide<F>(&self, req: Request<pb::AccessDecision>, op: F) -> Result<Response<pb::AccessRequest>, Status>
+    where
+        F: for<'a> FnOnce(&'a Access, &'a SvidInfo, &'a pb::AccessDecision) -> Decided<'a>,
+    {
+        let caller = self.auth.peer(&req, false).map_err(status::auth)?;
+        let decision = req.into_inner();
+        let r = op(&self.access, &caller, &decision).await.map_err(status::access)?;
+        Ok(Response::new(to_proto(r)))
     }
 }
 
@@ -89,45 +107,15 @@ impl AccessRpc for AccessService {
         Ok(Response::new(pb::AccessListResponse { requests }))
     }
 
-    async fn approve(
-        &self,
-        req: Request<pb::AccessDecision>,
-    ) -> Result<Response<pb::AccessRequest>, Status> {
-        let caller = self.auth.peer(&req, false).map_err(status::auth)?;
-        let b = req.into_inner();
-        let r = self
-            .access
-            .approve(&caller, &b.id, &b.comment)
-            .await
-            .map_err(status::access)?;
-        Ok(Response::new(to_proto(r)))
+    async fn approve(&self, req: Request<pb::AccessDecision>) -> Result<Response<pb::AccessRequest>, Status> {
+        self.decide(req, |a, caller, d| Box::pin(a.approve(caller, &d.id, &d.comment))).await
     }
 
-    async fn deny(
-        &self,
-        req: Request<pb::AccessDecision>,
-    ) -> Result<Response<pb::AccessRequest>, Status> {
-        let caller = self.auth.peer(&req, false).map_err(status::auth)?;
-        let b = req.into_inner();
-        let r = self
-            .access
-            .deny(&caller, &b.id, &b.comment)
-            .await
-            .map_err(status::access)?;
-        Ok(Response::new(to_proto(r)))
+    async fn deny(&self, req: Request<pb::AccessDecision>) -> Result<Response<pb::AccessRequest>, Status> {
+        self.decide(req, |a, caller, d| Box::pin(a.deny(caller, &d.id, &d.comment))).await
     }
 
-    async fn revoke(
-        &self,
-        req: Request<pb::AccessDecision>,
-    ) -> Result<Response<pb::AccessRequest>, Status> {
-        let caller = self.auth.peer(&req, false).map_err(status::auth)?;
-        let b = req.into_inner();
-        let r = self
-            .access
-            .revoke(&caller, &b.id, &b.comment)
-            .await
-            .map_err(status::access)?;
-        Ok(Response::new(to_proto(r)))
+    async fn revoke(&self, req: Request<pb::AccessDecision>) -> Result<Response<pb::AccessRequest>, Status> {
+        self.decide(req, |a, caller, d| Box::pin(a.revoke(caller, &d.id, &d.comment))).await
     }
 }

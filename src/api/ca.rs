@@ -1,25 +1,44 @@
 //! `lanyard.v1.Ca`.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::{Authenticator, status};
+use crate::federation::{BundleHub, BundleSet};
 use crate::issuance::{Issuance, IssueRequest, Issued};
 use crate::pb::v1::{self as pb, ca_server::Ca};
+use crate::spiffe::TrustDomain;
 
 /// The Ca service.
 pub struct CaService {
     issuance: Arc<Issuance>,
     auth: Authenticator,
+    bundles: Arc<BundleHub>,
+    /// Ends bundle watch streams when the server stops.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl CaService {
     /// Wires the service.
-    pub fn new(issuance: Arc<Issuance>, auth: Authenticator) -> Self {
-        Self { issuance, auth }
+    pub fn new(
+        issuance: Arc<Issuance>,
+        auth: Authenticator,
+        bundles: Arc<BundleHub>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            issuance,
+            auth,
+            bundles,
+            shutdown,
+        }
     }
 }
 
@@ -70,7 +89,7 @@ impl Ca for CaService {
             self.issuance.with_token(&body.join_token, ask).await
         }
         .map_err(status::issue)?;
-        Ok(Response::new(to_proto(issued)))
+        Ok(Response::new(to_proto(issued, &self.bundles.current())))
     }
 
     async fn get_trust_bundle(
@@ -83,9 +102,72 @@ impl Ca for CaService {
             ca_certs: vec![a.root().to_vec()],
         }))
     }
+
+    async fn get_spiffe_bundle(
+        &self,
+        req: Request<pb::GetSpiffeBundleRequest>,
+    ) -> Result<Response<pb::SpiffeBundle>, Status> {
+        let set = self.bundles.current();
+        let name = req.get_ref().trust_domain.trim();
+        let td = if name.is_empty() {
+            self.bundles.trust_domain().clone()
+        } else {
+            TrustDomain::new(name).map_err(|e| Status::invalid_argument(e.to_string()))?
+        };
+        let bundle = set.bundle_for(&td).ok_or_else(|| {
+            Status::not_found(format!(
+                "no bundle for trust domain {td}: this CA does not federate with it"
+            ))
+        })?;
+        let jwks = bundle
+            .encode()
+            .map_err(|e| status::federation(e.into()))?;
+        Ok(Response::new(pb::SpiffeBundle {
+            trust_domain: td.to_string(),
+            jwks,
+            sequence: bundle.sequence().unwrap_or(0),
+        }))
+    }
+
+    type WatchBundlesStream = Pin<Box<dyn Stream<Item = Result<pb::BundleSet, Status>> + Send>>;
+
+    async fn watch_bundles(
+        &self,
+        req: Request<pb::WatchBundlesRequest>,
+    ) -> Result<Response<Self::WatchBundlesStream>, Status> {
+        self.auth.peer(&req, false).map_err(status::auth)?;
+        let mut rx = self.bundles.subscribe();
+        let mut shutdown = self.shutdown.clone();
+        let (tx, out) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let set = rx.borrow_and_update().clone();
+                if tx.send(Ok(bundle_set_proto(&set))).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    () = tx.closed() => return,
+                    () = crate::server::stopped(&mut shutdown) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
 }
 
-fn to_proto(i: Issued) -> pb::IssueResponse {
+/// The wire form of a bundle set.
+pub fn bundle_set_proto(set: &BundleSet) -> pb::BundleSet {
+    pb::BundleSet {
+        revision: set.revision,
+        trust_domain: set.own.trust_domain().to_string(),
+        trust_bundle: set.own.authorities().iter().map(|c| c.to_vec()).collect(),
+        federated_bundles: set.federated_der(),
+        sequence: set.own.sequence().unwrap_or(0),
+    }
+}
+
+fn to_proto(i: Issued, bundles: &BundleSet) -> pb::IssueResponse {
     pb::IssueResponse {
         cert_chain: i.chain.iter().map(|c| c.to_vec()).collect(),
         trust_bundle: i.bundle.iter().map(|c| c.to_vec()).collect(),
@@ -94,5 +176,7 @@ fn to_proto(i: Issued) -> pb::IssueResponse {
         serial: i.svid.serial.to_hex(),
         not_before: i.svid.not_before,
         not_after: i.svid.not_after,
+        federated_bundles: bundles.federated_der(),
+        bundle_revision: bundles.revision,
     }
 }

@@ -53,6 +53,18 @@ pub fn access(e: crate::access::AccessError) -> Status {
     }
 }
 
+/// Maps a federation error: a malformed bundle or a wrong trust domain is the caller's fault;
+/// encoding our own bundle or storing state is ours.
+pub fn federation(e: crate::federation::FederationError) -> Status {
+    use crate::federation::{BundleError, FederationError};
+    match e {
+        FederationError::Bundle(BundleError::Encode(m)) => internal(&m),
+        FederationError::Bundle(b) => Status::invalid_argument(b.to_string()),
+        FederationError::OwnTrustDomain(_) => Status::invalid_argument(e.to_string()),
+        other => internal(&other.to_string()),
+    }
+}
+
 /// Maps an audit error.
 pub fn audit(e: AuditError) -> Status {
     internal(&e.to_string())

@@ -9,7 +9,7 @@ mod chain;
 mod log;
 
 pub use chain::{ChainError, GENESIS_HASH, compute_hash, verify_chain};
-pub use log::{AuditLog, Committed, Subscription};
+pub use log::{AuditLog, Committed, Intent, Subscription};
 
 use crate::store::StoreError;
 
@@ -61,6 +61,18 @@ pub enum Kind {
     AccessEnded,
     /// A grant was ended early; certificates carrying it were revoked.
     AccessRevoked,
+    /// A trust bundle changed: a federated domain's (refreshed from its bundle endpoint, seeded
+    /// from `initial_bundle`, or imported by an admin) or our own (CA rotation).
+    BundleUpdated,
+    /// A federated bundle was fetched but refused (malformed, not a CA, wrong domain); the last
+    /// good bundle stays in force.
+    BundleRejected,
+    /// `lanyard ca rotate`: a new CA was staged and published next to the active one.
+    CaRotationStaged,
+    /// After the overlap, signing switched to the new CA; the old one still verifies.
+    CaRotationSwitched,
+    /// The old CA's last certificate has expired; it left the bundle and its key was deleted.
+    CaRotationCompleted,
 }
 
 /// An audit event before it gets a sequence number and hash.
@@ -86,7 +98,7 @@ pub struct Event {
 
 impl Kind {
     /// Every kind, for CLI validation.
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 21] = [
         Kind::Issued,
         Kind::Renewed,
         Kind::Denied,
@@ -103,6 +115,11 @@ impl Kind {
         Kind::AccessGranted,
         Kind::AccessEnded,
         Kind::AccessRevoked,
+        Kind::BundleUpdated,
+        Kind::BundleRejected,
+        Kind::CaRotationStaged,
+        Kind::CaRotationSwitched,
+        Kind::CaRotationCompleted,
     ];
 
     /// The wire and storage name.
@@ -124,6 +141,11 @@ impl Kind {
             Kind::AccessGranted => "access_granted",
             Kind::AccessEnded => "access_ended",
             Kind::AccessRevoked => "access_revoked",
+            Kind::BundleUpdated => "bundle_updated",
+            Kind::BundleRejected => "bundle_rejected",
+            Kind::CaRotationStaged => "ca_rotation_staged",
+            Kind::CaRotationSwitched => "ca_rotation_switched",
+            Kind::CaRotationCompleted => "ca_rotation_completed",
         }
     }
 }

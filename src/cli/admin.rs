@@ -74,10 +74,45 @@ pub(super) struct CrlArgs {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub(super) struct BundleArgs {
+    #[command(subcommand)]
+    cmd: Option<BundleCmd>,
     /// Write the bundle here instead of stdout.
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum BundleCmd {
+    /// Print a trust bundle in the SPIFFE bundle format (JWKS with spiffe_sequence and
+    /// spiffe_refresh_hint): the CA's own, or a federated domain's with --trust-domain.
+    Export(BundleExport),
+    /// Install (or replace) a federated trust domain's bundle by hand (needs lanyard:admin).
+    Import(BundleImport),
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct BundleExport {
+    /// A federated trust domain (default: the CA's own).
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Write the document here instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct BundleImport {
+    /// The federated trust domain the bundle belongs to, e.g. b.example.
+    #[arg(long)]
+    trust_domain: String,
+    /// A SPIFFE bundle document (JWKS) or PEM CA certificates; `-` reads stdin.
+    file: PathBuf,
     #[command(flatten)]
     conn: Conn,
 }
@@ -164,6 +199,11 @@ pub(super) async fn crl(a: CrlArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) async fn bundle(a: BundleArgs) -> anyhow::Result<ExitCode> {
+    match a.cmd {
+        Some(BundleCmd::Export(e)) => return bundle_export(e).await,
+        Some(BundleCmd::Import(i)) => return bundle_import(i).await,
+        None => {}
+    }
     let mut client = CaClient::new(a.conn.channel().await?);
     let b = client
         .get_trust_bundle(pb::GetTrustBundleRequest {})
@@ -177,5 +217,60 @@ pub(super) async fn bundle(a: BundleArgs) -> anyhow::Result<ExitCode> {
         Some(p) => crate::fsutil::write_atomic(&p, text.as_bytes(), 0o644)?,
         None => print!("{text}"),
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bundle_export(a: BundleExport) -> anyhow::Result<ExitCode> {
+    let mut client = CaClient::new(a.conn.channel().await?);
+    let b = client
+        .get_spiffe_bundle(pb::GetSpiffeBundleRequest {
+            trust_domain: a.trust_domain.unwrap_or_default(),
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let mut text = b.jwks;
+    text.push('\n');
+    match a.out {
+        Some(p) => {
+            crate::fsutil::write_atomic(&p, text.as_bytes(), 0o644)?;
+            eprintln!(
+                "bundle of {} (sequence {}) written to {}",
+                b.trust_domain,
+                b.sequence,
+                p.display()
+            );
+        }
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bundle_import(a: BundleImport) -> anyhow::Result<ExitCode> {
+    let data = if a.file.as_os_str() == "-" {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf)?;
+        buf
+    } else {
+        std::fs::read(&a.file)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", a.file.display()))?
+    };
+    let mut client = AdminClient::new(a.conn.channel().await?);
+    let resp = client
+        .import_bundle(pb::ImportBundleRequest {
+            trust_domain: a.trust_domain.clone(),
+            bundle: data,
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    println!(
+        "bundle of {} {}: {} authorities, sequence {}",
+        a.trust_domain,
+        if resp.changed { "installed" } else { "unchanged" },
+        resp.authorities,
+        resp.sequence
+    );
     Ok(ExitCode::SUCCESS)
 }

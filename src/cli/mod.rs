@@ -69,7 +69,7 @@ enum Command {
     Revoke(admin::RevokeArgs),
     /// Fetch the CA's signed CRL.
     Crl(admin::CrlArgs),
-    /// Print the CA's trust bundle (PEM).
+    /// Print the CA's trust bundle (PEM), or export/import SPIFFE bundles (JWKS).
     Bundle(admin::BundleArgs),
     /// Read and verify the audit log.
     #[command(subcommand)]

@@ -198,7 +198,11 @@ impl Policy {
 
     /// Adds temporary-access rules. A grant may last at most `cap` (the server's
     /// max_cert_lifetime bounds certificates, not grants, so grants get their own cap of 7 days).
-    pub fn with_access(mut self, specs: &[AccessRuleSpec], td: &TrustDomain) -> Result<Self, PolicyError> {
+    pub fn with_access(
+        mut self,
+        specs: &[AccessRuleSpec],
+        td: &TrustDomain,
+    ) -> Result<Self, PolicyError> {
         const MAX_GRANT: Duration = Duration::from_secs(7 * 24 * 3600);
         for (i, spec) in specs.iter().enumerate() {
             let index = i + 1;

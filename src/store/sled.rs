@@ -10,8 +10,8 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::{
-    AccessRecord, AuditRecord, Consume, Enrollment, IssuedRecord, RevocationRecord, Store, StoreError,
-    StoreStats, TokenRecord, Write,
+    AccessRecord, AuditRecord, Consume, Enrollment, IssuedRecord, RevocationRecord, Store,
+    StoreError, StoreStats, TokenRecord, Write,
 };
 
 /// Which collection an expiry-index entry points into.
@@ -242,71 +242,68 @@ impl Store for SledStore {
             &self.access,
         ];
         let result = trees[..]
-            .transaction(
-                |t| {
-                    let (audit_t, tokens, enrollments, issued, issued_ids) =
-                        (&t[0], &t[1], &t[2], &t[3], &t[4]);
-                    let (revoked, rules, revs, expiry, access) =
-                        (&t[5], &t[6], &t[7], &t[8], &t[9]);
-                    for (k, v) in &audit {
-                        audit_t.insert(k, v.as_slice())?;
-                    }
-                    for w in &prepared {
-                        match w {
-                            Prepared::Token {
-                                key,
-                                value,
-                                expiry_key,
-                            } => {
-                                tokens.insert(*key, value.as_slice())?;
-                                expiry.insert(expiry_key.as_slice(), &[])?;
+            .transaction(|t| {
+                let (audit_t, tokens, enrollments, issued, issued_ids) =
+                    (&t[0], &t[1], &t[2], &t[3], &t[4]);
+                let (revoked, rules, revs, expiry, access) = (&t[5], &t[6], &t[7], &t[8], &t[9]);
+                for (k, v) in &audit {
+                    audit_t.insert(k, v.as_slice())?;
+                }
+                for w in &prepared {
+                    match w {
+                        Prepared::Token {
+                            key,
+                            value,
+                            expiry_key,
+                        } => {
+                            tokens.insert(*key, value.as_slice())?;
+                            expiry.insert(expiry_key.as_slice(), &[])?;
+                        }
+                        Prepared::Enrollment { key, value } => {
+                            enrollments.insert(*key, value.as_slice())?;
+                        }
+                        Prepared::Issued {
+                            key,
+                            value,
+                            id_key,
+                            expiry_key,
+                        } => {
+                            issued.insert(*key, value.as_slice())?;
+                            issued_ids.insert(id_key.as_slice(), &[])?;
+                            expiry.insert(expiry_key.as_slice(), &[])?;
+                        }
+                        Prepared::Revocation {
+                            rec,
+                            value,
+                            expiry_key,
+                        } => {
+                            let (tree, coll, key) = if rec.identity_rule {
+                                (rules, Coll::IdentityRule, rec.spiffe_id.as_bytes())
+                            } else {
+                                (revoked, Coll::Revoked, rec.serial.as_bytes())
+                            };
+                            if let Some(old) = tree.get(key)? {
+                                // Replacing an entry: drop its old rev index key.
+                                let old: RevocationRecord = decode(key, &old)
+                                    .map_err(ConflictableTransactionError::Abort)?;
+                                revs.remove(rev_key(old.rev, coll, key))?;
                             }
-                            Prepared::Enrollment { key, value } => {
-                                enrollments.insert(*key, value.as_slice())?;
-                            }
-                            Prepared::Issued {
-                                key,
-                                value,
-                                id_key,
-                                expiry_key,
-                            } => {
-                                issued.insert(*key, value.as_slice())?;
-                                issued_ids.insert(id_key.as_slice(), &[])?;
-                                expiry.insert(expiry_key.as_slice(), &[])?;
-                            }
-                            Prepared::Revocation {
-                                rec,
-                                value,
-                                expiry_key,
-                            } => {
-                                let (tree, coll, key) = if rec.identity_rule {
-                                    (rules, Coll::IdentityRule, rec.spiffe_id.as_bytes())
-                                } else {
-                                    (revoked, Coll::Revoked, rec.serial.as_bytes())
-                                };
-                                if let Some(old) = tree.get(key)? {
-                                    // Replacing an entry: drop its old rev index key.
-                                    let old: RevocationRecord = decode(key, &old)
-                                        .map_err(ConflictableTransactionError::Abort)?;
-                                    revs.remove(rev_key(old.rev, coll, key))?;
-                                }
-                                tree.insert(key, value.as_slice())?;
-                                revs.insert(rev_key(rec.rev, coll, key), &[])?;
-                                expiry.insert(expiry_key.as_slice(), &[])?;
-                            }
-                            Prepared::Access {
-                                key,
-                                value,
-                                expiry_key,
-                            } => {
-                                access.insert(*key, value.as_slice())?;
-                                expiry.insert(expiry_key.as_slice(), &[])?;
-                            }
+                            tree.insert(key, value.as_slice())?;
+                            revs.insert(rev_key(rec.rev, coll, key), &[])?;
+                            expiry.insert(expiry_key.as_slice(), &[])?;
+                        }
+                        Prepared::Access {
+                            key,
+                            value,
+                            expiry_key,
+                        } => {
+                            access.insert(*key, value.as_slice())?;
+                            expiry.insert(expiry_key.as_slice(), &[])?;
                         }
                     }
-                    Ok(())
-                },
-            )
+                }
+                Ok(())
+            })
             .map_err(tx_err);
         *next_seq = match (&result, records.last()) {
             (Ok(()), Some(last)) => Some(last.seq + 1),

@@ -152,6 +152,12 @@ impl Authorizer {
         ))
     }
 
+    /// Whether any rule names trust domain `td`: a peer of a foreign domain is never accepted
+    /// (nor even verified) unless one does.
+    pub fn names_trust_domain(&self, td: &str) -> bool {
+        self.rules.iter().any(|r| r.trust_domain_name() == td)
+    }
+
     /// Trust domains the rules name.
     pub fn trust_domains(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self.rules.iter().map(PeerRule::trust_domain_name).collect();
@@ -205,6 +211,7 @@ mod tests {
         assert!(a.check(&peer("spiffe://a.example/svc", &[])).is_ok());
         assert!(a.check(&peer("spiffe://a.example/other", &[])).is_err());
         assert_eq!(a.trust_domains(), vec!["a.example", "b.example"]);
+        assert!(a.names_trust_domain("b.example") && !a.names_trust_domain("c.example"));
         assert!(
             Authorizer::default()
                 .check(&peer("spiffe://a.example/svc", &[]))

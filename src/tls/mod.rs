@@ -6,7 +6,10 @@
 //! - [`ServerVerifier`]: for clients, authenticates a server by SPIFFE ID instead of DNS name.
 //! - [`DeferredClientVerifier`]: for the CA, lets a handler authenticate the client itself.
 //! - [`TlsSource`], [`Authorizer`], [`RevocationSet`], [`server_config`], [`client_config`]:
-//!   workload-to-workload mTLS that follows rotation and revocation live.
+//!   workload-to-workload mTLS that follows rotation and revocation live, across federated trust
+//!   domains too: a peer is verified against its own domain's bundle, and a foreign peer is
+//!   accepted only when a rule names its domain (`td:b.example`,
+//!   `spiffe://b.example/ns/prod/* role=x`).
 //!
 //! A service does mTLS in a few lines:
 //! ```no_run
@@ -34,7 +37,7 @@ use webpki::{EndEntityCert, KeyUsage};
 pub use authz::{Authorizer, PeerRule};
 pub use mtls::{PeerVerifier, client_config, peer_svid, server_config};
 pub use revocations::RevocationSet;
-pub use source::{TlsSource, check_key_matches};
+pub use source::{FederatedBundles, TlsSource, check_key_matches};
 pub use verifiers::{DeferredClientVerifier, ServerTrust, ServerVerifier};
 
 use crate::ca::{RolesOid, SvidInfo, parse_svid};

@@ -1,5 +1,15 @@
 //! mTLS between workloads: rustls configs that present the live SVID, verify the peer's chain
-//! against the live bundle, authorize its SPIFFE ID and roles, and refuse revoked peers.
+//! against the live bundle of the peer's trust domain, authorize its SPIFFE ID and roles, and
+//! refuse revoked peers.
+//!
+//! Which bundle verifies a peer is decided by the trust domain its leaf names, read before
+//! anything is verified:
+//! - the own trust domain: the own bundle, only;
+//! - a federated trust domain (one the [`TlsSource`] has a federated bundle for): that
+//!   domain's bundle, only, and only when an authorization rule names the domain — foreign
+//!   identities are never implicitly trusted;
+//! - any other domain: the own bundle (a `bundle.pem` to which an operator appended another
+//!   domain's CA by hand), and the authorization rules must still name the domain.
 
 use std::sync::Arc;
 
@@ -12,8 +22,8 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use webpki::KeyUsage;
 
-use super::{Authorizer, RevocationSet, TlsError, TlsSource, provider, verify_svid};
-use crate::ca::SvidInfo;
+use super::{Authorizer, Bundle, RevocationSet, TlsError, TlsSource, provider, verify_svid};
+use crate::ca::{SvidInfo, parse_svid};
 
 /// Verifies a peer (either side): chain → authorization → revocation.
 #[derive(Debug)]
@@ -51,12 +61,32 @@ impl PeerVerifier {
         let mut chain = Vec::with_capacity(1 + intermediates.len());
         chain.push(end_entity.clone());
         chain.extend(intermediates.iter().cloned());
-        let svid = verify_svid(&chain, &self.source.bundle(), now, usage, self.source.oid())?;
+        let bundle = self.bundle_for(end_entity)?;
+        let svid = verify_svid(&chain, &bundle, now, usage, self.source.oid())?;
         self.authz.check(&svid).map_err(TlsError::Svid)?;
         if let Some(why) = self.revocations.as_ref().and_then(|r| r.check(&svid)) {
             return Err(TlsError::Svid(why));
         }
         Ok(svid)
+    }
+
+    /// The bundle that may verify `leaf`, chosen by the trust domain it claims (unverified:
+    /// used only to pick the bundle, or to refuse).
+    fn bundle_for(&self, leaf: &CertificateDer<'_>) -> Result<Arc<Bundle>, TlsError> {
+        let claimed =
+            parse_svid(leaf, self.source.oid()).map_err(|e| TlsError::Svid(e.to_string()))?;
+        let td = claimed.spiffe_id.trust_domain_name();
+        if self.source.trust_domain().as_deref() == Some(td) {
+            return Ok(self.source.bundle());
+        }
+        match self.source.federated_bundle(td) {
+            Some(_) if !self.authz.names_trust_domain(td) => Err(TlsError::Svid(format!(
+                "peer {} is in federated trust domain {td}, which no authorization rule names (foreign identities are never implicitly trusted)",
+                claimed.spiffe_id
+            ))),
+            Some(b) => Ok(b),
+            None => Ok(self.source.bundle()),
+        }
     }
 
     fn err(e: TlsError) -> rustls::Error {

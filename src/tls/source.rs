@@ -1,7 +1,8 @@
-//! [`TlsSource`]: a workload's live credential (certificate, key, trust bundle), updated on
-//! rotation. TLS configs built from it use the newest certificate and bundle on every new
-//! handshake, with no restart.
+//! [`TlsSource`]: a workload's live credential (certificate, key, trust bundle, federated
+//! bundles), updated on rotation. TLS configs built from it use the newest certificate and
+//! bundles on every new handshake, with no restart.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -14,11 +15,15 @@ use tracing::{debug, warn};
 use super::{Bundle, CertSlot, TlsError};
 use crate::ca::{RolesOid, SvidInfo, parse_svid};
 
+/// Bundles of federated trust domains, keyed by trust domain name (`b.example`).
+pub type FederatedBundles = BTreeMap<String, Arc<Bundle>>;
+
 /// The live credential of one workload.
 #[derive(Debug)]
 pub struct TlsSource {
     slot: Arc<CertSlot>,
     bundle: RwLock<Arc<Bundle>>,
+    federated: RwLock<Arc<FederatedBundles>>,
     svid: RwLock<Option<SvidInfo>>,
     oid: RolesOid,
     changed: watch::Sender<u64>,
@@ -30,6 +35,7 @@ impl TlsSource {
         Arc::new(Self {
             slot: CertSlot::new(),
             bundle: RwLock::new(Arc::new(Bundle::default())),
+            federated: RwLock::new(Arc::new(FederatedBundles::new())),
             svid: RwLock::new(None),
             oid,
             changed: watch::channel(0).0,
@@ -58,9 +64,46 @@ impl TlsSource {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Loads `dir/{cert,key,bundle}.pem` and keeps following the files (checked every
-    /// `poll`): a rotation by the agent is picked up without a restart. A pair that does not match
-    /// (read mid-rotation) is skipped until the next check.
+    /// Replaces the bundles of federated trust domains. Keys are trust domain names
+    /// (`b.example`; a `spiffe://` prefix is stripped). A peer of a federated domain is verified
+    /// against that domain's bundle only, and accepted only when an authorization rule names
+    /// the domain.
+    pub fn set_federated(&self, bundles: impl IntoIterator<Item = (String, Bundle)>) {
+        let map: FederatedBundles = bundles
+            .into_iter()
+            .map(|(td, b)| {
+                let td = td.strip_prefix("spiffe://").unwrap_or(&td).to_string();
+                (td, Arc::new(b))
+            })
+            .collect();
+        *self.federated.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// The bundles of federated trust domains.
+    pub fn federated(&self) -> Arc<FederatedBundles> {
+        self.federated
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The bundle of federated trust domain `td`, if there is one.
+    pub fn federated_bundle(&self, td: &str) -> Option<Arc<Bundle>> {
+        self.federated().get(td).cloned()
+    }
+
+    /// The trust domain of the current certificate.
+    pub fn trust_domain(&self) -> Option<String> {
+        self.svid()
+            .map(|s| s.spiffe_id.trust_domain_name().to_string())
+    }
+
+    /// Loads `dir/{cert,key,bundle}.pem` and the federated bundles `dir/federated/<td>.pem` (as
+    /// the agent writes them), and keeps following the files (checked every `poll`): a rotation
+    /// or a bundle change is picked up without a restart. A pair that does not match (read
+    /// mid-rotation) is skipped until the next check; an unreadable federated bundle is skipped
+    /// with a warning.
     pub async fn from_dir(
         dir: impl Into<PathBuf>,
         oid: RolesOid,
@@ -102,7 +145,16 @@ impl TlsSource {
             .map_err(|e| TlsError::Credential(format!("key.pem: {e}")))?;
         check_key_matches(chain.first().ok_or(TlsError::NoCertificate)?, &f.key)?;
         let bundle = Bundle::from_pem(&f.bundle)?;
-        self.update(chain, key, bundle).map(|_| ())
+        let mut federated = Vec::with_capacity(f.federated.len());
+        for (td, pem) in &f.federated {
+            match Bundle::from_pem(pem) {
+                Ok(b) => federated.push((td.clone(), b)),
+                Err(e) => warn!(trust_domain = %td, error = %e, "skipping unreadable federated bundle"),
+            }
+        }
+        self.update(chain, key, bundle)?;
+        self.set_federated(federated);
+        Ok(())
     }
 
     /// The certificate slot (a rustls cert resolver for both sides).
@@ -139,6 +191,8 @@ struct Files {
     cert: Vec<u8>,
     key: Vec<u8>,
     bundle: Vec<u8>,
+    /// trust domain → PEM, from `federated/<td>.pem`.
+    federated: BTreeMap<String, Vec<u8>>,
 }
 
 fn read_dir_files(dir: &Path) -> Result<Files, TlsError> {
@@ -150,7 +204,29 @@ fn read_dir_files(dir: &Path) -> Result<Files, TlsError> {
         cert: read("cert.pem")?,
         key: read("key.pem")?,
         bundle: read("bundle.pem")?,
+        federated: read_federated(&dir.join("federated")),
     })
+}
+
+/// `<td>.pem` files of a `federated/` directory (absent: none).
+fn read_federated(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(td) = name.to_str().and_then(|n| n.strip_suffix(".pem")) else {
+            continue;
+        };
+        if td.is_empty() || td.starts_with('.') {
+            continue;
+        }
+        if let Ok(pem) = std::fs::read(entry.path()) {
+            out.insert(td.to_string(), pem);
+        }
+    }
+    out
 }
 
 /// Fails unless `key_pem` is the private key of `leaf`.

@@ -532,3 +532,40 @@ pub fn command_works(program: &str, args: &[&str]) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+// === restart helper (tests/access.rs) ===
+
+impl TestCa {
+    /// Stops the server and starts a new one over the same data dir and config. The old server's
+    /// background tasks let go of the store a moment after [`TestCa::stop`] returns, so the start
+    /// is retried while the store is still locked (up to 10 s).
+    pub async fn restart(self) -> Self {
+        let (dir, config_path) = self.stop().await;
+        let settings = ServeSettings::resolve(
+            Some(&config_path),
+            Overrides {
+                data_dir: Some(dir.path().join("data")),
+                ..Overrides::default()
+            },
+        )
+        .expect("settings");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let running = loop {
+            match start(settings.clone()).await {
+                Ok(r) => break r,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("server restarts: {e:?}"),
+            }
+        };
+        Self {
+            addr: running.addr,
+            dir,
+            settings,
+            config_path,
+            running: Some(running),
+        }
+    }
+}

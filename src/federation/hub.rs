@@ -1,0 +1,515 @@
+//! [`BundleHub`]: every trust bundle the CA knows — its own (with `spiffe_sequence`) and each
+//! federated domain's — persisted in the data directory, audited on every change, and followed
+//! live by the bundle endpoint, `Ca.WatchBundles` and issuance.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, watch};
+use tracing::{info, warn};
+
+use super::{FederationError, SpiffeBundle};
+use crate::audit::{AuditLog, Event, Kind};
+use crate::fsutil::{create_private_dir, write_atomic};
+use crate::spiffe::TrustDomain;
+
+/// Everything trusted at one moment.
+#[derive(Debug, Clone)]
+pub struct BundleSet {
+    /// Increases on every change of any bundle's authorities (milliseconds-based, so it keeps
+    /// increasing across restarts): agents keep the highest they have seen.
+    pub revision: u64,
+    /// Our own trust domain's bundle.
+    pub own: SpiffeBundle,
+    /// Federated domains' bundles.
+    pub federated: BTreeMap<TrustDomain, SpiffeBundle>,
+}
+
+/// What an update did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Nothing new.
+    Unchanged,
+    /// Same authorities; the sequence or refresh hint moved (persisted, not audited).
+    Metadata,
+    /// The authorities changed (persisted, audited, pushed to agents).
+    Authorities,
+}
+
+/// The bundles of the own and federated trust domains.
+pub struct BundleHub {
+    own_td: TrustDomain,
+    dir: PathBuf,
+    log: AuditLog,
+    state: watch::Sender<Arc<BundleSet>>,
+    /// Serializes read-modify-write-persist of the state.
+    write: Mutex<()>,
+}
+
+/// `local.json`: the own bundle's sequence and the authorities it was computed for.
+#[derive(Debug, Serialize, Deserialize)]
+struct LocalState {
+    v: u32,
+    sequence: u64,
+    authorities: Vec<String>,
+}
+
+// === impl BundleSet ===
+
+impl BundleSet {
+    /// The bundle of `td` (own or federated).
+    pub fn bundle_for(&self, td: &TrustDomain) -> Option<&SpiffeBundle> {
+        if td == self.own.trust_domain() {
+            Some(&self.own)
+        } else {
+            self.federated.get(td)
+        }
+    }
+
+    /// Federated bundles as the Workload API keys them: `spiffe://<td>` → concatenated DER.
+    pub fn federated_der(&self) -> std::collections::HashMap<String, Vec<u8>> {
+        self.federated
+            .iter()
+            .map(|(td, b)| (td.id_string(), b.concatenated_der()))
+            .collect()
+    }
+}
+
+// === impl BundleHub ===
+
+impl BundleHub {
+    /// Opens the hub over `dir` (created 0700): loads the persisted own-bundle sequence (bumped,
+    /// and audited, when `own_authorities` differ from what it was computed for) and every
+    /// persisted federated bundle.
+    pub async fn open(
+        dir: &Path,
+        own_td: TrustDomain,
+        own_authorities: Vec<CertificateDer<'static>>,
+        refresh_hint: Duration,
+        log: AuditLog,
+    ) -> Result<Arc<Self>, FederationError> {
+        create_private_dir(dir).map_err(|e| FederationError::Io(dir.to_path_buf(), e))?;
+        create_private_dir(&dir.join("domains"))
+            .map_err(|e| FederationError::Io(dir.join("domains"), e))?;
+        let local_path = dir.join("local.json");
+        let previous = match std::fs::read(&local_path) {
+            Ok(b) => Some(serde_json::from_slice::<LocalState>(&b).map_err(|e| {
+                FederationError::Corrupt(local_path.clone(), e.to_string())
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(FederationError::Io(local_path, e)),
+        };
+        let encoded: Vec<String> = own_authorities
+            .iter()
+            .map(|c| STANDARD.encode(c.as_ref()))
+            .collect();
+        let (sequence, changed) = match &previous {
+            Some(p) if same_set(&p.authorities, &encoded) => (p.sequence, false),
+            Some(p) => (p.sequence + 1, true),
+            None => (1, true),
+        };
+        let own = SpiffeBundle::new(
+            own_td.clone(),
+            own_authorities,
+            Some(sequence),
+            Some(refresh_hint),
+        )?;
+        let federated = load_domains(&dir.join("domains"), &own_td);
+        let hub = Arc::new(Self {
+            own_td,
+            dir: dir.to_path_buf(),
+            log,
+            state: watch::channel(Arc::new(BundleSet {
+                revision: next_revision(0),
+                own,
+                federated,
+            }))
+            .0,
+            write: Mutex::new(()),
+        });
+        if changed {
+            hub.persist_local(sequence, &encoded)?;
+            if previous.is_some() {
+                hub.audit(
+                    Event::new(Kind::BundleUpdated, "lanyard")
+                        .subject(hub.own_td.id_string())
+                        .reason(format!(
+                            "own bundle: {} authorities, sequence {sequence} (the CA changed since the last start)",
+                            encoded.len()
+                        )),
+                )
+                .await;
+            }
+        }
+        Ok(hub)
+    }
+
+    /// The current bundles.
+    pub fn current(&self) -> Arc<BundleSet> {
+        self.state.borrow().clone()
+    }
+
+    /// Follows every change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<BundleSet>> {
+        self.state.subscribe()
+    }
+
+    /// The own trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.own_td
+    }
+
+    /// The own bundle as a SPIFFE bundle document (what the bundle endpoint serves).
+    pub fn own_document(&self) -> Result<String, FederationError> {
+        Ok(self.current().own.encode()?)
+    }
+
+    /// Replaces the own bundle's authorities (CA rotation): the sequence goes up by one and the
+    /// change is persisted and audited. Returns whether anything changed.
+    pub async fn set_own_authorities(
+        &self,
+        authorities: Vec<CertificateDer<'static>>,
+        why: &str,
+    ) -> Result<bool, FederationError> {
+        let _guard = self.write.lock().await;
+        let cur = self.current();
+        let candidate = SpiffeBundle::new(
+            self.own_td.clone(),
+            authorities,
+            cur.own.sequence(),
+            cur.own.refresh_hint(),
+        )?;
+        if candidate.same_authorities(&cur.own) {
+            return Ok(false);
+        }
+        let sequence = cur.own.sequence().unwrap_or(0) + 1;
+        let own = candidate.with_sequence(Some(sequence));
+        let encoded: Vec<String> = own
+            .authorities()
+            .iter()
+            .map(|c| STANDARD.encode(c.as_ref()))
+            .collect();
+        self.persist_local(sequence, &encoded)?;
+        let n = encoded.len();
+        self.publish(|s| s.own = own);
+        info!(sequence, authorities = n, why, "own trust bundle changed");
+        self.audit(
+            Event::new(Kind::BundleUpdated, "lanyard")
+                .subject(self.own_td.id_string())
+                .reason(format!(
+                    "own bundle: {n} authorities, sequence {sequence} ({why})"
+                )),
+        )
+        .await;
+        Ok(true)
+    }
+
+    /// Installs a federated domain's bundle fetched from `source` (a URL, a file, or an admin
+    /// import) on behalf of `actor`. Persisted before it is used; audited when the authorities
+    /// change.
+    pub async fn update_federated(
+        &self,
+        bundle: SpiffeBundle,
+        actor: &str,
+        source: &str,
+    ) -> Result<Change, FederationError> {
+        let td = bundle.trust_domain().clone();
+        if td == self.own_td {
+            return Err(FederationError::OwnTrustDomain(td));
+        }
+        let _guard = self.write.lock().await;
+        let cur = self.current();
+        let before = cur.federated.get(&td);
+        let change = match before {
+            Some(b) if b.same_authorities(&bundle) => {
+                if b.sequence() == bundle.sequence() && b.refresh_hint() == bundle.refresh_hint() {
+                    return Ok(Change::Unchanged);
+                }
+                Change::Metadata
+            }
+            _ => Change::Authorities,
+        };
+        if let (Some(old), Some(new)) = (before.and_then(SpiffeBundle::sequence), bundle.sequence())
+            && new < old
+        {
+            // Not refused: a foreign CA restored from a backup would otherwise be cut off for
+            // good, and whoever can serve its endpoint can serve any sequence number anyway.
+            warn!(trust_domain = %td, old, new, source, "federated bundle sequence went backwards");
+        }
+        let path = self.domain_path(&td);
+        write_atomic(&path, bundle.encode()?.as_bytes(), 0o644)
+            .map_err(|e| FederationError::Io(path.clone(), e))?;
+        if change == Change::Metadata {
+            self.publish_quiet(|s| {
+                s.federated.insert(td.clone(), bundle.clone());
+            });
+            return Ok(change);
+        }
+        let reason = format!(
+            "{} authorities, sequence {} from {source}; before: {}",
+            bundle.authorities().len(),
+            fmt_seq(bundle.sequence()),
+            match before {
+                Some(b) => format!(
+                    "{} authorities, sequence {}",
+                    b.authorities().len(),
+                    fmt_seq(b.sequence())
+                ),
+                None => "none".into(),
+            }
+        );
+        info!(trust_domain = %td, authorities = bundle.authorities().len(), sequence = ?bundle.sequence(), source, "federated bundle updated");
+        self.publish(|s| {
+            s.federated.insert(td.clone(), bundle);
+        });
+        self.audit(
+            Event::new(Kind::BundleUpdated, actor)
+                .subject(td.id_string())
+                .reason(reason),
+        )
+        .await;
+        Ok(change)
+    }
+
+    /// Records that a bundle fetched for `td` from `source` was refused.
+    pub async fn record_rejected(&self, td: &TrustDomain, source: &str, why: &str) {
+        self.audit(
+            Event::new(Kind::BundleRejected, "lanyard")
+                .subject(td.id_string())
+                .reason(format!("from {source}: {why}; keeping the last good bundle")),
+        )
+        .await;
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut BundleSet)) {
+        self.state.send_modify(|s| {
+            let mut next = (**s).clone();
+            f(&mut next);
+            next.revision = next_revision(s.revision);
+            *s = Arc::new(next);
+        });
+    }
+
+    /// Like `publish`, without a new revision (metadata only: agents need not hear of it).
+    fn publish_quiet(&self, f: impl FnOnce(&mut BundleSet)) {
+        self.state.send_if_modified(|s| {
+            let mut next = (**s).clone();
+            f(&mut next);
+            *s = Arc::new(next);
+            false
+        });
+    }
+
+    fn persist_local(&self, sequence: u64, authorities: &[String]) -> Result<(), FederationError> {
+        let path = self.dir.join("local.json");
+        let state = LocalState {
+            v: 1,
+            sequence,
+            authorities: authorities.to_vec(),
+        };
+        let json = serde_json::to_vec_pretty(&state)
+            .map_err(|e| FederationError::Corrupt(path.clone(), e.to_string()))?;
+        write_atomic(&path, &json, 0o644).map_err(|e| FederationError::Io(path, e))
+    }
+
+    fn domain_path(&self, td: &TrustDomain) -> PathBuf {
+        // Trust domain names are [a-z0-9._-]: no separator can reach outside the directory.
+        self.dir.join("domains").join(format!("{td}.json"))
+    }
+
+    async fn audit(&self, event: Event) {
+        if let Err(e) = self.log.record(event, vec![]).await {
+            warn!(error = %e, "cannot audit a bundle change");
+        }
+    }
+}
+
+/// Loads every `<td>.json` in `dir`; unreadable files are skipped with a warning (the refresher
+/// fetches a fresh copy).
+fn load_domains(dir: &Path, own: &TrustDomain) -> BTreeMap<TrustDomain, SpiffeBundle> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        let Ok(td) = TrustDomain::new(name) else {
+            continue;
+        };
+        if &td == own {
+            continue;
+        }
+        match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| SpiffeBundle::decode(td.clone(), &b).map_err(|e| e.to_string()))
+        {
+            Ok(b) => {
+                out.insert(td, b);
+            }
+            Err(e) => warn!(path = %path.display(), error = %e, "ignoring unreadable persisted bundle"),
+        }
+    }
+    out
+}
+
+fn same_set(a: &[String], b: &[String]) -> bool {
+    let mut a: Vec<&String> = a.iter().collect();
+    let mut b: Vec<&String> = b.iter().collect();
+    a.sort_unstable();
+    b.sort_unstable();
+    a == b
+}
+
+fn fmt_seq(s: Option<u64>) -> String {
+    s.map_or_else(|| "-".into(), |s| s.to_string())
+}
+
+/// A revision above `prev`, based on the wall clock so it keeps increasing across restarts.
+fn next_revision(prev: u64) -> u64 {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now_ms.max(prev + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::ca::{Authority, RolesOid};
+    use crate::store::{SledStore, Store};
+
+    fn td(s: &str) -> TrustDomain {
+        TrustDomain::new(s).unwrap()
+    }
+
+    fn root(dir: &Path, name: &str) -> CertificateDer<'static> {
+        Authority::load_or_create(&dir.join(name), &td("x.example"), RolesOid::default())
+            .unwrap()
+            .root()
+            .clone()
+    }
+
+    async fn kinds(log: &AuditLog) -> Vec<&'static str> {
+        log.store()
+            .read_audit(1, 100)
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                crate::audit::Kind::ALL
+                    .iter()
+                    .find(|k| k.as_str() == r.kind)
+                    .unwrap()
+                    .as_str()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn own_sequence_persists_and_moves_only_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+        let log = AuditLog::start(store).unwrap();
+        let (a, b) = (root(dir.path(), "a"), root(dir.path(), "b"));
+        let fed = dir.path().join("federation");
+        let hint = Duration::from_secs(5);
+        let open = |roots: Vec<CertificateDer<'static>>| {
+            BundleHub::open(&fed, td("a.example"), roots, hint, log.clone())
+        };
+        let hub = open(vec![a.clone()]).await.unwrap();
+        assert_eq!(hub.current().own.sequence(), Some(1));
+        drop(hub);
+        let hub = open(vec![a.clone()]).await.unwrap();
+        assert_eq!(hub.current().own.sequence(), Some(1), "same CA: same sequence");
+        let rev = hub.current().revision;
+        assert!(
+            hub.set_own_authorities(vec![a.clone(), b.clone()], "test")
+                .await
+                .unwrap()
+        );
+        assert_eq!(hub.current().own.sequence(), Some(2));
+        assert!(hub.current().revision > rev);
+        assert!(
+            !hub.set_own_authorities(vec![b.clone(), a.clone()], "test")
+                .await
+                .unwrap()
+        );
+        drop(hub);
+        let hub = open(vec![b.clone()]).await.unwrap();
+        assert_eq!(hub.current().own.sequence(), Some(3), "changed while down");
+        let doc = hub.own_document().unwrap();
+        assert!(doc.contains("\"spiffe_sequence\": 3"), "{doc}");
+        assert!(doc.contains("\"spiffe_refresh_hint\": 5"), "{doc}");
+        assert_eq!(
+            kinds(&log).await,
+            vec!["bundle_updated", "bundle_updated"],
+            "the rotation and the change across the restart"
+        );
+    }
+
+    #[tokio::test]
+    async fn federated_bundles_persist_and_changes_are_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+        let log = AuditLog::start(store).unwrap();
+        let (a, b, c) = (
+            root(dir.path(), "a"),
+            root(dir.path(), "b"),
+            root(dir.path(), "c"),
+        );
+        let fed = dir.path().join("federation");
+        let hint = Duration::from_secs(5);
+        let hub = BundleHub::open(&fed, td("a.example"), vec![a.clone()], hint, log.clone())
+            .await
+            .unwrap();
+        let bundle = |certs: Vec<CertificateDer<'static>>, seq| {
+            SpiffeBundle::new(td("b.example"), certs, Some(seq), None).unwrap()
+        };
+        let up = |bn| hub.update_federated(bn, "lanyard", "test");
+        assert_eq!(up(bundle(vec![b.clone()], 1)).await.unwrap(), Change::Authorities);
+        assert_eq!(up(bundle(vec![b.clone()], 1)).await.unwrap(), Change::Unchanged);
+        assert_eq!(up(bundle(vec![b.clone()], 2)).await.unwrap(), Change::Metadata);
+        assert_eq!(
+            up(bundle(vec![b.clone(), c.clone()], 3)).await.unwrap(),
+            Change::Authorities
+        );
+        assert!(matches!(
+            hub.update_federated(
+                SpiffeBundle::new(td("a.example"), vec![b.clone()], None, None).unwrap(),
+                "x",
+                "y"
+            )
+            .await,
+            Err(FederationError::OwnTrustDomain(_))
+        ));
+        let der = hub.current().federated_der();
+        assert_eq!(der.len(), 1);
+        assert_eq!(
+            der["spiffe://b.example"].len(),
+            b.as_ref().len() + c.as_ref().len()
+        );
+        drop(hub);
+        let hub = BundleHub::open(&fed, td("a.example"), vec![a], hint, log.clone())
+            .await
+            .unwrap();
+        let got = hub.current();
+        let got = got.federated.get(&td("b.example")).unwrap();
+        assert_eq!(got.sequence(), Some(3));
+        assert_eq!(got.authorities().len(), 2);
+        assert_eq!(kinds(&log).await, vec!["bundle_updated", "bundle_updated"]);
+    }
+}
