@@ -50,6 +50,8 @@ pub struct Revocations {
 }
 
 struct CachedCrl {
+    /// Fingerprint of the CA that signed it (a CA rotation invalidates it).
+    signer: [u8; 32],
     rev: u64,
     /// Entries it was built from: pruning removes entries without raising `rev`.
     entries: usize,
@@ -72,14 +74,18 @@ impl Revocations {
     }
 
     /// The revocation that covers `svid`, if any: its serial, or its identity's rule.
+    /// When both apply, the stricter wins: a renewable serial entry (a revoked grant) never hides
+    /// an identity revocation.
     pub fn status(&self, svid: &SvidInfo) -> Result<Option<RevocationRecord>, StoreError> {
-        if let Some(r) = self.store.revoked_serial(&svid.serial.to_hex())? {
-            return Ok(Some(r));
+        let serial = self.store.revoked_serial(&svid.serial.to_hex())?;
+        if let Some(r) = serial.as_ref().filter(|r| !r.renewable) {
+            return Ok(Some(r.clone()));
         }
-        Ok(self
+        let rule = self
             .store
             .identity_rule(svid.spiffe_id.as_str())?
-            .filter(|rule| svid.not_before < rule.before))
+            .filter(|rule| svid.not_before < rule.before);
+        Ok(rule.or(serial))
     }
 
     /// The blocking identity rule for `id`, if new certificates for it are refused.
@@ -245,6 +251,7 @@ impl Revocations {
         let now = unix_now();
         let mut cache = self.crl.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = cache.as_ref()
+            && c.signer == authority.fingerprint()
             && c.rev == rev
             && c.entries == count
             && now < c.this_update + (c.next_update - c.this_update) / 2
@@ -262,6 +269,7 @@ impl Revocations {
         let crl_number = cache.as_ref().map_or(0, |c| c.number + 1).max(now as u64);
         let der = Arc::new(authority.sign_crl(&serials, crl_number, this_update, next_update)?);
         *cache = Some(CachedCrl {
+            signer: authority.fingerprint(),
             rev,
             entries: count,
             number: crl_number,

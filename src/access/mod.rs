@@ -127,13 +127,9 @@ impl Access {
             revocations,
             settings,
             notifier,
-            records: Mutex::new(HashMap::new()),
-            grants: RwLock::new(HashMap::new()),
+            grants: RwLock::new(grant_index(&records)),
+            records: Mutex::new(records),
         });
-        access.reindex(&records);
-        if let Ok(mut g) = access.records.try_lock() {
-            *g = records;
-        }
         Ok(access)
     }
 
@@ -290,18 +286,16 @@ impl Access {
                     format!(": {comment}")
                 }
             ));
-        if !granted {
-            self.commit(&mut records, r.clone(), approved, vec![])
-                .await?;
-        } else {
+        // The approval is committed with the record as it stands (still pending); when it
+        // completes the grant, the grant is a second event committed with the granted record, so
+        // a crash between them leaves a pending request with the approval on record, never a
+        // grant without its event.
+        self.commit(&mut records, r.clone(), approved, vec![]).await?;
+        if granted {
             r.state = state::GRANTED.into();
             r.granted_at = now;
             r.expires_at = now + r.duration_secs as i64;
             r.prune_at = r.expires_at + KEEP_FINISHED;
-            // The approval and the grant it completes are two events; the grant's state change
-            // is committed with the second, so a crash between them leaves a pending request
-            // with one more approval on record, never a grant without its event.
-            self.log.record(approved, vec![]).await.map_err(internal)?;
             let grant = Event::new(Kind::AccessGranted, who)
                 .subject(&r.spiffe_id)
                 .roles(r.roles.clone())
@@ -381,43 +375,25 @@ impl Access {
             )));
         }
         let who = caller.spiffe_id.as_str();
-        let grace = self.settings.renewal_grace.as_secs() as i64;
-        let mut live = Vec::new();
-        for c in self.store.issued_for(&r.spiffe_id).map_err(internal)? {
-            if c.not_after + grace < now || !c.roles.iter().any(|role| r.roles.contains(role)) {
-                continue;
-            }
-            // A certificate already revoked (by serial, by its identity, by an earlier grant)
-            // keeps that entry: replacing it with a renewable one would let a certificate
-            // revoked for good (a leaked key) renew again.
-            if self
-                .store
-                .revoked_serial(&c.serial)
-                .map_err(internal)?
-                .is_some()
-            {
-                continue;
-            }
-            live.push(c);
+        // Stop issuing the roles first: from here on no issuance adds them. Certificates that
+        // carry them are looked for only afterwards, so one signed while the revocation commits
+        // is not missed.
+        if let Some(gs) = self
+            .grants
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&r.spiffe_id)
+        {
+            gs.retain(|g| g.id != id);
         }
-        let writes: Vec<Write> = live
-            .into_iter()
-            .map(|c| {
-                Write::PutRevocation(RevocationRecord {
-                    v: RECORD_VERSION,
-                    rev: 0,
-                    serial: c.serial,
-                    spiffe_id: c.spiffe_id,
-                    identity_rule: false,
-                    before: 0,
-                    reason: format!("grant {id} revoked: {reason}"),
-                    revoked_at: now,
-                    expires_at: c.not_after + grace,
-                    blocked: false,
-                    renewable: true,
-                })
-            })
-            .collect();
+        let rev_reason = format!("grant {id} revoked: {reason}");
+        let writes = match self.revocations_for(&r, now, &rev_reason) {
+            Ok(w) => w,
+            Err(e) => {
+                self.reindex(&records);
+                return Err(e);
+            }
+        };
         let n = writes.len();
         r.state = state::REVOKED.into();
         r.closed_by = who.to_string();
@@ -428,9 +404,67 @@ impl Access {
             .subject(&r.spiffe_id)
             .roles(r.roles.clone())
             .reason(format!("grant {id}: {reason} ({n} certificates revoked)"));
-        self.commit(&mut records, r.clone(), event, writes).await?;
-        info!(%id, by = who, certs = n, "grant revoked");
+        if let Err(e) = self.commit(&mut records, r.clone(), event, writes).await {
+            self.reindex(&records);
+            return Err(e);
+        }
+        // An issuance that read the grant before it left the index may have been committing
+        // meanwhile. The audit log commits in order, so any such certificate is in the store
+        // now: revoke it too.
+        let late = self.revocations_for(&r, now, &rev_reason)?;
+        let m = late.len();
+        if m > 0 {
+            let event = Event::new(Kind::Revoked, who)
+                .subject(&r.spiffe_id)
+                .roles(r.roles.clone())
+                .reason(format!(
+                    "{rev_reason} ({m} certificates issued while the grant was being revoked)"
+                ));
+            self.log.record(event, late).await.map_err(internal)?;
+        }
+        info!(%id, by = who, certs = n + m, "grant revoked");
         Ok(r)
+    }
+
+    /// Renewable revocations for the subject's live certificates that carry one of `r`'s roles
+    /// and are not revoked yet. A certificate already revoked (by serial, by its identity, by an
+    /// earlier grant) keeps that entry: replacing it with a renewable one would let a
+    /// certificate revoked for good (a leaked key) renew again.
+    fn revocations_for(
+        &self,
+        r: &AccessRecord,
+        now: i64,
+        reason: &str,
+    ) -> Result<Vec<Write>, AccessError> {
+        let grace = self.settings.renewal_grace.as_secs() as i64;
+        let mut writes = Vec::new();
+        for c in self.store.issued_for(&r.spiffe_id).map_err(internal)? {
+            if c.not_after + grace < now || !c.roles.iter().any(|role| r.roles.contains(role)) {
+                continue;
+            }
+            if self
+                .store
+                .revoked_serial(&c.serial)
+                .map_err(internal)?
+                .is_some()
+            {
+                continue;
+            }
+            writes.push(Write::PutRevocation(RevocationRecord {
+                v: RECORD_VERSION,
+                rev: 0,
+                serial: c.serial,
+                spiffe_id: c.spiffe_id,
+                identity_rule: false,
+                before: 0,
+                reason: reason.to_string(),
+                revoked_at: now,
+                expires_at: c.not_after + grace,
+                blocked: false,
+                renewable: true,
+            }));
+        }
+        Ok(writes)
     }
 
     /// Requests visible to `caller`, newest first.
@@ -523,16 +557,21 @@ impl Access {
     }
 
     fn reindex(&self, records: &HashMap<String, AccessRecord>) {
-        let mut grants: HashMap<String, Vec<Grant>> = HashMap::new();
-        for r in records.values().filter(|r| r.state == state::GRANTED) {
-            grants.entry(r.spiffe_id.clone()).or_default().push(Grant {
-                id: r.id.clone(),
-                roles: r.roles.clone(),
-                ends_at: r.expires_at,
-            });
-        }
-        *self.grants.write().unwrap_or_else(|p| p.into_inner()) = grants;
+        *self.grants.write().unwrap_or_else(|p| p.into_inner()) = grant_index(records);
     }
+}
+
+/// Live grants by subject.
+fn grant_index(records: &HashMap<String, AccessRecord>) -> HashMap<String, Vec<Grant>> {
+    let mut grants: HashMap<String, Vec<Grant>> = HashMap::new();
+    for r in records.values().filter(|r| r.state == state::GRANTED) {
+        grants.entry(r.spiffe_id.clone()).or_default().push(Grant {
+            id: r.id.clone(),
+            roles: r.roles.clone(),
+            ends_at: r.expires_at,
+        });
+    }
+    grants
 }
 
 fn pending(records: &HashMap<String, AccessRecord>, id: &str) -> Result<AccessRecord, AccessError> {

@@ -553,8 +553,7 @@ impl TestCa {
         let running = loop {
             match start(settings.clone()).await {
                 Ok(r) => break r,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    let _ = e;
+                Err(_) if std::time::Instant::now() < deadline => {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
                 Err(e) => panic!("server restarts: {e:?}"),
