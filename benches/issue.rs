@@ -18,8 +18,8 @@
 //!
 //! Knobs (environment; `scripts/bench-issue` documents them too):
 //! - `LANYARD_BENCH_CLIENTS`   comma list of N (default `1,4,16,64`)
-//! - `LANYARD_BENCH_SECS`      measured seconds per (path, N) point (default 3)
-//! - `LANYARD_BENCH_WARMUP`    warm-up seconds before each point (default 0.5)
+//! - `LANYARD_BENCH_SECS`      measured seconds per (path, N) point (default 4)
+//! - `LANYARD_BENCH_WARMUP`    warm-up seconds before each point (default 1)
 //! - `LANYARD_BENCH_PATHS`     `renew,token` (default both)
 //! - `LANYARD_BENCH_CRYPTO_OPS` iterations per raw-crypto measurement (default 2000)
 //! - `LANYARD_BENCH_AUDIT_SECS` seconds per group-commit measurement (default 2)
@@ -91,8 +91,8 @@ impl Knobs {
                         .expect("LANYARD_BENCH_CLIENTS is a comma list of numbers")
                 })
                 .collect(),
-            secs: env("LANYARD_BENCH_SECS", 3.0),
-            warmup: env("LANYARD_BENCH_WARMUP", 0.5),
+            secs: env("LANYARD_BENCH_SECS", 4.0),
+            warmup: env("LANYARD_BENCH_WARMUP", 1.0),
             renew: paths.split(',').any(|p| p.trim() == "renew"),
             token: paths.split(',').any(|p| p.trim() == "token"),
             crypto_ops: env("LANYARD_BENCH_CRYPTO_OPS", 2000usize).max(1),
@@ -233,17 +233,28 @@ fn crypto(k: &Knobs) -> f64 {
     });
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let per_core = 1e6 / both;
+    // The issue's target is stated for 2 cores: within 1.25x of this ceiling.
+    let two_core = 2.0 * per_core;
     println!("\n== raw crypto, in-process, 1 thread, no I/O ({n} ops each) ==");
     println!("  parse_csr (parse + CSR signature verify) {verify:>8.1} µs/op");
     println!("  Authority::sign_leaf (build + sign + DER) {sign:>7.1} µs/op");
     println!(
-        "  parse_csr + sign_leaf (one issuance)      {both:>7.1} µs/op  = {per_core:>7.0}/s per core, ceiling {:.0}/s on {cpus} cores",
-        per_core * cpus
+        "  parse_csr + sign_leaf (one issuance)      {both:>7.1} µs/op  = {per_core:>7.0}/s per core"
+    );
+    println!(
+        "  implied 2-core ceiling {two_core:.0}/s; target (ceiling / 1.25) {:.0}/s{}",
+        two_core / 1.25,
+        if cpus == 2.0 {
+            String::new()
+        } else {
+            format!("; this machine has {cpus} cores: {:.0}/s", per_core * cpus)
+        }
     );
     println!("  extras per request, outside that ceiling:");
     println!("    verify_svid (client chain, renewal auth) {chain_verify:>6.1} µs/op");
     println!("    parse_svid (read back the issued leaf)   {svid:>6.1} µs/op");
-    per_core * cpus
+    println!("  (the \"ceiling\" column below is issuances/s over the 2-core ceiling)");
+    two_core
 }
 
 // ---------------------------------------------------------------------------------------------

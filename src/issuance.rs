@@ -9,7 +9,7 @@ use rustls_pki_types::CertificateDer;
 use tracing::{info, warn};
 
 use crate::audit::{AuditLog, Event, Intent, Kind};
-use crate::ca::{Authority, CaError, LeafParams, SvidInfo, ValidCsr, parse_csr};
+use crate::ca::{Authority, CaError, CaHandle, CaSet, LeafParams, SvidInfo, ValidCsr, parse_csr};
 use crate::policy::{self, Ask, Limits, PolicyHandle, RESERVED_PREFIX};
 use crate::revocation::Revocations;
 use crate::spiffe::{IdPattern, SpiffeId, normalize_roles};
@@ -108,7 +108,8 @@ pub struct TokenSpec {
 
 /// The issuance service.
 pub struct Issuance {
-    authority: Arc<Authority>,
+    /// The CAs in force; swapped at runtime by a CA rotation.
+    authority: CaHandle,
     policy: PolicyHandle,
     log: AuditLog,
     revocations: Arc<Revocations>,
@@ -120,7 +121,7 @@ pub struct Issuance {
 impl Issuance {
     /// Wires the service.
     pub fn new(
-        authority: Arc<Authority>,
+        authority: CaHandle,
         policy: PolicyHandle,
         log: AuditLog,
         revocations: Arc<Revocations>,
@@ -141,8 +142,13 @@ impl Issuance {
         let _ = self.access.set(access);
     }
 
-    /// The signing CA.
-    pub fn authority(&self) -> &Arc<Authority> {
+    /// The signing CA now.
+    pub fn authority(&self) -> Arc<Authority> {
+        self.authority.active()
+    }
+
+    /// The CAs in force (the signing one plus any staged or retiring one).
+    pub fn cas(&self) -> &CaHandle {
         &self.authority
     }
 
@@ -303,8 +309,9 @@ impl Issuance {
             not_before: now - BACKDATE_SECS,
             not_after: now + ttl.as_secs() as i64,
         };
-        let leaf = self.authority.sign_leaf(key, &params).map_err(internal)?;
-        let svid = self.svid_of(&leaf.der)?;
+        let cas = self.authority.current();
+        let leaf = cas.active().sign_leaf(key, &params).map_err(internal)?;
+        let svid = svid_of(&cas, &leaf.der)?;
         let enrollment = Enrollment {
             v: RECORD_VERSION,
             spiffe_id: id.to_string(),
@@ -312,7 +319,7 @@ impl Issuance {
             max_ttl: ttl.as_secs(),
             via: "local".into(),
         };
-        let issued = self.finish(leaf.der, svid);
+        let issued = finish(&cas, leaf.der, svid);
         self.commit_issued(
             Kind::CredentialIssued,
             "lanyard",
@@ -331,7 +338,8 @@ impl Issuance {
     ) -> Result<(String, TokenRecord), IssueError> {
         let pattern =
             IdPattern::parse(&spec.spiffe_id).map_err(|e| IssueError::BadRequest(e.to_string()))?;
-        let td = self.authority.trust_domain();
+        let authority = self.authority.active();
+        let td = authority.trust_domain();
         if pattern.trust_domain_name() != td.as_str() {
             return Err(IssueError::BadRequest(format!(
                 "{} is outside trust domain {td}",
@@ -392,7 +400,7 @@ impl Issuance {
                 "token lifetime must be between 1s and 30 days".into(),
             ));
         }
-        let token = JoinToken::generate(self.authority.fingerprint(), &pattern.to_string());
+        let token = JoinToken::generate(authority.fingerprint(), &pattern.to_string());
         let record = TokenRecord {
             v: RECORD_VERSION,
             id: token.id.clone(),
@@ -426,7 +434,7 @@ impl Issuance {
     /// `benches/issue.rs`), and the input is bounded: the gRPC layer refuses messages over 64 KiB
     /// and `parse_csr` refuses CSRs over 8 KiB before parsing them.
     fn check_csr(&self, der: &[u8]) -> Result<ValidCsr, IssueError> {
-        let csr = parse_csr(der, self.authority.trust_domain())
+        let csr = parse_csr(der, self.authority.active().trust_domain())
             .map_err(|e| IssueError::BadRequest(e.to_string()))?;
         if format!("{}/", csr.spiffe_id.path()).starts_with(RESERVED_PREFIX) {
             return Err(IssueError::Denied(format!(
@@ -571,26 +579,13 @@ impl Issuance {
 
     /// Signs inline, like `check_csr`: one ECDSA signature, ~20 µs.
     fn sign(&self, csr: &ValidCsr, leaf: LeafParams) -> Result<Issued, IssueError> {
-        let signed = self
-            .authority
+        let cas = self.authority.current();
+        let signed = cas
+            .active()
             .sign_leaf(&csr.public_key, &leaf)
             .map_err(internal)?;
-        let svid = self.svid_of(&signed.der)?;
-        Ok(self.finish(signed.der, svid))
-    }
-
-    fn svid_of(&self, der: &CertificateDer<'_>) -> Result<SvidInfo, IssueError> {
-        crate::ca::parse_svid(der, self.authority.roles_oid()).map_err(internal)
-    }
-
-    fn finish(&self, leaf: CertificateDer<'static>, svid: SvidInfo) -> Issued {
-        let mut chain = vec![leaf];
-        chain.extend(self.authority.intermediates().iter().cloned());
-        Issued {
-            chain,
-            bundle: vec![self.authority.root().clone()],
-            svid,
-        }
+        let svid = svid_of(&cas, &signed.der)?;
+        Ok(finish(&cas, signed.der, svid))
     }
 
     async fn commit(
@@ -651,6 +646,22 @@ impl Issuance {
             warn!(error = %e, "cannot record denial");
         }
         err
+    }
+}
+
+fn svid_of(cas: &CaSet, der: &CertificateDer<'_>) -> Result<SvidInfo, IssueError> {
+    crate::ca::parse_svid(der, cas.active().roles_oid()).map_err(internal)
+}
+
+/// The chain (leaf, then the signing CA's intermediates) and the bundle (every CA in force: during
+/// a rotation the old and the new) of a leaf signed by `cas`'s active CA.
+fn finish(cas: &CaSet, leaf: CertificateDer<'static>, svid: SvidInfo) -> Issued {
+    let mut chain = vec![leaf];
+    chain.extend(cas.active().intermediates().iter().cloned());
+    Issued {
+        chain,
+        bundle: cas.roots(),
+        svid,
     }
 }
 

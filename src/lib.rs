@@ -8,6 +8,7 @@
 //! - [`audit`]: the hash-chained audit log with group commit and subscriptions.
 //! - [`revocation`]: revocation by serial and identity, CRLs.
 //! - [`issuance`]: token bootstrap, renewal, local credentials, token minting.
+//! - [`rotation`]: CA rotation (staged, switched, completed), persisted and audited.
 //! - [`tls`]: rustls pieces for SPIFFE mTLS.
 //! - [`federation`]: SPIFFE bundles, the bundle endpoint, federated trust domains.
 //! - [`api`]: tonic services (the only place errors become `tonic::Status`).
@@ -29,6 +30,7 @@ pub mod fsutil;
 pub mod issuance;
 pub mod policy;
 pub mod revocation;
+pub mod rotation;
 pub mod server;
 pub mod spiffe;
 pub mod store;

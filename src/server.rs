@@ -34,6 +34,7 @@ use crate::pb::v1::{
 };
 use crate::policy::{PolicyHandle, ROLE_ADMIN};
 use crate::revocation::Revocations;
+use crate::rotation::{Rotation, RotationError, Timing};
 use crate::spiffe::SpiffeId;
 use crate::store::{SledStore, Store};
 use crate::tls::{Bundle, CertSlot, DeferredClientVerifier, provider, unix_now};
@@ -68,6 +69,9 @@ pub enum ServeError {
     /// Federation state (bundles under `<data_dir>/federation`) could not be loaded.
     #[error("federation: {0}")]
     Federation(String),
+    /// The CA rotation state (`<data_dir>/ca/rotation.json`) could not be loaded.
+    #[error("CA rotation: {0}")]
+    Rotation(String),
 }
 
 /// A running server.
@@ -109,28 +113,55 @@ pub async fn run(
 pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     let data = settings.data_dir.clone();
     create_private_dir(&data).map_err(|e| ServeError::Io(data.clone(), e))?;
-    let authority = Arc::new(match &settings.ca_files {
-        Some((cert, key)) => Authority::load(
-            cert,
-            key,
-            &settings.trust_domain,
-            settings.roles_oid.clone(),
-        )?,
-        None => Authority::load_or_create(
-            &data.join("ca"),
-            &settings.trust_domain,
-            settings.roles_oid.clone(),
-        )?,
-    });
     let store: Arc<dyn Store> = Arc::new(
         SledStore::open(&data.join("store")).map_err(|e| ServeError::Store(e.to_string()))?,
     );
     let log = AuditLog::start(store.clone()).map_err(|e| ServeError::Store(e.to_string()))?;
+    let timing = Timing {
+        overlap: settings.ca_rotation_overlap,
+        retire_after: settings.max_cert_lifetime + settings.renewal_grace,
+    };
+    if settings.ca_rotation_overlap < settings.bundle_refresh_hint * 2 {
+        warn!(
+            overlap = ?settings.ca_rotation_overlap,
+            refresh_hint = ?settings.bundle_refresh_hint,
+            "ca_rotation_overlap is shorter than two bundle refresh hints: federated peers may not hold the new CA when it starts signing"
+        );
+    }
+    let rotation = match &settings.ca_files {
+        Some((cert, key)) => Rotation::unmanaged(
+            Authority::load(
+                cert,
+                key,
+                &settings.trust_domain,
+                settings.roles_oid.clone(),
+            )?,
+            timing,
+            log.clone(),
+        ),
+        None => Rotation::load(
+            &data.join("ca"),
+            &settings.trust_domain,
+            settings.roles_oid.clone(),
+            timing,
+            log.clone(),
+        )
+        .map_err(|e| match e {
+            RotationError::Ca(e) => ServeError::Ca(e),
+            other => ServeError::Rotation(other.to_string()),
+        })?,
+    };
+    let cas = rotation.cas().clone();
     let bundles = BundleHub::open(
         &data.join("federation"),
         settings.trust_domain.clone(),
-        vec![authority.root().clone()],
+        cas.current().roots(),
         settings.bundle_refresh_hint,
+        &settings
+            .federation
+            .iter()
+            .map(|d| d.trust_domain.clone())
+            .collect::<Vec<_>>(),
         log.clone(),
     )
     .await
@@ -142,7 +173,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     ));
     let policy = PolicyHandle::new(settings.policy.clone());
     let issuance = Arc::new(Issuance::new(
-        authority.clone(),
+        cas.clone(),
         policy.clone(),
         log.clone(),
         revocations.clone(),
@@ -154,8 +185,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
             token_ttl: settings.token_ttl,
         },
     ));
-    let bundle =
-        Bundle::new(vec![authority.root().clone()]).map_err(|e| ServeError::Tls(e.to_string()))?;
+    let bundle = Bundle::new(cas.current().roots()).map_err(|e| ServeError::Tls(e.to_string()))?;
     let access = Access::load(
         log.clone(),
         policy.clone(),
@@ -231,20 +261,35 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Federation and rotation tasks hold the store (through the audit log): shutdown waits for
+    // them, so a restart in the same process finds the store unlocked.
+    let mut background = Vec::new();
     if let Some(l) = bundle_listener {
-        tokio::spawn(serve_bundle_endpoint(
+        background.push(tokio::spawn(serve_bundle_endpoint(
             l,
             slot.clone(),
             bundles.clone(),
             shutdown_rx.clone(),
-        ));
+        )));
     }
-    spawn_refreshers(
+    background.extend(spawn_refreshers(
         bundles.clone(),
         settings.federation.clone(),
         settings.roles_oid.clone(),
         shutdown_rx.clone(),
-    );
+    ));
+    background.push(rotation.spawn(shutdown_rx.clone()));
+    background.push(tokio::spawn(
+        follow_ca_changes(
+            issuance.clone(),
+            auth.clone(),
+            bundles.clone(),
+            slot.clone(),
+            settings.clone(),
+            shutdown_rx.clone(),
+        )
+        .instrument(info_span!("ca_changes")),
+    ));
     let (conn_tx, conn_rx) = mpsc::channel(128);
     tokio::spawn(accept_loop(
         listener,
@@ -307,15 +352,16 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
                 bundles.clone(),
                 shutdown_rx.clone(),
             ))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
             AdminServer::new(AdminService::new(
                 issuance.clone(),
                 auth.clone(),
                 bundles.clone(),
+                rotation.clone(),
             ))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
             AccessServer::new(AccessService::new(access.clone(), auth.clone()))
@@ -332,7 +378,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         .add_service(
             RevocationServer::new(RevocationService::new(
                 revocations.clone(),
-                authority.clone(),
+                cas.clone(),
                 auth.clone(),
                 settings.crl_validity,
                 shutdown_rx.clone(),
@@ -353,6 +399,14 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
             .await
         {
             error!(error = %e, "server stopped with an error");
+        }
+        for task in background {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                warn!("a background task did not stop within 5s");
+            }
         }
         if let Err(e) = store.flush() {
             error!(error = %e, "final flush failed");
@@ -420,9 +474,11 @@ async fn refresh_server_cert(
         .local(id, vec![], ttl, &key)
         .await
         .map_err(|e| ServeError::Credential(e.to_string()))?;
-    // Send the root too, so a client holding only the CA fingerprint (a join token) can pin it.
+    // Send the roots too, so a client holding only the CA fingerprint (a join token) can pin
+    // it; during a CA rotation also the new CA cross-signed by the old one, so a client that
+    // still trusts only the old CA keeps accepting this server.
     let mut chain = issued.chain.clone();
-    chain.extend(issued.bundle.iter().cloned());
+    chain.extend(issuance.cas().current().serving_extras());
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     slot.set(chain, key_der)
         .map_err(|e| ServeError::Tls(e.to_string()))?;
@@ -456,6 +512,53 @@ async fn rotate_server_cert(
     }
 }
 
+/// Applies every change of the CA set (a rotation step) everywhere it matters: client
+/// certificate verification, the published bundle (sequence + 1), the serving certificate (now
+/// from the signing CA, with the cross-signed certificate in its chain) and the admin credential.
+async fn follow_ca_changes(
+    issuance: Arc<Issuance>,
+    auth: Authenticator,
+    bundles: Arc<BundleHub>,
+    slot: Arc<CertSlot>,
+    settings: ServeSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changes = issuance.cas().subscribe();
+    changes.borrow_and_update();
+    let sid = match server_id(&settings) {
+        Ok(id) => id,
+        Err(e) => {
+            error!(error = %e, "cannot follow CA changes");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            () = stopped(&mut shutdown) => return,
+        }
+        let set = changes.borrow_and_update().clone();
+        let roots = set.roots();
+        match Bundle::new(roots.clone()) {
+            Ok(b) => auth.set_bundle(b),
+            Err(e) => error!(error = %e, "the new CA set does not form a bundle"),
+        }
+        if let Err(e) = bundles.set_own_authorities(roots, "CA rotation").await {
+            error!(error = %e, "cannot publish the new trust bundle");
+        }
+        if let Err(e) = refresh_server_cert(&issuance, &slot, &sid, settings.server_cert_ttl).await
+        {
+            error!(error = %e, "cannot re-issue the serving certificate after a CA change");
+        }
+        if let Err(e) =
+            ensure_admin_credential(&issuance, &settings, &settings.data_dir.join("admin")).await
+        {
+            error!(error = %e, "cannot refresh the admin credential after a CA change");
+        }
+        info!(ca_set = ?set, "CA change applied");
+    }
+}
+
 /// Time until half of a `ttl`-long certificate ending at `not_after` has passed (at least 1 s).
 fn half_life_wait(not_after: i64, ttl: Duration) -> Duration {
     let at = not_after - (ttl.as_secs() as i64) / 2;
@@ -470,7 +573,7 @@ async fn ensure_admin_credential(
     dir: &Path,
 ) -> Result<i64, ServeError> {
     let authority = issuance.authority();
-    if let Some(not_after) = existing_admin(dir, authority, settings) {
+    if let Some(not_after) = existing_admin(dir, &authority, settings) {
         debug!(dir = %dir.display(), "reusing admin credential");
         return Ok(not_after);
     }

@@ -65,7 +65,6 @@ endpoint_spiffe_id = "spiffe://{peer}/lanyard/server"
 [[policy]]
 spiffe_id = "spiffe://{td}/ns/prod/*"
 roles = ["db-read"]
-max_ttl = "10m"
 "#
     )
 }
@@ -105,7 +104,13 @@ impl Pair {
         assert!(out.status.success(), "bundle export: {out:?}");
         let out = cli(
             &b,
-            &["bundle", "import", "--trust-domain", A, a_bundle.to_str().unwrap()],
+            &[
+                "bundle",
+                "import",
+                "--trust-domain",
+                A,
+                a_bundle.to_str().unwrap(),
+            ],
         )
         .await;
         assert!(out.status.success(), "bundle import: {out:?}");
@@ -117,6 +122,13 @@ impl Pair {
         pair.wait_federated(A, 1).await;
         pair.wait_federated(B, 1).await;
         pair
+    }
+
+    /// Writes `text` to `<ca's temp dir>/name`; returns the path.
+    fn dir_file(&self, ca: &TestCa, name: &str, text: &str) -> PathBuf {
+        let p = ca.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
     }
 
     /// The CA of `td`, and the other one.
@@ -134,8 +146,8 @@ impl Pair {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(b) = try_spiffe_bundle(other, td).await {
-                let b = SpiffeBundle::decode(TrustDomain::new(td).unwrap(), b.jwks.as_bytes())
-                    .unwrap();
+                let b =
+                    SpiffeBundle::decode(TrustDomain::new(td).unwrap(), b.jwks.as_bytes()).unwrap();
                 if b.authorities().len() == n {
                     return b;
                 }
@@ -183,17 +195,33 @@ fn endpoint_of(ca: &TestCa) -> SocketAddr {
         .unwrap()
 }
 
-/// Starts a `lanyard agent` for `id` against `ca` with a Workload API socket; waits for its
-/// first certificate. Returns the guard, the credential dir and the socket path.
-async fn agent(ca: &TestCa, name: &str, id: &str, roles: &[&str]) -> (ChildGuard, PathBuf, PathBuf) {
-    let token = ca.token(id, roles, 600, 1).await;
+/// Starts a `lanyard agent` for `id` against `ca` with a Workload API socket and 6 s
+/// certificates; waits for its first certificate. Returns the guard, the credential dir and the
+/// socket path.
+async fn agent(
+    ca: &TestCa,
+    name: &str,
+    id: &str,
+    roles: &[&str],
+) -> (ChildGuard, PathBuf, PathBuf) {
+    agent_with_ttl(ca, name, id, roles, "6s").await
+}
+
+async fn agent_with_ttl(
+    ca: &TestCa,
+    name: &str,
+    id: &str,
+    roles: &[&str],
+    ttl: &str,
+) -> (ChildGuard, PathBuf, PathBuf) {
+    let token = ca.token(id, roles, 0, 1).await;
     let out = ca.dir.path().join(name);
     let sock = ca.dir.path().join(format!("{name}.sock"));
     let guard = spawn_agent(
         &ca.server(),
         &token,
         &out,
-        &["--ttl", "6s", "--workload-socket", sock.to_str().unwrap()],
+        &["--ttl", ttl, "--workload-socket", sock.to_str().unwrap()],
     );
     wait_for_svid(&out, Duration::from_secs(15))
         .await
@@ -410,10 +438,16 @@ async fn cross_domain_mtls_is_accepted_only_when_a_rule_names_the_other_domain()
     // ... and their Workload APIs: federated_bundles and bundles, keyed spiffe://<td>.
     let (svid, bundles) = workload_state(&db_sock).await;
     let a_der: Vec<u8> = a_bundle.concatenated_der();
-    assert_eq!(svid.federated_bundles.get("spiffe://a.example"), Some(&a_der));
+    assert_eq!(
+        svid.federated_bundles.get("spiffe://a.example"),
+        Some(&a_der)
+    );
     assert_eq!(bundles.bundles.get("spiffe://a.example"), Some(&a_der));
     assert_eq!(
-        bundles.bundles.get("spiffe://b.example").map(|d| split_der(d).unwrap().len()),
+        bundles
+            .bundles
+            .get("spiffe://b.example")
+            .map(|d| split_der(d).unwrap().len()),
         Some(1),
         "the own bundle is there too"
     );
@@ -452,8 +486,413 @@ async fn cross_domain_mtls_is_accepted_only_when_a_rule_names_the_other_domain()
     let reason = wrong_role.seen_after(n).await.expect_err("refused");
     assert!(reason.contains("matches no rule"), "{reason}");
     // And the client side: a client whose rules do not name b.example refuses the server.
-    let err = call(db.addr, &client(&web_src, &["spiffe://a.example/ns/prod/*"]))
-        .await
-        .expect_err("the client refuses a server of an unnamed domain");
+    let err = call(
+        db.addr,
+        &client(&web_src, &["spiffe://a.example/ns/prod/*"]),
+    )
+    .await
+    .expect_err("the client refuses a server of an unnamed domain");
     assert!(err.contains("no authorization rule names"), "{err}");
+}
+
+/// Sends `request_line` (plus Host, an empty body, Connection: close) to a bundle endpoint over
+/// https_spiffe TLS; returns the response's status line.
+async fn raw_request(endpoint: SocketAddr, ca: &TestCa, request_line: &str) -> String {
+    let verifier = lanyard::tls::ServerVerifier::for_id(
+        lanyard::tls::ServerTrust::Bundle(ca.bundle()),
+        lanyard::spiffe::SpiffeId::parse(&format!(
+            "spiffe://{}/lanyard/server",
+            ca.settings.trust_domain
+        ))
+        .unwrap(),
+        RolesOid::default(),
+    );
+    let cfg = ClientConfig::builder_with_provider(lanyard::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(endpoint).await.unwrap();
+    let mut tls = TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("bundles.invalid").unwrap(), tcp)
+        .await
+        .expect("https_spiffe handshake");
+    let req = format!(
+        "{request_line}\r\nHost: bundles.invalid\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut line = String::new();
+    BufReader::new(tls).read_line(&mut line).await.unwrap();
+    line.trim().to_string()
+}
+
+// === parsers nobody here wrote ===
+
+fn python_ready() -> bool {
+    require_tool(
+        "python3 with the PyPI `spiffe` package (and its PyJWT and cryptography)",
+        command_works("python3", &["-c", "import spiffe, jwt, cryptography, grpc"]),
+        "pip install spiffe cryptography",
+    )
+}
+
+/// Runs tests/python/check_bundle.py; returns its JSON verdict (panics on a violation).
+async fn py_check(args: &[&str]) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_bundle.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .await
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "check_bundle.py {args:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).expect("one JSON object")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bundle_documents_and_delivery_validate_with_py_spiffe() {
+    let pair = Pair::start("", "").await;
+    // Minute-long certificates: whatever reaches this agent in the next seconds was pushed by
+    // the CA's bundle watch, not carried by a renewal.
+    let (_db_agent, db_dir, db_sock) = agent_with_ttl(&pair.b, "db", B_DB, &[], "2m").await;
+    let a_bundle = pair.wait_federated(A, 1).await;
+    wait_federated_file(&db_dir, A, &a_bundle).await;
+    let serial = common::dir_svid(&db_dir).unwrap().serial;
+
+    // An admin imports a third domain's bundle (PEM) into b.example: its workloads see it within
+    // a second, through the files and the Workload API, with no new certificate.
+    let c_key = rcgen::KeyPair::generate().unwrap();
+    let mut c_params = rcgen::CertificateParams::default();
+    c_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let c_root = c_params.self_signed(&c_key).unwrap();
+    let resp = AdminClient::new(pair.b.admin_channel().await)
+        .import_bundle(pb::ImportBundleRequest {
+            trust_domain: "c.example".into(),
+            bundle: c_root.pem().into_bytes(),
+        })
+        .await
+        .expect("import")
+        .into_inner();
+    assert!(resp.changed && resp.authorities == 1 && resp.sequence == 0);
+    let c_bundle = SpiffeBundle::new(
+        TrustDomain::new("c.example").unwrap(),
+        vec![c_root.der().clone()],
+        None,
+        None,
+    )
+    .unwrap();
+    let pushed = Instant::now();
+    wait_federated_file(&db_dir, "c.example", &c_bundle).await;
+    let (_, bundles) = workload_state(&db_sock).await;
+    assert_eq!(
+        bundles.bundles.get("spiffe://c.example"),
+        Some(&c_root.der().to_vec())
+    );
+    assert!(
+        pushed.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        pushed.elapsed()
+    );
+    assert_eq!(
+        common::dir_svid(&db_dir).unwrap().serial,
+        serial,
+        "no renewal needed"
+    );
+    // Malformed imports are refused with the reason; the own domain cannot be imported.
+    let mut admin = AdminClient::new(pair.b.admin_channel().await);
+    let err = admin
+        .import_bundle(pb::ImportBundleRequest {
+            trust_domain: "c.example".into(),
+            bundle: b"{\"keys\": [{\"use\": \"x509-svid\", \"kty\": \"EC\"}]}".to_vec(),
+        })
+        .await
+        .expect_err("malformed");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("without x5c"), "{err:?}");
+    let err = admin
+        .import_bundle(pb::ImportBundleRequest {
+            trust_domain: B.into(),
+            bundle: c_root.pem().into_bytes(),
+        })
+        .await
+        .expect_err("own domain");
+    assert!(err.message().contains("own trust domain"), "{err:?}");
+    // `lanyard bundle remove`: the agent drops it as fast.
+    let out = cli(
+        &pair.b,
+        &["bundle", "remove", "--trust-domain", "c.example"],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let gone = db_dir.join("federated/c.example.pem");
+    poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        (!gone.exists()).then_some(())
+    })
+    .await
+    .expect("the removed bundle leaves the agent's files");
+    let (_, bundles) = workload_state(&db_sock).await;
+    assert!(!bundles.bundles.contains_key("spiffe://c.example"));
+    assert!(bundles.bundles.contains_key("spiffe://a.example"));
+
+    // The endpoint answers GET on any path with the JSON document, and nothing but GET.
+    let endpoint = endpoint_of(&pair.a);
+    let url = format!("https://{endpoint}/any/path");
+    let trust = lanyard::federation::EndpointTrust::Spiffe {
+        id: lanyard::spiffe::SpiffeId::parse("spiffe://a.example/lanyard/server").unwrap(),
+        bundle: pair.a.bundle(),
+        oid: RolesOid::default(),
+    };
+    let doc = lanyard::federation::fetch(&url.parse().unwrap(), &trust)
+        .await
+        .expect("fetch over https_spiffe");
+    let served = SpiffeBundle::decode(TrustDomain::new(A).unwrap(), &doc).unwrap();
+    assert_eq!(served.sequence(), Some(1));
+    assert_eq!(served.refresh_hint(), Some(Duration::from_secs(1)));
+    assert!(served.same_authorities(&a_bundle));
+    // The wrong endpoint ID is refused.
+    let wrong = lanyard::federation::EndpointTrust::Spiffe {
+        id: lanyard::spiffe::SpiffeId::parse("spiffe://a.example/not-the-server").unwrap(),
+        bundle: pair.a.bundle(),
+        oid: RolesOid::default(),
+    };
+    let err = lanyard::federation::fetch(&url.parse().unwrap(), &wrong)
+        .await
+        .expect_err("wrong endpoint ID");
+    assert!(err.to_string().contains("expected"), "{err}");
+    // Anything but GET is refused.
+    let status_line = raw_request(endpoint, &pair.a, "POST /bundle HTTP/1.1").await;
+    assert!(status_line.starts_with("HTTP/1.1 405"), "{status_line}");
+    let status_line = raw_request(endpoint, &pair.a, "GET / HTTP/1.1").await;
+    assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    // CLI export prints the same document.
+    let out = cli(&pair.a, &["bundle", "export"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let exported =
+        SpiffeBundle::decode(TrustDomain::new(A).unwrap(), &out.stdout).expect("export parses");
+    assert_eq!(exported, served);
+
+    if !python_ready() {
+        return;
+    }
+    // Fetched by Python's own TLS (https_spiffe: chain to the bundle, URI SAN = endpoint ID) and
+    // parsed by PyJWT, cryptography and py-spiffe.
+    let a_pem = pair.dir_file(&pair.a, "a-bundle.pem", &a_bundle.to_pem());
+    let v = py_check(&[
+        A,
+        "--url",
+        &url,
+        "--ca",
+        a_pem.to_str().unwrap(),
+        "--endpoint-id",
+        "spiffe://a.example/lanyard/server",
+    ])
+    .await;
+    assert_eq!(v["keys"], 1);
+    assert_eq!(v["sequence"], 1);
+    assert_eq!(v["refresh_hint"], 1);
+    // The federated copy B serves for a.example, and what b.example's workloads get from their
+    // agent's Workload API for a.example (py-spiffe's WorkloadApiClient).
+    let federated = spiffe_bundle(&pair.b, A).await.jwks;
+    let file = pair.dir_file(&pair.b, "a-federated.json", &federated);
+    let v = py_check(&[
+        A,
+        "--file",
+        file.to_str().unwrap(),
+        "--socket",
+        db_sock.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(v["keys"], 1);
+    assert_eq!(v["workload_api_matches"], true, "{v}");
+}
+
+// === CA rotation ===
+
+/// When a call was made and what came of it.
+type CallResult = (Instant, Result<String, String>);
+
+/// a.example's settings for the rotation test: seconds-scale certificates, so the old CA's last
+/// certificate expires (and the CA leaves the bundle) 12 s after the switch.
+const FAST_CA: &str = r#"max_cert_lifetime = "10s"
+renewal_grace = "2s"
+default_ttl = "6s"
+server_cert_ttl = "10s"
+admin_cert_ttl = "10s"
+ca_rotation_overlap = "3s""#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cross_domain_mtls_survives_a_ca_rotation_on_one_side() {
+    let pair = Pair::start(FAST_CA, "").await;
+    let (_web_agent, web_dir, _) = agent(&pair.a, "web", A_WEB, &["db-read"]).await;
+    let (_db_agent, db_dir, _) = agent(&pair.b, "db", B_DB, &[]).await;
+    let old = pair.wait_federated(A, 1).await;
+    wait_federated_file(&db_dir, A, &old).await;
+    let old_root = old.authorities()[0].clone();
+
+    let db_src = source(&db_dir).await;
+    let web_src = source(&web_dir).await;
+    let db = server(&db_src, &["spiffe://a.example/ns/prod/* role=db-read"]).await;
+    let web_client = client(&web_src, &["td:b.example"]);
+    call(db.addr, &web_client)
+        .await
+        .expect("accepted before the rotation");
+
+    // A client calling every 200 ms for the whole rotation, with nothing restarted.
+    let calls: Arc<Mutex<Vec<CallResult>>> = Arc::default();
+    let caller = {
+        let (calls, cfg, addr) = (calls.clone(), web_client.clone(), db.addr);
+        tokio::spawn(async move {
+            loop {
+                let r = call(addr, &cfg).await.map(|(_, greeting)| greeting);
+                calls.lock().unwrap().push((Instant::now(), r));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+
+    let started = Instant::now();
+    let out = cli(&pair.a, &["ca", "rotate"]).await;
+    assert!(out.status.success(), "ca rotate: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("phase: staged"), "{text}");
+    assert!(text.contains("bundle sequence: 2"), "{text}");
+    let again = cli(&pair.a, &["ca", "rotate"]).await;
+    assert!(
+        !again.status.success()
+            && String::from_utf8_lossy(&again.stderr).contains("rotation is in progress"),
+        "{again:?}"
+    );
+
+    // Staged: b.example refreshes a.example's bundle (old + new) and its agent delivers it.
+    let both = pair.wait_federated(A, 2).await;
+    assert!(both.authorities().contains(&old_root));
+    assert_eq!(both.sequence(), Some(2));
+    let new_root = both
+        .authorities()
+        .iter()
+        .find(|c| **c != old_root)
+        .unwrap()
+        .clone();
+    wait_federated_file(&db_dir, A, &both).await;
+    eprintln!("staged and federated after {:?}", started.elapsed());
+
+    // Switched: the web agent's next certificate comes from the new CA.
+    let new_only = lanyard::tls::Bundle::new(vec![new_root.clone()]).unwrap();
+    poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        let (cert, _) = lanyard::agent::read_consistent(&web_dir).ok()?;
+        use rustls_pki_types::pem::PemObject;
+        let chain: Vec<rustls_pki_types::CertificateDer<'static>> =
+            rustls_pki_types::CertificateDer::pem_slice_iter(&cert)
+                .collect::<Result<_, _>>()
+                .ok()?;
+        lanyard::tls::verify_svid(
+            &chain,
+            &new_only,
+            lanyard::tls::unix_time(lanyard::tls::unix_now()),
+            webpki::KeyUsage::client_auth(),
+            &RolesOid::default(),
+        )
+        .ok()
+    })
+    .await
+    .expect("the web workload gets a certificate from the new CA");
+    eprintln!(
+        "web certificate from the new CA after {:?}",
+        started.elapsed()
+    );
+
+    // Completed: the old CA leaves a.example's bundle, and b.example follows.
+    let after = pair.wait_federated(A, 1).await;
+    assert_eq!(after.authorities(), std::slice::from_ref(&new_root));
+    assert_eq!(after.sequence(), Some(3));
+    wait_federated_file(&db_dir, A, &after).await;
+    eprintln!("old CA dropped after {:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    caller.abort();
+
+    // Every call across the rotation went through.
+    let calls = calls.lock().unwrap().clone();
+    assert!(calls.len() > 20, "{} calls", calls.len());
+    let failed: Vec<_> = calls.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "calls failed during the rotation: {failed:?}"
+    );
+    call(db.addr, &web_client)
+        .await
+        .expect("accepted after the rotation");
+
+    // Audited on both sides.
+    let kinds = |log: &[lanyard::store::AuditRecord], kind: &str| {
+        log.iter().filter(|r| r.kind == kind).count()
+    };
+    let a_log = pair.a.audit_log().await;
+    for k in [
+        "ca_rotation_staged",
+        "ca_rotation_switched",
+        "ca_rotation_completed",
+    ] {
+        assert_eq!(kinds(&a_log, k), 1, "{k}");
+    }
+    let b_log = pair.b.audit_log().await;
+    let updates: Vec<_> = b_log
+        .iter()
+        .filter(|r| r.kind == "bundle_updated" && r.subject == "spiffe://a.example")
+        .map(|r| r.reason.clone())
+        .collect();
+    assert!(
+        updates
+            .iter()
+            .any(|r| r.starts_with("2 authorities, sequence 2 from https://")),
+        "{updates:?}"
+    );
+    assert!(
+        updates
+            .iter()
+            .any(|r| r.starts_with("1 authorities, sequence 3 from https://")),
+        "{updates:?}"
+    );
+}
+
+// === persistence and failures ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_good_bundle_survives_an_unreachable_endpoint_and_a_restart() {
+    let pair = Pair::start("", "").await;
+    let a_bundle = pair.wait_federated(A, 1).await;
+    let Pair { a, b } = pair;
+    // a.example's CA (and its bundle endpoint) goes away; b.example keeps trying every second
+    // and keeps what it had.
+    drop(a.stop().await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let kept = spiffe_bundle(&b, A).await;
+    assert_eq!(
+        SpiffeBundle::decode(TrustDomain::new(A).unwrap(), kept.jwks.as_bytes()).unwrap(),
+        a_bundle
+    );
+    // A restart of b.example, with a.example still down, starts from the persisted bundle.
+    let b = b.restart().await;
+    let kept = spiffe_bundle(&b, A).await;
+    assert!(
+        SpiffeBundle::decode(TrustDomain::new(A).unwrap(), kept.jwks.as_bytes())
+            .unwrap()
+            .same_authorities(&a_bundle)
+    );
+    // And its agents get it.
+    let (_db_agent, db_dir, _) = agent(&b, "db", B_DB, &[]).await;
+    wait_federated_file(&db_dir, A, &a_bundle).await;
+    // Nothing changed, so nothing new was audited: one update (the import) only.
+    let updates = b
+        .audit_log()
+        .await
+        .into_iter()
+        .filter(|r| r.kind == "bundle_updated" && r.subject == "spiffe://a.example")
+        .count();
+    assert_eq!(updates, 1);
 }

@@ -32,7 +32,11 @@ pub struct Bundles {
 impl Bundles {
     /// Decodes a `BundleSet` message; `None` (logged) if any bundle is malformed.
     pub fn from_proto(m: pb::BundleSet) -> Option<Self> {
-        let own = m.trust_bundle.into_iter().map(CertificateDer::from).collect();
+        let own = m
+            .trust_bundle
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
         let federated = decode_federated(m.federated_bundles)?;
         Some(Self {
             revision: m.revision,
@@ -50,7 +54,10 @@ pub(crate) fn decode_federated(
     for (key, der) in map {
         let td = key.strip_prefix("spiffe://").unwrap_or(&key);
         if crate::spiffe::TrustDomain::new(td).is_err() {
-            warn!(key, "ignoring a federated bundle with a malformed trust domain");
+            warn!(
+                key,
+                "ignoring a federated bundle with a malformed trust domain"
+            );
             continue;
         }
         match split_der(&der) {
@@ -58,7 +65,10 @@ pub(crate) fn decode_federated(
                 out.insert(td.to_string(), certs);
             }
             _ => {
-                warn!(trust_domain = td, "federated bundle from the CA does not parse");
+                warn!(
+                    trust_domain = td,
+                    "federated bundle from the CA does not parse"
+                );
                 return None;
             }
         }
@@ -83,7 +93,10 @@ pub fn split_der(mut der: &[u8]) -> Option<Vec<CertificateDer<'static>>> {
 pub fn follow_bundles(
     server: String,
     source: Arc<TlsSource>,
-) -> (tokio::task::JoinHandle<()>, watch::Receiver<Option<Bundles>>) {
+) -> (
+    tokio::task::JoinHandle<()>,
+    watch::Receiver<Option<Bundles>>,
+) {
     let (tx, rx) = watch::channel(None);
     let task = tokio::spawn(async move {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));

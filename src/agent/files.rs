@@ -134,9 +134,12 @@ pub fn read_federated(dir: &Path) -> BTreeMap<String, Vec<CertificateDer<'static
         let Some(td) = name.to_str().and_then(|n| n.strip_suffix(".pem")) else {
             continue;
         };
-        let certs: Option<Vec<CertificateDer<'static>>> = fs::read(entry.path())
-            .ok()
-            .and_then(|pem| CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>().ok());
+        let certs: Option<Vec<CertificateDer<'static>>> =
+            fs::read(entry.path()).ok().and_then(|pem| {
+                CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<_, _>>()
+                    .ok()
+            });
         if let Some(certs) = certs.filter(|c| !c.is_empty()) {
             out.insert(td.to_string(), certs);
         }
@@ -209,15 +212,16 @@ mod tests {
         let cert = CertificateDer::from(vec![0x30, 0x00]);
         let mut fed = BTreeMap::new();
         fed.insert("b.example".to_string(), vec![cert.clone()]);
-        write_credential_dir(dir.path(), &[cert.clone()], "K\n", &[cert.clone()], &fed).unwrap();
+        let one = std::slice::from_ref(&cert);
+        write_credential_dir(dir.path(), one, "K\n", one, &fed).unwrap();
         let pem = fs::read_to_string(dir.path().join("federated/b.example.pem")).unwrap();
         assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
         fed.clear();
         fed.insert("c.example".to_string(), vec![cert.clone()]);
-        write_credential_dir(dir.path(), &[cert.clone()], "K\n", &[cert.clone()], &fed).unwrap();
+        write_credential_dir(dir.path(), one, "K\n", one, &fed).unwrap();
         assert!(!dir.path().join("federated/b.example.pem").exists());
         assert!(dir.path().join("federated/c.example.pem").exists());
         fed.insert("../x".to_string(), vec![cert.clone()]);
-        assert!(write_credential_dir(dir.path(), &[cert.clone()], "K\n", &[cert], &fed).is_err());
+        assert!(write_credential_dir(dir.path(), one, "K\n", one, &fed).is_err());
     }
 }

@@ -93,7 +93,8 @@ impl Agent {
         let watch_task = self
             .revocations
             .follow(self.cfg.server.clone(), self.source.clone());
-        let (bundle_task, mut bundles) = follow_bundles(self.cfg.server.clone(), self.source.clone());
+        let (bundle_task, mut bundles) =
+            follow_bundles(self.cfg.server.clone(), self.source.clone());
         let result = self
             .rotate_forever(&mut shutdown, &mut bundles)
             .instrument(info_span!("agent", spiffe_id = %id))
@@ -395,9 +396,11 @@ impl Agent {
         let federated = decode_federated(resp.federated_bundles);
         // The bundle watch may already have delivered newer bundles than this response carries.
         let (bundle, federated, bundle_revision) = match self.current() {
-            Some(cur) if cur.bundle_revision > resp.bundle_revision || federated.is_none() => {
-                (cur.bundle.clone(), cur.federated.clone(), cur.bundle_revision)
-            }
+            Some(cur) if cur.bundle_revision > resp.bundle_revision || federated.is_none() => (
+                cur.bundle.clone(),
+                cur.federated.clone(),
+                cur.bundle_revision,
+            ),
             _ => (bundle, federated.unwrap_or_default(), resp.bundle_revision),
         };
         Ok(SvidState {

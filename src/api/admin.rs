@@ -3,13 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use super::{Authenticator, status};
-use crate::federation::{BundleHub, Change, SpiffeBundle};
+use crate::federation::{BundleHub, Change, Origin, SpiffeBundle};
 use crate::issuance::{Issuance, TokenSpec};
 use crate::pb::v1::{self as pb, admin_server::Admin};
 use crate::policy::ROLE_ADMIN;
+use crate::rotation::{Rotation, RotationError, Status as RotationStatus, hex};
 use crate::spiffe::TrustDomain;
 
 /// The Admin service.
@@ -17,15 +19,34 @@ pub struct AdminService {
     issuance: Arc<Issuance>,
     auth: Authenticator,
     bundles: Arc<BundleHub>,
+    rotation: Arc<Rotation>,
 }
 
 impl AdminService {
     /// Wires the service.
-    pub fn new(issuance: Arc<Issuance>, auth: Authenticator, bundles: Arc<BundleHub>) -> Self {
+    pub fn new(
+        issuance: Arc<Issuance>,
+        auth: Authenticator,
+        bundles: Arc<BundleHub>,
+        rotation: Arc<Rotation>,
+    ) -> Self {
         Self {
             issuance,
             auth,
             bundles,
+            rotation,
+        }
+    }
+
+    fn ca_status(&self, s: RotationStatus) -> pb::CaStatus {
+        pb::CaStatus {
+            phase: s.phase.as_str().into(),
+            active_fingerprint: hex(&s.active),
+            staged_fingerprint: s.staged.map(|f| hex(&f)).unwrap_or_default(),
+            retiring_fingerprint: s.retiring.map(|f| hex(&f)).unwrap_or_default(),
+            switch_at: s.switch_at.unwrap_or(0),
+            drop_at: s.drop_at.unwrap_or(0),
+            sequence: self.bundles.current().own.sequence().unwrap_or(0),
         }
     }
 }
@@ -74,13 +95,14 @@ impl Admin for AdminService {
         let b = req.into_inner();
         let td = TrustDomain::new(b.trust_domain.trim())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let bundle = SpiffeBundle::decode_any(td, &b.bundle)
-            .map_err(|e| status::federation(e.into()))?;
+        let bundle =
+            SpiffeBundle::decode_any(td, &b.bundle).map_err(|e| status::federation(e.into()))?;
         let (authorities, sequence) = (bundle.authorities().len(), bundle.sequence());
         let change = self
             .bundles
             .update_federated(
                 bundle,
+                Origin::Import,
                 admin.spiffe_id.as_str(),
                 &format!("import by {}", admin.spiffe_id),
             )
@@ -93,14 +115,63 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn remove_bundle(
+        &self,
+        req: Request<pb::RemoveBundleRequest>,
+    ) -> Result<Response<pb::RemoveBundleResponse>, Status> {
+        let admin = self
+            .auth
+            .require_role(&req, &[ROLE_ADMIN])
+            .map_err(status::auth)?;
+        let td = TrustDomain::new(req.get_ref().trust_domain.trim())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self
+            .bundles
+            .remove_federated(&td, admin.spiffe_id.as_str())
+            .await
+            .map_err(status::federation)?
+        {
+            Ok(Response::new(pb::RemoveBundleResponse {}))
+        } else {
+            Err(Status::not_found(format!("no federated bundle for {td}")))
+        }
+    }
+
     async fn rotate_ca(
         &self,
         req: Request<pb::RotateCaRequest>,
     ) -> Result<Response<pb::CaStatus>, Status> {
-        self.auth
+        let admin = self
+            .auth
             .require_role(&req, &[ROLE_ADMIN])
             .map_err(status::auth)?;
-        Err(Status::unimplemented("CA rotation is not available yet"))
+        let s = self
+            .rotation
+            .rotate(admin.spiffe_id.as_str())
+            .await
+            .map_err(|e| match e {
+                RotationError::InProgress(_) | RotationError::Unmanaged => {
+                    Status::failed_precondition(e.to_string())
+                }
+                other => status::internal_error(&other.to_string()),
+            })?;
+        // The bundle's sequence moves as the CA change is applied; report it once it has.
+        let published = |set: &crate::federation::BundleSet| {
+            set.own
+                .authorities()
+                .iter()
+                .any(|c| s.staged == Some(Sha256::digest(c).into()))
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut rx = self.bundles.subscribe();
+            while !published(&rx.borrow_and_update()) {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        Ok(Response::new(self.ca_status(s)))
     }
 
     async fn get_ca_status(
@@ -110,6 +181,6 @@ impl Admin for AdminService {
         self.auth
             .require_role(&req, &[ROLE_ADMIN])
             .map_err(status::auth)?;
-        Err(Status::unimplemented("CA rotation is not available yet"))
+        Ok(Response::new(self.ca_status(self.rotation.status().await)))
     }
 }

@@ -8,7 +8,7 @@
 //! current time.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
@@ -52,7 +52,8 @@ pub const CHAIN_CACHE_CAPACITY: usize = 16 * 1024;
 /// Verifies client certificates against the CA bundle and the revocation store.
 #[derive(Clone)]
 pub struct Authenticator {
-    bundle: Arc<Bundle>,
+    /// The bundle and its generation (bumped by every [`Authenticator::set_bundle`]).
+    bundle: Arc<RwLock<(Arc<Bundle>, u64)>>,
     oid: RolesOid,
     grace: Duration,
     revocations: Arc<Revocations>,
@@ -79,12 +80,27 @@ impl Authenticator {
         capacity: usize,
     ) -> Self {
         Self {
-            bundle: Arc::new(bundle),
+            bundle: Arc::new(RwLock::new((Arc::new(bundle), 0))),
             oid,
             grace,
             revocations,
             verified: Arc::new(ChainCache::new(capacity)),
         }
+    }
+
+    /// Trusts `bundle` from now on (a CA rotation: both CAs during the overlap, then only the
+    /// new one). Chains verified against the previous bundle are forgotten.
+    pub fn set_bundle(&self, bundle: Bundle) {
+        let mut g = self.bundle.write().unwrap_or_else(|p| p.into_inner());
+        g.0 = Arc::new(bundle);
+        g.1 += 1;
+        // Under the bundle lock, so no verification against the old bundle can be cached after.
+        self.verified.clear(g.1);
+    }
+
+    fn current_bundle(&self) -> (Arc<Bundle>, u64) {
+        let g = self.bundle.read().unwrap_or_else(|p| p.into_inner());
+        (g.0.clone(), g.1)
     }
 
     /// Hits, misses and size of the verified-chain cache.
@@ -128,16 +144,18 @@ impl Authenticator {
         if let Some(svid) = self.verified.get(&key, now) {
             return Ok(svid);
         }
+        let (bundle, generation) = self.current_bundle();
         let svid = match verify_svid(
             chain,
-            &self.bundle,
+            &bundle,
             unix_time(now),
             KeyUsage::client_auth(),
             &self.oid,
         ) {
             Ok(s) => {
                 if let Some((from, until)) = validity_window(chain, &s) {
-                    self.verified.insert(key, s.clone(), from, until);
+                    self.verified
+                        .insert(key, s.clone(), from, until, generation);
                 }
                 s
             }
@@ -163,7 +181,7 @@ impl Authenticator {
                 // Within grace: the chain must still be valid at the moment the leaf expired.
                 verify_svid(
                     chain,
-                    &self.bundle,
+                    &bundle,
                     unix_time(leaf.not_after - 1),
                     KeyUsage::client_auth(),
                     &self.oid,
@@ -246,6 +264,8 @@ struct CacheInner {
     order: VecDeque<[u8; 32]>,
     hits: u64,
     misses: u64,
+    /// Generation of the bundle the cached chains were verified against.
+    generation: u64,
 }
 
 struct Verified {
@@ -296,12 +316,17 @@ impl ChainCache {
         }
     }
 
-    fn insert(&self, key: [u8; 32], svid: SvidInfo, from: i64, until: i64) {
+    /// Remembers a chain verified against bundle generation `generation` (dropped if the
+    /// bundle has changed since).
+    fn insert(&self, key: [u8; 32], svid: SvidInfo, from: i64, until: i64, generation: u64) {
         if self.capacity == 0 {
             return;
         }
         let entry = Verified { svid, from, until };
         let mut inner = self.lock();
+        if inner.generation != generation {
+            return;
+        }
         if let Some(e) = inner.map.get_mut(&key) {
             *e = entry;
             return;
@@ -314,6 +339,14 @@ impl ChainCache {
         }
         inner.map.insert(key, entry);
         inner.order.push_back(key);
+    }
+
+    /// Forgets every chain; only chains verified against bundle `generation` may be added.
+    fn clear(&self, generation: u64) {
+        let mut inner = self.lock();
+        inner.map.clear();
+        inner.order.clear();
+        inner.generation = generation;
     }
 
     fn stats(&self) -> CacheStats {

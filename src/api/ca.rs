@@ -96,10 +96,11 @@ impl Ca for CaService {
         &self,
         _req: Request<pb::GetTrustBundleRequest>,
     ) -> Result<Response<pb::TrustBundle>, Status> {
-        let a = self.issuance.authority();
+        // Every CA in force: during a rotation, the old and the new.
+        let cas = self.issuance.cas().current();
         Ok(Response::new(pb::TrustBundle {
-            trust_domain: a.trust_domain().to_string(),
-            ca_certs: vec![a.root().to_vec()],
+            trust_domain: cas.active().trust_domain().to_string(),
+            ca_certs: cas.roots().iter().map(|c| c.to_vec()).collect(),
         }))
     }
 
@@ -119,9 +120,7 @@ impl Ca for CaService {
                 "no bundle for trust domain {td}: this CA does not federate with it"
             ))
         })?;
-        let jwks = bundle
-            .encode()
-            .map_err(|e| status::federation(e.into()))?;
+        let jwks = bundle.encode().map_err(|e| status::federation(e.into()))?;
         Ok(Response::new(pb::SpiffeBundle {
             trust_domain: td.to_string(),
             jwks,

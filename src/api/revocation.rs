@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{Authenticator, status};
-use crate::ca::{Authority, Serial};
+use crate::ca::{CaHandle, Serial};
 use crate::pb::v1::{self as pb, revocation_server::Revocation, revoke_request::Target};
 use crate::policy::ROLE_ADMIN;
 use crate::revocation::Revocations;
@@ -20,7 +20,8 @@ use crate::store::RevocationRecord;
 /// The Revocation service.
 pub struct RevocationService {
     revocations: Arc<Revocations>,
-    authority: Arc<Authority>,
+    /// The CAs in force: CRLs are signed by the active one.
+    authority: CaHandle,
     auth: Authenticator,
     crl_validity: Duration,
     /// Ends watch streams when the server stops, so graceful shutdown does not wait forever.
@@ -31,7 +32,7 @@ impl RevocationService {
     /// Wires the service.
     pub fn new(
         revocations: Arc<Revocations>,
-        authority: Arc<Authority>,
+        authority: CaHandle,
         auth: Authenticator,
         crl_validity: Duration,
         shutdown: watch::Receiver<bool>,
@@ -191,7 +192,7 @@ impl Revocation for RevocationService {
     async fn get_crl(&self, _req: Request<pb::GetCrlRequest>) -> Result<Response<pb::Crl>, Status> {
         let der = self
             .revocations
-            .crl(&self.authority, self.crl_validity)
+            .crl(&self.authority.active(), self.crl_validity)
             .map_err(status::revocation)?;
         Ok(Response::new(pb::Crl { der: der.to_vec() }))
     }

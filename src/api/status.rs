@@ -75,6 +75,11 @@ pub fn store(e: StoreError) -> Status {
     internal(&e.to_string())
 }
 
+/// An internal failure: `detail` is logged, the caller gets "internal error".
+pub fn internal_error(detail: &str) -> Status {
+    internal(detail)
+}
+
 fn internal(detail: &str) -> Status {
     error!(detail, "internal error");
     Status::internal("internal error")

@@ -286,8 +286,19 @@ impl Writer {
 
     /// Adds queued events to `group`; while more are expected (see [`GATHER_WINDOW`]), waits for
     /// them until `deadline`.
-    fn gather(&self, rx: &mut mpsc::Receiver<Pending>, group: &mut Vec<Pending>, deadline: Instant) {
-        let expected = self.recent.iter().copied().max().unwrap_or(1).min(MAX_GROUP);
+    fn gather(
+        &self,
+        rx: &mut mpsc::Receiver<Pending>,
+        group: &mut Vec<Pending>,
+        deadline: Instant,
+    ) {
+        let expected = self
+            .recent
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(1)
+            .min(MAX_GROUP);
         let more_expected = |group: &Vec<Pending>| {
             group.len() < expected || self.gate.outstanding.load(Ordering::SeqCst) > 0
         };

@@ -27,6 +27,10 @@ const ROOT_VALIDITY_SECS: i64 = 5 * 365 * 24 * 3600;
 pub struct Authority {
     trust_domain: TrustDomain,
     issuer: Issuer<'static, KeyPair>,
+    /// The signing certificate (the root, for a generated CA).
+    signing_cert: CertificateDer<'static>,
+    /// The signing certificate's common name, to rebuild its subject when cross-signing.
+    common_name: Option<String>,
     /// Certificates sent after the leaf (intermediates; empty when the CA is the root).
     intermediates: Vec<CertificateDer<'static>>,
     /// The trust anchor workloads must trust.
@@ -70,32 +74,80 @@ impl Authority {
         if cert_path.exists() || key_path.exists() {
             return Self::load(&cert_path, &key_path, trust_domain, roles_oid);
         }
+        Self::create(
+            dir,
+            trust_domain,
+            roles_oid,
+            &format!("Lanyard CA {trust_domain}"),
+        )
+    }
+
+    /// Creates a new P-256 root named `common_name` in `dir` (`ca.pem`, `ca.key` mode 0600); fails
+    /// if either file exists. A rotated CA gets a name of its own, so no two CAs of one trust
+    /// domain share a subject.
+    pub fn create(
+        dir: &Path,
+        trust_domain: &TrustDomain,
+        roles_oid: RolesOid,
+        common_name: &str,
+    ) -> Result<Self, CaError> {
+        let cert_path = dir.join("ca.pem");
+        let key_path = dir.join("ca.key");
+        if cert_path.exists() || key_path.exists() {
+            return Err(CaError::BadCaFiles(
+                dir.to_path_buf(),
+                "a CA already exists there".into(),
+            ));
+        }
         create_private_dir(dir).map_err(|e| io(dir, e))?;
         let key = KeyPair::generate().map_err(CaError::Sign)?;
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "Lanyard");
-        dn.push(DnType::CommonName, format!("Lanyard CA {trust_domain}"));
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.subject_alt_names = vec![SanType::URI(
-            trust_domain.id_string().try_into().map_err(CaError::Sign)?,
-        )];
-        params.serial_number = Some(SerialNumber::from_slice(Serial::random().as_bytes()));
-        params.not_before = to_time(now - 60)?;
-        params.not_after = to_time(now + ROOT_VALIDITY_SECS)?;
-        params.key_identifier_method = KeyIdMethod::Sha256;
+        let params = ca_params(
+            trust_domain,
+            common_name,
+            now - 60,
+            now + ROOT_VALIDITY_SECS,
+        )?;
         let cert = params.self_signed(&key)?;
         write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)
             .map_err(|e| io(&key_path, e))?;
         write_atomic(&cert_path, cert.pem().as_bytes(), 0o644).map_err(|e| io(&cert_path, e))?;
         Self::load(&cert_path, &key_path, trust_domain, roles_oid)
+    }
+
+    /// Signs `other`'s CA certificate with this CA's key: a certificate with `other`'s subject
+    /// and key, issued by this CA. A leaf of `other` then also chains to this CA, so a client
+    /// that still trusts only this CA (a join token minted before a rotation, a workload whose
+    /// bundle is not updated yet) keeps accepting servers of `other`. Valid until the earlier of
+    /// both CAs' notAfter.
+    pub fn cross_sign(&self, other: &Authority) -> Result<CertificateDer<'static>, CaError> {
+        let bad = |m: &str| CaError::BadCaFiles(std::path::PathBuf::new(), m.to_string());
+        let cn = other
+            .common_name
+            .as_deref()
+            .ok_or_else(|| bad("the CA certificate to cross-sign has no common name"))?;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let params = ca_params(
+            &other.trust_domain,
+            cn,
+            now - 60,
+            self.not_after.min(other.not_after),
+        )?;
+        let mut params = params;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(other.issuer.key(), &self.issuer)?;
+        // Path building matches names byte for byte: the rebuilt subject must be the original.
+        let subject = |der: &[u8]| {
+            X509Certificate::from_der(der)
+                .map(|(_, c)| c.subject().as_raw().to_vec())
+                .map_err(|e| bad(&e.to_string()))
+        };
+        if subject(cert.der())? != subject(&other.signing_cert)? {
+            return Err(bad(
+                "cannot reproduce the subject of the CA to cross-sign (not written by Lanyard)",
+            ));
+        }
+        Ok(cert.der().clone())
     }
 
     /// Loads a CA from a PEM chain file (signing cert first, then its parents up to the root) and
@@ -144,6 +196,12 @@ impl Authority {
             ));
         }
         let not_after = parsed.validity().not_after.timestamp();
+        let common_name = parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string);
         let issuer = Issuer::from_ca_cert_der(signing, key)?;
         let root = parents.last().unwrap_or(signing).clone();
         let intermediates = if parents.is_empty() {
@@ -155,6 +213,8 @@ impl Authority {
         Ok(Self {
             trust_domain: trust_domain.clone(),
             issuer,
+            signing_cert: signing.clone(),
+            common_name,
             intermediates,
             root,
             fingerprint,
@@ -279,6 +339,40 @@ impl Authority {
     pub fn not_after(&self) -> i64 {
         self.not_after
     }
+
+    /// The certificate whose key signs leaves (the root, for a generated CA).
+    pub fn signing_cert(&self) -> &CertificateDer<'static> {
+        &self.signing_cert
+    }
+}
+
+/// Parameters of a Lanyard root: O=Lanyard, CN=`common_name`, the trust domain as URI SAN,
+/// pathlen 0.
+fn ca_params(
+    trust_domain: &TrustDomain,
+    common_name: &str,
+    not_before: i64,
+    not_after: i64,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Lanyard");
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.subject_alt_names = vec![SanType::URI(
+        trust_domain.id_string().try_into().map_err(CaError::Sign)?,
+    )];
+    params.serial_number = Some(SerialNumber::from_slice(Serial::random().as_bytes()));
+    params.not_before = to_time(not_before)?;
+    params.not_after = to_time(not_after)?;
+    params.key_identifier_method = KeyIdMethod::Sha256;
+    Ok(params)
 }
 
 /// PEM-encodes DER certificates.

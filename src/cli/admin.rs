@@ -92,6 +92,17 @@ pub(super) enum BundleCmd {
     Export(BundleExport),
     /// Install (or replace) a federated trust domain's bundle by hand (needs lanyard:admin).
     Import(BundleImport),
+    /// Stop trusting a federated trust domain (needs lanyard:admin).
+    Remove(BundleRemove),
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct BundleRemove {
+    /// The federated trust domain, e.g. b.example.
+    #[arg(long)]
+    trust_domain: String,
+    #[command(flatten)]
+    conn: Conn,
 }
 
 #[derive(Debug, clap::Args)]
@@ -115,6 +126,60 @@ pub(super) struct BundleImport {
     file: PathBuf,
     #[command(flatten)]
     conn: Conn,
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum CaCmd {
+    /// Start a CA rotation: a new CA is published next to the current one at once, signs after
+    /// ca_rotation_overlap, and the old one leaves the bundle once its last certificate expired.
+    Rotate(CaArgs),
+    /// Show the CA and any rotation in progress.
+    Status(CaArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct CaArgs {
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub(super) async fn ca(cmd: CaCmd) -> anyhow::Result<ExitCode> {
+    let (rotate, conn) = match cmd {
+        CaCmd::Rotate(a) => (true, a.conn),
+        CaCmd::Status(a) => (false, a.conn),
+    };
+    let mut client = AdminClient::new(conn.channel().await?);
+    let s = if rotate {
+        client.rotate_ca(pb::RotateCaRequest {}).await
+    } else {
+        client.get_ca_status(pb::GetCaStatusRequest {}).await
+    }
+    .map_err(rpc_error)?
+    .into_inner();
+    let when = |t: i64| crate::issuance::fmt_time(t);
+    println!("phase: {}", s.phase);
+    println!("signing CA: {}", s.active_fingerprint);
+    if !s.staged_fingerprint.is_empty() {
+        println!(
+            "staged CA: {} (signs from {})",
+            s.staged_fingerprint,
+            when(s.switch_at)
+        );
+    }
+    if !s.retiring_fingerprint.is_empty() {
+        println!(
+            "retiring CA: {} (trusted until {})",
+            s.retiring_fingerprint,
+            when(s.drop_at)
+        );
+    } else if s.drop_at > 0 {
+        println!(
+            "the current CA leaves the bundle at about {}",
+            when(s.drop_at)
+        );
+    }
+    println!("bundle sequence: {}", s.sequence);
+    Ok(ExitCode::SUCCESS)
 }
 
 pub(super) async fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
@@ -202,6 +267,16 @@ pub(super) async fn bundle(a: BundleArgs) -> anyhow::Result<ExitCode> {
     match a.cmd {
         Some(BundleCmd::Export(e)) => return bundle_export(e).await,
         Some(BundleCmd::Import(i)) => return bundle_import(i).await,
+        Some(BundleCmd::Remove(r)) => {
+            AdminClient::new(r.conn.channel().await?)
+                .remove_bundle(pb::RemoveBundleRequest {
+                    trust_domain: r.trust_domain.clone(),
+                })
+                .await
+                .map_err(rpc_error)?;
+            println!("{} is no longer trusted", r.trust_domain);
+            return Ok(ExitCode::SUCCESS);
+        }
         None => {}
     }
     let mut client = CaClient::new(a.conn.channel().await?);
@@ -268,7 +343,11 @@ async fn bundle_import(a: BundleImport) -> anyhow::Result<ExitCode> {
     println!(
         "bundle of {} {}: {} authorities, sequence {}",
         a.trust_domain,
-        if resp.changed { "installed" } else { "unchanged" },
+        if resp.changed {
+            "installed"
+        } else {
+            "unchanged"
+        },
         resp.authorities,
         resp.sequence
     );

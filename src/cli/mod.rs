@@ -71,6 +71,9 @@ enum Command {
     Crl(admin::CrlArgs),
     /// Print the CA's trust bundle (PEM), or export/import SPIFFE bundles (JWKS).
     Bundle(admin::BundleArgs),
+    /// The CA itself: rotate it, or show where a rotation stands (needs lanyard:admin).
+    #[command(subcommand)]
+    Ca(admin::CaCmd),
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
@@ -136,6 +139,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Revoke(a) => admin::revoke(a).await,
         Command::Crl(a) => admin::crl(a).await,
         Command::Bundle(a) => admin::bundle(a).await,
+        Command::Ca(c) => admin::ca(c).await,
         Command::Audit(c) => audit::run(c).await,
         Command::Access(c) => access::run(c).await,
     }

@@ -197,8 +197,8 @@ impl SpiffeBundle {
             .iter()
             .map(|c| {
                 let params = jwk_params(c)?;
-                let mut v = serde_json::to_value(params)
-                    .map_err(|e| BundleError::Encode(e.to_string()))?;
+                let mut v =
+                    serde_json::to_value(params).map_err(|e| BundleError::Encode(e.to_string()))?;
                 if let Some(obj) = v.as_object_mut() {
                     obj.insert("use".into(), "x509-svid".into());
                     obj.insert(
@@ -392,7 +392,9 @@ fn jwk_params(cert: &CertificateDer<'_>) -> Result<JwkParams, BundleError> {
             n: b64(strip_zeros(rsa.modulus)),
             e: b64(strip_zeros(rsa.exponent)),
         }),
-        _ => Err(BundleError::Encode(format!("unsupported key algorithm {alg}"))),
+        _ => Err(BundleError::Encode(format!(
+            "unsupported key algorithm {alg}"
+        ))),
     }
 }
 
@@ -443,7 +445,11 @@ mod tests {
         assert_eq!(k["use"], "x509-svid");
         assert_eq!(k["kty"], "EC");
         assert_eq!(k["crv"], "P-256");
-        assert_eq!(k["x"].as_str().unwrap().len(), 43, "32 bytes, base64url unpadded");
+        assert_eq!(
+            k["x"].as_str().unwrap().len(),
+            43,
+            "32 bytes, base64url unpadded"
+        );
         assert_eq!(k["x5c"].as_array().unwrap().len(), 1);
         let back = SpiffeBundle::decode(td("a.example"), doc.as_bytes()).unwrap();
         assert_eq!(back, bundle);

@@ -73,7 +73,10 @@ pub struct FederationConfigError {
 
 impl FederatedDomain {
     /// Validates one entry; `own` is the CA's trust domain (it cannot federate with itself).
-    pub fn resolve(spec: &FederationSpec, own: &TrustDomain) -> Result<Self, FederationConfigError> {
+    pub fn resolve(
+        spec: &FederationSpec,
+        own: &TrustDomain,
+    ) -> Result<Self, FederationConfigError> {
         let bad = |reason: String| FederationConfigError {
             trust_domain: spec.trust_domain.clone(),
             reason,
@@ -155,9 +158,7 @@ pub fn parse_https_url(s: &str) -> Result<Uri, String> {
         .parse()
         .map_err(|e| format!("bundle_endpoint_url {s:?}: {e}"))?;
     if uri.scheme_str() != Some("https") {
-        return Err(format!(
-            "bundle_endpoint_url {s:?} must be an https:// URL"
-        ));
+        return Err(format!("bundle_endpoint_url {s:?} must be an https:// URL"));
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("bundle_endpoint_url {s:?} has no host"));

@@ -45,7 +45,10 @@ pub async fn serve_bundle_endpoint(
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving the SPIFFE bundle endpoint");
     }
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        // Reap finished connections so the set stays small.
+        while conns.try_join_next().is_some() {}
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -55,11 +58,14 @@ pub async fn serve_bundle_endpoint(
                     continue;
                 }
             },
-            () = crate::server::stopped(&mut shutdown) => return,
+            () = crate::server::stopped(&mut shutdown) => {
+                conns.shutdown().await;
+                return;
+            }
         };
         let acceptor = acceptor.clone();
         let hub = hub.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let serve = async {
                 let tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
                 hyper::server::conn::http1::Builder::new()

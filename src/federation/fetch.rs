@@ -79,7 +79,8 @@ impl EndpointTrust {
     /// Web PKI roots read from a PEM file.
     pub fn web_from_file(path: &std::path::Path) -> Result<Self, FetchError> {
         let shown = path.display().to_string();
-        let pem = std::fs::read(path).map_err(|e| FetchError::CaFile(shown.clone(), e.to_string()))?;
+        let pem =
+            std::fs::read(path).map_err(|e| FetchError::CaFile(shown.clone(), e.to_string()))?;
         let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<_, _>>()
             .map_err(|e| FetchError::CaFile(shown.clone(), e.to_string()))?;
@@ -132,7 +133,10 @@ async fn fetch_inner(url: &Uri, trust: &EndpointTrust) -> Result<Vec<u8>, FetchE
     let host = url
         .host()
         .ok_or_else(|| FetchError::Connect(shown.clone(), "URL has no host".into()))?;
-    let bare_host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let bare_host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = url.port_u16().unwrap_or(443);
     let cfg = trust.client_config(&shown)?;
     let name = ServerName::try_from(bare_host.clone())
@@ -173,7 +177,9 @@ async fn fetch_inner(url: &Uri, trust: &EndpointTrust) -> Result<Vec<u8>, FetchE
             .collect()
             .await
             .map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
                     FetchError::TooLarge
                 } else {
                     FetchError::Http(e.to_string())

@@ -31,6 +31,21 @@ pub struct BundleSet {
     pub federated: BTreeMap<TrustDomain, SpiffeBundle>,
 }
 
+/// Where a federated bundle came from; decides what survives a configuration change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Fetched from the bundle endpoint of a `[[federation]]` entry, or its `initial_bundle`:
+    /// dropped at start-up once the entry is gone from the configuration.
+    Federation,
+    /// Imported by an admin (`lanyard bundle import`): kept until removed
+    /// (`lanyard bundle remove`) or replaced.
+    Import,
+}
+
+/// Member added to persisted bundle documents to remember their [`Origin`] (bundle parsers
+/// ignore members they do not know).
+const ORIGIN_MEMBER: &str = "lanyard_origin";
+
 /// What an update did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -85,13 +100,15 @@ impl BundleSet {
 
 impl BundleHub {
     /// Opens the hub over `dir` (created 0700): loads the persisted own-bundle sequence (bumped,
-    /// and audited, when `own_authorities` differ from what it was computed for) and every
-    /// persisted federated bundle.
+    /// and audited, when `own_authorities` differ from what it was computed for) and the
+    /// persisted federated bundles — those of `configured` domains and those an admin imported;
+    /// a bundle fetched for a domain no longer configured is deleted (and audited).
     pub async fn open(
         dir: &Path,
         own_td: TrustDomain,
         own_authorities: Vec<CertificateDer<'static>>,
         refresh_hint: Duration,
+        configured: &[TrustDomain],
         log: AuditLog,
     ) -> Result<Arc<Self>, FederationError> {
         create_private_dir(dir).map_err(|e| FederationError::Io(dir.to_path_buf(), e))?;
@@ -99,9 +116,10 @@ impl BundleHub {
             .map_err(|e| FederationError::Io(dir.join("domains"), e))?;
         let local_path = dir.join("local.json");
         let previous = match std::fs::read(&local_path) {
-            Ok(b) => Some(serde_json::from_slice::<LocalState>(&b).map_err(|e| {
-                FederationError::Corrupt(local_path.clone(), e.to_string())
-            })?),
+            Ok(b) => Some(
+                serde_json::from_slice::<LocalState>(&b)
+                    .map_err(|e| FederationError::Corrupt(local_path.clone(), e.to_string()))?,
+            ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(FederationError::Io(local_path, e)),
         };
@@ -120,7 +138,7 @@ impl BundleHub {
             Some(sequence),
             Some(refresh_hint),
         )?;
-        let federated = load_domains(&dir.join("domains"), &own_td);
+        let (federated, dropped) = load_domains(&dir.join("domains"), &own_td, configured);
         let hub = Arc::new(Self {
             own_td,
             dir: dir.to_path_buf(),
@@ -133,6 +151,15 @@ impl BundleHub {
             .0,
             write: Mutex::new(()),
         });
+        for td in dropped {
+            warn!(trust_domain = %td, "no longer federated: its bundle was dropped");
+            hub.audit(
+                Event::new(Kind::BundleUpdated, "lanyard")
+                    .subject(td.id_string())
+                    .reason("removed: the trust domain is no longer in [[federation]]"),
+            )
+            .await;
+        }
         if changed {
             hub.persist_local(sequence, &encoded)?;
             if previous.is_some() {
@@ -216,6 +243,7 @@ impl BundleHub {
     pub async fn update_federated(
         &self,
         bundle: SpiffeBundle,
+        origin: Origin,
         actor: &str,
         source: &str,
     ) -> Result<Change, FederationError> {
@@ -243,7 +271,7 @@ impl BundleHub {
             warn!(trust_domain = %td, old, new, source, "federated bundle sequence went backwards");
         }
         let path = self.domain_path(&td);
-        write_atomic(&path, bundle.encode()?.as_bytes(), 0o644)
+        write_atomic(&path, &persisted_doc(&bundle, origin)?, 0o644)
             .map_err(|e| FederationError::Io(path.clone(), e))?;
         if change == Change::Metadata {
             self.publish_quiet(|s| {
@@ -264,7 +292,7 @@ impl BundleHub {
                 None => "none".into(),
             }
         );
-        info!(trust_domain = %td, authorities = bundle.authorities().len(), sequence = ?bundle.sequence(), source, "federated bundle updated");
+        info!(trust_domain = %td, authorities = bundle.authorities().len(), sequence = bundle.sequence().unwrap_or(0), source, "federated bundle updated");
         self.publish(|s| {
             s.federated.insert(td.clone(), bundle);
         });
@@ -277,12 +305,45 @@ impl BundleHub {
         Ok(change)
     }
 
+    /// Stops trusting federated domain `td` (an admin's `lanyard bundle remove`); agents drop
+    /// its bundle at once. Returns whether there was one. A `[[federation]]` entry for `td`
+    /// fetches it again at its next refresh: remove the entry first.
+    pub async fn remove_federated(
+        &self,
+        td: &TrustDomain,
+        actor: &str,
+    ) -> Result<bool, FederationError> {
+        let _guard = self.write.lock().await;
+        if !self.current().federated.contains_key(td) {
+            return Ok(false);
+        }
+        let path = self.domain_path(td);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(FederationError::Io(path, e)),
+        }
+        self.publish(|s| {
+            s.federated.remove(td);
+        });
+        info!(trust_domain = %td, actor, "federated bundle removed");
+        self.audit(
+            Event::new(Kind::BundleUpdated, actor)
+                .subject(td.id_string())
+                .reason("removed by an admin; the trust domain is no longer trusted"),
+        )
+        .await;
+        Ok(true)
+    }
+
     /// Records that a bundle fetched for `td` from `source` was refused.
     pub async fn record_rejected(&self, td: &TrustDomain, source: &str, why: &str) {
         self.audit(
             Event::new(Kind::BundleRejected, "lanyard")
                 .subject(td.id_string())
-                .reason(format!("from {source}: {why}; keeping the last good bundle")),
+                .reason(format!(
+                    "from {source}: {why}; keeping the last good bundle"
+                )),
         )
         .await;
     }
@@ -330,12 +391,29 @@ impl BundleHub {
     }
 }
 
-/// Loads every `<td>.json` in `dir`; unreadable files are skipped with a warning (the refresher
-/// fetches a fresh copy).
-fn load_domains(dir: &Path, own: &TrustDomain) -> BTreeMap<TrustDomain, SpiffeBundle> {
+/// The persisted form: the bundle document plus its origin.
+fn persisted_doc(bundle: &SpiffeBundle, origin: Origin) -> Result<Vec<u8>, FederationError> {
+    let mut v: serde_json::Value = serde_json::from_str(&bundle.encode()?)
+        .map_err(|e| FederationError::Corrupt(PathBuf::new(), e.to_string()))?;
+    if let (Some(obj), Origin::Import) = (v.as_object_mut(), origin) {
+        obj.insert(ORIGIN_MEMBER.into(), "import".into());
+    }
+    serde_json::to_vec_pretty(&v)
+        .map_err(|e| FederationError::Corrupt(PathBuf::new(), e.to_string()))
+}
+
+/// Loads every `<td>.json` in `dir` that is `configured` or was imported; unreadable files are
+/// skipped with a warning (the refresher fetches a fresh copy). Fetched bundles of domains no
+/// longer configured are deleted and returned second.
+fn load_domains(
+    dir: &Path,
+    own: &TrustDomain,
+    configured: &[TrustDomain],
+) -> (BTreeMap<TrustDomain, SpiffeBundle>, Vec<TrustDomain>) {
     let mut out = BTreeMap::new();
+    let mut dropped = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
+        return (out, dropped);
     };
     for entry in entries.flatten() {
         let path = entry.path();
@@ -352,17 +430,33 @@ fn load_domains(dir: &Path, own: &TrustDomain) -> BTreeMap<TrustDomain, SpiffeBu
         if &td == own {
             continue;
         }
-        match std::fs::read(&path)
+        let loaded = std::fs::read(&path)
             .map_err(|e| e.to_string())
-            .and_then(|b| SpiffeBundle::decode(td.clone(), &b).map_err(|e| e.to_string()))
-        {
-            Ok(b) => {
+            .and_then(|b| {
+                let imported = serde_json::from_slice::<serde_json::Value>(&b)
+                    .ok()
+                    .and_then(|v| v.get(ORIGIN_MEMBER).map(|o| o == "import"))
+                    .unwrap_or(false);
+                SpiffeBundle::decode(td.clone(), &b)
+                    .map(|bundle| (bundle, imported))
+                    .map_err(|e| e.to_string())
+            });
+        match loaded {
+            Ok((b, imported)) if imported || configured.contains(&td) => {
                 out.insert(td, b);
             }
-            Err(e) => warn!(path = %path.display(), error = %e, "ignoring unreadable persisted bundle"),
+            Ok(_) => {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    warn!(path = %path.display(), error = %e, "cannot delete a stale bundle");
+                }
+                dropped.push(td);
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "ignoring unreadable persisted bundle")
+            }
         }
     }
-    out
+    (out, dropped)
 }
 
 fn same_set(a: &[String], b: &[String]) -> bool {
@@ -428,13 +522,17 @@ mod tests {
         let fed = dir.path().join("federation");
         let hint = Duration::from_secs(5);
         let open = |roots: Vec<CertificateDer<'static>>| {
-            BundleHub::open(&fed, td("a.example"), roots, hint, log.clone())
+            BundleHub::open(&fed, td("a.example"), roots, hint, &[], log.clone())
         };
         let hub = open(vec![a.clone()]).await.unwrap();
         assert_eq!(hub.current().own.sequence(), Some(1));
         drop(hub);
         let hub = open(vec![a.clone()]).await.unwrap();
-        assert_eq!(hub.current().own.sequence(), Some(1), "same CA: same sequence");
+        assert_eq!(
+            hub.current().own.sequence(),
+            Some(1),
+            "same CA: same sequence"
+        );
         let rev = hub.current().revision;
         assert!(
             hub.set_own_authorities(vec![a.clone(), b.clone()], "test")
@@ -473,16 +571,33 @@ mod tests {
         );
         let fed = dir.path().join("federation");
         let hint = Duration::from_secs(5);
-        let hub = BundleHub::open(&fed, td("a.example"), vec![a.clone()], hint, log.clone())
-            .await
-            .unwrap();
+        let configured = [td("b.example")];
+        let hub = BundleHub::open(
+            &fed,
+            td("a.example"),
+            vec![a.clone()],
+            hint,
+            &configured,
+            log.clone(),
+        )
+        .await
+        .unwrap();
         let bundle = |certs: Vec<CertificateDer<'static>>, seq| {
             SpiffeBundle::new(td("b.example"), certs, Some(seq), None).unwrap()
         };
-        let up = |bn| hub.update_federated(bn, "lanyard", "test");
-        assert_eq!(up(bundle(vec![b.clone()], 1)).await.unwrap(), Change::Authorities);
-        assert_eq!(up(bundle(vec![b.clone()], 1)).await.unwrap(), Change::Unchanged);
-        assert_eq!(up(bundle(vec![b.clone()], 2)).await.unwrap(), Change::Metadata);
+        let up = |bn| hub.update_federated(bn, Origin::Federation, "lanyard", "test");
+        assert_eq!(
+            up(bundle(vec![b.clone()], 1)).await.unwrap(),
+            Change::Authorities
+        );
+        assert_eq!(
+            up(bundle(vec![b.clone()], 1)).await.unwrap(),
+            Change::Unchanged
+        );
+        assert_eq!(
+            up(bundle(vec![b.clone()], 2)).await.unwrap(),
+            Change::Metadata
+        );
         assert_eq!(
             up(bundle(vec![b.clone(), c.clone()], 3)).await.unwrap(),
             Change::Authorities
@@ -490,26 +605,80 @@ mod tests {
         assert!(matches!(
             hub.update_federated(
                 SpiffeBundle::new(td("a.example"), vec![b.clone()], None, None).unwrap(),
+                Origin::Import,
                 "x",
                 "y"
             )
             .await,
             Err(FederationError::OwnTrustDomain(_))
         ));
+        // An imported bundle of a domain that is not configured.
+        let d = SpiffeBundle::new(td("d.example"), vec![c.clone()], None, None).unwrap();
+        hub.update_federated(d.clone(), Origin::Import, "admin", "import")
+            .await
+            .unwrap();
+        let e = SpiffeBundle::new(td("e.example"), vec![c.clone()], None, None).unwrap();
+        hub.update_federated(e, Origin::Federation, "lanyard", "https://e")
+            .await
+            .unwrap();
+        assert!(
+            hub.remove_federated(&td("e.example"), "admin")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !hub.remove_federated(&td("e.example"), "admin")
+                .await
+                .unwrap()
+        );
         let der = hub.current().federated_der();
-        assert_eq!(der.len(), 1);
+        assert_eq!(der.len(), 2);
         assert_eq!(
             der["spiffe://b.example"].len(),
             b.as_ref().len() + c.as_ref().len()
         );
         drop(hub);
-        let hub = BundleHub::open(&fed, td("a.example"), vec![a], hint, log.clone())
-            .await
-            .unwrap();
-        let got = hub.current();
-        let got = got.federated.get(&td("b.example")).unwrap();
+        let hub = BundleHub::open(
+            &fed,
+            td("a.example"),
+            vec![a.clone()],
+            hint,
+            &configured,
+            log.clone(),
+        )
+        .await
+        .unwrap();
+        let set = hub.current();
+        let got = set.federated.get(&td("b.example")).unwrap();
         assert_eq!(got.sequence(), Some(3));
         assert_eq!(got.authorities().len(), 2);
-        assert_eq!(kinds(&log).await, vec!["bundle_updated", "bundle_updated"]);
+        assert_eq!(
+            set.federated.get(&td("d.example")),
+            Some(&d),
+            "imported: kept"
+        );
+        assert_eq!(set.federated.len(), 2);
+        // b.example leaves the configuration: its fetched bundle goes at the next start, the
+        // imported one stays.
+        drop(hub);
+        let hub = BundleHub::open(&fed, td("a.example"), vec![a], hint, &[], log.clone())
+            .await
+            .unwrap();
+        let set = hub.current();
+        assert_eq!(
+            set.federated.keys().collect::<Vec<_>>(),
+            vec![&td("d.example")]
+        );
+        assert_eq!(
+            kinds(&log).await,
+            vec![
+                "bundle_updated", // b: 1 authority
+                "bundle_updated", // b: 2 authorities
+                "bundle_updated", // d imported
+                "bundle_updated", // e fetched
+                "bundle_updated", // e removed
+                "bundle_updated", // b no longer configured
+            ]
+        );
     }
 }

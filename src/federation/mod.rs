@@ -23,7 +23,7 @@ pub use config::{
 };
 pub use endpoint::serve_bundle_endpoint;
 pub use fetch::{EndpointTrust, FETCH_TIMEOUT, FetchError, fetch};
-pub use hub::{BundleHub, BundleSet, Change};
+pub use hub::{BundleHub, BundleSet, Change, Origin};
 pub use refresh::{DEFAULT_REFRESH, MAX_REFRESH, MIN_REFRESH, refresh_after, spawn_refreshers};
 
 use crate::spiffe::TrustDomain;

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::fetch::{EndpointTrust, FetchError, fetch};
-use super::{BundleHub, EndpointProfile, FederatedDomain, SpiffeBundle};
+use super::{BundleHub, EndpointProfile, FederatedDomain, Origin, SpiffeBundle};
 use crate::agent::Backoff;
 use crate::ca::RolesOid;
 
@@ -36,6 +36,10 @@ enum AttemptError {
     /// Got a document, but it is not an acceptable bundle.
     #[error("{0}")]
     Content(String),
+    /// Our side failed: the bundle held for the endpoint's domain is unusable, or the new bundle
+    /// could not be stored.
+    #[error("{0}")]
+    Local(String),
 }
 
 /// Starts one refresher per federated domain. Each stops when `shutdown` turns true.
@@ -49,7 +53,9 @@ pub fn spawn_refreshers(
         .into_iter()
         .map(|d| {
             let span = info_span!("federation", trust_domain = %d.trust_domain);
-            tokio::spawn(refresh_loop(hub.clone(), d, oid.clone(), shutdown.clone()).instrument(span))
+            tokio::spawn(
+                refresh_loop(hub.clone(), d, oid.clone(), shutdown.clone()).instrument(span),
+            )
         })
         .collect()
 }
@@ -68,7 +74,10 @@ async fn refresh_loop(
     loop {
         seed_initial(&hub, &domain).await;
         changes.borrow_and_update();
-        let result = attempt(&hub, &domain, &oid).await;
+        let result = tokio::select! {
+            r = attempt(&hub, &domain, &oid) => r,
+            () = crate::server::stopped(&mut shutdown) => return,
+        };
         // Without a bundle to authenticate the endpoint, an import (or any bundle change) is what
         // unblocks us: try again as soon as one happens.
         let wake_on_change = matches!(result, Err(AttemptError::Fetch(FetchError::NoTrust(_))));
@@ -83,8 +92,13 @@ async fn refresh_loop(
             }
             Err(e) => {
                 let msg = e.to_string();
+                let held = hub.current().federated.contains_key(&domain.trust_domain);
                 if last_error.as_deref() != Some(msg.as_str()) {
-                    warn!(url, error = %msg, "federated bundle refresh failed; keeping the last good bundle");
+                    if held {
+                        warn!(url, error = %msg, "federated bundle refresh failed; keeping the last good bundle");
+                    } else {
+                        warn!(url, error = %msg, "federated bundle refresh failed; no bundle for the domain yet");
+                    }
                 } else {
                     debug!(url, error = %msg, "federated bundle refresh failed again");
                 }
@@ -95,7 +109,7 @@ async fn refresh_loop(
                     last_rejection = Some(msg.clone());
                 }
                 last_error = Some(msg);
-                // Retry sooner than the hint, but never more often than the hint allows.
+                // Back off, but never wait longer than the hint.
                 let hint = hub
                     .current()
                     .federated
@@ -126,7 +140,7 @@ async fn attempt(
                 .bundle_for(&td)
                 .ok_or_else(|| FetchError::NoTrust(td.to_string()))?
                 .to_tls_bundle()
-                .map_err(|e| AttemptError::Content(e.to_string()))?;
+                .map_err(|e| AttemptError::Local(format!("the bundle of {td}: {e}")))?;
             EndpointTrust::Spiffe {
                 id: endpoint_id.clone(),
                 bundle,
@@ -138,12 +152,17 @@ async fn attempt(
     let doc = fetch(&domain.url, &trust).await?;
     let bundle = SpiffeBundle::decode(domain.trust_domain.clone(), &doc)
         .map_err(|e| AttemptError::Content(e.to_string()))?;
-    hub.update_federated(bundle.clone(), "lanyard", &domain.url.to_string())
-        .await
-        .map_err(|e| {
-            error!(error = %e, "cannot store the federated bundle");
-            AttemptError::Content(e.to_string())
-        })?;
+    hub.update_federated(
+        bundle.clone(),
+        Origin::Federation,
+        "lanyard",
+        &domain.url.to_string(),
+    )
+    .await
+    .map_err(|e| {
+        error!(error = %e, "cannot store the federated bundle");
+        AttemptError::Local(format!("storing the bundle: {e}"))
+    })?;
     Ok(bundle)
 }
 
@@ -167,7 +186,10 @@ async fn seed_initial(hub: &BundleHub, domain: &FederatedDomain) {
         });
     match loaded {
         Ok(b) => {
-            if let Err(e) = hub.update_federated(b, "lanyard", &source).await {
+            if let Err(e) = hub
+                .update_federated(b, Origin::Federation, "lanyard", &source)
+                .await
+            {
                 error!(error = %e, "cannot store the initial bundle");
             }
         }

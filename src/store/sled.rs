@@ -96,35 +96,42 @@ impl Store for SledStore {
     }
 
     fn consume_token(&self, id: &str, now: i64) -> Result<Consume, StoreError> {
-        let outcome = self
-            .tokens
-            .transaction(|t| {
-                let Some(raw) = t.get(id.as_bytes())? else {
-                    return Ok(Consume::Missing);
-                };
-                let rec: TokenRecord =
-                    decode(id.as_bytes(), &raw).map_err(ConflictableTransactionError::Abort)?;
-                if rec.uses_left == 0 {
-                    return Ok(Consume::AlreadyUsed);
-                }
-                if rec.expires_at <= now {
-                    return Ok(Consume::Expired);
-                }
-                let mut after = rec.clone();
-                after.uses_left -= 1;
-                t.insert(id.as_bytes(), encode(&after))?;
-                Ok(Consume::Won(rec))
-            })
-            .map_err(tx_err)?;
-        // No fsync of its own. Exactly-once is decided above: the transaction lets one of two
-        // racers for the last use win, whatever the disk does. Durability comes from the caller's
-        // audit group commit: `Issuance::with_token` answers only after the issuance's audit
-        // record is committed, and that commit's `flush` makes every write made to this database
-        // before it durable as well (sled has one log for all trees, and a flush covers everything
-        // already in it). So no certificate is handed out on a use that a crash could give back;
-        // a crash before that flush loses the use together with the never-sent certificate, and
-        // the token simply keeps that use. Flushing here cost one extra fsync per issuance, paid
-        // on an async worker thread.
+        let key = id.as_bytes();
+        // Exactly-once is a compare-and-swap on the one record: of two racers for the last use,
+        // only the one whose swap still sees the old value wins; the other re-reads and finds no
+        // use left. (A sled transaction would give the same guarantee, but sled writes out its
+        // log buffer twice for every transaction, paid on every token issuance.)
+        let outcome = loop {
+            let Some(raw) = self.tokens.get(key).map_err(backend)? else {
+                break Consume::Missing;
+            };
+            let rec: TokenRecord = decode(key, &raw)?;
+            if rec.uses_left == 0 {
+                break Consume::AlreadyUsed;
+            }
+            if rec.expires_at <= now {
+                break Consume::Expired;
+            }
+            let mut after = rec.clone();
+            after.uses_left -= 1;
+            match self
+                .tokens
+                .compare_and_swap(key, Some(&raw), Some(encode(&after)))
+                .map_err(backend)?
+            {
+                Ok(()) => break Consume::Won(rec),
+                // Someone else took a use (or the record changed) in between: decide again.
+                Err(_) => continue,
+            }
+        };
+        // No fsync of its own. Durability comes from the caller's audit group commit:
+        // `Issuance::with_token` answers only after the issuance's audit record is committed,
+        // and that commit's `flush` makes every write made to this database before it durable as
+        // well (sled has one log for all trees, and a flush covers everything already in it). So
+        // no certificate is handed out on a use that a crash could give back; a crash before that
+        // flush loses the use together with the never-sent certificate, and the token simply
+        // keeps that use. Flushing here cost one extra fsync per issuance, paid on an async
+        // worker thread.
         Ok(outcome)
     }
 

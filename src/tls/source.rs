@@ -149,7 +149,9 @@ impl TlsSource {
         for (td, pem) in &f.federated {
             match Bundle::from_pem(pem) {
                 Ok(b) => federated.push((td.clone(), b)),
-                Err(e) => warn!(trust_domain = %td, error = %e, "skipping unreadable federated bundle"),
+                Err(e) => {
+                    warn!(trust_domain = %td, error = %e, "skipping unreadable federated bundle")
+                }
             }
         }
         self.update(chain, key, bundle)?;
