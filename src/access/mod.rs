@@ -290,7 +290,8 @@ impl Access {
         // completes the grant, the grant is a second event committed with the granted record, so
         // a crash between them leaves a pending request with the approval on record, never a
         // grant without its event.
-        self.commit(&mut records, r.clone(), approved, vec![]).await?;
+        self.commit(&mut records, r.clone(), approved, vec![])
+            .await?;
         if granted {
             r.state = state::GRANTED.into();
             r.granted_at = now;

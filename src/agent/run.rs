@@ -515,9 +515,14 @@ impl Agent {
     /// A channel to the CA, trusting the current bundle and presenting the current certificate.
     async fn ca_channel(&self) -> Result<tonic::transport::Channel, tonic::Status> {
         let trust = ServerTrust::Bundle((*self.source.bundle()).clone());
-        connect(&self.cfg.server, trust, Some(self.source.slot()), self.cfg.roles_oid.clone())
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))
+        connect(
+            &self.cfg.server,
+            trust,
+            Some(self.source.slot()),
+            self.cfg.roles_oid.clone(),
+        )
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))
     }
 
     /// Asks the CA whether `svid` is revoked; `None` when it is not or the CA cannot say.

@@ -25,18 +25,28 @@ impl AccessService {
 }
 
 type Decided<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<AccessRecord, crate::access::AccessError>> + Send + 'a>,
+    Box<
+        dyn std::future::Future<Output = Result<AccessRecord, crate::access::AccessError>>
+            + Send
+            + 'a,
+    >,
 >;
 
 impl AccessService {
     /// Authenticates the caller, then runs one decision (approve, deny, revoke) on a request.
-    async fn decide<F>(&self, req: Request<pb::AccessDecision>, op: F) -> Result<Response<pb::AccessRequest>, Status>
+    async fn decide<F>(
+        &self,
+        req: Request<pb::AccessDecision>,
+        op: F,
+    ) -> Result<Response<pb::AccessRequest>, Status>
     where
         F: for<'a> FnOnce(&'a Access, &'a SvidInfo, &'a pb::AccessDecision) -> Decided<'a>,
     {
         let caller = self.auth.peer(&req, false).map_err(status::auth)?;
         let decision = req.into_inner();
-        let r = op(&self.access, &caller, &decision).await.map_err(status::access)?;
+        let r = op(&self.access, &caller, &decision)
+            .await
+            .map_err(status::access)?;
         Ok(Response::new(to_proto(r)))
     }
 }
@@ -107,15 +117,33 @@ impl AccessRpc for AccessService {
         Ok(Response::new(pb::AccessListResponse { requests }))
     }
 
-    async fn approve(&self, req: Request<pb::AccessDecision>) -> Result<Response<pb::AccessRequest>, Status> {
-        self.decide(req, |a, caller, d| Box::pin(a.approve(caller, &d.id, &d.comment))).await
+    async fn approve(
+        &self,
+        req: Request<pb::AccessDecision>,
+    ) -> Result<Response<pb::AccessRequest>, Status> {
+        self.decide(req, |a, caller, d| {
+            Box::pin(a.approve(caller, &d.id, &d.comment))
+        })
+        .await
     }
 
-    async fn deny(&self, req: Request<pb::AccessDecision>) -> Result<Response<pb::AccessRequest>, Status> {
-        self.decide(req, |a, caller, d| Box::pin(a.deny(caller, &d.id, &d.comment))).await
+    async fn deny(
+        &self,
+        req: Request<pb::AccessDecision>,
+    ) -> Result<Response<pb::AccessRequest>, Status> {
+        self.decide(req, |a, caller, d| {
+            Box::pin(a.deny(caller, &d.id, &d.comment))
+        })
+        .await
     }
 
-    async fn revoke(&self, req: Request<pb::AccessDecision>) -> Result<Response<pb::AccessRequest>, Status> {
-        self.decide(req, |a, caller, d| Box::pin(a.revoke(caller, &d.id, &d.comment))).await
+    async fn revoke(
+        &self,
+        req: Request<pb::AccessDecision>,
+    ) -> Result<Response<pb::AccessRequest>, Status> {
+        self.decide(req, |a, caller, d| {
+            Box::pin(a.revoke(caller, &d.id, &d.comment))
+        })
+        .await
     }
 }
