@@ -636,7 +636,17 @@ async fn bundle_documents_and_delivery_validate_with_py_spiffe() {
     })
     .await
     .expect("the removed bundle leaves the agent's files");
-    let (_, bundles) = workload_state(&db_sock).await;
+    // Files and the Workload API are updated one after the other; wait for the socket too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let bundles = loop {
+        let (_, bundles) = workload_state(&db_sock).await;
+        if !bundles.bundles.contains_key("spiffe://c.example")
+            || std::time::Instant::now() > deadline
+        {
+            break bundles;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(!bundles.bundles.contains_key("spiffe://c.example"));
     assert!(bundles.bundles.contains_key("spiffe://a.example"));
 
