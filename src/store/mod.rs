@@ -73,7 +73,10 @@ pub trait Store: Send + Sync + 'static {
     /// Looks a token up by public id.
     fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Atomically takes one use of a token: of two concurrent callers for the last use, exactly
-    /// one gets [`Consume::Won`]. Durable when it returns.
+    /// one gets [`Consume::Won`]. Not flushed on its own: it becomes durable with the caller's
+    /// next [`Store::commit`] + [`Store::flush`] (the issuance's audit event), and the caller
+    /// answers only after that flush, so no certificate is ever handed out for a use that a crash
+    /// could forget.
     fn consume_token(&self, id: &str, now: i64) -> Result<Consume, StoreError>;
     /// An identity's enrollment.
     fn enrollment(&self, spiffe_id: &str) -> Result<Option<Enrollment>, StoreError>;
