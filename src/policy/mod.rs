@@ -137,6 +137,27 @@ pub struct Policy {
 #[derive(Debug, Clone, Default)]
 pub struct PolicyHandle(Arc<RwLock<Arc<Policy>>>);
 
+/// Parses rule `index`'s pattern and checks it is in `td`.
+fn local_pattern(
+    index: usize,
+    spiffe_id: &str,
+    td: &TrustDomain,
+) -> Result<IdPattern, PolicyError> {
+    let pattern = IdPattern::parse(spiffe_id).map_err(|source| PolicyError::Id {
+        index,
+        spiffe_id: spiffe_id.to_string(),
+        source,
+    })?;
+    if pattern.trust_domain_name() != td.as_str() {
+        return Err(PolicyError::ForeignDomain {
+            index,
+            spiffe_id: spiffe_id.to_string(),
+            td: td.to_string(),
+        });
+    }
+    Ok(pattern)
+}
+
 impl Policy {
     /// Validates rules for trust domain `td`. `default_max_ttl` applies to rules without one;
     /// `cap` is the server's hard maximum.
@@ -154,14 +175,7 @@ impl Policy {
                 spiffe_id: spec.spiffe_id.clone(),
                 source,
             };
-            let pattern = IdPattern::parse(&spec.spiffe_id).map_err(id_err)?;
-            if pattern.trust_domain_name() != td.as_str() {
-                return Err(PolicyError::ForeignDomain {
-                    index,
-                    spiffe_id: spec.spiffe_id.clone(),
-                    td: td.to_string(),
-                });
-            }
+            let pattern = local_pattern(index, &spec.spiffe_id, td)?;
             let path = match &pattern {
                 IdPattern::Exact(id) => format!("{}/", id.path()),
                 IdPattern::Prefix(id) => format!("{}/", id.path()),
@@ -196,8 +210,8 @@ impl Policy {
         })
     }
 
-    /// Adds temporary-access rules. A grant may last at most `cap` (the server's
-    /// max_cert_lifetime bounds certificates, not grants, so grants get their own cap of 7 days).
+    /// Adds temporary-access rules for trust domain `td`. A grant may last at most 7 days
+    /// (max_cert_lifetime bounds certificates, not grants; a certificate never outlives its grant).
     pub fn with_access(
         mut self,
         specs: &[AccessRuleSpec],
@@ -211,14 +225,7 @@ impl Policy {
                 spiffe_id: spec.spiffe_id.clone(),
                 source,
             };
-            let pattern = IdPattern::parse(&spec.spiffe_id).map_err(id_err)?;
-            if pattern.trust_domain_name() != td.as_str() {
-                return Err(PolicyError::ForeignDomain {
-                    index,
-                    spiffe_id: spec.spiffe_id.clone(),
-                    td: td.to_string(),
-                });
-            }
+            let pattern = local_pattern(index, &spec.spiffe_id, td)?;
             let roles = normalize_roles(&spec.roles).map_err(id_err)?;
             let max_duration = spec.max_duration.unwrap_or(Duration::from_secs(3600));
             if max_duration.is_zero() || max_duration > MAX_GRANT {
