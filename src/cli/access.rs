@@ -120,44 +120,33 @@ pub(super) async fn run(cmd: AccessCmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        AccessCmd::Approve(a) => {
-            let mut c = AccessClient::new(a.conn.channel().await?);
-            let r = c
-                .approve(pb::AccessDecision {
-                    id: a.id,
-                    comment: a.comment,
-                })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            println!("{}", line(&r));
-        }
-        AccessCmd::Deny(a) => {
-            let mut c = AccessClient::new(a.conn.channel().await?);
-            let r = c
-                .deny(pb::AccessDecision {
-                    id: a.id,
-                    comment: a.reason,
-                })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            println!("{}", line(&r));
-        }
-        AccessCmd::Revoke(a) => {
-            let mut c = AccessClient::new(a.conn.channel().await?);
-            let r = c
-                .revoke(pb::AccessDecision {
-                    id: a.id,
-                    comment: a.reason,
-                })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            println!("{}", line(&r));
-        }
+        AccessCmd::Approve(a) => decide(Verb::Approve, &a.conn, a.id, a.comment).await?,
+        AccessCmd::Deny(a) => decide(Verb::Deny, &a.conn, a.id, a.reason).await?,
+        AccessCmd::Revoke(a) => decide(Verb::Revoke, &a.conn, a.id, a.reason).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The three decisions on an existing request.
+enum Verb {
+    Approve,
+    Deny,
+    Revoke,
+}
+
+/// Sends one decision and prints the request as it now stands.
+async fn decide(verb: Verb, conn: &Conn, id: String, comment: String) -> anyhow::Result<()> {
+    let mut c = AccessClient::new(conn.channel().await?);
+    let d = pb::AccessDecision { id, comment };
+    let r = match verb {
+        Verb::Approve => c.approve(d).await,
+        Verb::Deny => c.deny(d).await,
+        Verb::Revoke => c.revoke(d).await,
+    }
+    .map_err(rpc_error)?
+    .into_inner();
+    println!("{}", line(&r));
+    Ok(())
 }
 
 fn line(r: &pb::AccessRequest) -> String {
