@@ -116,3 +116,41 @@ print(json.dumps(out))
         parse_cli(&args, "deploy/kubernetes");
     }
 }
+
+#[test]
+fn kubernetes_configmap_holds_a_valid_config() {
+    let script = r#"
+import sys, yaml
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if doc.get("kind") == "ConfigMap":
+        sys.stdout.write(doc["data"]["lanyard.toml"])
+"#;
+    let manifest = root().join("deploy/kubernetes/ca.yaml");
+    let out = match std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&manifest)
+        .output()
+    {
+        Ok(o) if o.status.success() => o,
+        Ok(o) if std::env::var_os("CI").is_none() => {
+            eprintln!(
+                "SKIPPED: python3/PyYAML unusable: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            return;
+        }
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED: python3 not available ({e})");
+            return;
+        }
+        other => panic!("python3 with PyYAML is required in CI (.ci/run installs it): {other:?}"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lanyard.toml");
+    std::fs::write(&config, &out.stdout).unwrap();
+    let settings = lanyard::config::ServeSettings::resolve(Some(&config), Default::default())
+        .unwrap_or_else(|e| panic!("the ConfigMap's lanyard.toml is invalid: {e}"));
+    assert_eq!(settings.trust_domain.as_str(), "example.org");
+    assert!(!settings.policy.is_empty());
+}
