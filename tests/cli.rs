@@ -15,28 +15,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{POLICY, lanyard_bin};
+use common::{POLICY, lanyard_cmd};
 use lanyard::ca::RolesOid;
 use lanyard::client::Credential;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 const API: &str = "spiffe://example.org/ns/prod/sa/api";
-
-/// Environment variables the binary reads; cleared so the host cannot leak into a test.
-const LANYARD_ENV: &[&str] = &[
-    "LANYARD_SERVER",
-    "LANYARD_CREDENTIAL",
-    "LANYARD_TOKEN",
-    "LANYARD_CONFIG",
-    "LANYARD_DATA_DIR",
-    "LANYARD_LISTEN",
-    "LANYARD_TRUST_DOMAIN",
-    "LANYARD_ROLES_OID",
-    "LANYARD_LOG",
-    "LANYARD_LOG_FORMAT",
-    "RUST_LOG",
-];
 
 /// A `lanyard serve` process over a data dir; killed on drop.
 struct Serve {
@@ -53,10 +38,7 @@ impl Serve {
         let addr_file = data.join("serve.addr");
         let _ = std::fs::remove_file(&addr_file);
         let log_file = std::fs::File::create(log).unwrap();
-        let mut cmd = Command::new(lanyard_bin());
-        for v in LANYARD_ENV {
-            cmd.env_remove(v);
-        }
+        let mut cmd = lanyard_cmd();
         let child = cmd
             .args(["serve", "--config"])
             .arg(config)
@@ -204,10 +186,7 @@ impl Drop for Serve {
 
 /// Runs the binary with a clean `LANYARD_*` environment plus `env`.
 fn lanyard<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(lanyard_bin());
-    for v in LANYARD_ENV {
-        cmd.env_remove(v);
-    }
+    let mut cmd = lanyard_cmd();
     cmd.args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::null());
