@@ -2,8 +2,9 @@
 //!
 //! It follows the agent's credential directory (new handshakes use the newest certificate, no
 //! restart), accepts only clients the `--allow` rules name, refuses revoked clients within a
-//! second when `--ca` is given (it follows the CA's revocation stream), and answers each call
-//! with who called.
+//! second when `--ca` is given (it follows the CA's revocation stream, and the grants of
+//! federated identities: a foreign client holds a role here only while a grant says so), and
+//! answers each call with who called.
 //!
 //! ```text
 //! cargo run --example hello_server -- --svid-dir ./db-svid --listen 127.0.0.1:9443 \
@@ -22,7 +23,7 @@ use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use lanyard::tls::{Authorizer, RevocationSet, TlsSource, peer_svid, server_config};
+use lanyard::tls::{Authorizer, GrantSet, RevocationSet, TlsSource, peer_svid, server_config};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -37,7 +38,8 @@ struct Args {
     /// Who may call, e.g. 'spiffe://example.org/ns/prod/* role=db-read' (repeatable).
     #[arg(long, required = true)]
     allow: Vec<String>,
-    /// CA address: follow its revocations so revoked clients are refused at once.
+    /// CA address: follow its revocations (revoked clients are refused at once) and the grants
+    /// of federated identities.
     #[arg(long)]
     ca: Option<String>,
 }
@@ -50,12 +52,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let source =
         TlsSource::from_dir(&args.svid_dir, Default::default(), Duration::from_secs(1)).await?;
+    let mut authz = Authorizer::parse(&args.allow)?;
+    let mut grants = None;
     let revocations = args.ca.map(|ca| {
+        let g = GrantSet::new();
+        g.follow(ca.clone(), source.clone());
+        authz = authz.clone().with_grants(g.clone());
+        grants = Some(g);
         let set = RevocationSet::new();
         set.follow(ca, source.clone());
         set
     });
-    let mut config = server_config(&source, Authorizer::parse(&args.allow)?, revocations)?;
+    let mut config = server_config(&source, authz, revocations)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind(&args.listen).await?;
@@ -68,6 +76,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (tcp, addr) = listener.accept().await?;
         let acceptor = acceptor.clone();
         let source = source.clone();
+        let grants = grants.clone();
         tokio::spawn(async move {
             let tls = match acceptor.accept(tcp).await {
                 Ok(t) => t,
@@ -76,7 +85,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     return;
                 }
             };
-            let peer = peer_svid(tls.get_ref().1.peer_certificates(), &source);
+            let mut peer = peer_svid(tls.get_ref().1.peer_certificates(), &source);
+            // A peer of a federated domain holds only what this domain's CA granted it.
+            if let (Some(p), Some(g)) = (peer.as_mut(), &grants) {
+                p.roles
+                    .extend(g.roles_for(&p.spiffe_id, lanyard::tls::unix_now()));
+                p.roles.sort_unstable();
+                p.roles.dedup();
+            }
             let me = source.svid();
             let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
                 let body = format!(

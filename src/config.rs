@@ -283,9 +283,10 @@ impl ServeSettings {
                 format!("{prune_interval:?} must be at least 1s"),
             ));
         }
+        let federation = crate::federation::resolve_all(&file.federation, &trust_domain)?;
         let policy =
             Policy::from_specs(&file.policy, &trust_domain, default_ttl, max_cert_lifetime)?
-                .with_access(&file.access, &trust_domain)?;
+                .with_access(&file.access, &trust_domain, &federated_domains(&federation))?;
         let access_request_ttl = file
             .access_request_ttl
             .unwrap_or(defaults::ACCESS_REQUEST_TTL);
@@ -321,7 +322,6 @@ impl ServeSettings {
                 format!("{ca_rotation_overlap:?} must be at least 1s"),
             ));
         }
-        let federation = crate::federation::resolve_all(&file.federation, &trust_domain)?;
         Ok(Self {
             trust_domain,
             data_dir: overrides
@@ -364,8 +364,17 @@ impl ServeSettings {
             self.default_ttl,
             self.max_cert_lifetime,
         )?
-        .with_access(&file.access, &self.trust_domain)?)
+        .with_access(
+            &file.access,
+            &self.trust_domain,
+            &federated_domains(&self.federation),
+        )?)
     }
+}
+
+/// The trust domains of the `[[federation]]` entries.
+fn federated_domains(federation: &[FederatedDomain]) -> Vec<TrustDomain> {
+    federation.iter().map(|d| d.trust_domain.clone()).collect()
 }
 
 /// Parses `"5m"`, `"1h30m"`, `"30s"` (humantime) into a duration.

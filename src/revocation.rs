@@ -75,7 +75,9 @@ impl Revocations {
 
     /// The revocation that covers `svid`, if any: its serial, or its identity's rule.
     /// When both apply, the stricter wins: a renewable serial entry (a revoked grant) never hides
-    /// an identity revocation.
+    /// an identity revocation. A rule still blocking covers every certificate of the identity,
+    /// whatever its notBefore: this CA issues none while it blocks, but another domain's CA does
+    /// (a federated identity revoked here stays refused here until the rule is lifted).
     pub fn status(&self, svid: &SvidInfo) -> Result<Option<RevocationRecord>, StoreError> {
         let serial = self.store.revoked_serial(&svid.serial.to_hex())?;
         if let Some(r) = serial.as_ref().filter(|r| !r.renewable) {
@@ -84,7 +86,7 @@ impl Revocations {
         let rule = self
             .store
             .identity_rule(svid.spiffe_id.as_str())?
-            .filter(|rule| svid.not_before < rule.before);
+            .filter(|rule| rule.blocked || svid.not_before < rule.before);
         Ok(rule.or(serial))
     }
 
@@ -288,5 +290,51 @@ impl Revocations {
     /// The audit log the revocations are committed through (for live watch feeds).
     pub fn log(&self) -> &AuditLog {
         &self.log
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::store::SledStore;
+
+    fn svid(id: &str, not_before: i64) -> SvidInfo {
+        SvidInfo {
+            spiffe_id: SpiffeId::parse(id).unwrap(),
+            roles: vec![],
+            serial: Serial::from_bytes(&[7]),
+            not_before,
+            not_after: not_before + 60,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blocking_rule_covers_every_certificate_until_lifted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let revocations = Revocations::new(
+            AuditLog::start(store).unwrap(),
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        );
+        // A federated identity: its own CA keeps issuing after the revocation here.
+        let id = SpiffeId::parse("spiffe://b.example/ops/eve").unwrap();
+        let entries = revocations
+            .revoke_identity("spiffe://a.example/lanyard/admin", &id, "key leak")
+            .await
+            .unwrap();
+        let before = entries[0].before;
+        let old = svid(id.as_str(), before - 10);
+        let newer = svid(id.as_str(), before + 100);
+        assert!(revocations.status(&old).unwrap().is_some());
+        assert!(
+            revocations.status(&newer).unwrap().is_some(),
+            "a certificate issued after the revocation is covered while the rule blocks"
+        );
+        revocations.lift("admin", &id, "fixed").await.unwrap();
+        assert!(revocations.status(&old).unwrap().is_some());
+        assert!(revocations.status(&newer).unwrap().is_none());
     }
 }

@@ -193,6 +193,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         AccessSettings {
             request_ttl: settings.access_request_ttl,
             renewal_grace: settings.renewal_grace,
+            trust_domain: settings.trust_domain.clone(),
         },
         Notifier {
             cmd: settings.access_notify_cmd.clone(),
@@ -207,7 +208,8 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         settings.roles_oid.clone(),
         settings.renewal_grace,
         revocations.clone(),
-    );
+    )
+    .with_federation(bundles.subscribe());
 
     // The server's own certificate, rotated at half-life.
     let slot = CertSlot::new();
@@ -364,8 +366,12 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
             .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
-            AccessServer::new(AccessService::new(access.clone(), auth.clone()))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
+            AccessServer::new(AccessService::new(
+                access.clone(),
+                auth.clone(),
+                shutdown_rx.clone(),
+            ))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
             AuditServer::new(AuditService::new(

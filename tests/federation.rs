@@ -31,7 +31,9 @@ use lanyard::federation::SpiffeBundle;
 use lanyard::pb::v1::{self as pb, admin_client::AdminClient, ca_client::CaClient};
 use lanyard::pb::workload::{self as wl, spiffe_workload_api_client::SpiffeWorkloadApiClient};
 use lanyard::spiffe::TrustDomain;
-use lanyard::tls::{Authorizer, TlsSource, client_config, peer_svid, server_config};
+use lanyard::tls::{
+    Authorizer, GrantSet, RevocationSet, TlsSource, client_config, peer_svid, server_config,
+};
 use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -460,14 +462,25 @@ async fn cross_domain_mtls_is_accepted_only_when_a_rule_names_the_other_domain()
     // b.example's database accepts a.example's web tier by a rule that names a.example.
     let db_src = source(&db_dir).await;
     let web_src = source(&web_dir).await;
-    let db = server(&db_src, &["spiffe://a.example/ns/prod/* role=db-read"]).await;
+    let db = server(&db_src, &["spiffe://a.example/ns/prod/*"]).await;
     let web_client = client(&web_src, &["td:b.example"]);
     let n = db.count();
     let (server_svid, greeting) = call(db.addr, &web_client).await.expect("accepted");
     assert_eq!(server_svid.spiffe_id.as_str(), B_DB);
     assert_eq!(greeting, format!("hello {A_WEB}"));
     let seen = db.seen_after(n).await.expect("server side accepted");
-    assert_eq!(seen.roles, vec!["db-read"]);
+    assert!(
+        seen.roles.is_empty(),
+        "the roles a.example's CA wrote mean nothing in b.example: {:?}",
+        seen.roles
+    );
+    // So a rule that requires a role refuses the foreign client although its certificate
+    // carries that role: only b.example can give it one (the temporary-access test below).
+    let needs_role = server(&db_src, &["spiffe://a.example/ns/prod/* role=db-read"]).await;
+    let n = needs_role.count();
+    assert!(call(needs_role.addr, &web_client).await.is_err());
+    let reason = needs_role.seen_after(n).await.expect_err("refused");
+    assert!(reason.contains("(roles: none) matches no rule"), "{reason}");
 
     // A server whose rules name only its own domain refuses the foreign client, even though
     // it holds a.example's bundle: foreign identities are never implicitly trusted.
@@ -747,7 +760,7 @@ async fn cross_domain_mtls_survives_a_ca_rotation_on_one_side() {
 
     let db_src = source(&db_dir).await;
     let web_src = source(&web_dir).await;
-    let db = server(&db_src, &["spiffe://a.example/ns/prod/* role=db-read"]).await;
+    let db = server(&db_src, &["spiffe://a.example/ns/prod/*"]).await;
     let web_client = client(&web_src, &["td:b.example"]);
     call(db.addr, &web_client)
         .await
@@ -905,4 +918,320 @@ async fn the_last_good_bundle_survives_an_unreachable_endpoint_and_a_restart() {
         .filter(|r| r.kind == "bundle_updated" && r.subject == "spiffe://a.example")
         .count();
     assert_eq!(updates, 1);
+}
+
+// === temporary access for a foreign identity ===
+
+/// a.example lets its web tier hold db-write and lanyard:approver in its own certificates:
+/// b.example must ignore both.
+const A_WEB_POLICY: &str = r#"
+[[policy]]
+spiffe_id = "spiffe://a.example/ns/prod/web"
+roles = ["db-read", "db-write", "lanyard:approver"]
+"#;
+
+/// b.example lets a.example's prod workloads *ask* for db-write; b.example's ops approve.
+const B_ACCESS: &str = r#"
+[[policy]]
+spiffe_id = "spiffe://b.example/ops/*"
+roles = ["lanyard:approver"]
+max_ttl = "1h"
+
+[[access]]
+spiffe_id = "spiffe://a.example/ns/prod/*"
+roles = ["db-write"]
+max_duration = "1h"
+"#;
+
+/// Runs `lanyard ARGS... --server <ca> --credential <dir> [--server-bundle <pem>]`: `Ok(stdout)`
+/// or `Err(stderr)`.
+async fn cli_as(
+    ca: &TestCa,
+    dir: &Path,
+    server_bundle: Option<&Path>,
+    args: &[&str],
+) -> Result<String, String> {
+    let mut cmd = lanyard_cmd();
+    cmd.args(args)
+        .args(["--server", &ca.server(), "--credential"])
+        .arg(dir);
+    if let Some(b) = server_bundle {
+        cmd.arg("--server-bundle").arg(b);
+    }
+    let out = tokio::process::Command::from(cmd)
+        .output()
+        .await
+        .expect("run lanyard");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+/// Calls until the outcome is `accepted` (or 10 s pass, which fails the test).
+async fn until_call(addr: SocketAddr, client: &Arc<ClientConfig>, accepted: bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if call(addr, client).await.is_ok() == accepted {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Aborts a background task when the test ends.
+struct Abort(tokio::task::JoinHandle<()>);
+
+impl Drop for Abort {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_foreign_identity_gets_temporary_access_through_the_other_domains_policy() {
+    let pair = Pair::start(A_WEB_POLICY, B_ACCESS).await;
+    let web_roles = ["db-read", "db-write", "lanyard:approver"];
+    let (_web_agent, web_dir, _) = agent(&pair.a, "web", A_WEB, &web_roles).await;
+    let (_db_agent, db_dir, _) = agent(&pair.b, "db", B_DB, &[]).await;
+    wait_federated_file(&db_dir, A, &pair.wait_federated(A, 1).await).await;
+    wait_federated_file(&web_dir, B, &pair.wait_federated(B, 1).await).await;
+
+    // b.example's database wants db-write from a.example's web tier. It follows its own CA's
+    // grants and revocations.
+    let db_src = source(&db_dir).await;
+    let web_src = source(&web_dir).await;
+    let grants = GrantSet::new();
+    let _grants_task = Abort(grants.follow(pair.b.server(), db_src.clone()));
+    let revocations = RevocationSet::new();
+    let _revocations_task = Abort(revocations.follow(pair.b.server(), db_src.clone()));
+    let needs_write = Authorizer::parse(&["spiffe://a.example/ns/prod/* role=db-write"])
+        .unwrap()
+        .with_grants(grants.clone());
+    let db = EchoServer::start(
+        server_config(&db_src, needs_write, Some(revocations.clone())).unwrap(),
+        db_src.clone(),
+    )
+    .await;
+    poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        (grants.snapshots() > 0).then_some(())
+    })
+    .await
+    .expect("the database follows b.example's grants");
+    let web_client = client(&web_src, &["td:b.example"]);
+
+    // No grant: refused, although web's own certificate says db-write.
+    let n = db.count();
+    assert!(call(db.addr, &web_client).await.is_err());
+    let reason = db.seen_after(n).await.expect_err("refused");
+    assert!(reason.contains("(roles: none) matches no rule"), "{reason}");
+
+    // web asks b.example's CA, with the certificate a.example's CA gave it, trusting b.example's
+    // CA by the federated bundle its agent wrote.
+    let b_pem = web_dir.join("federated").join("b.example.pem");
+    let as_web = |args: &'static [&'static str]| cli_as(&pair.b, &web_dir, Some(&b_pem), args);
+    let first = as_web(&[
+        "access",
+        "request",
+        "--spiffe-id",
+        A_WEB,
+        "--roles",
+        "db-write",
+        "--duration",
+        "4s",
+        "--reason",
+        "MIG-7: backfill",
+    ])
+    .await
+    .expect("a foreign identity may ask");
+    let err = as_web(&[
+        "access",
+        "request",
+        "--spiffe-id",
+        A_WEB,
+        "--roles",
+        "db-admin",
+        "--duration",
+        "4s",
+        "--reason",
+        "MIG-7",
+    ])
+    .await
+    .expect_err("db-admin is not requestable");
+    assert!(
+        err.contains("PermissionDenied") && err.contains("not requestable"),
+        "{err}"
+    );
+    // Its own CA's lanyard:approver counts for nothing in b.example.
+    let err = cli_as(
+        &pair.b,
+        &web_dir,
+        Some(&b_pem),
+        &["access", "approve", &first],
+    )
+    .await
+    .expect_err("a foreign approver role is ignored");
+    assert!(
+        err.contains("PermissionDenied") && err.contains("holds no roles in b.example"),
+        "{err}"
+    );
+    let mine = as_web(&["access", "list", "--json"]).await.unwrap();
+    assert!(
+        mine.contains(&first) && mine.contains("\"pending\""),
+        "{mine}"
+    );
+    // Nor may it use b.example's CA for anything else: no certificate of b.example for it.
+    let err = cli_as(&pair.b, &web_dir, Some(&b_pem), &["ca", "status"])
+        .await
+        .expect_err("not an identity of b.example");
+    assert!(err.contains("Unauthenticated"), "{err}");
+
+    // Bob, an approver of b.example, approves: the grant reaches the database within moments,
+    // and it runs out on time.
+    let bob = pair
+        .b
+        .enroll(
+            "bob",
+            "spiffe://b.example/ops/bob",
+            &["lanyard:approver"],
+            600,
+        )
+        .await;
+    cli_as(&pair.b, &bob, None, &["access", "approve", &first])
+        .await
+        .expect("bob approves");
+    until_call(db.addr, &web_client, true, "the grant never admitted web").await;
+    let n = db.count();
+    call(db.addr, &web_client).await.expect("accepted");
+    assert_eq!(db.seen_after(n).await.unwrap().spiffe_id.as_str(), A_WEB);
+    until_call(db.addr, &web_client, false, "the 4 s grant never ended").await;
+
+    // A second grant, ended early by an approver: refused again at once.
+    let second = as_web(&[
+        "access",
+        "request",
+        "--spiffe-id",
+        A_WEB,
+        "--roles",
+        "db-write",
+        "--duration",
+        "1h",
+        "--reason",
+        "MIG-7: second pass",
+    ])
+    .await
+    .unwrap();
+    cli_as(&pair.b, &bob, None, &["access", "approve", &second])
+        .await
+        .unwrap();
+    until_call(
+        db.addr,
+        &web_client,
+        true,
+        "the second grant never admitted web",
+    )
+    .await;
+    let revoked_at = Instant::now();
+    cli_as(
+        &pair.b,
+        &bob,
+        None,
+        &["access", "revoke", &second, "--reason", "done early"],
+    )
+    .await
+    .expect("bob ends the grant");
+    until_call(
+        db.addr,
+        &web_client,
+        false,
+        "the revoked grant still admits web",
+    )
+    .await;
+    eprintln!("revoked grant refused after {:?}", revoked_at.elapsed());
+
+    // b.example revokes the foreign identity itself: its services refuse it (and keep refusing
+    // the certificates a.example goes on issuing to it, whatever their notBefore, until the
+    // revocation is lifted here: see `RevocationSet`'s tests), and it may not ask again.
+    let any_role = server_config(
+        &db_src,
+        Authorizer::parse(&["spiffe://a.example/ns/prod/*"]).unwrap(),
+        Some(revocations.clone()),
+    )
+    .unwrap();
+    let open = EchoServer::start(any_role, db_src.clone()).await;
+    call(open.addr, &web_client)
+        .await
+        .expect("accepted by a rule without roles");
+    let out = cli(
+        &pair.b,
+        &[
+            "revoke",
+            "--spiffe-id",
+            A_WEB,
+            "--reason",
+            "partner key leak",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    until_call(
+        open.addr,
+        &web_client,
+        false,
+        "the revoked foreign identity still gets in",
+    )
+    .await;
+    let reason = open.seen.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        reason
+            .as_ref()
+            .is_err_and(|r| r.contains("partner key leak")),
+        "{reason:?}"
+    );
+    let err = as_web(&[
+        "access",
+        "request",
+        "--spiffe-id",
+        A_WEB,
+        "--roles",
+        "db-write",
+        "--duration",
+        "1h",
+        "--reason",
+        "again",
+    ])
+    .await
+    .expect_err("a revoked foreign identity may not ask");
+    assert!(err.contains("revoked"), "{err}");
+
+    // b.example's audit log has all of it, with the foreign identity named. (The first grant's
+    // end is recorded by the CA's sweeper, up to a second after services stopped honouring it.)
+    let wanted = [
+        ("access_requested", A_WEB),
+        ("access_approved", "spiffe://b.example/ops/bob"),
+        ("access_granted", "spiffe://b.example/ops/bob"),
+        ("access_ended", "lanyard"),
+        ("access_revoked", "spiffe://b.example/ops/bob"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = pair.b.audit_log().await;
+        let missing: Vec<_> = wanted
+            .iter()
+            .filter(|(kind, actor)| {
+                !log.iter()
+                    .any(|r| r.kind == *kind && r.actor == *actor && r.subject == A_WEB)
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b.example's audit log lacks {missing:?} about {A_WEB}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

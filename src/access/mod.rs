@@ -5,14 +5,19 @@
 //! (read, decide, commit through the audit log, then update the in-memory index), so two
 //! approvers acting at once are counted correctly. Issuance asks [`Access::active_grants`], a
 //! synchronous lookup in that index, on its hot path.
+//!
+//! The subject may belong to a federated trust domain. Such a grant cannot travel in a
+//! certificate (another CA signs those), so the live foreign grants are published on a watch
+//! channel ([`Access::foreign_grants`]) that `Access.WatchGrants` streams to this domain's
+//! services, whose `lanyard::tls` authorizers add them to the foreign peer's roles.
 
 mod notify;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use tracing::{info, warn};
 
 pub use notify::Notifier;
@@ -21,7 +26,7 @@ use crate::audit::{AuditError, AuditLog, Event, Kind};
 use crate::ca::SvidInfo;
 use crate::policy::{PolicyHandle, ROLE_ADMIN, ROLE_APPROVER, ROLE_AUDITOR};
 use crate::revocation::Revocations;
-use crate::spiffe::{SpiffeId, normalize_roles};
+use crate::spiffe::{SpiffeId, TrustDomain, normalize_roles};
 use crate::store::{
     AccessRecord, ApprovalRecord, RECORD_VERSION, RevocationRecord, Store, StoreError, Write,
 };
@@ -71,7 +76,7 @@ pub enum AccessError {
     Internal(String),
 }
 
-/// A live grant, as issuance needs it.
+/// A live grant, as issuance (and the foreign-grant feed) needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     /// Grant (request) id.
@@ -82,6 +87,15 @@ pub struct Grant {
     pub ends_at: i64,
 }
 
+/// The live grants of foreign identities, by subject, at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForeignGrants {
+    /// Subject SPIFFE ID → its grants.
+    pub by_subject: BTreeMap<String, Vec<Grant>>,
+    /// Bumped on every change.
+    pub revision: u64,
+}
+
 /// Settings of the access service.
 #[derive(Debug, Clone)]
 pub struct AccessSettings {
@@ -89,6 +103,8 @@ pub struct AccessSettings {
     pub request_ttl: Duration,
     /// How long past notAfter a certificate may renew (revocations must outlive that).
     pub renewal_grace: Duration,
+    /// This CA's trust domain: grants of identities outside it are foreign grants.
+    pub trust_domain: TrustDomain,
 }
 
 /// The access service.
@@ -103,6 +119,8 @@ pub struct Access {
     records: Mutex<HashMap<String, AccessRecord>>,
     /// Live grants by subject, for issuance.
     grants: RwLock<HashMap<String, Vec<Grant>>>,
+    /// Live grants of foreign subjects, for `Access.WatchGrants`.
+    foreign: watch::Sender<Arc<ForeignGrants>>,
 }
 
 impl Access {
@@ -120,6 +138,11 @@ impl Access {
             .into_iter()
             .map(|r| (r.id.clone(), r))
             .collect();
+        let index = grant_index(&records);
+        let foreign = ForeignGrants {
+            by_subject: foreign_only(&index, &settings.trust_domain),
+            revision: 1,
+        };
         let access = Arc::new(Self {
             log,
             store,
@@ -127,7 +150,8 @@ impl Access {
             revocations,
             settings,
             notifier,
-            grants: RwLock::new(grant_index(&records)),
+            grants: RwLock::new(index),
+            foreign: watch::channel(Arc::new(foreign)).0,
             records: Mutex::new(records),
         });
         Ok(access)
@@ -248,8 +272,9 @@ impl Access {
     ) -> Result<AccessRecord, AccessError> {
         if !has_role(caller, ROLE_APPROVER) {
             return Err(AccessError::Forbidden(format!(
-                "{} lacks {ROLE_APPROVER}",
-                caller.spiffe_id
+                "{} lacks {ROLE_APPROVER}{}",
+                caller.spiffe_id,
+                self.foreign_note(caller)
             )));
         }
         let comment = text(comment, "")?.to_string();
@@ -331,7 +356,8 @@ impl Access {
         let who = caller.spiffe_id.as_str();
         if !has_role(caller, ROLE_APPROVER) && who != r.requester {
             return Err(AccessError::Forbidden(format!(
-                "{who} lacks {ROLE_APPROVER} and did not make request {id}"
+                "{who} lacks {ROLE_APPROVER} and did not make request {id}{}",
+                self.foreign_note(caller)
             )));
         }
         r.state = state::DENIED.into();
@@ -358,8 +384,9 @@ impl Access {
     ) -> Result<AccessRecord, AccessError> {
         if !has_role(caller, ROLE_APPROVER) && !has_role(caller, ROLE_ADMIN) {
             return Err(AccessError::Forbidden(format!(
-                "{} lacks {ROLE_APPROVER} or {ROLE_ADMIN}",
-                caller.spiffe_id
+                "{} lacks {ROLE_APPROVER} or {ROLE_ADMIN}{}",
+                caller.spiffe_id,
+                self.foreign_note(caller)
             )));
         }
         let reason = text(reason, "a reason is required (--reason)")?.to_string();
@@ -557,8 +584,37 @@ impl Access {
         Ok(())
     }
 
+    /// Why a foreign caller holds no roles here, for refusals.
+    fn foreign_note(&self, caller: &SvidInfo) -> String {
+        let td = caller.spiffe_id.trust_domain_name();
+        if td == self.settings.trust_domain.as_str() {
+            return String::new();
+        }
+        format!(
+            " (an identity of trust domain {td} holds no roles in {}: roles its own CA wrote are not honoured here)",
+            self.settings.trust_domain
+        )
+    }
+
     fn reindex(&self, records: &HashMap<String, AccessRecord>) {
-        *self.grants.write().unwrap_or_else(|p| p.into_inner()) = grant_index(records);
+        let index = grant_index(records);
+        let by_subject = foreign_only(&index, &self.settings.trust_domain);
+        *self.grants.write().unwrap_or_else(|p| p.into_inner()) = index;
+        self.foreign.send_if_modified(|cur| {
+            if cur.by_subject == by_subject {
+                return false;
+            }
+            *cur = Arc::new(ForeignGrants {
+                by_subject,
+                revision: cur.revision + 1,
+            });
+            true
+        });
+    }
+
+    /// The live grants of foreign identities, now and on every change.
+    pub fn foreign_grants(&self) -> watch::Receiver<Arc<ForeignGrants>> {
+        self.foreign.subscribe()
     }
 }
 
@@ -573,6 +629,22 @@ fn grant_index(records: &HashMap<String, AccessRecord>) -> HashMap<String, Vec<G
         });
     }
     grants
+}
+
+/// The grants of subjects outside trust domain `td`, each subject's sorted by id.
+fn foreign_only(
+    index: &HashMap<String, Vec<Grant>>,
+    td: &TrustDomain,
+) -> BTreeMap<String, Vec<Grant>> {
+    index
+        .iter()
+        .filter(|(id, _)| SpiffeId::parse(id).is_ok_and(|id| id.trust_domain_name() != td.as_str()))
+        .map(|(id, gs)| {
+            let mut gs = gs.clone();
+            gs.sort_by(|a, b| a.id.cmp(&b.id));
+            (id.clone(), gs)
+        })
+        .collect()
 }
 
 fn pending(records: &HashMap<String, AccessRecord>, id: &str) -> Result<AccessRecord, AccessError> {

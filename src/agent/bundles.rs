@@ -14,7 +14,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::timing::Backoff;
 use crate::pb::v1::{self as pb, ca_client::CaClient};
-use crate::tls::{ServerTrust, TlsSource};
+use crate::tls::TlsSource;
 
 /// Bundles as the agent holds them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -127,8 +127,8 @@ async fn watch_once(
     source: &Arc<TlsSource>,
     tx: &watch::Sender<Option<Bundles>>,
 ) -> Result<(), tonic::Status> {
-    let trust = ServerTrust::Bundle((*source.bundle()).clone());
-    let channel = crate::client::connect(server, trust, Some(source.slot()), source.oid().clone())
+    let channel = source
+        .connect_ca(server)
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut stream = CaClient::new(channel)

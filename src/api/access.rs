@@ -3,24 +3,32 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use super::{Authenticator, status};
-use crate::access::Access;
+use super::{Authenticator, MessageStream, status, stream_latest};
+use crate::access::{Access, ForeignGrants};
 use crate::ca::SvidInfo;
 use crate::pb::v1::{self as pb, access_server::Access as AccessRpc};
 use crate::store::AccessRecord;
 
-/// The Access service.
+/// The Access service. Identities of federated trust domains may call it (to request access
+/// for themselves, list and withdraw their requests); their roles are not honoured here.
 pub struct AccessService {
     access: Arc<Access>,
     auth: Authenticator,
+    /// Ends grant watch streams when the server stops.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl AccessService {
     /// Wires the service.
-    pub fn new(access: Arc<Access>, auth: Authenticator) -> Self {
-        Self { access, auth }
+    pub fn new(access: Arc<Access>, auth: Authenticator, shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            access,
+            auth,
+            shutdown,
+        }
     }
 }
 
@@ -42,7 +50,7 @@ impl AccessService {
     where
         F: for<'a> FnOnce(&'a Access, &'a SvidInfo, &'a pb::AccessDecision) -> Decided<'a>,
     {
-        let caller = self.auth.peer(&req, false).map_err(status::auth)?;
+        let caller = self.auth.peer_any_domain(&req).map_err(status::auth)?;
         let decision = req.into_inner();
         let r = op(&self.access, &caller, &decision)
             .await
@@ -85,7 +93,7 @@ impl AccessRpc for AccessService {
         &self,
         req: Request<pb::AccessRequestCreate>,
     ) -> Result<Response<pb::AccessRequest>, Status> {
-        let caller = self.auth.peer(&req, false).map_err(status::auth)?;
+        let caller = self.auth.peer_any_domain(&req).map_err(status::auth)?;
         let b = req.into_inner();
         let r = self
             .access
@@ -105,7 +113,7 @@ impl AccessRpc for AccessService {
         &self,
         req: Request<pb::AccessListRequest>,
     ) -> Result<Response<pb::AccessListResponse>, Status> {
-        let caller = self.auth.peer(&req, false).map_err(status::auth)?;
+        let caller = self.auth.peer_any_domain(&req).map_err(status::auth)?;
         let b = req.into_inner();
         let requests = self
             .access
@@ -145,5 +153,39 @@ impl AccessRpc for AccessService {
             Box::pin(a.revoke(caller, &d.id, &d.comment))
         })
         .await
+    }
+
+    type WatchGrantsStream = MessageStream<pb::GrantSnapshot>;
+
+    async fn watch_grants(
+        &self,
+        req: Request<pb::WatchGrantsRequest>,
+    ) -> Result<Response<Self::WatchGrantsStream>, Status> {
+        // Local identities only: the feed tells this domain's services whom to admit.
+        self.auth.peer(&req, false).map_err(status::auth)?;
+        Ok(Response::new(stream_latest(
+            self.access.foreign_grants(),
+            self.shutdown.clone(),
+            |g: &Arc<ForeignGrants>| grants_proto(g),
+        )))
+    }
+}
+
+/// The wire form of the foreign grants.
+fn grants_proto(g: &ForeignGrants) -> pb::GrantSnapshot {
+    pb::GrantSnapshot {
+        grants: g
+            .by_subject
+            .iter()
+            .flat_map(|(subject, gs)| {
+                gs.iter().map(move |g| pb::ActiveGrant {
+                    id: g.id.clone(),
+                    spiffe_id: subject.clone(),
+                    roles: g.roles.clone(),
+                    ends_at: g.ends_at,
+                })
+            })
+            .collect(),
+        revision: g.revision,
     }
 }

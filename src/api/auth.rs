@@ -17,9 +17,13 @@ use tonic::Request;
 use webpki::KeyUsage;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use tokio::sync::watch;
+
 use crate::ca::{RolesOid, SvidInfo, parse_svid};
+use crate::federation::BundleSet;
 use crate::issuance::fmt_time;
 use crate::revocation::Revocations;
+use crate::spiffe::TrustDomain;
 use crate::tls::{Bundle, TlsError, unix_now, unix_time, verify_svid};
 
 /// Why a caller was not authenticated.
@@ -58,6 +62,8 @@ pub struct Authenticator {
     grace: Duration,
     revocations: Arc<Revocations>,
     verified: Arc<ChainCache>,
+    /// Federated bundles, for the few calls a foreign identity may make.
+    federation: Option<watch::Receiver<Arc<BundleSet>>>,
 }
 
 impl Authenticator {
@@ -85,7 +91,15 @@ impl Authenticator {
             grace,
             revocations,
             verified: Arc::new(ChainCache::new(capacity)),
+            federation: None,
         }
+    }
+
+    /// Also authenticates identities of the trust domains federated in `bundles`, for the calls
+    /// that use [`Authenticator::peer_any_domain`].
+    pub fn with_federation(mut self, bundles: watch::Receiver<Arc<BundleSet>>) -> Self {
+        self.federation = Some(bundles);
+        self
     }
 
     /// Trusts `bundle` from now on (a CA rotation: both CAs during the overlap, then only the
@@ -114,6 +128,62 @@ impl Authenticator {
     pub fn peer<T>(&self, req: &Request<T>, allow_grace: bool) -> Result<SvidInfo, AuthError> {
         let chain = req.peer_certs().ok_or(AuthError::NoCertificate)?;
         self.authenticate(&chain, unix_now(), allow_grace)
+    }
+
+    /// The caller's SVID, where the caller may also be an identity of a federated trust domain
+    /// (temporary-access calls only; issuance, admin and audit calls use
+    /// [`Authenticator::peer`]). A local caller is authenticated as by `peer`. A foreign one is
+    /// verified against the bundle this CA holds for its own domain, checked against this CA's
+    /// revocations (an admin here may revoke a foreign identity), and stripped of the roles its
+    /// CA wrote: roles are this domain's to give, so a foreign `lanyard:approver` counts for
+    /// nothing here.
+    pub fn peer_any_domain<T>(&self, req: &Request<T>) -> Result<SvidInfo, AuthError> {
+        let chain = req.peer_certs().ok_or(AuthError::NoCertificate)?;
+        self.authenticate_any_domain(&chain, unix_now())
+    }
+
+    /// [`Authenticator::peer_any_domain`] for a presented chain (leaf first) at `now` (seconds).
+    pub fn authenticate_any_domain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: i64,
+    ) -> Result<SvidInfo, AuthError> {
+        let (Some(leaf), Some(federation)) = (chain.first(), &self.federation) else {
+            return self.authenticate(chain, now, false);
+        };
+        // Unverified: only picks the bundle that must verify the chain.
+        let claimed = parse_svid(leaf, &self.oid).map_err(|e| AuthError::Chain(e.to_string()))?;
+        let set = federation.borrow().clone();
+        let td = claimed.spiffe_id.trust_domain_name();
+        if td == set.own.trust_domain().as_str() {
+            return self.authenticate(chain, now, false);
+        }
+        let foreign = TrustDomain::new(td)
+            .ok()
+            .and_then(|t| set.federated.get(&t))
+            .ok_or_else(|| {
+                AuthError::Chain(format!(
+                    "{} is in trust domain {td}, which this CA does not federate with",
+                    claimed.spiffe_id
+                ))
+            })?;
+        let bundle = foreign
+            .to_tls_bundle()
+            .map_err(|e| AuthError::Internal(format!("bundle of {td}: {e}")))?;
+        let mut svid = verify_svid(
+            chain,
+            &bundle,
+            unix_time(now),
+            KeyUsage::client_auth(),
+            &self.oid,
+        )
+        .map_err(|e| {
+            AuthError::Chain(format!(
+                "{e} (verified against the bundle of federated trust domain {td})"
+            ))
+        })?;
+        svid.roles.clear();
+        self.check_revocation(svid, false)
     }
 
     /// [`Authenticator::peer`] for a presented chain (leaf first) at time `now` (seconds).

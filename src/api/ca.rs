@@ -1,16 +1,13 @@
 //! `lanyard.v1.Ca`.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::Stream;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::{Authenticator, status};
+use super::{Authenticator, MessageStream, status, stream_latest};
 use crate::federation::{BundleHub, BundleSet};
 use crate::issuance::{Issuance, IssueRequest, Issued};
 use crate::pb::v1::{self as pb, ca_server::Ca};
@@ -128,30 +125,18 @@ impl Ca for CaService {
         }))
     }
 
-    type WatchBundlesStream = Pin<Box<dyn Stream<Item = Result<pb::BundleSet, Status>> + Send>>;
+    type WatchBundlesStream = MessageStream<pb::BundleSet>;
 
     async fn watch_bundles(
         &self,
         req: Request<pb::WatchBundlesRequest>,
     ) -> Result<Response<Self::WatchBundlesStream>, Status> {
         self.auth.peer(&req, false).map_err(status::auth)?;
-        let mut rx = self.bundles.subscribe();
-        let mut shutdown = self.shutdown.clone();
-        let (tx, out) = mpsc::channel(4);
-        tokio::spawn(async move {
-            loop {
-                let set = rx.borrow_and_update().clone();
-                if tx.send(Ok(bundle_set_proto(&set))).await.is_err() {
-                    return;
-                }
-                tokio::select! {
-                    r = rx.changed() => if r.is_err() { return },
-                    () = tx.closed() => return,
-                    () = crate::server::stopped(&mut shutdown) => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+        Ok(Response::new(stream_latest(
+            self.bundles.subscribe(),
+            self.shutdown.clone(),
+            |set: &Arc<BundleSet>| bundle_set_proto(set),
+        )))
     }
 }
 

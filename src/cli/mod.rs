@@ -45,6 +45,11 @@ pub struct Conn {
         default_value = "./lanyard-data/admin"
     )]
     credential: PathBuf,
+    /// PEM bundle that authenticates the CA when it is not in the credential's trust domain: an
+    /// identity of a federated domain calling this CA (e.g. `access request`) passes the
+    /// bundle its agent wrote, `<dir>/federated/<ca's trust domain>.pem`.
+    #[arg(long, env = "LANYARD_SERVER_BUNDLE")]
+    server_bundle: Option<PathBuf>,
     /// OID of the roles extension, if the CA uses a non-default one.
     #[arg(long, env = "LANYARD_ROLES_OID", default_value = "1.3.9999.7781.1")]
     roles_oid: String,
@@ -184,7 +189,14 @@ impl Conn {
         let cred = crate::client::Credential::load(&self.credential, &oid).map_err(|e| {
             anyhow::anyhow!("{e} (set --credential or LANYARD_CREDENTIAL to a directory with cert.pem, key.pem, bundle.pem)")
         })?;
-        let trust = crate::tls::ServerTrust::Bundle(cred.bundle.clone());
+        let bundle = match &self.server_bundle {
+            Some(p) => crate::tls::Bundle::from_pem(
+                &std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+            None => cred.bundle.clone(),
+        };
+        let trust = crate::tls::ServerTrust::Bundle(bundle);
         Ok(crate::client::connect(&self.server, trust, Some(cred.slot()?), oid).await?)
     }
 }

@@ -63,6 +63,18 @@ pub enum PolicyError {
         /// This CA's trust domain.
         td: String,
     },
+    /// An `[[access]]` rule names a trust domain that is neither this CA's nor federated.
+    #[error(
+        "access rule {index} ({spiffe_id}) is outside trust domain {td} and names no [[federation]] domain"
+    )]
+    UnknownDomain {
+        /// 1-based rule index.
+        index: usize,
+        /// The pattern.
+        spiffe_id: String,
+        /// This CA's trust domain.
+        td: String,
+    },
     /// A rule targets the reserved `/lanyard/` path.
     #[error("policy rule {index} ({spiffe_id}) targets the reserved path /lanyard/")]
     Reserved {
@@ -210,12 +222,16 @@ impl Policy {
         })
     }
 
-    /// Adds temporary-access rules for trust domain `td`. A grant may last at most 7 days
-    /// (max_cert_lifetime bounds certificates, not grants; a certificate never outlives its grant).
+    /// Adds temporary-access rules for trust domain `td`. A rule may also name identities of a
+    /// `federated` trust domain: they request access with their own domain's certificates, and
+    /// this domain's services learn their grants from `Access.WatchGrants`. A grant may last at
+    /// most 7 days (max_cert_lifetime bounds certificates, not grants; a certificate never
+    /// outlives its grant).
     pub fn with_access(
         mut self,
         specs: &[AccessRuleSpec],
         td: &TrustDomain,
+        federated: &[TrustDomain],
     ) -> Result<Self, PolicyError> {
         const MAX_GRANT: Duration = Duration::from_secs(7 * 24 * 3600);
         for (i, spec) in specs.iter().enumerate() {
@@ -225,7 +241,15 @@ impl Policy {
                 spiffe_id: spec.spiffe_id.clone(),
                 source,
             };
-            let pattern = local_pattern(index, &spec.spiffe_id, td)?;
+            let pattern = IdPattern::parse(&spec.spiffe_id).map_err(id_err)?;
+            let domain = pattern.trust_domain_name();
+            if domain != td.as_str() && !federated.iter().any(|f| f.as_str() == domain) {
+                return Err(PolicyError::UnknownDomain {
+                    index,
+                    spiffe_id: spec.spiffe_id.clone(),
+                    td: td.to_string(),
+                });
+            }
             let roles = normalize_roles(&spec.roles).map_err(id_err)?;
             let max_duration = spec.max_duration.unwrap_or(Duration::from_secs(3600));
             if max_duration.is_zero() || max_duration > MAX_GRANT {
@@ -384,5 +408,39 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn access_rules_may_name_federated_domains_only() {
+        let spec = |id: &str| AccessRuleSpec {
+            spiffe_id: id.into(),
+            roles: vec!["db-admin".into()],
+            max_duration: None,
+            approvals: None,
+        };
+        let b = TrustDomain::new("b.example").unwrap();
+        let p = Policy::default()
+            .with_access(
+                &[
+                    spec("spiffe://example.org/ops/*"),
+                    spec("spiffe://b.example/ops/*"),
+                ],
+                &td(),
+                std::slice::from_ref(&b),
+            )
+            .unwrap();
+        let id = |s: &str| SpiffeId::parse(s).unwrap();
+        assert!(
+            p.lookup_access(&id("spiffe://b.example/ops/alice"))
+                .is_some()
+        );
+        assert!(
+            p.lookup_access(&id("spiffe://c.example/ops/alice"))
+                .is_none()
+        );
+        let err = Policy::default()
+            .with_access(&[spec("spiffe://c.example/ops/*")], &td(), &[b])
+            .unwrap_err();
+        assert!(matches!(err, PolicyError::UnknownDomain { .. }), "{err}");
     }
 }

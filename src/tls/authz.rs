@@ -2,10 +2,14 @@
 //!
 //! A [`PeerRule`] is "an ID matching this pattern, holding all of these roles". An [`Authorizer`]
 //! accepts a peer when any of its rules does. Trust domains are explicit: a pattern names its
-//! domain, so a foreign identity is never accepted by a rule written for the local one.
+//! domain, so a foreign identity is never accepted by a rule written for the local one. With a
+//! [`GrantSet`] ([`Authorizer::with_grants`]), roles temporarily granted to a peer by this
+//! domain's CA count as held.
 
 use std::fmt;
+use std::sync::Arc;
 
+use super::{GrantSet, unix_now};
 use crate::ca::SvidInfo;
 use crate::spiffe::{IdError, IdPattern, SpiffeId, validate_role};
 
@@ -23,9 +27,10 @@ enum IdMatch {
 }
 
 /// A set of rules; a peer is authorized when any rule matches.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Authorizer {
     rules: Vec<PeerRule>,
+    grants: Option<Arc<GrantSet>>,
 }
 
 impl PeerRule {
@@ -111,7 +116,17 @@ impl fmt::Display for PeerRule {
 impl Authorizer {
     /// An authorizer with one rule.
     pub fn new(rule: PeerRule) -> Self {
-        Self { rules: vec![rule] }
+        Self {
+            rules: vec![rule],
+            grants: None,
+        }
+    }
+
+    /// Also counts the roles `grants` says a peer holds temporarily (foreign identities' grants,
+    /// followed from the CA with [`GrantSet::follow`]).
+    pub fn with_grants(mut self, grants: Arc<GrantSet>) -> Self {
+        self.grants = Some(grants);
+        self
     }
 
     /// Adds a rule.
@@ -127,11 +142,28 @@ impl Authorizer {
                 .iter()
                 .map(|r| PeerRule::parse(r.as_ref()))
                 .collect::<Result<_, _>>()?,
+            grants: None,
         })
     }
 
     /// Whether `peer` is authorized; `Err` says why not.
     pub fn check(&self, peer: &SvidInfo) -> Result<(), String> {
+        let granted = self
+            .grants
+            .as_ref()
+            .map(|g| g.roles_for(&peer.spiffe_id, unix_now()))
+            .unwrap_or_default();
+        let with_grants;
+        let peer = if granted.iter().any(|r| !peer.roles.contains(r)) {
+            let mut p = peer.clone();
+            p.roles.extend(granted);
+            p.roles.sort_unstable();
+            p.roles.dedup();
+            with_grants = p;
+            &with_grants
+        } else {
+            peer
+        };
         if self.rules.iter().any(|r| r.matches(peer)) {
             return Ok(());
         }

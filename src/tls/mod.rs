@@ -9,7 +9,8 @@
 //!   workload-to-workload mTLS that follows rotation and revocation live, across federated trust
 //!   domains too: a peer is verified against its own domain's bundle, and a foreign peer is
 //!   accepted only when a rule names its domain (`td:b.example`,
-//!   `spiffe://b.example/ns/prod/* role=x`).
+//!   `spiffe://b.example/ns/prod/* role=x`). Roles written by a foreign CA are ignored: a foreign
+//!   peer holds only the roles this domain granted it, which a [`GrantSet`] learns from the CA.
 //!
 //! A service does mTLS in a few lines:
 //! ```no_run
@@ -63,6 +64,7 @@ macro_rules! delegate_handshake_signatures {
 }
 
 mod authz;
+mod grants;
 mod mtls;
 mod revocations;
 mod source;
@@ -76,6 +78,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use webpki::{EndEntityCert, KeyUsage};
 
 pub use authz::{Authorizer, PeerRule};
+pub use grants::GrantSet;
 pub use mtls::{PeerVerifier, client_config, peer_svid, server_config};
 pub use revocations::RevocationSet;
 pub use source::{FederatedBundles, TlsSource, check_key_matches};

@@ -10,6 +10,10 @@
 //!   identities are never implicitly trusted;
 //! - any other domain: the own bundle (a `bundle.pem` to which an operator appended another
 //!   domain's CA by hand), and the authorization rules must still name the domain.
+//!
+//! A peer of another domain is judged without the roles in its certificate (its own CA wrote
+//! them, and they mean nothing here); rules that require roles are met only by roles this
+//! domain's CA granted it, through the authorizer's [`GrantSet`](super::GrantSet).
 
 use std::sync::Arc;
 
@@ -60,7 +64,10 @@ impl PeerVerifier {
         chain.push(end_entity.clone());
         chain.extend(intermediates.iter().cloned());
         let bundle = self.bundle_for(end_entity)?;
-        let svid = verify_svid(&chain, &bundle, now, usage, self.source.oid())?;
+        let mut svid = verify_svid(&chain, &bundle, now, usage, self.source.oid())?;
+        // Roles are this domain's to give: a foreign CA could write any role. A foreign peer
+        // holds only what this domain granted it (the authorizer's GrantSet).
+        drop_foreign_roles(&mut svid, &self.source);
         self.authz.check(&svid).map_err(TlsError::Svid)?;
         if let Some(why) = self.revocations.as_ref().and_then(|r| r.check(&svid)) {
             return Err(TlsError::Svid(why));
@@ -171,9 +178,21 @@ pub fn client_config(
     Ok(cfg)
 }
 
-/// The SVID of the peer on an established connection.
+/// The SVID of the peer on an established connection (verified during the handshake). The
+/// roles of a peer from another trust domain are dropped, as [`PeerVerifier`] drops them.
 pub fn peer_svid(certs: Option<&[CertificateDer<'_>]>, source: &TlsSource) -> Option<SvidInfo> {
-    certs
+    let mut svid = certs
         .and_then(|c| c.first())
-        .and_then(|leaf| crate::ca::parse_svid(leaf, source.oid()).ok())
+        .and_then(|leaf| crate::ca::parse_svid(leaf, source.oid()).ok())?;
+    drop_foreign_roles(&mut svid, source);
+    Some(svid)
+}
+
+/// Clears the roles of an SVID from a trust domain other than `source`'s.
+fn drop_foreign_roles(svid: &mut SvidInfo, source: &TlsSource) {
+    if let Some(own) = source.trust_domain()
+        && svid.spiffe_id.trust_domain_name() != own
+    {
+        svid.roles.clear();
+    }
 }

@@ -3,9 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
-
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{TlsSource, unix_now};
 use crate::ca::SvidInfo;
@@ -17,12 +15,23 @@ pub struct RevocationSet {
     inner: RwLock<Inner>,
 }
 
+#[derive(Debug)]
+struct IdentityRule {
+    /// Certificates with an earlier notBefore are revoked.
+    before: i64,
+    /// Still blocking: every certificate of the identity is revoked (its own CA issues none
+    /// meanwhile, but a federated identity's CA does).
+    blocked: bool,
+    expires_at: i64,
+    reason: String,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     /// serial (hex) → expires_at.
     serials: HashMap<String, (i64, String)>,
-    /// spiffe_id → (before, expires_at, reason).
-    identities: HashMap<String, (i64, i64, String)>,
+    /// spiffe_id → rule.
+    identities: HashMap<String, IdentityRule>,
     rev: u64,
 }
 
@@ -38,7 +47,12 @@ impl RevocationSet {
         if e.identity_rule {
             g.identities.insert(
                 e.spiffe_id.clone(),
-                (e.before, e.expires_at, e.reason.clone()),
+                IdentityRule {
+                    before: e.before,
+                    blocked: e.blocked,
+                    expires_at: e.expires_at,
+                    reason: e.reason.clone(),
+                },
             );
         } else {
             g.serials
@@ -48,7 +62,7 @@ impl RevocationSet {
         let now = unix_now();
         if g.serials.len() % 1024 == 0 {
             g.serials.retain(|_, (exp, _)| *exp >= now);
-            g.identities.retain(|_, (_, exp, _)| *exp >= now);
+            g.identities.retain(|_, r| r.expires_at >= now);
         }
     }
 
@@ -67,9 +81,10 @@ impl RevocationSet {
             return Some(format!("certificate {} is revoked: {reason}", svid.serial));
         }
         match g.identities.get(svid.spiffe_id.as_str()) {
-            Some((before, _, reason)) if svid.not_before < *before => {
-                Some(format!("identity {} is revoked: {reason}", svid.spiffe_id))
-            }
+            Some(r) if r.blocked || svid.not_before < r.before => Some(format!(
+                "identity {} is revoked: {}",
+                svid.spiffe_id, r.reason
+            )),
             _ => None,
         }
     }
@@ -88,27 +103,14 @@ impl RevocationSet {
         source: Arc<TlsSource>,
     ) -> tokio::task::JoinHandle<()> {
         let set = self.clone();
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                match set.watch_once(&server, &source).await {
-                    Ok(()) => backoff = Duration::from_millis(200),
-                    Err(e) => {
-                        debug!(error = %e, "revocation watch interrupted");
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                    }
-                }
-                tokio::time::sleep(backoff).await;
-            }
+        super::source::spawn_follow("revocations", move || {
+            let (set, server, source) = (set.clone(), server.clone(), source.clone());
+            async move { set.watch_once(&server, &source).await }
         })
     }
 
     async fn watch_once(&self, server: &str, source: &Arc<TlsSource>) -> Result<(), String> {
-        let trust = super::ServerTrust::Bundle((*source.bundle()).clone());
-        let channel =
-            crate::client::connect(server, trust, Some(source.slot()), source.oid().clone())
-                .await
-                .map_err(|e| e.to_string())?;
+        let channel = source.connect_ca(server).await.map_err(|e| e.to_string())?;
         let mut stream = match RevocationClient::new(channel)
             .watch(WatchRequest { since: self.rev() })
             .await
@@ -138,5 +140,47 @@ impl RevocationSet {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::Serial;
+    use crate::spiffe::SpiffeId;
+
+    fn svid(not_before: i64) -> SvidInfo {
+        SvidInfo {
+            spiffe_id: SpiffeId::parse("spiffe://b.example/ops/eve").unwrap(),
+            roles: vec![],
+            serial: Serial::from_bytes(&[7]),
+            not_before,
+            not_after: not_before + 60,
+        }
+    }
+
+    fn rule(blocked: bool, rev: u64) -> RevocationEntry {
+        RevocationEntry {
+            spiffe_id: "spiffe://b.example/ops/eve".into(),
+            identity_rule: true,
+            before: 1000,
+            blocked,
+            expires_at: i64::MAX,
+            reason: "key leak".into(),
+            rev,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_blocking_identity_rule_covers_later_certificates_until_lifted() {
+        let set = RevocationSet::new();
+        set.apply(&rule(true, 1));
+        assert!(set.check(&svid(900)).is_some());
+        assert!(set.check(&svid(2000)).is_some(), "blocked: any notBefore");
+        set.apply(&rule(false, 2));
+        assert!(set.check(&svid(900)).is_some());
+        assert!(set.check(&svid(2000)).is_none(), "lifted: only older ones");
+        assert_eq!(set.rev(), 2);
     }
 }

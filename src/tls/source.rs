@@ -186,6 +186,39 @@ impl TlsSource {
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
+
+    /// A gRPC channel to this domain's CA at `server`: the CA must present
+    /// `spiffe://<td>/lanyard/server` under the current bundle, and the current certificate
+    /// authenticates us (it is read at every handshake, so it follows rotation).
+    pub async fn connect_ca(
+        &self,
+        server: &str,
+    ) -> Result<tonic::transport::Channel, crate::client::ClientError> {
+        let trust = super::ServerTrust::Bundle((*self.bundle()).clone());
+        crate::client::connect(server, trust, Some(self.slot()), self.oid.clone()).await
+    }
+}
+
+/// Runs `once` (one connection to a CA stream, until it ends) again and again, with backoff from
+/// 200 ms doubling to 10 s after failures, until the task is aborted.
+pub(crate) fn spawn_follow<F, Fut>(what: &'static str, mut once: F) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    tokio::spawn(async move {
+        let mut backoff = std::time::Duration::from_millis(200);
+        loop {
+            match once().await {
+                Ok(()) => backoff = std::time::Duration::from_millis(200),
+                Err(e) => {
+                    tracing::debug!(stream = what, error = %e, "CA stream interrupted");
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                }
+            }
+            tokio::time::sleep(backoff).await;
+        }
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
