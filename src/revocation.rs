@@ -46,12 +46,11 @@ pub struct Revocations {
     grace: Duration,
     /// Longest lifetime any certificate can have: bounds what an identity rule must cover.
     max_lifetime: Duration,
-    crl: Mutex<Option<CachedCrl>>,
+    /// Cached CRLs by the fingerprint of the CA that signed them.
+    crl: Mutex<std::collections::HashMap<[u8; 32], CachedCrl>>,
 }
 
 struct CachedCrl {
-    /// Fingerprint of the CA that signed it (a CA rotation invalidates it).
-    signer: [u8; 32],
     rev: u64,
     /// Entries it was built from: pruning removes entries without raising `rev`.
     entries: usize,
@@ -69,7 +68,7 @@ impl Revocations {
             log,
             grace,
             max_lifetime,
-            crl: Mutex::new(None),
+            crl: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -240,8 +239,10 @@ impl Revocations {
         }])
     }
 
-    /// A signed CRL of every revoked serial still alive, valid for `validity`. Cached until the
-    /// revocations change (a new entry or a pruned one) or half its validity has passed.
+    /// A CRL signed by `authority` listing every revoked serial still alive, valid for
+    /// `validity`. Cached per signer until the revocations change (a new entry or a pruned one)
+    /// or half its validity has passed. Serials are random and unique across CAs, so one list
+    /// serves every CA of a rotation: each CA's CRL lists the serials its certificates may carry.
     pub fn crl(
         &self,
         authority: &Authority,
@@ -251,9 +252,11 @@ impl Revocations {
         let rev = entries.iter().map(|e| e.rev).max().unwrap_or(0);
         let count = entries.len();
         let now = unix_now();
-        let mut cache = self.crl.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.as_ref()
-            && c.signer == authority.fingerprint()
+        let mut caches = self.crl.lock().unwrap_or_else(|p| p.into_inner());
+        // Signers no longer asked for (a rotation completed) drop out once their CRL is stale.
+        caches.retain(|_, c| c.next_update > now);
+        let cache = caches.get(&authority.fingerprint());
+        if let Some(c) = cache
             && c.rev == rev
             && c.entries == count
             && now < c.this_update + (c.next_update - c.this_update) / 2
@@ -268,17 +271,19 @@ impl Revocations {
         let this_update = now - 60;
         let next_update = now + validity.as_secs() as i64;
         // CRL numbers must increase; seconds since the epoch do, unless two CRLs share a second.
-        let crl_number = cache.as_ref().map_or(0, |c| c.number + 1).max(now as u64);
+        let crl_number = cache.map_or(0, |c| c.number + 1).max(now as u64);
         let der = Arc::new(authority.sign_crl(&serials, crl_number, this_update, next_update)?);
-        *cache = Some(CachedCrl {
-            signer: authority.fingerprint(),
-            rev,
-            entries: count,
-            number: crl_number,
-            this_update,
-            next_update,
-            der: der.clone(),
-        });
+        caches.insert(
+            authority.fingerprint(),
+            CachedCrl {
+                rev,
+                entries: count,
+                number: crl_number,
+                this_update,
+                next_update,
+                der: der.clone(),
+            },
+        );
         Ok(der)
     }
 

@@ -781,3 +781,80 @@ async fn entries_are_pruned_once_the_revoked_cert_has_expired() {
     .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
+
+// === CRLs through a CA rotation ===
+
+#[tokio::test(flavor = "multi_thread")]
+async fn during_a_ca_rotation_the_retiring_ca_signs_a_crl_for_its_certificates() {
+    let ca = TestCa::start_with("ca_rotation_overlap = \"1s\"\n", POLICY).await;
+    let old = ca.enroll("old", API, &[], 600).await;
+    let mut admin = pb::admin_client::AdminClient::new(ca.admin_channel().await);
+    admin
+        .rotate_ca(pb::RotateCaRequest {})
+        .await
+        .expect("the admin may rotate");
+    // After the switch the new CA signs, and the old one, retiring, still has live certificates.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let crl = loop {
+        let crl = RevocationClient::new(ca.anon_channel().await)
+            .get_crl(pb::GetCrlRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if !crl.retiring.is_empty() {
+            break crl;
+        }
+        assert!(Instant::now() < deadline, "the rotation never switched");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(crl.retiring.len(), 1);
+    let new = ca.enroll("new", API, &[], 600).await;
+    revoke_serial(&ca, &serial(&old), "key leaked").await;
+
+    // `lanyard crl` writes both; each lists the revocation.
+    let run = |args: &[&str]| {
+        let out = common::lanyard_cmd()
+            .args(args)
+            .args(["--server", &ca.server(), "--credential"])
+            .arg(ca.admin_dir())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        out
+    };
+    let crls = ca.dir.path().join("crls.pem");
+    run(&["crl", "--out", crls.to_str().unwrap()]);
+    let bundle = ca.dir.path().join("both.pem");
+    std::fs::write(&bundle, run(&["bundle"]).stdout).unwrap();
+    let pem = std::fs::read_to_string(&crls).unwrap();
+    assert_eq!(pem.matches("BEGIN X509 CRL").count(), 2, "{pem}");
+
+    // OpenSSL checks each certificate against the CRL of *its* issuer: the retiring CA's CRL is
+    // what lets it see the old certificate's revocation at all.
+    let verify = |cert: &Path, crl_file: &Path| {
+        let v = openssl(&[
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            bundle.to_str().unwrap(),
+            "-CRLfile",
+            crl_file.to_str().unwrap(),
+            cert.join("cert.pem").to_str().unwrap(),
+        ]);
+        String::from_utf8_lossy(&v.stdout).to_string() + &String::from_utf8_lossy(&v.stderr)
+    };
+    let said = verify(&old, &crls);
+    assert!(said.contains("certificate revoked"), "{said}");
+    let said = verify(&new, &crls);
+    assert!(said.contains(": OK"), "{said}");
+    let only_new = ca.dir.path().join("new-only.pem");
+    std::fs::write(
+        &only_new,
+        pem.split_inclusive("-----END X509 CRL-----\n")
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let said = verify(&old, &only_new);
+    assert!(said.contains("unable to get certificate CRL"), "{said}");
+}

@@ -35,8 +35,9 @@ pub struct SvidState {
     pub federated: BTreeMap<String, Vec<CertificateDer<'static>>>,
     /// The CA's revision of `bundle` + `federated` (0 when unknown, e.g. read back from files).
     pub bundle_revision: u64,
-    /// The latest CRL from the CA (DER), if fetched.
-    pub crl: Option<Vec<u8>>,
+    /// The latest CRLs from the CA (DER): the signing CA's, then a retiring CA's during a
+    /// rotation; empty until fetched.
+    pub crls: Vec<Vec<u8>>,
     /// When the agent received the certificate (milliseconds since the epoch). Renewal timing
     /// runs from here, not from notBefore, which the CA backdates for clock skew.
     pub received_at_ms: i64,
@@ -341,7 +342,7 @@ impl Agent {
             bundle,
             federated: files::read_federated(dir),
             bundle_revision: 0,
-            crl: None,
+            crls: Vec::new(),
             received_at_ms: ((svid.not_before + crate::issuance::BACKDATE_SECS) * 1000)
                 .min(now_ms()),
             svid,
@@ -410,7 +411,7 @@ impl Agent {
             bundle,
             federated,
             bundle_revision,
-            crl: None,
+            crls: Vec::new(),
             received_at_ms: now_ms(),
             svid,
         })
@@ -486,7 +487,7 @@ impl Agent {
     /// Installs a new SVID everywhere: TLS source, files, Workload API watchers, on-rotate hook.
     async fn publish(&self, mut state: SvidState) -> Result<(), AgentError> {
         self.install(&state)?;
-        state.crl = self.fetch_crl().await;
+        state.crls = self.fetch_crls().await;
         if let Some(dir) = &self.cfg.out_dir {
             files::write_credential_dir(
                 dir,
@@ -557,19 +558,23 @@ impl Agent {
             .flatten()
     }
 
-    async fn fetch_crl(&self) -> Option<Vec<u8>> {
+    async fn fetch_crls(&self) -> Vec<Vec<u8>> {
         let fetch = async {
             let channel = self.ca_channel().await.ok()?;
             RevocationClient::new(channel)
                 .get_crl(pb::GetCrlRequest {})
                 .await
                 .ok()
-                .map(|r| r.into_inner().der)
+                .map(|r| {
+                    let crl = r.into_inner();
+                    std::iter::once(crl.der).chain(crl.retiring).collect()
+                })
         };
         tokio::time::timeout(Duration::from_secs(5), fetch)
             .await
             .ok()
             .flatten()
+            .unwrap_or_default()
     }
 }
 

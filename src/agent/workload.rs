@@ -87,7 +87,7 @@ fn svid_response(s: &SvidState) -> wl::X509svidResponse {
             bundle: concat(&s.bundle),
             hint: String::new(),
         }],
-        crl: s.crl.iter().cloned().collect(),
+        crl: s.crls.clone(),
         federated_bundles: federated(s).collect(),
     }
 }
@@ -100,7 +100,7 @@ fn federated(s: &SvidState) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
 
 fn bundles_response(s: &SvidState) -> wl::X509BundlesResponse {
     wl::X509BundlesResponse {
-        crl: s.crl.iter().cloned().collect(),
+        crl: s.crls.clone(),
         bundles: federated(s)
             .chain(std::iter::once((td_key(s), concat(&s.bundle))))
             .collect(),

@@ -190,10 +190,23 @@ impl Revocation for RevocationService {
     }
 
     async fn get_crl(&self, _req: Request<pb::GetCrlRequest>) -> Result<Response<pb::Crl>, Status> {
+        let cas = self.authority.current();
         let der = self
             .revocations
-            .crl(&self.authority.active(), self.crl_validity)
+            .crl(cas.active(), self.crl_validity)
             .map_err(status::revocation)?;
-        Ok(Response::new(pb::Crl { der: der.to_vec() }))
+        let retiring = match cas.retiring() {
+            Some(old) => vec![
+                self.revocations
+                    .crl(old, self.crl_validity)
+                    .map_err(status::revocation)?
+                    .to_vec(),
+            ],
+            None => Vec::new(),
+        };
+        Ok(Response::new(pb::Crl {
+            der: der.to_vec(),
+            retiring,
+        }))
     }
 }

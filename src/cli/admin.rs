@@ -63,10 +63,11 @@ pub(super) struct RevokeArgs {
 
 #[derive(Debug, clap::Args)]
 pub(super) struct CrlArgs {
-    /// Write the CRL here (PEM).
+    /// Write the CRL here (PEM). During a CA rotation the file holds two CRLs, the signing
+    /// CA's and the retiring CA's (OpenSSL's `-CRLfile` and nginx's `ssl_crl` read them all).
     #[arg(long)]
     out: PathBuf,
-    /// Write DER instead of PEM.
+    /// Write DER instead of PEM: the signing CA's CRL only.
     #[arg(long)]
     der: bool,
     #[command(flatten)]
@@ -247,19 +248,30 @@ pub(super) async fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
 
 pub(super) async fn crl(a: CrlArgs) -> anyhow::Result<ExitCode> {
     let mut client = RevocationClient::new(a.conn.channel().await?);
-    let der = client
+    let crl = client
         .get_crl(pb::GetCrlRequest {})
         .await
         .map_err(rpc_error)?
-        .into_inner()
-        .der;
+        .into_inner();
+    let n = 1 + crl.retiring.len();
     let data = if a.der {
-        der
+        crl.der
     } else {
-        crate::ca::pem_encode("X509 CRL", &der).into_bytes()
+        std::iter::once(&crl.der)
+            .chain(&crl.retiring)
+            .map(|der| crate::ca::pem_encode("X509 CRL", der))
+            .collect::<String>()
+            .into_bytes()
     };
     crate::fsutil::write_atomic(&a.out, &data, 0o644)?;
-    eprintln!("CRL written to {}", a.out.display());
+    if a.der || n == 1 {
+        eprintln!("CRL written to {}", a.out.display());
+    } else {
+        eprintln!(
+            "{n} CRLs written to {} (the signing CA's, then the retiring CA's)",
+            a.out.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -419,6 +419,7 @@ impl Drop for ChildGuard {
 pub const LANYARD_ENV_VARS: &[&str] = &[
     "LANYARD_SERVER",
     "LANYARD_CREDENTIAL",
+    "LANYARD_SERVER_BUNDLE",
     "LANYARD_TOKEN",
     "LANYARD_CONFIG",
     "LANYARD_DATA_DIR",
