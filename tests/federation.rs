@@ -969,6 +969,31 @@ async fn cli_as(
     }
 }
 
+/// `lanyard access request` by a.example's web for itself, at b.example's CA (trusted through the
+/// federated bundle web's agent wrote).
+async fn web_requests(
+    pair: &Pair,
+    web_dir: &Path,
+    roles: &str,
+    duration: &str,
+    reason: &str,
+) -> Result<String, String> {
+    let b_pem = web_dir.join("federated").join("b.example.pem");
+    let args = [
+        "access",
+        "request",
+        "--spiffe-id",
+        A_WEB,
+        "--roles",
+        roles,
+        "--duration",
+        duration,
+        "--reason",
+        reason,
+    ];
+    cli_as(&pair.b, web_dir, Some(&b_pem), &args).await
+}
+
 /// Calls until the outcome is `accepted` (or 10 s pass, which fails the test).
 async fn until_call(addr: SocketAddr, client: &Arc<ClientConfig>, accepted: bool, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1031,35 +1056,12 @@ async fn a_foreign_identity_gets_temporary_access_through_the_other_domains_poli
     // web asks b.example's CA, with the certificate a.example's CA gave it, trusting b.example's
     // CA by the federated bundle its agent wrote.
     let b_pem = web_dir.join("federated").join("b.example.pem");
-    let as_web = |args: &'static [&'static str]| cli_as(&pair.b, &web_dir, Some(&b_pem), args);
-    let first = as_web(&[
-        "access",
-        "request",
-        "--spiffe-id",
-        A_WEB,
-        "--roles",
-        "db-write",
-        "--duration",
-        "4s",
-        "--reason",
-        "MIG-7: backfill",
-    ])
-    .await
-    .expect("a foreign identity may ask");
-    let err = as_web(&[
-        "access",
-        "request",
-        "--spiffe-id",
-        A_WEB,
-        "--roles",
-        "db-admin",
-        "--duration",
-        "4s",
-        "--reason",
-        "MIG-7",
-    ])
-    .await
-    .expect_err("db-admin is not requestable");
+    let first = web_requests(&pair, &web_dir, "db-write", "4s", "MIG-7: backfill")
+        .await
+        .expect("a foreign identity may ask");
+    let err = web_requests(&pair, &web_dir, "db-admin", "4s", "MIG-7")
+        .await
+        .expect_err("db-admin is not requestable");
     assert!(
         err.contains("PermissionDenied") && err.contains("not requestable"),
         "{err}"
@@ -1077,7 +1079,14 @@ async fn a_foreign_identity_gets_temporary_access_through_the_other_domains_poli
         err.contains("PermissionDenied") && err.contains("holds no roles in b.example"),
         "{err}"
     );
-    let mine = as_web(&["access", "list", "--json"]).await.unwrap();
+    let mine = cli_as(
+        &pair.b,
+        &web_dir,
+        Some(&b_pem),
+        &["access", "list", "--json"],
+    )
+    .await
+    .unwrap();
     assert!(
         mine.contains(&first) && mine.contains("\"pending\""),
         "{mine}"
@@ -1109,20 +1118,9 @@ async fn a_foreign_identity_gets_temporary_access_through_the_other_domains_poli
     until_call(db.addr, &web_client, false, "the 4 s grant never ended").await;
 
     // A second grant, ended early by an approver: refused again at once.
-    let second = as_web(&[
-        "access",
-        "request",
-        "--spiffe-id",
-        A_WEB,
-        "--roles",
-        "db-write",
-        "--duration",
-        "1h",
-        "--reason",
-        "MIG-7: second pass",
-    ])
-    .await
-    .unwrap();
+    let second = web_requests(&pair, &web_dir, "db-write", "1h", "MIG-7: second pass")
+        .await
+        .unwrap();
     cli_as(&pair.b, &bob, None, &["access", "approve", &second])
         .await
         .unwrap();
@@ -1190,20 +1188,9 @@ async fn a_foreign_identity_gets_temporary_access_through_the_other_domains_poli
             .is_err_and(|r| r.contains("partner key leak")),
         "{reason:?}"
     );
-    let err = as_web(&[
-        "access",
-        "request",
-        "--spiffe-id",
-        A_WEB,
-        "--roles",
-        "db-write",
-        "--duration",
-        "1h",
-        "--reason",
-        "again",
-    ])
-    .await
-    .expect_err("a revoked foreign identity may not ask");
+    let err = web_requests(&pair, &web_dir, "db-write", "1h", "again")
+        .await
+        .expect_err("a revoked foreign identity may not ask");
     assert!(err.contains("revoked"), "{err}");
 
     // b.example's audit log has all of it, with the foreign identity named. (The first grant's

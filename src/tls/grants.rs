@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use tracing::{info, warn};
+use tracing::info;
 
 use super::TlsSource;
 use crate::pb::v1::{ActiveGrant, GrantSnapshot, WatchGrantsRequest, access_client::AccessClient};
@@ -91,16 +91,7 @@ impl GrantSet {
             .map_err(|s| s.message().to_string())?
             .into_inner();
         info!(server, "following grants of federated identities");
-        loop {
-            match stream.message().await {
-                Ok(Some(snapshot)) => self.replace(&snapshot),
-                Ok(None) => return Ok(()),
-                Err(s) => {
-                    warn!(code = ?s.code(), message = s.message(), "grant stream ended");
-                    return Err(s.message().to_string());
-                }
-            }
-        }
+        super::source::drain("grants", &mut stream, |snapshot| self.replace(&snapshot)).await
     }
 }
 

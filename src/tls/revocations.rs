@@ -130,16 +130,7 @@ impl RevocationSet {
             }
         };
         info!(server, since = self.rev(), "following revocations");
-        loop {
-            match stream.message().await {
-                Ok(Some(e)) => self.apply(&e),
-                Ok(None) => return Ok(()),
-                Err(s) => {
-                    warn!(code = ?s.code(), message = s.message(), "revocation stream ended");
-                    return Err(s.message().to_string());
-                }
-            }
-        }
+        super::source::drain("revocations", &mut stream, |e| self.apply(&e)).await
     }
 }
 

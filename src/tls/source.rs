@@ -199,6 +199,25 @@ impl TlsSource {
     }
 }
 
+/// Hands every message of `stream` to `apply` until the stream ends (`Ok`) or breaks (`Err`,
+/// logged as `what`).
+pub(crate) async fn drain<M>(
+    what: &'static str,
+    stream: &mut tonic::Streaming<M>,
+    mut apply: impl FnMut(M),
+) -> Result<(), String> {
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) => apply(m),
+            Ok(None) => return Ok(()),
+            Err(s) => {
+                tracing::warn!(stream = what, code = ?s.code(), message = s.message(), "CA stream ended");
+                return Err(s.message().to_string());
+            }
+        }
+    }
+}
+
 /// Runs `once` (one connection to a CA stream, until it ends) again and again, with backoff from
 /// 200 ms doubling to 10 s after failures, until the task is aborted.
 pub(crate) fn spawn_follow<F, Fut>(what: &'static str, mut once: F) -> tokio::task::JoinHandle<()>
