@@ -345,6 +345,9 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         .map_err(|e| ServeError::Tls(e.to_string()))?;
 
     let router = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            crate::api::status::oversized_is_resource_exhausted,
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(

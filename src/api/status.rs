@@ -84,3 +84,31 @@ fn internal(detail: &str) -> Status {
     error!(detail, "internal error");
     Status::internal("internal error")
 }
+
+/// Rewrites tonic's refusal of a request over `max_decoding_message_size` (OUT_OF_RANGE,
+/// "decoded message length too large") as RESOURCE_EXHAUSTED, the code for a request beyond a
+/// server limit, with a message that names the limit. Installed as a layer on the whole server:
+/// the refusal comes from tonic's decoder, before any handler runs.
+pub fn oversized_is_resource_exhausted<B>(
+    mut resp: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    use tonic::codegen::http::HeaderValue;
+    let headers = resp.headers_mut();
+    let oversized = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            // Percent-encoded on the wire (spaces as %20).
+            .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
+    if oversized {
+        let message = format!(
+            "request too large: messages are limited to {} bytes",
+            crate::server::MAX_REQUEST_BYTES
+        );
+        if let Ok(v) = HeaderValue::from_str(&message.replace(' ', "%20")) {
+            headers.insert("grpc-status", HeaderValue::from_static("8"));
+            headers.insert("grpc-message", v);
+        }
+    }
+    resp
+}
