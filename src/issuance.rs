@@ -8,6 +8,7 @@ use rcgen::PublicKeyData;
 use rustls_pki_types::CertificateDer;
 use tracing::{info, warn};
 
+use crate::access::Grant;
 use crate::audit::{AuditLog, Event, Intent, Kind};
 use crate::ca::{Authority, CaError, CaHandle, CaSet, LeafParams, SvidInfo, ValidCsr, parse_csr};
 use crate::policy::{self, Ask, Limits, PolicyHandle, RESERVED_PREFIX};
@@ -192,7 +193,7 @@ impl Issuance {
             Err(e) => return Err(self.deny(&actor, &subject, e).await),
         };
         let ceiling_ttl = Duration::from_secs(record.max_ttl);
-        let leaf = match self.plan(&csr.spiffe_id, &record.roles, Some(ceiling_ttl), &req) {
+        let (leaf, used) = match self.plan(&csr.spiffe_id, &record.roles, Some(ceiling_ttl), &req) {
             Ok(l) => l,
             Err(e) => return Err(self.deny(&actor, &subject, e).await),
         };
@@ -243,6 +244,7 @@ impl Issuance {
             signed,
             vec![Write::PutEnrollment(enrollment)],
             format!("join token {}", parsed.id),
+            &used,
         )
         .await
     }
@@ -277,10 +279,11 @@ impl Issuance {
             }
         };
         let ceiling_ttl = Duration::from_secs(enrollment.max_ttl);
-        let leaf = match self.plan(&csr.spiffe_id, &enrollment.roles, Some(ceiling_ttl), &req) {
-            Ok(l) => l,
-            Err(e) => return Err(self.deny(&actor, &actor, e).await),
-        };
+        let (leaf, used) =
+            match self.plan(&csr.spiffe_id, &enrollment.roles, Some(ceiling_ttl), &req) {
+                Ok(l) => l,
+                Err(e) => return Err(self.deny(&actor, &actor, e).await),
+            };
         let leaf = self.clear_of_lifted_rule(leaf).await?;
         let signed = self.sign(&csr, leaf)?;
         self.commit(
@@ -289,6 +292,7 @@ impl Issuance {
             signed,
             vec![],
             format!("renewal of {}", peer.serial),
+            &used,
         )
         .await
     }
@@ -320,12 +324,13 @@ impl Issuance {
             via: "local".into(),
         };
         let issued = finish(&cas, leaf.der, svid);
-        self.commit_issued(
+        self.commit(
             Kind::CredentialIssued,
             "lanyard",
             issued,
             vec![Write::PutEnrollment(enrollment)],
             "local credential".into(),
+            &[],
         )
         .await
     }
@@ -492,7 +497,7 @@ impl Issuance {
         ceiling_roles: &[String],
         ceiling_ttl: Option<Duration>,
         req: &IssueRequest,
-    ) -> Result<LeafParams, IssueError> {
+    ) -> Result<(LeafParams, Vec<Grant>), IssueError> {
         let requested_roles =
             normalize_roles(&req.roles).map_err(|e| IssueError::BadRequest(e.to_string()))?;
         let limits = Limits {
@@ -533,7 +538,8 @@ impl Issuance {
         };
         let mut not_after =
             now + decision.ttl.min(self.settings.max_cert_lifetime).as_secs() as i64;
-        for g in &grants {
+        let mut used_grants = Vec::new();
+        for g in grants {
             let used: Vec<&String> = g
                 .roles
                 .iter()
@@ -542,16 +548,18 @@ impl Issuance {
             if !used.is_empty() {
                 roles.extend(used.into_iter().cloned());
                 not_after = not_after.min(g.ends_at);
+                used_grants.push(g);
             }
         }
         roles.sort();
         roles.dedup();
-        Ok(LeafParams {
+        let leaf = LeafParams {
             spiffe_id: id.clone(),
             roles,
             not_before: now - BACKDATE_SECS,
             not_after,
-        })
+        };
+        Ok((leaf, used_grants))
     }
 
     /// Keeps a new certificate outside a lifted identity rule: its notBefore may not be earlier
@@ -588,25 +596,18 @@ impl Issuance {
         Ok(finish(&cas, signed.der, svid))
     }
 
+    /// Records the certificate with its event (durable before the caller sees it). `used` are
+    /// the grants whose roles it carries: if one was revoked while this issuance ran, the
+    /// certificate is revoked the way the grant's revocation would have (see
+    /// [`crate::access::Access::recheck`]).
     async fn commit(
-        &self,
-        kind: Kind,
-        actor: &str,
-        issued: Issued,
-        writes: Vec<Write>,
-        reason: String,
-    ) -> Result<Issued, IssueError> {
-        self.commit_issued(kind, actor, issued, writes, reason)
-            .await
-    }
-
-    async fn commit_issued(
         &self,
         kind: Kind,
         actor: &str,
         issued: Issued,
         mut writes: Vec<Write>,
         reason: String,
+        used: &[Grant],
     ) -> Result<Issued, IssueError> {
         let s = &issued.svid;
         writes.push(Write::PutIssued(
@@ -630,6 +631,11 @@ impl Issuance {
             .await
             .map_err(internal)?;
         info!(spiffe_id = %s.spiffe_id, serial = %s.serial, kind = kind.as_str(), "certificate issued");
+        if !used.is_empty()
+            && let Some(access) = self.access.get()
+        {
+            access.recheck(s, used).await.map_err(internal)?;
+        }
         Ok(issued)
     }
 

@@ -454,6 +454,52 @@ impl Access {
         Ok(r)
     }
 
+    /// Closes the race between an issuance and [`Access::revoke`]: an issuance that read a grant
+    /// before `revoke` took it out of the index, but committed its certificate only after
+    /// `revoke`'s second look at the store, would hand out the revoked roles. Issuance calls this
+    /// after its commit with the grants the certificate used: one that left the index before its
+    /// end was revoked, and the certificate gets the renewable revocation `revoke` gives the
+    /// others (peers refuse it; the holder renews at once, without the roles). Whichever of the
+    /// two runs last sees the other's work, so no certificate escapes. Returns whether it revoked.
+    pub async fn recheck(&self, svid: &SvidInfo, used: &[Grant]) -> Result<bool, AccessError> {
+        let now = unix_now();
+        let live = self.active_grants(svid.spiffe_id.as_str(), now);
+        let Some(gone) = used
+            .iter()
+            .find(|g| g.ends_at > now && !live.iter().any(|l| l.id == g.id))
+        else {
+            return Ok(false);
+        };
+        let reason = format!(
+            "grant {} was revoked while this certificate was being issued",
+            gone.id
+        );
+        let record = RevocationRecord {
+            v: RECORD_VERSION,
+            rev: 0,
+            serial: svid.serial.to_hex(),
+            spiffe_id: svid.spiffe_id.to_string(),
+            identity_rule: false,
+            before: 0,
+            reason: reason.clone(),
+            revoked_at: now,
+            expires_at: svid.not_after + self.settings.renewal_grace.as_secs() as i64,
+            blocked: false,
+            renewable: true,
+        };
+        let event = Event::new(Kind::Revoked, "lanyard")
+            .subject(svid.spiffe_id.as_str())
+            .serial(svid.serial.to_hex())
+            .roles(svid.roles.clone())
+            .reason(reason);
+        self.log
+            .record(event, vec![Write::PutRevocation(record)])
+            .await
+            .map_err(internal)?;
+        warn!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, grant = %gone.id, "certificate issued during a grant revocation revoked");
+        Ok(true)
+    }
+
     /// Renewable revocations for the subject's live certificates that carry one of `r`'s roles
     /// and are not revoked yet. A certificate already revoked (by serial, by its identity, by an
     /// earlier grant) keeps that entry: replacing it with a renewable one would let a
@@ -683,4 +729,117 @@ fn text<'a>(s: &'a str, required: &str) -> Result<&'a str, AccessError> {
 
 fn internal(e: impl std::fmt::Display) -> AccessError {
     AccessError::Internal(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::ca::Serial;
+    use crate::store::SledStore;
+
+    const SUBJECT: &str = "spiffe://example.org/ns/prod/api";
+
+    fn svid(id: &str, roles: &[&str], serial: u8) -> SvidInfo {
+        SvidInfo {
+            spiffe_id: SpiffeId::parse(id).unwrap(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            serial: Serial::from_bytes(&[serial]),
+            not_before: unix_now() - 30,
+            not_after: unix_now() + 60,
+        }
+    }
+
+    /// An Access service over a fresh store holding one live grant of db-write to `subject`.
+    async fn with_grant(
+        subject: &str,
+    ) -> (tempfile::TempDir, Arc<Access>, Arc<Revocations>, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let log = AuditLog::start(store).unwrap();
+        let now = unix_now();
+        let grant = AccessRecord {
+            v: RECORD_VERSION,
+            id: "g1".into(),
+            spiffe_id: subject.into(),
+            roles: vec!["db-write".into()],
+            duration_secs: 3600,
+            reason: "INC-1".into(),
+            requester: subject.into(),
+            created_at: now,
+            state: state::GRANTED.into(),
+            approvals: vec![],
+            approvals_needed: 1,
+            expires_at: now + 3600,
+            granted_at: now,
+            closed_by: String::new(),
+            close_reason: String::new(),
+            prune_at: now + 7200,
+        };
+        log.record(
+            Event::new(Kind::AccessGranted, "test"),
+            vec![Write::PutAccess(grant)],
+        )
+        .await
+        .unwrap();
+        let grace = Duration::from_secs(5);
+        let revocations = Arc::new(Revocations::new(
+            log.clone(),
+            grace,
+            Duration::from_secs(3600),
+        ));
+        let access = Access::load(
+            log,
+            PolicyHandle::default(),
+            revocations.clone(),
+            AccessSettings {
+                request_ttl: Duration::from_secs(60),
+                renewal_grace: grace,
+                trust_domain: TrustDomain::new("example.org").unwrap(),
+            },
+            Notifier {
+                cmd: None,
+                webhook: None,
+            },
+        )
+        .unwrap();
+        (dir, access, revocations, "g1".into())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_certificate_committed_after_its_grant_was_revoked_is_revoked_renewably() {
+        let (_dir, access, revocations, id) = with_grant(SUBJECT).await;
+        // What an issuance read before the revocation.
+        let used = access.active_grants(SUBJECT, unix_now());
+        assert_eq!(used.len(), 1);
+        let cert = svid(SUBJECT, &["db-write"], 1);
+        assert!(!access.recheck(&cert, &used).await.unwrap(), "grant live");
+        assert!(revocations.status(&cert).unwrap().is_none());
+
+        let approver = svid("spiffe://example.org/ops/bob", &[ROLE_APPROVER], 2);
+        access.revoke(&approver, &id, "done").await.unwrap();
+        // The issuance commits only now: the revocation's scans could not see its certificate.
+        assert!(access.recheck(&cert, &used).await.unwrap());
+        let r = revocations.status(&cert).unwrap().expect("revoked");
+        assert!(r.renewable && !r.identity_rule, "{r:?}");
+        assert!(r.reason.contains("grant g1"), "{}", r.reason);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn foreign_grants_are_published_until_revoked_and_local_ones_never() {
+        let (_dir, access, _revocations, _) = with_grant(SUBJECT).await;
+        assert!(access.foreign_grants().borrow().by_subject.is_empty());
+
+        let foreign = "spiffe://b.example/ops/alice";
+        let (_dir, access, _revocations, id) = with_grant(foreign).await;
+        let rx = access.foreign_grants();
+        let first = rx.borrow().clone();
+        assert_eq!(first.by_subject[foreign][0].roles, vec!["db-write"]);
+        let approver = svid("spiffe://example.org/ops/bob", &[ROLE_APPROVER], 2);
+        access.revoke(&approver, &id, "done").await.unwrap();
+        let after = rx.borrow().clone();
+        assert!(after.by_subject.is_empty());
+        assert!(after.revision > first.revision);
+    }
 }
