@@ -25,6 +25,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod encoding;
 pub mod federation;
 pub mod fsutil;
 pub mod issuance;

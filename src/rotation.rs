@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::audit::{AuditLog, Event, Kind};
 use crate::ca::{Authority, CaError, CaHandle, CaSet, RolesOid};
+use crate::encoding::hex;
 use crate::fsutil::write_atomic;
 use crate::issuance::fmt_time;
 use crate::spiffe::TrustDomain;
@@ -517,11 +518,6 @@ fn remove_orphans(dir: &Path, state: &State) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
-}
-
-/// Lowercase hex.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]

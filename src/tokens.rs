@@ -37,7 +37,7 @@ impl JoinToken {
     pub fn generate(ca_fingerprint: [u8; 32], spiffe_id: &str) -> Self {
         let id: [u8; 8] = rand::random();
         Self {
-            id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            id: crate::encoding::hex(&id),
             secret: rand::random(),
             ca_fingerprint,
             spiffe_id: spiffe_id.to_string(),

@@ -231,7 +231,7 @@ impl Access {
         let id: [u8; 8] = rand::random();
         let record = AccessRecord {
             v: RECORD_VERSION,
-            id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            id: crate::encoding::hex(&id),
             spiffe_id: subject.to_string(),
             roles: roles.clone(),
             duration_secs: duration.as_secs(),

@@ -7,11 +7,12 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use super::{Authenticator, status};
+use crate::encoding::hex;
 use crate::federation::{BundleHub, Change, Origin, SpiffeBundle};
 use crate::issuance::{Issuance, TokenSpec};
 use crate::pb::v1::{self as pb, admin_server::Admin};
 use crate::policy::ROLE_ADMIN;
-use crate::rotation::{Rotation, RotationError, Status as RotationStatus, hex};
+use crate::rotation::{Rotation, RotationError, Status as RotationStatus};
 use crate::spiffe::TrustDomain;
 
 /// The Admin service.

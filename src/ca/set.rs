@@ -8,6 +8,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 
 use super::Authority;
+use crate::encoding::hex;
 
 /// The CAs in force.
 pub struct CaSet {
@@ -126,10 +127,6 @@ impl std::fmt::Debug for CaSet {
             .field("retiring", &self.retiring.as_deref().map(fp))
             .finish()
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -148,7 +148,7 @@ impl Serial {
 
     /// Lowercase hex without separators.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        crate::encoding::hex(&self.0)
     }
 }
 
