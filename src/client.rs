@@ -68,22 +68,41 @@ impl Credential {
             let p = dir.join(name);
             std::fs::read(&p).map_err(|e| ClientError::Io(p, e))
         };
-        let cert_path = dir.join("cert.pem");
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(&read("cert.pem")?)
-                .collect::<Result<_, _>>()
-                .map_err(|e| ClientError::BadCredential(cert_path.clone(), e.to_string()))?;
-        let leaf = chain.first().ok_or_else(|| {
-            ClientError::BadCredential(cert_path.clone(), "no certificate".into())
-        })?;
-        let svid = parse_svid(leaf, oid)
-            .map_err(|e| ClientError::BadCredential(cert_path.clone(), e.to_string()))?;
-        let key = PrivateKeyDer::from_pem_slice(&read("key.pem")?)
-            .map_err(|e| ClientError::BadCredential(dir.join("key.pem"), e.to_string()))?;
-        let bundle = Bundle::from_pem(&read("bundle.pem")?)?;
+        Self::from_pem(
+            dir,
+            &read("cert.pem")?,
+            &read("key.pem")?,
+            &read("bundle.pem")?,
+            oid,
+        )
+    }
+
+    /// Parses the contents of a credential directory's `cert.pem` (leaf first), `key.pem` and
+    /// `bundle.pem` (`dir` only names them in errors), and checks that the key is the leaf's:
+    /// the one parser behind every reader of credential directories (CLI, `lanyard::tls`, the
+    /// agent).
+    pub fn from_pem(
+        dir: &Path,
+        cert: &[u8],
+        key: &[u8],
+        bundle: &[u8],
+        oid: &RolesOid,
+    ) -> Result<Self, ClientError> {
+        let bad = |name: &str, e: String| ClientError::BadCredential(dir.join(name), e);
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad("cert.pem", e.to_string()))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| bad("cert.pem", "no certificate".into()))?;
+        let svid = parse_svid(leaf, oid).map_err(|e| bad("cert.pem", e.to_string()))?;
+        let private =
+            PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("key.pem", e.to_string()))?;
+        crate::tls::check_key_matches(leaf, key).map_err(|e| bad("key.pem", e.to_string()))?;
+        let bundle = Bundle::from_pem(bundle).map_err(|e| bad("bundle.pem", e.to_string()))?;
         Ok(Self {
             chain,
-            key: Arc::new(key),
+            key: Arc::new(private),
             bundle,
             svid,
         })

@@ -363,6 +363,30 @@ fn walkthrough_token_issue_renew_inspect_audit_bundle() {
     );
     assert_eq!(mode(&work.join("key.pem")), 0o600);
 
+    // A credential directory whose key is not the certificate's is refused before any TLS,
+    // naming the file.
+    let mixed = fx.path("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    for f in ["cert.pem", "bundle.pem"] {
+        std::fs::copy(work.join(f), mixed.join(f)).unwrap();
+    }
+    std::fs::write(
+        mixed.join("key.pem"),
+        rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    let out = lanyard(
+        &[
+            "renew",
+            "--credential",
+            mixed.to_str().unwrap(),
+            "--server",
+            &serve.addr,
+        ],
+        &[],
+    );
+    assert_fails_with(&out, "renew with another key", "key.pem");
+
     // inspect, plain and JSON.
     let cert_path = work.join("cert.pem");
     let out = lanyard(&["inspect", cert_path.to_str().unwrap()], &[]);

@@ -322,24 +322,20 @@ impl Agent {
     }
 
     fn load_existing(&self, dir: &std::path::Path) -> Option<SvidState> {
-        use rustls_pki_types::pem::PemObject;
+        // Through `..data`: the certificate and key of one generation, never a torn pair.
         let (cert, key) = files::read_consistent(dir).ok()?;
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
-            .collect::<Result<_, _>>()
+        let bundle_pem = std::fs::read(dir.join("bundle.pem")).ok()?;
+        let cred = crate::client::Credential::from_pem(dir, &cert, &key, &bundle_pem, &self.cfg.roles_oid)
+            .map_err(|e| warn!(error = %e, "existing credential unusable; bootstrapping with the join token"))
             .ok()?;
-        crate::tls::check_key_matches(chain.first()?, &key).ok()?;
         let key_pem = String::from_utf8(key).ok()?;
         let key = KeyPair::from_pem(&key_pem).ok()?;
-        let bundle_pem = std::fs::read(dir.join("bundle.pem")).ok()?;
-        let bundle: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bundle_pem)
-            .collect::<Result<_, _>>()
-            .ok()?;
-        let svid = parse_svid(chain.first()?, &self.cfg.roles_oid).ok()?;
+        let svid = cred.svid;
         Some(SvidState {
-            chain,
+            chain: cred.chain,
             key_der: key.serialize_der(),
             key_pem,
-            bundle,
+            bundle: cred.bundle.certs().to_vec(),
             federated: files::read_federated(dir),
             bundle_revision: 0,
             crls: Vec::new(),

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -112,7 +111,7 @@ impl TlsSource {
         let dir = dir.into();
         let source = Self::empty(oid);
         let files = read_dir_files(&dir)?;
-        source.load_files(&files)?;
+        source.load_files(&dir, &files)?;
         let weak = Arc::downgrade(&source);
         tokio::spawn(async move {
             let mut last = files;
@@ -120,7 +119,7 @@ impl TlsSource {
                 tokio::time::sleep(poll).await;
                 let Some(source) = weak.upgrade() else { return };
                 match read_dir_files(&dir) {
-                    Ok(now) if now != last => match source.load_files(&now) {
+                    Ok(now) if now != last => match source.load_files(&dir, &now) {
                         Ok(()) => {
                             debug!(dir = %dir.display(), "credential reloaded from files");
                             last = now;
@@ -137,14 +136,10 @@ impl TlsSource {
         Ok(source)
     }
 
-    fn load_files(&self, f: &Files) -> Result<(), TlsError> {
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&f.cert)
-            .collect::<Result<_, _>>()
-            .map_err(|e| TlsError::Credential(format!("cert.pem: {e}")))?;
-        let key = PrivateKeyDer::from_pem_slice(&f.key)
-            .map_err(|e| TlsError::Credential(format!("key.pem: {e}")))?;
-        check_key_matches(chain.first().ok_or(TlsError::NoCertificate)?, &f.key)?;
-        let bundle = Bundle::from_pem(&f.bundle)?;
+    fn load_files(&self, dir: &Path, f: &Files) -> Result<(), TlsError> {
+        let cred = crate::client::Credential::from_pem(dir, &f.cert, &f.key, &f.bundle, &self.oid)
+            .map_err(|e| TlsError::Credential(e.to_string()))?;
+        let key = cred.key.clone_key();
         let mut federated = Vec::with_capacity(f.federated.len());
         for (td, pem) in &f.federated {
             match Bundle::from_pem(pem) {
@@ -154,7 +149,7 @@ impl TlsSource {
                 }
             }
         }
-        self.update(chain, key, bundle)?;
+        self.update(cred.chain, key, cred.bundle)?;
         self.set_federated(federated);
         Ok(())
     }
