@@ -189,6 +189,7 @@ fn insert(
             expires_at,
             blocked: false,
             renewable: false,
+            origin: String::new(),
         }));
         serials.push(serial);
         if writes.len() == batch {

@@ -9,11 +9,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::audit::{AuditError, AuditLog, Event, Kind};
 use crate::ca::{Authority, CaError, Serial, SvidInfo};
-use crate::spiffe::SpiffeId;
+use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::store::{RECORD_VERSION, RevocationRecord, Store, StoreError, Write};
 use crate::tls::unix_now;
 
@@ -78,7 +78,11 @@ impl Revocations {
     /// whatever its notBefore: this CA issues none while it blocks, but another domain's CA does
     /// (a federated identity revoked here stays refused here until the rule is lifted).
     pub fn status(&self, svid: &SvidInfo) -> Result<Option<RevocationRecord>, StoreError> {
-        let serial = self.store.revoked_serial(&svid.serial.to_hex())?;
+        // A relayed entry covers only the identity it names: serials of two CAs can collide.
+        let serial = self
+            .store
+            .revoked_serial(&svid.serial.to_hex())?
+            .filter(|r| r.origin.is_empty() || r.spiffe_id == svid.spiffe_id.as_str());
         if let Some(r) = serial.as_ref().filter(|r| !r.renewable) {
             return Ok(Some(r.clone()));
         }
@@ -136,6 +140,7 @@ impl Revocations {
             expires_at: issued.not_after + self.grace.as_secs() as i64,
             blocked: false,
             renewable: false,
+            origin: String::new(),
         };
         let event = Event::new(Kind::Revoked, actor)
             .subject(&issued.spiffe_id)
@@ -178,6 +183,7 @@ impl Revocations {
             expires_at: i64::MAX,
             blocked: true,
             renewable: false,
+            origin: String::new(),
         }];
         for cert in self.store.issued_for(id.as_str())? {
             entries.push(RevocationRecord {
@@ -192,6 +198,7 @@ impl Revocations {
                 expires_at: cert.not_after + self.grace.as_secs() as i64,
                 blocked: false,
                 renewable: false,
+                origin: String::new(),
             });
         }
         let event = Event::new(Kind::Revoked, actor)
@@ -265,7 +272,8 @@ impl Revocations {
         }
         let serials: Vec<(Serial, i64)> = entries
             .iter()
-            .filter(|e| !e.identity_rule)
+            // Relayed entries are other CAs' certificates: not this CA's to list.
+            .filter(|e| !e.identity_rule && e.origin.is_empty())
             .filter_map(|e| Serial::parse_hex(&e.serial).map(|s| (s, e.revoked_at)))
             .collect();
         let this_update = now - 60;
@@ -285,6 +293,58 @@ impl Revocations {
             },
         );
         Ok(der)
+    }
+
+    /// Relays revocations published by the CA of federated trust domain `td` (read from its
+    /// `Revocation.Watch`), so this domain's workloads refuse those certificates too. An entry
+    /// must concern an identity of `td` (a CA speaks for its own domain only) and never replaces
+    /// one of this CA's own entries; anything else is skipped with a warning. The new or changed
+    /// ones are committed with one `revocation_imported` event; returns how many.
+    pub async fn import(
+        &self,
+        td: &TrustDomain,
+        entries: Vec<RevocationRecord>,
+    ) -> Result<usize, RevocationError> {
+        let mut writes = Vec::new();
+        for mut e in entries {
+            let id_ok =
+                SpiffeId::parse(&e.spiffe_id).is_ok_and(|id| id.trust_domain_name() == td.as_str());
+            let serial_ok = e.identity_rule || Serial::parse_hex(&e.serial).is_some();
+            if !id_ok || !serial_ok {
+                warn!(trust_domain = %td, spiffe_id = %e.spiffe_id, serial = %e.serial, "skipping a relayed revocation outside the publishing domain");
+                continue;
+            }
+            let existing = if e.identity_rule {
+                self.store.identity_rule(&e.spiffe_id)?
+            } else {
+                self.store.revoked_serial(&e.serial)?
+            };
+            e.origin = td.to_string();
+            e.rev = 0;
+            e.renewable = false;
+            match existing {
+                Some(old) if old.origin.is_empty() => continue,
+                Some(old)
+                    if RevocationRecord {
+                        rev: 0,
+                        ..old.clone()
+                    } == e =>
+                {
+                    continue;
+                }
+                _ => writes.push(Write::PutRevocation(e)),
+            }
+        }
+        let n = writes.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let event = Event::new(Kind::RevocationImported, "lanyard")
+            .subject(td.id_string())
+            .reason(format!("{n} revocations relayed from the CA of {td}"));
+        self.log.record(event, writes).await?;
+        info!(trust_domain = %td, entries = n, "federated revocations relayed");
+        Ok(n)
     }
 
     /// Every live entry with `rev > since`.
@@ -341,5 +401,113 @@ mod tests {
         revocations.lift("admin", &id, "fixed").await.unwrap();
         assert!(revocations.status(&old).unwrap().is_some());
         assert!(revocations.status(&newer).unwrap().is_none());
+    }
+}
+
+#[cfg(test)]
+mod import_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::store::SledStore;
+
+    fn entry(serial: &str, id: &str, identity_rule: bool) -> RevocationRecord {
+        RevocationRecord {
+            v: RECORD_VERSION,
+            rev: 9,
+            serial: serial.into(),
+            spiffe_id: id.into(),
+            identity_rule,
+            before: unix_now(),
+            reason: "key leak".into(),
+            revoked_at: unix_now(),
+            expires_at: unix_now() + 600,
+            blocked: identity_rule,
+            renewable: false,
+            origin: String::new(),
+        }
+    }
+
+    fn svid(id: &str, serial: &[u8]) -> SvidInfo {
+        SvidInfo {
+            spiffe_id: SpiffeId::parse(id).unwrap(),
+            roles: vec![],
+            serial: Serial::from_bytes(serial),
+            not_before: unix_now() - 30,
+            not_after: unix_now() + 60,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_federated_ca_speaks_only_for_its_own_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let revocations = Revocations::new(
+            AuditLog::start(store).unwrap(),
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        );
+        let b = TrustDomain::new("b.example").unwrap();
+        let n = revocations
+            .import(
+                &b,
+                vec![
+                    entry("0a0b", "spiffe://b.example/db", false),
+                    entry("", "spiffe://b.example/ops/eve", true),
+                    // Not b.example's to revoke:
+                    entry("0c0d", "spiffe://example.org/api", false),
+                    entry("", "spiffe://example.org/web", true),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        let db = revocations
+            .status(&svid("spiffe://b.example/db", &[0x0a, 0x0b]))
+            .unwrap()
+            .expect("relayed");
+        assert_eq!(db.origin, "b.example");
+        assert!(
+            revocations
+                .status(&svid("spiffe://b.example/ops/eve", &[1]))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            revocations
+                .status(&svid("spiffe://example.org/api", &[0x0c, 0x0d]))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            revocations
+                .status(&svid("spiffe://example.org/web", &[2]))
+                .unwrap()
+                .is_none()
+        );
+        // A relayed serial covers only the identity it names: a colliding serial of another
+        // identity is untouched.
+        assert!(
+            revocations
+                .status(&svid("spiffe://b.example/other", &[0x0a, 0x0b]))
+                .unwrap()
+                .is_none()
+        );
+        // The same entries again change nothing; this CA's own rule is never replaced.
+        let again = revocations
+            .import(&b, vec![entry("0a0b", "spiffe://b.example/db", false)])
+            .await
+            .unwrap();
+        assert_eq!(again, 0);
+        let eve = SpiffeId::parse("spiffe://b.example/ops/eve").unwrap();
+        revocations
+            .revoke_identity("admin", &eve, "ours")
+            .await
+            .unwrap();
+        revocations
+            .import(&b, vec![entry("", "spiffe://b.example/ops/eve", true)])
+            .await
+            .unwrap();
+        assert_eq!(revocations.blocked(&eve).unwrap().unwrap().reason, "ours");
     }
 }

@@ -25,7 +25,9 @@ use crate::audit::{AuditLog, Event, Kind};
 use crate::ca::{Authority, CaError};
 use crate::client::write_credential;
 use crate::config::ServeSettings;
-use crate::federation::{BundleHub, serve_bundle_endpoint, spawn_refreshers};
+use crate::federation::{
+    BundleHub, RelayContext, serve_bundle_endpoint, spawn_refreshers, spawn_revocation_relays,
+};
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::issuance::{Issuance, Settings};
 use crate::pb::v1::{
@@ -278,6 +280,16 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         bundles.clone(),
         settings.federation.clone(),
         settings.roles_oid.clone(),
+        shutdown_rx.clone(),
+    ));
+    background.extend(spawn_revocation_relays(
+        RelayContext {
+            bundles: bundles.clone(),
+            revocations: revocations.clone(),
+            identity: slot.clone(),
+            oid: settings.roles_oid.clone(),
+        },
+        &settings.federation,
         shutdown_rx.clone(),
     ));
     background.push(rotation.spawn(shutdown_rx.clone()));

@@ -81,6 +81,11 @@ struct Pair {
 
 impl Pair {
     async fn start(extra_a: &str, extra_b: &str) -> Self {
+        Self::start_with(extra_a, extra_b, false).await
+    }
+
+    /// `relay`: A also relays B's revocations (`revocation_server` in its `[[federation]]`).
+    async fn start_with(extra_a: &str, extra_b: &str, relay: bool) -> Self {
         let (pa, pb_) = (free_port(), free_port());
         let b = TestCa::start_with_full_config(&ca_config(B, pb_, A, pa, extra_b)).await;
         let b_bundle = b.dir.path().join("b-bundle.json");
@@ -90,8 +95,13 @@ impl Pair {
         a_config = a_config.replace(
             "endpoint_spiffe_id = \"spiffe://b.example/lanyard/server\"",
             &format!(
-                "endpoint_spiffe_id = \"spiffe://b.example/lanyard/server\"\ninitial_bundle = \"{}\"",
-                b_bundle.display()
+                "endpoint_spiffe_id = \"spiffe://b.example/lanyard/server\"\ninitial_bundle = \"{}\"{}",
+                b_bundle.display(),
+                if relay {
+                    format!("\nrevocation_server = \"{}\"", b.server())
+                } else {
+                    String::new()
+                }
             ),
         );
         let a = TestCa::start_with_full_config(&a_config).await;
@@ -1221,4 +1231,114 @@ async fn a_foreign_identity_gets_temporary_access_through_the_other_domains_poli
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+// === revocations relayed across domains ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_certificate_revoked_by_its_own_ca_is_refused_in_the_federated_domain() {
+    let pair = Pair::start_with("", "", true).await;
+    let (_web_agent, web_dir, _) = agent(&pair.a, "web", A_WEB, &["db-read"]).await;
+    let (_db_agent, db_dir, _) = agent(&pair.b, "db", B_DB, &[]).await;
+    wait_federated_file(&db_dir, A, &pair.wait_federated(A, 1).await).await;
+    wait_federated_file(&web_dir, B, &pair.wait_federated(B, 1).await).await;
+
+    // a.example's web client follows only its own CA's revocations.
+    let db_src = source(&db_dir).await;
+    let web_src = source(&web_dir).await;
+    let revocations = RevocationSet::new();
+    let _follow = Abort(revocations.follow(pair.a.server(), web_src.clone()));
+    let web_client = Arc::new(
+        client_config(
+            &web_src,
+            Authorizer::parse(&["td:b.example"]).unwrap(),
+            Some(revocations.clone()),
+        )
+        .unwrap(),
+    );
+    let db = server(&db_src, &["spiffe://a.example/ns/prod/*"]).await;
+    call(db.addr, &web_client).await.expect("accepted");
+
+    // b.example revokes its database; a.example's CA relays it and web refuses the database
+    // within moments, not at its certificate's expiry.
+    let out = cli(
+        &pair.b,
+        &[
+            "revoke",
+            "--spiffe-id",
+            B_DB,
+            "--reason",
+            "db host compromised",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let revoked_at = Instant::now();
+    until_call(
+        db.addr,
+        &web_client,
+        false,
+        "the relayed revocation never reached web",
+    )
+    .await;
+    eprintln!(
+        "relayed revocation refused after {:?}",
+        revoked_at.elapsed()
+    );
+    let err = call(db.addr, &web_client).await.unwrap_err();
+    assert!(err.contains("db host compromised"), "{err}");
+
+    // On a.example's record: one relay event; the entry names its domain; a.example's CRL does
+    // not list b.example's certificate.
+    let log = pair.a.audit_log().await;
+    assert!(
+        log.iter()
+            .any(|r| r.kind == "revocation_imported" && r.subject == "spiffe://b.example"),
+        "no revocation_imported in a.example's log"
+    );
+    let mut watch =
+        lanyard::pb::v1::revocation_client::RevocationClient::new(pair.a.admin_channel().await)
+            .watch(pb::WatchRequest { since: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+    let relayed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let e = watch.message().await.unwrap().unwrap();
+            if e.spiffe_id == B_DB {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the relayed entry is on a.example's watch");
+    assert_eq!(relayed.trust_domain, B);
+    let crl =
+        lanyard::pb::v1::revocation_client::RevocationClient::new(pair.a.admin_channel().await)
+            .get_crl(pb::GetCrlRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(crl.retiring.is_empty());
+
+    // Of a federated domain only its CA may watch: a workload of a.example may not watch
+    // b.example's revocations.
+    let web_cred = lanyard::client::Credential::load(&web_dir, &RolesOid::default()).unwrap();
+    let b_bundle = lanyard::tls::Bundle::from_pem(
+        &std::fs::read(web_dir.join("federated/b.example.pem")).unwrap(),
+    )
+    .unwrap();
+    let channel = lanyard::client::connect(
+        &pair.b.server(),
+        lanyard::tls::ServerTrust::Bundle(b_bundle),
+        Some(web_cred.slot().unwrap()),
+        RolesOid::default(),
+    )
+    .await
+    .unwrap();
+    let refused = lanyard::pb::v1::revocation_client::RevocationClient::new(channel)
+        .watch(pb::WatchRequest { since: 0 })
+        .await
+        .expect_err("a foreign workload may not watch");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 }

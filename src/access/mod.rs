@@ -486,6 +486,7 @@ impl Access {
             expires_at: svid.not_after + self.settings.renewal_grace.as_secs() as i64,
             blocked: false,
             renewable: true,
+            origin: String::new(),
         };
         let event = Event::new(Kind::Revoked, "lanyard")
             .subject(svid.spiffe_id.as_str())
@@ -536,6 +537,7 @@ impl Access {
                 expires_at: c.not_after + grace,
                 blocked: false,
                 renewable: true,
+                origin: String::new(),
             }));
         }
         Ok(writes)

@@ -586,6 +586,7 @@ mod tests {
             expires_at: now + 3600,
             blocked: identity_rule,
             renewable: false,
+            origin: String::new(),
         };
         f.log
             .record(

@@ -59,6 +59,7 @@ pub fn to_proto(r: RevocationRecord) -> pb::RevocationEntry {
         revoked_at: r.revoked_at,
         expires_at: r.expires_at,
         blocked: r.blocked,
+        trust_domain: r.origin,
     }
 }
 
@@ -135,7 +136,19 @@ impl Revocation for RevocationService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.auth.peer(&req, false).map_err(status::auth)?;
+        // Any identity of this domain; and the CA of a federated domain (its serving identity,
+        // `/lanyard/server`), which relays this CA's own revocations to its workloads.
+        let caller = self.auth.peer_any_domain(&req).map_err(status::auth)?;
+        let td = self.authority.active().trust_domain().to_string();
+        let foreign = caller.spiffe_id.trust_domain_name() != td;
+        if foreign && caller.spiffe_id.path() != "/lanyard/server" {
+            return Err(Status::permission_denied(format!(
+                "{} may not watch the revocations of {td}: of a federated domain, only its CA (spiffe://<td>/lanyard/server) may",
+                caller.spiffe_id
+            )));
+        }
+        // A federated CA gets this CA's own entries only: trust is not transitive.
+        let relay = move |r: &RevocationRecord| !foreign || r.origin.is_empty();
         let since = req.get_ref().since;
         // Subscribe before the snapshot so nothing committed in between is missed.
         let mut live = self.revocations.log().live();
@@ -156,6 +169,9 @@ impl Revocation for RevocationService {
                     };
                     for r in snapshot {
                         sent = sent.max(r.rev);
+                        if !relay(&r) {
+                            continue;
+                        }
                         if tx.send(Ok(to_proto(r))).await.is_err() {
                             return;
                         }
@@ -172,7 +188,7 @@ impl Revocation for RevocationService {
                         if c.record.seq <= sent {
                             continue;
                         }
-                        for r in &c.revocations {
+                        for r in c.revocations.iter().filter(|r| relay(r)) {
                             if tx.send(Ok(to_proto(r.clone()))).await.is_err() {
                                 return;
                             }

@@ -67,6 +67,8 @@ pub enum Kind {
     /// A federated bundle was fetched but refused (malformed, not a CA, wrong domain); the last
     /// good bundle stays in force.
     BundleRejected,
+    /// Revocations published by a federated domain's CA were relayed to this domain.
+    RevocationImported,
     /// `lanyard ca rotate`: a new CA was staged and published next to the active one.
     CaRotationStaged,
     /// After the overlap, signing switched to the new CA; the old one still verifies.
@@ -98,7 +100,7 @@ pub struct Event {
 
 impl Kind {
     /// Every kind, for CLI validation.
-    pub const ALL: [Kind; 21] = [
+    pub const ALL: [Kind; 22] = [
         Kind::Issued,
         Kind::Renewed,
         Kind::Denied,
@@ -117,6 +119,7 @@ impl Kind {
         Kind::AccessRevoked,
         Kind::BundleUpdated,
         Kind::BundleRejected,
+        Kind::RevocationImported,
         Kind::CaRotationStaged,
         Kind::CaRotationSwitched,
         Kind::CaRotationCompleted,
@@ -143,6 +146,7 @@ impl Kind {
             Kind::AccessRevoked => "access_revoked",
             Kind::BundleUpdated => "bundle_updated",
             Kind::BundleRejected => "bundle_rejected",
+            Kind::RevocationImported => "revocation_imported",
             Kind::CaRotationStaged => "ca_rotation_staged",
             Kind::CaRotationSwitched => "ca_rotation_switched",
             Kind::CaRotationCompleted => "ca_rotation_completed",

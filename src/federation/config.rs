@@ -26,6 +26,9 @@ pub struct FederationSpec {
     pub initial_bundle: Option<PathBuf>,
     /// https_web: PEM file of the web PKI roots that authenticate the endpoint.
     pub ca_file: Option<PathBuf>,
+    /// `host:port` of the federated domain's Lanyard CA (its gRPC API): when set, this CA
+    /// follows that CA's revocations and relays them to its own workloads.
+    pub revocation_server: Option<String>,
 }
 
 /// How a bundle endpoint is authenticated.
@@ -57,6 +60,8 @@ pub struct FederatedDomain {
     pub url: Uri,
     /// How to authenticate the endpoint.
     pub profile: EndpointProfile,
+    /// `host:port` of the domain's Lanyard CA whose revocations are relayed, if any.
+    pub revocation_server: Option<String>,
 }
 
 /// Why a `[[federation]]` entry is invalid.
@@ -117,10 +122,25 @@ impl FederatedDomain {
                 )));
             }
         };
+        let revocation_server = match spec.revocation_server.as_deref().map(str::trim) {
+            None => None,
+            Some(s) => {
+                let hostport = s.trim_start_matches("https://").trim_end_matches('/');
+                let uri: Uri = format!("https://{hostport}")
+                    .parse()
+                    .map_err(|_| bad(format!("revocation_server {s:?}: use host:port")))?;
+                if uri.host().is_none_or(str::is_empty) || uri.port().is_none() || uri.path() != "/"
+                {
+                    return Err(bad(format!("revocation_server {s:?}: use host:port")));
+                }
+                Some(hostport.to_string())
+            }
+        };
         Ok(Self {
             trust_domain,
             url,
             profile,
+            revocation_server,
         })
     }
 
@@ -265,5 +285,25 @@ mod tests {
         }
         let twice = resolve_all(&[spiffe_spec(), spiffe_spec()], &own()).unwrap_err();
         assert!(twice.to_string().contains("listed twice"));
+    }
+
+    #[test]
+    fn revocation_server_is_host_and_port() {
+        let with = |s: &str| FederationSpec {
+            revocation_server: Some(s.into()),
+            ..spiffe_spec()
+        };
+        let d = FederatedDomain::resolve(&with("ca.b.example:8443"), &own()).unwrap();
+        assert_eq!(d.revocation_server.as_deref(), Some("ca.b.example:8443"));
+        assert_eq!(
+            FederatedDomain::resolve(&spiffe_spec(), &own())
+                .unwrap()
+                .revocation_server,
+            None
+        );
+        for bad in ["ca.b.example", "ca.b.example:8443/x", ":8443", ""] {
+            let e = FederatedDomain::resolve(&with(bad), &own()).unwrap_err();
+            assert!(e.reason.contains("use host:port"), "{bad:?}: {e}");
+        }
     }
 }

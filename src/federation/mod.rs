@@ -5,6 +5,7 @@
 //!   audited on change, followed live by the bundle endpoint, `Ca.WatchBundles` and issuance.
 //! - [`serve_bundle_endpoint`]: the CA's bundle endpoint (https_spiffe profile).
 //! - [`spawn_refreshers`]: fetches each `[[federation]]` domain's bundle at its refresh hint.
+//! - [`spawn_revocation_relays`]: relays each federated CA's revocations to this domain.
 //! - [`FederatedDomain`]: a validated `[[federation]]` entry.
 
 pub mod bundle;
@@ -13,6 +14,7 @@ mod endpoint;
 mod fetch;
 mod hub;
 mod refresh;
+mod revocations;
 
 use std::path::PathBuf;
 
@@ -25,6 +27,7 @@ pub use endpoint::serve_bundle_endpoint;
 pub use fetch::{EndpointTrust, FETCH_TIMEOUT, FetchError, fetch};
 pub use hub::{BundleHub, BundleSet, Change, Origin};
 pub use refresh::{DEFAULT_REFRESH, MAX_REFRESH, MIN_REFRESH, refresh_after, spawn_refreshers};
+pub use revocations::{RelayContext, spawn_revocation_relays};
 
 use crate::spiffe::TrustDomain;
 

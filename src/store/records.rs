@@ -86,6 +86,10 @@ pub struct RevocationRecord {
     /// a grant is revoked: the certificate carried roles it no longer may, the identity is fine.
     #[serde(default)]
     pub renewable: bool,
+    /// The federated trust domain whose CA published this entry (relayed to this domain's
+    /// workloads); empty for this CA's own revocations.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub origin: String,
 }
 
 /// A durable audit event, hash-chained to the one before it.

@@ -550,6 +550,7 @@ mod tests {
             expires_at,
             blocked: false,
             renewable: false,
+            origin: String::new(),
         }
     }
 

@@ -16,6 +16,15 @@ pub struct RevocationSet {
 }
 
 #[derive(Debug)]
+struct SerialEntry {
+    expires_at: i64,
+    reason: String,
+    /// Set for an entry relayed from a federated domain's CA: it covers only a certificate of
+    /// this identity (serials of two CAs can collide).
+    relayed_for: Option<String>,
+}
+
+#[derive(Debug)]
 struct IdentityRule {
     /// Certificates with an earlier notBefore are revoked.
     before: i64,
@@ -28,8 +37,8 @@ struct IdentityRule {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// serial (hex) → expires_at.
-    serials: HashMap<String, (i64, String)>,
+    /// serial (hex) → entry.
+    serials: HashMap<String, SerialEntry>,
     /// spiffe_id → rule.
     identities: HashMap<String, IdentityRule>,
     rev: u64,
@@ -55,13 +64,19 @@ impl RevocationSet {
                 },
             );
         } else {
-            g.serials
-                .insert(e.serial.clone(), (e.expires_at, e.reason.clone()));
+            g.serials.insert(
+                e.serial.clone(),
+                SerialEntry {
+                    expires_at: e.expires_at,
+                    reason: e.reason.clone(),
+                    relayed_for: (!e.trust_domain.is_empty()).then(|| e.spiffe_id.clone()),
+                },
+            );
         }
         g.rev = g.rev.max(e.rev);
         let now = unix_now();
         if g.serials.len() % 1024 == 0 {
-            g.serials.retain(|_, (exp, _)| *exp >= now);
+            g.serials.retain(|_, e| e.expires_at >= now);
             g.identities.retain(|_, r| r.expires_at >= now);
         }
     }
@@ -70,15 +85,28 @@ impl RevocationSet {
     fn mark_revoked(&self, svid: &SvidInfo, reason: &str) {
         warn!(serial = %svid.serial, reason, "the CA reports our own certificate as revoked");
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        g.serials
-            .insert(svid.serial.to_hex(), (svid.not_after, reason.to_string()));
+        g.serials.insert(
+            svid.serial.to_hex(),
+            SerialEntry {
+                expires_at: svid.not_after,
+                reason: reason.to_string(),
+                relayed_for: None,
+            },
+        );
     }
 
     /// Why `svid` is revoked, if it is.
     pub fn check(&self, svid: &SvidInfo) -> Option<String> {
         let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, reason)) = g.serials.get(&svid.serial.to_hex()) {
-            return Some(format!("certificate {} is revoked: {reason}", svid.serial));
+        if let Some(e) = g.serials.get(&svid.serial.to_hex())
+            && e.relayed_for
+                .as_ref()
+                .is_none_or(|id| id == svid.spiffe_id.as_str())
+        {
+            return Some(format!(
+                "certificate {} is revoked: {}",
+                svid.serial, e.reason
+            ));
         }
         match g.identities.get(svid.spiffe_id.as_str()) {
             Some(r) if r.blocked || svid.not_before < r.before => Some(format!(
