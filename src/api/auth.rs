@@ -13,11 +13,10 @@ use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 use tonic::Request;
 use webpki::KeyUsage;
 use x509_parser::prelude::{FromDer, X509Certificate};
-
-use tokio::sync::watch;
 
 use crate::ca::{RolesOid, SvidInfo, parse_svid};
 use crate::federation::BundleSet;
@@ -131,8 +130,8 @@ impl Authenticator {
     }
 
     /// The caller's SVID, where the caller may also be an identity of a federated trust domain
-    /// (temporary-access calls only; issuance, admin and audit calls use
-    /// [`Authenticator::peer`]). A local caller is authenticated as by `peer`. A foreign one is
+    /// (the Access calls, and `Revocation.Watch` for a federated CA; issuance, admin and audit
+    /// calls use [`Authenticator::peer`]). A local caller is authenticated as by `peer`. A foreign one is
     /// verified against the bundle this CA holds for its own domain, checked against this CA's
     /// revocations (an admin here may revoke a foreign identity), and stripped of the roles its
     /// CA wrote: roles are this domain's to give, so a foreign `lanyard:approver` counts for
