@@ -73,6 +73,10 @@ pub struct FileConfig {
     /// How often expired tokens, issued-certificate records and revocations are pruned.
     #[serde(default, with = "opt_duration")]
     pub prune_interval: Option<Duration>,
+    /// Refused `Ca.Issue` requests per second one source IP may have audited (0: no limit).
+    pub denial_rate: Option<u32>,
+    /// How many refusals a source may have at once before `denial_rate` applies.
+    pub denial_burst: Option<u32>,
     /// OID of the roles extension (every arc below 2^28).
     pub roles_oid: Option<String>,
     /// A CA certificate chain (PEM, signing cert first) to use instead of a generated root.
@@ -144,6 +148,10 @@ pub struct ServeSettings {
     pub crl_validity: Duration,
     /// Interval between prune passes over expired store entries.
     pub prune_interval: Duration,
+    /// Audited refusals per second per source IP; beyond it, refused unaudited (0: no limit).
+    pub denial_rate: u32,
+    /// Refusals a source may have at once.
+    pub denial_burst: u32,
     /// How long an access request stays pending.
     pub access_request_ttl: Duration,
     /// Command run on new access requests.
@@ -194,6 +202,10 @@ pub mod defaults {
     pub const CRL_VALIDITY: Duration = Duration::from_secs(5 * 60);
     /// Interval between prune passes.
     pub const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+    /// Audited refusals per second per source IP.
+    pub const DENIAL_RATE: u32 = 20;
+    /// Refusals per source at once.
+    pub const DENIAL_BURST: u32 = 100;
     /// How long an access request waits for approvals.
     pub const ACCESS_REQUEST_TTL: Duration = Duration::from_secs(3600);
     /// `spiffe_refresh_hint` of the own bundle.
@@ -338,6 +350,8 @@ impl ServeSettings {
             token_ttl: file.token_ttl.unwrap_or(defaults::TOKEN_TTL),
             crl_validity: file.crl_validity.unwrap_or(defaults::CRL_VALIDITY),
             prune_interval,
+            denial_rate: file.denial_rate.unwrap_or(defaults::DENIAL_RATE),
+            denial_burst: file.denial_burst.unwrap_or(defaults::DENIAL_BURST).max(1),
             access_request_ttl,
             access_notify_cmd: file.access_notify_cmd.clone(),
             access_webhook: file.access_webhook.clone(),

@@ -17,6 +17,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::access::{Access, AccessSettings, Notifier};
 use crate::api::access::AccessService;
+use crate::api::limit::DenialLimiter;
 use crate::api::{
     Authenticator, admin::AdminService, audit::AuditService, ca::CaService,
     revocation::RevocationService,
@@ -332,6 +333,16 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         settings.prune_interval,
         shutdown_rx.clone(),
     ));
+    let limiter = Arc::new(DenialLimiter::new(
+        settings.denial_rate,
+        settings.denial_burst,
+    ));
+    tokio::spawn(record_suppressed_denials(
+        limiter.clone(),
+        log.clone(),
+        settings.denial_rate,
+        shutdown_rx.clone(),
+    ));
     // Installed here, before anything is spawned, so an early SIGHUP reloads instead of
     // killing the process with the default action.
     let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -363,12 +374,15 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         .add_service(health)
         .add_service(reflection)
         .add_service(
-            CaServer::new(CaService::new(
-                issuance.clone(),
-                auth.clone(),
-                bundles.clone(),
-                shutdown_rx.clone(),
-            ))
+            CaServer::new(
+                CaService::new(
+                    issuance.clone(),
+                    auth.clone(),
+                    bundles.clone(),
+                    shutdown_rx.clone(),
+                )
+                .with_limiter(limiter.clone()),
+            )
             .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
@@ -441,6 +455,31 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         shutdown: shutdown_tx,
         done,
     })
+}
+
+/// Every second, writes one `denied` event per source that the [`DenialLimiter`] refused
+/// without an audit event of its own, with how many: the record misses no request.
+async fn record_suppressed_denials(
+    limiter: Arc<DenialLimiter>,
+    log: AuditLog,
+    rate: u32,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = stopped(&mut shutdown) => return,
+        }
+        for (ip, n) in limiter.drain() {
+            warn!(source = %ip, refused = n, "source over its refusal budget");
+            let event = Event::new(Kind::Denied, format!("ip:{ip}")).reason(format!(
+                "{n} requests refused unaudited: more than {rate} refusals per second from this source"
+            ));
+            if let Err(e) = log.record(event, vec![]).await {
+                warn!(error = %e, "cannot record suppressed denials");
+            }
+        }
+    }
 }
 
 /// Resolves once `rx` says the server is stopping.

@@ -1211,3 +1211,69 @@ async fn ten_megabyte_request_is_refused_and_the_server_survives() {
         .await
         .expect("new channel works");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_over_its_refusal_budget_is_refused_unaudited_and_counted() {
+    let ca = TestCa::start_with("denial_rate = 1\ndenial_burst = 3\n", POLICY).await;
+    let token = ca.token(API, &["db-read"], 0, 1).await;
+    let mut client = CaClient::new(ca.anon_channel().await);
+    let mut codes = Vec::new();
+    for _ in 0..10 {
+        let (_, csr) = good_csr(API);
+        let s = client
+            .issue(issue_req(csr, "lanyard1.forged", 60, &[]))
+            .await
+            .expect_err("a forged token is refused");
+        codes.push(s.code());
+    }
+    // The burst is audited one by one; the rest is refused at once (a refill of one token may
+    // land in between on a slow machine).
+    assert_eq!(&codes[..3], &[Code::Unauthenticated; 3], "{codes:?}");
+    let exhausted = codes
+        .iter()
+        .filter(|c| **c == Code::ResourceExhausted)
+        .count();
+    assert!(exhausted >= 6, "{codes:?}");
+    // A good request from the same source waits for the budget too ...
+    let (_, csr) = good_csr(API);
+    let s = client
+        .issue(issue_req(csr, &token, 60, &[]))
+        .await
+        .expect_err("still over budget");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(
+        s.message().contains("too many refused requests"),
+        "{}",
+        s.message()
+    );
+    // ... and goes through once it refills; success costs no budget.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, csr) = good_csr(API);
+    client
+        .issue(issue_req(csr, &token, 60, &[]))
+        .await
+        .expect("served after a second");
+    // Nothing went unrecorded: the requests refused unaudited are counted in summary events
+    // (written every second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let denied = audit_events(&ca, "denied").await;
+        let individual = denied
+            .iter()
+            .filter(|e| e.reason.contains("join token"))
+            .count() as u64;
+        let summarised: u64 = denied
+            .iter()
+            .filter(|e| e.actor == "ip:127.0.0.1")
+            .filter_map(|e| e.reason.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        if individual + summarised == 11 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "11 refused requests, {individual} audited and {summarised} summarised: {denied:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

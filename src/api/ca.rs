@@ -4,9 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
+use super::limit::DenialLimiter;
 use super::{Authenticator, MessageStream, status, stream_latest};
 use crate::federation::{BundleHub, BundleSet};
 use crate::issuance::{Issuance, IssueRequest, Issued};
@@ -20,6 +21,8 @@ pub struct CaService {
     bundles: Arc<BundleHub>,
     /// Ends bundle watch streams when the server stops.
     shutdown: watch::Receiver<bool>,
+    /// Caps how fast one source collects refusals (each one an audit append).
+    limiter: Option<Arc<DenialLimiter>>,
 }
 
 impl CaService {
@@ -35,14 +38,18 @@ impl CaService {
             auth,
             bundles,
             shutdown,
+            limiter: None,
         }
     }
-}
 
-#[tonic::async_trait]
-impl Ca for CaService {
-    #[instrument(skip_all, fields(mode))]
-    async fn issue(
+    /// Holds every source IP to `limiter`'s budget of refusals.
+    pub fn with_limiter(mut self, limiter: Arc<DenialLimiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Issuance or renewal, once the source is admitted.
+    async fn issue_admitted(
         &self,
         req: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::IssueResponse>, Status> {
@@ -87,6 +94,38 @@ impl Ca for CaService {
         }
         .map_err(status::issue)?;
         Ok(Response::new(to_proto(issued, &self.bundles.current())))
+    }
+}
+
+#[tonic::async_trait]
+impl Ca for CaService {
+    #[instrument(skip_all, fields(mode))]
+    async fn issue(
+        &self,
+        req: Request<pb::IssueRequest>,
+    ) -> Result<Response<pb::IssueResponse>, Status> {
+        let source = req.remote_addr().map(|a| a.ip());
+        let (Some(limiter), Some(ip)) = (&self.limiter, source) else {
+            return self.issue_admitted(req).await;
+        };
+        if !limiter.admit(ip) {
+            return Err(Status::resource_exhausted(format!(
+                "too many refused requests from {ip}; slow down and retry in a second"
+            )));
+        }
+        let result = self.issue_admitted(req).await;
+        if let Err(s) = &result
+            && matches!(
+                s.code(),
+                Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::InvalidArgument
+                    | Code::FailedPrecondition
+            )
+        {
+            limiter.refused(ip);
+        }
+        result
     }
 
     async fn get_trust_bundle(
