@@ -347,6 +347,38 @@ impl Revocations {
         Ok(n)
     }
 
+    /// Lifts the relayed blocking identity rules of domains this CA no longer relays (`relayed`
+    /// are the ones it still does): their CA can no longer lift them here. Like a lift, it keeps
+    /// the certificates issued before the rule revoked until they would have expired. Relayed
+    /// serial entries need nothing: they expire with their certificates. Run at start-up.
+    pub async fn retire_relayed(&self, relayed: &[TrustDomain]) -> Result<usize, RevocationError> {
+        let stale: Vec<RevocationRecord> = self
+            .store
+            .revocations_since(0)?
+            .into_iter()
+            .filter(|r| r.identity_rule && r.blocked && !r.origin.is_empty())
+            .filter(|r| !relayed.iter().any(|td| td.as_str() == r.origin))
+            .collect();
+        for rule in &stale {
+            let lifted = RevocationRecord {
+                blocked: false,
+                expires_at: rule.before + (self.max_lifetime + self.grace).as_secs() as i64,
+                ..rule.clone()
+            };
+            let event = Event::new(Kind::RevocationLifted, "lanyard")
+                .subject(&rule.spiffe_id)
+                .reason(format!(
+                    "revocations of {} are no longer relayed ([[federation]] revocation_server removed)",
+                    rule.origin
+                ));
+            self.log
+                .record(event, vec![Write::PutRevocation(lifted)])
+                .await?;
+            info!(spiffe_id = %rule.spiffe_id, origin = %rule.origin, "relayed identity revocation retired");
+        }
+        Ok(stale.len())
+    }
+
     /// Every live entry with `rev > since`.
     pub fn since(&self, since: u64) -> Result<Vec<RevocationRecord>, StoreError> {
         self.store.revocations_since(since)
@@ -509,5 +541,51 @@ mod import_tests {
             .await
             .unwrap();
         assert_eq!(revocations.blocked(&eve).unwrap().unwrap().reason, "ours");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relayed_blocks_are_lifted_once_their_domain_is_no_longer_relayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let revocations = Revocations::new(
+            AuditLog::start(store).unwrap(),
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        );
+        let b = TrustDomain::new("b.example").unwrap();
+        let c = TrustDomain::new("c.example").unwrap();
+        revocations
+            .import(&b, vec![entry("", "spiffe://b.example/ops/eve", true)])
+            .await
+            .unwrap();
+        revocations
+            .import(&c, vec![entry("", "spiffe://c.example/ops/mallory", true)])
+            .await
+            .unwrap();
+        let local = SpiffeId::parse("spiffe://c.example/ops/local").unwrap();
+        revocations
+            .revoke_identity("admin", &local, "ours")
+            .await
+            .unwrap();
+        // Still relaying b.example, no longer c.example.
+        assert_eq!(
+            revocations
+                .retire_relayed(std::slice::from_ref(&b))
+                .await
+                .unwrap(),
+            1
+        );
+        let blocked = |id: &str| {
+            revocations
+                .blocked(&SpiffeId::parse(id).unwrap())
+                .unwrap()
+                .is_some()
+        };
+        assert!(blocked("spiffe://b.example/ops/eve"));
+        assert!(!blocked("spiffe://c.example/ops/mallory"));
+        assert!(
+            blocked("spiffe://c.example/ops/local"),
+            "this CA's own rule stays"
+        );
     }
 }

@@ -174,6 +174,16 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         settings.renewal_grace,
         settings.max_cert_lifetime,
     ));
+    let relayed: Vec<_> = settings
+        .federation
+        .iter()
+        .filter(|d| d.revocation_server.is_some())
+        .map(|d| d.trust_domain.clone())
+        .collect();
+    revocations
+        .retire_relayed(&relayed)
+        .await
+        .map_err(|e| ServeError::Store(e.to_string()))?;
     let policy = PolicyHandle::new(settings.policy.clone());
     let issuance = Arc::new(Issuance::new(
         cas.clone(),
