@@ -1,13 +1,16 @@
 //! Issuance benchmark: what a Lanyard CA sustains end to end, next to what the crypto alone costs.
 //!
-//! Four sections, each printed as it finishes:
+//! Five sections, each printed as it finishes:
 //! 1. **Raw crypto**, in-process, one thread, no I/O: `ca::parse_csr` (CSR parse + signature
 //!    verify) and `Authority::sign_leaf`, in µs/op, and the 2-core ceiling that implies. Also the
 //!    per-request extras outside that ceiling (client-chain verify, SVID parse).
 //! 2. **Group commit**: durable `AuditLog::record` appends/s with 1 writer vs many concurrent ones.
 //! 3. **Renewal over mTLS** (the steady-state path): N clients, each holding its own credential and
 //!    one channel, renewing in a loop.
-//! 4. **Join-token issuance**: N clients, each with its own multi-use token, on channels without a
+//! 4. **Renewal as the agent does it**: the renewing clients again, each opening a new TLS
+//!    connection per renewal with the certificate the previous renewal returned (the handshake
+//!    and the first-call chain check included).
+//! 5. **Join-token issuance**: N clients, each with its own multi-use token, on channels without a
 //!    client certificate.
 //!
 //! The server is the real thing: `lanyard::server::start` on 127.0.0.1:0 over a temp data dir,
@@ -20,7 +23,7 @@
 //! - `LANYARD_BENCH_CLIENTS`   comma list of N (default `1,4,16,64`)
 //! - `LANYARD_BENCH_SECS`      measured seconds per (path, N) point (default 4)
 //! - `LANYARD_BENCH_WARMUP`    warm-up seconds before each point (default 1)
-//! - `LANYARD_BENCH_PATHS`     `renew,token` (default both)
+//! - `LANYARD_BENCH_PATHS`     `renew,token,agent` (default all three)
 //! - `LANYARD_BENCH_CRYPTO_OPS` iterations per raw-crypto measurement (default 2000)
 //! - `LANYARD_BENCH_AUDIT_SECS` seconds per group-commit measurement (default 2)
 //! - `LANYARD_BENCH_AUDIT_WRITERS` concurrent writers in the second audit run (default 64)
@@ -60,6 +63,7 @@ struct Knobs {
     warmup: f64,
     renew: bool,
     token: bool,
+    agent: bool,
     crypto_ops: usize,
     audit_secs: f64,
     audit_writers: usize,
@@ -80,7 +84,7 @@ fn env<T: FromStr>(name: &str, default: T) -> T {
 impl Knobs {
     fn from_env() -> Self {
         let clients: String = env("LANYARD_BENCH_CLIENTS", "1,4,16,64".to_string());
-        let paths: String = env("LANYARD_BENCH_PATHS", "renew,token".to_string());
+        let paths: String = env("LANYARD_BENCH_PATHS", "renew,token,agent".to_string());
         Self {
             clients: clients
                 .split(',')
@@ -95,6 +99,7 @@ impl Knobs {
             warmup: env("LANYARD_BENCH_WARMUP", 1.0),
             renew: paths.split(',').any(|p| p.trim() == "renew"),
             token: paths.split(',').any(|p| p.trim() == "token"),
+            agent: paths.split(',').any(|p| p.trim() == "agent"),
             crypto_ops: env("LANYARD_BENCH_CRYPTO_OPS", 2000usize).max(1),
             audit_secs: env("LANYARD_BENCH_AUDIT_SECS", 2.0),
             audit_writers: env("LANYARD_BENCH_AUDIT_WRITERS", 64usize).max(1),
@@ -311,6 +316,18 @@ struct Client {
     channel: Channel,
     csr: Vec<u8>,
     token: String,
+    /// Renewing clients: what reconnecting as an agent does needs.
+    agent: Option<AgentCredential>,
+}
+
+/// A renewing client's credential, as an agent holds it: it connects anew for each renewal and
+/// presents the certificate the previous renewal returned (always for the same key, whose CSR is
+/// made once).
+struct AgentCredential {
+    server: String,
+    bundle: Bundle,
+    slot: Arc<CertSlot>,
+    key: Vec<u8>,
 }
 
 fn end_to_end(k: &Knobs, server_rt: &tokio::runtime::Runtime, ceiling: f64) {
@@ -350,6 +367,16 @@ fn end_to_end(k: &Knobs, server_rt: &tokio::runtime::Runtime, ceiling: f64) {
         header();
         for &n in &k.clients {
             let r = client_rt.block_on(run_point(k, &renewers[..n]));
+            r.print(n, ceiling);
+        }
+    }
+    if k.agent {
+        println!(
+            "\n  renewal as the agent does it (a new TLS connection per renewal, presenting the certificate the last one returned)"
+        );
+        header();
+        for &n in &k.clients {
+            let r = client_rt.block_on(run_point_with(k, &renewers[..n], true));
             r.print(n, ceiling);
         }
     }
@@ -448,7 +475,7 @@ async fn setup(
         let channel = connect(
             server,
             ServerTrust::Bundle(bundle.clone()),
-            Some(slot),
+            Some(slot.clone()),
             oid.clone(),
         )
         .await
@@ -457,6 +484,12 @@ async fn setup(
             channel,
             csr,
             token: String::new(),
+            agent: Some(AgentCredential {
+                server: server.to_string(),
+                bundle: bundle.clone(),
+                slot,
+                key: key.serialize_der(),
+            }),
         }));
 
         // A token client: its own identity under the prefix and its own multi-use token.
@@ -480,6 +513,7 @@ async fn setup(
             channel,
             csr,
             token: tok,
+            agent: None,
         }));
     }
     (renewers, tokeners)
@@ -546,6 +580,42 @@ impl Point {
 }
 
 async fn run_point(k: &Knobs, clients: &[Arc<Client>]) -> Point {
+    run_point_with(k, clients, false).await
+}
+
+/// One renewal as an agent makes it: a new connection with the current certificate; the new
+/// certificate replaces it.
+async fn agent_renewal(
+    a: &AgentCredential,
+    req: pb::IssueRequest,
+) -> Result<tonic::Response<pb::IssueResponse>, tonic::Status> {
+    let channel = connect(
+        &a.server,
+        ServerTrust::Bundle(a.bundle.clone()),
+        Some(a.slot.clone()),
+        RolesOid::default(),
+    )
+    .await
+    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let resp = CaClient::new(channel).issue(req).await?;
+    let chain: Vec<CertificateDer<'static>> = resp
+        .get_ref()
+        .cert_chain
+        .iter()
+        .cloned()
+        .map(CertificateDer::from)
+        .collect();
+    a.slot
+        .set(
+            chain,
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(a.key.clone())),
+        )
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+    Ok(resp)
+}
+
+/// With `reconnect`, each renewal is an [`agent_renewal`].
+async fn run_point_with(k: &Knobs, clients: &[Arc<Client>], reconnect: bool) -> Point {
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(k.warmup);
     let until = measure_from + Duration::from_secs_f64(k.secs);
@@ -562,14 +632,16 @@ async fn run_point(k: &Knobs, clients: &[Arc<Client>]) -> Point {
                     if t0 >= until {
                         break;
                     }
-                    let r = ca
-                        .issue(pb::IssueRequest {
-                            csr: c.csr.clone(),
-                            join_token: c.token.clone(),
-                            ttl_seconds: 300,
-                            roles: vec![],
-                        })
-                        .await;
+                    let req = pb::IssueRequest {
+                        csr: c.csr.clone(),
+                        join_token: c.token.clone(),
+                        ttl_seconds: 300,
+                        roles: vec![],
+                    };
+                    let r = match (&c.agent, reconnect) {
+                        (Some(a), true) => agent_renewal(a, req).await,
+                        _ => ca.issue(req).await,
+                    };
                     if t0 < measure_from {
                         continue;
                     }
