@@ -160,7 +160,7 @@ fn main() {
         .build()
         .expect("server runtime");
     server_rt.block_on(audit(&knobs));
-    if !knobs.clients.is_empty() && (knobs.renew || knobs.token) {
+    if !knobs.clients.is_empty() && (knobs.renew || knobs.token || knobs.agent) {
         end_to_end(&knobs, &server_rt, ceiling);
     }
     println!("\nload average at the end: {} (1/5/15 min)", loadavg());

@@ -93,6 +93,11 @@ impl CaService {
             self.issuance.with_token(&body.join_token, ask).await
         }
         .map_err(status::issue)?;
+        self.auth.remember_issued(
+            &issued.chain,
+            &issued.svid,
+            self.issuance.cas().current().active().root(),
+        );
         Ok(Response::new(to_proto(issued, &self.bundles.current())))
     }
 }
