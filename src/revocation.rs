@@ -407,8 +407,8 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_blocking_rule_covers_every_certificate_until_lifted() {
+    /// Revocations over a fresh store (5 s grace, 60 s longest lifetime).
+    pub(super) fn fixture() -> (tempfile::TempDir, Revocations) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
         let revocations = Revocations::new(
@@ -416,6 +416,12 @@ mod tests {
             Duration::from_secs(5),
             Duration::from_secs(60),
         );
+        (dir, revocations)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blocking_rule_covers_every_certificate_until_lifted() {
+        let (_dir, revocations) = fixture();
         // A federated identity: its own CA keeps issuing after the revocation here.
         let id = SpiffeId::parse("spiffe://b.example/ops/eve").unwrap();
         let entries = revocations
@@ -440,8 +446,8 @@ mod tests {
 mod import_tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+    use super::tests::fixture;
     use super::*;
-    use crate::store::SledStore;
 
     fn entry(serial: &str, id: &str, identity_rule: bool) -> RevocationRecord {
         RevocationRecord {
@@ -472,13 +478,7 @@ mod import_tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_federated_ca_speaks_only_for_its_own_domain() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-        let revocations = Revocations::new(
-            AuditLog::start(store).unwrap(),
-            Duration::from_secs(5),
-            Duration::from_secs(60),
-        );
+        let (_dir, revocations) = fixture();
         let b = TrustDomain::new("b.example").unwrap();
         let n = revocations
             .import(
@@ -545,13 +545,7 @@ mod import_tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn relayed_blocks_are_lifted_once_their_domain_is_no_longer_relayed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-        let revocations = Revocations::new(
-            AuditLog::start(store).unwrap(),
-            Duration::from_secs(5),
-            Duration::from_secs(60),
-        );
+        let (_dir, revocations) = fixture();
         let b = TrustDomain::new("b.example").unwrap();
         let c = TrustDomain::new("c.example").unwrap();
         revocations
