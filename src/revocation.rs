@@ -352,11 +352,12 @@ impl Revocations {
     /// the certificates issued before the rule revoked until they would have expired. Relayed
     /// serial entries need nothing: they expire with their certificates. Run at start-up.
     pub async fn retire_relayed(&self, relayed: &[TrustDomain]) -> Result<usize, RevocationError> {
+        // Identity rules only: a start-up must not scan every revoked serial.
         let stale: Vec<RevocationRecord> = self
             .store
-            .revocations_since(0)?
+            .identity_rules()?
             .into_iter()
-            .filter(|r| r.identity_rule && r.blocked && !r.origin.is_empty())
+            .filter(|r| r.blocked && !r.origin.is_empty())
             .filter(|r| !relayed.iter().any(|td| td.as_str() == r.origin))
             .collect();
         for rule in &stale {

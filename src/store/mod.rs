@@ -88,6 +88,8 @@ pub trait Store: Send + Sync + 'static {
     fn revoked_serial(&self, serial: &str) -> Result<Option<RevocationRecord>, StoreError>;
     /// The identity rule of one SPIFFE ID, if any.
     fn identity_rule(&self, spiffe_id: &str) -> Result<Option<RevocationRecord>, StoreError>;
+    /// Every identity rule (few: identities are revoked rarely, unlike serials).
+    fn identity_rules(&self) -> Result<Vec<RevocationRecord>, StoreError>;
     /// Every access request and grant still kept.
     fn access_all(&self) -> Result<Vec<AccessRecord>, StoreError>;
     /// Every live revocation with `rev > since`, ordered by rev.

@@ -173,6 +173,16 @@ impl Store for SledStore {
         get(&self.identity_rules, spiffe_id.as_bytes())
     }
 
+    fn identity_rules(&self) -> Result<Vec<RevocationRecord>, StoreError> {
+        self.identity_rules
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
     fn revocations_since(&self, since: u64) -> Result<Vec<RevocationRecord>, StoreError> {
         let start = since.saturating_add(1).to_be_bytes();
         let mut out = Vec::new();
