@@ -1066,7 +1066,7 @@ async fn a_foreign_identity_gets_temporary_access_through_the_other_domains_poli
     // web asks b.example's CA, with the certificate a.example's CA gave it, trusting b.example's
     // CA by the federated bundle its agent wrote.
     let b_pem = web_dir.join("federated").join("b.example.pem");
-    let first = web_requests(&pair, &web_dir, "db-write", "4s", "MIG-7: backfill")
+    let first = web_requests(&pair, &web_dir, "db-write", "6s", "MIG-7: backfill")
         .await
         .expect("a foreign identity may ask");
     let err = web_requests(&pair, &web_dir, "db-admin", "4s", "MIG-7")
@@ -1125,7 +1125,7 @@ async fn a_foreign_identity_gets_temporary_access_through_the_other_domains_poli
     let n = db.count();
     call(db.addr, &web_client).await.expect("accepted");
     assert_eq!(db.seen_after(n).await.unwrap().spiffe_id.as_str(), A_WEB);
-    until_call(db.addr, &web_client, false, "the 4 s grant never ended").await;
+    until_call(db.addr, &web_client, false, "the 6 s grant never ended").await;
 
     // A second grant, ended early by an approver: refused again at once.
     let second = web_requests(&pair, &web_dir, "db-write", "1h", "MIG-7: second pass")
