@@ -636,6 +636,21 @@ impl Issuance {
         {
             access.recheck(s, used).await.map_err(internal)?;
         }
+        // The identity may have been revoked since `plan` checked: the certificate is on record
+        // now, so it is listed with the revocation and not handed out. (The server's own
+        // credentials are exempt: no revocation may stop the CA from serving.)
+        if kind != Kind::CredentialIssued
+            && let Some(rule) = self
+                .revocations
+                .cover_if_revoked(s)
+                .await
+                .map_err(internal)?
+        {
+            return Err(IssueError::Precondition(format!(
+                "{} was revoked while this certificate was being issued: {}",
+                s.spiffe_id, rule.reason
+            )));
+        }
         Ok(issued)
     }
 

@@ -115,6 +115,30 @@ impl Revocations {
         self.store.revoked_serial(&serial.to_hex())
     }
 
+    /// For a certificate just committed: if a blocking rule of its identity covers it (the
+    /// identity was revoked while the certificate was being issued, after `revoke_identity`
+    /// listed the identity's certificates), lists its serial too, so serial lookups and the CRL
+    /// see it as the identity rule already does. Returns the rule.
+    pub async fn cover_if_revoked(
+        &self,
+        svid: &SvidInfo,
+    ) -> Result<Option<RevocationRecord>, RevocationError> {
+        let Some(rule) = self
+            .blocked(&svid.spiffe_id)?
+            .filter(|r| svid.not_before < r.before)
+        else {
+            return Ok(None);
+        };
+        if self.store.revoked_serial(&svid.serial.to_hex())?.is_none() {
+            let reason = format!(
+                "{} (the identity was revoked while this certificate was being issued)",
+                rule.reason
+            );
+            self.revoke_serial("lanyard", &svid.serial, &reason).await?;
+        }
+        Ok(Some(rule))
+    }
+
     /// Revokes one certificate.
     pub async fn revoke_serial(
         &self,
@@ -418,6 +442,54 @@ mod tests {
             Duration::from_secs(60),
         );
         (dir, revocations)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_certificate_committed_after_its_identity_was_revoked_is_listed_by_serial() {
+        let (_dir, revocations) = fixture();
+        let id = SpiffeId::parse("spiffe://example.org/ns/prod/api").unwrap();
+        let rule = revocations
+            .revoke_identity("admin", &id, "host compromised")
+            .await
+            .unwrap();
+        // The certificate an issuance in flight commits only now.
+        let cert = svid(id.as_str(), rule[0].before - 10);
+        revocations
+            .log()
+            .record(
+                Event::new(Kind::Issued, "test"),
+                vec![Write::PutIssued(
+                    crate::store::IssuedRecord {
+                        v: RECORD_VERSION,
+                        spiffe_id: id.to_string(),
+                        serial: cert.serial.to_hex(),
+                        roles: vec![],
+                        not_after: cert.not_after,
+                    },
+                    cert.not_after + 5,
+                )],
+            )
+            .await
+            .unwrap();
+        assert!(revocations.check(&cert.serial).unwrap().is_none());
+        let covering = revocations.cover_if_revoked(&cert).await.unwrap();
+        assert_eq!(covering.unwrap().reason, "host compromised");
+        let listed = revocations.check(&cert.serial).unwrap().expect("listed");
+        assert!(
+            listed
+                .reason
+                .contains("while this certificate was being issued")
+        );
+        // After a lift, a new certificate is not covered.
+        revocations.lift("admin", &id, "rebuilt").await.unwrap();
+        let fresh = svid(id.as_str(), unix_now() + 5);
+        assert!(
+            revocations
+                .cover_if_revoked(&fresh)
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
