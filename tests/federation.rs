@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    ChildGuard, TestCa, command_works, free_port, lanyard_cmd, poll_until, require_tool,
-    spawn_agent, wait_for_svid,
+    ChildGuard, EchoServer, TestCa, command_works, free_port, lanyard_cmd, poll_until,
+    require_tool, spawn_agent, wait_for_svid,
 };
 use hyper_util::rt::TokioIo;
 use lanyard::agent::split_der;
@@ -31,14 +31,12 @@ use lanyard::federation::SpiffeBundle;
 use lanyard::pb::v1::{self as pb, admin_client::AdminClient, ca_client::CaClient};
 use lanyard::pb::workload::{self as wl, spiffe_workload_api_client::SpiffeWorkloadApiClient};
 use lanyard::spiffe::TrustDomain;
-use lanyard::tls::{
-    Authorizer, GrantSet, RevocationSet, TlsSource, client_config, peer_svid, server_config,
-};
-use rustls::{ClientConfig, ServerConfig};
+use lanyard::tls::{Authorizer, GrantSet, RevocationSet, TlsSource, client_config, server_config};
+use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 const A: &str = "a.example";
 const B: &str = "b.example";
@@ -315,74 +313,6 @@ async fn workload_state(socket: &Path) -> (wl::X509svidResponse, wl::X509Bundles
 
 // === mTLS services built with lanyard::tls ===
 
-/// What the server saw of one connection.
-type Seen = Result<SvidInfo, String>;
-
-/// An mTLS echo server that records each handshake.
-struct EchoServer {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl EchoServer {
-    async fn start(config: ServerConfig, source: Arc<TlsSource>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(config));
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let log = seen.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (acceptor, source, log) = (acceptor.clone(), source.clone(), log.clone());
-                tokio::spawn(async move {
-                    let tls = match acceptor.accept(tcp).await {
-                        Ok(t) => t,
-                        Err(e) => {
-                            log.lock().unwrap().push(Err(e.to_string()));
-                            return;
-                        }
-                    };
-                    let peer = peer_svid(tls.get_ref().1.peer_certificates(), &source).unwrap();
-                    log.lock().unwrap().push(Ok(peer.clone()));
-                    let mut conn = BufReader::new(tls);
-                    let hello = format!("hello {}\n", peer.spiffe_id);
-                    let _ = conn.write_all(hello.as_bytes()).await;
-                    let mut line = String::new();
-                    while conn.read_line(&mut line).await.is_ok_and(|n| n > 0) {
-                        if conn.write_all(line.as_bytes()).await.is_err() {
-                            return;
-                        }
-                        line.clear();
-                    }
-                });
-            }
-        });
-        Self { addr, seen, task }
-    }
-
-    fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-
-    async fn seen_after(&self, from: usize) -> Seen {
-        poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
-            self.seen.lock().unwrap().get(from).cloned()
-        })
-        .await
-        .expect("the server recorded the handshake")
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// One call: handshake, greeting, echo. `Ok(server SVID, greeting)` or why it failed.
 async fn call(addr: SocketAddr, config: &Arc<ClientConfig>) -> Result<(SvidInfo, String), String> {
     let attempt = async {
@@ -474,11 +404,15 @@ async fn cross_domain_mtls_is_accepted_only_when_a_rule_names_the_other_domain()
     let web_src = source(&web_dir).await;
     let db = server(&db_src, &["spiffe://a.example/ns/prod/*"]).await;
     let web_client = client(&web_src, &["td:b.example"]);
-    let n = db.count();
+    let n = db.event_count();
     let (server_svid, greeting) = call(db.addr, &web_client).await.expect("accepted");
     assert_eq!(server_svid.spiffe_id.as_str(), B_DB);
-    assert_eq!(greeting, format!("hello {A_WEB}"));
-    let seen = db.seen_after(n).await.expect("server side accepted");
+    // The shared echo server greets with the client's ID and serial.
+    assert!(
+        greeting.starts_with(&format!("hello {A_WEB} ")),
+        "{greeting}"
+    );
+    let seen = db.next_event(n).await.expect("server side accepted");
     assert!(
         seen.roles.is_empty(),
         "the roles a.example's CA wrote mean nothing in b.example: {:?}",
@@ -487,26 +421,26 @@ async fn cross_domain_mtls_is_accepted_only_when_a_rule_names_the_other_domain()
     // So a rule that requires a role refuses the foreign client although its certificate
     // carries that role: only b.example can give it one (the temporary-access test below).
     let needs_role = server(&db_src, &["spiffe://a.example/ns/prod/* role=db-read"]).await;
-    let n = needs_role.count();
+    let n = needs_role.event_count();
     assert!(call(needs_role.addr, &web_client).await.is_err());
-    let reason = needs_role.seen_after(n).await.expect_err("refused");
+    let reason = needs_role.next_event(n).await.expect_err("refused");
     assert!(reason.contains("(roles: none) matches no rule"), "{reason}");
 
     // A server whose rules name only its own domain refuses the foreign client, even though
     // it holds a.example's bundle: foreign identities are never implicitly trusted.
     let local_only = server(&db_src, &["spiffe://b.example/ns/prod/*"]).await;
-    let n = local_only.count();
+    let n = local_only.event_count();
     assert!(call(local_only.addr, &web_client).await.is_err());
-    let reason = local_only.seen_after(n).await.expect_err("refused");
+    let reason = local_only.next_event(n).await.expect_err("refused");
     assert!(
         reason.contains(A_WEB) && reason.contains("no authorization rule names"),
         "{reason}"
     );
     // A rule naming the domain but a role the client lacks refuses it too.
     let wrong_role = server(&db_src, &["td:a.example role=deploy"]).await;
-    let n = wrong_role.count();
+    let n = wrong_role.event_count();
     assert!(call(wrong_role.addr, &web_client).await.is_err());
-    let reason = wrong_role.seen_after(n).await.expect_err("refused");
+    let reason = wrong_role.next_event(n).await.expect_err("refused");
     assert!(reason.contains("matches no rule"), "{reason}");
     // And the client side: a client whose rules do not name b.example refuses the server.
     let err = call(
@@ -1058,9 +992,9 @@ async fn a_foreign_identity_gets_temporary_access_through_the_other_domains_poli
     let web_client = client(&web_src, &["td:b.example"]);
 
     // No grant: refused, although web's own certificate says db-write.
-    let n = db.count();
+    let n = db.event_count();
     assert!(call(db.addr, &web_client).await.is_err());
-    let reason = db.seen_after(n).await.expect_err("refused");
+    let reason = db.next_event(n).await.expect_err("refused");
     assert!(reason.contains("(roles: none) matches no rule"), "{reason}");
 
     // web asks b.example's CA, with the certificate a.example's CA gave it, trusting b.example's
@@ -1122,9 +1056,9 @@ async fn a_foreign_identity_gets_temporary_access_through_the_other_domains_poli
         .await
         .expect("bob approves");
     until_call(db.addr, &web_client, true, "the grant never admitted web").await;
-    let n = db.count();
+    let n = db.event_count();
     call(db.addr, &web_client).await.expect("accepted");
-    assert_eq!(db.seen_after(n).await.unwrap().spiffe_id.as_str(), A_WEB);
+    assert_eq!(db.next_event(n).await.unwrap().spiffe_id.as_str(), A_WEB);
     until_call(db.addr, &web_client, false, "the 6 s grant never ended").await;
 
     // A second grant, ended early by an approver: refused again at once.
@@ -1191,7 +1125,7 @@ async fn a_foreign_identity_gets_temporary_access_through_the_other_domains_poli
         "the revoked foreign identity still gets in",
     )
     .await;
-    let reason = open.seen.lock().unwrap().last().cloned().unwrap();
+    let reason = open.last_event().unwrap();
     assert!(
         reason
             .as_ref()

@@ -15,18 +15,18 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TestCa, poll_until};
+use common::{EchoServer, TestCa, poll_until};
 use lanyard::ca::{RolesOid, SvidInfo, parse_svid};
 use lanyard::pb::v1::{self as pb, revocation_client::RevocationClient, revoke_request::Target};
-use lanyard::tls::{Authorizer, RevocationSet, TlsSource, client_config, peer_svid, server_config};
-use rustls::{ClientConfig, ServerConfig};
+use lanyard::tls::{Authorizer, RevocationSet, TlsSource, client_config, server_config};
+use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 const DB: &str = "spiffe://example.org/ns/prod/db";
 const API: &str = "spiffe://example.org/ns/prod/api";
@@ -42,90 +42,6 @@ const POLL: Duration = Duration::from_millis(200);
 const TTL: u32 = 300;
 
 // === the two services ===
-
-/// What the server saw of one connection: the client's SVID, or why the handshake failed.
-type Event = Result<SvidInfo, String>;
-
-/// A mutual-TLS echo server: greets each client with `hello <client id> <client serial>`, then
-/// echoes lines. Records every handshake.
-struct EchoServer {
-    addr: SocketAddr,
-    events: Arc<Mutex<Vec<Event>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl EchoServer {
-    async fn start(config: ServerConfig, source: Arc<TlsSource>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(config));
-        let events: Arc<Mutex<Vec<Event>>> = Arc::default();
-        let log = events.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let acceptor = acceptor.clone();
-                let source = source.clone();
-                let log = log.clone();
-                tokio::spawn(async move {
-                    let tls = match acceptor.accept(tcp).await {
-                        Ok(t) => t,
-                        Err(e) => {
-                            log.lock().unwrap().push(Err(e.to_string()));
-                            return;
-                        }
-                    };
-                    let Some(peer) = peer_svid(tls.get_ref().1.peer_certificates(), &source) else {
-                        log.lock()
-                            .unwrap()
-                            .push(Err("accepted without a client SVID".into()));
-                        return;
-                    };
-                    log.lock().unwrap().push(Ok(peer.clone()));
-                    let mut conn = BufReader::new(tls);
-                    let hello = format!("hello {} {}\n", peer.spiffe_id, peer.serial);
-                    if conn.write_all(hello.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    let mut line = String::new();
-                    while conn.read_line(&mut line).await.is_ok_and(|n| n > 0) {
-                        if conn.write_all(line.as_bytes()).await.is_err() {
-                            return;
-                        }
-                        line.clear();
-                    }
-                });
-            }
-        });
-        Self { addr, events, task }
-    }
-
-    /// The handshake events recorded since index `from`.
-    fn events_since(&self, from: usize) -> Vec<Event> {
-        self.events.lock().unwrap()[from..].to_vec()
-    }
-
-    fn event_count(&self) -> usize {
-        self.events.lock().unwrap().len()
-    }
-
-    /// Waits for the server to record a handshake after index `from`; returns it.
-    async fn next_event(&self, from: usize) -> Event {
-        poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
-            self.events_since(from).into_iter().next()
-        })
-        .await
-        .expect("the server recorded the handshake")
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 /// What a client learned from one successful call.
 #[derive(Debug)]

@@ -9,17 +9,22 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use lanyard::ca::RolesOid;
+use lanyard::ca::{RolesOid, SvidInfo};
 use lanyard::client::{Credential, connect, csr_for, write_credential};
 use lanyard::config::{Overrides, ServeSettings};
 use lanyard::pb::v1::{self as pb, admin_client::AdminClient, ca_client::CaClient};
 use lanyard::server::{Running, start};
 use lanyard::spiffe::SpiffeId;
-use lanyard::tls::{Bundle, ServerTrust};
+use lanyard::tls::{Bundle, ServerTrust, TlsSource, peer_svid};
 use rcgen::KeyPair;
+use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tonic::transport::Channel;
 
 /// The default test policy.
@@ -567,5 +572,98 @@ impl TestCa {
             config_path,
             running: Some(running),
         }
+    }
+}
+
+// === an mTLS echo server built with lanyard::tls (tests/mtls.rs, tests/federation.rs) ===
+
+/// What the server saw of one connection: the client's SVID, or why the handshake failed.
+pub type Event = Result<SvidInfo, String>;
+
+/// A mutual-TLS echo server: greets each client with `hello <client id> <client serial>`, then
+/// echoes lines. Records every handshake.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    events: Arc<Mutex<Vec<Event>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoServer {
+    pub async fn start(config: ServerConfig, source: Arc<TlsSource>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let events: Arc<Mutex<Vec<Event>>> = Arc::default();
+        let log = events.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let source = source.clone();
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let tls = match acceptor.accept(tcp).await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            log.lock().unwrap().push(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let Some(peer) = peer_svid(tls.get_ref().1.peer_certificates(), &source) else {
+                        log.lock()
+                            .unwrap()
+                            .push(Err("accepted without a client SVID".into()));
+                        return;
+                    };
+                    log.lock().unwrap().push(Ok(peer.clone()));
+                    let mut conn = BufReader::new(tls);
+                    let hello = format!("hello {} {}\n", peer.spiffe_id, peer.serial);
+                    if conn.write_all(hello.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let mut line = String::new();
+                    while conn.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+                        if conn.write_all(line.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        line.clear();
+                    }
+                });
+            }
+        });
+        Self { addr, events, task }
+    }
+
+    /// The handshake events recorded since index `from`.
+    pub fn events_since(&self, from: usize) -> Vec<Event> {
+        self.events.lock().unwrap()[from..].to_vec()
+    }
+
+    pub fn event_count(&self) -> usize {
+        self.events.lock().unwrap().len()
+    }
+
+    /// The last handshake event recorded, if any.
+    pub fn last_event(&self) -> Option<Event> {
+        self.events.lock().unwrap().last().cloned()
+    }
+
+    /// Waits for the server to record a handshake after index `from`; returns it.
+    pub async fn next_event(&self, from: usize) -> Event {
+        poll_until(
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_millis(10),
+            || self.events_since(from).into_iter().next(),
+        )
+        .await
+        .expect("the server recorded the handshake")
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
