@@ -1,9 +1,20 @@
 //! CSR checks: a CSR is only a signed public key plus the SPIFFE ID it asks for.
 //!
-//! Everything else a CSR may ask for (extra SANs, CA=true, key usages) is refused loudly rather
-//! than silently dropped, so a misconfigured client learns why instead of getting a surprise cert.
+//! A CSR that asks for more than a leaf certificate may hold is refused loudly rather than
+//! silently trimmed, so a misconfigured (or hostile) client learns why instead of getting a
+//! surprise certificate: extra SANs, CA=true, the CA key usages keyCertSign and cRLSign, EKUs
+//! other than serverAuth and clientAuth, the CA-only constraints (name constraints, policy
+//! constraints and mappings, inhibitAnyPolicy), and any critical extension Lanyard does not act
+//! on. What is *ignored* (the certificate's own values are used instead) is harmless and listed
+//! in docs/security.md: the subject DN, the leaf key usages (digitalSignature, keyEncipherment,
+//! keyAgreement...), serverAuth/clientAuth EKUs, CA:FALSE, and non-critical informational
+//! extensions such as subjectKeyIdentifier.
 
-use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509CertificationRequest};
+use x509_parser::der_parser::oid::Oid;
+use x509_parser::prelude::{
+    FromDer, GeneralName, ParsedCriAttribute, ParsedExtension, X509CertificationRequest,
+    X509Extension,
+};
 
 use super::CaError;
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -52,35 +63,8 @@ pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
     })?;
 
     let mut uris = Vec::new();
-    if let Some(exts) = csr.requested_extensions() {
-        for ext in exts {
-            match ext {
-                ParsedExtension::SubjectAlternativeName(san) => {
-                    for name in &san.general_names {
-                        match name {
-                            GeneralName::URI(u) => uris.push(u.to_string()),
-                            other => {
-                                return Err(invalid(format!(
-                                    "CSR asks for a {} SAN; Lanyard certificates carry only the SPIFFE ID as a URI SAN",
-                                    san_kind(other)
-                                )));
-                            }
-                        }
-                    }
-                }
-                ParsedExtension::BasicConstraints(bc) if bc.ca => {
-                    return Err(invalid(
-                        "CSR asks for CA=true; Lanyard issues only leaf certificates".into(),
-                    ));
-                }
-                ParsedExtension::ParseError { .. } => {
-                    return Err(invalid(
-                        "CSR carries an extension that does not parse".into(),
-                    ));
-                }
-                _ => {}
-            }
-        }
+    for ext in requested_extensions(&csr) {
+        check_extension(ext, &mut uris)?;
     }
     let uri = match uris.as_slice() {
         [one] => one,
@@ -114,6 +98,108 @@ pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
     })
 }
 
+/// The extensions a CSR requests (its PKCS#9 extensionRequest attribute), with criticality.
+fn requested_extensions<'a>(
+    csr: &'a X509CertificationRequest<'_>,
+) -> impl Iterator<Item = &'a X509Extension<'a>> {
+    csr.certification_request_info
+        .iter_attributes()
+        .filter_map(|attr| match attr.parsed_attribute() {
+            ParsedCriAttribute::ExtensionRequest(r) => Some(r.extensions.iter()),
+            _ => None,
+        })
+        .flatten()
+}
+
+/// Refuses an extension that asks for a privilege or that Lanyard cannot honour; collects URI
+/// SANs into `uris`.
+fn check_extension(ext: &X509Extension<'_>, uris: &mut Vec<String>) -> Result<(), CaError> {
+    let refuse = |what: String| Err(CaError::InvalidCsr(what));
+    match ext.parsed_extension() {
+        ParsedExtension::SubjectAlternativeName(san) => {
+            for name in &san.general_names {
+                match name {
+                    GeneralName::URI(u) => uris.push(u.to_string()),
+                    other => {
+                        return refuse(format!(
+                            "CSR asks for a {} SAN; Lanyard certificates carry only the SPIFFE ID as a URI SAN",
+                            san_kind(other)
+                        ));
+                    }
+                }
+            }
+        }
+        ParsedExtension::BasicConstraints(bc) if bc.ca => {
+            return refuse("CSR asks for CA=true; Lanyard issues only leaf certificates".into());
+        }
+        ParsedExtension::KeyUsage(ku) if ku.key_cert_sign() || ku.crl_sign() => {
+            return refuse(format!(
+                "CSR asks for keyUsage {}, which only a CA may hold; Lanyard issues only leaf certificates",
+                [
+                    ("keyCertSign", ku.key_cert_sign()),
+                    ("cRLSign", ku.crl_sign())
+                ]
+                .iter()
+                .filter(|(_, on)| *on)
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(" and ")
+            ));
+        }
+        ParsedExtension::ExtendedKeyUsage(eku) => {
+            let mut other: Vec<String> = [
+                ("anyExtendedKeyUsage", eku.any),
+                ("codeSigning", eku.code_signing),
+                ("emailProtection", eku.email_protection),
+                ("timeStamping", eku.time_stamping),
+                ("OCSPSigning", eku.ocsp_signing),
+            ]
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| (*n).to_string())
+            .collect();
+            other.extend(eku.other.iter().map(Oid::to_id_string));
+            if !other.is_empty() {
+                return refuse(format!(
+                    "CSR asks for extendedKeyUsage {}; Lanyard certificates are for TLS only (serverAuth, clientAuth)",
+                    other.join(", ")
+                ));
+            }
+        }
+        ParsedExtension::NameConstraints(_) => {
+            return refuse(
+                "CSR asks for nameConstraints, which only a CA certificate may carry".into(),
+            );
+        }
+        ParsedExtension::PolicyConstraints(_)
+        | ParsedExtension::PolicyMappings(_)
+        | ParsedExtension::InhibitAnyPolicy(_) => {
+            return refuse(format!(
+                "CSR asks for extension {} (a CA policy constraint), which only a CA certificate may carry",
+                ext.oid.to_id_string()
+            ));
+        }
+        ParsedExtension::ParseError { .. } => {
+            return refuse(format!(
+                "CSR carries extension {} that does not parse",
+                ext.oid.to_id_string()
+            ));
+        }
+        _ if ext.critical && !HONOURED.contains(&ext.oid.to_id_string().as_str()) => {
+            return refuse(format!(
+                "CSR carries critical extension {}, which Lanyard does not support; drop it or mark it non-critical",
+                ext.oid.to_id_string()
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Extensions a CSR may mark critical: subjectAlternativeName, basicConstraints, keyUsage,
+/// extendedKeyUsage (each is checked above; the certificate carries Lanyard's own values).
+const HONOURED: &[&str] = &["2.5.29.17", "2.5.29.19", "2.5.29.15", "2.5.29.37"];
+
 fn check_key_type(csr: &X509CertificationRequest<'_>) -> Result<(), CaError> {
     let spki = &csr.certification_request_info.subject_pki;
     let alg = spki.algorithm.algorithm.to_id_string();
@@ -127,6 +213,23 @@ fn check_key_type(csr: &X509CertificationRequest<'_>) -> Result<(), CaError> {
             .is_some_and(|curve| curve.to_id_string() == OID_P256),
         _ => false,
     };
+    // ring (and so rustls and webpki) verifies only uncompressed P-256 points: a certificate
+    // with a compressed key would be unusable, so say so instead of "signature does not verify".
+    if ok && alg == OID_EC_PUBLIC_KEY {
+        match spki.subject_public_key.data.first() {
+            Some(0x04) => {}
+            Some(0x02 | 0x03) => {
+                return Err(CaError::InvalidCsr(
+                    "CSR's P-256 public key is a compressed point, which Lanyard does not support: send the uncompressed form (0x04 || X || Y)".into(),
+                ));
+            }
+            _ => {
+                return Err(CaError::InvalidCsr(
+                    "CSR's P-256 public key is not a valid EC point".into(),
+                ));
+            }
+        }
+    }
     if ok {
         Ok(())
     } else {
