@@ -9,9 +9,9 @@ use rustls_pki_types::CertificateDer;
 use tracing::{info, warn};
 
 use crate::access::Grant;
-use crate::audit::{AuditLog, Event, Intent, Kind};
+use crate::audit::{AuditLog, Event, Intent, Kind, UNAUTHENTICATED};
 use crate::ca::{Authority, CaError, CaHandle, CaSet, LeafParams, SvidInfo, ValidCsr, parse_csr};
-use crate::policy::{self, Ask, Limits, PolicyHandle, RESERVED_PREFIX};
+use crate::policy::{self, Ask, Limits, PolicyHandle};
 use crate::revocation::Revocations;
 use crate::spiffe::{IdPattern, SpiffeId, normalize_roles};
 use crate::store::{Consume, Enrollment, IssuedRecord, RECORD_VERSION, Store, TokenRecord, Write};
@@ -192,6 +192,10 @@ impl Issuance {
             Ok(r) => r,
             Err(e) => return Err(self.deny(&actor, &subject, e).await),
         };
+        let replaced = match self.check_enrollment(&record, &subject) {
+            Ok(r) => r,
+            Err(e) => return Err(self.deny(&actor, &subject, e).await),
+        };
         let ceiling_ttl = Duration::from_secs(record.max_ttl);
         let (leaf, used) = match self.plan(&csr.spiffe_id, &record.roles, Some(ceiling_ttl), &req) {
             Ok(l) => l,
@@ -238,12 +242,21 @@ impl Issuance {
             max_ttl: record.max_ttl,
             via: actor.clone(),
         };
+        let reason = match replaced {
+            Some(old) => format!(
+                "join token {}; replaces the enrollment {} with {}",
+                parsed.id,
+                describe_enrollment(&old),
+                describe_enrollment(&enrollment)
+            ),
+            None => format!("join token {}", parsed.id),
+        };
         self.commit(
             Kind::Issued,
             &actor,
             signed,
             vec![Write::PutEnrollment(enrollment)],
-            format!("join token {}", parsed.id),
+            reason,
             &used,
         )
         .await
@@ -354,7 +367,7 @@ impl Issuance {
         let probe = match &pattern {
             IdPattern::Exact(id) | IdPattern::Prefix(id) => id.clone(),
         };
-        if format!("{}/", probe.path()).starts_with(RESERVED_PREFIX) {
+        if policy::is_reserved(&probe) {
             return Err(IssueError::BadRequest(
                 "the /lanyard/ path is reserved for the CA".into(),
             ));
@@ -441,7 +454,7 @@ impl Issuance {
     fn check_csr(&self, der: &[u8]) -> Result<ValidCsr, IssueError> {
         let csr = parse_csr(der, self.authority.active().trust_domain())
             .map_err(|e| IssueError::BadRequest(e.to_string()))?;
-        if format!("{}/", csr.spiffe_id.path()).starts_with(RESERVED_PREFIX) {
+        if policy::is_reserved(&csr.spiffe_id) {
             return Err(IssueError::Denied(format!(
                 "{} is reserved for the CA itself",
                 csr.spiffe_id
@@ -489,6 +502,44 @@ impl Issuance {
             )));
         }
         Ok(record)
+    }
+
+    /// The enrollment this redemption would replace, if any. A prefix token enrolls only new
+    /// identities: one whose enrollment still backs a renewable certificate belongs to someone
+    /// else, and replacing its role ceiling takes a token naming exactly that identity.
+    fn check_enrollment(
+        &self,
+        token: &TokenRecord,
+        subject: &str,
+    ) -> Result<Option<Enrollment>, IssueError> {
+        let Some(old) = self.store().enrollment(subject).map_err(internal)? else {
+            return Ok(None);
+        };
+        let prefix = matches!(
+            IdPattern::parse(&token.spiffe_id).map_err(internal)?,
+            IdPattern::Prefix(_)
+        );
+        if prefix && self.holds_renewable_certificate(subject)? {
+            return Err(IssueError::Precondition(format!(
+                "{subject} is already enrolled ({}) and holds a live certificate; join token {} is for {}, and a prefix token only enrolls new identities: to replace the enrollment, use a token for exactly {subject}",
+                describe_enrollment(&old),
+                token.id,
+                token.spiffe_id
+            )));
+        }
+        Ok(Some(old))
+    }
+
+    /// Whether `id` holds a certificate that is unexpired or still within the renewal grace.
+    fn holds_renewable_certificate(&self, id: &str) -> Result<bool, IssueError> {
+        let now = unix_now();
+        let grace = self.settings.renewal_grace.as_secs() as i64;
+        Ok(self
+            .store()
+            .issued_for(id)
+            .map_err(internal)?
+            .iter()
+            .any(|c| c.not_after + grace >= now))
     }
 
     fn plan(
@@ -656,13 +707,26 @@ impl Issuance {
 
     /// Records a denial, then hands the error back for the caller to return.
     pub async fn deny(&self, actor: &str, subject: &str, err: IssueError) -> IssueError {
+        self.record_denial(Event::new(Kind::Denied, actor).subject(subject), err)
+            .await
+    }
+
+    /// Records the denial of a caller whose certificate did not verify: the actor is
+    /// `unauthenticated`, and the identity the certificate claimed goes only in `claimed`.
+    pub async fn deny_unverified(&self, claimed: &str, err: IssueError) -> IssueError {
+        self.record_denial(
+            Event::new(Kind::Denied, UNAUTHENTICATED).claimed(claimed),
+            err,
+        )
+        .await
+    }
+
+    async fn record_denial(&self, event: Event, err: IssueError) -> IssueError {
         if matches!(err, IssueError::Internal(_)) {
             return err;
         }
-        warn!(actor, subject, reason = %err, "request denied");
-        let event = Event::new(Kind::Denied, actor)
-            .subject(subject)
-            .reason(err.to_string());
+        warn!(actor = %event.actor, subject = %event.subject, claimed = %event.claimed, reason = %err, "request denied");
+        let event = event.reason(err.to_string());
         if let Err(e) = self.log.record_with(take_intent(), event, vec![]).await {
             warn!(error = %e, "cannot record denial");
         }
@@ -686,9 +750,20 @@ fn finish(cas: &CaSet, leaf: CertificateDer<'static>, svid: SvidInfo) -> Issued 
     }
 }
 
+/// An enrollment as the audit log and error messages show it.
+fn describe_enrollment(e: &Enrollment) -> String {
+    format!(
+        "(via {}, roles [{}], max ttl {}s)",
+        e.via,
+        e.roles.join(","),
+        e.max_ttl
+    )
+}
+
 fn invalid_token() -> IssueError {
+    // Expired tokens are pruned from the store, so "unknown" cannot be told from "expired".
     IssueError::Unauthenticated(
-        "join token is not valid (unknown or forged); ask an admin for a new one".into(),
+        "join token is not valid (unknown, expired or forged); ask an admin for a new one".into(),
     )
 }
 

@@ -18,6 +18,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::access::{Access, AccessSettings, Notifier};
 use crate::api::access::AccessService;
 use crate::api::limit::DenialLimiter;
+use crate::api::refusals::RefusalLayer;
 use crate::api::{
     Authenticator, admin::AdminService, audit::AuditService, ca::CaService,
     revocation::RevocationService,
@@ -35,7 +36,7 @@ use crate::pb::v1::{
     access_server::AccessServer, admin_server::AdminServer, audit_server::AuditServer,
     ca_server::CaServer, revocation_server::RevocationServer,
 };
-use crate::policy::{PolicyHandle, ROLE_ADMIN};
+use crate::policy::{PolicyHandle, ROLE_ADMIN, is_reserved};
 use crate::revocation::Revocations;
 use crate::rotation::{Rotation, RotationError, Timing};
 use crate::spiffe::SpiffeId;
@@ -116,14 +117,8 @@ pub async fn run(
 pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     let data = settings.data_dir.clone();
     create_private_dir(&data).map_err(|e| ServeError::Io(data.clone(), e))?;
-    let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&data.join("store")).map_err(|e| ServeError::Store(e.to_string()))?,
-    );
+    let store = open_store(&data)?;
     let log = AuditLog::start(store.clone()).map_err(|e| ServeError::Store(e.to_string()))?;
-    let timing = Timing {
-        overlap: settings.ca_rotation_overlap,
-        retire_after: settings.max_cert_lifetime + settings.renewal_grace,
-    };
     if settings.ca_rotation_overlap < settings.bundle_refresh_hint * 2 {
         warn!(
             overlap = ?settings.ca_rotation_overlap,
@@ -131,29 +126,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
             "ca_rotation_overlap is shorter than two bundle refresh hints: federated peers may not hold the new CA when it starts signing"
         );
     }
-    let rotation = match &settings.ca_files {
-        Some((cert, key)) => Rotation::unmanaged(
-            Authority::load(
-                cert,
-                key,
-                &settings.trust_domain,
-                settings.roles_oid.clone(),
-            )?,
-            timing,
-            log.clone(),
-        ),
-        None => Rotation::load(
-            &data.join("ca"),
-            &settings.trust_domain,
-            settings.roles_oid.clone(),
-            timing,
-            log.clone(),
-        )
-        .map_err(|e| match e {
-            RotationError::Ca(e) => ServeError::Ca(e),
-            other => ServeError::Rotation(other.to_string()),
-        })?,
-    };
+    let rotation = load_rotation(&settings, &log)?;
     let cas = rotation.cas().clone();
     let bundles = BundleHub::open(
         &data.join("federation"),
@@ -169,11 +142,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     )
     .await
     .map_err(|e| ServeError::Federation(e.to_string()))?;
-    let revocations = Arc::new(Revocations::new(
-        log.clone(),
-        settings.renewal_grace,
-        settings.max_cert_lifetime,
-    ));
+    let revocations = new_revocations(&settings, &log);
     let relayed: Vec<_> = settings
         .federation
         .iter()
@@ -185,19 +154,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         .await
         .map_err(|e| ServeError::Store(e.to_string()))?;
     let policy = PolicyHandle::new(settings.policy.clone());
-    let issuance = Arc::new(Issuance::new(
-        cas.clone(),
-        policy.clone(),
-        log.clone(),
-        revocations.clone(),
-        Settings {
-            default_ttl: settings.default_ttl,
-            min_ttl: settings.min_ttl,
-            max_cert_lifetime: settings.max_cert_lifetime,
-            renewal_grace: settings.renewal_grace,
-            token_ttl: settings.token_ttl,
-        },
-    ));
+    let issuance = new_issuance(&settings, &cas, &policy, &log, &revocations);
     let bundle = Bundle::new(cas.current().roots()).map_err(|e| ServeError::Tls(e.to_string()))?;
     let access = Access::load(
         log.clone(),
@@ -378,21 +335,23 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         .map_err(|e| ServeError::Tls(e.to_string()))?;
 
     let router = tonic::transport::Server::builder()
+        .layer(RefusalLayer::new(
+            limiter.clone(),
+            log.clone(),
+            auth.clone(),
+        ))
         .layer(tower::util::MapResponseLayer::new(
-            crate::api::status::oversized_is_resource_exhausted,
+            crate::api::status::client_faults_keep_their_codes,
         ))
         .add_service(health)
         .add_service(reflection)
         .add_service(
-            CaServer::new(
-                CaService::new(
-                    issuance.clone(),
-                    auth.clone(),
-                    bundles.clone(),
-                    shutdown_rx.clone(),
-                )
-                .with_limiter(limiter.clone()),
-            )
+            CaServer::new(CaService::new(
+                issuance.clone(),
+                auth.clone(),
+                bundles.clone(),
+                shutdown_rx.clone(),
+            ))
             .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
@@ -467,6 +426,150 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     })
 }
 
+/// Opens the sled store under `data`; a store another process holds (a running server) is
+/// named as such.
+fn open_store(data: &Path) -> Result<Arc<dyn Store>, ServeError> {
+    let path = data.join("store");
+    let store = SledStore::open(&path).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("lock") {
+            ServeError::Store(format!(
+                "{}: {msg} (is a Lanyard server still running on this data dir? stop it first)",
+                path.display()
+            ))
+        } else {
+            ServeError::Store(msg)
+        }
+    })?;
+    Ok(Arc::new(store))
+}
+
+/// The CA rotation state: the operator's CA files, or the managed CAs under `<data_dir>/ca`.
+fn load_rotation(settings: &ServeSettings, log: &AuditLog) -> Result<Arc<Rotation>, ServeError> {
+    let timing = Timing {
+        overlap: settings.ca_rotation_overlap,
+        retire_after: settings.max_cert_lifetime + settings.renewal_grace,
+    };
+    Ok(match &settings.ca_files {
+        Some((cert, key)) => Rotation::unmanaged(
+            Authority::load(
+                cert,
+                key,
+                &settings.trust_domain,
+                settings.roles_oid.clone(),
+            )?,
+            timing,
+            log.clone(),
+        ),
+        None => Rotation::load(
+            &settings.data_dir.join("ca"),
+            &settings.trust_domain,
+            settings.roles_oid.clone(),
+            timing,
+            log.clone(),
+        )
+        .map_err(|e| match e {
+            RotationError::Ca(e) => ServeError::Ca(e),
+            other => ServeError::Rotation(other.to_string()),
+        })?,
+    })
+}
+
+fn new_revocations(settings: &ServeSettings, log: &AuditLog) -> Arc<Revocations> {
+    Arc::new(Revocations::new(
+        log.clone(),
+        settings.renewal_grace,
+        settings.max_cert_lifetime,
+    ))
+}
+
+fn new_issuance(
+    settings: &ServeSettings,
+    cas: &crate::ca::CaHandle,
+    policy: &PolicyHandle,
+    log: &AuditLog,
+    revocations: &Arc<Revocations>,
+) -> Arc<Issuance> {
+    Arc::new(Issuance::new(
+        cas.clone(),
+        policy.clone(),
+        log.clone(),
+        revocations.clone(),
+        Settings {
+            default_ttl: settings.default_ttl,
+            min_ttl: settings.min_ttl,
+            max_cert_lifetime: settings.max_cert_lifetime,
+            renewal_grace: settings.renewal_grace,
+            token_ttl: settings.token_ttl,
+        },
+    ))
+}
+
+/// What [`recover`] did.
+#[derive(Debug)]
+pub struct Recovered {
+    /// Reserved identities whose blocking rule was lifted.
+    pub lifted: Vec<SpiffeId>,
+    /// Where the fresh admin credential was written.
+    pub admin_dir: PathBuf,
+    /// Its certificate's serial, hex.
+    pub serial: String,
+}
+
+/// `lanyard admin recover`: on a *stopped* CA's data dir, lifts every identity rule on this
+/// trust domain's reserved `/lanyard/` identities (a lockout older versions allowed through
+/// the API) and writes a fresh admin credential. Every step is audited.
+pub async fn recover(settings: ServeSettings) -> Result<Recovered, ServeError> {
+    let data = settings.data_dir.clone();
+    let store = open_store(&data)?;
+    let log = AuditLog::start(store.clone()).map_err(|e| ServeError::Store(e.to_string()))?;
+    let rotation = load_rotation(&settings, &log)?;
+    let revocations = new_revocations(&settings, &log);
+    let store_err = |e: &dyn std::fmt::Display| ServeError::Store(e.to_string());
+    let mut lifted = Vec::new();
+    for rule in store.identity_rules().map_err(|e| store_err(&e))? {
+        let Ok(id) = SpiffeId::parse(&rule.spiffe_id) else {
+            continue;
+        };
+        if rule.blocked && is_reserved(&id) && id.is_in(&settings.trust_domain) {
+            revocations
+                .lift(
+                    "lanyard",
+                    &id,
+                    "offline recovery (lanyard admin recover): reserved identities are never revoked by identity",
+                )
+                .await
+                .map_err(|e| store_err(&e))?;
+            warn!(spiffe_id = %id, "identity rule on a reserved identity lifted");
+            lifted.push(id);
+        }
+    }
+    let policy = PolicyHandle::new(settings.policy.clone());
+    let issuance = new_issuance(&settings, rotation.cas(), &policy, &log, &revocations);
+    let admin_dir = data.join("admin");
+    let serial = mint_admin_credential(&issuance, &settings, &admin_dir).await?;
+    let lifted_list: Vec<&str> = lifted.iter().map(SpiffeId::as_str).collect();
+    log.record(
+        Event::new(Kind::AdminRecovered, "lanyard")
+            .serial(serial.clone())
+            .reason(format!(
+                "offline recovery: lifted {} identity rule(s) on reserved identities [{}]; fresh admin credential in {}",
+                lifted.len(),
+                lifted_list.join(", "),
+                admin_dir.display()
+            )),
+        vec![],
+    )
+    .await
+    .map_err(|e| store_err(&e))?;
+    store.flush().map_err(|e| store_err(&e))?;
+    Ok(Recovered {
+        lifted,
+        admin_dir,
+        serial,
+    })
+}
+
 /// Every second, writes one `denied` event per source that the [`DenialLimiter`] refused
 /// without an audit event of its own, with how many: the record misses no request.
 async fn record_suppressed_denials(
@@ -480,11 +583,20 @@ async fn record_suppressed_denials(
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
             () = stopped(&mut shutdown) => return,
         }
-        for (ip, n) in limiter.drain() {
-            warn!(source = %ip, refused = n, "source over its refusal budget");
-            let event = Event::new(Kind::Denied, format!("ip:{ip}")).reason(format!(
-                "{n} requests refused unaudited: more than {rate} refusals per second from this source"
-            ));
+        for (source, n) in limiter.drain() {
+            let (actor, why) = match source {
+                Some(s) => (
+                    format!("ip:{s}"),
+                    format!("more than {rate} refusals per second from this source"),
+                ),
+                None => (
+                    "ip:*".to_string(),
+                    "too many sources paying off refusals at once".to_string(),
+                ),
+            };
+            warn!(actor, refused = n, "source over its refusal budget");
+            let event = Event::new(Kind::Denied, actor)
+                .reason(format!("{n} requests refused unaudited: {why}"));
             if let Err(e) = log.record(event, vec![]).await {
                 warn!(error = %e, "cannot record suppressed denials");
             }
@@ -641,12 +753,22 @@ async fn ensure_admin_credential(
     issuance: &Issuance,
     settings: &ServeSettings,
     dir: &Path,
-) -> Result<i64, ServeError> {
+) -> Result<(), ServeError> {
     let authority = issuance.authority();
-    if let Some(not_after) = existing_admin(dir, &authority, settings) {
+    if existing_admin(dir, &authority, settings).is_some() {
         debug!(dir = %dir.display(), "reusing admin credential");
-        return Ok(not_after);
+        return Ok(());
     }
+    mint_admin_credential(issuance, settings, dir).await?;
+    Ok(())
+}
+
+/// Writes a fresh admin credential into `dir`; returns its serial.
+async fn mint_admin_credential(
+    issuance: &Issuance,
+    settings: &ServeSettings,
+    dir: &Path,
+) -> Result<String, ServeError> {
     let id = settings
         .trust_domain
         .id("/lanyard/admin")
@@ -664,7 +786,7 @@ async fn ensure_admin_credential(
     write_credential(dir, &issued.chain, &issued.bundle, &key.serialize_pem())
         .map_err(|e| ServeError::Io(dir.to_path_buf(), e))?;
     info!(dir = %dir.display(), spiffe_id = %id, serial = %issued.svid.serial, "admin credential written");
-    Ok(issued.svid.not_after)
+    Ok(issued.svid.serial.to_hex())
 }
 
 fn existing_admin(dir: &Path, authority: &Authority, settings: &ServeSettings) -> Option<i64> {

@@ -950,7 +950,7 @@ async fn forged_token_is_unauthenticated() {
     assert_status(
         ca.issue(&forged, API, 60).await,
         Code::Unauthenticated,
-        "not valid (unknown or forged)",
+        "not valid (unknown, expired or forged)",
     );
     // A well-formed token the server never minted.
     let mut unknown = parts.clone();
@@ -958,9 +958,9 @@ async fn forged_token_is_unauthenticated() {
     assert_status(
         ca.issue(&unknown.join("."), API, 60).await,
         Code::Unauthenticated,
-        "not valid (unknown or forged)",
+        "not valid (unknown, expired or forged)",
     );
-    assert_denied_audited(&ca, "unknown or forged").await;
+    assert_denied_audited(&ca, "unknown, expired or forged").await;
     // The forgery did not burn the real token.
     ca.issue(&token, API, 60)
         .await

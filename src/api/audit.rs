@@ -45,6 +45,7 @@ pub fn to_proto(r: AuditRecord) -> pb::AuditEvent {
         roles: r.roles,
         not_after: r.not_after,
         reason: r.reason,
+        claimed: r.claimed,
         prev_hash: r.prev_hash.to_vec(),
         hash: r.hash.to_vec(),
     }
@@ -63,6 +64,7 @@ pub fn from_proto(e: pb::AuditEvent) -> Option<AuditRecord> {
         roles: e.roles,
         not_after: e.not_after,
         reason: e.reason,
+        claimed: e.claimed,
         prev_hash: e.prev_hash.try_into().ok()?,
         hash: e.hash.try_into().ok()?,
     })

@@ -173,15 +173,54 @@ impl Authenticator {
         chain: &[CertificateDer<'_>],
         now: i64,
     ) -> Result<SvidInfo, AuthError> {
+        let svid = self.verify_any_domain(chain, now, false)?;
+        self.check_revocation(svid, false)
+    }
+
+    /// The roles extension's OID.
+    pub fn roles_oid(&self) -> &RolesOid {
+        &self.oid
+    }
+
+    /// The SPIFFE ID the leaf of `chain` claims, *unverified*: only for the `claimed` field of
+    /// the record of a refused call, never to decide anything.
+    pub fn claimed_id(&self, chain: &[CertificateDer<'_>]) -> Option<String> {
+        let leaf = chain.first()?;
+        parse_svid(leaf, &self.oid)
+            .ok()
+            .map(|s| s.spiffe_id.to_string())
+    }
+
+    /// Who presented `chain`, for the record of a refused call: the SPIFFE ID its chain proves,
+    /// in this trust domain or a federated one, whether or not it is revoked (an expired
+    /// certificate still counts within the renewal grace); `None` when nothing verifies.
+    pub fn identify(&self, chain: &[CertificateDer<'_>], now: i64) -> Option<SvidInfo> {
+        if chain.is_empty() {
+            return None;
+        }
+        self.verify_any_domain(chain, now, true).ok()
+    }
+
+    /// Chain verification against the bundle of the leaf's own trust domain (this one, or a
+    /// federated one, whose roles are then dropped); no revocation check.
+    fn verify_any_domain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: i64,
+        allow_grace: bool,
+    ) -> Result<SvidInfo, AuthError> {
         let (Some(leaf), Some(federation)) = (chain.first(), &self.federation) else {
-            return self.authenticate(chain, now, false);
+            if chain.is_empty() {
+                return Err(AuthError::NoCertificate);
+            }
+            return self.verify_chain(chain, now, allow_grace);
         };
         // Unverified: only picks the bundle that must verify the chain.
         let claimed = parse_svid(leaf, &self.oid).map_err(|e| AuthError::Chain(e.to_string()))?;
         let set = federation.borrow().clone();
         let td = claimed.spiffe_id.trust_domain_name();
         if td == set.own.trust_domain().as_str() {
-            return self.authenticate(chain, now, false);
+            return self.verify_chain(chain, now, allow_grace);
         }
         let foreign = TrustDomain::new(td)
             .ok()
@@ -208,7 +247,7 @@ impl Authenticator {
             ))
         })?;
         svid.roles.clear();
-        self.check_revocation(svid, false)
+        Ok(svid)
     }
 
     /// [`Authenticator::peer`] for a presented chain (leaf first) at time `now` (seconds).

@@ -4,15 +4,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::limit::DenialLimiter;
 use super::{Authenticator, MessageStream, status, stream_latest};
 use crate::federation::{BundleHub, BundleSet};
-use crate::issuance::{Issuance, IssueRequest, Issued};
+use crate::issuance::{Issuance, IssueError, IssueRequest, Issued};
 use crate::pb::v1::{self as pb, ca_server::Ca};
 use crate::spiffe::TrustDomain;
+use crate::tls::unix_now;
 
 /// The Ca service.
 pub struct CaService {
@@ -21,8 +21,6 @@ pub struct CaService {
     bundles: Arc<BundleHub>,
     /// Ends bundle watch streams when the server stops.
     shutdown: watch::Receiver<bool>,
-    /// Caps how fast one source collects refusals (each one an audit append).
-    limiter: Option<Arc<DenialLimiter>>,
 }
 
 impl CaService {
@@ -38,18 +36,16 @@ impl CaService {
             auth,
             bundles,
             shutdown,
-            limiter: None,
         }
     }
+}
 
-    /// Holds every source IP to `limiter`'s budget of refusals.
-    pub fn with_limiter(mut self, limiter: Arc<DenialLimiter>) -> Self {
-        self.limiter = Some(limiter);
-        self
-    }
-
-    /// Issuance or renewal, once the source is admitted.
-    async fn issue_admitted(
+#[tonic::async_trait]
+impl Ca for CaService {
+    /// Issuance or renewal. The source's refusal budget is kept by
+    /// [`super::refusals::RefusalLayer`]; refusals are audited here, with the issuance.
+    #[instrument(skip_all, fields(mode))]
+    async fn issue(
         &self,
         req: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::IssueResponse>, Status> {
@@ -64,26 +60,23 @@ impl CaService {
             let peer = match self.auth.peer(&req, true) {
                 Ok(p) => p,
                 Err(e) => {
-                    let actor = req
-                        .peer_certs()
-                        .and_then(|c| c.first().cloned())
-                        .and_then(|c| {
-                            crate::ca::parse_svid(&c, self.issuance.authority().roles_oid()).ok()
-                        })
-                        .map_or_else(
-                            || "unauthenticated".to_string(),
-                            |s| s.spiffe_id.to_string(),
-                        );
                     let status = status::auth(e);
-                    self.issuance
-                        .deny(
-                            &actor,
-                            &actor,
-                            crate::issuance::IssueError::Unauthenticated(
-                                status.message().to_string(),
-                            ),
-                        )
-                        .await;
+                    let certs = req.peer_certs();
+                    let chain = certs.as_deref().map(Vec::as_slice).unwrap_or_default();
+                    let why = IssueError::Unauthenticated(status.message().to_string());
+                    // The actor is who the chain proves (a revoked caller still proves who it
+                    // is); a chain that does not verify proves nothing, so its claim is only
+                    // noted, never made the actor.
+                    match self.auth.identify(chain, unix_now()) {
+                        Some(svid) => {
+                            let id = svid.spiffe_id.as_str();
+                            self.issuance.deny(id, id, why).await
+                        }
+                        None => {
+                            let claimed = self.auth.claimed_id(chain).unwrap_or_default();
+                            self.issuance.deny_unverified(&claimed, why).await
+                        }
+                    };
                     return Err(status);
                 }
             };
@@ -99,38 +92,6 @@ impl CaService {
             self.issuance.cas().current().active().root(),
         );
         Ok(Response::new(to_proto(issued, &self.bundles.current())))
-    }
-}
-
-#[tonic::async_trait]
-impl Ca for CaService {
-    #[instrument(skip_all, fields(mode))]
-    async fn issue(
-        &self,
-        req: Request<pb::IssueRequest>,
-    ) -> Result<Response<pb::IssueResponse>, Status> {
-        let source = req.remote_addr().map(|a| a.ip());
-        let (Some(limiter), Some(ip)) = (&self.limiter, source) else {
-            return self.issue_admitted(req).await;
-        };
-        if !limiter.admit(ip) {
-            return Err(Status::resource_exhausted(format!(
-                "too many refused requests from {ip}; slow down and retry in a second"
-            )));
-        }
-        let result = self.issue_admitted(req).await;
-        if let Err(s) = &result
-            && matches!(
-                s.code(),
-                Code::Unauthenticated
-                    | Code::PermissionDenied
-                    | Code::InvalidArgument
-                    | Code::FailedPrecondition
-            )
-        {
-            limiter.refused(ip);
-        }
-        result
     }
 
     async fn get_trust_bundle(

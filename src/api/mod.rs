@@ -6,6 +6,7 @@ pub mod audit;
 pub mod auth;
 pub mod ca;
 pub mod limit;
+pub mod refusals;
 pub mod revocation;
 pub mod status;
 

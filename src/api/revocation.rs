@@ -100,6 +100,13 @@ impl Revocation for RevocationService {
                 if b.lift {
                     self.revocations.lift(actor, &id, reason).await
                 } else {
+                    if crate::policy::is_reserved(&id)
+                        && id.is_in(self.authority.active().trust_domain())
+                    {
+                        return Err(Status::invalid_argument(format!(
+                            "{id} is reserved for the CA itself and cannot be revoked by identity: that would lock the CA out of its own admin API or serving identity for good. Revoke a leaked certificate by --serial instead (and if an identity rule on a reserved ID exists from an older version, stop the CA and run `lanyard admin recover`)"
+                        )));
+                    }
                     self.revocations.revoke_identity(actor, &id, reason).await
                 }
             }

@@ -85,30 +85,44 @@ fn internal(detail: &str) -> Status {
     Status::internal("internal error")
 }
 
-/// Rewrites tonic's refusal of a request over `max_decoding_message_size` (OUT_OF_RANGE,
-/// "decoded message length too large") as RESOURCE_EXHAUSTED, the code for a request beyond a
-/// server limit, with a message that names the limit. Installed as a layer on the whole server:
-/// the refusal comes from tonic's decoder, before any handler runs.
-pub fn oversized_is_resource_exhausted<B>(
+/// How tonic's request decoder words the faults of a malformed request, which it reports as
+/// INTERNAL (following gRPC's status-code table for a *peer's* bad bytes). Lanyard's own
+/// internal errors always read "internal error", so these prefixes never match a server fault.
+const MALFORMED_REQUEST: &[&str] = &[
+    "failed to decode Protobuf message",
+    "protocol error: received message with",
+    "Unexpected EOF decoding stream",
+    "Error decompressing",
+];
+
+/// Gives the client's own faults, which tonic's decoder reports before any handler runs, the
+/// codes the API documents: a request over `max_decoding_message_size` (tonic: OUT_OF_RANGE)
+/// becomes RESOURCE_EXHAUSTED naming the limit, and a malformed message (tonic: INTERNAL, which
+/// the docs reserve for server faults) becomes INVALID_ARGUMENT. Installed as a layer on the
+/// whole server; such refusals always travel in the response head.
+pub fn client_faults_keep_their_codes<B>(
     mut resp: tonic::codegen::http::Response<B>,
 ) -> tonic::codegen::http::Response<B> {
-    use tonic::codegen::http::HeaderValue;
-    let headers = resp.headers_mut();
-    let oversized = headers.get("grpc-status").is_some_and(|v| v == "11")
-        && headers
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            // Percent-encoded on the wire (spaces as %20).
-            .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
-    if oversized {
-        let message = format!(
-            "request too large: messages are limited to {} bytes",
-            crate::server::MAX_REQUEST_BYTES
-        );
-        if let Ok(v) = HeaderValue::from_str(&message.replace(' ', "%20")) {
-            headers.insert("grpc-status", HeaderValue::from_static("8"));
-            headers.insert("grpc-message", v);
+    let Some(status) = Status::from_header_map(resp.headers()) else {
+        return resp;
+    };
+    let message = status.message();
+    let rewritten = match status.code() {
+        tonic::Code::OutOfRange if message.contains("message length too large") => {
+            Status::resource_exhausted(format!(
+                "request too large: messages are limited to {} bytes",
+                crate::server::MAX_REQUEST_BYTES
+            ))
         }
+        tonic::Code::Internal if MALFORMED_REQUEST.iter().any(|p| message.starts_with(p)) => {
+            Status::invalid_argument(format!(
+                "malformed request: {message}; send a message encoded as the .proto in the API docs says"
+            ))
+        }
+        _ => return resp,
+    };
+    if let Err(e) = rewritten.add_header(resp.headers_mut()) {
+        error!(error = %e, "cannot rewrite a status header");
     }
     resp
 }

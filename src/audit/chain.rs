@@ -46,6 +46,12 @@ pub fn compute_hash(r: &AuditRecord) -> [u8; 32] {
     h.update(r.not_after.to_be_bytes());
     put_str(&mut h, &r.reason);
     h.update(r.prev_hash);
+    // Added after the fixed-length prev_hash, and only when set, so every record written before
+    // the field existed keeps its hash and the encoding stays unambiguous.
+    if !r.claimed.is_empty() {
+        h.update(b"claimed\0");
+        put_str(&mut h, &r.claimed);
+    }
     h.finalize().into()
 }
 
@@ -100,6 +106,7 @@ mod tests {
                     roles: vec!["db-read".into()],
                     not_after: 99,
                     reason: String::new(),
+                    claimed: String::new(),
                     prev_hash: prev,
                     hash: [0; 32],
                 };
@@ -108,6 +115,23 @@ mod tests {
                 r
             })
             .collect()
+    }
+
+    /// The expected hashes were computed outside Rust (Python's hashlib over the documented
+    /// encoding): a record without `claimed` hashes exactly as before the field existed, so old
+    /// logs still verify; with it, the field is bound into the hash.
+    #[test]
+    fn hash_matches_the_documented_encoding_with_and_without_claimed() {
+        let mut r = chain(1).remove(0);
+        assert_eq!(
+            crate::encoding::hex(&compute_hash(&r)),
+            "9f517710ad6f887a28a6c97a741729ca609a800816240840dffe065c573d6e6b"
+        );
+        r.claimed = "spiffe://example.org/ops/alice".into();
+        assert_eq!(
+            crate::encoding::hex(&compute_hash(&r)),
+            "064ce2f21da1de43c54e4894ad2439f10abbf2e23ee9bb6c74f8608882a98353"
+        );
     }
 
     #[test]

@@ -364,6 +364,7 @@ impl Writer {
                 roles: e.roles,
                 not_after: e.not_after,
                 reason: e.reason,
+                claimed: e.claimed,
                 prev_hash: prev,
                 hash: [0; 32],
             };

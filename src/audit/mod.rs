@@ -75,6 +75,9 @@ pub enum Kind {
     CaRotationSwitched,
     /// The old CA's last certificate has expired; it left the bundle and its key was deleted.
     CaRotationCompleted,
+    /// `lanyard admin recover` ran on the stopped CA's data dir: identity rules on reserved IDs
+    /// were lifted and a fresh admin credential was written.
+    AdminRecovered,
 }
 
 /// An audit event before it gets a sequence number and hash.
@@ -94,13 +97,19 @@ pub struct Event {
     pub not_after: i64,
     /// Why.
     pub reason: String,
+    /// The SPIFFE ID an unverified certificate claimed, on a refusal of a caller that could not be
+    /// authenticated (whose `actor` is then `unauthenticated`). Never trusted, never an actor.
+    pub claimed: String,
 }
+
+/// The actor of an event whose caller could not be authenticated.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
 
 // === impl Kind ===
 
 impl Kind {
     /// Every kind, for CLI validation.
-    pub const ALL: [Kind; 22] = [
+    pub const ALL: [Kind; 23] = [
         Kind::Issued,
         Kind::Renewed,
         Kind::Denied,
@@ -123,6 +132,7 @@ impl Kind {
         Kind::CaRotationStaged,
         Kind::CaRotationSwitched,
         Kind::CaRotationCompleted,
+        Kind::AdminRecovered,
     ];
 
     /// The wire and storage name.
@@ -150,6 +160,7 @@ impl Kind {
             Kind::CaRotationStaged => "ca_rotation_staged",
             Kind::CaRotationSwitched => "ca_rotation_switched",
             Kind::CaRotationCompleted => "ca_rotation_completed",
+            Kind::AdminRecovered => "admin_recovered",
         }
     }
 }
@@ -193,6 +204,12 @@ impl Event {
     /// Sets the reason.
     pub fn reason(mut self, r: impl Into<String>) -> Self {
         self.reason = r.into();
+        self
+    }
+
+    /// Sets the identity an unverified certificate claimed.
+    pub fn claimed(mut self, c: impl Into<String>) -> Self {
+        self.claimed = c.into();
         self
     }
 }

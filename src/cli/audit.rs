@@ -122,6 +122,9 @@ fn line(r: &AuditRecord) -> String {
             crate::issuance::fmt_time(r.not_after)
         ));
     }
+    if !r.claimed.is_empty() {
+        s.push_str(&format!(" claimed_unverified={}", r.claimed));
+    }
     if !r.reason.is_empty() {
         s.push_str(&format!(" reason={:?}", r.reason));
     }

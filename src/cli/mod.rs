@@ -85,6 +85,17 @@ enum Command {
     /// Temporary elevated access: request, approve, deny, revoke.
     #[command(subcommand)]
     Access(access::AccessCmd),
+    /// Offline maintenance of a stopped CA's data dir.
+    #[command(subcommand)]
+    Admin(AdminCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCmd {
+    /// Recover from an admin lockout on a STOPPED server: lift identity rules on the reserved
+    /// /lanyard/ identities and write a fresh admin credential to <data-dir>/admin (audited).
+    /// Takes the same configuration as `serve`.
+    Recover(ServeArgs),
 }
 
 /// `lanyard serve` flags.
@@ -147,23 +158,53 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Ca(c) => admin::ca(c).await,
         Command::Audit(c) => audit::run(c).await,
         Command::Access(c) => access::run(c).await,
+        Command::Admin(AdminCmd::Recover(a)) => recover(a).await,
     }
 }
 
-async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
-    let settings = match ServeSettings::resolve(
-        a.config.as_deref(),
-        Overrides {
-            trust_domain: a.trust_domain,
-            data_dir: a.data_dir,
-            listen: a.listen,
-        },
-    ) {
-        Ok(s) => s,
-        Err(e) => {
+impl ServeArgs {
+    /// The resolved settings, or the config error printed and exit status 64.
+    fn settings(self) -> Result<ServeSettings, ExitCode> {
+        ServeSettings::resolve(
+            self.config.as_deref(),
+            Overrides {
+                trust_domain: self.trust_domain,
+                data_dir: self.data_dir,
+                listen: self.listen,
+            },
+        )
+        .map_err(|e| {
             eprintln!("error: {e}");
-            return Ok(ExitCode::from(EXIT_CONFIG));
-        }
+            ExitCode::from(EXIT_CONFIG)
+        })
+    }
+}
+
+#[expect(clippy::print_stdout, reason = "the command's report is its output")]
+async fn recover(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let settings = match a.settings() {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    let done = crate::server::recover(settings).await?;
+    for id in &done.lifted {
+        println!("lifted the identity rule on {id}");
+    }
+    if done.lifted.is_empty() {
+        println!("no identity rule on a reserved identity was in force");
+    }
+    println!(
+        "wrote a fresh admin credential to {} (serial {})",
+        done.admin_dir.display(),
+        done.serial
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let settings = match a.settings() {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
     };
     let shutdown = async {
         let mut term =

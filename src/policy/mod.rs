@@ -18,6 +18,11 @@ use crate::spiffe::{IdError, IdPattern, SpiffeId, TrustDomain, normalize_roles};
 /// Path prefix reserved for the CA's own identities (server, admin).
 pub const RESERVED_PREFIX: &str = "/lanyard/";
 
+/// Whether `id`'s path is (under) the reserved `/lanyard/` path.
+pub fn is_reserved(id: &SpiffeId) -> bool {
+    format!("{}/", id.path()).starts_with(RESERVED_PREFIX)
+}
+
 /// Role that authorizes admin calls.
 pub const ROLE_ADMIN: &str = "lanyard:admin";
 /// Role that authorizes reading the audit log.
@@ -188,11 +193,8 @@ impl Policy {
                 source,
             };
             let pattern = local_pattern(index, &spec.spiffe_id, td)?;
-            let path = match &pattern {
-                IdPattern::Exact(id) => format!("{}/", id.path()),
-                IdPattern::Prefix(id) => format!("{}/", id.path()),
-            };
-            if path.starts_with(RESERVED_PREFIX) {
+            let (IdPattern::Exact(id) | IdPattern::Prefix(id)) = &pattern;
+            if is_reserved(id) {
                 return Err(PolicyError::Reserved {
                     index,
                     spiffe_id: spec.spiffe_id.clone(),

@@ -115,6 +115,10 @@ pub struct AuditRecord {
     pub not_after: i64,
     /// Why.
     pub reason: String,
+    /// The identity an unverified caller's certificate claimed (see [`crate::audit::Event::claimed`]);
+    /// empty for every other event, and then absent from the stored form and the hash.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub claimed: String,
     /// Hash of the previous record (zeros for the first).
     #[serde(with = "hex32")]
     pub prev_hash: [u8; 32],

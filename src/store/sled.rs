@@ -638,6 +638,7 @@ mod tests {
             roles: vec![],
             not_after: 0,
             reason: String::new(),
+            claimed: String::new(),
             prev_hash: [0; 32],
             hash: [1; 32],
         };

@@ -1,0 +1,186 @@
+//! [`RefusalLayer`]: every gRPC call runs under its source's refusal budget, and every refused
+//! call leaves a `denied` audit event.
+//!
+//! One layer around the whole server instead of code in each handler, so no call can be added
+//! that forgets either half. Per call:
+//! 1. take one unit of the source's [`DenialLimiter`] budget before the call is processed; with
+//!    none left, answer `RESOURCE_EXHAUSTED` at once (counted, summarised once a second);
+//! 2. run the call;
+//! 3. on a refusal (`UNAUTHENTICATED`, `PERMISSION_DENIED`, `INVALID_ARGUMENT`,
+//!    `FAILED_PRECONDITION`), keep the unit spent and, unless the call audits its own refusals
+//!    (`Ca.Issue`, whose denial shares the issuance's group commit), record a `denied` event
+//!    before the answer goes out: the actor is the identity the caller's certificate *proves*
+//!    (revoked or not), else `unauthenticated` with the identity the certificate merely claims
+//!    in the separate `claimed` field; the reason names the call;
+//! 4. on anything else, give the unit back.
+//!
+//! A refusal reaches the layer in the response head (gRPC "trailers-only"), which is how tonic
+//! answers every error returned by a handler before its first message, so the layer never
+//! touches a response body.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls_pki_types::CertificateDer;
+use tonic::codegen::http;
+use tonic::{Code, Status};
+use tracing::warn;
+
+use super::Authenticator;
+use super::limit::DenialLimiter;
+use crate::audit::{AuditLog, Event, Kind, UNAUTHENTICATED};
+use crate::tls::unix_now;
+
+/// Calls that write their own `denied` event (the layer still keeps their budget).
+const SELF_AUDITED: &[&str] = &["/lanyard.v1.Ca/Issue"];
+
+/// Wraps the gRPC server with the refusal budget and the audit of refusals.
+#[derive(Clone)]
+pub struct RefusalLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    limiter: Arc<DenialLimiter>,
+    log: AuditLog,
+    auth: Authenticator,
+}
+
+/// The service [`RefusalLayer`] builds.
+#[derive(Clone)]
+pub struct RefusalService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl RefusalLayer {
+    /// Budgets every source with `limiter`, audits refusals to `log`, names actors with `auth`.
+    pub fn new(limiter: Arc<DenialLimiter>, log: AuditLog, auth: Authenticator) -> Self {
+        Self {
+            shared: Arc::new(Shared { limiter, log, auth }),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for RefusalLayer {
+    type Service = RefusalService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RefusalService {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Whether `code` means the caller was refused (as opposed to a missing object or a fault).
+pub fn is_refusal(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::InvalidArgument
+            | Code::FailedPrecondition
+    )
+}
+
+/// The source address and presented chain of a request, from tonic's connection info.
+fn caller_of<B>(
+    req: http::Request<B>,
+) -> (
+    http::Request<B>,
+    Option<IpAddr>,
+    Option<Arc<Vec<CertificateDer<'static>>>>,
+) {
+    let (mut parts, body) = req.into_parts();
+    let probe = tonic::Request::from_parts(
+        tonic::metadata::MetadataMap::new(),
+        std::mem::take(&mut parts.extensions),
+        (),
+    );
+    let ip = probe.remote_addr().map(|a| a.ip());
+    let certs = probe.peer_certs();
+    let (_, extensions, ()) = probe.into_parts();
+    parts.extensions = extensions;
+    (http::Request::from_parts(parts, body), ip, certs)
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RefusalService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        // The clone that was polled ready serves this call (tower's usual swap).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        let path = req.uri().path().to_string();
+        let (req, ip, certs) = caller_of(req);
+        let reservation = match ip {
+            Some(ip) => match shared.limiter.reserve(ip) {
+                Some(r) => Some(r),
+                None => {
+                    let status = Status::resource_exhausted(format!(
+                        "too many refused requests from {}; slow down and retry in a second",
+                        super::limit::Source::of(ip)
+                    ));
+                    return Box::pin(async move { Ok(status.into_http()) });
+                }
+            },
+            // Not a network connection (no address to budget).
+            None => None,
+        };
+        Box::pin(async move {
+            let resp = inner.call(req).await?;
+            let refused = Status::from_header_map(resp.headers()).filter(|s| is_refusal(s.code()));
+            match (refused, reservation) {
+                (Some(status), _) => {
+                    if !SELF_AUDITED.contains(&path.as_str()) {
+                        shared
+                            .record(&path, certs.as_deref().map(Vec::as_slice), &status)
+                            .await;
+                    }
+                }
+                (None, Some(r)) => r.release(),
+                (None, None) => {}
+            }
+            Ok(resp)
+        })
+    }
+}
+
+impl Shared {
+    /// Writes the `denied` event of a refused call; durable before the answer goes out.
+    async fn record(&self, path: &str, certs: Option<&[CertificateDer<'static>]>, status: &Status) {
+        let certs = certs.unwrap_or_default();
+        let event = match self.auth.identify(certs, unix_now()) {
+            Some(svid) => Event::new(Kind::Denied, svid.spiffe_id.as_str()),
+            None => Event::new(Kind::Denied, UNAUTHENTICATED)
+                .claimed(self.auth.claimed_id(certs).unwrap_or_default()),
+        };
+        let call = path.trim_start_matches('/');
+        let event = event.reason(format!("{call}: {}", status.message()));
+        warn!(actor = %event.actor, call, code = ?status.code(), "call refused");
+        if let Err(e) = self.log.record(event, vec![]).await {
+            warn!(error = %e, "cannot record a refused call");
+        }
+    }
+}
