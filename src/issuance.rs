@@ -326,6 +326,9 @@ impl Issuance {
             not_before: now - BACKDATE_SECS,
             not_after: now + ttl.as_secs() as i64,
         };
+        // After `lanyard admin recover` lifted a rule on a reserved identity, the fresh
+        // credential must start after that rule's cutoff, or the rule would still cover it.
+        let params = self.clear_of_lifted_rule(params).await?;
         let cas = self.authority.current();
         let leaf = cas.active().sign_leaf(key, &params).map_err(internal)?;
         let svid = svid_of(&cas, &leaf.der)?;
