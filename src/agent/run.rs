@@ -86,23 +86,40 @@ impl Agent {
         self.source.clone()
     }
 
-    /// Runs until `shutdown` fires (Ok) or the credential is lost for good (Err).
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+    /// Runs until `shutdown` says `true` or its sender is dropped (Ok), or the credential is
+    /// lost for good (Err). Every phase — bootstrap retries, waiting to renew, backoff, the
+    /// on-rotate hook, CA calls — ends as soon as it is told to stop: the whole run is raced
+    /// against the signal, and everything it awaits is safe to drop (files are written
+    /// synchronously between awaits; the hook is killed when dropped).
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+        let mut stop = shutdown.clone();
+        tokio::select! {
+            result = self.run_to_completion(shutdown) => result,
+            () = stop_requested(&mut stop) => {
+                info!("agent stopping");
+                Ok(())
+            }
+        }
+    }
+
+    async fn run_to_completion(
+        &self,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), AgentError> {
         let state = self.bootstrap().await?;
         let id = state.svid.spiffe_id.clone();
         self.publish(state).await?;
-        let watch_task = self
-            .revocations
-            .follow(self.cfg.server.clone(), self.source.clone());
+        // Aborted when this future ends or is dropped, so a stopped agent leaves nothing behind.
+        let _watch_task = AbortOnDrop(
+            self.revocations
+                .follow(self.cfg.server.clone(), self.source.clone()),
+        );
         let (bundle_task, mut bundles) =
             follow_bundles(self.cfg.server.clone(), self.source.clone());
-        let result = self
-            .rotate_forever(&mut shutdown, &mut bundles)
+        let _bundle_task = AbortOnDrop(bundle_task);
+        self.rotate_forever(&mut shutdown, &mut bundles)
             .instrument(info_span!("agent", spiffe_id = %id))
-            .await;
-        watch_task.abort();
-        bundle_task.abort();
-        result
+            .await
     }
 
     async fn rotate_forever(
@@ -571,6 +588,20 @@ impl Agent {
             .ok()
             .flatten()
             .unwrap_or_default()
+    }
+}
+
+/// Resolves once `rx` says stop, or its sender is gone (nobody can say so any more).
+async fn stop_requested(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
