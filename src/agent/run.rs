@@ -218,39 +218,72 @@ impl Agent {
     }
 
     /// A credential left in `out_dir` by an earlier run is reused if it can still renew;
-    /// otherwise the join token is used.
+    /// otherwise the join token is used, and the old credential is set aside under
+    /// `retired/<time>/` (kept, not deleted). Without a token an unusable credential is fatal:
+    /// exit 3 if revoked, 4 if expired.
     async fn bootstrap(&self) -> Result<SvidState, AgentError> {
         if let Some(dir) = &self.cfg.out_dir
             && let Some(state) = self.load_existing(dir)
         {
             info!(spiffe_id = %state.svid.spiffe_id, serial = %state.svid.serial, dir = %dir.display(), "reusing existing credential");
             self.install(&state)?;
-            // Do not hand a revoked credential to workloads, not even briefly: ask the CA first
-            // (an unreachable CA is not a reason to stop serving a still-valid certificate).
-            if let Some(why) = self.revoked_per_ca(&state.svid).await {
-                return Err(AgentError::Revoked(why));
+            let unusable = match self.existing_unusable(&state).await {
+                Ok(Some(renewed)) => return Ok(renewed),
+                Ok(None) => return Ok(state),
+                Err(e) => e,
+            };
+            if self.cfg.token.is_none() {
+                return Err(match unusable {
+                    AgentError::Revoked(m) => AgentError::Revoked(format!(
+                        "{m} (once the revocation is lifted, start the agent with --token <a new join token>: the revoked credential is then kept under {}/ and a new one enrolled)",
+                        dir.join(files::RETIRED).display()
+                    )),
+                    other => other,
+                });
             }
-            if state.svid.not_after > unix_now() {
-                return Ok(state);
-            }
-            // Expired while the agent was down: the CA's renewal grace may still allow it.
-            match self.renew().await {
-                Ok(renewed) => return Ok(renewed),
-                Err(e) => {
-                    if let Some(AgentError::Revoked(m)) = classify(&e) {
-                        return Err(AgentError::Revoked(m));
-                    }
-                    if self.cfg.token.is_none() {
-                        return Err(AgentError::Expired(e.message().to_string()));
-                    }
-                    warn!(
-                        error = e.message(),
-                        "cannot renew the expired credential; using the join token"
-                    );
-                }
-            }
+            let retired_to = files::retire_credential(dir).map_err(|e| {
+                AgentError::Io(format!(
+                    "setting the old credential in {} aside: {e}",
+                    dir.display()
+                ))
+            })?;
+            warn!(
+                spiffe_id = %state.svid.spiffe_id,
+                serial = %state.svid.serial,
+                not_after = state.svid.not_after,
+                reason = %unusable,
+                retired_to = %retired_to.display(),
+                "existing credential set aside; enrolling with the join token"
+            );
         }
         self.bootstrap_with_token().await
+    }
+
+    /// Whether the installed credential `state` from an earlier run can go on: `Ok(None)` to
+    /// reuse it as is, `Ok(Some(_))` when it had expired and the CA renewed it within the
+    /// renewal grace, `Err` (revoked or expired) when it cannot.
+    async fn existing_unusable(&self, state: &SvidState) -> Result<Option<SvidState>, AgentError> {
+        // Do not hand a revoked credential to workloads, not even briefly: ask the CA first
+        // (an unreachable CA is not a reason to stop serving a still-valid certificate).
+        if let Some(why) = self.revoked_per_ca(&state.svid).await {
+            return Err(AgentError::Revoked(why));
+        }
+        if state.svid.not_after > unix_now() {
+            return Ok(None);
+        }
+        // Expired while the agent was down: the CA's renewal grace may still allow it.
+        match self.renew().await {
+            Ok(renewed) => Ok(Some(renewed)),
+            Err(e) => Err(match classify(&e) {
+                Some(fatal @ (AgentError::Revoked(_) | AgentError::Expired(_))) => fatal,
+                _ => AgentError::Expired(format!(
+                    "the certificate expired at {} and renewing it failed: {:?}: {}",
+                    crate::issuance::fmt_time(state.svid.not_after),
+                    e.code(),
+                    e.message()
+                )),
+            }),
+        }
     }
 
     async fn bootstrap_with_token(&self) -> Result<SvidState, AgentError> {
