@@ -227,7 +227,7 @@ impl Agent {
         {
             info!(spiffe_id = %state.svid.spiffe_id, serial = %state.svid.serial, dir = %dir.display(), "reusing existing credential");
             self.install(&state)?;
-            let unusable = match self.existing_unusable(&state).await {
+            let unusable = match self.revalidate(&state).await {
                 Ok(Some(renewed)) => return Ok(renewed),
                 Ok(None) => return Ok(state),
                 Err(e) => e,
@@ -241,6 +241,8 @@ impl Agent {
                     other => other,
                 });
             }
+            // A token that cannot work (malformed, wrong ID) must not cost the old credential.
+            self.token_target()?;
             let retired_to = files::retire_credential(dir).map_err(|e| {
                 AgentError::Io(format!(
                     "setting the old credential in {} aside: {e}",
@@ -262,7 +264,7 @@ impl Agent {
     /// Whether the installed credential `state` from an earlier run can go on: `Ok(None)` to
     /// reuse it as is, `Ok(Some(_))` when it had expired and the CA renewed it within the
     /// renewal grace, `Err` (revoked or expired) when it cannot.
-    async fn existing_unusable(&self, state: &SvidState) -> Result<Option<SvidState>, AgentError> {
+    async fn revalidate(&self, state: &SvidState) -> Result<Option<SvidState>, AgentError> {
         // Do not hand a revoked credential to workloads, not even briefly: ask the CA first
         // (an unreachable CA is not a reason to stop serving a still-valid certificate).
         if let Some(why) = self.revoked_per_ca(&state.svid).await {
@@ -286,7 +288,8 @@ impl Agent {
         }
     }
 
-    async fn bootstrap_with_token(&self) -> Result<SvidState, AgentError> {
+    /// The join token (raw and parsed) and the SPIFFE ID to ask for with it.
+    fn token_target(&self) -> Result<(&str, JoinToken, SpiffeId), AgentError> {
         let raw = self.cfg.token.as_deref().ok_or_else(|| {
             AgentError::Bootstrap("no credential to renew and no --token given".into())
         })?;
@@ -310,6 +313,11 @@ impl Agent {
                 )));
             }
         };
+        Ok((raw, token, id))
+    }
+
+    async fn bootstrap_with_token(&self) -> Result<SvidState, AgentError> {
+        let (raw, token, id) = self.token_target()?;
         let trust = match &self.cfg.bundle {
             Some(p) => {
                 let pem = std::fs::read(p)

@@ -195,6 +195,13 @@ async fn a_new_token_re_enrolls_over_a_revoked_credential_after_the_revocation_i
     assert!(!out.join("retired").exists());
     assert_eq!(dir_svid(&out).unwrap().serial, old.serial);
 
+    // A token that cannot work does not cost the old credential.
+    let mut bad = spawn_agent(&ca.server(), "not-a-token", &out, &[]);
+    let status = bad.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{}", bad.output());
+    assert!(!out.join("retired").exists(), "{}", bad.output());
+    assert_eq!(dir_svid(&out).unwrap().serial, old.serial);
+
     // Lifted, and a new token: the agent sets the revoked credential aside and enrolls.
     revoke_identity(&ca, id, true).await;
     let second = ca.token(id, &[], 600, 1).await;
