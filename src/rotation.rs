@@ -305,6 +305,20 @@ impl Rotation {
             &common_name,
         )?);
         let switch_at = now + self.timing.overlap.as_secs().max(1) as i64;
+        // A root created before roots allowed one intermediate: its cross-signature still serves
+        // Lanyard's own verifier, but OpenSSL and Go refuse it, so their clients need the new
+        // bundle before the switch.
+        let strict_clients_note = (self.cas.active().root_path_len() == Some(0)).then(|| {
+            warn!(
+                old_ca = %hex(&self.cas.active().fingerprint()),
+                switch_at,
+                "the current CA root has pathLenConstraint 0: OpenSSL and Go clients that trust only it will refuse the new CA's certificates even with the cross-signed certificate; make sure they fetch the new bundle before the switch"
+            );
+            format!(
+                "; the old root has pathLenConstraint 0, so OpenSSL and Go clients need the new bundle before {}",
+                fmt_time(switch_at)
+            )
+        });
         let mut next = state.clone();
         next.staged = Some(Staged {
             dir: name.clone(),
@@ -319,10 +333,11 @@ impl Rotation {
             Event::new(Kind::CaRotationStaged, actor)
                 .subject(self.trust_domain.id_string())
                 .reason(format!(
-                    "new CA {} ({common_name}) published next to {}; signing switches at {}",
+                    "new CA {} ({common_name}) published next to {}; signing switches at {}{}",
                     hex(&new.fingerprint()),
                     hex(&self.cas.active().fingerprint()),
-                    fmt_time(switch_at)
+                    fmt_time(switch_at),
+                    strict_clients_note.unwrap_or_default()
                 )),
         )
         .await;
@@ -534,6 +549,62 @@ mod tests {
             .into_iter()
             .map(|r| r.kind)
             .collect()
+    }
+
+    /// Roots written before they allowed one intermediate (pathLenConstraint 0) cannot change
+    /// (clients hold them): rotating one says that OpenSSL and Go clients need the new bundle.
+    #[tokio::test]
+    async fn rotating_a_pathlen_zero_root_warns_about_strict_clients() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+        let log = AuditLog::start(store).unwrap();
+        let td = TrustDomain::new("a.example").unwrap();
+        let ca_dir = dir.path().join("ca");
+        std::fs::create_dir(&ca_dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "Lanyard CA a.example");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        std::fs::write(ca_dir.join("ca.pem"), p.self_signed(&key).unwrap().pem()).unwrap();
+        std::fs::write(ca_dir.join("ca.key"), key.serialize_pem()).unwrap();
+        std::fs::set_permissions(
+            ca_dir.join("ca.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let timing = Timing {
+            overlap: Duration::from_secs(10),
+            retire_after: Duration::from_secs(100),
+        };
+        let r = Rotation::load(&ca_dir, &td, RolesOid::default(), timing, log.clone()).unwrap();
+        assert_eq!(r.cas().active().root_path_len(), Some(0));
+        let st = r.rotate("admin").await.unwrap();
+        let reasons = |log: &AuditLog| -> Vec<String> {
+            log.store()
+                .read_audit(1, 100)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.reason)
+                .collect()
+        };
+        assert!(
+            reasons(&log)[0]
+                .contains("pathLenConstraint 0, so OpenSSL and Go clients need the new bundle"),
+            "{:?}",
+            reasons(&log)
+        );
+        // The new root allows the one cross-signed intermediate: its own rotation says nothing.
+        assert_eq!(r.cas().current().staged().unwrap().root_path_len(), Some(1));
+        r.step(st.switch_at.unwrap()).await.unwrap();
+        r.step(r.status().await.drop_at.unwrap()).await.unwrap();
+        r.rotate("admin").await.unwrap();
+        let all = reasons(&log);
+        assert!(
+            !all.last().unwrap().contains("pathLenConstraint"),
+            "{all:?}"
+        );
     }
 
     #[tokio::test]

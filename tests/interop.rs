@@ -245,3 +245,159 @@ async fn go_crypto_x509_verifies_leaves_and_reads_roles() {
         "{err}"
     );
 }
+
+// === CA rotation, seen by OpenSSL and Go ===
+
+/// The certificates a TLS server presents, leaf first, as `openssl s_client -showcerts` sees
+/// them (no client certificate: the CA makes it optional).
+fn served_chain(addr: &str) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    use rustls_pki_types::pem::PemObject;
+    let o = run(Command::new("openssl")
+        .args(["s_client", "-connect", addr, "-showcerts"])
+        .stdin(std::process::Stdio::null()));
+    rustls_pki_types::CertificateDer::pem_slice_iter(&o.stdout)
+        .collect::<Result<_, _>>()
+        .unwrap_or_default()
+}
+
+/// (subject, issuer, whether it is a CA) of a DER certificate.
+fn names(der: &[u8]) -> (Vec<u8>, Vec<u8>, bool) {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, c) = X509Certificate::from_der(der).unwrap();
+    (
+        c.subject().as_raw().to_vec(),
+        c.issuer().as_raw().to_vec(),
+        c.is_ca(),
+    )
+}
+
+/// Writes `certs` as one PEM file `dir/name`.
+fn pem_file(dir: &Path, name: &str, certs: &[rustls_pki_types::CertificateDer<'_>]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, lanyard::ca::certs_to_pem(certs)).unwrap();
+    path
+}
+
+/// Issue #11 item 10: after a CA rotation, a client that holds only the OLD bundle accepts a leaf
+/// of the NEW CA with the cross-signed certificate as its intermediate — in OpenSSL and in Go's
+/// crypto/x509, which (unlike Lanyard's own verifier) enforce the trust anchor's
+/// pathLenConstraint. So do clients with only the new bundle and with both.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_ca_verifies_with_only_the_old_bundle_in_openssl_and_go() {
+    use lanyard::pb::v1::{self as pb, admin_client::AdminClient};
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    if !have("openssl", "version", "openssl") {
+        return;
+    }
+    let ca = TestCa::start_with("ca_rotation_overlap = \"1s\"", common::POLICY).await;
+    let work = ca.dir.path().join("rotation");
+    std::fs::create_dir_all(&work).unwrap();
+    let old_root = ca.bundle().certs()[0].clone();
+    let old_pem = pem_file(&work, "old.pem", std::slice::from_ref(&old_root));
+
+    let st = AdminClient::new(ca.admin_channel().await)
+        .rotate_ca(pb::RotateCaRequest {})
+        .await
+        .expect("rotate")
+        .into_inner();
+    assert_eq!(st.phase, "staged");
+    // Switched (after the 1 s overlap): the serving chain carries the new CA cross-signed by the
+    // old one, then both roots.
+    let chain = common::poll_until(
+        std::time::Duration::from_secs(15),
+        std::time::Duration::from_millis(200),
+        || {
+            let chain = served_chain(&ca.server());
+            chain
+                .iter()
+                .skip(1)
+                .any(|c| {
+                    let (subject, issuer, is_ca) = names(c);
+                    is_ca && subject != issuer
+                })
+                .then_some(chain)
+        },
+    )
+    .await
+    .expect("the CA switches to the new CA and serves the cross-signed certificate");
+    let cross = chain
+        .iter()
+        .skip(1)
+        .find(|c| {
+            let (subject, issuer, _) = names(c);
+            subject != issuer
+        })
+        .unwrap()
+        .clone();
+    let (cross_subject, cross_issuer, _) = names(&cross);
+    assert_eq!(
+        cross_issuer,
+        names(&old_root).0,
+        "cross-signed by the old CA"
+    );
+    let new_root = chain
+        .iter()
+        .find(|c| {
+            let (subject, issuer, _) = names(c);
+            subject == issuer && subject == cross_subject
+        })
+        .expect("the new root is served too")
+        .clone();
+    assert_ne!(new_root, old_root);
+    let cross_pem = pem_file(&work, "cross.pem", std::slice::from_ref(&cross));
+    let new_pem = pem_file(&work, "new.pem", std::slice::from_ref(&new_root));
+    let both_pem = pem_file(&work, "both.pem", &[new_root.clone(), old_root.clone()]);
+
+    // A workload leaf issued by the new CA, and the CA's own serving leaf.
+    let dir = ca.enroll("api", API, &["db-read"], 120).await;
+    let leaf: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&std::fs::read(dir.join("cert.pem")).unwrap())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    assert_eq!(names(&leaf[0]).1, cross_subject, "issued by the new CA");
+    let workload = pem_file(&work, "leaf.pem", &leaf[..1]);
+    let server = pem_file(&work, "server.pem", &chain[..1]);
+
+    for (leaf_pem, purpose) in [(&workload, "sslclient"), (&server, "sslserver")] {
+        for (bundle, name) in [(&old_pem, "old"), (&new_pem, "new"), (&both_pem, "both")] {
+            let o = run(Command::new("openssl")
+                .args(["verify", "-CAfile"])
+                .arg(bundle)
+                .arg("-untrusted")
+                .arg(&cross_pem)
+                .args(["-purpose", purpose])
+                .arg(leaf_pem));
+            assert_success(
+                &o,
+                &format!(
+                    "openssl verify -purpose {purpose} with the {name} bundle and the cross-signed CA"
+                ),
+            );
+        }
+    }
+    // The check can fail: the old bundle alone, without the cross-signed certificate.
+    let o = openssl_verify(&old_pem, &workload, "sslclient");
+    assert!(!o.status.success(), "{}", text(&o.stdout));
+
+    if !have("go", "version", "golang-go") {
+        return;
+    }
+    let with_cross = pem_file(&work, "leaf+cross.pem", &[leaf[0].clone(), cross.clone()]);
+    let server_with_cross = pem_file(&work, "server+cross.pem", &[chain[0].clone(), cross]);
+    for (cert, uri) in [
+        (&with_cross, API),
+        (&server_with_cross, "spiffe://example.org/lanyard/server"),
+    ] {
+        for (bundle, name) in [(&old_pem, "old"), (&new_pem, "new"), (&both_pem, "both")] {
+            let o = go_verify(bundle, cert);
+            assert_success(
+                &o,
+                &format!("go verifier with the {name} bundle and the cross-signed CA"),
+            );
+            assert!(text(&o.stdout).starts_with(&format!("uri={uri}\n")));
+        }
+    }
+    let o = go_verify(&old_pem, &workload);
+    assert!(!o.status.success(), "{}", text(&o.stdout));
+}

@@ -24,6 +24,8 @@ use crate::fsutil::write_atomic;
 const DATA: &str = "..data";
 const FEDERATED: &str = "federated";
 const FILES: [&str; 5] = ["cert.pem", "key.pem", "bundle.pem", "svid.pem", FEDERATED];
+/// Where credentials the agent replaced with a join token's are kept (`retired/<UTC time>/`).
+pub(crate) const RETIRED: &str = "retired";
 
 /// Publishes a new generation of the credential in `dir`, without federated bundles.
 pub fn write_svid_dir(
@@ -111,6 +113,71 @@ pub fn write_credential_dir(
         }
     }
     Ok(())
+}
+
+/// Sets the credential in force in `dir` aside, whole, into `dir/retired/<UTC time>/` (the
+/// directory `retired/` is mode 0700; files keep their modes, the key stays 0600) and returns
+/// where it went. Nothing is deleted: a revoked or long-expired credential is evidence. A
+/// generation directory (`..data`) is moved as it is and the links into it are removed, so
+/// readers find no credential until the next one is written; plain files (`lanyard issue`)
+/// are moved one by one.
+pub(crate) fn retire_credential(dir: &Path) -> std::io::Result<PathBuf> {
+    let retired = dir.join(RETIRED);
+    fs::create_dir_all(&retired)?;
+    fs::set_permissions(&retired, fs::Permissions::from_mode(0o700))?;
+    let now = time::OffsetDateTime::now_utc();
+    let stamp = format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    );
+    let target = (0..100)
+        .map(|n| {
+            retired.join(if n == 0 {
+                stamp.clone()
+            } else {
+                format!("{stamp}-{n}")
+            })
+        })
+        .find(|p| fs::symlink_metadata(p).is_err())
+        .ok_or_else(|| std::io::Error::other("no free name under retired/"))?;
+    // Only a generation of our own naming (`..<n>`, a sibling) is moved as a whole; anything
+    // else `..data` might point at is left alone and only the links are moved.
+    let generation = fs::read_link(dir.join(DATA)).ok().filter(|g| {
+        let mut parts = g.components();
+        matches!(
+            (parts.next(), parts.next()),
+            (Some(std::path::Component::Normal(n)), None)
+                if n.to_string_lossy().starts_with("..") && n != DATA
+        )
+    });
+    match generation {
+        Some(generation) if dir.join(&generation).is_dir() => {
+            fs::rename(dir.join(&generation), &target)?;
+            for name in FILES.iter().copied().chain([DATA]) {
+                let link = dir.join(name);
+                if fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+                    fs::remove_file(link)?;
+                }
+            }
+        }
+        _ => {
+            fs::create_dir(&target)?;
+            for name in FILES.iter().copied().chain([DATA]) {
+                let from = dir.join(name);
+                if fs::symlink_metadata(&from).is_ok() {
+                    fs::rename(from, target.join(name))?;
+                }
+            }
+        }
+    }
+    fs::File::open(&retired)?.sync_all()?;
+    fs::File::open(dir)?.sync_all()?;
+    Ok(target)
 }
 
 /// Atomically points `dir/name` at `target` (create a temp symlink, rename over).
@@ -204,6 +271,46 @@ mod tests {
                 .next()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_retired_credential_is_moved_whole_and_readers_find_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = CertificateDer::from(vec![0x30, 0x00]);
+        let one = std::slice::from_ref(&cert);
+        write_svid_dir(dir.path(), one, "OLD\n", one).unwrap();
+        write_svid_dir(dir.path(), one, "CURRENT\n", one).unwrap();
+        let kept = retire_credential(dir.path()).unwrap();
+        assert!(kept.starts_with(dir.path().join(RETIRED)));
+        assert_eq!(
+            fs::read_to_string(kept.join("key.pem")).unwrap(),
+            "CURRENT\n"
+        );
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&kept.join("key.pem")), 0o600);
+        assert_eq!(mode(&dir.path().join(RETIRED)), 0o700);
+        assert!(read_consistent(dir.path()).is_err());
+        assert!(fs::symlink_metadata(dir.path().join("cert.pem")).is_err());
+        // The next credential is written as usual, and a second retirement gets its own name.
+        write_svid_dir(dir.path(), one, "NEW\n", one).unwrap();
+        assert_eq!(read_consistent(dir.path()).unwrap().1, b"NEW\n");
+        let again = retire_credential(dir.path()).unwrap();
+        assert_ne!(again, kept);
+        assert_eq!(fs::read_to_string(again.join("key.pem")).unwrap(), "NEW\n");
+        assert_eq!(
+            fs::read_to_string(kept.join("key.pem")).unwrap(),
+            "CURRENT\n"
+        );
+
+        // Plain files, as `lanyard issue` writes them.
+        let plain = tempfile::tempdir().unwrap();
+        fs::write(plain.path().join("cert.pem"), "C").unwrap();
+        write_atomic(&plain.path().join("key.pem"), b"K", 0o600).unwrap();
+        fs::write(plain.path().join("bundle.pem"), "B").unwrap();
+        let kept = retire_credential(plain.path()).unwrap();
+        assert_eq!(fs::read_to_string(kept.join("key.pem")).unwrap(), "K");
+        assert_eq!(mode(&kept.join("key.pem")), 0o600);
+        assert!(!plain.path().join("cert.pem").exists());
     }
 
     #[test]

@@ -86,23 +86,40 @@ impl Agent {
         self.source.clone()
     }
 
-    /// Runs until `shutdown` fires (Ok) or the credential is lost for good (Err).
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+    /// Runs until `shutdown` says `true` or its sender is dropped (Ok), or the credential is
+    /// lost for good (Err). Every phase — bootstrap retries, waiting to renew, backoff, the
+    /// on-rotate hook, CA calls — ends as soon as it is told to stop: the whole run is raced
+    /// against the signal, and everything it awaits is safe to drop (files are written
+    /// synchronously between awaits; the hook is killed when dropped).
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+        let mut stop = shutdown.clone();
+        tokio::select! {
+            result = self.run_to_completion(shutdown) => result,
+            () = stop_requested(&mut stop) => {
+                info!("agent stopping");
+                Ok(())
+            }
+        }
+    }
+
+    async fn run_to_completion(
+        &self,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), AgentError> {
         let state = self.bootstrap().await?;
         let id = state.svid.spiffe_id.clone();
         self.publish(state).await?;
-        let watch_task = self
-            .revocations
-            .follow(self.cfg.server.clone(), self.source.clone());
+        // Aborted when this future ends or is dropped, so a stopped agent leaves nothing behind.
+        let _watch_task = AbortOnDrop(
+            self.revocations
+                .follow(self.cfg.server.clone(), self.source.clone()),
+        );
         let (bundle_task, mut bundles) =
             follow_bundles(self.cfg.server.clone(), self.source.clone());
-        let result = self
-            .rotate_forever(&mut shutdown, &mut bundles)
+        let _bundle_task = AbortOnDrop(bundle_task);
+        self.rotate_forever(&mut shutdown, &mut bundles)
             .instrument(info_span!("agent", spiffe_id = %id))
-            .await;
-        watch_task.abort();
-        bundle_task.abort();
-        result
+            .await
     }
 
     async fn rotate_forever(
@@ -201,42 +218,78 @@ impl Agent {
     }
 
     /// A credential left in `out_dir` by an earlier run is reused if it can still renew;
-    /// otherwise the join token is used.
+    /// otherwise the join token is used, and the old credential is set aside under
+    /// `retired/<time>/` (kept, not deleted). Without a token an unusable credential is fatal:
+    /// exit 3 if revoked, 4 if expired.
     async fn bootstrap(&self) -> Result<SvidState, AgentError> {
         if let Some(dir) = &self.cfg.out_dir
             && let Some(state) = self.load_existing(dir)
         {
             info!(spiffe_id = %state.svid.spiffe_id, serial = %state.svid.serial, dir = %dir.display(), "reusing existing credential");
             self.install(&state)?;
-            // Do not hand a revoked credential to workloads, not even briefly: ask the CA first
-            // (an unreachable CA is not a reason to stop serving a still-valid certificate).
-            if let Some(why) = self.revoked_per_ca(&state.svid).await {
-                return Err(AgentError::Revoked(why));
+            let unusable = match self.revalidate(&state).await {
+                Ok(Some(renewed)) => return Ok(renewed),
+                Ok(None) => return Ok(state),
+                Err(e) => e,
+            };
+            if self.cfg.token.is_none() {
+                return Err(match unusable {
+                    AgentError::Revoked(m) => AgentError::Revoked(format!(
+                        "{m} (once the revocation is lifted, start the agent with --token <a new join token>: the revoked credential is then kept under {}/ and a new one enrolled)",
+                        dir.join(files::RETIRED).display()
+                    )),
+                    other => other,
+                });
             }
-            if state.svid.not_after > unix_now() {
-                return Ok(state);
-            }
-            // Expired while the agent was down: the CA's renewal grace may still allow it.
-            match self.renew().await {
-                Ok(renewed) => return Ok(renewed),
-                Err(e) => {
-                    if let Some(AgentError::Revoked(m)) = classify(&e) {
-                        return Err(AgentError::Revoked(m));
-                    }
-                    if self.cfg.token.is_none() {
-                        return Err(AgentError::Expired(e.message().to_string()));
-                    }
-                    warn!(
-                        error = e.message(),
-                        "cannot renew the expired credential; using the join token"
-                    );
-                }
-            }
+            // A token that cannot work (malformed, wrong ID) must not cost the old credential.
+            self.token_target()?;
+            let retired_to = files::retire_credential(dir).map_err(|e| {
+                AgentError::Io(format!(
+                    "setting the old credential in {} aside: {e}",
+                    dir.display()
+                ))
+            })?;
+            warn!(
+                spiffe_id = %state.svid.spiffe_id,
+                serial = %state.svid.serial,
+                not_after = state.svid.not_after,
+                reason = %unusable,
+                retired_to = %retired_to.display(),
+                "existing credential set aside; enrolling with the join token"
+            );
         }
         self.bootstrap_with_token().await
     }
 
-    async fn bootstrap_with_token(&self) -> Result<SvidState, AgentError> {
+    /// Whether the installed credential `state` from an earlier run can go on: `Ok(None)` to
+    /// reuse it as is, `Ok(Some(_))` when it had expired and the CA renewed it within the
+    /// renewal grace, `Err` (revoked or expired) when it cannot.
+    async fn revalidate(&self, state: &SvidState) -> Result<Option<SvidState>, AgentError> {
+        // Do not hand a revoked credential to workloads, not even briefly: ask the CA first
+        // (an unreachable CA is not a reason to stop serving a still-valid certificate).
+        if let Some(why) = self.revoked_per_ca(&state.svid).await {
+            return Err(AgentError::Revoked(why));
+        }
+        if state.svid.not_after > unix_now() {
+            return Ok(None);
+        }
+        // Expired while the agent was down: the CA's renewal grace may still allow it.
+        match self.renew().await {
+            Ok(renewed) => Ok(Some(renewed)),
+            Err(e) => Err(match classify(&e) {
+                Some(fatal @ (AgentError::Revoked(_) | AgentError::Expired(_))) => fatal,
+                _ => AgentError::Expired(format!(
+                    "the certificate expired at {} and renewing it failed: {:?}: {}",
+                    crate::issuance::fmt_time(state.svid.not_after),
+                    e.code(),
+                    e.message()
+                )),
+            }),
+        }
+    }
+
+    /// The join token (raw and parsed) and the SPIFFE ID to ask for with it.
+    fn token_target(&self) -> Result<(&str, JoinToken, SpiffeId), AgentError> {
         let raw = self.cfg.token.as_deref().ok_or_else(|| {
             AgentError::Bootstrap("no credential to renew and no --token given".into())
         })?;
@@ -260,6 +313,11 @@ impl Agent {
                 )));
             }
         };
+        Ok((raw, token, id))
+    }
+
+    async fn bootstrap_with_token(&self) -> Result<SvidState, AgentError> {
+        let (raw, token, id) = self.token_target()?;
         let trust = match &self.cfg.bundle {
             Some(p) => {
                 let pem = std::fs::read(p)
@@ -571,6 +629,20 @@ impl Agent {
             .ok()
             .flatten()
             .unwrap_or_default()
+    }
+}
+
+/// Resolves once `rx` says stop, or its sender is gone (nobody can say so any more).
+async fn stop_requested(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -155,6 +155,14 @@ mod tests {
             .unwrap(),
         );
         let cross = old.cross_sign(&new).unwrap();
+        // Roots allow the one cross-signed intermediate (OpenSSL and Go check the anchor's
+        // constraint); the cross-signed certificate allows none below it.
+        assert_eq!(old.root_path_len(), Some(1));
+        assert_eq!(new.root_path_len(), Some(1));
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cross).unwrap();
+        let bc = parsed.basic_constraints().unwrap().unwrap().value;
+        assert!(bc.ca);
+        assert_eq!(bc.path_len_constraint, Some(0));
         let set = CaSet::new(new.clone(), None, Some(old.clone()), Some(cross.clone()));
         assert_eq!(set.roots(), vec![new.root().clone(), old.root().clone()]);
         let now = unix_now();
