@@ -507,8 +507,9 @@ impl Issuance {
         Ok(record)
     }
 
-    /// The enrollment this redemption would replace, if any. A prefix token enrolls only new
-    /// identities: one whose enrollment still backs a renewable certificate belongs to someone
+    /// The enrollment this redemption would replace, if any (one made by another token). A
+    /// prefix token enrolls only new identities (or re-enrolls those it enrolled itself): one
+    /// enrolled otherwise whose enrollment still backs a renewable certificate belongs to someone
     /// else, and replacing its role ceiling takes a token naming exactly that identity.
     fn check_enrollment(
         &self,
@@ -518,6 +519,11 @@ impl Issuance {
         let Some(old) = self.store().enrollment(subject).map_err(internal)? else {
             return Ok(None);
         };
+        if old.via == format!("token:{}", token.id) {
+            // Enrolled by this very token before (a multi-use token, a restarted workload that
+            // lost its key): the same ceiling again, nobody else's enrollment is touched.
+            return Ok(None);
+        }
         let prefix = matches!(
             IdPattern::parse(&token.spiffe_id).map_err(internal)?,
             IdPattern::Prefix(_)
