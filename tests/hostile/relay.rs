@@ -59,8 +59,14 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
-/// One FetchX509SVID over the socket, as go-spiffe or tonic clients make it.
-async fn fetch_svid(sock: &Path) -> Result<wl::X509svidResponse, String> {
+/// A Workload API client watching FetchX509SVID (kept open while held), and its first message.
+type Watch = (
+    SpiffeWorkloadApiClient<tonic::transport::Channel>,
+    tonic::Streaming<wl::X509svidResponse>,
+);
+
+/// Opens a FetchX509SVID watch over the socket, as go-spiffe or tonic clients do.
+async fn watch_svid(sock: &Path) -> Result<(Watch, wl::X509svidResponse), String> {
     let path = sock.to_path_buf();
     let call = async move {
         let channel = tonic::transport::Endpoint::try_from("http://localhost")
@@ -74,19 +80,27 @@ async fn fetch_svid(sock: &Path) -> Result<wl::X509svidResponse, String> {
         let mut req = tonic::Request::new(wl::X509svidRequest {});
         req.metadata_mut()
             .insert("workload.spiffe.io", "true".parse().unwrap());
-        SpiffeWorkloadApiClient::new(channel)
+        let mut client = SpiffeWorkloadApiClient::new(channel);
+        let mut stream = client
             .fetch_x509svid(req)
             .await
             .map_err(|e| format!("call: {e}"))?
-            .into_inner()
+            .into_inner();
+        let first = stream
             .message()
             .await
             .map_err(|e| format!("stream: {e}"))?
-            .ok_or_else(|| "empty stream".to_string())
+            .ok_or_else(|| "empty stream".to_string())?;
+        Ok(((client, stream), first))
     };
     tokio::time::timeout(Duration::from_secs(5), call)
         .await
         .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+/// One FetchX509SVID message; the connection closes after it.
+async fn fetch_svid(sock: &Path) -> Result<wl::X509svidResponse, String> {
+    watch_svid(sock).await.map(|(_, first)| first)
 }
 
 /// Asserts the agent is alive and serves a normal client.
@@ -172,28 +186,47 @@ async fn assert_closed(s: &mut UnixStream) {
 async fn hpack_bomb_in_one_frame_gets_goaway_and_memory_stays_bounded() {
     let ca = TestCa::start().await;
     let (mut agent, sock) = agent(&ca, "bomb", &[]).await;
-    assert_serving(&mut agent, &sock).await;
+    // A client already watching its SVID, on its own connection.
+    let ((mut watcher, _stream), _) = watch_svid(&sock).await.unwrap();
     let before = status_kb(agent.pid(), "VmHWM");
 
-    // 12,000 references fit one 16 KiB frame and decode to 48 MB.
+    // 12,000 references fit one 16 KiB frame and decode to 48 MB; four connections at once.
     let block = bomb_block(12_000);
     assert!(block.len() <= MAX_FRAME);
-    for _ in 0..2 {
-        let mut s = open(&sock).await;
-        s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, block.len()))
-            .await
-            .unwrap();
-        s.write_all(&block).await.unwrap();
-        assert_eq!(goaway_code(&mut s).await, Some(ENHANCE_YOUR_CALM));
-        assert_closed(&mut s).await;
+    let bombs: Vec<_> = (0..4)
+        .map(|_| {
+            let (sock, block) = (sock.clone(), block.clone());
+            tokio::spawn(async move {
+                let mut s = open(&sock).await;
+                s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, block.len()))
+                    .await
+                    .unwrap();
+                s.write_all(&block).await.unwrap();
+                assert_eq!(goaway_code(&mut s).await, Some(ENHANCE_YOUR_CALM));
+                assert_closed(&mut s).await;
+            })
+        })
+        .collect();
+    for b in bombs {
+        b.await.unwrap();
     }
 
     let grown = status_kb(agent.pid(), "VmHWM").saturating_sub(before);
+    eprintln!("agent peak RSS growth: {grown} kB (from {before} kB)");
     assert!(
         grown < HWM_GROWTH_KB,
         "agent peak RSS grew by {grown} kB under the bomb"
     );
     assert_serving(&mut agent, &sock).await;
+    // The watcher's connection was not touched: it still makes calls.
+    let mut req = tonic::Request::new(wl::X509BundlesRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let bundles = tokio::time::timeout(Duration::from_secs(5), watcher.fetch_x509_bundles(req))
+        .await
+        .expect("in time")
+        .expect("the existing connection still serves");
+    drop(bundles);
 }
 
 #[tokio::test]
@@ -220,6 +253,7 @@ async fn the_issues_bomb_frames_are_refused_by_their_length() {
     }
 
     let grown = status_kb(agent.pid(), "VmHWM").saturating_sub(before);
+    eprintln!("agent peak RSS growth: {grown} kB (from {before} kB)");
     assert!(grown < HWM_GROWTH_KB, "agent peak RSS grew by {grown} kB");
     assert_serving(&mut agent, &sock).await;
 }
@@ -269,10 +303,12 @@ async fn connections_over_the_cap_are_closed_and_clients_are_served_once_they_go
     let (mut agent, sock) = agent(&ca, "cap", &["--workload-max-connections", "4"]).await;
     assert_serving(&mut agent, &sock).await;
 
-    // Four idle connections take every slot...
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        held.push(open(&sock).await);
+    // Two idle connections and two clients watching their SVID take every slot...
+    let mut idle = Vec::new();
+    let mut watching = Vec::new();
+    for _ in 0..2 {
+        idle.push(open(&sock).await);
+        watching.push(watch_svid(&sock).await.unwrap().0);
     }
     // ...so the next ones are closed at once, before the server says anything.
     for _ in 0..3 {
@@ -286,8 +322,9 @@ async fn connections_over_the_cap_are_closed_and_clients_are_served_once_they_go
     }
     assert!(fetch_svid(&sock).await.is_err(), "served over the cap");
 
-    // Once they go, a normal client is served again.
-    drop(held);
+    // Once they go (the watchers with their streams still open), a normal client is served.
+    drop(idle);
+    drop(watching);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         match fetch_svid(&sock).await {
@@ -296,7 +333,7 @@ async fn connections_over_the_cap_are_closed_and_clients_are_served_once_they_go
                 break;
             }
             Err(e) if tokio::time::Instant::now() > deadline => {
-                panic!("not served after the idle connections closed: {e}")
+                panic!("not served after the connections closed: {e}")
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
