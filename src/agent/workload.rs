@@ -2,23 +2,40 @@
 //! full state at once and again on every rotation or bundle change. Federated bundles travel in
 //! `federated_bundles` (FetchX509SVID) and next to the own bundle in `bundles`
 //! (FetchX509Bundles), keyed `spiffe://<td>`. JWT-SVIDs are not supported.
+//!
+//! Any local process that can open the socket reaches this server, before the security header is
+//! checked, so it is bounded: at most `max_connections` connections at once (one more is closed
+//! at accept), each behind the relay's limits (see `uds`), with small HTTP/2 windows, few
+//! streams and small request messages.
 
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use super::SvidState;
+use super::uds::{MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE};
 use crate::pb::workload::{
     self as wl,
     spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer},
 };
+
+/// How many Workload API connections are served at once unless configured otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 256;
+/// HTTP/2 receive windows (connection and stream) and the largest request message: Workload API
+/// requests are a few hundred octets, and these bound what a client can make the server buffer.
+const WINDOW: u32 = 64 * 1024;
+/// Concurrent streams per connection (a SPIFFE client opens one per watch, so a handful).
+const MAX_STREAMS: u32 = 32;
+/// Least time between two warnings about refused connections (repeats are logged at debug).
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The Workload API service over the agent's current SVID.
 pub struct WorkloadApi {
@@ -156,11 +173,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
     }
 }
 
-/// Serves the Workload API on `path` (a stale socket file is replaced) until `shutdown`.
+/// Serves the Workload API on `path` (a stale socket file is replaced) until `shutdown`, to at
+/// most `max_connections` clients at once.
 pub async fn serve_workload_api(
     path: &Path,
     state: watch::Receiver<Option<Arc<SvidState>>>,
     mut shutdown: watch::Receiver<bool>,
+    max_connections: u32,
 ) -> std::io::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
@@ -170,13 +189,77 @@ pub async fn serve_workload_api(
         _ => {}
     }
     let listener = UnixListener::bind(path)?;
-    info!(socket = %path.display(), "serving the SPIFFE Workload API");
-    let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(super::uds::relay));
+    info!(socket = %path.display(), max_connections, "serving the SPIFFE Workload API");
+    // u32 always fits usize on the targets tokio supports; saturate rather than assume.
+    let slots = Arc::new(Semaphore::new(
+        usize::try_from(max_connections)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS),
+    ));
+    let mut refusals = Refusals::default();
+    let incoming = UnixListenerStream::new(listener).filter_map(move |conn| {
+        let conn = match conn {
+            Ok(stream) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => Some(Ok(super::uds::relay(stream, slot))),
+                // Dropping the stream closes it before the server says a word.
+                Err(_) => {
+                    refusals.note(max_connections);
+                    None
+                }
+            },
+            Err(e) => Some(Err(e)),
+        };
+        std::future::ready(conn)
+    });
+    let service = SpiffeWorkloadApiServer::new(WorkloadApi::new(state))
+        .max_decoding_message_size(WINDOW as usize);
+    // The relay enforces the frame and header list sizes the server advertises: set them here
+    // rather than trusting hyper's defaults to stay what the relay assumes.
     tonic::transport::Server::builder()
-        .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(state)))
+        .max_frame_size(MAX_FRAME_SIZE)
+        .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .initial_connection_window_size(WINDOW)
+        .initial_stream_window_size(WINDOW)
+        .max_concurrent_streams(MAX_STREAMS)
+        .add_service(service)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.wait_for(|s| *s).await;
         })
         .await
         .map_err(std::io::Error::other)
+}
+
+/// Connections refused for want of a slot: warns on the first and then at most once every
+/// [`REFUSAL_WARN_EVERY`] (with the count since), so a client hammering the socket cannot flood
+/// the log.
+#[derive(Debug, Default)]
+struct Refusals {
+    last_warning: Option<Instant>,
+    since: u64,
+}
+
+// === impl Refusals ===
+
+impl Refusals {
+    fn note(&mut self, max_connections: u32) {
+        self.since += 1;
+        let now = Instant::now();
+        if self
+            .last_warning
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_WARN_EVERY)
+        {
+            warn!(
+                max_connections,
+                refused = self.since,
+                "workload API connection refused: all connection slots are taken"
+            );
+            self.last_warning = Some(now);
+            self.since = 0;
+        } else {
+            debug!(
+                max_connections,
+                "workload API connection refused: all connection slots are taken"
+            );
+        }
+    }
 }

@@ -32,6 +32,10 @@ pub(super) struct AgentArgs {
     /// Serve the SPIFFE Workload API on this unix socket.
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET_PATH")]
     workload_socket: Option<PathBuf>,
+    /// Most Workload API connections served at once; more are closed at accept.
+    #[arg(long, default_value_t = crate::agent::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    workload_max_connections: u32,
     /// Run this shell command after each rotation (e.g. 'nginx -s reload').
     #[arg(long)]
     on_rotate: Option<String>,
@@ -86,8 +90,9 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = a.workload_socket {
         let state = agent.subscribe();
         let stop = stop_rx.clone();
+        let max_connections = a.workload_max_connections;
         tokio::spawn(async move {
-            if let Err(e) = serve_workload_api(&path, state, stop).await {
+            if let Err(e) = serve_workload_api(&path, state, stop, max_connections).await {
                 error!(socket = %path.display(), error = %e, "workload API stopped");
             }
         });
