@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use lanyard::ca::RolesOid;
 use lanyard::pb::v1::{self as pb, ca_client::CaClient, revocation_client::RevocationClient};
-use lanyard::tls::{ServerTrust, ServerVerifier, provider};
+use lanyard::tls::{Bundle, ServerTrust, ServerVerifier, provider};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -33,8 +33,13 @@ const PATIENCE: Duration = Duration::from_secs(6);
 
 /// A TLS 1.3 client config trusting `ca` for `spiffe://example.org/lanyard/server`.
 fn client_tls(ca: &TestCa, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+    client_tls_for(ca.bundle(), alpn)
+}
+
+/// A TLS 1.3 client config trusting `bundle` for `spiffe://example.org/lanyard/server`.
+fn client_tls_for(bundle: Bundle, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
     let verifier = ServerVerifier::for_path(
-        ServerTrust::Bundle(ca.bundle()),
+        ServerTrust::Bundle(bundle),
         "/lanyard/server",
         RolesOid::default(),
     );
@@ -106,10 +111,8 @@ async fn closed_after(mut conn: TlsStream<TcpStream>, since: Instant) -> Option<
     }
 }
 
-/// A gRPC channel whose connections come from `source`.
-async fn channel_from(ca: &TestCa, source: IpAddr) -> Channel {
-    let cfg = client_tls(ca, b"h2");
-    let to = ca.addr;
+/// A gRPC channel to `to` whose connections come from `source`.
+async fn channel_from(to: SocketAddr, cfg: Arc<rustls::ClientConfig>, source: IpAddr) -> Channel {
     Endpoint::from_shared(format!("http://{to}"))
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_| {
@@ -122,8 +125,13 @@ async fn channel_from(ca: &TestCa, source: IpAddr) -> Channel {
 
 /// Whether a `GetTrustBundle` from `source` is answered (within 5 s).
 async fn served_from(ca: &TestCa, source: IpAddr) -> bool {
+    grpc_served(ca.addr, client_tls(ca, b"h2"), source).await
+}
+
+/// Whether a `GetTrustBundle` to `to` from `source` is answered (within 5 s).
+async fn grpc_served(to: SocketAddr, cfg: Arc<rustls::ClientConfig>, source: IpAddr) -> bool {
     let call = async {
-        CaClient::new(channel_from(ca, source).await)
+        CaClient::new(channel_from(to, cfg, source).await)
             .get_trust_bundle(pb::GetTrustBundleRequest {})
             .await
     };
@@ -328,47 +336,93 @@ fn open_file_limits(pid: u32) -> Option<(String, String)> {
     Some((words.next()?.to_string(), words.next()?.to_string()))
 }
 
-#[tokio::test]
-async fn serve_raises_its_open_file_soft_limit_to_the_hard_limit() {
+/// A `lanyard serve` child process started by a shell that first runs `ulimit`.
+struct ChildCa {
+    server: ChildGuard,
+    addr: SocketAddr,
+    bundle: Bundle,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts `lanyard serve` (config: `extra` and the test policy) after `ulimit <ulimit>` in the
+/// shell that becomes the server, so it inherits the lowered limits; waits until it listens.
+async fn serve_after_ulimit(ulimit: &str, extra: &str) -> ChildCa {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("lanyard.toml");
     std::fs::write(
         &config,
-        format!("trust_domain = \"example.org\"\nlisten = \"127.0.0.1:0\"\n{POLICY}"),
+        format!("trust_domain = \"example.org\"\nlisten = \"127.0.0.1:0\"\n{extra}\n{POLICY}"),
     )
     .unwrap();
     let data = dir.path().join("data");
-    // The shell lowers its soft limit (the common 1024 stands for any figure below the hard
-    // limit) and becomes the server, which inherits it.
-    let script = "ulimit -Sn 512 && exec \"$0\" serve --config \"$1\" --data-dir \"$2\"";
     let mut shell = std::process::Command::new("sh");
     for v in LANYARD_ENV_VARS {
         shell.env_remove(v);
     }
     shell
         .arg("-c")
-        .arg(script)
+        .arg(format!(
+            "ulimit {ulimit} && exec \"$0\" serve --config \"$1\" --data-dir \"$2\""
+        ))
         .arg(lanyard_bin())
         .arg(&config)
         .arg(&data)
         .env("LANYARD_LOG", "info");
-    let mut server = ChildGuard::spawn("lanyard serve", &mut shell, &dir.path().join("serve.log"));
-    let started = poll_until(Duration::from_secs(20), Duration::from_millis(50), || {
-        data.join("serve.addr").exists().then_some(())
+    let server = ChildGuard::spawn("lanyard serve", &mut shell, &dir.path().join("serve.log"));
+    let addr = poll_until(Duration::from_secs(20), Duration::from_millis(50), || {
+        std::fs::read_to_string(data.join("serve.addr"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     })
-    .await;
-    assert!(
-        started.is_some(),
-        "server did not start: {}",
-        server.output()
-    );
-    assert!(server.is_running());
-    let (soft, hard) = open_file_limits(server.pid()).unwrap();
+    .await
+    .unwrap_or_else(|| panic!("server did not start: {}", server.output()));
+    let bundle = Bundle::from_pem(&std::fs::read(data.join("admin/bundle.pem")).unwrap()).unwrap();
+    ChildCa {
+        server,
+        addr,
+        bundle,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn serve_raises_its_open_file_soft_limit_to_the_hard_limit() {
+    // 512 stands for the common soft limit of 1024: any figure below the hard limit.
+    let mut ca = serve_after_ulimit("-Sn 512", "").await;
+    assert!(ca.server.is_running());
+    let (soft, hard) = open_file_limits(ca.server.pid()).unwrap();
     assert_ne!(hard, "512", "the test needs a hard limit above 512");
     assert_eq!(soft, hard, "soft open-file limit after start");
-    let log = server.output();
+    let log = ca.server.output();
     assert!(
         log.contains("open file limit") && log.contains(&hard),
         "the figure is logged: {log}"
     );
+}
+
+#[tokio::test]
+async fn a_flood_under_a_low_hard_limit_never_runs_the_server_out_of_descriptors() {
+    // A hard limit of 320 leaves 64 connections after the 256 descriptors kept in reserve: the
+    // default caps (8192 in total, 1024 per source) must come down to that, so 400 connections
+    // from one address are refused at the cap instead of running the server into EMFILE.
+    let mut ca = serve_after_ulimit("-n 320", "request_start_timeout = \"3s\"\n").await;
+    let cfg = client_tls_for(ca.bundle.clone(), b"h2");
+    let (held, refused) = open_many(400, SOURCE_1, ca.addr, &cfg).await;
+    assert_eq!((held.len(), refused), (64, 336));
+    drop(held);
+    let mut served = false;
+    for _ in 0..20 {
+        if grpc_served(ca.addr, cfg.clone(), SOURCE_2).await {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "served after the flood: {}", ca.server.output());
+    assert!(ca.server.is_running());
+    let log = ca.server.output();
+    assert!(log.contains("connection caps lowered"), "{log}");
+    assert!(!log.contains("accept failed"), "{log}");
 }
