@@ -280,8 +280,8 @@ where
     }
 }
 
-/// Holds `guard`'s lock even if a panicking thread poisoned it: the counters stay consistent
-/// because every update is a single step.
+/// Locks `m` even if a panicking thread poisoned it: the counters stay consistent because no
+/// update can be left half done.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -721,6 +721,33 @@ mod tests {
         assert_eq!(*waits.last().unwrap(), BACKOFF_MAX);
         b.succeeded("test");
         assert_eq!(b.failed("test", &e), BACKOFF_MIN);
+    }
+
+    #[tokio::test]
+    async fn conn_replays_the_preface_and_closes_only_when_no_request_is_in_flight() {
+        let adm = Admission::new("test", caps(1, 1));
+        let (_client, server) = tokio::io::duplex(64);
+        let permit = adm.try_admit("192.0.2.1".parse().unwrap()).unwrap();
+        let idle = Duration::from_millis(300);
+        let mut conn = Conn::new(server, permit, idle);
+        let mut preface = [0u8; 24];
+        conn.read_exact(&mut preface).await.unwrap();
+        assert_eq!(&preface, H2_PREFACE);
+        let request = conn.activity.begin();
+        let mut buf = [0u8; 8];
+        // Three idle timeouts with a quiet request in flight: still open.
+        let read = tokio::time::timeout(idle * 3, conn.read(&mut buf)).await;
+        assert!(read.is_err(), "closed under a request in flight: {read:?}");
+        drop(request);
+        let ended = Instant::now();
+        let err = tokio::time::timeout(idle * 4, conn.read(&mut buf))
+            .await
+            .expect("closed once idle")
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(ended.elapsed() >= idle - Duration::from_millis(20));
+        drop(conn);
+        assert_eq!(adm.open(), 0, "closing frees the permit");
     }
 
     #[test]
