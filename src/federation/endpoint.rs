@@ -3,7 +3,7 @@
 //!
 //! Each connection is admitted by [`Admission`] (total and per-source caps, checked before the
 //! TLS handshake), gets `tls_handshake_timeout` for the handshake, `request_start_timeout` for
-//! the request head, and [`CONNECTION_TIMEOUT`] for everything; keep-alive is off, so a
+//! the request head, and 30 s (`CONNECTION_TIMEOUT`) for everything; keep-alive is off, so a
 //! connection ends with its one response.
 
 use std::convert::Infallible;
