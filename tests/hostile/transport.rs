@@ -425,4 +425,9 @@ async fn a_flood_under_a_low_hard_limit_never_runs_the_server_out_of_descriptors
     let log = ca.server.output();
     assert!(log.contains("connection caps lowered"), "{log}");
     assert!(!log.contains("accept failed"), "{log}");
+    let warnings = log.matches("connections refused").count();
+    assert!(
+        (1..=2).contains(&warnings),
+        "336 refusals make one warning (with a count), not one line each: {warnings}"
+    );
 }
