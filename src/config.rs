@@ -108,6 +108,24 @@ pub struct FileConfig {
     /// Federated trust domains.
     #[serde(default)]
     pub federation: Vec<FederationSpec>,
+    /// Concurrent gRPC connections in total.
+    pub max_connections: Option<usize>,
+    /// Concurrent gRPC connections from one source (IPv4 address or IPv6 /64).
+    pub max_connections_per_source: Option<usize>,
+    /// Concurrent bundle endpoint connections in total.
+    pub bundle_endpoint_max_connections: Option<usize>,
+    /// Concurrent bundle endpoint connections from one source.
+    pub bundle_endpoint_max_connections_per_source: Option<usize>,
+    /// How long a client has to finish the TLS handshake (both listeners).
+    #[serde(default, with = "opt_duration")]
+    pub tls_handshake_timeout: Option<Duration>,
+    /// How long after the handshake a client has to start: the HTTP/2 preface (gRPC), the whole
+    /// request head (bundle endpoint).
+    #[serde(default, with = "opt_duration")]
+    pub request_start_timeout: Option<Duration>,
+    /// A gRPC connection with no request in flight for this long is closed.
+    #[serde(default, with = "opt_duration")]
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Values given on the command line or in the environment; they win over the file.
@@ -166,6 +184,8 @@ pub struct ServeSettings {
     pub ca_rotation_overlap: Duration,
     /// Federated trust domains.
     pub federation: Vec<FederatedDomain>,
+    /// Connection limits and timeouts of both listeners.
+    pub transport: Transport,
     /// Roles extension OID.
     pub roles_oid: RolesOid,
     /// An operator-supplied CA (cert chain, key).
@@ -174,6 +194,26 @@ pub struct ServeSettings {
     pub config_path: Option<PathBuf>,
     /// The validated policy.
     pub policy: Policy,
+}
+
+/// Connection limits and timeouts (see `crate::net`). The caps are what is configured; the
+/// server lowers them at start if the open-file limit cannot hold them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transport {
+    /// Concurrent gRPC connections in total.
+    pub max_connections: usize,
+    /// Concurrent gRPC connections per source (IPv4 address or IPv6 /64).
+    pub max_connections_per_source: usize,
+    /// Concurrent bundle endpoint connections in total.
+    pub bundle_endpoint_max_connections: usize,
+    /// Concurrent bundle endpoint connections per source.
+    pub bundle_endpoint_max_connections_per_source: usize,
+    /// TLS handshake deadline.
+    pub tls_handshake_timeout: Duration,
+    /// Deadline after the handshake for the HTTP/2 preface or the bundle request head.
+    pub request_start_timeout: Duration,
+    /// Idle gRPC connections (no request in flight) are closed after this.
+    pub idle_timeout: Duration,
 }
 
 /// Defaults, in one place so docs and the example config can be checked against them.
@@ -213,6 +253,20 @@ pub mod defaults {
     /// How many refresh hints a staged CA is published before signing switches to it (the
     /// default `ca_rotation_overlap` is this many times `bundle_refresh_hint`).
     pub const CA_ROTATION_OVERLAP_HINTS: u32 = 3;
+    /// Concurrent gRPC connections in total (an agent holds one, with its watch streams).
+    pub const MAX_CONNECTIONS: usize = 8192;
+    /// Concurrent gRPC connections per source: room for a large fleet behind one NAT address.
+    pub const MAX_CONNECTIONS_PER_SOURCE: usize = 1024;
+    /// Concurrent bundle endpoint connections in total (peers fetch at their refresh hint).
+    pub const BUNDLE_ENDPOINT_MAX_CONNECTIONS: usize = 256;
+    /// Concurrent bundle endpoint connections per source.
+    pub const BUNDLE_ENDPOINT_MAX_CONNECTIONS_PER_SOURCE: usize = 16;
+    /// TLS handshake deadline.
+    pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Deadline after the handshake for the HTTP/2 preface or the bundle request head.
+    pub const REQUEST_START_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Idle gRPC connection timeout.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 }
 
 impl FileConfig {
@@ -334,6 +388,7 @@ impl ServeSettings {
                 format!("{ca_rotation_overlap:?} must be at least 1s"),
             ));
         }
+        let transport = resolve_transport(&file)?;
         Ok(Self {
             trust_domain,
             data_dir: overrides
@@ -359,6 +414,7 @@ impl ServeSettings {
             bundle_refresh_hint,
             ca_rotation_overlap,
             federation,
+            transport,
             roles_oid,
             ca_files,
             config_path: config_path.map(Path::to_path_buf),
@@ -384,6 +440,57 @@ impl ServeSettings {
             &federated_domains(&self.federation),
         )?)
     }
+}
+
+/// The connection limits and timeouts, checked: caps at least 1, timeouts at least 100 ms.
+fn resolve_transport(file: &FileConfig) -> Result<Transport, ConfigError> {
+    let count = |name: &'static str, v: Option<usize>, default: usize| match v.unwrap_or(default) {
+        0 => Err(ConfigError::Invalid(name, "must be at least 1".into())),
+        n => Ok(n),
+    };
+    let time = |name: &'static str, v: Option<Duration>, default: Duration| {
+        let v = v.unwrap_or(default);
+        if v < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid(
+                name,
+                format!("{v:?} must be at least 100ms"),
+            ));
+        }
+        Ok(v)
+    };
+    Ok(Transport {
+        max_connections: count(
+            "max_connections",
+            file.max_connections,
+            defaults::MAX_CONNECTIONS,
+        )?,
+        max_connections_per_source: count(
+            "max_connections_per_source",
+            file.max_connections_per_source,
+            defaults::MAX_CONNECTIONS_PER_SOURCE,
+        )?,
+        bundle_endpoint_max_connections: count(
+            "bundle_endpoint_max_connections",
+            file.bundle_endpoint_max_connections,
+            defaults::BUNDLE_ENDPOINT_MAX_CONNECTIONS,
+        )?,
+        bundle_endpoint_max_connections_per_source: count(
+            "bundle_endpoint_max_connections_per_source",
+            file.bundle_endpoint_max_connections_per_source,
+            defaults::BUNDLE_ENDPOINT_MAX_CONNECTIONS_PER_SOURCE,
+        )?,
+        tls_handshake_timeout: time(
+            "tls_handshake_timeout",
+            file.tls_handshake_timeout,
+            defaults::TLS_HANDSHAKE_TIMEOUT,
+        )?,
+        request_start_timeout: time(
+            "request_start_timeout",
+            file.request_start_timeout,
+            defaults::REQUEST_START_TIMEOUT,
+        )?,
+        idle_timeout: time("idle_timeout", file.idle_timeout, defaults::IDLE_TIMEOUT)?,
+    })
 }
 
 /// The trust domains of the `[[federation]]` entries.
@@ -437,6 +544,19 @@ mod tests {
         assert_eq!(s.prune_interval, defaults::PRUNE_INTERVAL);
         assert_eq!(s.listen.to_string(), defaults::LISTEN);
         assert_eq!(s.roles_oid, RolesOid::default());
+        assert_eq!(
+            s.transport,
+            Transport {
+                max_connections: defaults::MAX_CONNECTIONS,
+                max_connections_per_source: defaults::MAX_CONNECTIONS_PER_SOURCE,
+                bundle_endpoint_max_connections: defaults::BUNDLE_ENDPOINT_MAX_CONNECTIONS,
+                bundle_endpoint_max_connections_per_source:
+                    defaults::BUNDLE_ENDPOINT_MAX_CONNECTIONS_PER_SOURCE,
+                tls_handshake_timeout: defaults::TLS_HANDSHAKE_TIMEOUT,
+                request_start_timeout: defaults::REQUEST_START_TIMEOUT,
+                idle_timeout: defaults::IDLE_TIMEOUT,
+            }
+        );
         assert!(!s.policy.is_empty());
     }
 
@@ -452,6 +572,9 @@ mod tests {
             "trust_domain = \"example.org\"\nmin_ttl = \"10m\"\n",
             "trust_domain = \"example.org\"\nprune_interval = \"0s\"\n",
             "trust_domain = \"example.org\"\nbundle_refresh_hint = \"0s\"\n",
+            "trust_domain = \"example.org\"\nmax_connections_per_source = 0\n",
+            "trust_domain = \"example.org\"\nidle_timeout = \"0s\"\n",
+            "trust_domain = \"example.org\"\nmax_connections = -1\n",
             "trust_domain = \"example.org\"\n[[federation]]\ntrust_domain = \"b.example\"\nbundle_endpoint_url = \"http://b/\"\nendpoint_spiffe_id = \"spiffe://b.example/lanyard/server\"\n",
             "trust_domain = \"example.org\"\n[[policy]]\nspiffe_id = \"spiffe://other.org/x\"\n",
         ] {

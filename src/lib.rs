@@ -12,6 +12,8 @@
 //! - [`tls`]: rustls pieces for SPIFFE mTLS.
 //! - [`federation`]: SPIFFE bundles, the bundle endpoint, federated trust domains.
 //! - [`api`]: tonic services (the only place errors become `tonic::Status`).
+//! - [`net`]: connection admission: open-file budget, connection caps, preface and idle
+//!   timeouts, accept backoff.
 //! - [`server`]: `lanyard serve` wiring.
 //! - [`client`]: connecting to the CA.
 //! - [`config`], [`telemetry`], [`fsutil`], [`tokens`].
@@ -29,6 +31,7 @@ pub mod encoding;
 pub mod federation;
 pub mod fsutil;
 pub mod issuance;
+pub mod net;
 pub mod policy;
 pub mod revocation;
 pub mod rotation;

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::access::{Access, AccessSettings, Notifier};
@@ -26,12 +27,13 @@ use crate::api::{
 use crate::audit::{AuditLog, Event, Kind};
 use crate::ca::{Authority, CaError};
 use crate::client::write_credential;
-use crate::config::ServeSettings;
+use crate::config::{ServeSettings, Transport};
 use crate::federation::{
     BundleHub, RelayContext, serve_bundle_endpoint, spawn_refreshers, spawn_revocation_relays,
 };
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::issuance::{Issuance, Settings};
+use crate::net::{AcceptBackoff, Admission, Caps, Conn, TrackRequestsLayer, read_preface};
 use crate::pb::v1::{
     access_server::AccessServer, admin_server::AdminServer, audit_server::AuditServer,
     ca_server::CaServer, revocation_server::RevocationServer,
@@ -45,8 +47,11 @@ use crate::tls::{Bundle, CertSlot, DeferredClientVerifier, provider, unix_now};
 
 /// Largest gRPC message the server decodes. CSRs are ~300 bytes; nothing legitimate is close.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// How long a client gets to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the server PINGs an HTTP/2 connection that has been quiet, to find dead peers
+/// (a vanished agent's watch streams would otherwise hold its connection forever).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a PING may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +205,17 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     .await
     .map_err(|e| ServeError::Store(e.to_string()))?;
 
+    let transport = settings.transport;
+    let (grpc_caps, bundle_caps) = crate::net::prepare_caps(
+        Caps {
+            total: transport.max_connections,
+            per_source: transport.max_connections_per_source,
+        },
+        settings.bundle_endpoint_listen.map(|_| Caps {
+            total: transport.bundle_endpoint_max_connections,
+            per_source: transport.bundle_endpoint_max_connections_per_source,
+        }),
+    );
     let listener = TcpListener::bind(settings.listen)
         .await
         .map_err(|e| ServeError::Bind(settings.listen, e))?;
@@ -236,11 +252,13 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     // Federation and rotation tasks hold the store (through the audit log): shutdown waits for
     // them, so a restart in the same process finds the store unlocked.
     let mut background = Vec::new();
-    if let Some(l) = bundle_listener {
+    if let (Some(l), Some(caps)) = (bundle_listener, bundle_caps) {
         background.push(tokio::spawn(serve_bundle_endpoint(
             l,
             slot.clone(),
             bundles.clone(),
+            Admission::new("bundle_endpoint", caps),
+            transport,
             shutdown_rx.clone(),
         )));
     }
@@ -276,6 +294,8 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     tokio::spawn(accept_loop(
         listener,
         acceptor,
+        Admission::new("grpc", grpc_caps),
+        transport,
         conn_tx,
         shutdown_rx.clone(),
     ));
@@ -335,6 +355,11 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         .map_err(|e| ServeError::Tls(e.to_string()))?;
 
     let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        // Outermost: it puts the TLS connect info back where tonic's `peer_certs` looks, which
+        // the refusal layer reads.
+        .layer(TrackRequestsLayer::<TlsInfo>::new())
         .layer(RefusalLayer::new(
             limiter.clone(),
             log.clone(),
@@ -610,36 +635,60 @@ pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+type TlsInfo = TlsConnectInfo<TcpConnectInfo>;
 
+/// Accepts gRPC connections: refuses those over the caps before the TLS handshake, gives each
+/// `tls_handshake_timeout` for the handshake and then `request_start_timeout` for the HTTP/2
+/// preface, and hands the rest to tonic wrapped in a [`Conn`] (idle timeout, permit).
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    tx: mpsc::Sender<Result<TlsConn, std::io::Error>>,
+    admission: Arc<Admission>,
+    transport: Transport,
+    tx: mpsc::Sender<Result<Conn<TlsConn>, std::io::Error>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut backoff = AcceptBackoff::default();
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(c) => c,
+                Ok(c) => {
+                    backoff.succeeded("grpc");
+                    c
+                }
                 Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let wait = backoff.failed("grpc", &e);
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = stopped(&mut shutdown) => return,
+                    }
                     continue;
                 }
             },
             () = stopped(&mut shutdown) => return,
         };
+        // Dropping the socket is the whole refusal: no handshake, no work.
+        let Ok(permit) = admission.try_admit(peer.ip()) else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(conn)) => {
-                    let _ = tx.send(Ok(conn)).await;
-                }
-                Ok(Err(e)) => debug!(%peer, error = %e, "tls handshake failed"),
-                Err(_) => debug!(%peer, "tls handshake timed out"),
+            let mut tls =
+                match tokio::time::timeout(transport.tls_handshake_timeout, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(e)) => return debug!(%peer, error = %e, "tls handshake failed"),
+                    Err(_) => return debug!(%peer, "tls handshake timed out"),
+                };
+            if let Err(e) = read_preface(&mut tls, transport.request_start_timeout).await {
+                return debug!(%peer, error = %e, "connection closed before the HTTP/2 preface");
             }
+            let _ = tx
+                .send(Ok(Conn::new(tls, permit, transport.idle_timeout)))
+                .await;
         });
     }
 }

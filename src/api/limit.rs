@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -61,17 +61,10 @@ pub struct Reservation {
 }
 
 impl Source {
-    /// The budget unit `ip` belongs to (an IPv4-mapped IPv6 address counts as its IPv4 address).
+    /// The budget unit `ip` belongs to: the same unit the connection caps count by
+    /// ([`crate::net::source_key`]).
     pub fn of(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(v4) => Self(IpAddr::V4(v4)),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Self(IpAddr::V4(v4)),
-                None => Self(IpAddr::V6(Ipv6Addr::from(
-                    u128::from(v6) & !((1u128 << 64) - 1),
-                ))),
-            },
-        }
+        Self(crate::net::source_key(ip))
     }
 }
 

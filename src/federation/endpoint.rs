@@ -1,5 +1,10 @@
 //! The bundle endpoint: serves the CA's own SPIFFE bundle over HTTPS (the https_spiffe profile:
 //! TLS with the CA's serving SVID, `spiffe://<td>/lanyard/server`) to any path, GET only.
+//!
+//! Each connection is admitted by [`Admission`] (total and per-source caps, checked before the
+//! TLS handshake), gets `tls_handshake_timeout` for the handshake, `request_start_timeout` for
+//! the request head, and 30 s (`CONNECTION_TIMEOUT`) for everything; keep-alive is off, so a
+//! connection ends with its one response.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -10,25 +15,30 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 
 use super::BundleHub;
+use crate::config::Transport;
+use crate::net::{AcceptBackoff, Admission};
 use crate::tls::{CertSlot, provider};
 
-/// How long a client gets for its handshake and request.
+/// How long one connection may last in all (handshake, request, response): the bound for a
+/// client that reads the response slowly.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves the bundle on `listener` until `shutdown` turns true. The TLS certificate is whatever
 /// `slot` holds at each handshake, so the serving certificate's rotation (and a CA rotation) need
-/// no restart.
+/// no restart. Connections are admitted by `admission` and timed by `transport`.
 pub async fn serve_bundle_endpoint(
     listener: TcpListener,
     slot: Arc<CertSlot>,
     hub: Arc<BundleHub>,
+    admission: Arc<Admission>,
+    transport: Transport,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tls = match rustls::ServerConfig::builder_with_provider(provider())
@@ -46,15 +56,25 @@ pub async fn serve_bundle_endpoint(
         info!(%addr, "serving the SPIFFE bundle endpoint");
     }
     let mut conns = tokio::task::JoinSet::new();
+    let mut backoff = AcceptBackoff::default();
     loop {
         // Reap finished connections so the set stays small.
         while conns.try_join_next().is_some() {}
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(c) => c,
+                Ok(c) => {
+                    backoff.succeeded("bundle_endpoint");
+                    c
+                }
                 Err(e) => {
-                    warn!(error = %e, "bundle endpoint accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let wait = backoff.failed("bundle_endpoint", &e);
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = crate::server::stopped(&mut shutdown) => {
+                            conns.shutdown().await;
+                            return;
+                        }
+                    }
                     continue;
                 }
             },
@@ -63,12 +83,27 @@ pub async fn serve_bundle_endpoint(
                 return;
             }
         };
+        // Dropping the socket is the whole refusal: no handshake, no work.
+        let Ok(permit) = admission.try_admit(peer.ip()) else {
+            continue;
+        };
         let acceptor = acceptor.clone();
         let hub = hub.clone();
         conns.spawn(async move {
+            let _permit = permit;
             let serve = async {
-                let tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+                let tls = match tokio::time::timeout(
+                    transport.tls_handshake_timeout,
+                    acceptor.accept(tcp),
+                )
+                .await
+                {
+                    Ok(r) => r.map_err(|e| e.to_string())?,
+                    Err(_) => return Err("tls handshake timed out".to_string()),
+                };
                 hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(transport.request_start_timeout)
                     .keep_alive(false)
                     .serve_connection(
                         TokioIo::new(tls),
