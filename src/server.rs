@@ -52,6 +52,11 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
 /// How long a PING may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Concurrent streams one connection may open. An agent holds four or five (its watches and a
+/// renewal); without a cap hyper accepts any number, each a task and buffers on the server.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// Largest decoded header list a request may carry (hyper refuses larger ones itself).
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -357,6 +362,8 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         // Outermost: it puts the TLS connect info back where tonic's `peer_certs` looks, which
         // the refusal layer reads.
         .layer(TrackRequestsLayer::<TlsInfo>::new())
