@@ -332,7 +332,11 @@ async fn nothing_but_key_and_id_is_copied_from_the_csr() {
         .push(DnType::CommonName, "attacker-chosen");
     p.distinguished_name
         .push(DnType::OrganizationName, "Evil Corp");
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    // Leaf usages are ignored (CA usages are refused: tests/hostile/requests.rs).
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyEncipherment,
+        KeyUsagePurpose::DataEncipherment,
+    ];
     let (key, csr) = csr_from(&p);
     let resp = ca.issue_csr(&token, csr, 60).await.expect("issues");
     let (_, cert) = X509Certificate::from_der(&resp.cert_chain[0]).unwrap();
