@@ -62,19 +62,32 @@ impl std::fmt::Debug for Credential {
 }
 
 impl Credential {
-    /// Loads a credential directory.
+    /// Loads a credential directory. Its writer (the CA for the admin credential, the agent)
+    /// replaces each file atomically but the three one after another, so a read in between can
+    /// see a new key beside the old certificate: that is read again, briefly, before it counts
+    /// as a broken credential.
     pub fn load(dir: &Path, oid: &RolesOid) -> Result<Self, ClientError> {
         let read = |name: &str| {
             let p = dir.join(name);
             std::fs::read(&p).map_err(|e| ClientError::Io(p, e))
         };
-        Self::from_pem(
-            dir,
-            &read("cert.pem")?,
-            &read("key.pem")?,
-            &read("bundle.pem")?,
-            oid,
-        )
+        let mut attempts = 0;
+        loop {
+            let loaded = Self::from_pem(
+                dir,
+                &read("cert.pem")?,
+                &read("key.pem")?,
+                &read("bundle.pem")?,
+                oid,
+            );
+            match loaded {
+                Err(ClientError::BadCredential(..)) if attempts < 3 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Parses the contents of a credential directory's `cert.pem` (leaf first), `key.pem` and

@@ -303,6 +303,11 @@ pub async fn drain_audit(
 impl TestCa {
     /// The whole stored audit log, read through `Audit.Subscribe` as the admin.
     pub async fn audit_log(&self) -> Vec<lanyard::store::AuditRecord> {
+        self.try_audit_log().await.expect("admin may subscribe")
+    }
+
+    /// [`TestCa::audit_log`], or the status that refused the read.
+    pub async fn try_audit_log(&self) -> Result<Vec<lanyard::store::AuditRecord>, tonic::Status> {
         let mut client = pb::audit_client::AuditClient::new(self.admin_channel().await);
         let stream = client
             .subscribe(pb::SubscribeRequest {
@@ -311,10 +316,9 @@ impl TestCa {
                 kinds: vec![],
                 spiffe_id: String::new(),
             })
-            .await
-            .expect("admin may subscribe")
+            .await?
             .into_inner();
-        drain_audit(stream).await
+        Ok(drain_audit(stream).await)
     }
 }
 

@@ -25,7 +25,7 @@ use rcgen::{
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::Code;
 
-use crate::common::{POLICY, TestCa, drain_audit, lanyard_cmd, poll_until};
+use crate::common::{POLICY, TestCa, lanyard_cmd, poll_until};
 
 const API: &str = "spiffe://example.org/ns/prod/api";
 const AUDITOR: &str = "spiffe://example.org/ns/prod/auditor";
@@ -51,15 +51,8 @@ fn issue_req(csr: Vec<u8>, token: &str) -> pb::IssueRequest {
 async fn events_after(ca: &TestCa, from: usize) -> Vec<AuditRecord> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let mut client = AuditClient::new(ca.admin_channel().await);
-        let request = pb::SubscribeRequest {
-            from_seq: 1,
-            follow: false,
-            kinds: vec![],
-            spiffe_id: String::new(),
-        };
-        match client.subscribe(request).await {
-            Ok(stream) => return drain_audit(stream.into_inner()).await.split_off(from),
+        match ca.try_audit_log().await {
+            Ok(mut log) => return log.split_off(from),
             Err(s) if s.code() == Code::ResourceExhausted => {
                 assert!(
                     std::time::Instant::now() < deadline,
