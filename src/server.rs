@@ -68,6 +68,9 @@ pub enum ServeError {
     /// The store could not be opened.
     #[error("store: {0}")]
     Store(String),
+    /// Another `lanyard serve` (or `admin recover`) holds the data dir's store.
+    #[error("data dir {0} is in use by another lanyard serve (its store is locked); stop it first")]
+    InUse(PathBuf),
     /// Data directory or credential file I/O.
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
@@ -125,318 +128,54 @@ pub async fn run(
 
 /// Starts the server and returns once it is listening.
 pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
-    let data = settings.data_dir.clone();
-    create_private_dir(&data).map_err(|e| ServeError::Io(data.clone(), e))?;
-    let store = open_store(&data)?;
-    let log = AuditLog::start(store.clone()).map_err(|e| ServeError::Store(e.to_string()))?;
-    if settings.ca_rotation_overlap < settings.bundle_refresh_hint * 2 {
-        warn!(
-            overlap = ?settings.ca_rotation_overlap,
-            refresh_hint = ?settings.bundle_refresh_hint,
-            "ca_rotation_overlap is shorter than two bundle refresh hints: federated peers may not hold the new CA when it starts signing"
-        );
-    }
-    let rotation = load_rotation(&settings, &log)?;
-    let cas = rotation.cas().clone();
-    let bundles = BundleHub::open(
-        &data.join("federation"),
-        settings.trust_domain.clone(),
-        cas.current().roots(),
-        settings.bundle_refresh_hint,
-        &settings
-            .federation
-            .iter()
-            .map(|d| d.trust_domain.clone())
-            .collect::<Vec<_>>(),
-        log.clone(),
-    )
-    .await
-    .map_err(|e| ServeError::Federation(e.to_string()))?;
-    let revocations = new_revocations(&settings, &log);
-    let relayed: Vec<_> = settings
-        .federation
-        .iter()
-        .filter(|d| d.revocation_server.is_some())
-        .map(|d| d.trust_domain.clone())
-        .collect();
-    revocations
-        .retire_relayed(&relayed)
-        .await
-        .map_err(|e| ServeError::Store(e.to_string()))?;
-    let policy = PolicyHandle::new(settings.policy.clone());
-    let issuance = new_issuance(&settings, &cas, &policy, &log, &revocations);
-    let bundle = Bundle::new(cas.current().roots()).map_err(|e| ServeError::Tls(e.to_string()))?;
-    let access = Access::load(
-        log.clone(),
-        policy.clone(),
-        revocations.clone(),
-        AccessSettings {
-            request_ttl: settings.access_request_ttl,
-            renewal_grace: settings.renewal_grace,
-            trust_domain: settings.trust_domain.clone(),
-        },
-        Notifier {
-            cmd: settings.access_notify_cmd.clone(),
-            webhook: settings.access_webhook.clone(),
-        },
-    )
-    .map_err(|e| ServeError::Store(e.to_string()))?;
-    issuance.set_access(access.clone());
-    let sweeper = access.spawn_sweeper(Duration::from_secs(1));
-    let auth = Authenticator::new(
-        bundle,
-        settings.roles_oid.clone(),
-        settings.renewal_grace,
-        revocations.clone(),
-    )
-    .with_federation(bundles.subscribe());
-
-    // The server's own certificate, rotated at half-life.
+    // Each phase only adds to what the one before it made, so a failure leaves no more state
+    // behind than that phase's predecessors wrote.
+    let listeners = Listeners::bind(&settings).await?;
+    let state = State::open(&settings)?;
+    let core = Core::load(&settings, &state).await?;
     let slot = CertSlot::new();
-    let sid = server_id(&settings)?;
     let server_not_after =
-        refresh_server_cert(&issuance, &slot, &sid, settings.server_cert_ttl).await?;
-    ensure_admin_credential(&issuance, &settings, &data.join("admin")).await?;
-    log.record(
-        Event::new(Kind::ServerStarted, "lanyard")
-            .subject(sid.as_str())
-            .reason(format!(
-                "listening on {}; policy has {} rules",
-                settings.listen,
-                settings.policy.len()
-            )),
-        vec![],
-    )
-    .await
-    .map_err(|e| ServeError::Store(e.to_string()))?;
-
-    let transport = settings.transport;
-    let (grpc_caps, bundle_caps) = crate::net::prepare_caps(
-        Caps {
-            total: transport.max_connections,
-            per_source: transport.max_connections_per_source,
-        },
-        settings.bundle_endpoint_listen.map(|_| Caps {
-            total: transport.bundle_endpoint_max_connections,
-            per_source: transport.bundle_endpoint_max_connections_per_source,
-        }),
-    );
-    let listener = TcpListener::bind(settings.listen)
-        .await
-        .map_err(|e| ServeError::Bind(settings.listen, e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| ServeError::Bind(settings.listen, e))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ServeError::Tls(e.to_string()))?
-        .with_client_cert_verifier(DeferredClientVerifier::new())
-        .with_cert_resolver(slot.clone());
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let bundle_listener = match settings.bundle_endpoint_listen {
-        Some(at) => Some(
-            TcpListener::bind(at)
-                .await
-                .map_err(|e| ServeError::Bind(at, e))?,
-        ),
-        None => None,
-    };
-    let bundle_endpoint = match &bundle_listener {
-        Some(l) => {
-            let at = l.local_addr().map_err(|e| ServeError::Bind(addr, e))?;
-            let file = data.join("bundle_endpoint.addr");
-            write_atomic(&file, at.to_string().as_bytes(), 0o644)
-                .map_err(|e| ServeError::Io(file.clone(), e))?;
-            Some(at)
-        }
-        None => None,
-    };
-
+        issue_own_credentials(&settings, &state, &core, &slot, listeners.addr).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    // Federation and rotation tasks hold the store (through the audit log): shutdown waits for
-    // them, so a restart in the same process finds the store unlocked.
-    let mut background = Vec::new();
-    if let (Some(l), Some(caps)) = (bundle_listener, bundle_caps) {
-        background.push(tokio::spawn(serve_bundle_endpoint(
-            l,
-            slot.clone(),
-            bundles.clone(),
-            Admission::new("bundle_endpoint", caps),
-            transport,
-            shutdown_rx.clone(),
-        )));
-    }
-    background.extend(spawn_refreshers(
-        bundles.clone(),
-        settings.federation.clone(),
-        settings.roles_oid.clone(),
-        shutdown_rx.clone(),
-    ));
-    background.extend(spawn_revocation_relays(
-        RelayContext {
-            bundles: bundles.clone(),
-            revocations: revocations.clone(),
-            identity: slot.clone(),
-            oid: settings.roles_oid.clone(),
-        },
-        &settings.federation,
-        shutdown_rx.clone(),
-    ));
-    background.push(rotation.spawn(shutdown_rx.clone()));
-    background.push(tokio::spawn(
-        follow_ca_changes(
-            issuance.clone(),
-            auth.clone(),
-            bundles.clone(),
-            slot.clone(),
-            settings.clone(),
-            shutdown_rx.clone(),
-        )
-        .instrument(info_span!("ca_changes")),
-    ));
-    let (conn_tx, conn_rx) = mpsc::channel(128);
-    tokio::spawn(accept_loop(
-        listener,
-        acceptor,
-        Admission::new("grpc", grpc_caps),
-        transport,
-        conn_tx,
-        shutdown_rx.clone(),
-    ));
-    tokio::spawn(
-        rotate_server_cert(
-            issuance.clone(),
-            slot.clone(),
-            sid.clone(),
-            settings.server_cert_ttl,
-            server_not_after,
-            shutdown_rx.clone(),
-        )
-        .instrument(info_span!("rotate", spiffe_id = %sid)),
-    );
-    tokio::spawn(maintain_admin(
-        issuance.clone(),
-        settings.clone(),
-        shutdown_rx.clone(),
-    ));
-    tokio::spawn(prune_loop(
-        store.clone(),
-        settings.prune_interval,
-        shutdown_rx.clone(),
-    ));
     let limiter = Arc::new(DenialLimiter::new(
         settings.denial_rate,
         settings.denial_burst,
     ));
-    tokio::spawn(record_suppressed_denials(
-        limiter.clone(),
-        log.clone(),
-        settings.denial_rate,
-        shutdown_rx.clone(),
-    ));
-    // Installed here, before anything is spawned, so an early SIGHUP reloads instead of
-    // killing the process with the default action.
-    let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!(error = %e, "cannot install SIGHUP handler; reloading on file change only");
-            None
-        }
+    let (background, conn_rx) = spawn_background(
+        &settings,
+        &state,
+        &core,
+        &slot,
+        listeners,
+        server_not_after,
+        &limiter,
+        &shutdown_rx,
+    )?;
+    let mut stop = shutdown_rx.clone();
+    let signal = async move {
+        stopped(&mut stop).await;
     };
-    tokio::spawn(policy_reload_loop(
-        settings.clone(),
-        policy.clone(),
-        log.clone(),
-        hup,
-        shutdown_rx.clone(),
-    ));
-
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<CaServer<CaService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
-
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-        // Outermost: it puts the TLS connect info back where tonic's `peer_certs` looks, which
-        // the refusal layer reads.
-        .layer(TrackRequestsLayer::<TlsInfo>::new())
-        .layer(RefusalLayer::new(
-            limiter.clone(),
-            log.clone(),
-            auth.clone(),
-        ))
-        .layer(tower::util::MapResponseLayer::new(
-            crate::api::status::client_faults_keep_their_codes,
-        ))
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(
-            CaServer::new(CaService::new(
-                issuance.clone(),
-                auth.clone(),
-                bundles.clone(),
-                shutdown_rx.clone(),
-            ))
-            .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(
-            AdminServer::new(AdminService::new(
-                issuance.clone(),
-                auth.clone(),
-                bundles.clone(),
-                rotation.clone(),
-            ))
-            .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(
-            AccessServer::new(AccessService::new(
-                access.clone(),
-                auth.clone(),
-                shutdown_rx.clone(),
-            ))
-            .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(
-            AuditServer::new(AuditService::new(
-                log.clone(),
-                auth.clone(),
-                shutdown_rx.clone(),
-            ))
-            .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(
-            RevocationServer::new(RevocationService::new(
-                revocations.clone(),
-                cas.clone(),
-                auth.clone(),
-                settings.crl_validity,
-                shutdown_rx.clone(),
-            ))
-            .max_decoding_message_size(MAX_REQUEST_BYTES),
-        );
-    let addr_file = data.join("serve.addr");
+    let serving = grpc_server(
+        &settings,
+        &state,
+        &core,
+        limiter,
+        conn_rx,
+        signal,
+        &shutdown_rx,
+    )
+    .await?;
+    let (addr, bundle_endpoint) = (background.addr, background.bundle_endpoint);
+    let addr_file = state.data.join("serve.addr");
     write_atomic(&addr_file, addr.to_string().as_bytes(), 0o644)
         .map_err(|e| ServeError::Io(addr_file.clone(), e))?;
-    info!(%addr, trust_domain = %settings.trust_domain, data_dir = %data.display(), "lanyard CA listening");
-    let mut stop = shutdown_rx.clone();
+    info!(%addr, trust_domain = %settings.trust_domain, data_dir = %state.data.display(), "lanyard CA listening");
+    let (store, sweeper, tasks) = (state.store, core.sweeper, background.tasks);
     let done = tokio::spawn(async move {
-        let signal = async move {
-            stopped(&mut stop).await;
-        };
-        if let Err(e) = router
-            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), signal)
-            .await
-        {
+        if let Err(e) = serving.await {
             error!(error = %e, "server stopped with an error");
         }
-        for task in background {
+        for task in tasks {
             if tokio::time::timeout(Duration::from_secs(5), task)
                 .await
                 .is_err()
@@ -458,17 +197,424 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     })
 }
 
+/// Phase 1: every listening socket, bound before anything is written, so a port in use leaves
+/// no CA key, credential or audit event behind. Also raises the open-file limit and fits the
+/// connection caps into it.
+struct Listeners {
+    grpc: TcpListener,
+    addr: SocketAddr,
+    grpc_caps: Caps,
+    bundle: Option<(TcpListener, SocketAddr, Caps)>,
+}
+
+impl Listeners {
+    async fn bind(settings: &ServeSettings) -> Result<Self, ServeError> {
+        let transport = settings.transport;
+        let (grpc_caps, bundle_caps) = crate::net::prepare_caps(
+            Caps {
+                total: transport.max_connections,
+                per_source: transport.max_connections_per_source,
+            },
+            settings.bundle_endpoint_listen.map(|_| Caps {
+                total: transport.bundle_endpoint_max_connections,
+                per_source: transport.bundle_endpoint_max_connections_per_source,
+            }),
+        );
+        let grpc = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|e| ServeError::Bind(settings.listen, e))?;
+        let addr = grpc
+            .local_addr()
+            .map_err(|e| ServeError::Bind(settings.listen, e))?;
+        let bundle = match (settings.bundle_endpoint_listen, bundle_caps) {
+            (Some(at), Some(caps)) => {
+                let l = TcpListener::bind(at)
+                    .await
+                    .map_err(|e| ServeError::Bind(at, e))?;
+                let bound = l.local_addr().map_err(|e| ServeError::Bind(at, e))?;
+                Some((l, bound, caps))
+            }
+            _ => None,
+        };
+        Ok(Self {
+            grpc,
+            addr,
+            grpc_caps,
+            bundle,
+        })
+    }
+}
+
+/// Phase 2: the data dir, the store (locked: one server per data dir) and the audit log.
+struct State {
+    data: PathBuf,
+    store: Arc<dyn Store>,
+    log: AuditLog,
+}
+
+impl State {
+    fn open(settings: &ServeSettings) -> Result<Self, ServeError> {
+        let data = settings.data_dir.clone();
+        create_private_dir(&data).map_err(|e| ServeError::Io(data.clone(), e))?;
+        let store = open_store(&data)?;
+        let log = AuditLog::start(store.clone()).map_err(|e| ServeError::Store(e.to_string()))?;
+        Ok(Self { data, store, log })
+    }
+}
+
+/// Phase 3: the CA (created on first start) and everything that decides: bundles,
+/// revocations, policy, issuance, temporary access, the authenticator.
+struct Core {
+    rotation: Arc<Rotation>,
+    cas: crate::ca::CaHandle,
+    bundles: Arc<BundleHub>,
+    revocations: Arc<Revocations>,
+    policy: PolicyHandle,
+    issuance: Arc<Issuance>,
+    access: Arc<Access>,
+    auth: Authenticator,
+    sweeper: tokio::task::JoinHandle<()>,
+}
+
+impl Core {
+    async fn load(settings: &ServeSettings, state: &State) -> Result<Self, ServeError> {
+        let log = &state.log;
+        if settings.ca_rotation_overlap < settings.bundle_refresh_hint * 2 {
+            warn!(
+                overlap = %humantime::format_duration(settings.ca_rotation_overlap),
+                refresh_hint = %humantime::format_duration(settings.bundle_refresh_hint),
+                "ca_rotation_overlap is shorter than two bundle refresh hints: federated peers may not hold the new CA when it starts signing"
+            );
+        }
+        let rotation = load_rotation(settings, log)?;
+        let cas = rotation.cas().clone();
+        let bundles = BundleHub::open(
+            &state.data.join("federation"),
+            settings.trust_domain.clone(),
+            cas.current().roots(),
+            settings.bundle_refresh_hint,
+            &settings
+                .federation
+                .iter()
+                .map(|d| d.trust_domain.clone())
+                .collect::<Vec<_>>(),
+            log.clone(),
+        )
+        .await
+        .map_err(|e| ServeError::Federation(e.to_string()))?;
+        let revocations = new_revocations(settings, log);
+        let relayed: Vec<_> = settings
+            .federation
+            .iter()
+            .filter(|d| d.revocation_server.is_some())
+            .map(|d| d.trust_domain.clone())
+            .collect();
+        revocations
+            .retire_relayed(&relayed)
+            .await
+            .map_err(|e| ServeError::Store(e.to_string()))?;
+        let policy = PolicyHandle::new(settings.policy.clone());
+        let issuance = new_issuance(settings, &cas, &policy, log, &revocations);
+        let bundle =
+            Bundle::new(cas.current().roots()).map_err(|e| ServeError::Tls(e.to_string()))?;
+        let access = Access::load(
+            log.clone(),
+            policy.clone(),
+            revocations.clone(),
+            AccessSettings {
+                request_ttl: settings.access_request_ttl,
+                renewal_grace: settings.renewal_grace,
+                trust_domain: settings.trust_domain.clone(),
+            },
+            Notifier {
+                cmd: settings.access_notify_cmd.clone(),
+                webhook: settings.access_webhook.clone(),
+            },
+        )
+        .map_err(|e| ServeError::Store(e.to_string()))?;
+        issuance.set_access(access.clone());
+        let sweeper = access.spawn_sweeper(Duration::from_secs(1));
+        let auth = Authenticator::new(
+            bundle,
+            settings.roles_oid.clone(),
+            settings.renewal_grace,
+            revocations.clone(),
+        )
+        .with_federation(bundles.subscribe());
+        Ok(Self {
+            rotation,
+            cas,
+            bundles,
+            revocations,
+            policy,
+            issuance,
+            access,
+            auth,
+            sweeper,
+        })
+    }
+}
+
+/// Phase 4: the server's serving certificate (into `slot`), the local admin credential, and the
+/// `server_started` event. Returns the serving certificate's notAfter.
+async fn issue_own_credentials(
+    settings: &ServeSettings,
+    state: &State,
+    core: &Core,
+    slot: &CertSlot,
+    addr: SocketAddr,
+) -> Result<i64, ServeError> {
+    let sid = server_id(settings)?;
+    let not_after =
+        refresh_server_cert(&core.issuance, slot, &sid, settings.server_cert_ttl).await?;
+    ensure_admin_credential(&core.issuance, settings, &settings.data_dir.join("admin")).await?;
+    state
+        .log
+        .record(
+            Event::new(Kind::ServerStarted, "lanyard")
+                .subject(sid.as_str())
+                .reason(format!(
+                    "listening on {addr}; policy has {} rules",
+                    settings.policy.len()
+                )),
+            vec![],
+        )
+        .await
+        .map_err(|e| ServeError::Store(e.to_string()))?;
+    Ok(not_after)
+}
+
+/// What phase 5 started.
+struct Background {
+    addr: SocketAddr,
+    bundle_endpoint: Option<SocketAddr>,
+    /// Tasks that hold the store (through the audit log) or a listener: shutdown waits for
+    /// them, so a restart in the same process finds the store unlocked.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Phase 5: the accept loops and every background task (federation, rotation, certificate
+/// upkeep, pruning, refusal summaries, policy reload). Returns them and the stream of accepted
+/// gRPC connections.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site: the phases of `start`"
+)]
+fn spawn_background(
+    settings: &ServeSettings,
+    state: &State,
+    core: &Core,
+    slot: &Arc<CertSlot>,
+    listeners: Listeners,
+    server_not_after: i64,
+    limiter: &Arc<DenialLimiter>,
+    shutdown_rx: &watch::Receiver<bool>,
+) -> Result<(Background, Accepted), ServeError> {
+    let transport = settings.transport;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_client_cert_verifier(DeferredClientVerifier::new())
+        .with_cert_resolver(slot.clone());
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let mut tasks = Vec::new();
+    let mut bundle_endpoint = None;
+    if let Some((l, at, caps)) = listeners.bundle {
+        let file = state.data.join("bundle_endpoint.addr");
+        write_atomic(&file, at.to_string().as_bytes(), 0o644)
+            .map_err(|e| ServeError::Io(file.clone(), e))?;
+        bundle_endpoint = Some(at);
+        tasks.push(tokio::spawn(serve_bundle_endpoint(
+            l,
+            slot.clone(),
+            core.bundles.clone(),
+            Admission::new("bundle_endpoint", caps),
+            transport,
+            shutdown_rx.clone(),
+        )));
+    }
+    tasks.extend(spawn_refreshers(
+        core.bundles.clone(),
+        settings.federation.clone(),
+        settings.roles_oid.clone(),
+        shutdown_rx.clone(),
+    ));
+    tasks.extend(spawn_revocation_relays(
+        RelayContext {
+            bundles: core.bundles.clone(),
+            revocations: core.revocations.clone(),
+            identity: slot.clone(),
+            oid: settings.roles_oid.clone(),
+        },
+        &settings.federation,
+        shutdown_rx.clone(),
+    ));
+    tasks.push(core.rotation.spawn(shutdown_rx.clone()));
+    tasks.push(tokio::spawn(
+        follow_ca_changes(
+            core.issuance.clone(),
+            core.auth.clone(),
+            core.bundles.clone(),
+            slot.clone(),
+            settings.clone(),
+            shutdown_rx.clone(),
+        )
+        .instrument(info_span!("ca_changes")),
+    ));
+    let (conn_tx, conn_rx) = mpsc::channel(128);
+    tasks.push(tokio::spawn(accept_loop(
+        listeners.grpc,
+        acceptor,
+        Admission::new("grpc", listeners.grpc_caps),
+        transport,
+        conn_tx,
+        shutdown_rx.clone(),
+    )));
+    let sid = server_id(settings)?;
+    tasks.push(tokio::spawn(
+        rotate_server_cert(
+            core.issuance.clone(),
+            slot.clone(),
+            sid.clone(),
+            settings.server_cert_ttl,
+            server_not_after,
+            shutdown_rx.clone(),
+        )
+        .instrument(info_span!("rotate", spiffe_id = %sid)),
+    ));
+    tasks.push(tokio::spawn(maintain_admin(
+        core.issuance.clone(),
+        settings.clone(),
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(prune_loop(
+        state.store.clone(),
+        settings.prune_interval,
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(record_suppressed_denials(
+        limiter.clone(),
+        state.log.clone(),
+        settings.denial_rate,
+        shutdown_rx.clone(),
+    )));
+    // Installed before the task is spawned, so an early SIGHUP reloads instead of killing the
+    // process with the default action.
+    let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "cannot install SIGHUP handler; reloading on file change only");
+            None
+        }
+    };
+    tasks.push(tokio::spawn(policy_reload_loop(
+        settings.clone(),
+        core.policy.clone(),
+        state.log.clone(),
+        hup,
+        shutdown_rx.clone(),
+    )));
+    Ok((
+        Background {
+            addr: listeners.addr,
+            bundle_endpoint,
+            tasks,
+        },
+        conn_rx,
+    ))
+}
+
+/// Phase 6: the gRPC services behind the transport limits, the refusal budget and the
+/// status-code rewrites, serving the accepted connections until `signal`.
+async fn grpc_server<S: Future<Output = ()> + Send + 'static>(
+    settings: &ServeSettings,
+    state: &State,
+    core: &Core,
+    limiter: Arc<DenialLimiter>,
+    conns: Accepted,
+    signal: S,
+    shutdown_rx: &watch::Receiver<bool>,
+) -> Result<impl Future<Output = Result<(), tonic::transport::Error>> + Send + use<S>, ServeError> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<CaServer<CaService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    Ok(tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+        // Outermost: it puts the TLS connect info back where tonic's `peer_certs` looks, which
+        // the refusal layer reads.
+        .layer(TrackRequestsLayer::<TlsInfo>::new())
+        .layer(RefusalLayer::new(
+            limiter,
+            state.log.clone(),
+            core.auth.clone(),
+        ))
+        .layer(tower::util::MapResponseLayer::new(
+            crate::api::status::client_faults_keep_their_codes,
+        ))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            CaServer::new(CaService::new(
+                core.issuance.clone(),
+                core.auth.clone(),
+                core.bundles.clone(),
+                shutdown_rx.clone(),
+            ))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            AdminServer::new(AdminService::new(
+                core.issuance.clone(),
+                core.auth.clone(),
+                core.bundles.clone(),
+                core.rotation.clone(),
+            ))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            AccessServer::new(AccessService::new(
+                core.access.clone(),
+                core.auth.clone(),
+                shutdown_rx.clone(),
+            ))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            AuditServer::new(AuditService::new(
+                state.log.clone(),
+                core.auth.clone(),
+                shutdown_rx.clone(),
+            ))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            RevocationServer::new(RevocationService::new(
+                core.revocations.clone(),
+                core.cas.clone(),
+                core.auth.clone(),
+                settings.crl_validity,
+                shutdown_rx.clone(),
+            ))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .serve_with_incoming_shutdown(ReceiverStream::new(conns), signal))
+}
+
 /// Opens the sled store under `data`; a store another process holds (a running server) is
 /// named as such.
 fn open_store(data: &Path) -> Result<Arc<dyn Store>, ServeError> {
     let path = data.join("store");
     let store = SledStore::open(&path).map_err(|e| {
         let msg = e.to_string();
-        if msg.contains("lock") {
-            ServeError::Store(format!(
-                "{}: {msg} (is a Lanyard server still running on this data dir? stop it first)",
-                path.display()
-            ))
+        if msg.contains("could not acquire lock") {
+            ServeError::InUse(data.to_path_buf())
         } else {
             ServeError::Store(msg)
         }
@@ -642,6 +788,8 @@ pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+/// The gRPC connections the accept loop hands to the server.
+type Accepted = mpsc::Receiver<Result<Conn<TlsConn>, std::io::Error>>;
 type TlsInfo = TlsConnectInfo<TcpConnectInfo>;
 
 /// Accepts gRPC connections: refuses those over the caps before the TLS handshake, gives each
