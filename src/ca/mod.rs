@@ -4,7 +4,6 @@
 
 mod authority;
 mod csr;
-mod der;
 mod set;
 mod svid;
 

@@ -4,7 +4,7 @@ use std::fmt;
 
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
-use super::{CaError, der};
+use super::CaError;
 use crate::spiffe::{SpiffeId, normalize_roles};
 
 /// A certificate serial number in canonical form (big-endian, no leading zero bytes).
@@ -35,28 +35,20 @@ pub fn encode_roles(roles: &[String]) -> Vec<u8> {
     let mut sorted: Vec<&String> = roles.iter().collect();
     sorted.sort();
     sorted.dedup();
-    let mut body = Vec::new();
-    for r in sorted {
-        der::push_tlv(&mut body, 0x0c, r.as_bytes());
-    }
-    let mut out = Vec::with_capacity(body.len() + 4);
-    der::push_tlv(&mut out, 0x30, &body);
-    out
+    yasna::construct_der(|w| {
+        w.write_sequence_of(|w| {
+            for r in sorted {
+                w.next().write_utf8_string(r);
+            }
+        })
+    })
 }
 
-/// Decodes the roles extension value; every entry must be a valid role name.
+/// Decodes the roles extension value (strict DER: definite, minimal lengths, nothing after the
+/// sequence); every entry must be a valid role name.
 pub(crate) fn decode_roles(value: &[u8]) -> Result<Vec<String>, CaError> {
-    let bad = || CaError::InvalidCertificate("malformed roles extension".into());
-    let (mut body, rest) = der::read_tlv(value, 0x30).ok_or_else(bad)?;
-    if !rest.is_empty() {
-        return Err(bad());
-    }
-    let mut roles = Vec::new();
-    while !body.is_empty() {
-        let (s, rest) = der::read_tlv(body, 0x0c).ok_or_else(bad)?;
-        roles.push(std::str::from_utf8(s).map_err(|_| bad())?.to_string());
-        body = rest;
-    }
+    let roles = yasna::parse_der(value, |r| r.collect_sequence_of(|r| r.read_utf8string()))
+        .map_err(|_| CaError::InvalidCertificate("malformed roles extension".into()))?;
     Ok(normalize_roles(roles)?)
 }
 
@@ -228,7 +220,25 @@ mod tests {
     }
 
     #[test]
+    fn long_role_lists_use_long_form_lengths_and_round_trip() {
+        let roles: Vec<String> = (0..30).map(|i| format!("role-number-{i:02}")).collect();
+        let der = encode_roles(&roles);
+        assert_eq!(
+            &der[..2],
+            &[0x30, 0x82],
+            "{} bytes need a two-byte length",
+            der.len()
+        );
+        assert_eq!(decode_roles(&der).unwrap(), roles);
+    }
+
+    #[test]
     fn roles_reject_garbage() {
+        // Non-minimal length, indefinite length, trailing bytes, another string type.
+        assert!(decode_roles(&[0x30, 0x81, 0x03, 0x0c, 0x01, b'a']).is_err());
+        assert!(decode_roles(&[0x30, 0x80, 0x0c, 0x01, b'a', 0x00, 0x00]).is_err());
+        assert!(decode_roles(&[0x30, 0x03, 0x0c, 0x01, b'a', 0x00]).is_err());
+        assert!(decode_roles(&[0x30, 0x03, 0x13, 0x01, b'a']).is_err());
         assert!(decode_roles(&[0x30, 0x03, 0x0c, 0x01]).is_err());
         assert!(decode_roles(&[0x30, 0x03, 0x04, 0x01, b'a']).is_err());
         assert!(decode_roles(&[0x30, 0x03, 0x0c, 0x01, b'A']).is_err());
