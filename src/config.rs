@@ -88,8 +88,10 @@ pub struct FileConfig {
     pub access_request_ttl: Option<Duration>,
     /// Shell command run on every new access request (details in `LANYARD_ACCESS_*`).
     pub access_notify_cmd: Option<String>,
-    /// `http://` URL that receives a JSON POST on every new access request.
+    /// `http://` or `https://` URL that receives a JSON POST on every new access request.
     pub access_webhook: Option<String>,
+    /// PEM roots that authenticate an `https://` webhook instead of the system's.
+    pub access_webhook_ca_file: Option<PathBuf>,
     /// Policy rules; everything they do not allow is denied.
     #[serde(default)]
     pub policy: Vec<RuleSpec>,
@@ -176,6 +178,8 @@ pub struct ServeSettings {
     pub access_notify_cmd: Option<String>,
     /// Webhook for new access requests.
     pub access_webhook: Option<String>,
+    /// Roots for an https webhook (None: the system's).
+    pub access_webhook_ca_file: Option<PathBuf>,
     /// Bundle endpoint address, if served.
     pub bundle_endpoint_listen: Option<SocketAddr>,
     /// `spiffe_refresh_hint` of the own bundle.
@@ -363,11 +367,11 @@ impl ServeSettings {
             ));
         }
         if let Some(url) = &file.access_webhook
-            && !url.starts_with("http://")
+            && !(url.starts_with("http://") || url.starts_with("https://"))
         {
             return Err(ConfigError::Invalid(
                 "access_webhook",
-                format!("{url:?}: only http:// URLs are supported (put a TLS proxy in front)"),
+                format!("{url:?}: must be an http:// or https:// URL"),
             ));
         }
         let bundle_refresh_hint = file
@@ -410,6 +414,7 @@ impl ServeSettings {
             access_request_ttl,
             access_notify_cmd: file.access_notify_cmd.clone(),
             access_webhook: file.access_webhook.clone(),
+            access_webhook_ca_file: file.access_webhook_ca_file.clone(),
             bundle_endpoint_listen: file.bundle_endpoint_listen,
             bundle_refresh_hint,
             ca_rotation_overlap,

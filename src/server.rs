@@ -329,6 +329,7 @@ impl Core {
             Notifier {
                 cmd: settings.access_notify_cmd.clone(),
                 webhook: settings.access_webhook.clone(),
+                webhook_ca_file: settings.access_webhook_ca_file.clone(),
             },
         )
         .map_err(|e| ServeError::Store(e.to_string()))?;

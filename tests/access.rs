@@ -1287,7 +1287,14 @@ struct Received {
 
 /// Accepts one connection on `listener`, reads one request and answers 200.
 async fn serve_one(listener: tokio::net::TcpListener) -> Received {
-    let (mut sock, _) = listener.accept().await.expect("accept");
+    let (sock, _) = listener.accept().await.expect("accept");
+    read_one(sock).await
+}
+
+/// Reads one HTTP/1.1 request from `sock` and answers 200.
+async fn read_one<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut sock: S,
+) -> Received {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -1388,6 +1395,53 @@ async fn new_requests_reach_the_webhook_and_the_notify_command() {
     w.approve(&w.alice, &req.id, "").await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!env_file.exists(), "an approval ran the notify command");
+}
+
+/// An https webhook is authenticated with the roots in `access_webhook_ca_file` (here the
+/// receiver's self-signed certificate) and gets the same POST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_webhook_is_delivered_to_a_receiver_the_configured_roots_trust() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let roots = work.path().join("receiver.pem");
+    std::fs::write(&roots, cert.pem()).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(lanyard::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hook = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        read_one(acceptor.accept(tcp).await.expect("TLS handshake")).await
+    });
+    let extra = format!(
+        "access_webhook = \"https://127.0.0.1:{port}/hooks/lanyard\"\naccess_webhook_ca_file = \"{}\"\n",
+        roots.display()
+    );
+    let w = World::start_with(&extra).await;
+    let req = w
+        .request(&w.lead, API, &["deploy"], 900, "INC-31: over TLS")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), hook)
+        .await
+        .expect("the https webhook was called within 10 s")
+        .expect("listener task");
+    assert_eq!(
+        got.head.lines().next().unwrap(),
+        "POST /hooks/lanyard HTTP/1.1"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&got.body).expect("JSON body");
+    assert_eq!(body["id"], req.id.as_str());
 }
 
 // === 10. a real agent through a revoked grant ===

@@ -1276,3 +1276,96 @@ async fn a_certificate_revoked_by_its_own_ca_is_refused_in_the_federated_domain(
         .expect_err("a foreign workload may not watch");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 }
+
+// === bundle fetches through an HTTPS proxy ===
+
+/// A CONNECT proxy on 127.0.0.1 that records every tunnel's target and relays its bytes.
+async fn connect_proxy() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let targets = Arc::new(Mutex::new(Vec::new()));
+    let seen = targets.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut client = BufReader::new(client);
+                let mut line = String::new();
+                client.read_line(&mut line).await.ok()?;
+                let target = line
+                    .strip_prefix("CONNECT ")?
+                    .split(' ')
+                    .next()?
+                    .to_string();
+                // The rest of the request head.
+                loop {
+                    let mut header = String::new();
+                    client.read_line(&mut header).await.ok()?;
+                    if header == "\r\n" || header.is_empty() {
+                        break;
+                    }
+                }
+                let mut upstream = TcpStream::connect(&target).await.ok()?;
+                seen.lock().unwrap().push(target);
+                let mut client = client.into_inner();
+                client
+                    .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                    .await
+                    .ok()?;
+                tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                    .await
+                    .ok()
+            });
+        }
+    });
+    (port, targets)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bundle_fetches_go_through_the_https_proxy_the_environment_names() {
+    let (pa, pb_) = (free_port(), free_port());
+    let b = TestCa::start_with_full_config(&ca_config(B, pb_, A, pa, "")).await;
+    let work = tempfile::tempdir().unwrap();
+    let b_bundle = work.path().join("b-bundle.json");
+    std::fs::write(&b_bundle, spiffe_bundle(&b, "").await.jwks).unwrap();
+    let config = work.path().join("a.toml");
+    std::fs::write(
+        &config,
+        ca_config(A, pa, B, pb_, "listen = \"127.0.0.1:0\"").replace(
+            "endpoint_spiffe_id = \"spiffe://b.example/lanyard/server\"",
+            &format!(
+                "endpoint_spiffe_id = \"spiffe://b.example/lanyard/server\"\ninitial_bundle = \"{}\"",
+                b_bundle.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let (proxy, targets) = connect_proxy().await;
+    let log = work.path().join("a.log");
+    let mut cmd = lanyard_cmd();
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(work.path().join("data"))
+        .env("HTTPS_PROXY", format!("http://127.0.0.1:{proxy}"))
+        .env("LANYARD_LOG", "lanyard=debug");
+    let a = ChildGuard::spawn("lanyard serve (a)", &mut cmd, &log);
+    // The fetch went through the tunnel and the endpoint authenticated end to end in it.
+    let fetched = poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        a.output().contains("bundle fetched").then_some(())
+    })
+    .await;
+    assert!(
+        fetched.is_some(),
+        "no bundle fetched through the proxy:\n{}",
+        a.output()
+    );
+    assert!(
+        targets
+            .lock()
+            .unwrap()
+            .contains(&format!("127.0.0.1:{pb_}")),
+        "the proxy never tunnelled to b's endpoint: {:?}",
+        targets.lock().unwrap()
+    );
+}

@@ -800,10 +800,7 @@ mod tests {
                 renewal_grace: grace,
                 trust_domain: TrustDomain::new("example.org").unwrap(),
             },
-            Notifier {
-                cmd: None,
-                webhook: None,
-            },
+            Notifier::default(),
         )
         .unwrap();
         (dir, access, revocations, "g1".into())

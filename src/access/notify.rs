@@ -1,9 +1,13 @@
 //! Telling approvers about new access requests: a shell command and/or an HTTP webhook, fired
 //! in the background so a slow receiver never delays the request.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::ClientConfig;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use rustls_platform_verifier::BuilderVerifierExt;
 use tracing::{debug, warn};
 
 use crate::store::AccessRecord;
@@ -13,8 +17,11 @@ use crate::store::AccessRecord;
 pub struct Notifier {
     /// Shell command; the request is in `LANYARD_ACCESS_*` variables.
     pub cmd: Option<String>,
-    /// `http://host:port/path` receiving a JSON POST.
+    /// `http(s)://host:port/path` receiving a JSON POST.
     pub webhook: Option<String>,
+    /// PEM roots that authenticate an https webhook (None: the system's roots). Read at each
+    /// delivery, so a renewed receiver CA needs no restart.
+    pub webhook_ca_file: Option<PathBuf>,
 }
 
 impl Notifier {
@@ -58,40 +65,62 @@ impl Notifier {
             })
             .to_string();
             let id = r.id.clone();
+            let roots = self.webhook_ca_file.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), post(&url, &body)).await {
+                let sent = post(&url, roots.as_deref(), body);
+                match tokio::time::timeout(Duration::from_secs(10), sent).await {
                     Ok(Ok(status)) if (200..300).contains(&status) => {
                         debug!(%id, status, "access webhook delivered")
                     }
                     Ok(Ok(status)) => warn!(%id, status, "access webhook answered with an error"),
-                    Ok(Err(e)) => warn!(%id, error = %e, "access webhook failed"),
-                    Err(_) => warn!(%id, "access webhook timed out"),
+                    Ok(Err(e)) => warn!(%id, url, error = %e, "access webhook failed"),
+                    Err(_) => warn!(%id, url, "access webhook timed out"),
                 }
             });
         }
     }
 }
 
-/// A minimal HTTP/1.1 POST (plain http only); returns the status code.
-async fn post(url: &str, body: &str) -> std::io::Result<u16> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| std::io::Error::other("only http:// webhooks are supported"))?;
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
+/// POSTs the JSON `body` to `url` (http or https, through `HTTPS_PROXY`/`HTTP_PROXY` when
+/// the environment names one); returns the status code.
+async fn post(url: &str, roots: Option<&Path>, body: String) -> Result<u16, String> {
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_config(roots)?)
+        .user_agent("lanyard")
+        .build()
+        .map_err(|e| crate::client::error_chain(&e))?;
+    let resp = client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| crate::client::error_chain(&e))?;
+    Ok(resp.status().as_u16())
+}
+
+/// TLS for an https webhook: the roots in `roots`, or the platform's trust store.
+fn tls_config(roots: Option<&Path>) -> Result<ClientConfig, String> {
+    let builder = ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let Some(path) = roots else {
+        return builder
+            .with_platform_verifier()
+            .map(|b| b.with_no_client_auth())
+            .map_err(|e| format!("system trust store: {e}"));
     };
-    let mut stream = tokio::net::TcpStream::connect(hostport).await?;
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: lanyard\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(req.as_bytes()).await?;
-    let mut resp = Vec::new();
-    stream.read_to_end(&mut resp).await?;
-    let head = String::from_utf8_lossy(&resp[..resp.len().min(64)]).into_owned();
-    head.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:?}")))
+    let shown = path.display();
+    let pem = std::fs::read(path).map_err(|e| format!("access_webhook_ca_file {shown}: {e}"))?;
+    let mut store = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("access_webhook_ca_file {shown}: {e}"))?;
+        store
+            .add(cert)
+            .map_err(|e| format!("access_webhook_ca_file {shown}: {e}"))?;
+    }
+    if store.is_empty() {
+        return Err(format!("access_webhook_ca_file {shown}: no certificates"));
+    }
+    Ok(builder.with_root_certificates(store).with_no_client_auth())
 }

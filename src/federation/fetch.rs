@@ -1,17 +1,12 @@
-//! Fetching a bundle document from a bundle endpoint: one HTTPS GET, HTTP/1.1, with the TLS
-//! server authenticated per the endpoint's profile.
+//! Fetching a bundle document from a bundle endpoint: one HTTPS GET (reqwest, HTTP/1.1), with
+//! the TLS server authenticated per the endpoint's profile by our own rustls configuration.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Bytes;
-use hyper::{Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
+use hyper::Uri;
 use rustls::ClientConfig;
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::bundle::MAX_BUNDLE_BYTES;
@@ -121,7 +116,9 @@ impl EndpointTrust {
     }
 }
 
-/// GETs `url` and returns the body of a 200 answer (at most [`MAX_BUNDLE_BYTES`]).
+/// GETs `url` and returns the body of a 200 answer (at most [`MAX_BUNDLE_BYTES`]). Goes
+/// through the proxy that `HTTPS_PROXY` / `NO_PROXY` name, if any: the TLS session (and so the
+/// endpoint's authentication) runs end to end through the proxy's tunnel.
 pub async fn fetch(url: &Uri, trust: &EndpointTrust) -> Result<Vec<u8>, FetchError> {
     tokio::time::timeout(FETCH_TIMEOUT, fetch_inner(url, trust))
         .await
@@ -130,64 +127,54 @@ pub async fn fetch(url: &Uri, trust: &EndpointTrust) -> Result<Vec<u8>, FetchErr
 
 async fn fetch_inner(url: &Uri, trust: &EndpointTrust) -> Result<Vec<u8>, FetchError> {
     let shown = url.to_string();
-    let host = url
-        .host()
-        .ok_or_else(|| FetchError::Connect(shown.clone(), "URL has no host".into()))?;
-    let bare_host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = url.port_u16().unwrap_or(443);
-    let cfg = trust.client_config(&shown)?;
-    let name = ServerName::try_from(bare_host.clone())
-        .map_err(|e| FetchError::Connect(shown.clone(), format!("bad host name: {e}")))?;
-    let tcp = TcpStream::connect((bare_host.as_str(), port))
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(trust.client_config(&shown)?)
+        .https_only(true)
+        // An endpoint is named by its operator; it does not get to send us elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent("lanyard")
+        .build()
+        .map_err(|e| FetchError::Http(crate::client::error_chain(&e)))?;
+    let mut resp = client
+        .get(shown.as_str())
+        .header(reqwest::header::ACCEPT, "application/json")
+        .send()
         .await
-        .map_err(|e| FetchError::Connect(shown.clone(), e.to_string()))?;
-    let _ = tcp.set_nodelay(true);
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| FetchError::Tls(shown.clone(), crate::client::error_chain(&e)))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| FetchError::Http(e.to_string()))?;
-    let conn_task = tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!(error = %e, "bundle endpoint connection ended");
-        }
-    });
-    let path = url.path_and_query().map_or("/", |p| p.as_str());
-    let authority = url.authority().map_or(host, |a| a.as_str());
-    let req = Request::get(path)
-        .header(hyper::header::HOST, authority)
-        .header(hyper::header::ACCEPT, "application/json")
-        .header(hyper::header::USER_AGENT, "lanyard")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| FetchError::Http(e.to_string()))?;
-    let result = async {
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| FetchError::Http(e.to_string()))?;
-        if resp.status() != StatusCode::OK {
-            return Err(FetchError::Status(resp.status().as_u16()));
-        }
-        let body = Limited::new(resp.into_body(), MAX_BUNDLE_BYTES)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    FetchError::TooLarge
-                } else {
-                    FetchError::Http(e.to_string())
-                }
-            })?;
-        Ok(body.to_bytes().to_vec())
+        .map_err(|e| classify(&shown, &e))?;
+    if resp.status() != reqwest::StatusCode::OK {
+        return Err(FetchError::Status(resp.status().as_u16()));
     }
-    .await;
-    conn_task.abort();
-    result
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_BUNDLE_BYTES as u64)
+    {
+        return Err(FetchError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| FetchError::Http(crate::client::error_chain(&e)))?
+    {
+        if body.len() + chunk.len() > MAX_BUNDLE_BYTES {
+            return Err(FetchError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    debug!(url = %shown, bytes = body.len(), "bundle fetched");
+    Ok(body)
+}
+
+/// Names what failed: reaching the endpoint (or its proxy), or authenticating it.
+fn classify(url: &str, e: &reqwest::Error) -> FetchError {
+    let chain = crate::client::error_chain(e);
+    let tls = std::iter::successors(std::error::Error::source(e), |s| s.source())
+        .any(|s| s.is::<rustls::Error>() || s.to_string().contains("certificate"));
+    if tls {
+        FetchError::Tls(url.to_string(), chain)
+    } else if e.is_connect() {
+        FetchError::Connect(url.to_string(), chain)
+    } else {
+        FetchError::Http(chain)
+    }
 }
