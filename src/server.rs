@@ -131,8 +131,8 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     let log = AuditLog::start(store.clone()).map_err(|e| ServeError::Store(e.to_string()))?;
     if settings.ca_rotation_overlap < settings.bundle_refresh_hint * 2 {
         warn!(
-            overlap = ?settings.ca_rotation_overlap,
-            refresh_hint = ?settings.bundle_refresh_hint,
+            overlap = %humantime::format_duration(settings.ca_rotation_overlap),
+            refresh_hint = %humantime::format_duration(settings.bundle_refresh_hint),
             "ca_rotation_overlap is shorter than two bundle refresh hints: federated peers may not hold the new CA when it starts signing"
         );
     }
@@ -163,6 +163,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         .retire_relayed(&relayed)
         .await
         .map_err(|e| ServeError::Store(e.to_string()))?;
+    settings.warn_if_no_policy();
     let policy = PolicyHandle::new(settings.policy.clone());
     let issuance = new_issuance(&settings, &cas, &policy, &log, &revocations);
     let bundle = Bundle::new(cas.current().roots()).map_err(|e| ServeError::Tls(e.to_string()))?;
@@ -739,7 +740,7 @@ async fn rotate_server_cert(
         }
         match refresh_server_cert(&issuance, &slot, &id, ttl).await {
             Ok(n) => {
-                debug!(not_after = n, "serving certificate rotated");
+                debug!(not_after = %crate::issuance::fmt_time(n), "serving certificate rotated");
                 not_after = n;
             }
             Err(e) => {
@@ -793,7 +794,7 @@ async fn follow_ca_changes(
         {
             error!(error = %e, "cannot refresh the admin credential after a CA change");
         }
-        info!(ca_set = ?set, "CA change applied");
+        info!(ca_set = %set, "CA change applied");
     }
 }
 
