@@ -246,17 +246,29 @@ async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    // The handlers are installed before the server starts: a SIGTERM that arrives as soon as
+    // serve.addr exists (a supervisor, a test) must stop it cleanly, not kill it.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {}
+            Some(()) = recv_signal(int.as_mut()) => {}
+            Some(()) = recv_signal(term.as_mut()) => {}
+            // Both streams closed (never in practice): keep serving rather than stop.
+            else => std::future::pending::<()>().await,
         }
         tracing::info!("shutting down");
     };
     crate::server::run(settings, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The next delivery of a signal, or never if its handler could not be installed.
+async fn recv_signal(s: Option<&mut tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Conn {
