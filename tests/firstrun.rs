@@ -493,35 +493,35 @@ fn agent_takes_the_workload_socket_as_spiffe_clients_write_it() {
     std::fs::create_dir(&cwd).unwrap();
     let env_sock = fx.path("env.sock");
     let flag_sock = fx.path("flag.sock");
-    let cases: [(&str, &Path, Vec<String>, Vec<(&str, String)>); 2] = [
+    // (what, where the socket must appear, flags, SPIFFE_ENDPOINT_SOCKET)
+    let cases = [
         (
             "SPIFFE_ENDPOINT_SOCKET=unix://…",
             &env_sock,
             vec![],
-            vec![(
-                "SPIFFE_ENDPOINT_SOCKET",
-                format!("unix://{}", env_sock.display()),
-            )],
+            Some(format!("unix://{}", env_sock.display())),
         ),
         (
             "--workload-socket unix://…",
             &flag_sock,
             vec![
-                "--workload-socket".into(),
+                "--workload-socket".to_string(),
                 format!("unix://{}", flag_sock.display()),
             ],
-            vec![],
+            None,
         ),
     ];
     for (what, sock, args, env) in cases {
         let token = serve.token(PROD, "db-read");
         let log = fx.path("agent.log");
+        let mut cmd = lanyard_cmd();
+        if let Some(v) = env {
+            cmd.env("SPIFFE_ENDPOINT_SOCKET", v);
+        }
         let mut agent = Proc::spawn(
-            lanyard_cmd()
-                .current_dir(&cwd)
+            cmd.current_dir(&cwd)
                 .args(["agent", "--server", &serve.addr, "--token", &token])
-                .args(&args)
-                .envs(env.iter().map(|(k, v)| (*k, v.as_str()))),
+                .args(&args),
             &fx.path("agent.stdout"),
             &log,
         );
