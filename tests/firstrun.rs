@@ -570,3 +570,118 @@ fn completions_come_from_clap_for_bash_zsh_and_fish() {
         }
     }
 }
+
+/// Writes an executable shell script.
+fn shim(dir: &Path, name: &str, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn scripts_test_installs_pip_when_python3_has_none() {
+    // scripts/test runs against stand-ins: a python3 without pip (as Debian and Ubuntu ship
+    // it) until apt-get installs python3-pip, an apt-get and a cargo that only record their
+    // arguments, and an `id -u` of 0 so the install branch runs without root.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path();
+    let log = bin.join("calls.log");
+    shim(
+        bin,
+        "python3",
+        r#"if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then
+  [ -f "$SHIM_DIR/pip-installed" ] || { echo "No module named pip" >&2; exit 1; }
+  echo "pip $*" >> "$SHIM_DIR/calls.log"; exit 0
+fi
+[ "$1" = "-c" ] && exit 1
+exit 0"#,
+    );
+    shim(
+        bin,
+        "apt-get",
+        r#"echo "apt-get $*" >> "$SHIM_DIR/calls.log"
+case "$*" in *python3-pip*) touch "$SHIM_DIR/pip-installed" ;; esac"#,
+    );
+    shim(bin, "cargo", r#"echo "cargo $*" >> "$SHIM_DIR/calls.log""#);
+    shim(
+        bin,
+        "id",
+        r#"if [ "$1" = "-u" ]; then echo 0; else exec /usr/bin/id "$@"; fi"#,
+    );
+    for tool in ["openssl", "go", "nginx", "curl"] {
+        shim(bin, tool, "exit 0");
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/test");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("PATH", path)
+        .env("SHIM_DIR", bin)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let calls = read(&log);
+    assert_ok(
+        &out,
+        &format!("scripts/test with a pip-less python3 (calls:\n{calls})"),
+    );
+    assert!(
+        calls.contains("apt-get install") && calls.contains("python3-pip"),
+        "python3-pip was not installed:\n{calls}"
+    );
+    assert!(
+        calls.contains("pip install") && calls.contains("spiffe"),
+        "{calls}"
+    );
+    assert!(calls.contains("cargo test --locked"), "{calls}");
+}
+
+#[test]
+fn the_default_data_dir_is_ignored_by_git() {
+    let ignore = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".gitignore"));
+    assert!(
+        ignore.lines().map(str::trim).any(|l| [
+            "lanyard-data/",
+            "/lanyard-data/",
+            "lanyard-data",
+            "/lanyard-data"
+        ]
+        .contains(&l)),
+        ".gitignore does not cover lanyard-data/ (it holds ca.key):\n{ignore}"
+    );
+}
+
+#[test]
+fn the_readme_lists_the_prerequisites_cargo_toml_states() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = read(&root.join("README.md"));
+    let section = readme
+        .split("\n## ")
+        .find(|s| s.starts_with("Prerequisites"))
+        .expect("README has a Prerequisites section");
+    let cargo = read(&root.join("Cargo.toml"));
+    let msrv = cargo
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .expect("Cargo.toml states rust-version")
+        .trim_matches('"');
+    for needle in [
+        &format!("Rust {msrv}"),
+        "rustfmt",
+        "clippy",
+        "C compiler",
+        "10 minutes",
+        "python3-pip",
+        "scripts/test",
+    ] {
+        assert!(
+            section.contains(needle),
+            "Prerequisites lacks {needle:?}:\n{section}"
+        );
+    }
+}
