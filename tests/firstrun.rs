@@ -685,3 +685,40 @@ fn the_readme_lists_the_prerequisites_cargo_toml_states() {
         );
     }
 }
+
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let present = common::command_works("script", &["--version"]);
+    if !common::require_tool("script (util-linux)", present, "install bsdutils") {
+        return;
+    }
+    // An agent with a malformed token logs one error line and exits at once.
+    let dir = tempfile::tempdir().unwrap();
+    let agent = format!(
+        "'{}' agent --server 127.0.0.1:1 --token bogus --out '{}'",
+        common::lanyard_bin().display(),
+        dir.path().join("out").display()
+    );
+    let on_tty = |no_color: Option<&str>| {
+        let mut cmd = Command::new("script");
+        cmd.args(["-qec", &agent, "/dev/null"]).stdin(Stdio::null());
+        for v in common::LANYARD_ENV_VARS {
+            cmd.env_remove(v);
+        }
+        if let Some(v) = no_color {
+            cmd.env("NO_COLOR", v);
+        }
+        let out = cmd.output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let coloured = on_tty(None);
+    assert!(
+        coloured.contains("agent stopped") && coloured.contains('\u{1b}'),
+        "no colour on a terminal: {coloured:?}"
+    );
+    let plain = on_tty(Some("1"));
+    assert!(
+        plain.contains("agent stopped") && !plain.contains('\u{1b}'),
+        "colour despite NO_COLOR=1: {plain:?}"
+    );
+}
