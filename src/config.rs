@@ -433,7 +433,7 @@ impl ServeSettings {
             return Ok(self.policy.clone());
         };
         let file = FileConfig::load(path)?;
-        Ok(Policy::from_specs(
+        let policy = Policy::from_specs(
             &file.policy,
             &self.trust_domain,
             self.default_ttl,
@@ -443,8 +443,28 @@ impl ServeSettings {
             &file.access,
             &self.trust_domain,
             &federated_domains(&self.federation),
-        )?)
+        )?;
+        warn_if_empty(&policy, self.config_path.as_deref());
+        Ok(policy)
     }
+
+    /// Warns when the policy has no rules, so a first `serve` without a config does not look
+    /// healthy while it refuses every identity.
+    pub fn warn_if_no_policy(&self) {
+        warn_if_empty(&self.policy, self.config_path.as_deref());
+    }
+}
+
+/// Logs the empty-policy warning (see [`ServeSettings::warn_if_no_policy`]).
+fn warn_if_empty(policy: &Policy, config_path: Option<&Path>) {
+    if !policy.is_empty() {
+        return;
+    }
+    let config = config_path.map_or_else(|| "none".to_string(), |p| p.display().to_string());
+    tracing::warn!(
+        config,
+        "the policy has no rules: every certificate request will be refused (only the CA's own admin and server credentials are issued); add [[policy]] rules to the config file, see docs/configuration.md"
+    );
 }
 
 /// The connection limits and timeouts, checked: caps at least 1, timeouts at least 100 ms.

@@ -789,6 +789,17 @@ impl From<CaError> for IssueError {
     }
 }
 
+/// RFC 3339 rendering of milliseconds since the epoch (e.g. a bundle revision), for logs.
+pub fn fmt_time_ms(unix_ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix_ms.to_string())
+}
+
 /// RFC 3339 rendering of seconds since the epoch, for messages.
 pub fn fmt_time(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)

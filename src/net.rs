@@ -113,26 +113,26 @@ pub fn prepare_caps(grpc: Caps, bundle: Option<Caps>) -> (Caps, Option<Caps>) {
     let soft = match raise_nofile_limit() {
         Ok(l) => {
             info!(
-                soft = l.soft.map_or("unlimited".to_string(), |n| n.to_string()),
-                hard = l.hard.map_or("unlimited".to_string(), |n| n.to_string()),
-                before = l.before.map_or("unlimited".to_string(), |n| n.to_string()),
+                soft = %l.soft.map_or("unlimited".to_string(), |n| n.to_string()),
+                hard = %l.hard.map_or("unlimited".to_string(), |n| n.to_string()),
+                before = %l.before.map_or("unlimited".to_string(), |n| n.to_string()),
                 "open file limit"
             );
             l.soft
         }
         Err(e) => {
             let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-            warn!(error = %e, ?soft, "cannot raise the open file limit");
+            warn!(error = %e, soft = %soft.map_or("unlimited".to_string(), |n| n.to_string()), "cannot raise the open file limit");
             soft
         }
     };
     let (g, b, lowered) = fit_caps(soft, grpc, bundle);
     if lowered {
         warn!(
-            open_file_limit = ?soft,
+            open_file_limit = %soft.map_or("unlimited".to_string(), |n| n.to_string()),
             max_connections = g.total,
             max_connections_per_source = g.per_source,
-            bundle_endpoint_max_connections = ?b.map(|b| b.total),
+            bundle_endpoint_max_connections = %b.map_or("none".to_string(), |b| b.total.to_string()),
             "connection caps lowered to fit the open file limit; raise LimitNOFILE"
         );
     }

@@ -311,7 +311,7 @@ impl Rotation {
         let strict_clients_note = (self.cas.active().root_path_len() == Some(0)).then(|| {
             warn!(
                 old_ca = %hex(&self.cas.active().fingerprint()),
-                switch_at,
+                switch_at = %fmt_time(switch_at),
                 "the current CA root has pathLenConstraint 0: OpenSSL and Go clients that trust only it will refuse the new CA's certificates even with the cross-signed certificate; make sure they fetch the new bundle before the switch"
             );
             format!(
@@ -328,7 +328,7 @@ impl Rotation {
         *state = next;
         let active = self.cas.active();
         self.cas.replace(build_set(active, Some(new.clone()), None));
-        info!(new_ca = %hex(&new.fingerprint()), switch_at, "CA rotation staged");
+        info!(new_ca = %hex(&new.fingerprint()), switch_at = %fmt_time(switch_at), "CA rotation staged");
         self.audit(
             Event::new(Kind::CaRotationStaged, actor)
                 .subject(self.trust_domain.id_string())
@@ -420,7 +420,7 @@ impl Rotation {
         *state = next;
         self.cas
             .replace(build_set(new.clone(), None, Some(old.clone())));
-        info!(active = %hex(&new.fingerprint()), retiring = %hex(&old.fingerprint()), drop_at, "CA rotation: signing switched");
+        info!(active = %hex(&new.fingerprint()), retiring = %hex(&old.fingerprint()), drop_at = %fmt_time(drop_at), "CA rotation: signing switched");
         self.audit(
             Event::new(Kind::CaRotationSwitched, "lanyard")
                 .subject(self.trust_domain.id_string())
@@ -454,7 +454,10 @@ impl Rotation {
         if let Err(e) = removed {
             warn!(dir = %d.display(), error = %e, "cannot delete the retired CA");
         }
-        info!(retired = ?old, "CA rotation complete");
+        info!(
+            retired = old.as_deref().unwrap_or("none"),
+            "CA rotation complete"
+        );
         self.audit(
             Event::new(Kind::CaRotationCompleted, "lanyard")
                 .subject(self.trust_domain.id_string())

@@ -313,6 +313,7 @@ impl Core {
             .retire_relayed(&relayed)
             .await
             .map_err(|e| ServeError::Store(e.to_string()))?;
+        settings.warn_if_no_policy();
         let policy = PolicyHandle::new(settings.policy.clone());
         let issuance = new_issuance(settings, &cas, &policy, log, &revocations);
         let bundle =
@@ -888,7 +889,7 @@ async fn rotate_server_cert(
         }
         match refresh_server_cert(&issuance, &slot, &id, ttl).await {
             Ok(n) => {
-                debug!(not_after = n, "serving certificate rotated");
+                debug!(not_after = %crate::issuance::fmt_time(n), "serving certificate rotated");
                 not_after = n;
             }
             Err(e) => {
@@ -942,7 +943,7 @@ async fn follow_ca_changes(
         {
             error!(error = %e, "cannot refresh the admin credential after a CA change");
         }
-        info!(ca_set = ?set, "CA change applied");
+        info!(ca_set = %set, "CA change applied");
     }
 }
 

@@ -183,7 +183,20 @@ impl Agent {
                     let left = state.svid.not_after - unix_now();
                     let msg = format!("{:?}: {}", e.code(), e.message());
                     let life = (state.svid.not_after - state.svid.not_before).max(1);
-                    if left < life / 5 {
+                    if e.code() == Code::PermissionDenied {
+                        // The CA's policy no longer allows this certificate (say, a rule was
+                        // narrowed): an operator's decision, not a fault. Retried with backoff in
+                        // case the policy is changed back.
+                        if last_failure.as_deref() != Some(msg.as_str()) {
+                            warn!(
+                                expires_at = %crate::issuance::fmt_time(state.svid.not_after),
+                                reason = e.message(),
+                                "certificate renewal refused by the CA's policy; retrying with backoff"
+                            );
+                        } else {
+                            debug!(reason = e.message(), "renewal refused by policy again");
+                        }
+                    } else if left < life / 5 {
                         error!(expires_in_s = left, error = %msg, "certificate renewal failing; certificate expires soon (or has expired)");
                     } else if last_failure.as_deref() != Some(msg.as_str()) {
                         warn!(expires_in_s = left, error = %msg, "certificate renewal failed; retrying with backoff");
@@ -252,7 +265,7 @@ impl Agent {
             warn!(
                 spiffe_id = %state.svid.spiffe_id,
                 serial = %state.svid.serial,
-                not_after = state.svid.not_after,
+                not_after = %crate::issuance::fmt_time(state.svid.not_after),
                 reason = %unusable,
                 retired_to = %retired_to.display(),
                 "existing credential set aside; enrolling with the join token"
@@ -527,7 +540,7 @@ impl Agent {
         info!(
             authorities = next.bundle.len(),
             federated = %next.federated.keys().cloned().collect::<Vec<_>>().join(","),
-            revision = next.bundle_revision,
+            revision = %crate::issuance::fmt_time_ms(next.bundle_revision),
             "trust bundles updated"
         );
         let svid = next.svid.clone();
@@ -552,12 +565,16 @@ impl Agent {
             )
             .map_err(|e| AgentError::Io(format!("writing {}: {e}", dir.display())))?;
         }
+        // Nothing was published yet: this is the first certificate (from the token or reused
+        // from disk), which replaces nothing, so it is not a rotation.
+        let first = self.state_tx.borrow().is_none();
         info!(
             spiffe_id = %state.svid.spiffe_id,
             serial = %state.svid.serial,
-            not_after = state.svid.not_after,
+            not_after = %crate::issuance::fmt_time(state.svid.not_after),
             roles = %state.svid.roles.join(","),
-            "certificate rotated"
+            "{}",
+            if first { "certificate ready" } else { "certificate rotated" }
         );
         let svid = state.svid.clone();
         self.state_tx.send_replace(Some(Arc::new(state)));

@@ -118,6 +118,21 @@ impl CaHandle {
     }
 }
 
+/// For logs: `active <fingerprint>, staged <fingerprint>, retiring <fingerprint>`, naming only
+/// the CAs there are.
+impl std::fmt::Display for CaSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "active {}", hex(&self.active.fingerprint()))?;
+        if let Some(s) = &self.staged {
+            write!(f, ", staged {}", hex(&s.fingerprint()))?;
+        }
+        if let Some(r) = &self.retiring {
+            write!(f, ", retiring {}", hex(&r.fingerprint()))?;
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for CaSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let fp = |a: &Authority| hex(&a.fingerprint()[..8]);

@@ -29,8 +29,9 @@ pub(super) struct AgentArgs {
     /// Write cert.pem, key.pem (0600), bundle.pem and svid.pem (key + chain) here.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Serve the SPIFFE Workload API on this unix socket.
-    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET_PATH")]
+    /// Serve the SPIFFE Workload API on this unix socket: a path, or a `unix:` URI as SPIFFE
+    /// clients take it (`unix:///run/lanyard/agent.sock` is `/run/lanyard/agent.sock`).
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", value_parser = parse_socket)]
     workload_socket: Option<PathBuf>,
     /// Most Workload API connections served at once; more are closed at accept.
     #[arg(long, default_value_t = crate::agent::DEFAULT_MAX_CONNECTIONS,
@@ -103,6 +104,63 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             error!(error = %e, "agent stopped");
             eprintln!("error: {e}");
             Ok(ExitCode::from(e.exit_code()))
+        }
+    }
+}
+
+/// Reads a Workload API socket the way SPIFFE clients read `SPIFFE_ENDPOINT_SOCKET`
+/// (`unix:///abs/path` or `unix:/abs/path`), and a bare path as a path. Without this,
+/// `unix:///run/x.sock` became the relative path `./unix:/run/x.sock`.
+fn parse_socket(s: &str) -> Result<PathBuf, String> {
+    let Some(rest) = s.strip_prefix("unix:") else {
+        if s.contains("://") {
+            return Err(format!(
+                "{s:?}: the agent serves the Workload API on a unix socket only; give a path or unix:///path"
+            ));
+        }
+        if s.is_empty() {
+            return Err("empty socket path".into());
+        }
+        return Ok(PathBuf::from(s));
+    };
+    // `unix://host/path` would name a host, which a unix socket cannot have; the SPIFFE
+    // Workload Endpoint spec allows no authority, query or fragment.
+    let path = match rest.strip_prefix("//") {
+        Some(after) if after.starts_with('/') => after,
+        Some(_) => {
+            return Err(format!(
+                "{s:?}: a unix socket URI has no host; write unix:///absolute/path"
+            ));
+        }
+        None => rest,
+    };
+    if !path.starts_with('/') || path.contains(['?', '#']) {
+        return Err(format!(
+            "{s:?}: a unix socket URI takes an absolute path and nothing else, e.g. unix:///run/lanyard/agent.sock"
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_socket_takes_paths_and_unix_uris() {
+        let ok = |s: &str| parse_socket(s).map(|p| p.display().to_string());
+        assert_eq!(ok("unix:///run/x.sock").as_deref(), Ok("/run/x.sock"));
+        assert_eq!(ok("unix:/run/x.sock").as_deref(), Ok("/run/x.sock"));
+        assert_eq!(ok("/run/x.sock").as_deref(), Ok("/run/x.sock"));
+        assert_eq!(ok("rel/x.sock").as_deref(), Ok("rel/x.sock"));
+        for bad in [
+            "",
+            "unix://host/x.sock",
+            "unix:rel.sock",
+            "unix:///x.sock?a=b",
+            "tcp://127.0.0.1:8081",
+        ] {
+            assert!(parse_socket(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -23,9 +23,14 @@ pub(super) enum AuditCmd {
 
 #[derive(Debug, clap::Args)]
 pub(super) struct TailArgs {
-    /// Keep following new events.
+    /// Keep following new events. If the CA goes away, the command says where the stream
+    /// stopped ("stream closed at #N; resume with --from N+1") and exits with status 1.
     #[arg(long, short)]
     follow: bool,
+    /// With --follow: when the CA goes away, reconnect (with backoff, up to every 5 s) and resume
+    /// after the last event seen, instead of exiting.
+    #[arg(long, requires = "follow")]
+    reconnect: bool,
     /// Start at this sequence number (to resume: last seen + 1).
     #[arg(long, default_value_t = 1)]
     from: u64,
@@ -65,36 +70,125 @@ async fn tail(a: TailArgs) -> anyhow::Result<ExitCode> {
             anyhow::bail!("unknown kind {k:?}; kinds are {}", names.join(", "));
         }
     }
-    let mut client = AuditClient::new(a.conn.channel().await?);
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            from_seq: a.from,
-            follow: a.follow,
-            kinds: a.kind,
-            spiffe_id: a.spiffe_id.unwrap_or_default(),
-        })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
+    // The next sequence number to ask for: after a reconnect the stream resumes here, so no
+    // event is lost or printed twice.
+    let mut next = a.from;
+    let mut stream = open(&a, next).await?;
     let mut out = std::io::stdout();
-    while let Some(ev) = stream.message().await.map_err(rpc_error)? {
-        let Some(r) = from_proto(ev) else {
-            anyhow::bail!("server sent an event with malformed hashes");
+    loop {
+        let closed = loop {
+            let ev = match stream.message().await {
+                Ok(Some(ev)) => ev,
+                // A finished read of the stored log is the normal end without --follow; with
+                // it, the CA ended the stream (it is shutting down).
+                Ok(None) if !a.follow => return Ok(ExitCode::SUCCESS),
+                Ok(None) => break "the CA ended the stream".to_string(),
+                Err(s) if a.follow && ca_gone(&s) => break format!("{}", rpc_error(s)),
+                Err(s) => return Err(rpc_error(s)),
+            };
+            let Some(r) = from_proto(ev) else {
+                anyhow::bail!("server sent an event with malformed hashes");
+            };
+            next = r.seq + 1;
+            let text = if a.json {
+                serde_json::to_string(&r)?
+            } else {
+                line(&r)
+            };
+            // Each event is flushed as it arrives so `--follow | grep` sees it at once; a closed
+            // pipe (`| head`) ends the command quietly.
+            match writeln!(out, "{text}").and_then(|()| out.flush()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
-        let text = if a.json {
-            serde_json::to_string(&r)?
-        } else {
-            line(&r)
-        };
-        // Each event is flushed as it arrives so `--follow | grep` sees it at once; a closed
-        // pipe (`| head`) ends the command quietly.
-        match writeln!(out, "{text}").and_then(|()| out.flush()) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
-            Err(e) => return Err(e.into()),
+        let last = next.saturating_sub(1);
+        if !a.reconnect {
+            eprintln!("stream closed at #{last}; resume with --from {next}");
+            return Ok(ExitCode::FAILURE);
+        }
+        eprintln!("stream closed at #{last} ({closed}); reconnecting");
+        stream = reopen(&a, next).await?;
+        eprintln!("reconnected; resuming at #{next}");
+    }
+}
+
+type EventStream = tonic::Streaming<pb::AuditEvent>;
+
+/// Why a subscription could not be opened.
+enum OpenError {
+    /// The CA cannot be reached (yet): worth retrying with --reconnect.
+    Unreachable(anyhow::Error),
+    /// Anything else (a refusal, a bad credential): retrying would not help.
+    Other(anyhow::Error),
+}
+
+impl From<OpenError> for anyhow::Error {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Unreachable(e) | OpenError::Other(e) => e,
         }
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// Subscribes from `from`.
+async fn open(a: &TailArgs, from: u64) -> Result<EventStream, OpenError> {
+    let channel = a.conn.channel().await.map_err(|e| {
+        match e.downcast_ref::<crate::client::ClientError>() {
+            Some(crate::client::ClientError::Connect(..)) => OpenError::Unreachable(e),
+            _ => OpenError::Other(e),
+        }
+    })?;
+    let answer = AuditClient::new(channel)
+        .subscribe(pb::SubscribeRequest {
+            from_seq: from,
+            follow: a.follow,
+            kinds: a.kind.clone(),
+            spiffe_id: a.spiffe_id.clone().unwrap_or_default(),
+        })
+        .await;
+    match answer {
+        Ok(r) => Ok(r.into_inner()),
+        Err(s) if ca_gone(&s) => Err(OpenError::Unreachable(rpc_error(s))),
+        Err(s) => Err(OpenError::Other(rpc_error(s))),
+    }
+}
+
+/// Subscribes from `from` until the CA answers, waiting 200 ms after the first failure and
+/// doubling up to 5 s. Only an unreachable CA is retried: a refusal (say, a revoked credential)
+/// would be refused again.
+async fn reopen(a: &TailArgs, from: u64) -> anyhow::Result<EventStream> {
+    let mut wait = std::time::Duration::from_millis(200);
+    let mut last_error = String::new();
+    loop {
+        tokio::time::sleep(wait).await;
+        match open(a, from).await {
+            Ok(s) => return Ok(s),
+            Err(OpenError::Unreachable(e)) => {
+                let msg = format!("{e:#}");
+                if msg != last_error {
+                    eprintln!("CA unreachable ({msg}); retrying");
+                    last_error = msg;
+                }
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(OpenError::Other(e)) => return Err(e),
+        }
+    }
+}
+
+/// Whether a status means the CA went away (rather than refused or broke the stream).
+fn ca_gone(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+    )
 }
 
 /// One human-readable line per event.

@@ -88,6 +88,18 @@ enum Command {
     /// Offline maintenance of a stopped CA's data dir.
     #[command(subcommand)]
     Admin(AdminCmd),
+    /// Print a shell completion script, e.g. `lanyard completions bash >
+    /// /etc/bash_completion.d/lanyard` (zsh: into a directory on $fpath as `_lanyard`; fish:
+    /// ~/.config/fish/completions/lanyard.fish).
+    Completions(CompletionsArgs),
+}
+
+/// `lanyard completions` arguments.
+#[derive(Debug, clap::Args)]
+struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,13 +130,31 @@ struct ServeArgs {
 /// Parses arguments, runs the command, and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = cli.log.clone().or_else(|| std::env::var("RUST_LOG").ok());
+    if let Command::Completions(a) = &cli.command {
+        return completions(a.shell);
+    }
     let default_level = if matches!(cli.command, Command::Serve(_) | Command::Agent(_)) {
         "info"
     } else {
         "warn"
     };
-    telemetry::init(cli.log_format, filter, default_level);
+    let filter = match (&cli.log, std::env::var("RUST_LOG")) {
+        (Some(spec), _) => telemetry::parse_filter(spec, "LANYARD_LOG or --log", default_level),
+        (None, Ok(spec)) => telemetry::parse_filter(&spec, "RUST_LOG", default_level),
+        (None, Err(_)) => telemetry::parse_filter("", "", default_level),
+    };
+    let filter = match filter {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let ansi = telemetry::use_ansi(
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
+    telemetry::init(cli.log_format, filter, ansi);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -159,7 +189,17 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Audit(c) => audit::run(c).await,
         Command::Access(c) => access::run(c).await,
         Command::Admin(AdminCmd::Recover(a)) => recover(a).await,
+        Command::Completions(a) => Ok(completions(a.shell)),
     }
+}
+
+/// Writes the completion script for `shell` to stdout, as clap generates it from the command
+/// tree (so it never drifts from the flags).
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap::CommandFactory;
+    let mut out = std::io::stdout();
+    clap_complete::generate(shell, &mut Cli::command(), "lanyard", &mut out);
+    ExitCode::SUCCESS
 }
 
 impl ServeArgs {
@@ -206,17 +246,29 @@ async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    // The handlers are installed before the server starts: a SIGTERM that arrives as soon as
+    // serve.addr exists (a supervisor, a test) must stop it cleanly, not kill it.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {}
+            Some(()) = recv_signal(int.as_mut()) => {}
+            Some(()) = recv_signal(term.as_mut()) => {}
+            // Both streams closed (never in practice): keep serving rather than stop.
+            else => std::future::pending::<()>().await,
         }
         tracing::info!("shutting down");
     };
     crate::server::run(settings, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The next delivery of a signal, or never if its handler could not be installed.
+async fn recv_signal(s: Option<&mut tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Conn {

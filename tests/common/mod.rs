@@ -438,7 +438,8 @@ pub const LANYARD_ENV_VARS: &[&str] = &[
     "LANYARD_LOG",
     "LANYARD_LOG_FORMAT",
     "RUST_LOG",
-    "SPIFFE_ENDPOINT_SOCKET_PATH",
+    "SPIFFE_ENDPOINT_SOCKET",
+    "NO_COLOR",
 ];
 
 /// A `lanyard` command with a clean environment.
