@@ -5,6 +5,7 @@
 //! fetches, not one each: fetches are at least [`MIN_GAP`] apart. One channel to the CA is kept
 //! and reused; it is opened again only after a failure or when the trust bundle changes.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +58,18 @@ pub(crate) fn next_update(crls: &[Vec<u8>]) -> Result<Option<i64>, CrlError> {
         }
     }
     Ok(earliest)
+}
+
+/// The serials `crls` list (raw bytes); CRLs that do not parse contribute none.
+pub(crate) fn revoked_serials(crls: &[Vec<u8>]) -> BTreeSet<Vec<u8>> {
+    crls.iter()
+        .filter_map(|der| CertificateRevocationList::from_der(der).ok())
+        .flat_map(|(_, crl)| {
+            crl.iter_revoked_certificates()
+                .map(|r| r.raw_serial().to_vec())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// `crls` as concatenated PEM (`X509 CRL` blocks), the form `crl.pem` holds.
@@ -267,7 +280,11 @@ mod tests {
         let pem = to_pem(&[a.clone(), b.clone()]);
         assert_eq!(pem.matches("-----BEGIN X509 CRL-----").count(), 2);
         assert_eq!(from_pem(pem.as_bytes()), vec![a.clone(), b.clone()]);
-        assert_eq!(next_update(&[a.clone(), b]).unwrap(), Some(3_000));
+        assert_eq!(next_update(&[a.clone(), b.clone()]).unwrap(), Some(3_000));
+        assert_eq!(
+            revoked_serials(&[a.clone(), b]),
+            BTreeSet::from([vec![0x42, 1]])
+        );
         assert!(next_update(&[a[..a.len() - 1].to_vec()]).is_err());
         assert!(from_pem(b"not pem").is_empty());
     }

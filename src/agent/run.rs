@@ -558,12 +558,22 @@ impl Agent {
         let mut next = (*cur).clone();
         next.crls = crls;
         self.write_files(&next)?;
-        let next_update = super::crl::next_update(&next.crls).ok().flatten();
-        info!(
-            crls = next.crls.len(),
-            next_update = ?next_update.map(crate::issuance::fmt_time),
-            "CRL updated"
-        );
+        let next_update = super::crl::next_update(&next.crls)
+            .ok()
+            .flatten()
+            .map_or_else(|| "none".to_string(), crate::issuance::fmt_time);
+        let revoked = super::crl::revoked_serials(&next.crls);
+        // A refresh that lists the same serials is routine (every few minutes): debug.
+        if revoked == super::crl::revoked_serials(&cur.crls) {
+            debug!(crls = next.crls.len(), next_update, "CRL refreshed");
+        } else {
+            info!(
+                crls = next.crls.len(),
+                revoked = revoked.len(),
+                next_update,
+                "CRL updated"
+            );
+        }
         let svid = next.svid.clone();
         self.state_tx.send_replace(Some(Arc::new(next)));
         if let Some(cmd) = self
