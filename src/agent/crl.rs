@@ -120,10 +120,12 @@ pub(crate) fn follow_crls(
         // What the CRLs in hand cover: the revocation set's revision when they were asked for.
         let mut covered = revocations.rev();
         let mut held_until = next_update(&seed).ok().flatten();
-        let mut next = if seed.is_empty() {
-            Instant::now()
-        } else {
-            Instant::now() + refresh_after(now_ms(), held_until, jitter())
+        // Nothing in hand, or nothing usable (a damaged crl.pem read back at start): fetch now.
+        let mut next = match next_update(&seed) {
+            Ok(Some(until)) if !seed.is_empty() => {
+                Instant::now() + refresh_after(now_ms(), Some(until), jitter())
+            }
+            _ => Instant::now(),
         };
         let mut last_fetch: Option<Instant> = None;
         let mut poll = tokio::time::interval(POLL);
