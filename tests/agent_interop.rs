@@ -1,7 +1,9 @@
 //! Issue 5, the agent's output used by software nobody here wrote: the PyPI `spiffe` client on
 //! the Workload API socket (its high-level client and its own generated gRPC stubs), OpenSSL's
 //! `s_server`/`s_client` doing a mutual handshake with agent-issued certificates, and nginx
-//! serving with the agent's files and `ssl_verify_client on`, reloaded by `--on-rotate`.
+//! serving with the agent's files and `ssl_verify_client on`, reloaded by `--on-rotate`; and
+//! docs/nginx.md as written: `ssl_crl` on the agent's `crl.pem`, kept fresh through revocations
+//! and short CRL validities, with an upstream that authorizes by SPIFFE ID.
 //!
 //! Outside tools: `python3` with `spiffe` and `cryptography` (pip), `openssl`, `nginx` and
 //! `curl` (apt). When one is missing the test prints a loud skip, or fails when `CI` is set.
@@ -27,6 +29,7 @@ use common::{
     wait_for_svid,
 };
 use lanyard::ca::RolesOid;
+use lanyard::pb::v1::{self as pb, revocation_client::RevocationClient, revoke_request::Target};
 use lanyard::tls::{Authorizer, TlsSource, client_config};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -424,6 +427,29 @@ fn nginx_bin() -> Option<PathBuf> {
 /// A minimal nginx.conf: everything under `dir`, one TLS server on `port` with the agent's
 /// files and `ssl_verify_client on` against its bundle.
 fn nginx_conf(nginx: &Path, dir: &Path, port: u16, creds: &Path) -> PathBuf {
+    let svid = creds.join("svid.pem");
+    let server = format!(
+        r#"    server {{
+        listen 127.0.0.1:{port} ssl;
+        # svid.pem holds the key and the chain.
+        ssl_certificate {svid};
+        ssl_certificate_key {svid};
+        ssl_client_certificate {bundle};
+        ssl_verify_client on;
+        default_type text/plain;
+        location / {{
+            return 200 "verify=$ssl_client_verify serial=$ssl_client_serial\n";
+        }}
+    }}
+"#,
+        svid = svid.display(),
+        bundle = creds.join("bundle.pem").display(),
+    );
+    nginx_conf_with(nginx, dir, &server)
+}
+
+/// An nginx.conf with everything under `dir` around `servers` (the `server` blocks).
+fn nginx_conf_with(nginx: &Path, dir: &Path, servers: &str) -> PathBuf {
     // Temp paths only for the modules this build has (nginx-light lacks some).
     let built = std::process::Command::new(nginx)
         .arg("-V")
@@ -443,7 +469,6 @@ fn nginx_conf(nginx: &Path, dir: &Path, port: u16, creds: &Path) -> PathBuf {
         }
     }
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    let svid = creds.join("svid.pem");
     let conf = format!(
         r#"daemon off;
 worker_processes 1;
@@ -452,23 +477,9 @@ error_log {dir}/error.log info;
 events {{ worker_connections 64; }}
 http {{
     access_log {dir}/access.log;
-{temp}    server {{
-        listen 127.0.0.1:{port} ssl;
-        # svid.pem holds the key and the chain.
-        ssl_certificate {svid};
-        ssl_certificate_key {svid};
-        ssl_client_certificate {bundle};
-        ssl_verify_client on;
-        default_type text/plain;
-        location / {{
-            return 200 "verify=$ssl_client_verify serial=$ssl_client_serial\n";
-        }}
-    }}
-}}
+{temp}{servers}}}
 "#,
         dir = dir.display(),
-        svid = svid.display(),
-        bundle = creds.join("bundle.pem").display(),
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).unwrap();
@@ -691,5 +702,257 @@ async fn nginx_serves_with_agent_files_verifies_clients_and_reloads_on_rotation(
     assert!(served.starts_with("HTTP/1.1 200 OK"), "{served}");
     let error_log = std::fs::read_to_string(ngx_dir.join("error.log")).unwrap_or_default();
     assert!(error_log.contains("reconfiguring"), "{error_log}");
+    assert!(server.is_running(), "nginx exited:\n{}", server.output());
+}
+
+/// The `server` block of docs/nginx.md, run as written but for its paths and ports, plus one
+/// location that shows what `$ssl_client_s_dn` holds for an SVID.
+fn doc_nginx_server(creds: &Path, port: u16, upstream: u16) -> String {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/nginx.md"))
+        .unwrap();
+    let start = doc
+        .find("```nginx\n")
+        .expect("docs/nginx.md has an nginx block")
+        + 9;
+    let block = &doc[start..start + doc[start..].find("```").unwrap()];
+    let mut server = block.to_string();
+    for (from, to) in [
+        ("/var/lib/lanyard/web", creds.display().to_string()),
+        ("listen 443 ssl;", format!("listen 127.0.0.1:{port} ssl;")),
+        ("127.0.0.1:8080", format!("127.0.0.1:{upstream}")),
+    ] {
+        assert!(
+            server.contains(from),
+            "docs/nginx.md no longer has {from:?}"
+        );
+        server = server.replace(from, &to);
+    }
+    let end = server.rfind('}').unwrap();
+    server.insert_str(
+        end,
+        "    location = /dn {\n        default_type text/plain;\n        return 200 \"dn=[$ssl_client_s_dn]\\n\";\n    }\n",
+    );
+    server
+}
+
+/// Decodes nginx's `$ssl_client_escaped_cert` (URL-escaped PEM).
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(byte) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The upstream of docs/nginx.md's first pattern: authorizes by the SPIFFE ID in the
+/// `X-Client-Cert` header nginx sets. Answers 200 to `allowed`, 403 to anybody else, 401
+/// without the header. Returns its port.
+async fn spawn_authorizing_upstream(allowed: &'static [&'static str]) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 64 * 1024 {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&req).into_owned();
+                let cert = head.lines().find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("x-client-cert")
+                        .then(|| unescape(value.trim()))
+                });
+                let id = cert.and_then(|pem| {
+                    let der = CertificateDer::from_pem_slice(&pem).ok()?;
+                    lanyard::ca::parse_svid(&der, &RolesOid::default()).ok()
+                });
+                let (status, body) = match id {
+                    Some(svid) if allowed.contains(&svid.spiffe_id.as_str()) => {
+                        ("200 OK", format!("hello {}\n", svid.spiffe_id))
+                    }
+                    Some(svid) => ("403 Forbidden", format!("{} may not\n", svid.spiffe_id)),
+                    None => ("401 Unauthorized", "no client certificate\n".to_string()),
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nginx_follows_the_agents_crl_and_an_upstream_authorizes_by_spiffe_id() {
+    const VICTIM: &str = "spiffe://example.org/ns/prod/victim";
+    let nginx = nginx_bin();
+    if !require_tool("nginx", nginx.is_some(), "`apt-get install nginx`") || !openssl_ready() {
+        return;
+    }
+    let nginx = nginx.unwrap();
+    // CRLs valid for 4 s: nginx must be handed a fresh one, period after period.
+    let ca = TestCa::start_with("crl_validity = \"4s\"", common::POLICY).await;
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let ngx_dir = w.join("nginx");
+    std::fs::create_dir_all(&ngx_dir).unwrap();
+    let port = free_port();
+    let upstream = spawn_authorizing_upstream(&[API, VICTIM]).await;
+    let srv = w.join("web");
+    let conf = nginx_conf_with(&nginx, &ngx_dir, &doc_nginx_server(&srv, port, upstream));
+    // docs/nginx.md's hook, pointed at this nginx.
+    let hook_log = w.join("hook.log");
+    let hook = format!(
+        "echo \"$LANYARD_EVENT\" >> '{}'; '{}' -s reload -c '{}' -p '{}'",
+        hook_log.display(),
+        nginx.display(),
+        conf.display(),
+        ngx_dir.display()
+    );
+    let (mut web_agent, _) =
+        start_agent(&ca, w, "web", WEB, &["--ttl", "60s", "--on-rotate", &hook]).await;
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(25), || {
+            srv.join("crl.pem").exists().then_some(())
+        })
+        .await
+        .is_some(),
+        "the agent wrote no crl.pem for nginx:\n{}",
+        web_agent.output()
+    );
+    let api = ca.enroll("api", API, &[], 300).await;
+    let db = ca.enroll("db", DB, &[], 300).await;
+    let victim = ca.enroll("victim", VICTIM, &[], 300).await;
+
+    let mut cmd = std::process::Command::new(&nginx);
+    cmd.arg("-c").arg(&conf).arg("-p").arg(&ngx_dir);
+    let mut server = ChildGuard::spawn("nginx", &mut cmd, &ngx_dir.join("stderr.log"));
+    wait_listening(([127, 0, 0, 1], port).into(), &mut server).await;
+    let bundle = srv.join("bundle.pem");
+    let get = |dir: PathBuf, path: &'static str| {
+        let bundle = bundle.clone();
+        async move {
+            let req =
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            let out = s_client(
+                port,
+                Some((&dir.join("cert.pem"), &dir.join("key.pem"))),
+                &bundle,
+                &req,
+            )
+            .await;
+            text(&out)
+        }
+    };
+    let error_log = || std::fs::read_to_string(ngx_dir.join("error.log")).unwrap_or_default();
+
+    // Authentication in nginx, authorization by SPIFFE ID in the upstream.
+    let ok = get(api.clone(), "/").await;
+    assert!(
+        ok.contains("HTTP/1.1 200 OK") && ok.contains(&format!("hello {API}")),
+        "{ok}\n{}",
+        error_log()
+    );
+    let refused = get(db.clone(), "/").await;
+    assert!(
+        refused.contains("HTTP/1.1 403 Forbidden") && refused.contains(&format!("{DB} may not")),
+        "{refused}"
+    );
+    // What the docs say nginx alone sees: an SVID's subject is empty.
+    let dn = get(api.clone(), "/dn").await;
+    assert!(dn.contains("dn=[]"), "{dn}");
+    let none = text(&s_client(port, None, &bundle, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await);
+    assert!(
+        none.contains("No required SSL certificate was sent"),
+        "{none}"
+    );
+    let before = get(victim.clone(), "/").await;
+    assert!(before.contains("HTTP/1.1 200 OK"), "{before}");
+
+    // Revoked: within a couple of seconds, after the hook's reload, nginx refuses it.
+    let serial = dir_svid(&victim).unwrap().serial.to_hex();
+    RevocationClient::new(ca.admin_channel().await)
+        .revoke(pb::RevokeRequest {
+            target: Some(Target::Serial(serial.clone())),
+            reason: "test".into(),
+            lift: false,
+        })
+        .await
+        .expect("admin revokes");
+    let revoked_at = Instant::now();
+    loop {
+        let out = get(victim.clone(), "/").await;
+        if out.contains("HTTP/1.1 400 Bad Request") && out.contains("The SSL certificate error") {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(3),
+            "nginx still admits revoked {serial} after {:?}:\n{out}\n{}",
+            revoked_at.elapsed(),
+            error_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "nginx refuses the revoked certificate {:?} after the revocation",
+        revoked_at.elapsed()
+    );
+    assert!(
+        error_log().contains("certificate revoked"),
+        "{}",
+        error_log()
+    );
+
+    // Four CRL validity periods later, a good client has never been refused: each refresh
+    // reached nginx before the CRL in force expired.
+    let started = Instant::now();
+    let mut requests = 0;
+    while started.elapsed() < Duration::from_secs(16) {
+        let out = get(api.clone(), "/").await;
+        assert!(
+            out.contains("HTTP/1.1 200 OK"),
+            "good client refused after {:?}:\n{out}\n{}",
+            started.elapsed(),
+            error_log()
+        );
+        requests += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let log = error_log();
+    assert!(!log.contains("CRL has expired"), "{log}");
+    let crl_reloads = std::fs::read_to_string(&hook_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == "crl")
+        .count();
+    eprintln!("{requests} requests over 4 CRL periods; {crl_reloads} reloads for new CRLs");
+    assert!(
+        crl_reloads >= 4,
+        "the hook reloaded nginx on each CRL refresh"
+    );
+    assert!(
+        web_agent.is_running(),
+        "agent exited:\n{}",
+        web_agent.output()
+    );
     assert!(server.is_running(), "nginx exited:\n{}", server.output());
 }

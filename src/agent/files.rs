@@ -7,6 +7,10 @@
 //! of one generation gets a matching key and certificate. `svid.pem` holds both in one file for
 //! readers (nginx, haproxy) that can load key and chain from a single path.
 //!
+//! `crl.pem` holds the CA's CRLs (PEM, the signing CA's first, then a retiring CA's during a
+//! rotation) in the same generation, when the agent has fetched them: a CRL refresh writes a new
+//! generation with the same key and certificate.
+//!
 //! Federated bundles live in the same generation, as `federated/<trust-domain>.pem` (the
 //! `federated` link points through `..data` like the files), so a reader always sees bundles
 //! that were current together with the certificate.
@@ -23,7 +27,15 @@ use crate::fsutil::write_atomic;
 
 const DATA: &str = "..data";
 const FEDERATED: &str = "federated";
-const FILES: [&str; 5] = ["cert.pem", "key.pem", "bundle.pem", "svid.pem", FEDERATED];
+const CRL: &str = "crl.pem";
+const FILES: [&str; 6] = [
+    "cert.pem",
+    "key.pem",
+    "bundle.pem",
+    "svid.pem",
+    FEDERATED,
+    CRL,
+];
 /// Where credentials the agent replaced with a join token's are kept (`retired/<UTC time>/`).
 pub(crate) const RETIRED: &str = "retired";
 
@@ -45,6 +57,19 @@ pub fn write_credential_dir(
     key_pem: &str,
     bundle: &[CertificateDer<'_>],
     federated: &BTreeMap<String, Vec<CertificateDer<'_>>>,
+) -> std::io::Result<()> {
+    write_generation(dir, chain, key_pem, bundle, federated, &[])
+}
+
+/// Publishes a new generation of the credential in `dir`, with `federated` bundles and the
+/// CA's `crls` (DER) as `crl.pem`; without CRLs there is no `crl.pem`.
+pub(crate) fn write_generation(
+    dir: &Path,
+    chain: &[CertificateDer<'_>],
+    key_pem: &str,
+    bundle: &[CertificateDer<'_>],
+    federated: &BTreeMap<String, Vec<CertificateDer<'_>>>,
+    crls: &[Vec<u8>],
 ) -> std::io::Result<()> {
     fs::create_dir_all(dir)?;
     let gen_name = format!(
@@ -70,6 +95,13 @@ pub fn write_credential_dir(
         format!("{key_pem}{chain_pem}").as_bytes(),
         0o600,
     )?;
+    if !crls.is_empty() {
+        write_atomic(
+            &gen_dir.join(CRL),
+            super::crl::to_pem(crls).as_bytes(),
+            0o644,
+        )?;
+    }
     let fed_dir = gen_dir.join(FEDERATED);
     fs::create_dir(&fed_dir)?;
     fs::set_permissions(&fed_dir, fs::Permissions::from_mode(0o755))?;
@@ -92,6 +124,13 @@ pub fn write_credential_dir(
     swap_symlink(dir, DATA, Path::new(&gen_name))?;
     for f in FILES {
         let link = dir.join(f);
+        if f == CRL && crls.is_empty() {
+            // No dangling link: a reader finds no crl.pem rather than a broken one.
+            if fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+                fs::remove_file(&link)?;
+            }
+            continue;
+        }
         let target = Path::new(DATA).join(f);
         if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
             swap_symlink(dir, f, &target)?;
@@ -214,6 +253,13 @@ pub fn read_federated(dir: &Path) -> BTreeMap<String, Vec<CertificateDer<'static
     out
 }
 
+/// The CRLs in `dir/crl.pem` (empty when there is none or it does not parse).
+pub(crate) fn read_crls(dir: &Path) -> Vec<Vec<u8>> {
+    fs::read(dir.join(CRL))
+        .map(|pem| super::crl::from_pem(&pem))
+        .unwrap_or_default()
+}
+
 /// Reads `cert.pem` and `key.pem` of one generation (through one resolution of `..data`), for
 /// readers that want a guaranteed pair; falls back to the plain files in a directory written
 /// by `lanyard issue`.
@@ -330,5 +376,30 @@ mod tests {
         assert!(dir.path().join("federated/c.example.pem").exists());
         fed.insert("../x".to_string(), vec![cert.clone()]);
         assert!(write_credential_dir(dir.path(), one, "K\n", one, &fed).is_err());
+    }
+
+    #[test]
+    fn crls_are_part_of_the_generation_and_absent_without_any() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = CertificateDer::from(vec![0x30, 0x00]);
+        let one = std::slice::from_ref(&cert);
+        let none = BTreeMap::new();
+        write_generation(dir.path(), one, "K\n", one, &none, &[vec![0x30, 0x01]]).unwrap();
+        assert_eq!(
+            fs::read_link(dir.path().join(CRL)).unwrap(),
+            Path::new(DATA).join(CRL)
+        );
+        assert_eq!(read_crls(dir.path()), vec![vec![0x30, 0x01]]);
+        let mode = fs::metadata(dir.path().join(CRL))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
+        write_generation(dir.path(), one, "K\n", one, &none, &[vec![0x30, 0x02]]).unwrap();
+        assert_eq!(read_crls(dir.path()), vec![vec![0x30, 0x02]]);
+        // Without CRLs: no link at all, not a dangling one.
+        write_credential_dir(dir.path(), one, "K\n", one, &none).unwrap();
+        assert!(fs::symlink_metadata(dir.path().join(CRL)).is_err());
+        assert!(read_crls(dir.path()).is_empty());
     }
 }

@@ -1,8 +1,10 @@
 //! The sidecar agent: bootstraps with a join token, renews over mTLS at about half of each
 //! certificate's lifetime, writes the credential to files atomically, serves the SPIFFE Workload
-//! API, and stops when its identity is revoked.
+//! API, keeps the CA's CRLs fresh (`crl.pem` and the Workload API's `crl`), and stops when its
+//! identity is revoked.
 
 mod bundles;
+mod crl;
 mod files;
 mod run;
 mod timing;
@@ -35,8 +37,11 @@ pub struct AgentConfig {
     pub out_dir: Option<PathBuf>,
     /// Unix socket for the SPIFFE Workload API.
     pub workload_socket: Option<PathBuf>,
-    /// Shell command run after every rotation.
+    /// Shell command run after every rotation and every bundle change (and every CRL change
+    /// when `on_crl_change` is not set).
     pub on_rotate: Option<String>,
+    /// Shell command run after every CRL change (`crl.pem` and the Workload API's `crl`).
+    pub on_crl_change: Option<String>,
     /// Requested certificate lifetime.
     pub ttl: Option<Duration>,
     /// Fraction of the lifetime after which to renew (0.5 by default).
@@ -58,6 +63,7 @@ impl AgentConfig {
             out_dir: None,
             workload_socket: None,
             on_rotate: None,
+            on_crl_change: None,
             ttl: None,
             renew_fraction: 0.5,
             max_backoff: Duration::from_secs(30),

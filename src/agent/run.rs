@@ -11,6 +11,7 @@ use tonic::Code;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::bundles::{Bundles, decode_federated, follow_bundles};
+use super::crl::follow_crls;
 use super::timing::{Backoff, refresh_in};
 use super::{AgentConfig, AgentError, files};
 use crate::ca::{SvidInfo, parse_svid};
@@ -117,7 +118,15 @@ impl Agent {
         let (bundle_task, mut bundles) =
             follow_bundles(self.cfg.server.clone(), self.source.clone());
         let _bundle_task = AbortOnDrop(bundle_task);
-        self.rotate_forever(&mut shutdown, &mut bundles)
+        let (crl_task, mut crls) = follow_crls(
+            self.cfg.server.clone(),
+            self.source.clone(),
+            self.revocations.clone(),
+            self.current().map(|s| s.crls.clone()).unwrap_or_default(),
+            self.cfg.max_backoff,
+        );
+        let _crl_task = AbortOnDrop(crl_task);
+        self.rotate_forever(&mut shutdown, &mut bundles, &mut crls)
             .instrument(info_span!("agent", spiffe_id = %id))
             .await
     }
@@ -126,6 +135,7 @@ impl Agent {
         &self,
         shutdown: &mut watch::Receiver<bool>,
         bundles: &mut watch::Receiver<Option<Bundles>>,
+        crls: &mut watch::Receiver<Vec<Vec<u8>>>,
     ) -> Result<(), AgentError> {
         let mut backoff = Backoff::new(Duration::from_secs(1), self.cfg.max_backoff);
         let mut last_failure: Option<String> = None;
@@ -157,6 +167,11 @@ impl Agent {
                     if let Some(b) = latest {
                         self.apply_bundles(b).await?;
                     }
+                    continue;
+                }
+                Ok(()) = crls.changed() => {
+                    let latest = crls.borrow_and_update().clone();
+                    self.apply_crls(latest).await?;
                     continue;
                 }
                 _ = shutdown.changed() => {
@@ -409,7 +424,8 @@ impl Agent {
             bundle: cred.bundle.certs().to_vec(),
             federated: files::read_federated(dir),
             bundle_revision: 0,
-            crls: Vec::new(),
+            // Served until the CA is asked again: better than none if it cannot be reached.
+            crls: files::read_crls(dir),
             received_at_ms: ((svid.not_before + crate::issuance::BACKDATE_SECS) * 1000)
                 .min(now_ms()),
             svid,
@@ -527,16 +543,7 @@ impl Agent {
         next.bundle_revision = b.revision;
         self.source.set_bundle(own);
         self.source.set_federated(federated_tls(&next.federated));
-        if let Some(dir) = &self.cfg.out_dir {
-            files::write_credential_dir(
-                dir,
-                &next.chain,
-                &next.key_pem,
-                &next.bundle,
-                &next.federated,
-            )
-            .map_err(|e| AgentError::Io(format!("writing {}: {e}", dir.display())))?;
-        }
+        self.write_files(&next)?;
         info!(
             authorities = next.bundle.len(),
             federated = %next.federated.keys().cloned().collect::<Vec<_>>().join(","),
@@ -546,25 +553,79 @@ impl Agent {
         let svid = next.svid.clone();
         self.state_tx.send_replace(Some(Arc::new(next)));
         if let Some(cmd) = &self.cfg.on_rotate {
-            run_hook(cmd, &svid).await;
+            run_hook(cmd, &svid, "bundle").await;
         }
         Ok(())
+    }
+
+    /// Installs CRLs from the CRL follower when they differ from the ones in hand: files (a new
+    /// generation with the same certificate), Workload API watchers, then the CRL hook
+    /// (`on_crl_change`, else `on_rotate`).
+    async fn apply_crls(&self, crls: Vec<Vec<u8>>) -> Result<(), AgentError> {
+        let Some(cur) = self.current() else {
+            return Ok(());
+        };
+        if crls.is_empty() || crls == cur.crls {
+            return Ok(());
+        }
+        let mut next = (*cur).clone();
+        next.crls = crls;
+        self.write_files(&next)?;
+        let next_update = super::crl::next_update(&next.crls)
+            .ok()
+            .flatten()
+            .map_or_else(|| "none".to_string(), crate::issuance::fmt_time);
+        let revoked = super::crl::revoked_serials(&next.crls);
+        // A refresh that lists the same serials is routine (every few minutes): debug.
+        if revoked == super::crl::revoked_serials(&cur.crls) {
+            debug!(crls = next.crls.len(), next_update, "CRL refreshed");
+        } else {
+            info!(
+                crls = next.crls.len(),
+                revoked = revoked.len(),
+                next_update,
+                "CRL updated"
+            );
+        }
+        let svid = next.svid.clone();
+        self.state_tx.send_replace(Some(Arc::new(next)));
+        if let Some(cmd) = self
+            .cfg
+            .on_crl_change
+            .as_ref()
+            .or(self.cfg.on_rotate.as_ref())
+        {
+            run_hook(cmd, &svid, "crl").await;
+        }
+        Ok(())
+    }
+
+    /// Writes `state` as a new generation in `out_dir`, if there is one.
+    fn write_files(&self, state: &SvidState) -> Result<(), AgentError> {
+        let Some(dir) = &self.cfg.out_dir else {
+            return Ok(());
+        };
+        files::write_generation(
+            dir,
+            &state.chain,
+            &state.key_pem,
+            &state.bundle,
+            &state.federated,
+            &state.crls,
+        )
+        .map_err(|e| AgentError::Io(format!("writing {}: {e}", dir.display())))
     }
 
     /// Installs a new SVID everywhere: TLS source, files, Workload API watchers, on-rotate hook.
     async fn publish(&self, mut state: SvidState) -> Result<(), AgentError> {
         self.install(&state)?;
-        state.crls = self.fetch_crls().await;
-        if let Some(dir) = &self.cfg.out_dir {
-            files::write_credential_dir(
-                dir,
-                &state.chain,
-                &state.key_pem,
-                &state.bundle,
-                &state.federated,
-            )
-            .map_err(|e| AgentError::Io(format!("writing {}: {e}", dir.display())))?;
+        // The CRL follower keeps the CRLs fresh; only the first certificate (or one whose CA
+        // could not be asked before) has to fetch them here. A failed fetch keeps what there is.
+        state.crls = self.current().map(|c| c.crls.clone()).unwrap_or_default();
+        if state.crls.is_empty() {
+            state.crls = self.fetch_crls().await;
         }
+        self.write_files(&state)?;
         // Nothing was published yet: this is the first certificate (from the token or reused
         // from disk), which replaces nothing, so it is not a rotation.
         let first = self.state_tx.borrow().is_none();
@@ -579,7 +640,7 @@ impl Agent {
         let svid = state.svid.clone();
         self.state_tx.send_replace(Some(Arc::new(state)));
         if let Some(cmd) = &self.cfg.on_rotate {
-            run_hook(cmd, &svid).await;
+            run_hook(cmd, &svid, "rotate").await;
         }
         Ok(())
     }
@@ -699,18 +760,21 @@ fn classify(e: &tonic::Status) -> Option<AgentError> {
     }
 }
 
-async fn run_hook(cmd: &str, svid: &SvidInfo) {
+/// Runs a hook with `LANYARD_SPIFFE_ID`, `LANYARD_SERIAL` and `LANYARD_EVENT` (`rotate`,
+/// `bundle` or `crl`: what changed).
+async fn run_hook(cmd: &str, svid: &SvidInfo, event: &str) {
     let child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(cmd)
+        .env("LANYARD_EVENT", event)
         .env("LANYARD_SPIFFE_ID", svid.spiffe_id.as_str())
         .env("LANYARD_SERIAL", svid.serial.to_hex())
         .kill_on_drop(true)
         .status();
     match tokio::time::timeout(Duration::from_secs(60), child).await {
-        Ok(Ok(status)) if status.success() => debug!(cmd, "on-rotate command succeeded"),
-        Ok(Ok(status)) => warn!(cmd, %status, "on-rotate command failed"),
-        Ok(Err(e)) => warn!(cmd, error = %e, "on-rotate command could not start"),
-        Err(_) => warn!(cmd, "on-rotate command timed out after 60s"),
+        Ok(Ok(status)) if status.success() => debug!(cmd, event, "hook succeeded"),
+        Ok(Ok(status)) => warn!(cmd, event, %status, "hook failed"),
+        Ok(Err(e)) => warn!(cmd, event, error = %e, "hook could not start"),
+        Err(_) => warn!(cmd, event, "hook timed out after 60s"),
     }
 }

@@ -26,7 +26,8 @@ pub(super) struct AgentArgs {
     /// Trust this CA bundle for the first call instead of the token's CA fingerprint.
     #[arg(long)]
     bundle: Option<PathBuf>,
-    /// Write cert.pem, key.pem (0600), bundle.pem and svid.pem (key + chain) here.
+    /// Write cert.pem, key.pem (0600), bundle.pem, svid.pem (key + chain) and crl.pem (the CA's
+    /// CRLs, kept fresh) here.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Serve the SPIFFE Workload API on this unix socket: a path, or a `unix:` URI as SPIFFE
@@ -37,9 +38,15 @@ pub(super) struct AgentArgs {
     #[arg(long, default_value_t = crate::agent::DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     workload_max_connections: u32,
-    /// Run this shell command after each rotation (e.g. 'nginx -s reload').
+    /// Run this shell command after each rotation and bundle change, and after each CRL change
+    /// unless --on-crl-change is given (e.g. 'nginx -s reload'). $LANYARD_EVENT says which:
+    /// rotate, bundle or crl.
     #[arg(long)]
     on_rotate: Option<String>,
+    /// Run this shell command instead of --on-rotate after each CRL change (crl.pem and the
+    /// Workload API's CRLs): a new revocation, or the refresh before nextUpdate.
+    #[arg(long)]
+    on_crl_change: Option<String>,
     /// Requested certificate lifetime (default: the CA's default, capped by policy).
     #[arg(long, value_parser = parse_duration)]
     ttl: Option<Duration>,
@@ -71,6 +78,7 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         workload_socket: a.workload_socket.clone(),
         // An empty hook (e.g. an unset variable in a unit file) means no hook.
         on_rotate: a.on_rotate.filter(|c| !c.trim().is_empty()),
+        on_crl_change: a.on_crl_change.filter(|c| !c.trim().is_empty()),
         ttl: a.ttl,
         renew_fraction: a.renew_at,
         max_backoff: a.max_backoff,

@@ -1,0 +1,293 @@
+//! Keeping the CA's CRLs fresh for file consumers (nginx `ssl_crl`, haproxy `crl-file`) and
+//! Workload API clients: the CRLs are fetched again at about half of their remaining validity
+//! (so they never pass `nextUpdate` while the CA is reachable) and within a second of a new
+//! revocation seen on the agent's `Revocation.Watch`. A burst of revocations costs a few
+//! fetches, not one each: fetches are at least [`MIN_GAP`] apart. One channel to the CA is kept
+//! and reused; it is opened again only after a failure or when the trust bundle changes.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::CertificateRevocationListDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, error, warn};
+use x509_parser::prelude::FromDer;
+use x509_parser::revocation_list::CertificateRevocationList;
+
+use super::timing::{Backoff, refresh_in};
+use crate::pb::v1::{self as pb, revocation_client::RevocationClient};
+use crate::tls::{Bundle, RevocationSet, TlsSource, unix_now};
+
+/// Least time between two CRL fetches: a burst of revocations is coalesced into one fetch per
+/// gap (plus one for what arrived during the last).
+pub(crate) const MIN_GAP: Duration = Duration::from_millis(250);
+/// How often the revocation set is checked for entries newer than the last fetch.
+const POLL: Duration = Duration::from_millis(100);
+/// Earliest refresh after a successful fetch, whatever the CRL says (a CA configured with a
+/// validity of a second must not make the agent spin).
+const MIN_REFRESH: Duration = Duration::from_millis(500);
+/// Refresh interval for a CRL without `nextUpdate` (not one Lanyard signs).
+const NO_NEXT_UPDATE_REFRESH: Duration = Duration::from_secs(60);
+/// How long one `GetCrl` call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a set of CRLs from the CA was not taken.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum CrlError {
+    /// The CA could not be reached or refused the call.
+    #[error("{0}")]
+    Call(String),
+    /// A CRL from the CA does not parse as X.509 DER.
+    #[error("the CA sent a CRL that does not parse")]
+    Malformed,
+}
+
+/// The earliest `nextUpdate` (seconds since the epoch) of `crls`; `Ok(None)` when none carries
+/// one, `Err` when one does not parse.
+pub(crate) fn next_update(crls: &[Vec<u8>]) -> Result<Option<i64>, CrlError> {
+    let mut earliest: Option<i64> = None;
+    for der in crls {
+        let (_, crl) = CertificateRevocationList::from_der(der).map_err(|_| CrlError::Malformed)?;
+        if let Some(t) = crl.next_update() {
+            let t = t.timestamp();
+            earliest = Some(earliest.map_or(t, |e| e.min(t)));
+        }
+    }
+    Ok(earliest)
+}
+
+/// The serials `crls` list (raw bytes); CRLs that do not parse contribute none.
+pub(crate) fn revoked_serials(crls: &[Vec<u8>]) -> BTreeSet<Vec<u8>> {
+    crls.iter()
+        .filter_map(|der| CertificateRevocationList::from_der(der).ok())
+        .flat_map(|(_, crl)| {
+            crl.iter_revoked_certificates()
+                .map(|r| r.raw_serial().to_vec())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `crls` as concatenated PEM (`X509 CRL` blocks), the form `crl.pem` holds.
+pub(crate) fn to_pem(crls: &[Vec<u8>]) -> String {
+    crls.iter()
+        .map(|der| crate::ca::pem_encode("X509 CRL", der))
+        .collect()
+}
+
+/// The CRLs in a PEM file (unparseable blocks end the list).
+pub(crate) fn from_pem(pem: &[u8]) -> Vec<Vec<u8>> {
+    CertificateRevocationListDer::pem_slice_iter(pem)
+        .map_while(Result::ok)
+        .map(|c| c.as_ref().to_vec())
+        .collect()
+}
+
+/// When to fetch again after CRLs with `next_update_s` were fetched at `fetched_ms`: half of
+/// the remaining validity, ±10 % jitter, at least [`MIN_REFRESH`].
+pub(crate) fn refresh_after(fetched_ms: i64, next_update_s: Option<i64>, jitter: f64) -> Duration {
+    match next_update_s {
+        Some(n) => {
+            refresh_in(fetched_ms, fetched_ms, n.saturating_mul(1000), 0.5, jitter).max(MIN_REFRESH)
+        }
+        None => NO_NEXT_UPDATE_REFRESH,
+    }
+}
+
+/// Follows the CA's CRLs at `server` (see the module docs), starting from `seed` (the CRLs the
+/// agent already holds; empty: fetch at once). The latest CRLs are in the returned receiver.
+/// Runs until the returned task is aborted.
+pub(crate) fn follow_crls(
+    server: String,
+    source: Arc<TlsSource>,
+    revocations: Arc<RevocationSet>,
+    seed: Vec<Vec<u8>>,
+    max_backoff: Duration,
+) -> (tokio::task::JoinHandle<()>, watch::Receiver<Vec<Vec<u8>>>) {
+    let (tx, rx) = watch::channel(seed.clone());
+    let task = tokio::spawn(async move {
+        let mut fetcher = Fetcher {
+            server,
+            source,
+            channel: None,
+        };
+        let mut backoff = Backoff::new(Duration::from_secs(1), max_backoff);
+        let mut last_failure: Option<String> = None;
+        // What the CRLs in hand cover: the revocation set's revision when they were asked for.
+        let mut covered = revocations.rev();
+        let mut held_until = next_update(&seed).ok().flatten();
+        // Nothing in hand, or nothing usable (a damaged crl.pem read back at start): fetch now.
+        let mut next = match next_update(&seed) {
+            Ok(Some(until)) if !seed.is_empty() => {
+                Instant::now() + refresh_after(now_ms(), Some(until), jitter())
+            }
+            _ => Instant::now(),
+        };
+        let mut last_fetch: Option<Instant> = None;
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                _ = poll.tick() => {
+                    // While the CA fails, retries follow the backoff, not the revocations.
+                    if revocations.rev() <= covered || last_failure.is_some() {
+                        continue;
+                    }
+                    // New revocations: fetch now, or as soon as the gap allows.
+                    let earliest = last_fetch.map_or_else(Instant::now, |t| t + MIN_GAP);
+                    if earliest > Instant::now() {
+                        next = next.min(earliest);
+                        continue;
+                    }
+                }
+            }
+            let asked_at = revocations.rev();
+            last_fetch = Some(Instant::now());
+            match fetcher.fetch().await {
+                Ok((crls, until)) => {
+                    if last_failure.take().is_some() {
+                        debug!("CRLs fetched again");
+                    }
+                    backoff.reset();
+                    covered = asked_at;
+                    held_until = until;
+                    next = Instant::now() + refresh_after(now_ms(), until, jitter());
+                    tx.send_if_modified(|cur| {
+                        let changed = *cur != crls;
+                        if changed {
+                            *cur = crls;
+                        }
+                        changed
+                    });
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    let left = held_until.map(|t| t - unix_now());
+                    match left {
+                        Some(left) if left <= 0 => {
+                            error!(error = %msg, expired_s_ago = -left, "CRL refresh failing; the CRLs in hand have expired");
+                        }
+                        _ if last_failure.as_deref() != Some(msg.as_str()) => {
+                            warn!(error = %msg, expires_in_s = ?left, "CRL refresh failed; retrying with backoff");
+                        }
+                        _ => debug!(error = %msg, "CRL refresh retry failed"),
+                    }
+                    last_failure = Some(msg);
+                    // Retry sooner than the backoff would while the CRLs in hand run out.
+                    let mut wait = backoff.next_wait();
+                    if let Some(left) = left.filter(|l| *l > 0) {
+                        wait = wait.min(Duration::from_millis(left as u64 * 250).max(MIN_GAP));
+                    }
+                    next = Instant::now() + wait;
+                }
+            }
+        }
+    });
+    (task, rx)
+}
+
+/// One `GetCrl` client, reusing its channel.
+struct Fetcher {
+    server: String,
+    source: Arc<TlsSource>,
+    /// The channel and the bundle it trusts (a new bundle means a new channel).
+    channel: Option<(tonic::transport::Channel, Arc<Bundle>)>,
+}
+
+// === impl Fetcher ===
+
+impl Fetcher {
+    /// The CA's CRLs (the signing CA's, then a retiring one's) and their earliest nextUpdate.
+    async fn fetch(&mut self) -> Result<(Vec<Vec<u8>>, Option<i64>), CrlError> {
+        let bundle = self.source.bundle();
+        let channel = match &self.channel {
+            Some((ch, trusted)) if Arc::ptr_eq(trusted, &bundle) => ch.clone(),
+            _ => {
+                let ch = tokio::time::timeout(CALL_TIMEOUT, self.source.connect_ca(&self.server))
+                    .await
+                    .map_err(|_| CrlError::Call("connecting to the CA timed out".into()))?
+                    .map_err(|e| CrlError::Call(e.to_string()))?;
+                self.channel = Some((ch.clone(), bundle));
+                ch
+            }
+        };
+        let mut client = RevocationClient::new(channel);
+        let call = client.get_crl(pb::GetCrlRequest {});
+        let answer = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) => {
+                self.channel = None;
+                return Err(CrlError::Call(format!("{:?}: {}", s.code(), s.message())));
+            }
+            Err(_) => {
+                self.channel = None;
+                return Err(CrlError::Call("GetCrl timed out".into()));
+            }
+        };
+        let crls: Vec<Vec<u8>> = std::iter::once(answer.der)
+            .chain(answer.retiring)
+            .filter(|d| !d.is_empty())
+            .collect();
+        if crls.is_empty() {
+            return Err(CrlError::Malformed);
+        }
+        let until = next_update(&crls)?;
+        Ok((crls, until))
+    }
+}
+
+fn jitter() -> f64 {
+    rand::random::<f64>() * 2.0 - 1.0
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn refreshes_at_half_the_remaining_validity_never_sooner_than_the_floor() {
+        let ms = Duration::from_millis;
+        // Fetched at t=100 s, valid until 400 s: refresh at 150 s ± 30 s.
+        assert_eq!(refresh_after(100_000, Some(400), 0.0), ms(150_000));
+        assert_eq!(refresh_after(100_000, Some(400), 1.0), ms(180_000));
+        assert_eq!(refresh_after(100_000, Some(400), -1.0), ms(120_000));
+        // A few seconds of validity: still before nextUpdate.
+        assert_eq!(refresh_after(100_000, Some(104), 0.0), ms(2_000));
+        // Already expired, or about to: the floor keeps the loop from spinning.
+        assert_eq!(refresh_after(100_000, Some(99), 0.0), MIN_REFRESH);
+        assert_eq!(refresh_after(100_000, None, 0.0), NO_NEXT_UPDATE_REFRESH);
+    }
+
+    #[test]
+    fn crls_round_trip_through_pem_and_give_the_earliest_next_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = crate::spiffe::TrustDomain::new("example.org").unwrap();
+        let ca = crate::ca::Authority::load_or_create(dir.path(), &td, Default::default()).unwrap();
+        let serial = crate::ca::Serial::from_bytes(&[0x42, 1]);
+        let a = ca.sign_crl(&[(serial, 1_000)], 1, 1_000, 5_000).unwrap();
+        let b = ca.sign_crl(&[], 2, 1_000, 3_000).unwrap();
+        let pem = to_pem(&[a.clone(), b.clone()]);
+        assert_eq!(pem.matches("-----BEGIN X509 CRL-----").count(), 2);
+        assert_eq!(from_pem(pem.as_bytes()), vec![a.clone(), b.clone()]);
+        assert_eq!(next_update(&[a.clone(), b.clone()]).unwrap(), Some(3_000));
+        assert_eq!(
+            revoked_serials(&[a.clone(), b]),
+            BTreeSet::from([vec![0x42, 1]])
+        );
+        assert!(next_update(&[a[..a.len() - 1].to_vec()]).is_err());
+        assert!(from_pem(b"not pem").is_empty());
+    }
+}
