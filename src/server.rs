@@ -94,6 +94,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The bundle endpoint's bound address, when `bundle_endpoint_listen` is set.
     pub bundle_endpoint: Option<SocketAddr>,
+    /// The metrics listener's bound address, when `metrics_listen` is set.
+    pub metrics: Option<SocketAddr>,
     /// Trips shutdown.
     pub shutdown: watch::Sender<bool>,
     /// Finishes when the server has stopped.
@@ -242,6 +244,24 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         ),
         None => None,
     };
+    let metrics_listener = match settings.metrics_listen {
+        Some(at) => Some(
+            crate::metrics::bind(at)
+                .await
+                .map_err(|e| ServeError::Bind(at, e))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => {
+            let at = l.local_addr().map_err(|e| ServeError::Bind(addr, e))?;
+            let file = data.join("metrics.addr");
+            write_atomic(&file, at.to_string().as_bytes(), 0o644)
+                .map_err(|e| ServeError::Io(file.clone(), e))?;
+            Some(at)
+        }
+        None => None,
+    };
     let bundle_endpoint = match &bundle_listener {
         Some(l) => {
             let at = l.local_addr().map_err(|e| ServeError::Bind(addr, e))?;
@@ -257,12 +277,16 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     // Federation and rotation tasks hold the store (through the audit log): shutdown waits for
     // them, so a restart in the same process finds the store unlocked.
     let mut background = Vec::new();
+    let grpc_admission = Admission::new("grpc", grpc_caps);
+    let mut admissions = vec![("grpc", grpc_admission.clone())];
     if let (Some(l), Some(caps)) = (bundle_listener, bundle_caps) {
+        let admission = Admission::new("bundle_endpoint", caps);
+        admissions.push(("bundle_endpoint", admission.clone()));
         background.push(tokio::spawn(serve_bundle_endpoint(
             l,
             slot.clone(),
             bundles.clone(),
-            Admission::new("bundle_endpoint", caps),
+            admission,
             transport,
             shutdown_rx.clone(),
         )));
@@ -296,10 +320,20 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         .instrument(info_span!("ca_changes")),
     ));
     let (conn_tx, conn_rx) = mpsc::channel(128);
+    if let Some(l) = metrics_listener {
+        let exporter = crate::metrics::CaExporter::new(
+            store.clone(),
+            cas.clone(),
+            bundles.clone(),
+            access.clone(),
+            admissions,
+        );
+        tokio::spawn(crate::metrics::serve(l, exporter, shutdown_rx.clone()));
+    }
     tokio::spawn(accept_loop(
         listener,
         acceptor,
-        Admission::new("grpc", grpc_caps),
+        grpc_admission,
         transport,
         conn_tx,
         shutdown_rx.clone(),
@@ -353,10 +387,27 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     ));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<CaServer<CaService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+    for name in SERVICE_NAMES {
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    tokio::spawn(not_serving_on_shutdown(
+        health_reporter,
+        shutdown_rx.clone(),
+    ));
+    // Both reflection versions: grpcurl up to 1.8 and many other tools speak only v1alpha. Only
+    // the CA's own descriptors (and Health's): the Workload API is the agent's.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(|e| ServeError::Tls(e.to_string()))?;
 
     let router = tonic::transport::Server::builder()
@@ -376,7 +427,8 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
             crate::api::status::client_faults_keep_their_codes,
         ))
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(
             CaServer::new(CaService::new(
                 issuance.clone(),
@@ -453,9 +505,34 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     Ok(Running {
         addr,
         bundle_endpoint,
+        metrics: metrics_addr,
         shutdown: shutdown_tx,
         done,
     })
+}
+
+/// The gRPC services the CA serves, each reported by `grpc.health.v1.Health` (as is `""`, the
+/// server as a whole).
+pub const SERVICE_NAMES: [&str; 5] = [
+    "lanyard.v1.Ca",
+    "lanyard.v1.Admin",
+    "lanyard.v1.Access",
+    "lanyard.v1.Audit",
+    "lanyard.v1.Revocation",
+];
+
+/// Turns every service's health to NOT_SERVING once shutdown starts, so probes and load
+/// balancers stop sending work while in-flight calls drain.
+async fn not_serving_on_shutdown(
+    reporter: tonic_health::server::HealthReporter,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    stopped(&mut shutdown).await;
+    for name in SERVICE_NAMES.into_iter().chain([""]) {
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
 }
 
 /// Opens the sled store under `data`; a store another process holds (a running server) is
