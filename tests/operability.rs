@@ -32,6 +32,11 @@ const CA_SERVICES: [&str; 5] = [
     "lanyard.v1.Revocation",
 ];
 
+/// Held by the tests that issue certificates from an in-process CA: the issuance counters count
+/// for the whole process (as they do for a real `lanyard serve`), so a test that checks how much
+/// they moved must not overlap with another test's issuances.
+static ISSUING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `GET path` over HTTP/1.1; returns (status, body).
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
@@ -170,6 +175,7 @@ async fn ca_metrics_parse_and_count_issuances_and_denials() {
     if !parser_ready() {
         return;
     }
+    let _alone = ISSUING.lock().await;
     // A peer CA whose bundle endpoint this CA refreshes from (per-domain federation metrics).
     let peer_port = free_port();
     let peer = TestCa::start_with_full_config(&format!(
@@ -328,6 +334,7 @@ async fn metrics_listener_is_off_by_default() {
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_health_readiness_and_metrics() {
     let with_parser = parser_ready();
+    let _alone = ISSUING.lock().await;
     // A CA on a fixed port, stopped after minting the token: the agent starts with no CA to
     // talk to, so it has no certificate yet.
     let port = free_port();
@@ -590,5 +597,89 @@ async fn reflection_v1_and_v1alpha_list_the_ca_services_and_health_only() {
             health_described,
             "{version} cannot describe grpc.health.v1.Health"
         );
+    }
+}
+
+/// The example manifests' probes use the metrics listener the same manifests turn on: the
+/// agent's `/readyz` (ready with a valid certificate) and `/healthz`, and the CA's.
+#[test]
+fn kubernetes_probes_use_healthz_and_readyz() {
+    if !require_tool(
+        "python3 with PyYAML",
+        command_works("python3", &["-c", "import yaml"]),
+        "`pip install pyyaml` (scripts/test does)",
+    ) {
+        return;
+    }
+    const SCRIPT: &str = r#"
+import json, sys, yaml
+out = {"containers": [], "config": None}
+for path in sys.argv[1:]:
+    for doc in yaml.safe_load_all(open(path)):
+        if not doc:
+            continue
+        if doc["kind"] == "ConfigMap":
+            out["config"] = doc["data"]["lanyard.toml"]
+        if doc["kind"] in ("StatefulSet", "Deployment"):
+            spec = doc["spec"]["template"]["spec"]
+            out["containers"] += spec.get("initContainers", []) + spec["containers"]
+print(json.dumps(out))
+"#;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let out = std::process::Command::new("python3")
+        .args(["-c", SCRIPT])
+        .arg(root.join("ca.yaml"))
+        .arg(root.join("sidecar.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parsed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let config: toml::Value = toml::from_str(parsed["config"].as_str().unwrap()).unwrap();
+    let ca_metrics: SocketAddr = config["metrics_listen"].as_str().unwrap().parse().unwrap();
+    let containers = parsed["containers"].as_array().unwrap();
+    let find = |name: &str| {
+        containers
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no container {name}"))
+    };
+    // Which containerPort a probe's named port is.
+    let probe_port = |c: &Value, probe: &str, path: &str| -> u64 {
+        let get = &c[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{} {probe}", c["name"]);
+        let port = &get["port"];
+        port.as_u64().unwrap_or_else(|| {
+            c["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == *port)
+                .and_then(|p| p["containerPort"].as_u64())
+                .unwrap_or_else(|| panic!("{} has no port {port}", c["name"]))
+        })
+    };
+    let ca = find("lanyard");
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(probe_port(ca, probe, path), u64::from(ca_metrics.port()));
+    }
+    let agent = find("lanyard-agent");
+    let listen: SocketAddr = agent["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|a| a.as_str()?.strip_prefix("--metrics-listen="))
+        .expect("the sidecar turns on --metrics-listen")
+        .parse()
+        .unwrap();
+    for (probe, path) in [
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/readyz"),
+    ] {
+        assert_eq!(probe_port(agent, probe, path), u64::from(listen.port()));
     }
 }
