@@ -620,31 +620,28 @@ pub async fn bind(at: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(at).await
 }
 
-/// Serves `GET /metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` turns true.
+/// Serves `GET /metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` turns true;
+/// then closes every connection it has open and returns (the exporter holds the CA's store, so
+/// nothing of it outlives the server).
 pub async fn serve(
     listener: TcpListener,
     exporter: Arc<dyn Exporter>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+        let accepted = tokio::select! {
+            a = accept(&listener, &slots) => a,
+            () = crate::server::stopped(&mut shutdown) => break,
         };
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    debug!(error = %e, "metrics accept failed");
-                    // Out of file descriptors and the like: let the condition pass.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = crate::server::stopped(&mut shutdown) => return,
+        // Reap finished connections so the set stays small.
+        while connections.try_join_next().is_some() {}
+        let Some((tcp, peer, slot)) = accepted else {
+            continue;
         };
         let exporter = exporter.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req| answer(exporter.clone(), req));
             let conn = hyper::server::conn::http1::Builder::new()
@@ -658,6 +655,28 @@ pub async fn serve(
                 Ok(Ok(())) => {}
             }
         });
+    }
+    connections.shutdown().await;
+}
+
+/// Waits for a free connection slot, then for a connection; `None` after a failed accept.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> Option<(
+    tokio::net::TcpStream,
+    SocketAddr,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
+    let slot = slots.clone().acquire_owned().await.ok()?;
+    match listener.accept().await {
+        Ok((tcp, peer)) => Some((tcp, peer, slot)),
+        Err(e) => {
+            debug!(error = %e, "metrics accept failed");
+            // Out of file descriptors and the like: let the condition pass.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        }
     }
 }
 

@@ -328,7 +328,11 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
             access.clone(),
             admissions,
         );
-        tokio::spawn(crate::metrics::serve(l, exporter, shutdown_rx.clone()));
+        background.push(tokio::spawn(crate::metrics::serve(
+            l,
+            exporter,
+            shutdown_rx.clone(),
+        )));
     }
     tokio::spawn(accept_loop(
         listener,

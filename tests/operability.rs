@@ -683,3 +683,29 @@ print(json.dumps(out))
         assert_eq!(probe_port(agent, probe, path), u64::from(listen.port()));
     }
 }
+
+/// A scraper's kept-alive connection does not outlive the CA: the metrics listener closes it on
+/// shutdown, so the store is released and a restart in the same process opens it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_alive_scrape_does_not_hold_the_store_past_shutdown() {
+    let ca = TestCa::start_with("metrics_listen = \"127.0.0.1:0\"", POLICY).await;
+    let addr = metrics_addr(&ca);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let (dir, config) = tokio::time::timeout(Duration::from_secs(10), ca.stop())
+        .await
+        .expect("the CA stops in time");
+    let again = tokio::time::timeout(Duration::from_secs(10), TestCa::start_in(dir, config))
+        .await
+        .expect("the CA restarts in time");
+    assert_eq!(http_get(metrics_addr(&again), "/healthz").await.0, 200);
+    drop(s);
+}
