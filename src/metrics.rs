@@ -732,3 +732,51 @@ fn reply(
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    #[test]
+    fn each_issuance_outcome_lands_on_its_own_series() {
+        let m = CaMetrics::new();
+        let mut r = Registry::default();
+        m.register(&mut r);
+        let t = Instant::now();
+        m.issuance(IssuePath::Renewal, t, &Ok::<(), IssueError>(()));
+        m.issuance::<()>(IssuePath::Token, t, &Err(IssueError::Denied("x".into())));
+        m.issuance::<()>(IssuePath::Token, t, &Err(IssueError::Denied("y".into())));
+        let text = to_text(&r);
+        let series =
+            |p: &str, c: &str| format!("lanyard_issuances_total{{path=\"{p}\",code=\"{c}\"}}");
+        assert_eq!(value(&text, &series("renewal", "ok")), Some(1.0));
+        assert_eq!(
+            value(&text, &series("token", "permission_denied")),
+            Some(2.0)
+        );
+        assert_eq!(value(&text, &series("token", "ok")), Some(0.0));
+        assert_eq!(
+            value(
+                &text,
+                "lanyard_issuance_duration_seconds_count{path=\"token\"}"
+            ),
+            Some(2.0)
+        );
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    }
+
+    #[test]
+    fn an_agent_without_a_certificate_is_not_ready() {
+        let (tx, rx) = watch::channel(None);
+        let exporter = AgentExporter::new(rx);
+        assert!(exporter.ready().is_err());
+        drop(tx);
+    }
+}
