@@ -24,6 +24,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -374,6 +375,7 @@ impl CaExporter {
         listeners: Vec<(&'static str, Arc<Admission>)>,
     ) -> Arc<Self> {
         let mut registry = Registry::default();
+        register_build_info(&mut registry);
         ca().register(&mut registry);
         let gauges = CaGauges {
             audit_head: Gauge::default(),
@@ -545,6 +547,7 @@ impl AgentExporter {
     /// An exporter following the agent's `state`.
     pub fn new(state: watch::Receiver<Option<Arc<SvidState>>>) -> Arc<Self> {
         let mut registry = Registry::default();
+        register_build_info(&mut registry);
         agent().register(&mut registry);
         let not_after = Gauge::default();
         let bundle_revision = Gauge::default();
@@ -601,6 +604,15 @@ impl Exporter for AgentExporter {
             Some(_) => Ok(()),
         }
     }
+}
+
+/// Registers `lanyard_build_info{version}`, so dashboards can tell versions apart.
+fn register_build_info(r: &mut Registry) {
+    r.register(
+        "lanyard_build",
+        "The running Lanyard version",
+        Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+    );
 }
 
 fn to_text(registry: &Registry) -> String {

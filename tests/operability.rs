@@ -124,10 +124,12 @@ fn sample(families: &BTreeMap<String, Value>, name: &str, labels: &[(&str, &str)
 
 /// Whether a metric of this name (as docs/metrics.md spells it) is in the exposition.
 fn has_metric(families: &BTreeMap<String, Value>, name: &str) -> bool {
+    // OpenMetrics names counter and info families without their sample suffix.
     families.contains_key(name)
-        || name
-            .strip_suffix("_total")
-            .is_some_and(|base| families.contains_key(base))
+        || ["_total", "_info"].iter().any(|s| {
+            name.strip_suffix(s)
+                .is_some_and(|base| families.contains_key(base))
+        })
 }
 
 /// The metric names docs/metrics.md lists under `section` (a `## ` heading).
@@ -335,17 +337,12 @@ async fn metrics_listener_is_off_by_default() {
 async fn agent_health_readiness_and_metrics() {
     let with_parser = parser_ready();
     let _alone = ISSUING.lock().await;
-    // A CA on a fixed port, stopped after minting the token: the agent starts with no CA to
-    // talk to, so it has no certificate yet.
-    let port = free_port();
-    let ca = TestCa::start_with_full_config(&format!(
-        "trust_domain = \"example.org\"\nlisten = \"127.0.0.1:{port}\"\nmin_ttl = \"1s\"\n{POLICY}"
-    ))
-    .await;
+    // The agent dials a port where nothing listens yet, so it starts without a certificate;
+    // later a forwarder to the CA opens there.
+    let ca = TestCa::start().await;
     let id = "spiffe://example.org/ns/dev/agent";
     let token = ca.token(id, &[], 300, 1).await;
-    let server = ca.server();
-    let (dir, config) = ca.stop().await;
+    let server = format!("127.0.0.1:{}", free_port());
 
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("cred");
@@ -383,8 +380,11 @@ async fn agent_health_readiness_and_metrics() {
         assert_eq!(sample(&m, "lanyard_agent_ready", &[]), Some(0.0));
     }
 
-    // The CA comes back: the agent bootstraps and becomes ready.
-    let ca = TestCa::start_in(dir, config).await;
+    // The CA becomes reachable: the agent bootstraps and becomes ready.
+    let _forwarder = AbortOnDrop(tokio::spawn(forward(
+        tokio::net::TcpListener::bind(&server).await.unwrap(),
+        ca.addr,
+    )));
     let mut ready = false;
     for _ in 0..150 {
         if http_get(maddr, "/readyz").await.0 == 200 {
@@ -466,6 +466,29 @@ async fn agent_health_readiness_and_metrics() {
     }
     assert_eq!(streams, Some(0.0), "a closed stream is uncounted");
     drop(ca);
+}
+
+/// Forwards every connection accepted on `listener` to `to`.
+async fn forward(listener: tokio::net::TcpListener, to: SocketAddr) {
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+/// Aborts the task when dropped, so a failing test leaves nothing running.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn workload_client(socket: &Path) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
@@ -684,28 +707,35 @@ print(json.dumps(out))
     }
 }
 
-/// A scraper's kept-alive connection does not outlive the CA: the metrics listener closes it on
+/// A prober's kept-alive connection does not outlive the CA: the metrics listener closes it on
 /// shutdown, so the store is released and a restart in the same process opens it.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_kept_alive_scrape_does_not_hold_the_store_past_shutdown() {
+async fn a_kept_alive_probe_does_not_hold_the_store_past_shutdown() {
     let ca = TestCa::start_with("metrics_listen = \"127.0.0.1:0\"", POLICY).await;
     let addr = metrics_addr(&ca);
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = vec![0; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .expect("an answer")
-        .unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    let (dir, config) = tokio::time::timeout(Duration::from_secs(10), ca.stop())
-        .await
-        .expect("the CA stops in time");
-    let again = tokio::time::timeout(Duration::from_secs(10), TestCa::start_in(dir, config))
+    // A probe every 300 ms on one kept-alive connection, for as long as the server answers
+    // (at most the listener's 30 s connection limit).
+    let prober = AbortOnDrop(tokio::spawn(async move {
+        let mut buf = vec![0; 4096];
+        for _ in 0..200 {
+            let probe = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+            if s.write_all(probe.as_bytes()).await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // `restart` retries for 10 s while the old server's tasks let go of the store; the probe's
+    // connection, were it kept past shutdown, would hold the store for 30 s.
+    let again = tokio::time::timeout(Duration::from_secs(20), ca.restart())
         .await
         .expect("the CA restarts in time");
     assert_eq!(http_get(metrics_addr(&again), "/healthz").await.0, 200);
-    drop(s);
+    drop(prober);
 }
