@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -518,11 +519,11 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
 /// The gRPC services the CA serves, each reported by `grpc.health.v1.Health` (as is `""`, the
 /// server as a whole).
 pub const SERVICE_NAMES: [&str; 5] = [
-    "lanyard.v1.Ca",
-    "lanyard.v1.Admin",
-    "lanyard.v1.Access",
-    "lanyard.v1.Audit",
-    "lanyard.v1.Revocation",
+    <CaServer<CaService> as NamedService>::NAME,
+    <AdminServer<AdminService> as NamedService>::NAME,
+    <AccessServer<AccessService> as NamedService>::NAME,
+    <AuditServer<AuditService> as NamedService>::NAME,
+    <RevocationServer<RevocationService> as NamedService>::NAME,
 ];
 
 /// Turns every service's health to NOT_SERVING once shutdown starts, so probes and load
