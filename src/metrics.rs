@@ -48,6 +48,9 @@ pub const MAX_CONNECTIONS: usize = 16;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a connection is kept, whatever it does.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Least time between two store scans for the scrape-time gauges: scrapes closer together
+/// (several Prometheus replicas, a hurried curl loop) reuse the last scan's figures.
+const MIN_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// The exposition format [`encode`] writes.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -362,6 +365,8 @@ pub struct CaExporter {
     bundles: Arc<BundleHub>,
     access: Arc<Access>,
     listeners: Vec<(&'static str, Arc<Admission>)>,
+    /// When the store was last scanned; held during a scan, so concurrent scrapes share one.
+    last_scan: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl CaExporter {
@@ -458,10 +463,22 @@ impl CaExporter {
             bundles,
             access,
             listeners,
+            last_scan: tokio::sync::Mutex::new(None),
         })
     }
 
     async fn refresh(&self) {
+        let mut last_scan = self.last_scan.lock().await;
+        if last_scan.is_none_or(|at| at.elapsed() >= MIN_SCAN_INTERVAL) {
+            self.scan_store().await;
+            *last_scan = Some(Instant::now());
+        }
+        drop(last_scan);
+        self.refresh_cheap();
+    }
+
+    /// The gauges that need a store scan or the access service's lock.
+    async fn scan_store(&self) {
         let g = &self.gauges;
         let (pending, grants) = self.access.counts().await;
         g.access_pending.set(pending as i64);
@@ -485,6 +502,11 @@ impl CaExporter {
             Ok((Err(e), _)) => warn!(error = %e, "metrics: cannot read store statistics"),
             Err(e) => warn!(error = %e, "metrics: store statistics task failed"),
         }
+    }
+
+    /// The gauges read from memory.
+    fn refresh_cheap(&self) {
+        let g = &self.gauges;
         let set = self.cas.current();
         g.ca_not_after.clear();
         let roles = [

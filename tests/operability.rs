@@ -300,8 +300,17 @@ async fn ca_metrics_parse_and_count_issuances_and_denials() {
     );
     let groups = sample(&after, "lanyard_audit_group_size_count", &[]).unwrap();
     assert!(groups >= 1.0);
-    assert!(sample(&after, "lanyard_audit_head_seq", &[]).unwrap() >= 3.0);
-    assert!(sample(&after, "lanyard_join_tokens", &[]).unwrap() >= 1.0);
+    // The store-scan gauges are at most a second old: wait for the token to show.
+    let mut scanned = after.clone();
+    for _ in 0..30 {
+        if sample(&scanned, "lanyard_join_tokens", &[]) >= Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        scanned = scrape(addr).await;
+    }
+    assert!(sample(&scanned, "lanyard_join_tokens", &[]).unwrap() >= 1.0);
+    assert!(sample(&scanned, "lanyard_audit_head_seq", &[]).unwrap() >= 3.0);
     assert!(sample(&after, "lanyard_store_disk_bytes", &[]).unwrap() > 0.0);
     assert!(
         sample(&after, "lanyard_open_connections", &[("listener", "grpc")]).is_some(),
