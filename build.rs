@@ -1,25 +1,45 @@
 //! Compiles `proto/` with a vendored protoc, so a fresh machine needs no system protobuf.
+//!
+//! The CA's protos and the SPIFFE Workload API are compiled separately, each with its own
+//! descriptor set: gRPC reflection on the CA lists only what the CA serves (the Workload API is
+//! the agent's).
 
-use std::{env, path::PathBuf};
+use std::{
+    env,
+    path::{Path, PathBuf},
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    let mut cfg = prost_build::Config::new();
-    cfg.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    let protos = [
+    let ca = [
         "proto/lanyard/v1/ca.proto",
         "proto/lanyard/v1/admin.proto",
         "proto/lanyard/v1/audit.proto",
         "proto/lanyard/v1/revocation.proto",
         "proto/lanyard/v1/access.proto",
-        "proto/spiffe/workload.proto",
     ];
+    compile(&out, &ca, "lanyard_descriptor.bin")?;
+    compile(
+        &out,
+        &["proto/spiffe/workload.proto"],
+        "workload_descriptor.bin",
+    )?;
+    Ok(())
+}
+
+fn compile(
+    out: &Path,
+    protos: &[&str],
+    descriptor: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut cfg = prost_build::Config::new();
+    cfg.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let protos: Vec<PathBuf> = protos.iter().map(PathBuf::from).collect();
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());
     }
     tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("lanyard_descriptor.bin"))
+        .file_descriptor_set_path(out.join(descriptor))
         .compile_with_config(
             cfg,
             &protos,

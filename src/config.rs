@@ -101,6 +101,9 @@ pub struct FileConfig {
     pub access: Vec<AccessRuleSpec>,
     /// Where to serve the SPIFFE bundle endpoint (HTTPS); off when absent.
     pub bundle_endpoint_listen: Option<SocketAddr>,
+    /// Where to serve Prometheus metrics, `/healthz` and `/readyz` (plain HTTP); off when
+    /// absent.
+    pub metrics_listen: Option<SocketAddr>,
     /// The `spiffe_refresh_hint` published in the own bundle.
     #[serde(default, with = "opt_duration")]
     pub bundle_refresh_hint: Option<Duration>,
@@ -182,6 +185,8 @@ pub struct ServeSettings {
     pub access_webhook_ca_file: Option<PathBuf>,
     /// Bundle endpoint address, if served.
     pub bundle_endpoint_listen: Option<SocketAddr>,
+    /// Metrics listener address (plain HTTP: `/metrics`, `/healthz`, `/readyz`), if served.
+    pub metrics_listen: Option<SocketAddr>,
     /// `spiffe_refresh_hint` of the own bundle.
     pub bundle_refresh_hint: Duration,
     /// Staged-CA publication time before the signing switch.
@@ -416,6 +421,7 @@ impl ServeSettings {
             access_webhook: file.access_webhook.clone(),
             access_webhook_ca_file: file.access_webhook_ca_file.clone(),
             bundle_endpoint_listen: file.bundle_endpoint_listen,
+            metrics_listen: file.metrics_listen,
             bundle_refresh_hint,
             ca_rotation_overlap,
             federation,
@@ -565,6 +571,7 @@ mod tests {
             defaults::BUNDLE_REFRESH_HINT * defaults::CA_ROTATION_OVERLAP_HINTS
         );
         assert_eq!(s.bundle_endpoint_listen, None);
+        assert_eq!(s.metrics_listen, None);
         assert!(s.federation.is_empty());
         assert_eq!(s.prune_interval, defaults::PRUNE_INTERVAL);
         assert_eq!(s.listen.to_string(), defaults::LISTEN);

@@ -2,7 +2,7 @@
 //! and token minting, each audited, each durable before the caller gets anything.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rcgen::PublicKeyData;
 use rustls_pki_types::CertificateDer;
@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use crate::access::Grant;
 use crate::audit::{AuditLog, Event, Intent, Kind, UNAUTHENTICATED};
 use crate::ca::{Authority, CaError, CaHandle, CaSet, LeafParams, SvidInfo, ValidCsr, parse_csr};
+use crate::metrics::{self, IssuePath};
 use crate::policy::{self, Ask, Limits, PolicyHandle};
 use crate::revocation::Revocations;
 use crate::spiffe::{IdPattern, SpiffeId, normalize_roles};
@@ -164,8 +165,11 @@ impl Issuance {
 
     /// Bootstrap: issues a certificate to the holder of a join token, consuming one use.
     pub async fn with_token(&self, token: &str, req: IssueRequest) -> Result<Issued, IssueError> {
+        let started = Instant::now();
         let intent = std::cell::RefCell::new(Some(self.log.intent()));
-        INTENT.scope(intent, self.token_inner(token, req)).await
+        let result = INTENT.scope(intent, self.token_inner(token, req)).await;
+        metrics::ca().issuance(IssuePath::Token, started, &result);
+        result
     }
 
     async fn token_inner(&self, token: &str, req: IssueRequest) -> Result<Issued, IssueError> {
@@ -265,8 +269,11 @@ impl Issuance {
     /// Renewal: issues a new certificate for the same identity to an authenticated peer. Roles
     /// are re-evaluated: the identity's enrollment ceiling, intersected with policy now.
     pub async fn renew(&self, peer: &SvidInfo, req: IssueRequest) -> Result<Issued, IssueError> {
+        let started = Instant::now();
         let intent = std::cell::RefCell::new(Some(self.log.intent()));
-        INTENT.scope(intent, self.renew_inner(peer, req)).await
+        let result = INTENT.scope(intent, self.renew_inner(peer, req)).await;
+        metrics::ca().issuance(IssuePath::Renewal, started, &result);
+        result
     }
 
     async fn renew_inner(&self, peer: &SvidInfo, req: IssueRequest) -> Result<Issued, IssueError> {
@@ -313,6 +320,19 @@ impl Issuance {
     /// Issues a credential the server makes for itself (its serving cert, the admin credential):
     /// no CSR, no policy lookup (the reserved `/lanyard/` identities are not in policy).
     pub async fn local(
+        &self,
+        id: &SpiffeId,
+        roles: Vec<String>,
+        ttl: Duration,
+        key: &impl PublicKeyData,
+    ) -> Result<Issued, IssueError> {
+        let started = Instant::now();
+        let result = self.local_inner(id, roles, ttl, key).await;
+        metrics::ca().issuance(IssuePath::Local, started, &result);
+        result
+    }
+
+    async fn local_inner(
         &self,
         id: &SpiffeId,
         roles: Vec<String>,

@@ -14,6 +14,7 @@
 //! - [`api`]: tonic services (the only place errors become `tonic::Status`).
 //! - [`net`]: connection admission: open-file budget, connection caps, preface and idle
 //!   timeouts, accept backoff.
+//! - [`metrics`]: Prometheus metrics, health and readiness on a separate HTTP listener.
 //! - [`server`]: `lanyard serve` wiring.
 //! - [`client`]: connecting to the CA.
 //! - [`config`], [`telemetry`], [`fsutil`], [`tokens`].
@@ -31,6 +32,7 @@ pub mod encoding;
 pub mod federation;
 pub mod fsutil;
 pub mod issuance;
+pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod revocation;
@@ -53,7 +55,11 @@ pub mod pb {
     pub mod workload {
         tonic::include_proto!("_");
     }
-    /// Encoded file descriptors, for gRPC reflection.
+    /// Encoded file descriptors of the CA's services (`lanyard.v1`), for the CA's gRPC
+    /// reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("lanyard_descriptor");
+    /// Encoded file descriptors of the SPIFFE Workload API, which only the agent serves.
+    pub const WORKLOAD_FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("workload_descriptor");
 }

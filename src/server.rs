@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -97,6 +98,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The bundle endpoint's bound address, when `bundle_endpoint_listen` is set.
     pub bundle_endpoint: Option<SocketAddr>,
+    /// The metrics listener's bound address, when `metrics_listen` is set.
+    pub metrics: Option<SocketAddr>,
     /// Trips shutdown.
     pub shutdown: watch::Sender<bool>,
     /// Finishes when the server has stopped.
@@ -165,10 +168,12 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
         &shutdown_rx,
     )
     .await?;
-    let (addr, bundle_endpoint) = (background.addr, background.bundle_endpoint);
-    let addr_file = state.data.join("serve.addr");
-    write_atomic(&addr_file, addr.to_string().as_bytes(), 0o644)
-        .map_err(|e| ServeError::Io(addr_file.clone(), e))?;
+    let (addr, bundle_endpoint, metrics) = (
+        background.addr,
+        background.bundle_endpoint,
+        background.metrics,
+    );
+    write_addr_file(&state.data, "serve.addr", addr)?;
     info!(%addr, trust_domain = %settings.trust_domain, data_dir = %state.data.display(), "lanyard CA listening");
     let (store, sweeper, tasks) = (state.store, core.sweeper, background.tasks);
     let done = tokio::spawn(async move {
@@ -192,6 +197,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     Ok(Running {
         addr,
         bundle_endpoint,
+        metrics,
         shutdown: shutdown_tx,
         done,
     })
@@ -205,6 +211,7 @@ struct Listeners {
     addr: SocketAddr,
     grpc_caps: Caps,
     bundle: Option<(TcpListener, SocketAddr, Caps)>,
+    metrics: Option<(TcpListener, SocketAddr)>,
 }
 
 impl Listeners {
@@ -236,11 +243,22 @@ impl Listeners {
             }
             _ => None,
         };
+        let metrics = match settings.metrics_listen {
+            Some(at) => {
+                let l = crate::metrics::bind(at)
+                    .await
+                    .map_err(|e| ServeError::Bind(at, e))?;
+                let bound = l.local_addr().map_err(|e| ServeError::Bind(at, e))?;
+                Some((l, bound))
+            }
+            None => None,
+        };
         Ok(Self {
             grpc,
             addr,
             grpc_caps,
             bundle,
+            metrics,
         })
     }
 }
@@ -390,6 +408,7 @@ async fn issue_own_credentials(
 struct Background {
     addr: SocketAddr,
     bundle_endpoint: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
     /// Tasks that hold the store (through the audit log) or a listener: shutdown waits for
     /// them, so a restart in the same process finds the store unlocked.
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -422,17 +441,36 @@ fn spawn_background(
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let mut tasks = Vec::new();
     let mut bundle_endpoint = None;
+    let grpc_admission = Admission::new("grpc", listeners.grpc_caps);
+    let mut admissions = vec![("grpc", grpc_admission.clone())];
     if let Some((l, at, caps)) = listeners.bundle {
-        let file = state.data.join("bundle_endpoint.addr");
-        write_atomic(&file, at.to_string().as_bytes(), 0o644)
-            .map_err(|e| ServeError::Io(file.clone(), e))?;
+        write_addr_file(&state.data, "bundle_endpoint.addr", at)?;
         bundle_endpoint = Some(at);
+        let admission = Admission::new("bundle_endpoint", caps);
+        admissions.push(("bundle_endpoint", admission.clone()));
         tasks.push(tokio::spawn(serve_bundle_endpoint(
             l,
             slot.clone(),
             core.bundles.clone(),
-            Admission::new("bundle_endpoint", caps),
+            admission,
             transport,
+            shutdown_rx.clone(),
+        )));
+    }
+    let mut metrics = None;
+    if let Some((l, at)) = listeners.metrics {
+        write_addr_file(&state.data, "metrics.addr", at)?;
+        metrics = Some(at);
+        let exporter = crate::metrics::CaExporter::new(
+            state.store.clone(),
+            core.cas.clone(),
+            core.bundles.clone(),
+            core.access.clone(),
+            admissions,
+        );
+        tasks.push(tokio::spawn(crate::metrics::serve(
+            l,
+            exporter,
             shutdown_rx.clone(),
         )));
     }
@@ -468,7 +506,7 @@ fn spawn_background(
     tasks.push(tokio::spawn(accept_loop(
         listeners.grpc,
         acceptor,
-        Admission::new("grpc", listeners.grpc_caps),
+        grpc_admission,
         transport,
         conn_tx,
         shutdown_rx.clone(),
@@ -521,6 +559,7 @@ fn spawn_background(
         Background {
             addr: listeners.addr,
             bundle_endpoint,
+            metrics,
             tasks,
         },
         conn_rx,
@@ -539,10 +578,27 @@ async fn grpc_server<S: Future<Output = ()> + Send + 'static>(
     shutdown_rx: &watch::Receiver<bool>,
 ) -> Result<impl Future<Output = Result<(), tonic::transport::Error>> + Send + use<S>, ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<CaServer<CaService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+    for name in SERVICE_NAMES {
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    tokio::spawn(not_serving_on_shutdown(
+        health_reporter,
+        shutdown_rx.clone(),
+    ));
+    // Both reflection versions: grpcurl up to 1.8 and many other tools speak only v1alpha. Only
+    // the CA's own descriptors (and Health's): the Workload API is the agent's.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(|e| ServeError::Tls(e.to_string()))?;
     Ok(tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -561,7 +617,8 @@ async fn grpc_server<S: Future<Output = ()> + Send + 'static>(
             crate::api::status::client_faults_keep_their_codes,
         ))
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(
             CaServer::new(CaService::new(
                 core.issuance.clone(),
@@ -607,6 +664,36 @@ async fn grpc_server<S: Future<Output = ()> + Send + 'static>(
             .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .serve_with_incoming_shutdown(ReceiverStream::new(conns), signal))
+}
+
+/// The gRPC services the CA serves, each reported by `grpc.health.v1.Health` (as is `""`, the
+/// server as a whole).
+pub const SERVICE_NAMES: [&str; 5] = [
+    <CaServer<CaService> as NamedService>::NAME,
+    <AdminServer<AdminService> as NamedService>::NAME,
+    <AccessServer<AccessService> as NamedService>::NAME,
+    <AuditServer<AuditService> as NamedService>::NAME,
+    <RevocationServer<RevocationService> as NamedService>::NAME,
+];
+
+/// Turns every service's health to NOT_SERVING once shutdown starts, so probes and load
+/// balancers stop sending work while in-flight calls drain.
+async fn not_serving_on_shutdown(
+    reporter: tonic_health::server::HealthReporter,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    stopped(&mut shutdown).await;
+    for name in SERVICE_NAMES.into_iter().chain([""]) {
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// Writes the bound address of a listener to `<data>/<name>`, for scripts and tests.
+fn write_addr_file(data: &Path, name: &str, addr: SocketAddr) -> Result<(), ServeError> {
+    let file = data.join(name);
+    write_atomic(&file, addr.to_string().as_bytes(), 0o644).map_err(|e| ServeError::Io(file, e))
 }
 
 /// Opens the sled store under `data`; a store another process holds (a running server) is

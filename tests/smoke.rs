@@ -49,6 +49,7 @@ async fn a_port_in_use_leaves_no_state_behind() {
     for extra in [
         format!("listen = \"{port}\""),
         format!("listen = \"127.0.0.1:0\"\nbundle_endpoint_listen = \"{port}\""),
+        format!("listen = \"127.0.0.1:0\"\nmetrics_listen = \"{port}\""),
     ] {
         let s = settings(tmp.path(), &extra);
         let err = match start(s).await {

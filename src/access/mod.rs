@@ -167,6 +167,27 @@ impl Access {
             .unwrap_or_default()
     }
 
+    /// (pending requests, grants in force now), for metrics.
+    pub async fn counts(&self) -> (usize, usize) {
+        let pending = self
+            .records
+            .lock()
+            .await
+            .values()
+            .filter(|r| r.state == state::PENDING)
+            .count();
+        let now = unix_now();
+        let grants = self
+            .grants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flatten()
+            .filter(|g| g.ends_at > now)
+            .count();
+        (pending, grants)
+    }
+
     /// Creates a pending request. `caller` must be the subject or an admin.
     pub async fn request(
         &self,

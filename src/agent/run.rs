@@ -149,7 +149,9 @@ impl Agent {
                     let Some(why) = self.revocations.check(&state.svid) else { continue };
                     // A revoked grant revokes the certificate but not the identity: the CA lets
                     // the holder renew at once (without the roles). Anything else ends here.
-                    match self.renew().await {
+                    let renewed = self.renew().await;
+                    crate::metrics::agent().renewal(renewed.is_ok());
+                    match renewed {
                         Ok(renewed) => {
                             info!(reason = %why, "certificate revoked but renewable; renewed");
                             self.publish(renewed).await?;
@@ -179,7 +181,9 @@ impl Agent {
                     return Ok(());
                 }
             }
-            match self.renew().await {
+            let renewed = self.renew().await;
+            crate::metrics::agent().renewal(renewed.is_ok());
+            match renewed {
                 Ok(state) => {
                     if last_failure.take().is_some() {
                         info!("CA reachable again; certificate renewed");

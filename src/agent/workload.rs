@@ -54,7 +54,9 @@ impl WorkloadApi {
     fn follow<T: Send + 'static>(&self, make: fn(&SvidState) -> T) -> Stream_<T> {
         let mut rx = self.state.clone();
         let (tx, out) = mpsc::channel(4);
+        let open = crate::metrics::agent().workload_stream();
         tokio::spawn(async move {
+            let _open = open;
             loop {
                 let current = rx.borrow_and_update().clone();
                 if let Some(s) = current
@@ -196,6 +198,7 @@ pub async fn serve_workload_api(
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS),
     ));
+    crate::metrics::agent().workload_slots(slots.clone(), slots.available_permits());
     let mut refusals = Refusals::default();
     let incoming = UnixListenerStream::new(listener).filter_map(move |conn| {
         let conn = match conn {

@@ -383,12 +383,17 @@ impl Writer {
             waiters.push(done);
             seq += 1;
         }
-        let result = self
-            .store
-            .commit(&records, &writes)
-            .and_then(|()| self.store.flush());
+        let started = Instant::now();
+        let mut flushed_in = Duration::ZERO;
+        let result = self.store.commit(&records, &writes).and_then(|()| {
+            let flush_started = Instant::now();
+            let r = self.store.flush();
+            flushed_in = flush_started.elapsed();
+            r
+        });
         match result {
             Ok(()) => {
+                crate::metrics::ca().audit_commit(waiters.len(), started.elapsed(), flushed_in);
                 GROUPS.fetch_add(1, Ordering::Relaxed);
                 EVENTS.fetch_add(waiters.len() as u64, Ordering::Relaxed);
                 self.next_seq = seq;

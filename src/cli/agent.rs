@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::error;
+use tracing::{error, info};
 
 use crate::agent::{Agent, AgentConfig, serve_workload_api};
 use crate::ca::RolesOid;
@@ -38,6 +38,10 @@ pub(super) struct AgentArgs {
     #[arg(long, default_value_t = crate::agent::DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     workload_max_connections: u32,
+    /// Serve Prometheus metrics (/metrics), /healthz and /readyz (200 once the agent holds a
+    /// valid certificate) over plain HTTP on this address, e.g. 127.0.0.1:9091. Off by default.
+    #[arg(long, env = "LANYARD_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Run this shell command after each rotation and bundle change, and after each CRL change
     /// unless --on-crl-change is given (e.g. 'nginx -s reload'). $LANYARD_EVENT says which:
     /// rotate, bundle or crl.
@@ -96,6 +100,15 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         let _ = stop_tx.send(true);
     });
     let agent = Agent::new(cfg);
+    if let Some(at) = a.metrics_listen {
+        // Bound before anything else runs, so a port in use fails the start, not a probe later.
+        let listener = crate::metrics::bind(at)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {at} for metrics: {e}"))?;
+        info!(addr = %listener.local_addr()?, "serving metrics, /healthz and /readyz");
+        let exporter = crate::metrics::AgentExporter::new(agent.subscribe());
+        tokio::spawn(crate::metrics::serve(listener, exporter, stop_rx.clone()));
+    }
     if let Some(path) = a.workload_socket {
         let state = agent.subscribe();
         let stop = stop_rx.clone();

@@ -52,6 +52,7 @@ pub fn spawn_refreshers(
     domains
         .into_iter()
         .map(|d| {
+            crate::metrics::ca().federation_configured(&d.trust_domain);
             let span = info_span!("federation", trust_domain = %d.trust_domain);
             tokio::spawn(
                 refresh_loop(hub.clone(), d, oid.clone(), shutdown.clone()).instrument(span),
@@ -83,6 +84,7 @@ async fn refresh_loop(
         let wake_on_change = matches!(result, Err(AttemptError::Fetch(FetchError::NoTrust(_))));
         let wait = match result {
             Ok(bundle) => {
+                crate::metrics::ca().federation_refresh(&domain.trust_domain, true);
                 if last_error.take().is_some() {
                     info!(url, "bundle endpoint reachable again");
                 }
@@ -91,6 +93,7 @@ async fn refresh_loop(
                 refresh_after(bundle.refresh_hint())
             }
             Err(e) => {
+                crate::metrics::ca().federation_refresh(&domain.trust_domain, false);
                 let msg = e.to_string();
                 let held = hub.current().federated.contains_key(&domain.trust_domain);
                 if last_error.as_deref() != Some(msg.as_str()) {
