@@ -440,6 +440,14 @@ pub const LANYARD_ENV_VARS: &[&str] = &[
     "RUST_LOG",
     "SPIFFE_ENDPOINT_SOCKET",
     "NO_COLOR",
+    "LANYARD_AGENT_METRICS_LISTEN",
+    // A proxy in the environment would route the CA's webhook and bundle fetches elsewhere.
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
 ];
 
 /// A `lanyard` command with a clean environment.
