@@ -514,35 +514,6 @@ async fn trust_bundle_needs_no_credentials() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn health_check_reports_serving() {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
-    let ca = TestCa::start().await;
-    let mut health = HealthClient::new(ca.anon_channel().await);
-    for service in ["", "lanyard.v1.Ca"] {
-        let r = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("health check {service:?}: {e}"))
-            .into_inner();
-        assert_eq!(
-            r.status,
-            ServingStatus::Serving as i32,
-            "service {service:?}"
-        );
-    }
-    let unknown = health
-        .check(HealthCheckRequest {
-            service: "no.such.Service".into(),
-        })
-        .await;
-    assert_status(unknown, Code::NotFound, "");
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn reflection_lists_the_lanyard_services() {
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,

@@ -17,11 +17,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{POLICY, TestCa, poll_until, spawn_agent, wait_for_svid};
-use hyper_util::rt::TokioIo;
+use common::{POLICY, TestCa, poll_until, spawn_agent, wait_for_svid, workload_client};
 use lanyard::ca::RolesOid;
 use lanyard::pb::v1::{self as pb, revocation_client::RevocationClient, revoke_request::Target};
-use lanyard::pb::workload::{self as wl, spiffe_workload_api_client::SpiffeWorkloadApiClient};
+use lanyard::pb::workload as wl;
 use lanyard::tls::unix_now;
 use rustls_pki_types::CertificateRevocationListDer;
 use rustls_pki_types::pem::PemObject;
@@ -56,21 +55,6 @@ fn file_crls(dir: &Path) -> Option<Vec<CrlInfo>> {
         .map(|c| crl_info(c.expect("crl.pem is PEM").as_ref()))
         .collect();
     (!crls.is_empty()).then_some(crls)
-}
-
-async fn workload_client(socket: &Path) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
-    let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
-        .await
-        .expect("connect to the Workload API");
-    SpiffeWorkloadApiClient::new(channel)
 }
 
 /// Every `FetchX509SVID` message as it arrives: when, and its CRLs.

@@ -22,14 +22,13 @@ use std::time::{Duration, Instant};
 
 use common::{
     ChildGuard, EchoServer, TestCa, command_works, free_port, lanyard_cmd, poll_until,
-    require_tool, spawn_agent, wait_for_svid,
+    require_tool, spawn_agent, wait_for_svid, workload_client,
 };
-use hyper_util::rt::TokioIo;
 use lanyard::agent::split_der;
 use lanyard::ca::{RolesOid, SvidInfo};
 use lanyard::federation::SpiffeBundle;
 use lanyard::pb::v1::{self as pb, admin_client::AdminClient, ca_client::CaClient};
-use lanyard::pb::workload::{self as wl, spiffe_workload_api_client::SpiffeWorkloadApiClient};
+use lanyard::pb::workload as wl;
 use lanyard::spiffe::TrustDomain;
 use lanyard::tls::{Authorizer, GrantSet, RevocationSet, TlsSource, client_config, server_config};
 use rustls::ClientConfig;
@@ -264,21 +263,6 @@ async fn wait_federated_file(dir: &Path, td: &str, want: &SpiffeBundle) {
 }
 
 // === the Workload API, as an unmodified client speaks it ===
-
-async fn workload_client(socket: &Path) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
-    let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
-        .await
-        .expect("connect to the Workload API");
-    SpiffeWorkloadApiClient::new(channel)
-}
 
 fn with_header<T>(m: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(m);

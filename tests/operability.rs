@@ -17,8 +17,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{POLICY, TestCa, command_works, free_port, poll_until, require_tool, spawn_agent};
-use hyper_util::rt::TokioIo;
+use common::{
+    POLICY, TestCa, command_works, free_port, poll_until, require_tool, spawn_agent,
+    workload_client,
+};
 use lanyard::pb::workload::{self as wl, spiffe_workload_api_client::SpiffeWorkloadApiClient};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -498,21 +500,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-async fn workload_client(socket: &Path) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
-    let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
-        .await
-        .expect("connect to the Workload API");
-    SpiffeWorkloadApiClient::new(channel)
 }
 
 #[tokio::test(flavor = "multi_thread")]

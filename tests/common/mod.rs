@@ -680,3 +680,24 @@ impl Drop for EchoServer {
         self.task.abort();
     }
 }
+
+/// A SPIFFE Workload API client on the agent's unix socket (tests/crl.rs, tests/federation.rs,
+/// tests/operability.rs).
+pub async fn workload_client(
+    socket: &Path,
+) -> lanyard::pb::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<Channel> {
+    let path = socket.to_path_buf();
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect to the Workload API");
+    lanyard::pb::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
+}
