@@ -81,6 +81,15 @@ const CODES: [&str; 6] = [
     "internal",
 ];
 
+/// The `code` label of `lanyard_refused_calls_total`: a fixed set, whatever a client sends.
+const REFUSAL_CODES: [&str; 5] = [
+    "resource_exhausted",
+    "unauthenticated",
+    "permission_denied",
+    "invalid_argument",
+    "failed_precondition",
+];
+
 impl IssuePath {
     fn label(self) -> &'static str {
         match self {
@@ -103,6 +112,9 @@ pub struct CaMetrics {
     audit_flush_seconds: Histogram,
     federation_refresh_errors: Family<DynLabel, Counter>,
     federation_refreshes: Family<DynLabel, Counter>,
+    /// Refused gRPC calls by code (every call, every service; over-budget ones included).
+    refused_calls: Family<[Label; 1], Counter>,
+    refused: [Counter; REFUSAL_CODES.len()],
     /// When each federated domain's bundle was last fetched successfully (unix seconds).
     federation_fetched_at: Mutex<HashMap<String, i64>>,
 }
@@ -129,7 +141,11 @@ impl CaMetrics {
                 .get_or_create(&[("path", p.label())])
                 .clone()
         });
+        let refused_calls = Family::<[Label; 1], Counter>::default();
+        let refused = REFUSAL_CODES.map(|c| refused_calls.get_or_create(&[("code", c)]).clone());
         Self {
+            refused_calls,
+            refused,
             issuances,
             issued,
             issuance_seconds,
@@ -157,6 +173,20 @@ impl CaMetrics {
         let p = path as usize;
         self.issued[p][code].inc();
         self.issuance_hist[p].observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts one refused gRPC call (any service) that ended with `code`; codes that are not
+    /// refusals are ignored.
+    pub fn refused_call(&self, code: tonic::Code) {
+        let i = match code {
+            tonic::Code::ResourceExhausted => 0,
+            tonic::Code::Unauthenticated => 1,
+            tonic::Code::PermissionDenied => 2,
+            tonic::Code::InvalidArgument => 3,
+            tonic::Code::FailedPrecondition => 4,
+            _ => return,
+        };
+        self.refused[i].inc();
     }
 
     /// Records one audit group commit: `events` in the group, the whole commit (transaction and
@@ -196,6 +226,11 @@ impl CaMetrics {
             "Time from an issuance request's arrival to its answer (checks, signing, audit commit)",
             Unit::Seconds,
             self.issuance_seconds.clone(),
+        );
+        r.register(
+            "lanyard_refused_calls",
+            "Refused gRPC calls of every service by code (resource_exhausted: over the source's refusal budget)",
+            self.refused_calls.clone(),
         );
         r.register(
             "lanyard_audit_group_size",

@@ -279,6 +279,18 @@ async fn ca_metrics_parse_and_count_issuances_and_denials() {
         "one bad token counted"
     );
     assert!(denied(&after) >= denied(&before));
+    let refused_unauth = |f: &BTreeMap<String, Value>| {
+        sample(
+            f,
+            "lanyard_refused_calls_total",
+            &[("code", "unauthenticated")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        refused_unauth(&after) >= refused_unauth(&before) + 1.0,
+        "the refusal layer counts the bad token"
+    );
     let count = |f: &BTreeMap<String, Value>| {
         sample(
             f,

@@ -138,6 +138,7 @@ where
             Some(ip) => match shared.limiter.reserve(ip) {
                 Some(r) => Some(r),
                 None => {
+                    crate::metrics::ca().refused_call(Code::ResourceExhausted);
                     let status = Status::resource_exhausted(format!(
                         "too many refused requests from {}; slow down and retry in a second",
                         super::limit::Source::of(ip)
@@ -153,6 +154,7 @@ where
             let refused = Status::from_header_map(resp.headers()).filter(|s| is_refusal(s.code()));
             match (refused, reservation) {
                 (Some(status), _) => {
+                    crate::metrics::ca().refused_call(status.code());
                     if !SELF_AUDITED.contains(&path.as_str()) {
                         shared
                             .record(&path, certs.as_deref().map(Vec::as_slice), &status)
