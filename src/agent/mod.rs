@@ -6,7 +6,7 @@ mod bundles;
 mod files;
 mod run;
 mod timing;
-mod uds;
+pub(crate) mod uds;
 mod workload;
 
 use std::path::PathBuf;

@@ -47,7 +47,7 @@ pub(super) fn relay(stream: UnixStream) -> DuplexStream {
     server_side
 }
 
-async fn rewrite_client_frames<R, W>(r: &mut R, w: &mut W) -> std::io::Result<()>
+pub(crate) async fn rewrite_client_frames<R, W>(r: &mut R, w: &mut W) -> std::io::Result<()>
 where
     R: AsyncReadExt + Unpin,
     W: AsyncWriteExt + Unpin,
