@@ -28,6 +28,8 @@ pub mod config;
 pub mod encoding;
 pub mod federation;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod issuance;
 pub mod policy;
 pub mod revocation;
