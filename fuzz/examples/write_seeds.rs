@@ -334,6 +334,12 @@ profile = "https_web"
 ca_file = "/etc/lanyard/third-roots.pem"
 "#,
     )?;
+    // Regression: 3 x this hint overflowed Duration (config::tests::refresh_hint_too_large_...).
+    write(
+        dir,
+        "huge_refresh_hint",
+        "trust_domain = \"example.org\"\nbundle_refresh_hint = \"7000000000000000000s\"\n",
+    )?;
     write(
         dir,
         "bad_ttls",
@@ -365,6 +371,17 @@ fn audit_record(dir: &Path) -> Res<()> {
         chain.push(r);
     }
     write(dir, "audit_record", serde_json::to_vec(&chain[0])?)?;
+    // Regressions: the largest seq overflowed verify_chain; a signed "hex" hash was accepted.
+    let mut last = chain[0].clone();
+    last.seq = u64::MAX;
+    write(dir, "seq_max", serde_json::to_vec(&last)?)?;
+    let json = serde_json::to_string(&chain[0])?;
+    let hash = lanyard::encoding::hex(&chain[0].prev_hash);
+    write(
+        dir,
+        "signed_hex",
+        json.replacen(&hash, &format!("+{}", &hash[1..]), 1),
+    )?;
     let export: Vec<String> = chain
         .iter()
         .map(serde_json::to_string)
