@@ -388,9 +388,20 @@ impl ServeSettings {
                 format!("{bundle_refresh_hint:?} must be at least 1s"),
             ));
         }
-        let ca_rotation_overlap = file
-            .ca_rotation_overlap
-            .unwrap_or(bundle_refresh_hint * defaults::CA_ROTATION_OVERLAP_HINTS);
+        let ca_rotation_overlap = match file.ca_rotation_overlap {
+            Some(overlap) => overlap,
+            None => bundle_refresh_hint
+                .checked_mul(defaults::CA_ROTATION_OVERLAP_HINTS)
+                .ok_or_else(|| {
+                    ConfigError::Invalid(
+                        "bundle_refresh_hint",
+                        format!(
+                            "{bundle_refresh_hint:?} is too large: the default ca_rotation_overlap is {} times it",
+                            defaults::CA_ROTATION_OVERLAP_HINTS
+                        ),
+                    )
+                })?,
+        };
         if ca_rotation_overlap < Duration::from_secs(1) {
             return Err(ConfigError::Invalid(
                 "ca_rotation_overlap",
@@ -620,5 +631,23 @@ mod tests {
             ServeSettings::resolve(None, Overrides::default()),
             Err(ConfigError::Missing(_))
         ));
+    }
+
+    /// Found writing the `policy` fuzz target: the default ca_rotation_overlap (3 x the hint)
+    /// overflowed `Duration` and panicked instead of refusing the config.
+    #[test]
+    fn refresh_hint_too_large_for_the_default_overlap_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let huge =
+            "trust_domain = \"example.org\"\nbundle_refresh_hint = \"7000000000000000000s\"\n";
+        std::fs::write(&p, huge).unwrap();
+        assert!(matches!(
+            ServeSettings::resolve(Some(&p), Overrides::default()),
+            Err(ConfigError::Invalid("bundle_refresh_hint", _))
+        ));
+        // With the overlap set explicitly nothing needs multiplying.
+        std::fs::write(&p, format!("{huge}ca_rotation_overlap = \"15m\"\n")).unwrap();
+        ServeSettings::resolve(Some(&p), Overrides::default()).unwrap();
     }
 }

@@ -31,6 +31,8 @@ pub mod config;
 pub mod encoding;
 pub mod federation;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod issuance;
 pub mod metrics;
 pub mod net;

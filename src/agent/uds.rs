@@ -179,11 +179,8 @@ pub(super) fn relay(stream: UnixStream, slot: OwnedSemaphorePermit) -> DuplexStr
 
 /// Re-encodes every client header block read from `r` (see the module docs) and writes the
 /// client's frames to `w`, until the client closes. An `InvalidData` error wraps the
-/// [`RelayError`] that should end the connection.
-#[allow(
-    dead_code,
-    reason = "the entry point of the relay's fuzz target; the relay itself calls `rewrite`"
-)]
+/// [`RelayError`] that should end the connection. The entry point of the relay's fuzz target
+/// ([`crate::fuzzing::relay`]); the relay itself calls `rewrite`.
 pub(crate) async fn rewrite_client_frames<R, W>(r: &mut R, w: &mut W) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,

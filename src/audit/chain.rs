@@ -28,6 +28,9 @@ pub enum ChainError {
     /// A record's `hash` does not match its contents (it was altered).
     #[error("event {0} was altered: its hash does not match its contents")]
     Altered(u64),
+    /// A record has the largest possible seq, which no log reaches (and nothing can follow).
+    #[error("sequence number {} is out of range", u64::MAX)]
+    SeqOverflow,
 }
 
 /// SHA-256 over the canonical encoding of `r` (every field but `hash`).
@@ -81,7 +84,7 @@ pub fn verify_chain<'a>(
             return Err(ChainError::Altered(r.seq));
         }
         prev_hash = r.hash;
-        expected_seq += 1;
+        expected_seq = expected_seq.checked_add(1).ok_or(ChainError::SeqOverflow)?;
     }
     Ok((expected_seq, prev_hash))
 }
@@ -166,6 +169,19 @@ mod tests {
         assert_eq!(
             verify_chain(&c, 1, GENESIS_HASH),
             Err(ChainError::BrokenLink(3))
+        );
+    }
+
+    /// Found writing the `audit_record` fuzz target: a correctly hashed record with the largest seq
+    /// made the next expected seq overflow (a panic in debug builds).
+    #[test]
+    fn last_possible_seq_is_refused_without_overflow() {
+        let mut r = chain(1).remove(0);
+        r.seq = u64::MAX;
+        r.hash = compute_hash(&r);
+        assert_eq!(
+            verify_chain([&r], u64::MAX, GENESIS_HASH),
+            Err(ChainError::SeqOverflow)
         );
     }
 

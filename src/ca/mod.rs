@@ -10,6 +10,7 @@ mod svid;
 pub use authority::{Authority, LeafParams, SignedLeaf, certs_to_pem, pem_encode};
 pub use csr::{MAX_CSR_BYTES, ValidCsr, parse_csr};
 pub use set::{CaHandle, CaSet};
+pub(crate) use svid::decode_roles;
 pub use svid::{RolesOid, Serial, SvidInfo, encode_roles, parse_svid};
 
 use crate::spiffe::IdError;

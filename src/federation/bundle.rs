@@ -109,7 +109,7 @@ enum JwkParams {
 
 impl SpiffeBundle {
     /// A bundle of `authorities` (CA certificates, DER) for `trust_domain`. Every certificate
-    /// must parse and be a CA.
+    /// must parse, be a CA and have a key a JWK can carry (so the bundle can always be encoded).
     pub fn new(
         trust_domain: TrustDomain,
         authorities: Vec<CertificateDer<'static>>,
@@ -124,6 +124,10 @@ impl SpiffeBundle {
         }
         for (i, c) in authorities.iter().enumerate() {
             check_ca(c).map_err(|reason| BundleError::Key { index: i, reason })?;
+            jwk_params(c).map_err(|e| BundleError::Key {
+                index: i,
+                reason: e.to_string(),
+            })?;
         }
         Ok(Self {
             trust_domain,
@@ -424,6 +428,27 @@ mod tests {
         let mut p = rcgen::CertificateParams::default();
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         p.self_signed(&key).unwrap().der().clone()
+    }
+
+    /// Found by the `bundle` fuzz target: a PEM bundle whose CA key is on a curve a JWK cannot
+    /// name was accepted, and every later `encode()` (persisting it, serving it) failed.
+    #[test]
+    fn authorities_a_jwk_cannot_carry_are_refused_up_front() {
+        let mut der = rcgen_ca(&rcgen::PKCS_ECDSA_P256_SHA256).to_vec();
+        // The P-256 curve OID, 1.2.840.10045.3.1.7, becomes 1.2.840.10044.3.1.7.
+        let p256 = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+        let at = der.windows(p256.len()).position(|w| w == p256).unwrap();
+        der[at + 6] = 0x3c;
+        let cert = CertificateDer::from(der);
+        assert!(matches!(
+            SpiffeBundle::new(td("a.example"), vec![cert.clone()], None, None),
+            Err(BundleError::Key { index: 0, .. })
+        ));
+        let pem = crate::ca::certs_to_pem(&[cert]);
+        assert!(matches!(
+            SpiffeBundle::from_pem(td("a.example"), pem.as_bytes()),
+            Err(BundleError::Key { index: 0, .. })
+        ));
     }
 
     #[test]

@@ -136,7 +136,8 @@ mod hex32 {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let s = String::deserialize(d)?;
-        if s.len() != 64 || !s.is_ascii() {
+        // Hex digits only: `from_str_radix` would also take a sign ("+f").
+        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(D::Error::custom("expected 64 hex characters"));
         }
         let mut out = [0u8; 32];
@@ -193,4 +194,34 @@ pub struct AccessRecord {
     pub close_reason: String,
     /// When the record itself is deleted from the store (the audit log keeps the history).
     pub prune_at: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ZEROS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    fn audit_json(prev_hash: &str) -> String {
+        format!(
+            r#"{{"v":1,"seq":1,"time_ms":0,"kind":"issued","actor":"a","subject":"","serial":"","roles":[],"not_after":0,"reason":"","prev_hash":"{prev_hash}","hash":"{ZEROS}"}}"#
+        )
+    }
+
+    /// Found by the `audit_record` fuzz target: `u8::from_str_radix` takes a sign, so "+0" was
+    /// read as the byte 0x00 and one stored hash had several spellings.
+    #[test]
+    fn hashes_are_plain_hex_only() {
+        let r: AuditRecord = serde_json::from_str(&audit_json(ZEROS)).unwrap();
+        assert_eq!(r.prev_hash, [0; 32]);
+        let upper = format!("AB{}", &ZEROS[2..]);
+        let r: AuditRecord = serde_json::from_str(&audit_json(&upper)).unwrap();
+        assert_eq!(r.prev_hash[0], 0xab);
+        for bad in [format!("+0{}", &ZEROS[2..]), format!("-0{}", &ZEROS[2..])] {
+            assert!(
+                serde_json::from_str::<AuditRecord>(&audit_json(&bad)).is_err(),
+                "{bad}"
+            );
+        }
+    }
 }
