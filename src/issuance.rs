@@ -154,6 +154,12 @@ impl Issuance {
         &self.authority
     }
 
+    /// Whether `svid` (or its identity) is revoked; a store failure counts as revoked, for the
+    /// callers that then replace a credential rather than keep a possibly revoked one.
+    pub fn is_revoked(&self, svid: &SvidInfo) -> bool {
+        !matches!(self.revocations.status(svid), Ok(None))
+    }
+
     /// The settings.
     pub fn settings(&self) -> &Settings {
         &self.settings

@@ -1048,9 +1048,17 @@ async fn ensure_admin_credential(
     dir: &Path,
 ) -> Result<(), ServeError> {
     let authority = issuance.authority();
-    if existing_admin(dir, &authority, settings).is_some() {
-        debug!(dir = %dir.display(), "reusing admin credential");
-        return Ok(());
+    match existing_admin(dir, &authority, settings) {
+        // A revoked admin certificate (by serial) would lock the admin API out until it aged:
+        // replace it instead.
+        Some(svid) if issuance.is_revoked(&svid) => {
+            warn!(serial = %svid.serial, "the admin certificate is revoked; writing a fresh one");
+        }
+        Some(_) => {
+            debug!(dir = %dir.display(), "reusing admin credential");
+            return Ok(());
+        }
+        None => {}
     }
     mint_admin_credential(issuance, settings, dir).await?;
     Ok(())
@@ -1082,7 +1090,11 @@ async fn mint_admin_credential(
     Ok(issued.svid.serial.to_hex())
 }
 
-fn existing_admin(dir: &Path, authority: &Authority, settings: &ServeSettings) -> Option<i64> {
+fn existing_admin(
+    dir: &Path,
+    authority: &Authority,
+    settings: &ServeSettings,
+) -> Option<crate::ca::SvidInfo> {
     let cert = std::fs::read(dir.join("cert.pem")).ok()?;
     std::fs::metadata(dir.join("key.pem")).ok()?;
     let bundle = Bundle::new(vec![authority.root().clone()]).ok()?;
@@ -1102,7 +1114,7 @@ fn existing_admin(dir: &Path, authority: &Authority, settings: &ServeSettings) -
     )
     .ok()?;
     let remaining = svid.not_after - now;
-    (remaining > settings.admin_cert_ttl.as_secs() as i64 / 2).then_some(svid.not_after)
+    (remaining > settings.admin_cert_ttl.as_secs() as i64 / 2).then_some(svid)
 }
 
 async fn maintain_admin(

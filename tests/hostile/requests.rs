@@ -733,3 +733,39 @@ async fn an_expired_token_that_was_pruned_is_not_called_forged() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_admin_certificate_is_replaced_at_the_next_start() {
+    let ca = TestCa::start().await;
+    let serial = lanyard::client::Credential::load(&ca.admin_dir(), &RolesOid::default())
+        .unwrap()
+        .svid
+        .serial
+        .to_hex();
+    RevocationClient::new(ca.admin_channel().await)
+        .revoke(pb::RevokeRequest {
+            target: Some(pb::revoke_request::Target::Serial(serial.clone())),
+            reason: "admin key copied to a laptop".into(),
+            lift: false,
+        })
+        .await
+        .expect("an admin may revoke a certificate by serial, its own included");
+    let s = AdminClient::new(ca.admin_channel().await)
+        .get_ca_status(pb::GetCaStatusRequest {})
+        .await
+        .expect_err("the revoked credential is refused");
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    let (dir, config) = ca.stop().await;
+    wait_for_store_release(&dir.path().join("data")).await;
+    let ca = TestCa::start_in(dir, config).await;
+    AdminClient::new(ca.admin_channel().await)
+        .get_ca_status(pb::GetCaStatusRequest {})
+        .await
+        .expect("a fresh admin credential after the restart");
+    let fresh = lanyard::client::Credential::load(&ca.admin_dir(), &RolesOid::default())
+        .unwrap()
+        .svid
+        .serial
+        .to_hex();
+    assert_ne!(fresh, serial);
+}
