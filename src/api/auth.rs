@@ -177,11 +177,6 @@ impl Authenticator {
         self.check_revocation(svid, false)
     }
 
-    /// The roles extension's OID.
-    pub fn roles_oid(&self) -> &RolesOid {
-        &self.oid
-    }
-
     /// The SPIFFE ID the leaf of `chain` claims, *unverified*: only for the `claimed` field of
     /// the record of a refused call, never to decide anything.
     pub fn claimed_id(&self, chain: &[CertificateDer<'_>]) -> Option<String> {

@@ -186,11 +186,6 @@ impl Reservation {
             limiter.give_back(self.source);
         }
     }
-
-    /// The source this unit was taken from.
-    pub fn source(&self) -> Source {
-        self.source
-    }
 }
 
 #[cfg(test)]
