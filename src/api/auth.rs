@@ -177,23 +177,18 @@ impl Authenticator {
         self.check_revocation(svid, false)
     }
 
-    /// The SPIFFE ID the leaf of `chain` claims, *unverified*: only for the `claimed` field of
-    /// the record of a refused call, never to decide anything.
-    pub fn claimed_id(&self, chain: &[CertificateDer<'_>]) -> Option<String> {
-        let leaf = chain.first()?;
-        parse_svid(leaf, &self.oid)
-            .ok()
-            .map(|s| s.spiffe_id.to_string())
-    }
-
-    /// Who presented `chain`, for the record of a refused call: the SPIFFE ID its chain proves,
-    /// in this trust domain or a federated one, whether or not it is revoked (an expired
-    /// certificate still counts within the renewal grace); `None` when nothing verifies.
-    pub fn identify(&self, chain: &[CertificateDer<'_>], now: i64) -> Option<SvidInfo> {
-        if chain.is_empty() {
-            return None;
-        }
-        self.verify_any_domain(chain, now, true).ok()
+    /// Who presented `chain`, for the record of a refused call: `Ok` with the SVID its chain
+    /// proves, in this trust domain or a federated one, whether or not it is revoked (an expired
+    /// certificate still counts within the renewal grace); else `Err` with the SPIFFE ID the leaf
+    /// merely claims (empty when it claims none), for the `claimed` field and nothing else.
+    pub fn identify(&self, chain: &[CertificateDer<'_>], now: i64) -> Result<SvidInfo, String> {
+        self.verify_any_domain(chain, now, true).map_err(|_| {
+            chain
+                .first()
+                .and_then(|leaf| parse_svid(leaf, &self.oid).ok())
+                .map(|s| s.spiffe_id.to_string())
+                .unwrap_or_default()
+        })
     }
 
     /// Chain verification against the bundle of the leaf's own trust domain (this one, or a

@@ -68,14 +68,11 @@ impl Ca for CaService {
                     // is); a chain that does not verify proves nothing, so its claim is only
                     // noted, never made the actor.
                     match self.auth.identify(chain, unix_now()) {
-                        Some(svid) => {
+                        Ok(svid) => {
                             let id = svid.spiffe_id.as_str();
                             self.issuance.deny(id, id, why).await
                         }
-                        None => {
-                            let claimed = self.auth.claimed_id(chain).unwrap_or_default();
-                            self.issuance.deny_unverified(&claimed, why).await
-                        }
+                        Err(claimed) => self.issuance.deny_unverified(&claimed, why).await,
                     };
                     return Err(status);
                 }

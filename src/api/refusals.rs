@@ -174,9 +174,8 @@ impl Shared {
     async fn record(&self, path: &str, certs: Option<&[CertificateDer<'static>]>, status: &Status) {
         let certs = certs.unwrap_or_default();
         let event = match self.auth.identify(certs, unix_now()) {
-            Some(svid) => Event::new(Kind::Denied, svid.spiffe_id.as_str()),
-            None => Event::new(Kind::Denied, UNAUTHENTICATED)
-                .claimed(self.auth.claimed_id(certs).unwrap_or_default()),
+            Ok(svid) => Event::new(Kind::Denied, svid.spiffe_id.as_str()),
+            Err(claimed) => Event::new(Kind::Denied, UNAUTHENTICATED).claimed(claimed),
         };
         let call = path.trim_start_matches('/');
         let event = event.reason(format!("{call}: {}", status.message()));
