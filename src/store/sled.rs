@@ -299,9 +299,9 @@ impl Store for SledStore {
                     }
                 }
                 if !failed.is_empty() {
-                    return Err(ConflictableTransactionError::Abort(StoreError::GuardFailed {
-                        writes: failed,
-                    }));
+                    return Err(ConflictableTransactionError::Abort(
+                        StoreError::GuardFailed { writes: failed },
+                    ));
                 }
                 for (k, v) in &audit {
                     audit_t.insert(k, v.as_slice())?;
@@ -625,12 +625,12 @@ impl<'a> Prepared<'a> {
     }
 }
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+pub(super) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serializing these plain structs to JSON cannot fail (no maps with non-string keys).
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-fn decode<T: DeserializeOwned>(key: &[u8], raw: &[u8]) -> Result<T, StoreError> {
+pub(super) fn decode<T: DeserializeOwned>(key: &[u8], raw: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(raw).map_err(|e| StoreError::Decode {
         key: String::from_utf8_lossy(key).into_owned(),
         reason: e.to_string(),
