@@ -113,7 +113,7 @@ impl EtcdConfig {
             endpoints,
             prefix,
             tls: None,
-            request_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(2),
         })
     }
 }
