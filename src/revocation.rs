@@ -234,10 +234,49 @@ impl Revocations {
         let writes = entries.iter().cloned().map(Write::PutRevocation).collect();
         let rec = self.log.record(event, writes).await?;
         info!(spiffe_id = %id, certs = entries.len() - 1, "identity revoked");
-        Ok(entries
+        let mut out: Vec<RevocationRecord> = entries
             .into_iter()
             .map(|e| RevocationRecord { rev: rec.seq, ..e })
-            .collect())
+            .collect();
+        // With several replicas, another one may have committed a certificate of `id` after
+        // the list above was read and before the rule: now that the rule is committed (and the
+        // store shows everything committed before it), list again so serial-based consumers
+        // (CRLs) get those too. The rule itself already covers them by notBefore.
+        let late: Vec<RevocationRecord> = self
+            .store
+            .issued_for(id.as_str())?
+            .into_iter()
+            .filter(|c| !out.iter().any(|e| e.serial == c.serial))
+            .map(|cert| RevocationRecord {
+                v: RECORD_VERSION,
+                rev: 0,
+                serial: cert.serial.clone(),
+                spiffe_id: id.to_string(),
+                identity_rule: false,
+                before: 0,
+                reason: reason.to_string(),
+                revoked_at: now,
+                expires_at: cert.not_after + self.grace.as_secs() as i64,
+                blocked: false,
+                renewable: false,
+                origin: String::new(),
+            })
+            .collect();
+        if !late.is_empty() {
+            let event = Event::new(Kind::Revoked, actor)
+                .subject(id.as_str())
+                .reason(format!(
+                    "{reason} (identity; {} certificates issued concurrently)",
+                    late.len()
+                ));
+            let writes = late.iter().cloned().map(Write::PutRevocation).collect();
+            let rec = self.log.record(event, writes).await?;
+            out.extend(
+                late.into_iter()
+                    .map(|e| RevocationRecord { rev: rec.seq, ..e }),
+            );
+        }
+        Ok(out)
     }
 
     /// Lifts the block on `id`: new certificates may be issued again; old ones stay revoked
