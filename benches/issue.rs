@@ -29,6 +29,9 @@
 //! - `LANYARD_BENCH_AUDIT_WRITERS` concurrent writers in the second audit run (default 64)
 //! - `LANYARD_BENCH_CLIENT_THREADS` worker threads of the client runtime (default 2)
 //! - `LANYARD_BENCH_SHARED_TOKEN=1` all token clients share one multi-use token (hot key)
+//! - `LANYARD_BENCH_STORE`     `etcd://host:port,...`: run the audit and end-to-end sections on
+//!   etcd (a fresh key prefix per run) instead of sled; the tables then add etcd requests per
+//!   issuance
 #![allow(clippy::print_stdout, clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::Path;
@@ -42,7 +45,7 @@ use lanyard::client::{Credential, connect, csr_for};
 use lanyard::config::{Overrides, ServeSettings};
 use lanyard::pb::v1::{self as pb, admin_client::AdminClient, ca_client::CaClient};
 use lanyard::spiffe::{SpiffeId, TrustDomain};
-use lanyard::store::{SledStore, Store};
+use lanyard::store::{EtcdConfig, EtcdStore, SledStore, Store};
 use lanyard::tls::{Bundle, CertSlot, ServerTrust, unix_now, unix_time, verify_svid};
 use rcgen::KeyPair;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -58,6 +61,8 @@ max_ttl = "10m"
 "#;
 
 struct Knobs {
+    /// `etcd://...` to benchmark on etcd; sled when `None`.
+    store: Option<String>,
     clients: Vec<usize>,
     secs: f64,
     warmup: f64,
@@ -105,6 +110,9 @@ impl Knobs {
             audit_writers: env("LANYARD_BENCH_AUDIT_WRITERS", 64usize).max(1),
             client_threads: env("LANYARD_BENCH_CLIENT_THREADS", 2usize).max(1),
             shared_token: env("LANYARD_BENCH_SHARED_TOKEN", 0u8) != 0,
+            store: std::env::var("LANYARD_BENCH_STORE")
+                .ok()
+                .filter(|s| !s.is_empty()),
         }
     }
 }
@@ -269,8 +277,18 @@ async fn audit(k: &Knobs) {
     println!("\n== durable audit appends (AuditLog::record: hash chain + sled commit + flush) ==");
     for writers in [1, k.audit_writers] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).expect("store"));
+        let store: Arc<dyn Store> = match &k.store {
+            None => Arc::new(SledStore::open(dir.path()).expect("store")),
+            Some(url) => {
+                let prefix = format!("/lanyard-bench/{}/audit-{writers}/", std::process::id());
+                Arc::new(
+                    EtcdStore::open(EtcdConfig::parse(url, &prefix).expect("url")).expect("etcd"),
+                )
+            }
+        };
         let log = AuditLog::start(store).expect("log");
+        let (groups0, events0) = AuditLog::commit_counters();
+        let requests0 = EtcdStore::requests_total();
         let deadline = Instant::now() + Duration::from_secs_f64(k.audit_secs);
         let start = Instant::now();
         let (cpu0, _) = cpu_secs();
@@ -306,6 +324,19 @@ async fn audit(k: &Knobs) {
             secs * 1e6 * writers as f64 / total.max(1) as f64,
             cpu * 1e6 / total.max(1) as f64
         );
+        let (groups1, events1) = AuditLog::commit_counters();
+        println!(
+            "       {:.1} events per group commit{}",
+            (events1 - events0) as f64 / (groups1 - groups0).max(1) as f64,
+            if k.store.is_some() {
+                format!(
+                    ", {:.3} etcd requests per append",
+                    (EtcdStore::requests_total() - requests0) as f64 / total.max(1) as f64
+                )
+            } else {
+                String::new()
+            }
+        );
     }
 }
 
@@ -338,6 +369,11 @@ fn end_to_end(k: &Knobs, server_rt: &tokio::runtime::Runtime, ceiling: f64) {
         Some(&config),
         Overrides {
             data_dir: Some(dir.path().join("data")),
+            store: k.store.clone(),
+            etcd_prefix: k
+                .store
+                .as_ref()
+                .map(|_| format!("/lanyard-bench/{}/serve/", std::process::id())),
             ..Overrides::default()
         },
     )
@@ -525,6 +561,8 @@ struct Point {
     client_cpu: f64,
     /// Mean events per audit group commit (one fsync each).
     per_group: f64,
+    /// etcd requests during the window (0 on sled).
+    etcd_requests: u64,
     ok: usize,
     errors: usize,
     first_error: Option<String>,
@@ -573,6 +611,12 @@ impl Point {
             self.per_group,
             self.errors
         );
+        if self.etcd_requests > 0 {
+            println!(
+                "        etcd: {:.2} requests per issuance",
+                self.etcd_requests as f64 / self.ok.max(1) as f64
+            );
+        }
         if let Some(e) = &self.first_error {
             println!("        first error: {e}");
         }
@@ -662,13 +706,16 @@ async fn run_point_with(k: &Knobs, clients: &[Arc<Client>], reconnect: bool) -> 
     tokio::time::sleep_until(measure_from.into()).await;
     let (cpu0, client0) = cpu_secs();
     let (groups0, events0) = AuditLog::commit_counters();
+    let requests0 = EtcdStore::requests_total();
     tokio::time::sleep_until(until.into()).await;
     let (cpu1, client1) = cpu_secs();
     let (groups1, events1) = AuditLog::commit_counters();
+    let etcd_requests = EtcdStore::requests_total() - requests0;
     let mut p = Point {
         cpu: cpu1 - cpu0,
         client_cpu: client1 - client0,
         per_group: (events1 - events0) as f64 / (groups1 - groups0).max(1) as f64,
+        etcd_requests,
         ok: 0,
         errors: 0,
         first_error: None,

@@ -214,11 +214,12 @@ impl Issuance {
         let leaf = self.clear_of_lifted_rule(leaf).await?;
         // Sign before consuming: a failure here leaves the token usable.
         let signed = self.sign(&csr, leaf)?;
-        match self
-            .store()
-            .consume_token(&parsed.id, unix_now())
-            .map_err(internal)?
-        {
+        // On etcd this is a network round trip (a transaction): off the async workers.
+        let (store, id) = (self.store().clone(), parsed.id.clone());
+        let consumed = tokio::task::spawn_blocking(move || store.consume_token(&id, unix_now()))
+            .await
+            .map_err(internal)?;
+        match consumed.map_err(internal)? {
             Consume::Won(_) => {}
             Consume::AlreadyUsed => {
                 return Err(self

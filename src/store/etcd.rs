@@ -140,9 +140,10 @@ struct Inner {
     shared_tx: broadcast::Sender<SharedChange>,
     /// Test hook: this many coming transactions report a failure after etcd applied them.
     ambiguous: AtomicUsize,
-    /// Requests sent to etcd (for benchmarks: round trips per issuance).
-    round_trips: AtomicU64,
 }
+
+/// Requests sent to etcd by every store in this process (benchmarks: round trips per issuance).
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
 
 /// The chain head, as stored at `<prefix>audit/head`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -253,7 +254,6 @@ impl EtcdStore {
             feed: broadcast::channel(FEED_BUFFER).0,
             shared_tx: broadcast::channel(FEED_BUFFER).0,
             ambiguous: AtomicUsize::new(0),
-            round_trips: AtomicU64::new(0),
         });
         let rev = inner.block({
             let i = inner.clone();
@@ -272,9 +272,10 @@ impl EtcdStore {
         self.inner.ambiguous.store(n, Ordering::SeqCst);
     }
 
-    /// Requests sent to etcd so far (benchmarks: round trips per issuance).
-    pub fn round_trips(&self) -> u64 {
-        self.inner.round_trips.load(Ordering::Relaxed)
+    /// Requests sent to etcd so far by every etcd store in this process (benchmarks: round
+    /// trips per issuance).
+    pub fn requests_total() -> u64 {
+        REQUESTS.load(Ordering::Relaxed)
     }
 }
 
@@ -382,7 +383,7 @@ impl Inner {
     }
 
     fn kv(&self) -> KvClient<Channel> {
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        REQUESTS.fetch_add(1, Ordering::Relaxed);
         KvClient::new(self.channel()).max_decoding_message_size(MAX_RESPONSE)
     }
 
@@ -769,7 +770,7 @@ impl Inner {
             "hasleader",
             tonic::metadata::MetadataValue::from_static("true"),
         );
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        REQUESTS.fetch_add(1, Ordering::Relaxed);
         let mut stream = WatchClient::new(self.channel())
             .max_decoding_message_size(MAX_RESPONSE)
             .watch(req)
@@ -1293,7 +1294,7 @@ impl Store for EtcdStore {
     fn stats(&self) -> Result<StoreStats, StoreError> {
         let db = self.block(|i| {
             Box::pin(async move {
-                i.round_trips.fetch_add(1, Ordering::Relaxed);
+                REQUESTS.fetch_add(1, Ordering::Relaxed);
                 MaintenanceClient::new(i.channel())
                     .status(i.request(pb::StatusRequest {}))
                     .await
