@@ -173,7 +173,8 @@ struct IssuedEntry {
 /// The mirrored collections, each value with its etcd mod_revision.
 #[derive(Default)]
 struct Mirror {
-    tokens: HashMap<String, (TokenRecord, i64)>,
+    /// With their consumption nonces: a consume starts from here and must keep them.
+    tokens: HashMap<String, (TokenEntry, i64)>,
     enrollments: HashMap<String, Enrollment>,
     issued: HashMap<String, (IssuedEntry, i64)>,
     issued_ids: HashMap<String, BTreeSet<String>>,
@@ -579,7 +580,7 @@ impl Inner {
         Ok(match self.classify(&kv.key) {
             Key::Token(id) => {
                 let e: TokenEntry = decode(&kv.key, &kv.value)?;
-                m.tokens.insert(id.to_string(), (e.rec, rev));
+                m.tokens.insert(id.to_string(), (e, rev));
                 None
             }
             Key::Enrollment(id) => {
@@ -970,16 +971,26 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        Ok(self.mirror().tokens.get(id).map(|(t, _)| t.clone()))
+        Ok(self.mirror().tokens.get(id).map(|(t, _)| t.rec.clone()))
     }
 
     fn consume_token(&self, id: &str, now: i64) -> Result<Consume, StoreError> {
         let key = self.inner.key(&format!("tokens/{id}"));
-        // A linearizable read, not the mirror: a token created a moment ago on another replica
-        // may not have reached this mirror yet.
-        let mut kv = {
-            let key = key.clone();
-            self.block(|i| Box::pin(async move { i.get(key).await }))??
+        // Start from the mirror (the transaction's compare catches a stale copy, and its failure
+        // branch returns the current record); a token the mirror does not have yet (created a
+        // moment ago on another replica) is read linearizably.
+        let mirrored = self.mirror().tokens.get(id).map(|(e, rev)| pb::KeyValue {
+            key: key.clone(),
+            mod_revision: *rev,
+            value: encode(e),
+            ..Default::default()
+        });
+        let mut kv = match mirrored {
+            Some(kv) => Some(kv),
+            None => {
+                let key = key.clone();
+                self.block(|i| Box::pin(async move { i.get(key).await }))??
+            }
         };
         let mut pending: Option<String> = None;
         for attempt in 0..ATTEMPTS * 4 {
@@ -1226,7 +1237,7 @@ impl Store for EtcdStore {
             let tokens = m
                 .tokens
                 .iter()
-                .filter(|(_, (t, _))| t.expires_at < now)
+                .filter(|(_, (t, _))| t.rec.expires_at < now)
                 .map(|(k, (_, r))| (i.key(&format!("tokens/{k}")), *r));
             let issued = m
                 .issued
