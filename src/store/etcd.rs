@@ -144,6 +144,8 @@ struct Inner {
 
 /// Requests sent to etcd by every store in this process (benchmarks: round trips per issuance).
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
+/// Mirror reloads after the watch fell behind a compaction, by every store in this process.
+static RESYNCS: AtomicU64 = AtomicU64::new(0);
 
 /// The chain head, as stored at `<prefix>audit/head`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -277,6 +279,12 @@ impl EtcdStore {
     /// trips per issuance).
     pub fn requests_total() -> u64 {
         REQUESTS.load(Ordering::Relaxed)
+    }
+
+    /// Times a watch fell behind an etcd compaction and the mirror was reloaded, by every etcd
+    /// store in this process (status and tests).
+    pub fn resyncs_total() -> u64 {
+        RESYNCS.load(Ordering::Relaxed)
     }
 }
 
@@ -733,6 +741,7 @@ impl Inner {
                         revision = start,
                         "etcd compacted past the watch; reloading the mirror"
                     );
+                    RESYNCS.fetch_add(1, Ordering::Relaxed);
                     match self.reload().await {
                         Ok(rev) => start = rev + 1,
                         Err(e) => warn!(error = %e, "cannot reload the etcd mirror"),

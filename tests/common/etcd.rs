@@ -18,6 +18,9 @@ pub struct Member {
     /// Client port on 127.0.0.1.
     pub client_port: u16,
     child: Option<Child>,
+    /// How it was started, to restart it over its data dir.
+    args: Vec<String>,
+    log: std::path::PathBuf,
 }
 
 /// A running cluster; killed on drop.
@@ -52,45 +55,41 @@ impl EtcdCluster {
             .iter()
             .enumerate()
             .map(|(i, (cp, pp))| {
-                let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).unwrap();
-                let child = Command::new(ETCD)
-                    .args([
-                        "--name".into(),
-                        format!("m{i}"),
-                        "--data-dir".into(),
-                        dir.path().join(format!("m{i}")).display().to_string(),
-                        "--listen-client-urls".into(),
-                        format!("http://127.0.0.1:{cp}"),
-                        "--advertise-client-urls".into(),
-                        format!("http://127.0.0.1:{cp}"),
-                        "--listen-peer-urls".into(),
-                        format!("http://127.0.0.1:{pp}"),
-                        "--initial-advertise-peer-urls".into(),
-                        format!("http://127.0.0.1:{pp}"),
-                        "--initial-cluster".into(),
-                        initial.join(","),
-                        "--initial-cluster-token".into(),
-                        token.clone(),
-                        "--initial-cluster-state".into(),
-                        "new".into(),
-                        // Fast elections on loopback: failover tests stay seconds-scale.
-                        "--heartbeat-interval".into(),
-                        "50".into(),
-                        "--election-timeout".into(),
-                        "500".into(),
-                        "--logger".into(),
-                        "zap".into(),
-                        "--log-level".into(),
-                        "warn".into(),
-                    ])
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone().unwrap())
-                    .stderr(log)
-                    .spawn()
-                    .expect("spawn etcd");
+                let log_path = dir.path().join(format!("m{i}.log"));
+                let args: Vec<String> = vec![
+                    "--name".into(),
+                    format!("m{i}"),
+                    "--data-dir".into(),
+                    dir.path().join(format!("m{i}")).display().to_string(),
+                    "--listen-client-urls".into(),
+                    format!("http://127.0.0.1:{cp}"),
+                    "--advertise-client-urls".into(),
+                    format!("http://127.0.0.1:{cp}"),
+                    "--listen-peer-urls".into(),
+                    format!("http://127.0.0.1:{pp}"),
+                    "--initial-advertise-peer-urls".into(),
+                    format!("http://127.0.0.1:{pp}"),
+                    "--initial-cluster".into(),
+                    initial.join(","),
+                    "--initial-cluster-token".into(),
+                    token.clone(),
+                    "--initial-cluster-state".into(),
+                    "new".into(),
+                    // Fast elections on loopback: failover tests stay seconds-scale.
+                    "--heartbeat-interval".into(),
+                    "50".into(),
+                    "--election-timeout".into(),
+                    "500".into(),
+                    "--logger".into(),
+                    "zap".into(),
+                    "--log-level".into(),
+                    "warn".into(),
+                ];
                 Member {
                     client_port: *cp,
-                    child: Some(child),
+                    child: Some(spawn(&args, &log_path)),
+                    args,
+                    log: log_path,
                 }
             })
             .collect();
@@ -167,6 +166,32 @@ impl EtcdCluster {
         }
     }
 
+    /// Starts a killed member again over its data dir and waits until it is healthy.
+    pub fn restart(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        assert!(m.child.is_none(), "member {i} is running");
+        m.child = Some(spawn(&m.args, &m.log));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http(m.client_port, "GET", "/health", "").is_some_and(|b| b.contains("true")) {
+            assert!(
+                Instant::now() < deadline,
+                "member {i} not healthy after restart"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Compacts the key space up to the current revision (through member `via`); returns it.
+    pub fn compact(&self, via: usize) -> i64 {
+        let port = self.members[via].client_port;
+        let body = http(port, "POST", "/v3/kv/range", r#"{"key":"AA=="}"#).expect("range");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let rev: i64 = v["header"]["revision"].as_str().unwrap().parse().unwrap();
+        let req = format!(r#"{{"revision":"{rev}","physical":true}}"#);
+        http(port, "POST", "/v3/kv/compaction", &req).expect("compaction");
+        rev
+    }
+
     /// The log of member `i`, for failure messages.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self._dir.path().join(format!("m{i}.log"))).unwrap_or_default()
@@ -179,6 +204,21 @@ impl Drop for EtcdCluster {
             self.kill(i);
         }
     }
+}
+
+fn spawn(args: &[String], log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(ETCD)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn etcd")
 }
 
 /// A minimal HTTP/1.0 request to 127.0.0.1 (etcd's health and JSON gateway); the body, if 200.
