@@ -547,8 +547,10 @@ fn resolve_store(
             format!("{prefix:?} must start with /"),
         ));
     }
-    let mut cfg = EtcdConfig::parse(&url, &prefix)
-        .map_err(|e| ConfigError::Invalid("store", e.to_string()))?;
+    let mut cfg = EtcdConfig::parse(&url, &prefix).map_err(|e| match e {
+        crate::store::StoreError::Backend(m) => ConfigError::Invalid("store", m),
+        other => ConfigError::Invalid("store", other.to_string()),
+    })?;
     cfg.tls = match (ca, cert, key) {
         (None, None, None) => None,
         (Some(ca_file), None, None) => Some(EtcdTls {

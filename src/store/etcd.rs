@@ -85,9 +85,7 @@ impl EtcdConfig {
     /// Parses `etcd://h1:2379,h2:2379` into a config with `prefix`.
     pub fn parse(url: &str, prefix: &str) -> Result<Self, StoreError> {
         let rest = url.strip_prefix("etcd://").ok_or_else(|| {
-            StoreError::Backend(format!(
-                "store {url:?}: expected etcd://host:port[,host:port]"
-            ))
+            StoreError::Backend(format!("{url:?}: expected etcd://host:port[,host:port...]"))
         })?;
         let endpoints: Vec<String> = rest
             .trim_end_matches('/')
@@ -102,7 +100,7 @@ impl EtcdConfig {
                 .any(|e| e.contains('/') || !e.contains(':'))
         {
             return Err(StoreError::Backend(format!(
-                "store {url:?}: expected etcd://host:port[,host:port]"
+                "{url:?}: expected etcd://host:port[,host:port...]"
             )));
         }
         let mut prefix = prefix.to_string();

@@ -25,10 +25,15 @@ pub struct Member {
 
 /// A running cluster; killed on drop.
 pub struct EtcdCluster {
-    _dir: TempDir,
     /// The members, in start order.
     pub members: Vec<Member>,
+    _dir: TempDir,
+    /// One cluster per test process at a time: three members per test, several tests at once,
+    /// would crowd a 2-core machine until elections time out.
+    _turn: Option<std::sync::MutexGuard<'static, ()>>,
 }
+
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl EtcdCluster {
     /// Starts `n` members and waits until every one is healthy. `None` (after a loud skip
@@ -41,6 +46,26 @@ impl EtcdCluster {
         ) {
             return None;
         }
+        let mut turn = Some(TURN.lock().unwrap_or_else(|p| p.into_inner()));
+        // A port found free may be taken by another process before etcd binds it: start over
+        // on fresh ports when a member exits at start.
+        for attempt in 1..=3 {
+            match Self::try_start(n, turn.take().unwrap()) {
+                Ok(c) => return Some(c),
+                Err((t, log)) if attempt < 3 => {
+                    eprintln!("etcd did not start (attempt {attempt}), retrying: {log}");
+                    turn = Some(t);
+                }
+                Err((_, log)) => panic!("etcd did not start: {log}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn try_start(
+        n: usize,
+        turn: std::sync::MutexGuard<'static, ()>,
+    ) -> Result<Self, (std::sync::MutexGuard<'static, ()>, String)> {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports: Vec<(u16, u16)> = (0..n)
             .map(|_| (super::free_port(), super::free_port()))
@@ -93,19 +118,33 @@ impl EtcdCluster {
                 }
             })
             .collect();
-        let cluster = Self { _dir: dir, members };
+        let mut cluster = Self {
+            members,
+            _dir: dir,
+            _turn: Some(turn),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
-        for (i, m) in cluster.members.iter().enumerate() {
-            while !http(m.client_port, "GET", "/health", "").is_some_and(|b| b.contains("true")) {
-                assert!(
-                    Instant::now() < deadline,
-                    "etcd member {i} not healthy after 30 s; log: {}",
-                    cluster.log(i)
-                );
+        for i in 0..cluster.members.len() {
+            let port = cluster.members[i].client_port;
+            while !http(port, "GET", "/health", "").is_some_and(|b| b.contains("true")) {
+                let exited = cluster.members[i]
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+                if exited || Instant::now() >= deadline {
+                    let log = format!("member {i}: {}", cluster.log(i));
+                    for j in 0..cluster.members.len() {
+                        cluster.kill(j);
+                    }
+                    // Hand the turn back for the next attempt.
+                    let turn = cluster._turn.take().unwrap();
+                    drop(cluster);
+                    return Err((turn, log));
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Some(cluster)
+        Ok(cluster)
     }
 
     /// `host:port` of every member still running.
