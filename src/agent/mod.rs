@@ -19,7 +19,7 @@ pub use bundles::{Bundles, follow_bundles, split_der};
 pub use files::{read_consistent, read_federated, write_credential_dir, write_svid_dir};
 pub use run::{Agent, SvidState};
 pub use timing::{Backoff, refresh_in};
-pub use workload::{DEFAULT_MAX_CONNECTIONS, WorkloadApi, serve_workload_api};
+pub use workload::{DEFAULT_MAX_CONNECTIONS, SocketAccess, WorkloadApi, serve_workload_api};
 
 /// How the agent is set up.
 #[derive(Debug, Clone)]
