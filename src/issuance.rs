@@ -10,7 +10,9 @@ use tracing::{info, warn};
 
 use crate::access::Grant;
 use crate::audit::{AuditLog, Event, Intent, Kind, UNAUTHENTICATED};
-use crate::ca::{Authority, CaError, CaHandle, CaSet, LeafParams, SvidInfo, ValidCsr, parse_csr};
+use crate::ca::{
+    Authority, CaError, CaHandle, CaSet, LeafParams, SanNames, SvidInfo, ValidCsr, parse_csr,
+};
 use crate::metrics::{self, IssuePath};
 use crate::policy::{self, Ask, Limits, PolicyHandle};
 use crate::revocation::Revocations;
@@ -207,8 +209,13 @@ impl Issuance {
             Err(e) => return Err(self.deny(&actor, &subject, e).await),
         };
         let ceiling_ttl = Duration::from_secs(record.max_ttl);
-        let (leaf, used) = match self.plan(&csr.spiffe_id, &record.roles, Some(ceiling_ttl), &req) {
-            Ok(l) => l,
+        let (mut leaf, used) =
+            match self.plan(&csr.spiffe_id, &record.roles, Some(ceiling_ttl), &req) {
+                Ok(l) => l,
+                Err(e) => return Err(self.deny(&actor, &subject, e).await),
+            };
+        leaf.names = match self.allowed_names(&csr) {
+            Ok(n) => n,
             Err(e) => return Err(self.deny(&actor, &subject, e).await),
         };
         let leaf = self.clear_of_lifted_rule(leaf).await?;
@@ -305,11 +312,16 @@ impl Issuance {
             }
         };
         let ceiling_ttl = Duration::from_secs(enrollment.max_ttl);
-        let (leaf, used) =
+        let (mut leaf, used) =
             match self.plan(&csr.spiffe_id, &enrollment.roles, Some(ceiling_ttl), &req) {
                 Ok(l) => l,
                 Err(e) => return Err(self.deny(&actor, &actor, e).await),
             };
+        // Names are re-checked like roles: a renewal keeps a name only while policy allows it.
+        leaf.names = match self.allowed_names(&csr) {
+            Ok(n) => n,
+            Err(e) => return Err(self.deny(&actor, &actor, e).await),
+        };
         let leaf = self.clear_of_lifted_rule(leaf).await?;
         let signed = self.sign(&csr, leaf)?;
         self.commit(
@@ -323,17 +335,19 @@ impl Issuance {
         .await
     }
 
-    /// Issues a credential the server makes for itself (its serving cert, the admin credential):
-    /// no CSR, no policy lookup (the reserved `/lanyard/` identities are not in policy).
+    /// Issues a credential the server makes for itself (its serving cert, with the operator's
+    /// `server_names`; the admin credential, with none): no CSR, no policy lookup (the reserved
+    /// `/lanyard/` identities are not in policy).
     pub async fn local(
         &self,
         id: &SpiffeId,
         roles: Vec<String>,
         ttl: Duration,
         key: &impl PublicKeyData,
+        names: &SanNames,
     ) -> Result<Issued, IssueError> {
         let started = Instant::now();
-        let result = self.local_inner(id, roles, ttl, key).await;
+        let result = self.local_inner(id, roles, ttl, key, names).await;
         metrics::ca().issuance(IssuePath::Local, started, &result);
         result
     }
@@ -344,6 +358,7 @@ impl Issuance {
         roles: Vec<String>,
         ttl: Duration,
         key: &impl PublicKeyData,
+        names: &SanNames,
     ) -> Result<Issued, IssueError> {
         let now = unix_now();
         let params = LeafParams {
@@ -351,6 +366,7 @@ impl Issuance {
             roles: roles.clone(),
             not_before: now - BACKDATE_SECS,
             not_after: now + ttl.as_secs() as i64,
+            names: names.clone(),
         };
         // After `lanyard admin recover` lifted a rule on a reserved identity, the fresh
         // credential must start after that rule's cutoff, or the rule would still cover it.
@@ -644,6 +660,7 @@ impl Issuance {
             roles,
             not_before: now - BACKDATE_SECS,
             not_after,
+            names: SanNames::default(),
         };
         Ok((leaf, used_grants))
     }
@@ -671,8 +688,20 @@ impl Issuance {
         Ok(leaf)
     }
 
+    /// The CSR's DNS and IP names, once policy allows every one of them (checked against the
+    /// policy in force now, so a renewal loses a name the moment its rule drops it).
+    fn allowed_names(&self, csr: &ValidCsr) -> Result<SanNames, IssueError> {
+        policy::check_names(&self.policy.current(), &csr.spiffe_id, &csr.names)
+            .map_err(|d| IssueError::Denied(d.to_string()))?;
+        Ok(csr.names.clone())
+    }
+
     /// Signs inline, like `check_csr`: one ECDSA signature, ~20 µs.
     fn sign(&self, csr: &ValidCsr, leaf: LeafParams) -> Result<Issued, IssueError> {
+        // Fail closed: a path that skipped `allowed_names` would silently drop (or add) names.
+        if leaf.names != csr.names {
+            return Err(internal("issuance path did not check the CSR's names"));
+        }
         let cas = self.authority.current();
         let signed = cas
             .active()
