@@ -11,7 +11,7 @@ mod svid;
 pub use authority::{Authority, LeafParams, SignedLeaf, certs_to_pem, pem_encode};
 pub use csr::{MAX_CSR_BYTES, ValidCsr, parse_csr};
 pub use names::{
-    MAX_NAMES, NameError, SanNames, ip_from_bytes, normalize_dns, parse_ip,
+    MAX_NAMES, NameError, SanNames, ip_from_bytes, normalize_dns, parse_ip, san_names,
 };
 pub use set::{CaHandle, CaSet};
 pub(crate) use svid::decode_roles;

@@ -127,6 +127,28 @@ pub fn parse_ip(s: &str) -> Result<IpAddr, NameError> {
     })
 }
 
+/// The DNS and IP names of a DER certificate (its URI SAN is read by [`super::parse_svid`]).
+pub fn san_names(cert_der: &[u8]) -> Result<SanNames, super::CaError> {
+    use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(cert_der)
+        .map_err(|e| super::CaError::InvalidCertificate(format!("cannot parse DER: {e}")))?;
+    let mut out = SanNames::default();
+    for ext in cert.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            for name in &san.general_names {
+                let bad = |e: NameError| super::CaError::InvalidCertificate(e.to_string());
+                match name {
+                    GeneralName::DNSName(d) => out.dns.push(normalize_dns(d, false).map_err(bad)?),
+                    GeneralName::IPAddress(b) => out.ips.push(ip_from_bytes(b).map_err(bad)?),
+                    _ => {}
+                }
+            }
+        }
+    }
+    out.canonicalize();
+    Ok(out)
+}
+
 // === impl SanNames ===
 
 impl SanNames {
