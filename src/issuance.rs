@@ -17,7 +17,9 @@ use crate::metrics::{self, IssuePath};
 use crate::policy::{self, Ask, Limits, PolicyHandle};
 use crate::revocation::Revocations;
 use crate::spiffe::{IdPattern, SpiffeId, normalize_roles};
-use crate::store::{Consume, Enrollment, IssuedRecord, RECORD_VERSION, Store, TokenRecord, Write};
+use crate::store::{
+    Consume, Enrollment, IssuedRecord, RECORD_VERSION, Store, TokenRecord, TokenRevocation, Write,
+};
 use crate::tls::unix_now;
 use crate::tokens::JoinToken;
 
@@ -68,6 +70,9 @@ pub enum IssueError {
     /// revoked): `FailedPrecondition`.
     #[error("{0}")]
     Precondition(String),
+    /// The thing named does not exist (an unknown token id): `NotFound`.
+    #[error("{0}")]
+    Missing(String),
     /// Store, audit or signing failure: `Internal`, details only in the server log.
     #[error("internal error: {0}")]
     Internal(String),
@@ -228,13 +233,15 @@ impl Issuance {
         {
             Consume::Won(_) => {}
             Consume::AlreadyUsed => {
-                return Err(self
-                    .deny(
-                        &actor,
-                        &subject,
-                        IssueError::Precondition(format!("join token {} already used", parsed.id)),
-                    )
-                    .await);
+                // Revoked while this request ran: say so rather than "already used".
+                let err = match self.check_token(&parsed, &csr.spiffe_id) {
+                    Err(e @ IssueError::Precondition(_)) => e,
+                    _ => IssueError::Precondition(format!(
+                        "join token {} already used",
+                        parsed.id
+                    )),
+                };
+                return Err(self.deny(&actor, &subject, err).await);
             }
             Consume::Expired => {
                 return Err(self
@@ -474,6 +481,7 @@ impl Issuance {
             expires_at: unix_now() + expires_in.as_secs() as i64,
             uses_left: spec.uses.max(1),
             created_by: actor.to_string(),
+            revoked: None,
         };
         let event = Event::new(Kind::TokenCreated, actor)
             .subject(pattern.to_string())
@@ -490,6 +498,65 @@ impl Issuance {
             .map_err(internal)?;
         info!(token_id = %token.id, spiffe_id = %record.spiffe_id, "join token created");
         Ok((token.to_token_string(), record))
+    }
+
+    /// Every join token still kept, for an admin: the listing itself is audited (it shows
+    /// which identities can still be bootstrapped, and by whom). Records carry no secret, only
+    /// its hash, and callers must not show that either.
+    pub async fn list_tokens(&self, actor: &str) -> Result<Vec<TokenRecord>, IssueError> {
+        let tokens = self.store().tokens().map_err(internal)?;
+        let event = Event::new(Kind::TokensListed, actor)
+            .reason(format!("{} join tokens listed", tokens.len()));
+        self.log.record(event, vec![]).await.map_err(internal)?;
+        Ok(tokens)
+    }
+
+    /// Revokes a join token: it is kept with no use left and a revoked marker (so a later
+    /// redemption is refused with who revoked it and when, until the token would have expired
+    /// and is pruned). Revoking an already revoked token is refused; an unknown id is
+    /// `NotFound`-shaped ([`IssueError::Missing`]).
+    pub async fn revoke_token(&self, actor: &str, id: &str) -> Result<TokenRecord, IssueError> {
+        let id = id.trim();
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(IssueError::BadRequest(format!(
+                "token id {id:?} is not valid: give the hex id that `lanyard token list` shows"
+            )));
+        }
+        let mut record = self
+            .store()
+            .token(id)
+            .map_err(internal)?
+            .ok_or_else(|| {
+                IssueError::Missing(format!(
+                    "no join token {id} (unknown, or expired and pruned)"
+                ))
+            })?;
+        if let Some(r) = &record.revoked {
+            return Err(IssueError::Precondition(format!(
+                "join token {id} was already revoked by {} at {}",
+                r.by,
+                fmt_time(r.at)
+            )));
+        }
+        let uses_left = record.uses_left;
+        record.uses_left = 0;
+        record.revoked = Some(TokenRevocation {
+            by: actor.to_string(),
+            at: unix_now(),
+        });
+        let event = Event::new(Kind::TokenRevoked, actor)
+            .subject(record.spiffe_id.clone())
+            .reason(format!(
+                "token {id} revoked with {uses_left} uses left (created by {}, expires {})",
+                record.created_by,
+                fmt_time(record.expires_at)
+            ));
+        self.log
+            .record(event, vec![Write::PutToken(record.clone())])
+            .await
+            .map_err(internal)?;
+        info!(token_id = %id, spiffe_id = %record.spiffe_id, "join token revoked");
+        Ok(record)
     }
 
     /// Checks the CSR (its self-signature included) right here on the calling task. The ~60 µs
@@ -525,6 +592,14 @@ impl Issuance {
             .ok_or_else(invalid_token)?;
         if !token.matches(&record.secret_hash) {
             return Err(invalid_token());
+        }
+        if let Some(r) = &record.revoked {
+            return Err(IssueError::Precondition(format!(
+                "join token {} was revoked by {} at {}; ask an admin for a new one",
+                token.id,
+                r.by,
+                fmt_time(r.at)
+            )));
         }
         if record.expires_at <= unix_now() {
             return Err(IssueError::Unauthenticated(format!(
