@@ -236,10 +236,7 @@ impl Issuance {
                 // Revoked while this request ran: say so rather than "already used".
                 let err = match self.check_token(&parsed, &csr.spiffe_id) {
                     Err(e @ IssueError::Precondition(_)) => e,
-                    _ => IssueError::Precondition(format!(
-                        "join token {} already used",
-                        parsed.id
-                    )),
+                    _ => IssueError::Precondition(format!("join token {} already used", parsed.id)),
                 };
                 return Err(self.deny(&actor, &subject, err).await);
             }
@@ -522,15 +519,11 @@ impl Issuance {
                 "token id {id:?} is not valid: give the hex id that `lanyard token list` shows"
             )));
         }
-        let mut record = self
-            .store()
-            .token(id)
-            .map_err(internal)?
-            .ok_or_else(|| {
-                IssueError::Missing(format!(
-                    "no join token {id} (unknown, or expired and pruned)"
-                ))
-            })?;
+        let mut record = self.store().token(id).map_err(internal)?.ok_or_else(|| {
+            IssueError::Missing(format!(
+                "no join token {id} (unknown, or expired and pruned)"
+            ))
+        })?;
         if let Some(r) = &record.revoked {
             return Err(IssueError::Precondition(format!(
                 "join token {id} was already revoked by {} at {}",

@@ -385,15 +385,14 @@ async fn issue_own_credentials(
     addr: SocketAddr,
 ) -> Result<i64, ServeError> {
     let sid = server_id(settings)?;
-    let not_after =
-        refresh_server_cert(
-            &core.issuance,
-            slot,
-            &sid,
-            settings.server_cert_ttl,
-            &settings.server_names,
-        )
-        .await?;
+    let not_after = refresh_server_cert(
+        &core.issuance,
+        slot,
+        &sid,
+        settings.server_cert_ttl,
+        &settings.server_names,
+    )
+    .await?;
     ensure_admin_credential(&core.issuance, settings, &settings.data_dir.join("admin")).await?;
     state
         .log

@@ -93,9 +93,7 @@ pub fn normalize_dns(name: &str, wildcard: bool) -> Result<String, NameError> {
             )));
         }
         if label.starts_with('-') || label.ends_with('-') {
-            return Err(err(&format!(
-                "label {label:?} starts or ends with '-'"
-            )));
+            return Err(err(&format!("label {label:?} starts or ends with '-'")));
         }
     }
     if wildcard && trimmed == "*" {
@@ -109,7 +107,9 @@ pub fn normalize_dns(name: &str, wildcard: bool) -> Result<String, NameError> {
 pub fn ip_from_bytes(bytes: &[u8]) -> Result<IpAddr, NameError> {
     match bytes.len() {
         4 => Ok(IpAddr::from(<[u8; 4]>::try_from(bytes).unwrap_or_default())),
-        16 => Ok(IpAddr::from(<[u8; 16]>::try_from(bytes).unwrap_or_default())),
+        16 => Ok(IpAddr::from(
+            <[u8; 16]>::try_from(bytes).unwrap_or_default(),
+        )),
         n => Err(NameError {
             kind: "IP",
             name: crate::encoding::hex(bytes),
@@ -203,10 +203,19 @@ mod tests {
 
     #[test]
     fn dns_names_are_canonicalised() {
-        assert_eq!(normalize_dns("API.Example.COM.", false).unwrap(), "api.example.com");
+        assert_eq!(
+            normalize_dns("API.Example.COM.", false).unwrap(),
+            "api.example.com"
+        );
         assert_eq!(normalize_dns("localhost", false).unwrap(), "localhost");
-        assert_eq!(normalize_dns("xn--bcher-kva.example", false).unwrap(), "xn--bcher-kva.example");
-        assert_eq!(normalize_dns("*.svc.example", true).unwrap(), "*.svc.example");
+        assert_eq!(
+            normalize_dns("xn--bcher-kva.example", false).unwrap(),
+            "xn--bcher-kva.example"
+        );
+        assert_eq!(
+            normalize_dns("*.svc.example", true).unwrap(),
+            "*.svc.example"
+        );
     }
 
     #[test]
@@ -238,7 +247,10 @@ mod tests {
 
     #[test]
     fn ip_sans_are_4_or_16_bytes() {
-        assert_eq!(ip_from_bytes(&[127, 0, 0, 1]).unwrap().to_string(), "127.0.0.1");
+        assert_eq!(
+            ip_from_bytes(&[127, 0, 0, 1]).unwrap().to_string(),
+            "127.0.0.1"
+        );
         assert_eq!(ip_from_bytes(&[0; 16]).unwrap().to_string(), "::");
         assert!(ip_from_bytes(&[10, 0, 0, 0, 255, 0, 0, 0]).is_err());
         assert!(ip_from_bytes(&[]).is_err());

@@ -127,7 +127,11 @@ struct ServeArgs {
     trust_domain: Option<String>,
     /// DNS name or IP literal for the CA's serving certificate (repeatable; replaces the
     /// config's server_names; default localhost, 127.0.0.1, ::1).
-    #[arg(long = "server-name", env = "LANYARD_SERVER_NAMES", value_delimiter = ',')]
+    #[arg(
+        long = "server-name",
+        env = "LANYARD_SERVER_NAMES",
+        value_delimiter = ','
+    )]
     server_names: Vec<String>,
 }
 

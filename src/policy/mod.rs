@@ -237,12 +237,13 @@ impl Policy {
             if rules.iter().any(|r| r.pattern == pattern) {
                 return Err(PolicyError::Duplicate(pattern.to_string()));
             }
-            let names = NameRules::parse(&spec.dns, &spec.ip, spec.id_pattern.as_deref())
-                .map_err(|why| PolicyError::Names {
+            let names = NameRules::parse(&spec.dns, &spec.ip, spec.id_pattern.as_deref()).map_err(
+                |why| PolicyError::Names {
                     index,
                     spiffe_id: spec.spiffe_id.clone(),
                     why,
-                })?;
+                },
+            )?;
             rules.push(Rule {
                 pattern,
                 roles,

@@ -104,7 +104,9 @@ impl NameRules {
             rules.dns.push(DnsRule(entry.to_ascii_lowercase()));
         }
         for entry in ip {
-            rules.ips.push(IpBlock::parse(entry).map_err(|e| format!("ip entry: {e}"))?);
+            rules
+                .ips
+                .push(IpBlock::parse(entry).map_err(|e| format!("ip entry: {e}"))?);
         }
         if rules.bind.is_some() && rules.dns.is_empty() {
             return Err("id_pattern is set but no dns entry uses it".into());
@@ -223,7 +225,11 @@ impl IpBlock {
             IpAddr::V6(a) => (u128::from(a), 128),
         };
         let shift = width - u32::from(self.bits);
-        if shift >= 128 { 0 } else { (v >> shift) << shift }
+        if shift >= 128 {
+            0
+        } else {
+            (v >> shift) << shift
+        }
     }
 
     fn contains(&self, ip: IpAddr) -> bool {
@@ -285,7 +291,9 @@ impl PathTemplate {
     }
 
     fn binds(&self, var: &str) -> bool {
-        self.0.iter().any(|s| matches!(s, Segment::Var(v) if v == var))
+        self.0
+            .iter()
+            .any(|s| matches!(s, Segment::Var(v) if v == var))
     }
 
     /// The variables' values for `path` (`/a/b`), if it fits; each value must be one valid DNS
@@ -338,13 +346,32 @@ mod tests {
         )
         .unwrap();
         let id = "spiffe://td/x";
-        assert_eq!(refused(&r, id, &["API.example.com.", "a.svc.example", "10.1.2.3", "::1"]), None);
-        assert_eq!(refused(&r, id, &["svc.example"]).as_deref(), Some("svc.example"));
-        assert_eq!(refused(&r, id, &["a.b.svc.example"]).as_deref(), Some("a.b.svc.example"));
-        assert_eq!(refused(&r, id, &["other.example.com"]).as_deref(), Some("other.example.com"));
+        assert_eq!(
+            refused(
+                &r,
+                id,
+                &["API.example.com.", "a.svc.example", "10.1.2.3", "::1"]
+            ),
+            None
+        );
+        assert_eq!(
+            refused(&r, id, &["svc.example"]).as_deref(),
+            Some("svc.example")
+        );
+        assert_eq!(
+            refused(&r, id, &["a.b.svc.example"]).as_deref(),
+            Some("a.b.svc.example")
+        );
+        assert_eq!(
+            refused(&r, id, &["other.example.com"]).as_deref(),
+            Some("other.example.com")
+        );
         assert_eq!(refused(&r, id, &["10.2.0.1"]).as_deref(), Some("10.2.0.1"));
         assert_eq!(refused(&r, id, &["::2"]).as_deref(), Some("::2"));
-        assert_eq!(refused(&NameRules::default(), id, &["a.example"]).as_deref(), Some("a.example"));
+        assert_eq!(
+            refused(&NameRules::default(), id, &["a.example"]).as_deref(),
+            Some("a.example")
+        );
     }
 
     #[test]
@@ -359,9 +386,30 @@ mod tests {
         assert_eq!(refused(&r, ok, &["api.prod.svc.cluster.local"]), None);
         assert!(refused(&r, ok, &["web.prod.svc.cluster.local"]).is_some());
         // IDs that do not fit the pattern, or whose segments are not DNS labels, get nothing.
-        assert!(refused(&r, "spiffe://td/ns/prod/sa/api/x", &["api.prod.svc.cluster.local"]).is_some());
-        assert!(refused(&r, "spiffe://td/ns/a.b/sa/api", &["api.a.b.svc.cluster.local"]).is_some());
-        assert!(refused(&r, "spiffe://td/ns/a_b/sa/api", &["api.a-b.svc.cluster.local"]).is_some());
+        assert!(
+            refused(
+                &r,
+                "spiffe://td/ns/prod/sa/api/x",
+                &["api.prod.svc.cluster.local"]
+            )
+            .is_some()
+        );
+        assert!(
+            refused(
+                &r,
+                "spiffe://td/ns/a.b/sa/api",
+                &["api.a.b.svc.cluster.local"]
+            )
+            .is_some()
+        );
+        assert!(
+            refused(
+                &r,
+                "spiffe://td/ns/a_b/sa/api",
+                &["api.a-b.svc.cluster.local"]
+            )
+            .is_some()
+        );
     }
 
     #[test]
