@@ -9,8 +9,8 @@
 //
 //	uri=<the one URI SAN>
 //	roles=<comma-separated roles>
-//	dns=<comma-separated DNS SANs>
-//	ip=<comma-separated IP SANs>
+//	dns=<comma-separated DNS SANs>   (only when there are some)
+//	ip=<comma-separated IP SANs>     (only when there are some)
 //
 // With -hostname it also checks x509.Certificate.VerifyHostname (what Go's TLS client does
 // with ServerName), so a name the leaf does not carry fails.
@@ -101,8 +101,12 @@ func run(bundlePath, certPath, oidText, hostname string) error {
 	for _, ip := range leaf.IPAddresses {
 		ips = append(ips, ip.String())
 	}
-	fmt.Printf("dns=%s\n", strings.Join(leaf.DNSNames, ","))
-	fmt.Printf("ip=%s\n", strings.Join(ips, ","))
+	if len(leaf.DNSNames) > 0 {
+		fmt.Printf("dns=%s\n", strings.Join(leaf.DNSNames, ","))
+	}
+	if len(ips) > 0 {
+		fmt.Printf("ip=%s\n", strings.Join(ips, ","))
+	}
 	return nil
 }
 
