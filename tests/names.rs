@@ -3,6 +3,12 @@
 //! and checked by real peers: Go's crypto/x509 `VerifyHostname`, `openssl verify
 //! -verify_hostname`, `openssl x509 -checkhost` and `curl --cacert`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers outside #[test] functions"
+)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
