@@ -194,6 +194,7 @@ fn crypto(k: &Knobs) -> f64 {
     let csr = csr_for(&id, &key).expect("csr");
     let now = unix_now();
     let params = LeafParams {
+        names: Default::default(),
         spiffe_id: id.clone(),
         roles: vec!["db-read".into()],
         not_before: now - 30,

@@ -10,12 +10,16 @@ use tracing::{info, warn};
 
 use crate::access::Grant;
 use crate::audit::{AuditLog, Event, Intent, Kind, UNAUTHENTICATED};
-use crate::ca::{Authority, CaError, CaHandle, CaSet, LeafParams, SvidInfo, ValidCsr, parse_csr};
+use crate::ca::{
+    Authority, CaError, CaHandle, CaSet, LeafParams, SanNames, SvidInfo, ValidCsr, parse_csr,
+};
 use crate::metrics::{self, IssuePath};
 use crate::policy::{self, Ask, Limits, PolicyHandle};
 use crate::revocation::Revocations;
 use crate::spiffe::{IdPattern, SpiffeId, normalize_roles};
-use crate::store::{Consume, Enrollment, IssuedRecord, RECORD_VERSION, Store, TokenRecord, Write};
+use crate::store::{
+    Consume, Enrollment, IssuedRecord, RECORD_VERSION, Store, TokenRecord, TokenRevocation, Write,
+};
 use crate::tls::unix_now;
 use crate::tokens::JoinToken;
 
@@ -66,6 +70,9 @@ pub enum IssueError {
     /// revoked): `FailedPrecondition`.
     #[error("{0}")]
     Precondition(String),
+    /// The thing named does not exist (an unknown token id): `NotFound`.
+    #[error("{0}")]
+    Missing(String),
     /// Store, audit or signing failure: `Internal`, details only in the server log.
     #[error("internal error: {0}")]
     Internal(String),
@@ -207,8 +214,13 @@ impl Issuance {
             Err(e) => return Err(self.deny(&actor, &subject, e).await),
         };
         let ceiling_ttl = Duration::from_secs(record.max_ttl);
-        let (leaf, used) = match self.plan(&csr.spiffe_id, &record.roles, Some(ceiling_ttl), &req) {
-            Ok(l) => l,
+        let (mut leaf, used) =
+            match self.plan(&csr.spiffe_id, &record.roles, Some(ceiling_ttl), &req) {
+                Ok(l) => l,
+                Err(e) => return Err(self.deny(&actor, &subject, e).await),
+            };
+        leaf.names = match self.allowed_names(&csr) {
+            Ok(n) => n,
             Err(e) => return Err(self.deny(&actor, &subject, e).await),
         };
         let leaf = self.clear_of_lifted_rule(leaf).await?;
@@ -221,13 +233,12 @@ impl Issuance {
         {
             Consume::Won(_) => {}
             Consume::AlreadyUsed => {
-                return Err(self
-                    .deny(
-                        &actor,
-                        &subject,
-                        IssueError::Precondition(format!("join token {} already used", parsed.id)),
-                    )
-                    .await);
+                // Revoked while this request ran: say so rather than "already used".
+                let err = match self.check_token(&parsed, &csr.spiffe_id) {
+                    Err(e @ IssueError::Precondition(_)) => e,
+                    _ => IssueError::Precondition(format!("join token {} already used", parsed.id)),
+                };
+                return Err(self.deny(&actor, &subject, err).await);
             }
             Consume::Expired => {
                 return Err(self
@@ -305,11 +316,16 @@ impl Issuance {
             }
         };
         let ceiling_ttl = Duration::from_secs(enrollment.max_ttl);
-        let (leaf, used) =
+        let (mut leaf, used) =
             match self.plan(&csr.spiffe_id, &enrollment.roles, Some(ceiling_ttl), &req) {
                 Ok(l) => l,
                 Err(e) => return Err(self.deny(&actor, &actor, e).await),
             };
+        // Names are re-checked like roles: a renewal keeps a name only while policy allows it.
+        leaf.names = match self.allowed_names(&csr) {
+            Ok(n) => n,
+            Err(e) => return Err(self.deny(&actor, &actor, e).await),
+        };
         let leaf = self.clear_of_lifted_rule(leaf).await?;
         let signed = self.sign(&csr, leaf)?;
         self.commit(
@@ -323,17 +339,19 @@ impl Issuance {
         .await
     }
 
-    /// Issues a credential the server makes for itself (its serving cert, the admin credential):
-    /// no CSR, no policy lookup (the reserved `/lanyard/` identities are not in policy).
+    /// Issues a credential the server makes for itself (its serving cert, with the operator's
+    /// `server_names`; the admin credential, with none): no CSR, no policy lookup (the reserved
+    /// `/lanyard/` identities are not in policy).
     pub async fn local(
         &self,
         id: &SpiffeId,
         roles: Vec<String>,
         ttl: Duration,
         key: &impl PublicKeyData,
+        names: &SanNames,
     ) -> Result<Issued, IssueError> {
         let started = Instant::now();
-        let result = self.local_inner(id, roles, ttl, key).await;
+        let result = self.local_inner(id, roles, ttl, key, names).await;
         metrics::ca().issuance(IssuePath::Local, started, &result);
         result
     }
@@ -344,6 +362,7 @@ impl Issuance {
         roles: Vec<String>,
         ttl: Duration,
         key: &impl PublicKeyData,
+        names: &SanNames,
     ) -> Result<Issued, IssueError> {
         let now = unix_now();
         let params = LeafParams {
@@ -351,6 +370,7 @@ impl Issuance {
             roles: roles.clone(),
             not_before: now - BACKDATE_SECS,
             not_after: now + ttl.as_secs() as i64,
+            names: names.clone(),
         };
         // After `lanyard admin recover` lifted a rule on a reserved identity, the fresh
         // credential must start after that rule's cutoff, or the rule would still cover it.
@@ -458,6 +478,7 @@ impl Issuance {
             expires_at: unix_now() + expires_in.as_secs() as i64,
             uses_left: spec.uses.max(1),
             created_by: actor.to_string(),
+            revoked: None,
         };
         let event = Event::new(Kind::TokenCreated, actor)
             .subject(pattern.to_string())
@@ -474,6 +495,61 @@ impl Issuance {
             .map_err(internal)?;
         info!(token_id = %token.id, spiffe_id = %record.spiffe_id, "join token created");
         Ok((token.to_token_string(), record))
+    }
+
+    /// Every join token still kept, for an admin: the listing itself is audited (it shows
+    /// which identities can still be bootstrapped, and by whom). Records carry no secret, only
+    /// its hash, and callers must not show that either.
+    pub async fn list_tokens(&self, actor: &str) -> Result<Vec<TokenRecord>, IssueError> {
+        let tokens = self.store().tokens().map_err(internal)?;
+        let event = Event::new(Kind::TokensListed, actor)
+            .reason(format!("{} join tokens listed", tokens.len()));
+        self.log.record(event, vec![]).await.map_err(internal)?;
+        Ok(tokens)
+    }
+
+    /// Revokes a join token: it is kept with no use left and a revoked marker (so a later
+    /// redemption is refused with who revoked it and when, until the token would have expired
+    /// and is pruned). Revoking an already revoked token is refused; an unknown id is
+    /// `NotFound`-shaped ([`IssueError::Missing`]).
+    pub async fn revoke_token(&self, actor: &str, id: &str) -> Result<TokenRecord, IssueError> {
+        let id = id.trim();
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(IssueError::BadRequest(format!(
+                "token id {id:?} is not valid: give the hex id that `lanyard token list` shows"
+            )));
+        }
+        let mut record = self.store().token(id).map_err(internal)?.ok_or_else(|| {
+            IssueError::Missing(format!(
+                "no join token {id} (unknown, or expired and pruned)"
+            ))
+        })?;
+        if let Some(r) = &record.revoked {
+            return Err(IssueError::Precondition(format!(
+                "join token {id} was already revoked by {} at {}",
+                r.by,
+                fmt_time(r.at)
+            )));
+        }
+        let uses_left = record.uses_left;
+        record.uses_left = 0;
+        record.revoked = Some(TokenRevocation {
+            by: actor.to_string(),
+            at: unix_now(),
+        });
+        let event = Event::new(Kind::TokenRevoked, actor)
+            .subject(record.spiffe_id.clone())
+            .reason(format!(
+                "token {id} revoked with {uses_left} uses left (created by {}, expires {})",
+                record.created_by,
+                fmt_time(record.expires_at)
+            ));
+        self.log
+            .record(event, vec![Write::PutToken(record.clone())])
+            .await
+            .map_err(internal)?;
+        info!(token_id = %id, spiffe_id = %record.spiffe_id, "join token revoked");
+        Ok(record)
     }
 
     /// Checks the CSR (its self-signature included) right here on the calling task. The ~60 µs
@@ -509,6 +585,14 @@ impl Issuance {
             .ok_or_else(invalid_token)?;
         if !token.matches(&record.secret_hash) {
             return Err(invalid_token());
+        }
+        if let Some(r) = &record.revoked {
+            return Err(IssueError::Precondition(format!(
+                "join token {} was revoked by {} at {}; ask an admin for a new one",
+                token.id,
+                r.by,
+                fmt_time(r.at)
+            )));
         }
         if record.expires_at <= unix_now() {
             return Err(IssueError::Unauthenticated(format!(
@@ -644,6 +728,7 @@ impl Issuance {
             roles,
             not_before: now - BACKDATE_SECS,
             not_after,
+            names: SanNames::default(),
         };
         Ok((leaf, used_grants))
     }
@@ -671,8 +756,20 @@ impl Issuance {
         Ok(leaf)
     }
 
+    /// The CSR's DNS and IP names, once policy allows every one of them (checked against the
+    /// policy in force now, so a renewal loses a name the moment its rule drops it).
+    fn allowed_names(&self, csr: &ValidCsr) -> Result<SanNames, IssueError> {
+        policy::check_names(&self.policy.current(), &csr.spiffe_id, &csr.names)
+            .map_err(|d| IssueError::Denied(d.to_string()))?;
+        Ok(csr.names.clone())
+    }
+
     /// Signs inline, like `check_csr`: one ECDSA signature, ~20 µs.
     fn sign(&self, csr: &ValidCsr, leaf: LeafParams) -> Result<Issued, IssueError> {
+        // Fail closed: a path that skipped `allowed_names` would silently drop (or add) names.
+        if leaf.names != csr.names {
+            return Err(internal("issuance path did not check the CSR's names"));
+        }
         let cas = self.authority.current();
         let signed = cas
             .active()

@@ -164,7 +164,8 @@ impl CaMetrics {
     pub fn issuance<T>(&self, path: IssuePath, started: Instant, result: &Result<T, IssueError>) {
         let code = match result {
             Ok(_) => 0,
-            Err(IssueError::BadRequest(_)) => 1,
+            // `Missing` comes only from admin verbs, never from an issuance.
+            Err(IssueError::BadRequest(_) | IssueError::Missing(_)) => 1,
             Err(IssueError::Unauthenticated(_)) => 2,
             Err(IssueError::Denied(_)) => 3,
             Err(IssueError::Precondition(_)) => 4,

@@ -26,7 +26,7 @@ use crate::api::{
     revocation::RevocationService,
 };
 use crate::audit::{AuditLog, Event, Kind};
-use crate::ca::{Authority, CaError};
+use crate::ca::{Authority, CaError, SanNames};
 use crate::client::write_credential;
 use crate::config::{ServeSettings, Transport};
 use crate::federation::{
@@ -385,8 +385,14 @@ async fn issue_own_credentials(
     addr: SocketAddr,
 ) -> Result<i64, ServeError> {
     let sid = server_id(settings)?;
-    let not_after =
-        refresh_server_cert(&core.issuance, slot, &sid, settings.server_cert_ttl).await?;
+    let not_after = refresh_server_cert(
+        &core.issuance,
+        slot,
+        &sid,
+        settings.server_cert_ttl,
+        &settings.server_names,
+    )
+    .await?;
     ensure_admin_credential(&core.issuance, settings, &settings.data_dir.join("admin")).await?;
     state
         .log
@@ -518,6 +524,7 @@ fn spawn_background(
             slot.clone(),
             sid.clone(),
             settings.server_cert_ttl,
+            settings.server_names.clone(),
             server_not_after,
             shutdown_rx.clone(),
         )
@@ -937,16 +944,18 @@ async fn accept_loop(
     }
 }
 
-/// Issues a fresh serving certificate into `slot`; returns its notAfter.
+/// Issues a fresh serving certificate into `slot`, carrying `names` (`server_names`) so
+/// hostname-verifying clients accept it; returns its notAfter.
 async fn refresh_server_cert(
     issuance: &Issuance,
     slot: &CertSlot,
     id: &SpiffeId,
     ttl: Duration,
+    names: &SanNames,
 ) -> Result<i64, ServeError> {
     let key = KeyPair::generate().map_err(|e| ServeError::Credential(e.to_string()))?;
     let issued = issuance
-        .local(id, vec![], ttl, &key)
+        .local(id, vec![], ttl, &key, names)
         .await
         .map_err(|e| ServeError::Credential(e.to_string()))?;
     // Send the roots too, so a client holding only the CA fingerprint (a join token) can pin
@@ -965,6 +974,7 @@ async fn rotate_server_cert(
     slot: Arc<CertSlot>,
     id: SpiffeId,
     ttl: Duration,
+    names: SanNames,
     mut not_after: i64,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -974,7 +984,7 @@ async fn rotate_server_cert(
             () = tokio::time::sleep(wait) => {}
             () = stopped(&mut shutdown) => return,
         }
-        match refresh_server_cert(&issuance, &slot, &id, ttl).await {
+        match refresh_server_cert(&issuance, &slot, &id, ttl, &names).await {
             Ok(n) => {
                 debug!(not_after = %crate::issuance::fmt_time(n), "serving certificate rotated");
                 not_after = n;
@@ -1021,7 +1031,14 @@ async fn follow_ca_changes(
         if let Err(e) = bundles.set_own_authorities(roots, "CA rotation").await {
             error!(error = %e, "cannot publish the new trust bundle");
         }
-        if let Err(e) = refresh_server_cert(&issuance, &slot, &sid, settings.server_cert_ttl).await
+        if let Err(e) = refresh_server_cert(
+            &issuance,
+            &slot,
+            &sid,
+            settings.server_cert_ttl,
+            &settings.server_names,
+        )
+        .await
         {
             error!(error = %e, "cannot re-issue the serving certificate after a CA change");
         }
@@ -1081,6 +1098,7 @@ async fn mint_admin_credential(
             vec![ROLE_ADMIN.to_string()],
             settings.admin_cert_ttl,
             &key,
+            &SanNames::default(),
         )
         .await
         .map_err(|e| ServeError::Credential(e.to_string()))?;

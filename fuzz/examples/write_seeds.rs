@@ -422,6 +422,7 @@ fn audit_record(dir: &Path) -> Res<()> {
             expires_at: 1_780_003_600,
             uses_left: 1,
             created_by: "spiffe://example.org/lanyard/admin".into(),
+            revoked: None,
         })?,
     )?;
     write(

@@ -50,6 +50,8 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     /// OID of the roles extension.
     pub roles_oid: crate::ca::RolesOid,
+    /// DNS and IP names to ask for in every certificate (policy must allow each).
+    pub names: crate::ca::SanNames,
 }
 
 impl AgentConfig {
@@ -68,6 +70,7 @@ impl AgentConfig {
             renew_fraction: 0.5,
             max_backoff: Duration::from_secs(30),
             roles_oid: crate::ca::RolesOid::default(),
+            names: crate::ca::SanNames::default(),
         }
     }
 }

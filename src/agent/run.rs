@@ -15,7 +15,7 @@ use super::crl::follow_crls;
 use super::timing::{Backoff, refresh_in};
 use super::{AgentConfig, AgentError, files};
 use crate::ca::{SvidInfo, parse_svid};
-use crate::client::{connect, csr_for};
+use crate::client::{connect, csr_with_names};
 use crate::pb::v1::{self as pb, ca_client::CaClient, revocation_client::RevocationClient};
 use crate::spiffe::{IdPattern, SpiffeId};
 use crate::tls::{Bundle, RevocationSet, ServerTrust, TlsSource, unix_now};
@@ -364,7 +364,8 @@ impl Agent {
         loop {
             let key = KeyPair::generate().map_err(|e| AgentError::Bootstrap(e.to_string()))?;
             let attempt = async {
-                let csr = csr_for(&id, &key).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                let csr = csr_with_names(&id, &key, &self.cfg.names)
+                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
                 let channel = connect(
                     &self.cfg.server,
                     trust.clone(),
@@ -443,8 +444,8 @@ impl Agent {
             .svid()
             .ok_or_else(|| tonic::Status::failed_precondition("no credential to renew"))?;
         let key = KeyPair::generate().map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let csr =
-            csr_for(&svid.spiffe_id, &key).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let csr = csr_with_names(&svid.spiffe_id, &key, &self.cfg.names)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
         let channel = self.ca_channel().await?;
         let resp = CaClient::new(channel)
             .issue(pb::IssueRequest {

@@ -2,7 +2,8 @@
 //!
 //! A CSR that asks for more than a leaf certificate may hold is refused loudly rather than
 //! silently trimmed, so a misconfigured (or hostile) client learns why instead of getting a
-//! surprise certificate: extra SANs, CA=true, the CA key usages keyCertSign and cRLSign, EKUs
+//! surprise certificate: SANs other than the one SPIFFE ID and valid DNS and IP names (those
+//! are canonicalised here, see [`super::names`], and policy decides whether they are allowed), CA=true, the CA key usages keyCertSign and cRLSign, EKUs
 //! other than serverAuth and clientAuth, the CA-only constraints (name constraints, policy
 //! constraints and mappings, inhibitAnyPolicy), and any critical extension Lanyard does not act
 //! on. What is *ignored* (the certificate's own values are used instead) is harmless and listed
@@ -17,6 +18,7 @@ use x509_parser::prelude::{
 };
 
 use super::CaError;
+use super::names::{MAX_NAMES, SanNames, ip_from_bytes, normalize_dns};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// Largest CSR accepted, in bytes. A P-256 or Ed25519 CSR is about 300 bytes.
@@ -28,8 +30,10 @@ pub const MAX_CSR_BYTES: usize = 8 * 1024;
 pub struct ValidCsr {
     /// The requested SPIFFE ID.
     pub spiffe_id: SpiffeId,
-    /// The subject public key (SPKI), the only other thing copied into the certificate.
+    /// The subject public key (SPKI), copied into the certificate.
     pub public_key: rcgen::SubjectPublicKeyInfo,
+    /// DNS and IP names asked for, canonical; copied only once policy allows each.
+    pub names: SanNames,
 }
 
 const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
@@ -63,8 +67,16 @@ pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
     })?;
 
     let mut uris = Vec::new();
+    let mut names = SanNames::default();
     for ext in requested_extensions(&csr) {
-        check_extension(ext, &mut uris)?;
+        check_extension(ext, &mut uris, &mut names)?;
+    }
+    names.canonicalize();
+    if names.len() > MAX_NAMES {
+        return Err(invalid(format!(
+            "CSR asks for {} DNS and IP names; the limit is {MAX_NAMES}",
+            names.len()
+        )));
     }
     let uri = match uris.as_slice() {
         [one] => one,
@@ -95,6 +107,7 @@ pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
     Ok(ValidCsr {
         spiffe_id,
         public_key,
+        names,
     })
 }
 
@@ -112,17 +125,28 @@ fn requested_extensions<'a>(
 }
 
 /// Refuses an extension that asks for a privilege or that Lanyard cannot honour; collects URI
-/// SANs into `uris`.
-fn check_extension(ext: &X509Extension<'_>, uris: &mut Vec<String>) -> Result<(), CaError> {
+/// SANs into `uris` and DNS and IP SANs into `names`.
+fn check_extension(
+    ext: &X509Extension<'_>,
+    uris: &mut Vec<String>,
+    names: &mut SanNames,
+) -> Result<(), CaError> {
     let refuse = |what: String| Err(CaError::InvalidCsr(what));
     match ext.parsed_extension() {
         ParsedExtension::SubjectAlternativeName(san) => {
             for name in &san.general_names {
                 match name {
                     GeneralName::URI(u) => uris.push(u.to_string()),
+                    GeneralName::DNSName(d) => names.dns.push(
+                        normalize_dns(d, false)
+                            .map_err(|e| CaError::InvalidCsr(format!("CSR: {e}")))?,
+                    ),
+                    GeneralName::IPAddress(b) => names.ips.push(
+                        ip_from_bytes(b).map_err(|e| CaError::InvalidCsr(format!("CSR: {e}")))?,
+                    ),
                     other => {
                         return refuse(format!(
-                            "CSR asks for a {} SAN; Lanyard certificates carry only the SPIFFE ID as a URI SAN",
+                            "CSR asks for a {} SAN; Lanyard certificates carry the SPIFFE ID as a URI SAN and, where policy allows, DNS and IP names",
                             san_kind(other)
                         ));
                     }

@@ -4,11 +4,15 @@
 
 mod authority;
 mod csr;
+mod names;
 mod set;
 mod svid;
 
 pub use authority::{Authority, LeafParams, SignedLeaf, certs_to_pem, pem_encode};
 pub use csr::{MAX_CSR_BYTES, ValidCsr, parse_csr};
+pub use names::{
+    MAX_NAMES, NameError, SanNames, ip_from_bytes, normalize_dns, parse_ip, san_names,
+};
 pub use set::{CaHandle, CaSet};
 pub(crate) use svid::decode_roles;
 pub use svid::{RolesOid, Serial, SvidInfo, encode_roles, parse_svid};

@@ -72,6 +72,12 @@ pub(super) struct AgentArgs {
     /// OID of the roles extension.
     #[arg(long, env = "LANYARD_ROLES_OID", default_value = "1.3.9999.7781.1")]
     roles_oid: String,
+    /// DNS name to ask for in every certificate (repeatable; policy must allow it).
+    #[arg(long = "dns-name", value_name = "NAME")]
+    dns_names: Vec<String>,
+    /// IP address to ask for in every certificate (repeatable; policy must allow it).
+    #[arg(long = "ip", value_name = "ADDR")]
+    ips: Vec<std::net::IpAddr>,
 }
 
 pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -104,6 +110,7 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         renew_fraction: a.renew_at,
         max_backoff: a.max_backoff,
         roles_oid: RolesOid::parse(&a.roles_oid)?,
+        names: super::issue::requested_names(&a.dns_names, &a.ips)?,
         ..AgentConfig::new(a.server)
     };
     let (stop_tx, stop_rx) = watch::channel(false);

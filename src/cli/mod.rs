@@ -125,6 +125,14 @@ struct ServeArgs {
     /// Trust domain, e.g. example.org.
     #[arg(long, env = "LANYARD_TRUST_DOMAIN")]
     trust_domain: Option<String>,
+    /// DNS name or IP literal for the CA's serving certificate (repeatable; replaces the
+    /// config's server_names; default localhost, 127.0.0.1, ::1).
+    #[arg(
+        long = "server-name",
+        env = "LANYARD_SERVER_NAMES",
+        value_delimiter = ','
+    )]
+    server_names: Vec<String>,
 }
 
 /// Parses arguments, runs the command, and returns the process exit code.
@@ -211,6 +219,7 @@ impl ServeArgs {
                 trust_domain: self.trust_domain,
                 data_dir: self.data_dir,
                 listen: self.listen,
+                server_names: self.server_names,
             },
         )
         .map_err(|e| {
