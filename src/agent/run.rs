@@ -377,6 +377,7 @@ impl Agent {
                     .issue(pb::IssueRequest {
                         csr,
                         join_token: raw.trim().to_string(),
+                        jwt: String::new(),
                         ttl_seconds: self.ttl_secs(),
                         roles: vec![],
                     })
@@ -450,6 +451,7 @@ impl Agent {
             .issue(pb::IssueRequest {
                 csr,
                 join_token: String::new(),
+                jwt: String::new(),
                 ttl_seconds: self.ttl_secs(),
                 roles: vec![],
             })

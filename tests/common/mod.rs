@@ -210,6 +210,7 @@ impl TestCa {
         ca.issue(pb::IssueRequest {
             csr,
             join_token: token.into(),
+            jwt: String::new(),
             ttl_seconds: ttl_secs,
             roles: vec![],
         })
@@ -240,6 +241,7 @@ impl TestCa {
             .issue(pb::IssueRequest {
                 csr,
                 join_token: String::new(),
+                jwt: String::new(),
                 ttl_seconds: ttl_secs,
                 roles: vec![],
             })
