@@ -43,7 +43,7 @@ pub struct KeySet {
     source: KeySource,
     refresh: Duration,
     keys: RwLock<Arc<Vec<Jwk>>>,
-    /// Serializes fetches; holds when the last one started.
+    /// Serializes fetches; holds when the last unknown-kid refetch started.
     fetching: tokio::sync::Mutex<Option<Instant>>,
     last_error: Mutex<Option<String>>,
 }
@@ -75,8 +75,9 @@ impl KeySet {
 
     /// Fetches now (scheduled refresh or start-up).
     pub async fn refresh(&self) -> Result<(), String> {
-        let mut last = self.fetching.lock().await;
-        *last = Some(Instant::now());
+        // Scheduled fetches do not count against the unknown-kid budget: a key published just
+        // after one must still be fetchable at once.
+        let _serialized = self.fetching.lock().await;
         self.fetch_and_swap().await
     }
 
