@@ -288,7 +288,7 @@ impl Issuance {
         let started = Instant::now();
         let intent = std::cell::RefCell::new(Some(self.log.intent()));
         let result = INTENT.scope(intent, self.jwt_inner(jwt, req)).await;
-        metrics::ca().issuance(IssuePath::Token, started, &result);
+        metrics::ca().issuance(IssuePath::Attest, started, &result);
         result
     }
 

@@ -456,3 +456,68 @@ impl Drop for InFlight<'_> {
         set.remove(&self.hash);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(toml_text: &str) -> Result<Vec<AttestorConfig>, AttestorConfigError> {
+        #[derive(Deserialize)]
+        struct F {
+            attestor: Vec<AttestorSpec>,
+        }
+        let f: F = toml::from_str(toml_text).unwrap();
+        resolve_all(&f.attestor, Duration::from_secs(3600))
+    }
+
+    #[test]
+    fn config_defaults_and_refusals() {
+        let ok = spec(
+            "[[attestor]]\nname = \"k\"\nkind = \"kubernetes\"\nissuer = \"https://k\"\naudiences = [\"lanyard\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ok[0].template.as_str(),
+            "ns/{namespace}/sa/{serviceaccount}"
+        );
+        assert_eq!(ok[0].rules.algorithms, vec![Alg::Rs256, Alg::Es256]);
+        assert_eq!(ok[0].rules.max_age, 3600);
+        assert_eq!(ok[0].max_ttl, Duration::from_secs(3600));
+        assert!(ok[0].roles.is_empty(), "no roles unless listed");
+        let base = "name = \"k\"\naudiences = [\"lanyard\"]\n";
+        for (bad, why) in [
+            ("kind = \"spire\"\nissuer = \"https://k\"", "kind"),
+            ("kind = \"kubernetes\"\nissuer = \"http://k\"", "https"),
+            ("kind = \"jwt\"\nissuer = \"https://k\"", "id_template"),
+            (
+                "kind = \"github\"\nissuer = \"https://k\"\nalgorithms = [\"HS256\"]",
+                "HS256",
+            ),
+            (
+                "kind = \"github\"\nissuer = \"https://k\"\nalgorithms = []",
+                "empty",
+            ),
+            (
+                "kind = \"github\"\nissuer = \"https://k\"\nid_template = \"gh/static\"",
+                "names no claim",
+            ),
+            (
+                "kind = \"github\"\nissuer = \"https://k\"\njwks_file = \"/nonexistent\"",
+                "jwks_file",
+            ),
+            (
+                "kind = \"github\"\nissuer = \"https://k\"\nroles = [\"Admin\"]",
+                "Admin",
+            ),
+            (
+                "kind = \"github\"\nissuer = \"https://k\"\nskew = \"10m\"",
+                "skew",
+            ),
+        ] {
+            let e = spec(&format!("[[attestor]]\n{base}{bad}\n")).unwrap_err();
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
+        let twice = "[[attestor]]\nname = \"k\"\nkind = \"github\"\nissuer = \"https://k\"\naudiences = [\"a\"]\n";
+        assert!(spec(&format!("{twice}{twice}")).is_err());
+    }
+}
