@@ -66,10 +66,10 @@ pub enum IssuePath {
     Token,
     /// Renewal over mTLS.
     Renewal,
-    /// Bootstrap with an attested JWT (`[[attestor]]`).
-    Attest,
     /// The server's own credentials (its serving certificate, the admin credential).
     Local,
+    /// Bootstrap with an attested JWT (`[[attestor]]`). Last: `PATHS` is indexed by discriminant.
+    Attest,
 }
 
 const PATHS: [IssuePath; 4] = [
