@@ -357,9 +357,13 @@ impl Attestors {
                 .unwrap_or("?")
                 .to_string()
         };
-        let mut c = format!("jwt iss={} sub={}", s("iss"), s("sub"));
-        c.truncate(256);
-        c
+        // Unverified and attacker-chosen: bounded, and no control characters that could forge
+        // lines in `audit tail`.
+        format!("jwt iss={} sub={}", s("iss"), s("sub"))
+            .chars()
+            .take(256)
+            .map(|ch| if ch.is_control() { '?' } else { ch })
+            .collect()
     }
 
     /// Verifies `token` with the attestor that trusts its issuer and maps its claims.
