@@ -464,3 +464,79 @@ async fn agent_reattests(ca: &TestCa, issuer: &Issuer, first: &str, second: &str
         .count();
     assert_eq!(n, 2, "both attestations audited");
 }
+
+/// A CA outage longer than the certificate's lifetime plus the renewal grace: once the CA is
+/// back, the agent's renewal is refused as expired, and it attests again with the (rotated)
+/// token file instead of exiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reattests_after_expiry_past_grace() {
+    if !tools_present() {
+        return;
+    }
+    let issuer = Issuer::start().await;
+    let port = common::free_port();
+    let config = format!(
+        "trust_domain = \"example.org\"\nlisten = \"127.0.0.1:{port}\"\nmin_ttl = \"1s\"\ndefault_ttl = \"2s\"\nrenewal_grace = \"1s\"\n{}{POLICY}",
+        issuer.attestor("k8s", "kubernetes", "[]")
+    );
+    let ca = TestCa::start_with_full_config(&config).await;
+    let t = issuer.mint(&[
+        vec!["--issuer", "k8s", "--kid", "k1", "--k8s", "prod/outage"],
+        vec!["--issuer", "k8s", "--kid", "k1", "--k8s", "prod/outage"],
+    ]);
+    let work = issuer.dir.path();
+    let (jwt_file, out) = (work.join("token"), work.join("out"));
+    std::fs::write(&jwt_file, &t[0]).unwrap();
+    let mut cmd = lanyard_cmd();
+    cmd.args([
+        "agent",
+        "--server",
+        &ca.server(),
+        "--ttl",
+        "2s",
+        "--max-backoff",
+        "1s",
+    ])
+    .arg("--jwt-file")
+    .arg(&jwt_file)
+    .arg("--bundle")
+    .arg(ca.admin_dir().join("bundle.pem"))
+    .arg("--out")
+    .arg(&out);
+    let mut agent = ChildGuard::spawn("agent", &mut cmd, &work.join("agent.log"));
+    let first = wait_for_svid(&out, Duration::from_secs(20))
+        .await
+        .expect("first certificate");
+
+    let (dir, config_path) = ca.stop().await;
+    // The kubelet rotates the token while the CA is away.
+    std::fs::write(&jwt_file, &t[1]).unwrap();
+    let past_grace = first.not_after + 1 + 1 - lanyard::tls::unix_now();
+    tokio::time::sleep(Duration::from_secs(past_grace.max(0) as u64 + 1)).await;
+    let ca = TestCa::start_in(dir, config_path).await;
+
+    let again = common::poll_until(Duration::from_secs(20), Duration::from_millis(50), || {
+        common::dir_svid(&out).filter(|s| s.serial != first.serial)
+    })
+    .await
+    .unwrap_or_else(|| panic!("agent did not attest again: {}", agent.output()));
+    assert_eq!(again.spiffe_id, first.spiffe_id);
+    assert!(
+        agent.is_running(),
+        "the agent keeps running: {}",
+        agent.output()
+    );
+    let log = ca.audit_log().await;
+    let issued: Vec<_> = log
+        .iter()
+        .filter(|r| {
+            r.subject == first.spiffe_id.as_str() && r.actor == "attestor:k8s" && r.kind == "issued"
+        })
+        .collect();
+    assert_eq!(issued.len(), 2, "the bootstrap and the re-attestation");
+    assert!(
+        log.iter()
+            .any(|r| r.kind == "denied" && r.reason.contains("beyond the renewal grace")),
+        "the refused renewal is audited"
+    );
+}
