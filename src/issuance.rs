@@ -304,11 +304,11 @@ impl Issuance {
                 let why = IssueError::Unauthenticated(e.to_string());
                 return Err(self.deny_unverified(&claimed, why).await);
             }
+            // The token verified, but its claims make no ID: the attestor vouches for the caller.
             Err(e) => {
-                let claimed = crate::attest::Attestors::claimed(jwt);
-                let event = Event::new(Kind::Denied, UNAUTHENTICATED).claimed(claimed);
+                let actor = format!("attestor:{}", e.attestor().unwrap_or("?"));
                 return Err(self
-                    .record_denial(event, IssueError::Denied(e.to_string()))
+                    .deny(&actor, "", IssueError::Denied(e.to_string()))
                     .await);
             }
         };

@@ -418,6 +418,14 @@ async fn oidc_attestation_end_to_end() {
         "{}",
         unverified.claimed
     );
+    let unmappable = log
+        .iter()
+        .find(|r| r.kind == "denied" && r.reason.contains("uppercase"))
+        .unwrap();
+    assert_eq!(
+        unmappable.actor, "attestor:k8s",
+        "a verified token's refusal names its attestor"
+    );
 
     agent_reattests(&ca, &issuer, &t[16], &t[17]).await;
 }

@@ -261,6 +261,14 @@ impl AttestError {
     pub fn is_unauthenticated(&self) -> bool {
         !matches!(self, Self::Mapping(..))
     }
+
+    /// The attestor that verified the token, when it did (a mapping failure).
+    pub fn attestor(&self) -> Option<&str> {
+        match self {
+            Self::Mapping(name, _) => Some(name),
+            _ => None,
+        }
+    }
 }
 
 /// A verified token, mapped.
