@@ -283,7 +283,7 @@ impl Issuance {
     /// Attestation: issues a certificate to the holder of a JWT an `[[attestor]]` verifies, for
     /// the SPIFFE ID its claims map to. The attestor's roles and max_ttl are the ceiling (as a
     /// join token's are); policy decides within it. Each JWT is used once: its hash is kept
-    /// (as a spent token record) until its `exp`.
+    /// (as a spent token record) until it could no longer be accepted anyway.
     pub async fn with_jwt(&self, jwt: &str, req: IssueRequest) -> Result<Issued, IssueError> {
         let started = Instant::now();
         let intent = std::cell::RefCell::new(Some(self.log.intent()));

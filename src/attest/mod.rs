@@ -288,7 +288,8 @@ pub struct Attested {
     pub claims: Vec<(String, String)>,
     /// SHA-256 of the token, for replay detection.
     pub token_hash: [u8; 32],
-    /// The token's `exp`.
+    /// When the token stops being acceptable: `exp`, or `iat` + max_token_age if sooner
+    /// (plus skew); its spent record is kept until then.
     pub expires_at: i64,
 }
 
@@ -430,8 +431,12 @@ impl Attestors {
                     e.to_string(),
                 ))
             })?;
-        let expires_at = claims.get("exp").and_then(Value::as_f64).unwrap_or(0.0) as i64
-            + a.cfg.rules.skew as i64;
+        // Past either bound the token is refused anyway, so its spent record can go then: a
+        // year-long legacy token costs a record for max_token_age, not a year.
+        let time = |k: &str| claims.get(k).and_then(Value::as_f64).unwrap_or(0.0) as i64;
+        let rules = &a.cfg.rules;
+        let expires_at =
+            time("exp").min(time("iat").saturating_add(rules.max_age as i64)) + rules.skew as i64;
         Ok(Attested {
             attestor: name.clone(),
             issuer: a.cfg.rules.issuer.clone(),
