@@ -456,6 +456,7 @@ async fn setup(
             .issue(pb::IssueRequest {
                 csr: csr.clone(),
                 join_token: enroll,
+                jwt: String::new(),
                 ttl_seconds: 600,
                 roles: vec![],
             })
@@ -636,6 +637,7 @@ async fn run_point_with(k: &Knobs, clients: &[Arc<Client>], reconnect: bool) -> 
                     let req = pb::IssueRequest {
                         csr: c.csr.clone(),
                         join_token: c.token.clone(),
+                        jwt: String::new(),
                         ttl_seconds: 300,
                         roles: vec![],
                     };

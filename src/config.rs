@@ -34,6 +34,9 @@ pub enum ConfigError {
     /// A `[[federation]]` entry is invalid.
     #[error(transparent)]
     Federation(#[from] FederationConfigError),
+    /// An `[[attestor]]` entry is invalid.
+    #[error(transparent)]
+    Attestor(#[from] crate::attest::AttestorConfigError),
 }
 
 /// The config file, as written. Every field is optional; see `deploy/lanyard.example.toml`.
@@ -115,6 +118,9 @@ pub struct FileConfig {
     /// Federated trust domains.
     #[serde(default)]
     pub federation: Vec<FederationSpec>,
+    /// JWT/OIDC attestors (`[[attestor]]`), see docs/attestation.md.
+    #[serde(default)]
+    pub attestor: Vec<crate::attest::AttestorSpec>,
     /// Concurrent gRPC connections in total.
     pub max_connections: Option<usize>,
     /// Concurrent gRPC connections from one source (IPv4 address or IPv6 /64).
@@ -200,6 +206,8 @@ pub struct ServeSettings {
     pub ca_rotation_overlap: Duration,
     /// Federated trust domains.
     pub federation: Vec<FederatedDomain>,
+    /// JWT/OIDC attestors.
+    pub attestors: Vec<crate::attest::AttestorConfig>,
     /// Connection limits and timeouts of both listeners.
     pub transport: Transport,
     /// Roles extension OID.
@@ -433,6 +441,7 @@ impl ServeSettings {
             ));
         }
         let transport = resolve_transport(&file)?;
+        let attestors = crate::attest::resolve_all(&file.attestor, max_cert_lifetime)?;
         Ok(Self {
             trust_domain,
             data_dir: overrides
@@ -461,6 +470,7 @@ impl ServeSettings {
             bundle_refresh_hint,
             ca_rotation_overlap,
             federation,
+            attestors,
             transport,
             roles_oid,
             ca_files,

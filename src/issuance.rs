@@ -125,6 +125,8 @@ pub struct Issuance {
     settings: Settings,
     /// Temporary-access grants, consulted at every issuance (set once at start-up).
     access: std::sync::OnceLock<Arc<crate::access::Access>>,
+    /// JWT/OIDC attestors (set once at start-up when any is configured).
+    attestors: std::sync::OnceLock<Arc<crate::attest::Attestors>>,
 }
 
 impl Issuance {
@@ -143,7 +145,13 @@ impl Issuance {
             revocations,
             settings,
             access: std::sync::OnceLock::new(),
+            attestors: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Connects the JWT/OIDC attestors: `Ca.Issue` with a `jwt` is verified by them.
+    pub fn set_attestors(&self, attestors: Arc<crate::attest::Attestors>) {
+        let _ = self.attestors.set(attestors);
     }
 
     /// Connects the temporary-access service: its live grants add roles to certificates.
@@ -278,6 +286,124 @@ impl Issuance {
             signed,
             vec![Write::PutEnrollment(enrollment)],
             reason,
+            &used,
+        )
+        .await
+    }
+
+    /// Attestation: issues a certificate to the holder of a JWT an `[[attestor]]` verifies, for
+    /// the SPIFFE ID its claims map to. The attestor's roles and max_ttl are the ceiling (as a
+    /// join token's are); policy decides within it. Each JWT is used once: its hash is kept
+    /// (as a spent token record) until it could no longer be accepted anyway.
+    pub async fn with_jwt(&self, jwt: &str, req: IssueRequest) -> Result<Issued, IssueError> {
+        let started = Instant::now();
+        let intent = std::cell::RefCell::new(Some(self.log.intent()));
+        let result = INTENT.scope(intent, self.jwt_inner(jwt, req)).await;
+        metrics::ca().issuance(IssuePath::Attest, started, &result);
+        result
+    }
+
+    async fn jwt_inner(&self, jwt: &str, req: IssueRequest) -> Result<Issued, IssueError> {
+        let attested = match self.attestors.get() {
+            None => Err(crate::attest::AttestError::Disabled),
+            Some(a) => a.attest(jwt, unix_now()).await,
+        };
+        let attested = match attested {
+            Ok(a) => a,
+            Err(e) if e.is_unauthenticated() => {
+                let claimed = crate::attest::Attestors::claimed(jwt);
+                let why = IssueError::Unauthenticated(e.to_string());
+                return Err(self.deny_unverified(&claimed, why).await);
+            }
+            // The token verified, but its claims make no ID: the attestor vouches for the caller.
+            Err(e) => {
+                let actor = format!("attestor:{}", e.attestor().unwrap_or("?"));
+                return Err(self
+                    .deny(&actor, "", IssueError::Denied(e.to_string()))
+                    .await);
+            }
+        };
+        let actor = format!("attestor:{}", attested.attestor);
+        let subject = attested.spiffe_id.to_string();
+        let why = attested.describe();
+        let deny = |e: IssueError| match e {
+            IssueError::Internal(_) | IssueError::Missing(_) => e,
+            IssueError::BadRequest(m) => IssueError::BadRequest(format!("{m} ({why})")),
+            IssueError::Unauthenticated(m) => IssueError::Unauthenticated(format!("{m} ({why})")),
+            IssueError::Denied(m) => IssueError::Denied(format!("{m} ({why})")),
+            IssueError::Precondition(m) => IssueError::Precondition(format!("{m} ({why})")),
+        };
+        let csr = match crate::ca::parse_csr_assigned(
+            &req.csr,
+            self.authority.active().trust_domain(),
+            &attested.spiffe_id,
+        )
+        .map_err(IssueError::from)
+        .and_then(|c| self.check_csr_id(c))
+        {
+            Ok(c) => c,
+            Err(e) => return Err(self.deny(&actor, &subject, deny(e)).await),
+        };
+        let Some(attestors) = self.attestors.get() else {
+            return Err(internal("attestors vanished"));
+        };
+        // One request per token at a time on this CA; the store record covers the rest.
+        let Some(_in_flight) = attestors.claim(attested.token_hash) else {
+            let e = IssueError::Precondition("this JWT is being used by another request".into());
+            return Err(self.deny(&actor, &subject, deny(e)).await);
+        };
+        let replay_id = format!(
+            "{}{}",
+            crate::attest::USED_JWT_PREFIX,
+            crate::encoding::hex(&attested.token_hash)
+        );
+        if let Some(used) = self.store().token(&replay_id).map_err(internal)? {
+            let e = IssueError::Precondition(format!(
+                "this JWT was already used (for {}); each token is accepted once, present a fresh one",
+                used.spiffe_id
+            ));
+            return Err(self.deny(&actor, &subject, deny(e)).await);
+        }
+        let (mut leaf, used) = match self.plan(
+            &csr.spiffe_id,
+            &attested.roles,
+            Some(attested.max_ttl),
+            &req,
+        ) {
+            Ok(l) => l,
+            Err(e) => return Err(self.deny(&actor, &subject, deny(e)).await),
+        };
+        leaf.names = match self.allowed_names(&csr) {
+            Ok(n) => n,
+            Err(e) => return Err(self.deny(&actor, &subject, deny(e)).await),
+        };
+        let leaf = self.clear_of_lifted_rule(leaf).await?;
+        let signed = self.sign(&csr, leaf)?;
+        let spent = TokenRecord {
+            v: RECORD_VERSION,
+            id: replay_id,
+            secret_hash: attested.token_hash,
+            spiffe_id: subject.clone(),
+            roles: vec![],
+            max_ttl: 0,
+            expires_at: attested.expires_at,
+            uses_left: 0,
+            created_by: actor.clone(),
+            revoked: None,
+        };
+        let enrollment = Enrollment {
+            v: RECORD_VERSION,
+            spiffe_id: subject.clone(),
+            roles: attested.roles.clone(),
+            max_ttl: attested.max_ttl.as_secs(),
+            via: actor.clone(),
+        };
+        self.commit(
+            Kind::Issued,
+            &actor,
+            signed,
+            vec![Write::PutToken(spent), Write::PutEnrollment(enrollment)],
+            why.clone(),
             &used,
         )
         .await
@@ -501,7 +627,14 @@ impl Issuance {
     /// which identities can still be bootstrapped, and by whom). Records carry no secret, only
     /// its hash, and callers must not show that either.
     pub async fn list_tokens(&self, actor: &str) -> Result<Vec<TokenRecord>, IssueError> {
-        let tokens = self.store().tokens().map_err(internal)?;
+        // Spent-JWT records share the token table (replay protection) but are not join tokens.
+        let tokens: Vec<TokenRecord> = self
+            .store()
+            .tokens()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|t| !t.id.starts_with(crate::attest::USED_JWT_PREFIX))
+            .collect();
         let event = Event::new(Kind::TokensListed, actor)
             .reason(format!("{} join tokens listed", tokens.len()));
         self.log.record(event, vec![]).await.map_err(internal)?;
@@ -559,6 +692,11 @@ impl Issuance {
     fn check_csr(&self, der: &[u8]) -> Result<ValidCsr, IssueError> {
         let csr = parse_csr(der, self.authority.active().trust_domain())
             .map_err(|e| IssueError::BadRequest(e.to_string()))?;
+        self.check_csr_id(csr)
+    }
+
+    /// The identity checks of [`Self::check_csr`]: not reserved, not blocked by a revocation.
+    fn check_csr_id(&self, csr: ValidCsr) -> Result<ValidCsr, IssueError> {
         if policy::is_reserved(&csr.spiffe_id) {
             return Err(IssueError::Denied(format!(
                 "{} is reserved for the CA itself",
@@ -907,6 +1045,7 @@ impl From<CaError> for IssueError {
     fn from(e: CaError) -> Self {
         match e {
             CaError::InvalidCsr(m) => IssueError::BadRequest(m),
+            CaError::IdMismatch(m) => IssueError::Denied(m),
             other => internal(other),
         }
     }

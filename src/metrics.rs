@@ -68,9 +68,16 @@ pub enum IssuePath {
     Renewal,
     /// The server's own credentials (its serving certificate, the admin credential).
     Local,
+    /// Bootstrap with an attested JWT (`[[attestor]]`). Last: `PATHS` is indexed by discriminant.
+    Attest,
 }
 
-const PATHS: [IssuePath; 3] = [IssuePath::Token, IssuePath::Renewal, IssuePath::Local];
+const PATHS: [IssuePath; 4] = [
+    IssuePath::Token,
+    IssuePath::Renewal,
+    IssuePath::Local,
+    IssuePath::Attest,
+];
 /// The `code` label: the gRPC code the request ended with, in lower snake case.
 const CODES: [&str; 6] = [
     "ok",
@@ -96,6 +103,7 @@ impl IssuePath {
             IssuePath::Token => "token",
             IssuePath::Renewal => "renewal",
             IssuePath::Local => "local",
+            IssuePath::Attest => "attest",
         }
     }
 }

@@ -176,6 +176,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     write_addr_file(&state.data, "serve.addr", addr)?;
     info!(%addr, trust_domain = %settings.trust_domain, data_dir = %state.data.display(), "lanyard CA listening");
     let (store, sweeper, tasks) = (state.store, core.sweeper, background.tasks);
+    let attest_tasks = core.attest_tasks;
     let done = tokio::spawn(async move {
         if let Err(e) = serving.await {
             error!(error = %e, "server stopped with an error");
@@ -192,6 +193,9 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
             error!(error = %e, "final flush failed");
         }
         sweeper.abort();
+        for t in attest_tasks {
+            t.abort();
+        }
         info!("lanyard CA stopped");
     });
     Ok(Running {
@@ -292,6 +296,8 @@ struct Core {
     access: Arc<Access>,
     auth: Authenticator,
     sweeper: tokio::task::JoinHandle<()>,
+    /// The attestors' key refresh loops (they hold no store).
+    attest_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Core {
@@ -353,6 +359,12 @@ impl Core {
         )
         .map_err(|e| ServeError::Store(e.to_string()))?;
         issuance.set_access(access.clone());
+        let attestors = Arc::new(crate::attest::Attestors::new(
+            settings.attestors.clone(),
+            settings.trust_domain.clone(),
+        ));
+        let attest_tasks = attestors.spawn_refresh();
+        issuance.set_attestors(attestors);
         let sweeper = access.spawn_sweeper(Duration::from_secs(1));
         let auth = Authenticator::new(
             bundle,
@@ -371,6 +383,7 @@ impl Core {
             access,
             auth,
             sweeper,
+            attest_tasks,
         })
     }
 }

@@ -148,6 +148,7 @@ fn issue_req(csr: Vec<u8>, token: &str, ttl: u32, roles: &[&str]) -> pb::IssueRe
     pb::IssueRequest {
         csr,
         join_token: token.to_string(),
+        jwt: String::new(),
         ttl_seconds: ttl,
         roles: roles.iter().map(|r| r.to_string()).collect(),
     }

@@ -3,6 +3,7 @@
 //! API, keeps the CA's CRLs fresh (`crl.pem` and the Workload API's `crl`), and stops when its
 //! identity is revoked.
 
+mod attest;
 mod bundles;
 mod crl;
 mod files;
@@ -29,6 +30,9 @@ pub struct AgentConfig {
     /// Join token for the first certificate (not needed when `out_dir` already holds a
     /// credential that can still renew).
     pub token: Option<String>,
+    /// A JWT file (e.g. a projected service-account token) to attest with instead of a join
+    /// token; re-read at every bootstrap.
+    pub jwt_file: Option<PathBuf>,
     /// SPIFFE ID to ask for when the token is for a `/prefix/*`.
     pub spiffe_id: Option<String>,
     /// Trust this bundle for the first call instead of the token's CA fingerprint.
@@ -60,6 +64,7 @@ impl AgentConfig {
         Self {
             server: server.into(),
             token: None,
+            jwt_file: None,
             spiffe_id: None,
             bundle: None,
             out_dir: None,

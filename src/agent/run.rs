@@ -197,6 +197,15 @@ impl Agent {
                         return Err(AgentError::Bootstrap(e.message().to_string()));
                     };
                     if let Some(fatal) = classify(&e) {
+                        // Expired past the renewal grace: with a JWT file the agent attests
+                        // again by itself (a revoked credential still stops it).
+                        if let (AgentError::Expired(why), Some(p)) = (&fatal, &self.cfg.jwt_file) {
+                            warn!(reason = %why, "certificate expired past the renewal grace; attesting again");
+                            let state = self.bootstrap_with_jwt(p).await?;
+                            self.publish(state).await?;
+                            next = tokio::time::Instant::now() + self.next_refresh();
+                            continue;
+                        }
                         return Err(fatal);
                     }
                     let left = state.svid.not_after - unix_now();
@@ -264,7 +273,7 @@ impl Agent {
                 Ok(None) => return Ok(state),
                 Err(e) => e,
             };
-            if self.cfg.token.is_none() {
+            if self.cfg.token.is_none() && self.cfg.jwt_file.is_none() {
                 return Err(match unusable {
                     AgentError::Revoked(m) => AgentError::Revoked(format!(
                         "{m} (once the revocation is lifted, start the agent with --token <a new join token>: the revoked credential is then kept under {}/ and a new one enrolled)",
@@ -274,7 +283,10 @@ impl Agent {
                 });
             }
             // A token that cannot work (malformed, wrong ID) must not cost the old credential.
-            self.token_target()?;
+            match &self.cfg.jwt_file {
+                Some(p) => drop(super::attest::read_jwt(p)?),
+                None => drop(self.token_target()?),
+            }
             let retired_to = files::retire_credential(dir).map_err(|e| {
                 AgentError::Io(format!(
                     "setting the old credential in {} aside: {e}",
@@ -290,7 +302,18 @@ impl Agent {
                 "existing credential set aside; enrolling with the join token"
             );
         }
+        if let Some(p) = &self.cfg.jwt_file {
+            return self.bootstrap_with_jwt(p).await;
+        }
         self.bootstrap_with_token().await
+    }
+
+    /// Attests with the JWT file (see [`super::attest`]).
+    async fn bootstrap_with_jwt(&self, path: &std::path::Path) -> Result<SvidState, AgentError> {
+        let (resp, key) = super::attest::issue_with_jwt(&self.cfg, path, self.ttl_secs()).await?;
+        let state = self.state_from(resp, &key)?;
+        info!(spiffe_id = %state.svid.spiffe_id, serial = %state.svid.serial, "attested with the JWT file");
+        Ok(state)
     }
 
     /// Whether the installed credential `state` from an earlier run can go on: `Ok(None)` to
@@ -378,6 +401,7 @@ impl Agent {
                     .issue(pb::IssueRequest {
                         csr,
                         join_token: raw.trim().to_string(),
+                        jwt: String::new(),
                         ttl_seconds: self.ttl_secs(),
                         roles: vec![],
                     })
@@ -451,6 +475,7 @@ impl Agent {
             .issue(pb::IssueRequest {
                 csr,
                 join_token: String::new(),
+                jwt: String::new(),
                 ttl_seconds: self.ttl_secs(),
                 roles: vec![],
             })

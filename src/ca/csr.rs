@@ -42,6 +42,25 @@ const OID_ED25519: &str = "1.3.101.112";
 
 /// Parses and checks a DER PKCS#10 CSR for `td`.
 pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
+    parse_csr_checked(der, td, None)
+}
+
+/// Parses and checks a CSR whose identity the CA assigns (attestation): it may carry no URI SAN
+/// (the ID is `assigned`) or exactly `assigned`; any other ID is refused with
+/// [`CaError::IdMismatch`] naming the assigned one.
+pub fn parse_csr_assigned(
+    der: &[u8],
+    td: &TrustDomain,
+    assigned: &SpiffeId,
+) -> Result<ValidCsr, CaError> {
+    parse_csr_checked(der, td, Some(assigned))
+}
+
+fn parse_csr_checked(
+    der: &[u8],
+    td: &TrustDomain,
+    assigned: Option<&SpiffeId>,
+) -> Result<ValidCsr, CaError> {
     let invalid = |m: String| CaError::InvalidCsr(m);
     if der.is_empty() {
         return Err(invalid(
@@ -78,15 +97,16 @@ pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
             names.len()
         )));
     }
-    let uri = match uris.as_slice() {
-        [one] => one,
-        [] => {
+    let uri = match (uris.as_slice(), assigned) {
+        ([], Some(id)) => id.as_str(),
+        ([one], _) => one,
+        ([], None) => {
             return Err(invalid(
                 "CSR has no URI SAN: put the SPIFFE ID (spiffe://trust-domain/path) in a URI SAN"
                     .into(),
             ));
         }
-        many => {
+        (many, _) => {
             return Err(invalid(format!(
                 "CSR has {} URI SANs; exactly one SPIFFE ID is allowed",
                 many.len()
@@ -94,6 +114,13 @@ pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
         }
     };
     let spiffe_id = SpiffeId::parse(uri).map_err(|e| invalid(format!("CSR URI SAN: {e}")))?;
+    if let Some(id) = assigned
+        && spiffe_id != *id
+    {
+        return Err(CaError::IdMismatch(format!(
+            "the CSR asks for {spiffe_id}, but the token's claims make {id}: leave the URI SAN out or ask for exactly {id}"
+        )));
+    }
     if !spiffe_id.is_in(td) {
         return Err(invalid(format!(
             "CSR asks for {spiffe_id}, which is outside this CA's trust domain {td}"

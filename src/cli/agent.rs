@@ -20,6 +20,16 @@ pub(super) struct AgentArgs {
     /// that can still renew).
     #[arg(long, env = "LANYARD_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Attest with the JWT in this file instead of a join token (e.g. a Kubernetes projected
+    /// service-account token with the CA's audience); re-read at every bootstrap, since the
+    /// kubelet rotates it. Needs --bundle.
+    #[arg(
+        long,
+        env = "LANYARD_JWT_FILE",
+        conflicts_with = "token",
+        requires = "bundle"
+    )]
+    jwt_file: Option<PathBuf>,
     /// SPIFFE ID to ask for, when the token is for a /prefix/*.
     #[arg(long)]
     spiffe_id: Option<String>,
@@ -99,6 +109,7 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let cfg = AgentConfig {
         token: a.token,
+        jwt_file: a.jwt_file,
         spiffe_id: a.spiffe_id,
         bundle: a.bundle,
         out_dir: a.out,

@@ -136,6 +136,7 @@ pub(super) async fn issue(a: IssueArgs) -> anyhow::Result<ExitCode> {
         .issue(pb::IssueRequest {
             csr,
             join_token: a.token.trim().to_string(),
+            jwt: String::new(),
             ttl_seconds: a.ttl.map_or(0, |d| d.as_secs() as u32),
             roles: a.roles,
         })
@@ -173,6 +174,7 @@ pub(super) async fn renew(a: RenewArgs) -> anyhow::Result<ExitCode> {
         .issue(pb::IssueRequest {
             csr,
             join_token: String::new(),
+            jwt: String::new(),
             ttl_seconds: a.ttl.map_or(0, |d| d.as_secs() as u32),
             roles: a.roles,
         })
