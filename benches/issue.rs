@@ -202,6 +202,7 @@ fn crypto(k: &Knobs) -> f64 {
     let csr = csr_for(&id, &key).expect("csr");
     let now = unix_now();
     let params = LeafParams {
+        names: Default::default(),
         spiffe_id: id.clone(),
         roles: vec!["db-read".into()],
         not_before: now - 30,
@@ -491,6 +492,7 @@ async fn setup(
             .issue(pb::IssueRequest {
                 csr: csr.clone(),
                 join_token: enroll,
+                jwt: String::new(),
                 ttl_seconds: 600,
                 roles: vec![],
             })
@@ -679,6 +681,7 @@ async fn run_point_with(k: &Knobs, clients: &[Arc<Client>], reconnect: bool) -> 
                     let req = pb::IssueRequest {
                         csr: c.csr.clone(),
                         join_token: c.token.clone(),
+                        jwt: String::new(),
                         ttl_seconds: 300,
                         roles: vec![],
                     };

@@ -10,7 +10,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::ca::{RolesOid, SvidInfo, parse_svid};
+use crate::ca::{RolesOid, SanNames, SvidInfo, parse_svid};
 use crate::spiffe::SpiffeId;
 use crate::tls::{Bundle, CertSlot, ServerTrust, ServerVerifier, TlsError, provider};
 
@@ -161,12 +161,30 @@ pub fn generate_csr(id: &SpiffeId) -> Result<(KeyPair, Vec<u8>), ClientError> {
 
 /// A CSR for `id` signed by `key`.
 pub fn csr_for(id: &SpiffeId, key: &KeyPair) -> Result<Vec<u8>, ClientError> {
+    csr_with_names(id, key, &SanNames::default())
+}
+
+/// A CSR for `id` that also asks for DNS and IP `names` (the CA issues them only where policy
+/// allows every one).
+pub fn csr_with_names(
+    id: &SpiffeId,
+    key: &KeyPair,
+    names: &SanNames,
+) -> Result<Vec<u8>, ClientError> {
+    let bad = |e: rcgen::Error| ClientError::Keygen(e.to_string());
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names =
-        vec![SanType::URI(id.as_str().to_string().try_into().map_err(
-            |e: rcgen::Error| ClientError::Keygen(e.to_string()),
-        )?)];
+    params.subject_alt_names = vec![SanType::URI(
+        id.as_str().to_string().try_into().map_err(bad)?,
+    )];
+    for d in &names.dns {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(d.as_str().try_into().map_err(bad)?));
+    }
+    for ip in &names.ips {
+        params.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
     let csr = params
         .serialize_request(key)
         .map_err(|e| ClientError::Keygen(e.to_string()))?;

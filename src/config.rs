@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::ca::RolesOid;
+use crate::ca::{RolesOid, SanNames};
 use crate::federation::{FederatedDomain, FederationConfigError, FederationSpec};
 use crate::policy::{AccessRuleSpec, Policy, PolicyError, RuleSpec};
 use crate::spiffe::TrustDomain;
@@ -35,6 +35,9 @@ pub enum ConfigError {
     /// A `[[federation]]` entry is invalid.
     #[error(transparent)]
     Federation(#[from] FederationConfigError),
+    /// An `[[attestor]]` entry is invalid.
+    #[error(transparent)]
+    Attestor(#[from] crate::attest::AttestorConfigError),
 }
 
 /// The config file, as written. Every field is optional; see `deploy/lanyard.example.toml`.
@@ -62,6 +65,8 @@ pub struct FileConfig {
     /// Lifetime of the server's own serving certificate.
     #[serde(default, with = "opt_duration")]
     pub server_cert_ttl: Option<Duration>,
+    /// DNS names and IP literals in the CA's own serving certificate (gRPC and bundle endpoint).
+    pub server_names: Option<Vec<String>>,
     /// Lifetime of the local admin credential in `<data_dir>/admin`.
     #[serde(default, with = "opt_duration")]
     pub admin_cert_ttl: Option<Duration>,
@@ -114,6 +119,9 @@ pub struct FileConfig {
     /// Federated trust domains.
     #[serde(default)]
     pub federation: Vec<FederationSpec>,
+    /// JWT/OIDC attestors (`[[attestor]]`), see docs/attestation.md.
+    #[serde(default)]
+    pub attestor: Vec<crate::attest::AttestorSpec>,
     /// Concurrent gRPC connections in total.
     pub max_connections: Option<usize>,
     /// Concurrent gRPC connections from one source (IPv4 address or IPv6 /64).
@@ -154,6 +162,9 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--listen` / `LANYARD_LISTEN`.
     pub listen: Option<SocketAddr>,
+    /// `--server-name` (repeatable) / `LANYARD_SERVER_NAMES` (comma-separated); replaces the
+    /// file's `server_names` when non-empty.
+    pub server_names: Vec<String>,
     /// `--store` / `LANYARD_STORE`.
     pub store: Option<String>,
     /// `--etcd-prefix` / `LANYARD_ETCD_PREFIX`.
@@ -196,6 +207,8 @@ pub struct ServeSettings {
     pub renewal_grace: Duration,
     /// Serving certificate lifetime.
     pub server_cert_ttl: Duration,
+    /// DNS and IP names of the serving certificate, next to its SPIFFE ID.
+    pub server_names: SanNames,
     /// Admin credential lifetime.
     pub admin_cert_ttl: Duration,
     /// Default join token lifetime.
@@ -226,6 +239,8 @@ pub struct ServeSettings {
     pub ca_rotation_overlap: Duration,
     /// Federated trust domains.
     pub federation: Vec<FederatedDomain>,
+    /// JWT/OIDC attestors.
+    pub attestors: Vec<crate::attest::AttestorConfig>,
     /// Connection limits and timeouts of both listeners.
     pub transport: Transport,
     /// Roles extension OID.
@@ -276,6 +291,9 @@ pub mod defaults {
     pub const RENEWAL_GRACE: Duration = Duration::from_secs(3600);
     /// Serving certificate lifetime.
     pub const SERVER_CERT_TTL: Duration = Duration::from_secs(3600);
+    /// Names of the serving certificate when `server_names` is not set: enough for a client on
+    /// the CA's own machine (`curl --cacert bundle.pem https://localhost:...`).
+    pub const SERVER_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
     /// Admin credential lifetime.
     pub const ADMIN_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
     /// Join token lifetime.
@@ -384,6 +402,20 @@ impl ServeSettings {
                 ));
             }
         }
+        let server_names = if !overrides.server_names.is_empty() {
+            SanNames::parse(&overrides.server_names)
+        } else if let Some(names) = &file.server_names {
+            SanNames::parse(names)
+        } else {
+            SanNames::parse(&defaults::SERVER_NAMES)
+        }
+        .map_err(|e| ConfigError::Invalid("server_names", e.to_string()))?;
+        if server_names.len() > crate::ca::MAX_NAMES {
+            return Err(ConfigError::Invalid(
+                "server_names",
+                format!("at most {} names", crate::ca::MAX_NAMES),
+            ));
+        }
         let prune_interval = file.prune_interval.unwrap_or(defaults::PRUNE_INTERVAL);
         if prune_interval < Duration::from_secs(1) {
             return Err(ConfigError::Invalid(
@@ -443,6 +475,7 @@ impl ServeSettings {
         }
         let transport = resolve_transport(&file)?;
         let store = resolve_store(&file, &overrides, &trust_domain)?;
+        let attestors = crate::attest::resolve_all(&file.attestor, max_cert_lifetime)?;
         Ok(Self {
             store,
             trust_domain,
@@ -456,6 +489,7 @@ impl ServeSettings {
             max_cert_lifetime,
             renewal_grace: file.renewal_grace.unwrap_or(defaults::RENEWAL_GRACE),
             server_cert_ttl,
+            server_names,
             admin_cert_ttl,
             token_ttl: file.token_ttl.unwrap_or(defaults::TOKEN_TTL),
             crl_validity: file.crl_validity.unwrap_or(defaults::CRL_VALIDITY),
@@ -471,6 +505,7 @@ impl ServeSettings {
             bundle_refresh_hint,
             ca_rotation_overlap,
             federation,
+            attestors,
             transport,
             roles_oid,
             ca_files,
@@ -659,6 +694,10 @@ mod tests {
         assert_eq!(s.max_cert_lifetime, defaults::MAX_CERT_LIFETIME);
         assert_eq!(s.renewal_grace, defaults::RENEWAL_GRACE);
         assert_eq!(s.server_cert_ttl, defaults::SERVER_CERT_TTL);
+        assert_eq!(
+            s.server_names,
+            SanNames::parse(&defaults::SERVER_NAMES).unwrap()
+        );
         assert_eq!(s.admin_cert_ttl, defaults::ADMIN_CERT_TTL);
         assert_eq!(s.token_ttl, defaults::TOKEN_TTL);
         assert_eq!(s.crl_validity, defaults::CRL_VALIDITY);

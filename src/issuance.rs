@@ -10,12 +10,16 @@ use tracing::{info, warn};
 
 use crate::access::Grant;
 use crate::audit::{AuditLog, Event, Intent, Kind, UNAUTHENTICATED};
-use crate::ca::{Authority, CaError, CaHandle, CaSet, LeafParams, SvidInfo, ValidCsr, parse_csr};
+use crate::ca::{
+    Authority, CaError, CaHandle, CaSet, LeafParams, SanNames, SvidInfo, ValidCsr, parse_csr,
+};
 use crate::metrics::{self, IssuePath};
 use crate::policy::{self, Ask, Limits, PolicyHandle};
 use crate::revocation::Revocations;
 use crate::spiffe::{IdPattern, SpiffeId, normalize_roles};
-use crate::store::{Consume, Enrollment, IssuedRecord, RECORD_VERSION, Store, TokenRecord, Write};
+use crate::store::{
+    Consume, Enrollment, IssuedRecord, RECORD_VERSION, Store, TokenRecord, TokenRevocation, Write,
+};
 use crate::tls::unix_now;
 use crate::tokens::JoinToken;
 
@@ -66,6 +70,9 @@ pub enum IssueError {
     /// revoked): `FailedPrecondition`.
     #[error("{0}")]
     Precondition(String),
+    /// The thing named does not exist (an unknown token id): `NotFound`.
+    #[error("{0}")]
+    Missing(String),
     /// Store, audit or signing failure: `Internal`, details only in the server log.
     #[error("internal error: {0}")]
     Internal(String),
@@ -118,6 +125,8 @@ pub struct Issuance {
     settings: Settings,
     /// Temporary-access grants, consulted at every issuance (set once at start-up).
     access: std::sync::OnceLock<Arc<crate::access::Access>>,
+    /// JWT/OIDC attestors (set once at start-up when any is configured).
+    attestors: std::sync::OnceLock<Arc<crate::attest::Attestors>>,
 }
 
 impl Issuance {
@@ -136,7 +145,13 @@ impl Issuance {
             revocations,
             settings,
             access: std::sync::OnceLock::new(),
+            attestors: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Connects the JWT/OIDC attestors: `Ca.Issue` with a `jwt` is verified by them.
+    pub fn set_attestors(&self, attestors: Arc<crate::attest::Attestors>) {
+        let _ = self.attestors.set(attestors);
     }
 
     /// Connects the temporary-access service: its live grants add roles to certificates.
@@ -207,8 +222,13 @@ impl Issuance {
             Err(e) => return Err(self.deny(&actor, &subject, e).await),
         };
         let ceiling_ttl = Duration::from_secs(record.max_ttl);
-        let (leaf, used) = match self.plan(&csr.spiffe_id, &record.roles, Some(ceiling_ttl), &req) {
-            Ok(l) => l,
+        let (mut leaf, used) =
+            match self.plan(&csr.spiffe_id, &record.roles, Some(ceiling_ttl), &req) {
+                Ok(l) => l,
+                Err(e) => return Err(self.deny(&actor, &subject, e).await),
+            };
+        leaf.names = match self.allowed_names(&csr) {
+            Ok(n) => n,
             Err(e) => return Err(self.deny(&actor, &subject, e).await),
         };
         let leaf = self.clear_of_lifted_rule(leaf).await?;
@@ -222,13 +242,12 @@ impl Issuance {
         match consumed.map_err(internal)? {
             Consume::Won(_) => {}
             Consume::AlreadyUsed => {
-                return Err(self
-                    .deny(
-                        &actor,
-                        &subject,
-                        IssueError::Precondition(format!("join token {} already used", parsed.id)),
-                    )
-                    .await);
+                // Revoked while this request ran: say so rather than "already used".
+                let err = match self.check_token(&parsed, &csr.spiffe_id) {
+                    Err(e @ IssueError::Precondition(_)) => e,
+                    _ => IssueError::Precondition(format!("join token {} already used", parsed.id)),
+                };
+                return Err(self.deny(&actor, &subject, err).await);
             }
             Consume::Expired => {
                 return Err(self
@@ -273,6 +292,124 @@ impl Issuance {
         .await
     }
 
+    /// Attestation: issues a certificate to the holder of a JWT an `[[attestor]]` verifies, for
+    /// the SPIFFE ID its claims map to. The attestor's roles and max_ttl are the ceiling (as a
+    /// join token's are); policy decides within it. Each JWT is used once: its hash is kept
+    /// (as a spent token record) until it could no longer be accepted anyway.
+    pub async fn with_jwt(&self, jwt: &str, req: IssueRequest) -> Result<Issued, IssueError> {
+        let started = Instant::now();
+        let intent = std::cell::RefCell::new(Some(self.log.intent()));
+        let result = INTENT.scope(intent, self.jwt_inner(jwt, req)).await;
+        metrics::ca().issuance(IssuePath::Attest, started, &result);
+        result
+    }
+
+    async fn jwt_inner(&self, jwt: &str, req: IssueRequest) -> Result<Issued, IssueError> {
+        let attested = match self.attestors.get() {
+            None => Err(crate::attest::AttestError::Disabled),
+            Some(a) => a.attest(jwt, unix_now()).await,
+        };
+        let attested = match attested {
+            Ok(a) => a,
+            Err(e) if e.is_unauthenticated() => {
+                let claimed = crate::attest::Attestors::claimed(jwt);
+                let why = IssueError::Unauthenticated(e.to_string());
+                return Err(self.deny_unverified(&claimed, why).await);
+            }
+            // The token verified, but its claims make no ID: the attestor vouches for the caller.
+            Err(e) => {
+                let actor = format!("attestor:{}", e.attestor().unwrap_or("?"));
+                return Err(self
+                    .deny(&actor, "", IssueError::Denied(e.to_string()))
+                    .await);
+            }
+        };
+        let actor = format!("attestor:{}", attested.attestor);
+        let subject = attested.spiffe_id.to_string();
+        let why = attested.describe();
+        let deny = |e: IssueError| match e {
+            IssueError::Internal(_) | IssueError::Missing(_) => e,
+            IssueError::BadRequest(m) => IssueError::BadRequest(format!("{m} ({why})")),
+            IssueError::Unauthenticated(m) => IssueError::Unauthenticated(format!("{m} ({why})")),
+            IssueError::Denied(m) => IssueError::Denied(format!("{m} ({why})")),
+            IssueError::Precondition(m) => IssueError::Precondition(format!("{m} ({why})")),
+        };
+        let csr = match crate::ca::parse_csr_assigned(
+            &req.csr,
+            self.authority.active().trust_domain(),
+            &attested.spiffe_id,
+        )
+        .map_err(IssueError::from)
+        .and_then(|c| self.check_csr_id(c))
+        {
+            Ok(c) => c,
+            Err(e) => return Err(self.deny(&actor, &subject, deny(e)).await),
+        };
+        let Some(attestors) = self.attestors.get() else {
+            return Err(internal("attestors vanished"));
+        };
+        // One request per token at a time on this CA; the store record covers the rest.
+        let Some(_in_flight) = attestors.claim(attested.token_hash) else {
+            let e = IssueError::Precondition("this JWT is being used by another request".into());
+            return Err(self.deny(&actor, &subject, deny(e)).await);
+        };
+        let replay_id = format!(
+            "{}{}",
+            crate::attest::USED_JWT_PREFIX,
+            crate::encoding::hex(&attested.token_hash)
+        );
+        if let Some(used) = self.store().token(&replay_id).map_err(internal)? {
+            let e = IssueError::Precondition(format!(
+                "this JWT was already used (for {}); each token is accepted once, present a fresh one",
+                used.spiffe_id
+            ));
+            return Err(self.deny(&actor, &subject, deny(e)).await);
+        }
+        let (mut leaf, used) = match self.plan(
+            &csr.spiffe_id,
+            &attested.roles,
+            Some(attested.max_ttl),
+            &req,
+        ) {
+            Ok(l) => l,
+            Err(e) => return Err(self.deny(&actor, &subject, deny(e)).await),
+        };
+        leaf.names = match self.allowed_names(&csr) {
+            Ok(n) => n,
+            Err(e) => return Err(self.deny(&actor, &subject, deny(e)).await),
+        };
+        let leaf = self.clear_of_lifted_rule(leaf).await?;
+        let signed = self.sign(&csr, leaf)?;
+        let spent = TokenRecord {
+            v: RECORD_VERSION,
+            id: replay_id,
+            secret_hash: attested.token_hash,
+            spiffe_id: subject.clone(),
+            roles: vec![],
+            max_ttl: 0,
+            expires_at: attested.expires_at,
+            uses_left: 0,
+            created_by: actor.clone(),
+            revoked: None,
+        };
+        let enrollment = Enrollment {
+            v: RECORD_VERSION,
+            spiffe_id: subject.clone(),
+            roles: attested.roles.clone(),
+            max_ttl: attested.max_ttl.as_secs(),
+            via: actor.clone(),
+        };
+        self.commit(
+            Kind::Issued,
+            &actor,
+            signed,
+            vec![Write::PutToken(spent), Write::PutEnrollment(enrollment)],
+            why.clone(),
+            &used,
+        )
+        .await
+    }
+
     /// Renewal: issues a new certificate for the same identity to an authenticated peer. Roles
     /// are re-evaluated: the identity's enrollment ceiling, intersected with policy now.
     pub async fn renew(&self, peer: &SvidInfo, req: IssueRequest) -> Result<Issued, IssueError> {
@@ -306,11 +443,16 @@ impl Issuance {
             }
         };
         let ceiling_ttl = Duration::from_secs(enrollment.max_ttl);
-        let (leaf, used) =
+        let (mut leaf, used) =
             match self.plan(&csr.spiffe_id, &enrollment.roles, Some(ceiling_ttl), &req) {
                 Ok(l) => l,
                 Err(e) => return Err(self.deny(&actor, &actor, e).await),
             };
+        // Names are re-checked like roles: a renewal keeps a name only while policy allows it.
+        leaf.names = match self.allowed_names(&csr) {
+            Ok(n) => n,
+            Err(e) => return Err(self.deny(&actor, &actor, e).await),
+        };
         let leaf = self.clear_of_lifted_rule(leaf).await?;
         let signed = self.sign(&csr, leaf)?;
         self.commit(
@@ -324,17 +466,19 @@ impl Issuance {
         .await
     }
 
-    /// Issues a credential the server makes for itself (its serving cert, the admin credential):
-    /// no CSR, no policy lookup (the reserved `/lanyard/` identities are not in policy).
+    /// Issues a credential the server makes for itself (its serving cert, with the operator's
+    /// `server_names`; the admin credential, with none): no CSR, no policy lookup (the reserved
+    /// `/lanyard/` identities are not in policy).
     pub async fn local(
         &self,
         id: &SpiffeId,
         roles: Vec<String>,
         ttl: Duration,
         key: &impl PublicKeyData,
+        names: &SanNames,
     ) -> Result<Issued, IssueError> {
         let started = Instant::now();
-        let result = self.local_inner(id, roles, ttl, key).await;
+        let result = self.local_inner(id, roles, ttl, key, names).await;
         metrics::ca().issuance(IssuePath::Local, started, &result);
         result
     }
@@ -345,6 +489,7 @@ impl Issuance {
         roles: Vec<String>,
         ttl: Duration,
         key: &impl PublicKeyData,
+        names: &SanNames,
     ) -> Result<Issued, IssueError> {
         let now = unix_now();
         let params = LeafParams {
@@ -352,6 +497,7 @@ impl Issuance {
             roles: roles.clone(),
             not_before: now - BACKDATE_SECS,
             not_after: now + ttl.as_secs() as i64,
+            names: names.clone(),
         };
         // After `lanyard admin recover` lifted a rule on a reserved identity, the fresh
         // credential must start after that rule's cutoff, or the rule would still cover it.
@@ -459,6 +605,7 @@ impl Issuance {
             expires_at: unix_now() + expires_in.as_secs() as i64,
             uses_left: spec.uses.max(1),
             created_by: actor.to_string(),
+            revoked: None,
         };
         let event = Event::new(Kind::TokenCreated, actor)
             .subject(pattern.to_string())
@@ -477,6 +624,68 @@ impl Issuance {
         Ok((token.to_token_string(), record))
     }
 
+    /// Every join token still kept, for an admin: the listing itself is audited (it shows
+    /// which identities can still be bootstrapped, and by whom). Records carry no secret, only
+    /// its hash, and callers must not show that either.
+    pub async fn list_tokens(&self, actor: &str) -> Result<Vec<TokenRecord>, IssueError> {
+        // Spent-JWT records share the token table (replay protection) but are not join tokens.
+        let tokens: Vec<TokenRecord> = self
+            .store()
+            .tokens()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|t| !t.id.starts_with(crate::attest::USED_JWT_PREFIX))
+            .collect();
+        let event = Event::new(Kind::TokensListed, actor)
+            .reason(format!("{} join tokens listed", tokens.len()));
+        self.log.record(event, vec![]).await.map_err(internal)?;
+        Ok(tokens)
+    }
+
+    /// Revokes a join token: it is kept with no use left and a revoked marker (so a later
+    /// redemption is refused with who revoked it and when, until the token would have expired
+    /// and is pruned). Revoking an already revoked token is refused; an unknown id is
+    /// `NotFound`-shaped ([`IssueError::Missing`]).
+    pub async fn revoke_token(&self, actor: &str, id: &str) -> Result<TokenRecord, IssueError> {
+        let id = id.trim();
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(IssueError::BadRequest(format!(
+                "token id {id:?} is not valid: give the hex id that `lanyard token list` shows"
+            )));
+        }
+        let mut record = self.store().token(id).map_err(internal)?.ok_or_else(|| {
+            IssueError::Missing(format!(
+                "no join token {id} (unknown, or expired and pruned)"
+            ))
+        })?;
+        if let Some(r) = &record.revoked {
+            return Err(IssueError::Precondition(format!(
+                "join token {id} was already revoked by {} at {}",
+                r.by,
+                fmt_time(r.at)
+            )));
+        }
+        let uses_left = record.uses_left;
+        record.uses_left = 0;
+        record.revoked = Some(TokenRevocation {
+            by: actor.to_string(),
+            at: unix_now(),
+        });
+        let event = Event::new(Kind::TokenRevoked, actor)
+            .subject(record.spiffe_id.clone())
+            .reason(format!(
+                "token {id} revoked with {uses_left} uses left (created by {}, expires {})",
+                record.created_by,
+                fmt_time(record.expires_at)
+            ));
+        self.log
+            .record(event, vec![Write::PutToken(record.clone())])
+            .await
+            .map_err(internal)?;
+        info!(token_id = %id, spiffe_id = %record.spiffe_id, "join token revoked");
+        Ok(record)
+    }
+
     /// Checks the CSR (its self-signature included) right here on the calling task. The ~60 µs
     /// of CPU cost less than a hop to the blocking pool and back (two thread wake-ups, measured by
     /// `benches/issue.rs`), and the input is bounded: the gRPC layer refuses messages over 64 KiB
@@ -484,6 +693,11 @@ impl Issuance {
     fn check_csr(&self, der: &[u8]) -> Result<ValidCsr, IssueError> {
         let csr = parse_csr(der, self.authority.active().trust_domain())
             .map_err(|e| IssueError::BadRequest(e.to_string()))?;
+        self.check_csr_id(csr)
+    }
+
+    /// The identity checks of [`Self::check_csr`]: not reserved, not blocked by a revocation.
+    fn check_csr_id(&self, csr: ValidCsr) -> Result<ValidCsr, IssueError> {
         if policy::is_reserved(&csr.spiffe_id) {
             return Err(IssueError::Denied(format!(
                 "{} is reserved for the CA itself",
@@ -510,6 +724,14 @@ impl Issuance {
             .ok_or_else(invalid_token)?;
         if !token.matches(&record.secret_hash) {
             return Err(invalid_token());
+        }
+        if let Some(r) = &record.revoked {
+            return Err(IssueError::Precondition(format!(
+                "join token {} was revoked by {} at {}; ask an admin for a new one",
+                token.id,
+                r.by,
+                fmt_time(r.at)
+            )));
         }
         if record.expires_at <= unix_now() {
             return Err(IssueError::Unauthenticated(format!(
@@ -645,6 +867,7 @@ impl Issuance {
             roles,
             not_before: now - BACKDATE_SECS,
             not_after,
+            names: SanNames::default(),
         };
         Ok((leaf, used_grants))
     }
@@ -672,8 +895,20 @@ impl Issuance {
         Ok(leaf)
     }
 
+    /// The CSR's DNS and IP names, once policy allows every one of them (checked against the
+    /// policy in force now, so a renewal loses a name the moment its rule drops it).
+    fn allowed_names(&self, csr: &ValidCsr) -> Result<SanNames, IssueError> {
+        policy::check_names(&self.policy.current(), &csr.spiffe_id, &csr.names)
+            .map_err(|d| IssueError::Denied(d.to_string()))?;
+        Ok(csr.names.clone())
+    }
+
     /// Signs inline, like `check_csr`: one ECDSA signature, ~20 µs.
     fn sign(&self, csr: &ValidCsr, leaf: LeafParams) -> Result<Issued, IssueError> {
+        // Fail closed: a path that skipped `allowed_names` would silently drop (or add) names.
+        if leaf.names != csr.names {
+            return Err(internal("issuance path did not check the CSR's names"));
+        }
         let cas = self.authority.current();
         let signed = cas
             .active()
@@ -811,6 +1046,7 @@ impl From<CaError> for IssueError {
     fn from(e: CaError) -> Self {
         match e {
             CaError::InvalidCsr(m) => IssueError::BadRequest(m),
+            CaError::IdMismatch(m) => IssueError::Denied(m),
             other => internal(other),
         }
     }

@@ -23,6 +23,7 @@
 pub mod access;
 pub mod agent;
 pub mod api;
+pub mod attest;
 pub mod audit;
 pub mod ca;
 pub mod cli;

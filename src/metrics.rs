@@ -68,9 +68,16 @@ pub enum IssuePath {
     Renewal,
     /// The server's own credentials (its serving certificate, the admin credential).
     Local,
+    /// Bootstrap with an attested JWT (`[[attestor]]`). Last: `PATHS` is indexed by discriminant.
+    Attest,
 }
 
-const PATHS: [IssuePath; 3] = [IssuePath::Token, IssuePath::Renewal, IssuePath::Local];
+const PATHS: [IssuePath; 4] = [
+    IssuePath::Token,
+    IssuePath::Renewal,
+    IssuePath::Local,
+    IssuePath::Attest,
+];
 /// The `code` label: the gRPC code the request ended with, in lower snake case.
 const CODES: [&str; 6] = [
     "ok",
@@ -96,6 +103,7 @@ impl IssuePath {
             IssuePath::Token => "token",
             IssuePath::Renewal => "renewal",
             IssuePath::Local => "local",
+            IssuePath::Attest => "attest",
         }
     }
 }
@@ -164,7 +172,8 @@ impl CaMetrics {
     pub fn issuance<T>(&self, path: IssuePath, started: Instant, result: &Result<T, IssueError>) {
         let code = match result {
             Ok(_) => 0,
-            Err(IssueError::BadRequest(_)) => 1,
+            // `Missing` comes only from admin verbs, never from an issuance.
+            Err(IssueError::BadRequest(_) | IssueError::Missing(_)) => 1,
             Err(IssueError::Unauthenticated(_)) => 2,
             Err(IssueError::Denied(_)) => 3,
             Err(IssueError::Precondition(_)) => 4,

@@ -26,7 +26,7 @@ use crate::api::{
     revocation::RevocationService,
 };
 use crate::audit::{AuditLog, Event, Kind};
-use crate::ca::{Authority, CaError};
+use crate::ca::{Authority, CaError, SanNames};
 use crate::client::write_credential;
 use crate::config::{ServeSettings, Transport};
 use crate::federation::{
@@ -176,6 +176,7 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
     write_addr_file(&state.data, "serve.addr", addr)?;
     info!(%addr, trust_domain = %settings.trust_domain, data_dir = %state.data.display(), "lanyard CA listening");
     let (store, sweeper, tasks) = (state.store, core.sweeper, background.tasks);
+    let attest_tasks = core.attest_tasks;
     let done = tokio::spawn(async move {
         if let Err(e) = serving.await {
             error!(error = %e, "server stopped with an error");
@@ -192,6 +193,9 @@ pub async fn start(settings: ServeSettings) -> Result<Running, ServeError> {
             error!(error = %e, "final flush failed");
         }
         sweeper.abort();
+        for t in attest_tasks {
+            t.abort();
+        }
         info!("lanyard CA stopped");
     });
     Ok(Running {
@@ -292,6 +296,8 @@ struct Core {
     access: Arc<Access>,
     auth: Authenticator,
     sweeper: tokio::task::JoinHandle<()>,
+    /// The attestors' key refresh loops (they hold no store).
+    attest_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Core {
@@ -353,6 +359,12 @@ impl Core {
         )
         .map_err(|e| ServeError::Store(e.to_string()))?;
         issuance.set_access(access.clone());
+        let attestors = Arc::new(crate::attest::Attestors::new(
+            settings.attestors.clone(),
+            settings.trust_domain.clone(),
+        ));
+        let attest_tasks = attestors.spawn_refresh();
+        issuance.set_attestors(attestors);
         let sweeper = access.spawn_sweeper(Duration::from_secs(1));
         let auth = Authenticator::new(
             bundle,
@@ -371,6 +383,7 @@ impl Core {
             access,
             auth,
             sweeper,
+            attest_tasks,
         })
     }
 }
@@ -385,8 +398,14 @@ async fn issue_own_credentials(
     addr: SocketAddr,
 ) -> Result<i64, ServeError> {
     let sid = server_id(settings)?;
-    let not_after =
-        refresh_server_cert(&core.issuance, slot, &sid, settings.server_cert_ttl).await?;
+    let not_after = refresh_server_cert(
+        &core.issuance,
+        slot,
+        &sid,
+        settings.server_cert_ttl,
+        &settings.server_names,
+    )
+    .await?;
     ensure_admin_credential(&core.issuance, settings, &settings.data_dir.join("admin")).await?;
     state
         .log
@@ -518,6 +537,7 @@ fn spawn_background(
             slot.clone(),
             sid.clone(),
             settings.server_cert_ttl,
+            settings.server_names.clone(),
             server_not_after,
             shutdown_rx.clone(),
         )
@@ -945,16 +965,18 @@ async fn accept_loop(
     }
 }
 
-/// Issues a fresh serving certificate into `slot`; returns its notAfter.
+/// Issues a fresh serving certificate into `slot`, carrying `names` (`server_names`) so
+/// hostname-verifying clients accept it; returns its notAfter.
 async fn refresh_server_cert(
     issuance: &Issuance,
     slot: &CertSlot,
     id: &SpiffeId,
     ttl: Duration,
+    names: &SanNames,
 ) -> Result<i64, ServeError> {
     let key = KeyPair::generate().map_err(|e| ServeError::Credential(e.to_string()))?;
     let issued = issuance
-        .local(id, vec![], ttl, &key)
+        .local(id, vec![], ttl, &key, names)
         .await
         .map_err(|e| ServeError::Credential(e.to_string()))?;
     // Send the roots too, so a client holding only the CA fingerprint (a join token) can pin
@@ -973,6 +995,7 @@ async fn rotate_server_cert(
     slot: Arc<CertSlot>,
     id: SpiffeId,
     ttl: Duration,
+    names: SanNames,
     mut not_after: i64,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -982,7 +1005,7 @@ async fn rotate_server_cert(
             () = tokio::time::sleep(wait) => {}
             () = stopped(&mut shutdown) => return,
         }
-        match refresh_server_cert(&issuance, &slot, &id, ttl).await {
+        match refresh_server_cert(&issuance, &slot, &id, ttl, &names).await {
             Ok(n) => {
                 debug!(not_after = %crate::issuance::fmt_time(n), "serving certificate rotated");
                 not_after = n;
@@ -1029,7 +1052,14 @@ async fn follow_ca_changes(
         if let Err(e) = bundles.set_own_authorities(roots, "CA rotation").await {
             error!(error = %e, "cannot publish the new trust bundle");
         }
-        if let Err(e) = refresh_server_cert(&issuance, &slot, &sid, settings.server_cert_ttl).await
+        if let Err(e) = refresh_server_cert(
+            &issuance,
+            &slot,
+            &sid,
+            settings.server_cert_ttl,
+            &settings.server_names,
+        )
+        .await
         {
             error!(error = %e, "cannot re-issue the serving certificate after a CA change");
         }
@@ -1089,6 +1119,7 @@ async fn mint_admin_credential(
             vec![ROLE_ADMIN.to_string()],
             settings.admin_cert_ttl,
             &key,
+            &SanNames::default(),
         )
         .await
         .map_err(|e| ServeError::Credential(e.to_string()))?;

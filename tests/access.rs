@@ -849,6 +849,7 @@ async fn revoking_a_grant_during_renewals_leaves_no_certificate_with_the_role_un
                         .issue(pb::IssueRequest {
                             csr: lanyard::client::csr_for(&id, &key).unwrap(),
                             join_token: String::new(),
+                            jwt: String::new(),
                             ttl_seconds: 60,
                             roles: vec![],
                         })

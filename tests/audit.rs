@@ -102,6 +102,7 @@ async fn issue(ch: &Channel, token: &str, csr: &[u8]) -> Result<pb::IssueRespons
         .issue(pb::IssueRequest {
             csr: csr.to_vec(),
             join_token: token.into(),
+            jwt: String::new(),
             ttl_seconds: 60,
             roles: vec![],
         })
@@ -115,6 +116,7 @@ async fn renew(ch: &Channel, csr: &[u8]) -> Result<pb::IssueResponse, Status> {
         .issue(pb::IssueRequest {
             csr: csr.to_vec(),
             join_token: String::new(),
+            jwt: String::new(),
             ttl_seconds: 60,
             roles: vec![],
         })

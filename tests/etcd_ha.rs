@@ -33,6 +33,7 @@ fn token(id: &str, uses: u32) -> TokenRecord {
         expires_at: i64::MAX,
         uses_left: uses,
         created_by: "spiffe://example.org/admin".into(),
+        revoked: None,
     }
 }
 

@@ -24,6 +24,7 @@ fn token(id: &str, uses: u32, expires_at: i64) -> TokenRecord {
         expires_at,
         uses_left: uses,
         created_by: "spiffe://example.org/admin".into(),
+        revoked: None,
     }
 }
 
@@ -112,6 +113,8 @@ fn check_tokens(s: &dyn Store) {
     )
     .unwrap();
     assert_eq!(s.token("t2").unwrap().unwrap().uses_left, 2);
+    let ids: Vec<String> = s.tokens().unwrap().into_iter().map(|t| t.id).collect();
+    assert_eq!(ids, ["t2", "tx"]);
     assert!(matches!(s.consume_token("t2", 10).unwrap(), Consume::Won(t) if t.uses_left == 2));
     assert!(matches!(s.consume_token("t2", 10).unwrap(), Consume::Won(t) if t.uses_left == 1));
     assert_eq!(s.consume_token("t2", 10).unwrap(), Consume::AlreadyUsed);

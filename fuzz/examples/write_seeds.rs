@@ -31,6 +31,7 @@ fn main() -> Res<()> {
     policy(&root.join("policy"))?;
     audit_record(&root.join("audit_record"))?;
     roles_der(&root.join("roles_der"))?;
+    jwt(&root.join("jwt"))?;
     check_valid_seeds(&root)
 }
 
@@ -422,6 +423,7 @@ fn audit_record(dir: &Path) -> Res<()> {
             expires_at: 1_780_003_600,
             uses_left: 1,
             created_by: "spiffe://example.org/lanyard/admin".into(),
+            revoked: None,
         })?,
     )?;
     write(
@@ -521,5 +523,48 @@ fn roles_der(dir: &Path) -> Res<()> {
     write(dir, "svid", prefixed(2, p.self_signed(&key)?.der()))?;
     write(dir, "oid", prefixed(3, b"1.3.9999.7781.1"))?;
     write(dir, "serial", prefixed(3, b"01:AB:cd:00"))?;
+    Ok(())
+}
+
+/// A token, a JWKS and a template per seed (see `fuzz_targets/jwt.rs`).
+fn jwt(dir: &Path) -> Res<()> {
+    // base64url without padding, by hand: the fuzz crate has no base64 dependency.
+    let b64 = |v: &str| -> String {
+        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in v.as_bytes().chunks(3) {
+            let n = chunk.iter().fold(0u32, |acc, b| acc << 8 | u32::from(*b))
+                << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    };
+    let k8s = r#"{"iss":"https://issuer","aud":["lanyard"],"exp":600,"iat":0,"kubernetes.io":{"namespace":"prod","pod":{"name":"web-1","uid":"u1"},"serviceaccount":{"name":"web"}}}"#;
+    let gh = r#"{"iss":"https://issuer","aud":"lanyard","exp":600,"iat":0,"repository":"octo-org/app","ref":"refs/heads/main","sub":"x"}"#;
+    let jwks = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","x":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","y":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"},{"kty":"RSA","kid":"r1","n":"AQAB","e":"AQAB"}]}"#;
+    let token = |h: &str, c: &str| format!("{}.{}.AAAA", b64(h), b64(c));
+    write(
+        dir,
+        "kubernetes",
+        format!(
+            "{}\n{jwks}\nns/{{namespace}}/sa/{{serviceaccount}}",
+            token(r#"{"alg":"ES256","kid":"k1"}"#, k8s)
+        ),
+    )?;
+    write(
+        dir,
+        "github",
+        format!(
+            "{}\n{jwks}\ngh/{{repository}}/{{ref}}",
+            token(r#"{"alg":"RS256","kid":"r1"}"#, gh)
+        ),
+    )?;
+    write(
+        dir,
+        "none",
+        format!("{}\n{jwks}\nu/{{sub}}", token(r#"{"alg":"none"}"#, gh)),
+    )?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! API, keeps the CA's CRLs fresh (`crl.pem` and the Workload API's `crl`), and stops when its
 //! identity is revoked.
 
+mod attest;
 mod bundles;
 mod crl;
 mod files;
@@ -19,7 +20,7 @@ pub use bundles::{Bundles, follow_bundles, split_der};
 pub use files::{read_consistent, read_federated, write_credential_dir, write_svid_dir};
 pub use run::{Agent, SvidState};
 pub use timing::{Backoff, refresh_in};
-pub use workload::{DEFAULT_MAX_CONNECTIONS, WorkloadApi, serve_workload_api};
+pub use workload::{DEFAULT_MAX_CONNECTIONS, SocketAccess, WorkloadApi, serve_workload_api};
 
 /// How the agent is set up.
 #[derive(Debug, Clone)]
@@ -29,6 +30,9 @@ pub struct AgentConfig {
     /// Join token for the first certificate (not needed when `out_dir` already holds a
     /// credential that can still renew).
     pub token: Option<String>,
+    /// A JWT file (e.g. a projected service-account token) to attest with instead of a join
+    /// token; re-read at every bootstrap.
+    pub jwt_file: Option<PathBuf>,
     /// SPIFFE ID to ask for when the token is for a `/prefix/*`.
     pub spiffe_id: Option<String>,
     /// Trust this bundle for the first call instead of the token's CA fingerprint.
@@ -50,6 +54,8 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     /// OID of the roles extension.
     pub roles_oid: crate::ca::RolesOid,
+    /// DNS and IP names to ask for in every certificate (policy must allow each).
+    pub names: crate::ca::SanNames,
 }
 
 impl AgentConfig {
@@ -58,6 +64,7 @@ impl AgentConfig {
         Self {
             server: server.into(),
             token: None,
+            jwt_file: None,
             spiffe_id: None,
             bundle: None,
             out_dir: None,
@@ -68,6 +75,7 @@ impl AgentConfig {
             renew_fraction: 0.5,
             max_backoff: Duration::from_secs(30),
             roles_oid: crate::ca::RolesOid::default(),
+            names: crate::ca::SanNames::default(),
         }
     }
 }

@@ -15,7 +15,7 @@ use super::crl::follow_crls;
 use super::timing::{Backoff, refresh_in};
 use super::{AgentConfig, AgentError, files};
 use crate::ca::{SvidInfo, parse_svid};
-use crate::client::{connect, csr_for};
+use crate::client::{connect, csr_with_names};
 use crate::pb::v1::{self as pb, ca_client::CaClient, revocation_client::RevocationClient};
 use crate::spiffe::{IdPattern, SpiffeId};
 use crate::tls::{Bundle, RevocationSet, ServerTrust, TlsSource, unix_now};
@@ -197,6 +197,15 @@ impl Agent {
                         return Err(AgentError::Bootstrap(e.message().to_string()));
                     };
                     if let Some(fatal) = classify(&e) {
+                        // Expired past the renewal grace: with a JWT file the agent attests
+                        // again by itself (a revoked credential still stops it).
+                        if let (AgentError::Expired(why), Some(p)) = (&fatal, &self.cfg.jwt_file) {
+                            warn!(reason = %why, "certificate expired past the renewal grace; attesting again");
+                            let state = self.bootstrap_with_jwt(p).await?;
+                            self.publish(state).await?;
+                            next = tokio::time::Instant::now() + self.next_refresh();
+                            continue;
+                        }
                         return Err(fatal);
                     }
                     let left = state.svid.not_after - unix_now();
@@ -264,7 +273,7 @@ impl Agent {
                 Ok(None) => return Ok(state),
                 Err(e) => e,
             };
-            if self.cfg.token.is_none() {
+            if self.cfg.token.is_none() && self.cfg.jwt_file.is_none() {
                 return Err(match unusable {
                     AgentError::Revoked(m) => AgentError::Revoked(format!(
                         "{m} (once the revocation is lifted, start the agent with --token <a new join token>: the revoked credential is then kept under {}/ and a new one enrolled)",
@@ -274,7 +283,10 @@ impl Agent {
                 });
             }
             // A token that cannot work (malformed, wrong ID) must not cost the old credential.
-            self.token_target()?;
+            match &self.cfg.jwt_file {
+                Some(p) => drop(super::attest::read_jwt(p)?),
+                None => drop(self.token_target()?),
+            }
             let retired_to = files::retire_credential(dir).map_err(|e| {
                 AgentError::Io(format!(
                     "setting the old credential in {} aside: {e}",
@@ -290,7 +302,18 @@ impl Agent {
                 "existing credential set aside; enrolling with the join token"
             );
         }
+        if let Some(p) = &self.cfg.jwt_file {
+            return self.bootstrap_with_jwt(p).await;
+        }
         self.bootstrap_with_token().await
+    }
+
+    /// Attests with the JWT file (see [`super::attest`]).
+    async fn bootstrap_with_jwt(&self, path: &std::path::Path) -> Result<SvidState, AgentError> {
+        let (resp, key) = super::attest::issue_with_jwt(&self.cfg, path, self.ttl_secs()).await?;
+        let state = self.state_from(resp, &key)?;
+        info!(spiffe_id = %state.svid.spiffe_id, serial = %state.svid.serial, "attested with the JWT file");
+        Ok(state)
     }
 
     /// Whether the installed credential `state` from an earlier run can go on: `Ok(None)` to
@@ -364,7 +387,8 @@ impl Agent {
         loop {
             let key = KeyPair::generate().map_err(|e| AgentError::Bootstrap(e.to_string()))?;
             let attempt = async {
-                let csr = csr_for(&id, &key).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                let csr = csr_with_names(&id, &key, &self.cfg.names)
+                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
                 let channel = connect(
                     &self.cfg.server,
                     trust.clone(),
@@ -377,6 +401,7 @@ impl Agent {
                     .issue(pb::IssueRequest {
                         csr,
                         join_token: raw.trim().to_string(),
+                        jwt: String::new(),
                         ttl_seconds: self.ttl_secs(),
                         roles: vec![],
                     })
@@ -443,13 +468,14 @@ impl Agent {
             .svid()
             .ok_or_else(|| tonic::Status::failed_precondition("no credential to renew"))?;
         let key = KeyPair::generate().map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let csr =
-            csr_for(&svid.spiffe_id, &key).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let csr = csr_with_names(&svid.spiffe_id, &key, &self.cfg.names)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
         let channel = self.ca_channel().await?;
         let resp = CaClient::new(channel)
             .issue(pb::IssueRequest {
                 csr,
                 join_token: String::new(),
+                jwt: String::new(),
                 ttl_seconds: self.ttl_secs(),
                 roles: vec![],
             })

@@ -175,10 +175,44 @@ impl SpiffeWorkloadApi for WorkloadApi {
     }
 }
 
+/// Who may open the Workload API socket. The agent hands its SVID to any process that connects
+/// (it does not attest callers), so the socket's mode and group are the access control.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits, e.g. `0o660`; `None` keeps what the umask gives.
+    pub mode: Option<u32>,
+    /// Group that owns the socket; the agent must belong to it (or hold `CAP_CHOWN`).
+    pub gid: Option<u32>,
+}
+
+// === impl SocketAccess ===
+
+impl SocketAccess {
+    fn apply(&self, path: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(gid) = self.gid {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot give the socket to group {gid} (is the agent a member of it?): {e}"
+                    ),
+                )
+            })?;
+        }
+        if let Some(mode) = self.mode {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        }
+        Ok(())
+    }
+}
+
 /// Serves the Workload API on `path` (a stale socket file is replaced) until `shutdown`, to at
-/// most `max_connections` clients at once.
+/// most `max_connections` clients at once. The socket is bound under a temporary name and
+/// renamed into place once `access` is applied, so no client ever sees it with the umask's mode.
 pub async fn serve_workload_api(
     path: &Path,
+    access: SocketAccess,
     state: watch::Receiver<Option<Arc<SvidState>>>,
     mut shutdown: watch::Receiver<bool>,
     max_connections: u32,
@@ -186,12 +220,25 @@ pub async fn serve_workload_api(
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(".new");
+    let staging = std::path::PathBuf::from(staging);
+    for stale in [&staging, &path.to_path_buf()] {
+        match std::fs::remove_file(stale) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
-    let listener = UnixListener::bind(path)?;
-    info!(socket = %path.display(), max_connections, "serving the SPIFFE Workload API");
+    let listener = UnixListener::bind(&staging)?;
+    if let Err(e) = access
+        .apply(&staging)
+        .and_then(|()| std::fs::rename(&staging, path))
+    {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    info!(socket = %path.display(), max_connections, mode = ?access.mode.map(|m| format!("{m:o}")),
+          gid = ?access.gid, "serving the SPIFFE Workload API");
     // u32 always fits usize on the targets tokio supports; saturate rather than assume.
     let slots = Arc::new(Semaphore::new(
         usize::try_from(max_connections)

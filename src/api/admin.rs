@@ -14,6 +14,7 @@ use crate::pb::v1::{self as pb, admin_server::Admin};
 use crate::policy::ROLE_ADMIN;
 use crate::rotation::{Rotation, RotationError, Status as RotationStatus};
 use crate::spiffe::TrustDomain;
+use crate::store::TokenRecord;
 
 /// The Admin service.
 pub struct AdminService {
@@ -52,6 +53,21 @@ impl AdminService {
     }
 }
 
+/// What an admin sees of a token: everything but the secret's hash.
+fn token_info(t: &TokenRecord) -> pb::JoinTokenInfo {
+    pb::JoinTokenInfo {
+        token_id: t.id.clone(),
+        spiffe_id: t.spiffe_id.clone(),
+        roles: t.roles.clone(),
+        max_ttl_seconds: t.max_ttl,
+        expires_at: t.expires_at,
+        uses_left: t.uses_left,
+        created_by: t.created_by.clone(),
+        revoked_by: t.revoked.as_ref().map(|r| r.by.clone()).unwrap_or_default(),
+        revoked_at: t.revoked.as_ref().map_or(0, |r| r.at),
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn create_join_token(
@@ -83,6 +99,40 @@ impl Admin for AdminService {
             token_id: record.id,
             expires_at: record.expires_at,
         }))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        req: Request<pb::ListJoinTokensRequest>,
+    ) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
+        let admin = self
+            .auth
+            .require_role(&req, &[ROLE_ADMIN])
+            .map_err(status::auth)?;
+        let tokens = self
+            .issuance
+            .list_tokens(admin.spiffe_id.as_str())
+            .await
+            .map_err(status::issue)?;
+        Ok(Response::new(pb::ListJoinTokensResponse {
+            tokens: tokens.iter().map(token_info).collect(),
+        }))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        req: Request<pb::RevokeJoinTokenRequest>,
+    ) -> Result<Response<pb::JoinTokenInfo>, Status> {
+        let admin = self
+            .auth
+            .require_role(&req, &[ROLE_ADMIN])
+            .map_err(status::auth)?;
+        let record = self
+            .issuance
+            .revoke_token(admin.spiffe_id.as_str(), &req.get_ref().token_id)
+            .await
+            .map_err(status::issue)?;
+        Ok(Response::new(token_info(&record)))
     }
 
     async fn import_bundle(

@@ -550,6 +550,7 @@ mod tests {
     ) -> Vec<CertificateDer<'static>> {
         let key = rcgen::KeyPair::generate().unwrap();
         let params = LeafParams {
+            names: Default::default(),
             spiffe_id: SpiffeId::parse(&format!("spiffe://example.org{path}")).unwrap(),
             roles: vec!["db-read".into()],
             not_before,

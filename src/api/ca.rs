@@ -55,7 +55,13 @@ impl Ca for CaService {
             ttl: (body.ttl_seconds > 0).then(|| Duration::from_secs(body.ttl_seconds.into())),
             roles: body.roles.clone(),
         };
-        let issued = if body.join_token.is_empty() {
+        if !body.jwt.is_empty() && !body.join_token.is_empty() {
+            return Err(Status::invalid_argument("set join_token or jwt, not both"));
+        }
+        let issued = if !body.jwt.is_empty() {
+            tracing::Span::current().record("mode", "attest");
+            self.issuance.with_jwt(&body.jwt, ask).await
+        } else if body.join_token.is_empty() {
             tracing::Span::current().record("mode", "renew");
             let peer = match self.auth.peer(&req, true) {
                 Ok(p) => p,

@@ -17,6 +17,7 @@ pub fn issue(e: IssueError) -> Status {
         IssueError::Unauthenticated(m) => Status::unauthenticated(m),
         IssueError::Denied(m) => Status::permission_denied(m),
         IssueError::Precondition(m) => Status::failed_precondition(m),
+        IssueError::Missing(m) => Status::not_found(m),
         IssueError::Internal(m) => internal(&m),
     }
 }

@@ -43,6 +43,10 @@ pub enum Kind {
     TokenCreated,
     /// A certificate was revoked by serial, or an identity was revoked.
     Revoked,
+    /// An admin revoked a join token: its redemption is refused from now on.
+    TokenRevoked,
+    /// An admin listed the join tokens (ids, bindings, uses, expiry; never secrets).
+    TokensListed,
     /// The block on an identity was lifted.
     RevocationLifted,
     /// The policy was reloaded (or a reload was rejected).
@@ -113,7 +117,7 @@ pub const UNAUTHENTICATED: &str = "unauthenticated";
 
 impl Kind {
     /// Every kind, for CLI validation.
-    pub const ALL: [Kind; 23] = [
+    pub const ALL: [Kind; 25] = [
         Kind::Issued,
         Kind::Renewed,
         Kind::Denied,
@@ -137,6 +141,8 @@ impl Kind {
         Kind::CaRotationSwitched,
         Kind::CaRotationCompleted,
         Kind::AdminRecovered,
+        Kind::TokenRevoked,
+        Kind::TokensListed,
     ];
 
     /// The wire and storage name.
@@ -165,6 +171,8 @@ impl Kind {
             Kind::CaRotationSwitched => "ca_rotation_switched",
             Kind::CaRotationCompleted => "ca_rotation_completed",
             Kind::AdminRecovered => "admin_recovered",
+            Kind::TokenRevoked => "token_revoked",
+            Kind::TokensListed => "tokens_listed",
         }
     }
 }

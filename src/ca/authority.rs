@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::CaError;
+use super::names::SanNames;
 use super::svid::{RolesOid, Serial, encode_roles};
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -63,6 +64,8 @@ pub struct LeafParams {
     pub not_before: i64,
     /// notAfter, seconds since the Unix epoch.
     pub not_after: i64,
+    /// DNS and IP SANs next to the URI SAN (already allowed by policy).
+    pub names: SanNames,
 }
 
 /// A signed leaf certificate.
@@ -265,6 +268,14 @@ impl Authority {
                 .try_into()
                 .map_err(CaError::Sign)?,
         )];
+        for d in &params.names.dns {
+            p.subject_alt_names.push(SanType::DnsName(
+                d.as_str().try_into().map_err(CaError::Sign)?,
+            ));
+        }
+        for ip in &params.names.ips {
+            p.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
         // basicConstraints CA=false, written by hand: rcgen's ExplicitNoCa encodes the DEFAULT
         // `cA FALSE` explicitly, which DER forbids and strict parsers (Python's cryptography,
         // hence py-spiffe) reject. An empty SEQUENCE is the DER form of CA=false.

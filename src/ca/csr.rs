@@ -2,7 +2,8 @@
 //!
 //! A CSR that asks for more than a leaf certificate may hold is refused loudly rather than
 //! silently trimmed, so a misconfigured (or hostile) client learns why instead of getting a
-//! surprise certificate: extra SANs, CA=true, the CA key usages keyCertSign and cRLSign, EKUs
+//! surprise certificate: SANs other than the one SPIFFE ID and valid DNS and IP names (those
+//! are canonicalised here, see [`super::names`], and policy decides whether they are allowed), CA=true, the CA key usages keyCertSign and cRLSign, EKUs
 //! other than serverAuth and clientAuth, the CA-only constraints (name constraints, policy
 //! constraints and mappings, inhibitAnyPolicy), and any critical extension Lanyard does not act
 //! on. What is *ignored* (the certificate's own values are used instead) is harmless and listed
@@ -17,6 +18,7 @@ use x509_parser::prelude::{
 };
 
 use super::CaError;
+use super::names::{MAX_NAMES, SanNames, ip_from_bytes, normalize_dns};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// Largest CSR accepted, in bytes. A P-256 or Ed25519 CSR is about 300 bytes.
@@ -28,8 +30,10 @@ pub const MAX_CSR_BYTES: usize = 8 * 1024;
 pub struct ValidCsr {
     /// The requested SPIFFE ID.
     pub spiffe_id: SpiffeId,
-    /// The subject public key (SPKI), the only other thing copied into the certificate.
+    /// The subject public key (SPKI), copied into the certificate.
     pub public_key: rcgen::SubjectPublicKeyInfo,
+    /// DNS and IP names asked for, canonical; copied only once policy allows each.
+    pub names: SanNames,
 }
 
 const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
@@ -38,6 +42,25 @@ const OID_ED25519: &str = "1.3.101.112";
 
 /// Parses and checks a DER PKCS#10 CSR for `td`.
 pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
+    parse_csr_checked(der, td, None)
+}
+
+/// Parses and checks a CSR whose identity the CA assigns (attestation): it may carry no URI SAN
+/// (the ID is `assigned`) or exactly `assigned`; any other ID is refused with
+/// [`CaError::IdMismatch`] naming the assigned one.
+pub fn parse_csr_assigned(
+    der: &[u8],
+    td: &TrustDomain,
+    assigned: &SpiffeId,
+) -> Result<ValidCsr, CaError> {
+    parse_csr_checked(der, td, Some(assigned))
+}
+
+fn parse_csr_checked(
+    der: &[u8],
+    td: &TrustDomain,
+    assigned: Option<&SpiffeId>,
+) -> Result<ValidCsr, CaError> {
     let invalid = |m: String| CaError::InvalidCsr(m);
     if der.is_empty() {
         return Err(invalid(
@@ -63,18 +86,27 @@ pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
     })?;
 
     let mut uris = Vec::new();
+    let mut names = SanNames::default();
     for ext in requested_extensions(&csr) {
-        check_extension(ext, &mut uris)?;
+        check_extension(ext, &mut uris, &mut names)?;
     }
-    let uri = match uris.as_slice() {
-        [one] => one,
-        [] => {
+    names.canonicalize();
+    if names.len() > MAX_NAMES {
+        return Err(invalid(format!(
+            "CSR asks for {} DNS and IP names; the limit is {MAX_NAMES}",
+            names.len()
+        )));
+    }
+    let uri = match (uris.as_slice(), assigned) {
+        ([], Some(id)) => id.as_str(),
+        ([one], _) => one,
+        ([], None) => {
             return Err(invalid(
                 "CSR has no URI SAN: put the SPIFFE ID (spiffe://trust-domain/path) in a URI SAN"
                     .into(),
             ));
         }
-        many => {
+        (many, _) => {
             return Err(invalid(format!(
                 "CSR has {} URI SANs; exactly one SPIFFE ID is allowed",
                 many.len()
@@ -82,6 +114,13 @@ pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
         }
     };
     let spiffe_id = SpiffeId::parse(uri).map_err(|e| invalid(format!("CSR URI SAN: {e}")))?;
+    if let Some(id) = assigned
+        && spiffe_id != *id
+    {
+        return Err(CaError::IdMismatch(format!(
+            "the CSR asks for {spiffe_id}, but the token's claims make {id}: leave the URI SAN out or ask for exactly {id}"
+        )));
+    }
     if !spiffe_id.is_in(td) {
         return Err(invalid(format!(
             "CSR asks for {spiffe_id}, which is outside this CA's trust domain {td}"
@@ -95,6 +134,7 @@ pub fn parse_csr(der: &[u8], td: &TrustDomain) -> Result<ValidCsr, CaError> {
     Ok(ValidCsr {
         spiffe_id,
         public_key,
+        names,
     })
 }
 
@@ -112,17 +152,28 @@ fn requested_extensions<'a>(
 }
 
 /// Refuses an extension that asks for a privilege or that Lanyard cannot honour; collects URI
-/// SANs into `uris`.
-fn check_extension(ext: &X509Extension<'_>, uris: &mut Vec<String>) -> Result<(), CaError> {
+/// SANs into `uris` and DNS and IP SANs into `names`.
+fn check_extension(
+    ext: &X509Extension<'_>,
+    uris: &mut Vec<String>,
+    names: &mut SanNames,
+) -> Result<(), CaError> {
     let refuse = |what: String| Err(CaError::InvalidCsr(what));
     match ext.parsed_extension() {
         ParsedExtension::SubjectAlternativeName(san) => {
             for name in &san.general_names {
                 match name {
                     GeneralName::URI(u) => uris.push(u.to_string()),
+                    GeneralName::DNSName(d) => names.dns.push(
+                        normalize_dns(d, false)
+                            .map_err(|e| CaError::InvalidCsr(format!("CSR: {e}")))?,
+                    ),
+                    GeneralName::IPAddress(b) => names.ips.push(
+                        ip_from_bytes(b).map_err(|e| CaError::InvalidCsr(format!("CSR: {e}")))?,
+                    ),
                     other => {
                         return refuse(format!(
-                            "CSR asks for a {} SAN; Lanyard certificates carry only the SPIFFE ID as a URI SAN",
+                            "CSR asks for a {} SAN; Lanyard certificates carry the SPIFFE ID as a URI SAN and, where policy allows, DNS and IP names",
                             san_kind(other)
                         ));
                     }

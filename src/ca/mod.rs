@@ -4,11 +4,15 @@
 
 mod authority;
 mod csr;
+mod names;
 mod set;
 mod svid;
 
 pub use authority::{Authority, LeafParams, SignedLeaf, certs_to_pem, pem_encode};
-pub use csr::{MAX_CSR_BYTES, ValidCsr, parse_csr};
+pub use csr::{MAX_CSR_BYTES, ValidCsr, parse_csr, parse_csr_assigned};
+pub use names::{
+    MAX_NAMES, NameError, SanNames, ip_from_bytes, normalize_dns, parse_ip, san_names,
+};
 pub use set::{CaHandle, CaSet};
 pub(crate) use svid::decode_roles;
 pub use svid::{RolesOid, Serial, SvidInfo, encode_roles, parse_svid};
@@ -22,6 +26,9 @@ pub enum CaError {
     /// The CSR is rejected; the message says why in terms the requester can act on.
     #[error("{0}")]
     InvalidCsr(String),
+    /// The CSR asks for another ID than the one the CA assigns (attestation).
+    #[error("{0}")]
+    IdMismatch(String),
     /// A certificate could not be parsed as a Lanyard X.509-SVID.
     #[error("not a valid Lanyard certificate: {0}")]
     InvalidCertificate(String),

@@ -185,6 +185,7 @@ mod tests {
             .sign_leaf(
                 &rcgen::KeyPair::generate().unwrap(),
                 &LeafParams {
+                    names: Default::default(),
                     spiffe_id: SpiffeId::parse("spiffe://a.example/lanyard/server").unwrap(),
                     roles: vec![],
                     not_before: now - 30,

@@ -16,6 +16,29 @@ use crate::pb::v1::{
 pub(super) enum TokenCmd {
     /// Mint a join token (needs lanyard:admin).
     Create(TokenCreate),
+    /// List join tokens: id, SPIFFE ID, uses left, expiry, creator, revocation; never the
+    /// secret (needs lanyard:admin; audited).
+    List(TokenList),
+    /// Revoke a join token by id: its redemption is refused from now on (needs lanyard:admin;
+    /// audited).
+    Revoke(TokenRevoke),
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct TokenList {
+    /// Print one JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct TokenRevoke {
+    /// The token id (hex), as `token create` printed it and `token list` shows it.
+    id: String,
+    #[command(flatten)]
+    conn: Conn,
 }
 
 #[derive(Debug, clap::Args)]
@@ -184,7 +207,11 @@ pub(super) async fn ca(cmd: CaCmd) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) async fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
-    let TokenCmd::Create(a) = cmd;
+    let a = match cmd {
+        TokenCmd::Create(a) => a,
+        TokenCmd::List(a) => return token_list(a).await,
+        TokenCmd::Revoke(a) => return token_revoke(a).await,
+    };
     let mut client = AdminClient::new(a.conn.channel().await?);
     let secs =
         |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_secs().min(u32::MAX as u64) as u32);
@@ -205,6 +232,67 @@ pub(super) async fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
         crate::issuance::fmt_time(resp.expires_at)
     );
     println!("{}", resp.token);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn token_list(a: TokenList) -> anyhow::Result<ExitCode> {
+    let mut client = AdminClient::new(a.conn.channel().await?);
+    let resp = client
+        .list_join_tokens(pb::ListJoinTokensRequest {})
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let time = crate::issuance::fmt_time;
+    if a.json {
+        for t in &resp.tokens {
+            let mut v = serde_json::json!({
+                "id": t.token_id, "spiffe_id": t.spiffe_id, "roles": t.roles,
+                "max_ttl_seconds": t.max_ttl_seconds, "uses_left": t.uses_left,
+                "expires_at": time(t.expires_at), "created_by": t.created_by,
+            });
+            if !t.revoked_by.is_empty() {
+                v["revoked_by"] = t.revoked_by.clone().into();
+                v["revoked_at"] = time(t.revoked_at).into();
+            }
+            println!("{v}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<16}  {:<40}  {:>4}  {:<20}  {:<40}  STATE",
+        "ID", "SPIFFE ID", "USES", "EXPIRES", "CREATED BY"
+    );
+    let now = crate::tls::unix_now();
+    for t in &resp.tokens {
+        let state = if !t.revoked_by.is_empty() {
+            format!("revoked by {} at {}", t.revoked_by, time(t.revoked_at))
+        } else if t.expires_at <= now {
+            "expired".into()
+        } else if t.uses_left == 0 {
+            "used".into()
+        } else {
+            "live".into()
+        };
+        println!(
+            "{:<16}  {:<40}  {:>4}  {:<20}  {:<40}  {state}",
+            t.token_id,
+            t.spiffe_id,
+            t.uses_left,
+            time(t.expires_at),
+            t.created_by
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn token_revoke(a: TokenRevoke) -> anyhow::Result<ExitCode> {
+    let mut client = AdminClient::new(a.conn.channel().await?);
+    let t = client
+        .revoke_join_token(pb::RevokeJoinTokenRequest { token_id: a.id })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    println!("revoked join token {} for {}", t.token_id, t.spiffe_id);
     Ok(ExitCode::SUCCESS)
 }
 

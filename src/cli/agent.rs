@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use crate::agent::{Agent, AgentConfig, serve_workload_api};
+use crate::agent::{Agent, AgentConfig, SocketAccess, serve_workload_api};
 use crate::ca::RolesOid;
 use crate::config::parse_duration;
 
@@ -20,6 +20,16 @@ pub(super) struct AgentArgs {
     /// that can still renew).
     #[arg(long, env = "LANYARD_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Attest with the JWT in this file instead of a join token (e.g. a Kubernetes projected
+    /// service-account token with the CA's audience); re-read at every bootstrap, since the
+    /// kubelet rotates it. Needs --bundle.
+    #[arg(
+        long,
+        env = "LANYARD_JWT_FILE",
+        conflicts_with = "token",
+        requires = "bundle"
+    )]
+    jwt_file: Option<PathBuf>,
     /// SPIFFE ID to ask for, when the token is for a /prefix/*.
     #[arg(long)]
     spiffe_id: Option<String>,
@@ -38,6 +48,15 @@ pub(super) struct AgentArgs {
     #[arg(long, default_value_t = crate::agent::DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     workload_max_connections: u32,
+    /// Permission bits of the Workload API socket, in octal (e.g. 0660). Whoever can open the
+    /// socket gets this agent's identity; default: what the umask leaves.
+    #[arg(long, env = "LANYARD_WORKLOAD_SOCKET_MODE", value_parser = parse_mode)]
+    workload_socket_mode: Option<u32>,
+    /// Group (name from /etc/group, or numeric id) that owns the Workload API socket, so
+    /// workloads of that group can connect without running as the agent's user. The agent must
+    /// be a member.
+    #[arg(long, env = "LANYARD_WORKLOAD_SOCKET_GROUP")]
+    workload_socket_group: Option<String>,
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz (200 once the agent holds a
     /// valid certificate) over plain HTTP on this address, e.g. 127.0.0.1:9091. Off by default.
     #[arg(long, env = "LANYARD_AGENT_METRICS_LISTEN")]
@@ -63,6 +82,12 @@ pub(super) struct AgentArgs {
     /// OID of the roles extension.
     #[arg(long, env = "LANYARD_ROLES_OID", default_value = "1.3.9999.7781.1")]
     roles_oid: String,
+    /// DNS name to ask for in every certificate (repeatable; policy must allow it).
+    #[arg(long = "dns-name", value_name = "NAME")]
+    dns_names: Vec<String>,
+    /// IP address to ask for in every certificate (repeatable; policy must allow it).
+    #[arg(long = "ip", value_name = "ADDR")]
+    ips: Vec<std::net::IpAddr>,
 }
 
 pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -74,8 +99,17 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             "give --out, --workload-socket, or both: otherwise nobody can use the certificate"
         );
     }
+    let access = SocketAccess {
+        mode: a.workload_socket_mode,
+        gid: a
+            .workload_socket_group
+            .as_deref()
+            .map(resolve_group)
+            .transpose()?,
+    };
     let cfg = AgentConfig {
         token: a.token,
+        jwt_file: a.jwt_file,
         spiffe_id: a.spiffe_id,
         bundle: a.bundle,
         out_dir: a.out,
@@ -87,6 +121,7 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         renew_fraction: a.renew_at,
         max_backoff: a.max_backoff,
         roles_oid: RolesOid::parse(&a.roles_oid)?,
+        names: super::issue::requested_names(&a.dns_names, &a.ips)?,
         ..AgentConfig::new(a.server)
     };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -114,7 +149,7 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         let stop = stop_rx.clone();
         let max_connections = a.workload_max_connections;
         tokio::spawn(async move {
-            if let Err(e) = serve_workload_api(&path, state, stop, max_connections).await {
+            if let Err(e) = serve_workload_api(&path, access, state, stop, max_connections).await {
                 error!(socket = %path.display(), error = %e, "workload API stopped");
             }
         });
@@ -163,9 +198,64 @@ fn parse_socket(s: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(path))
 }
 
+/// Reads a socket mode in octal, as chmod takes it: permission bits only (no setuid, setgid or
+/// sticky bit, which mean nothing on a socket).
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "{s:?}: give permission bits in octal, 0 to 0777 (e.g. 0660)"
+        )),
+    }
+}
+
+/// A group name from /etc/group, or a numeric id as is. Read at start, not at parse time, so a
+/// command line can be checked on a machine without that group.
+fn resolve_group(spec: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = spec.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")
+        .map_err(|e| anyhow::anyhow!("cannot read /etc/group to find group {spec:?}: {e}"))?;
+    group_id(&groups, spec).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--workload-socket-group: no group {spec:?} in /etc/group (create it, e.g. with systemd-sysusers, or give its numeric id)"
+        )
+    })
+}
+
+/// The id of `name` in an /etc/group file (`name:password:gid:members`).
+fn group_id(groups: &str, name: &str) -> Option<u32> {
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name)
+            .then(|| fields.nth(1)?.parse().ok())
+            .flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_modes_are_octal_permission_bits() {
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        for bad in ["", "0888", "4660", "rw-rw----", "-1"] {
+            assert!(parse_mode(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn groups_resolve_by_name_from_etc_group() {
+        let groups = "root:x:0:\n# comment\nlanyard-workload:x:998:lanyard-agent,api\nbad:x:nan:\n";
+        assert_eq!(group_id(groups, "lanyard-workload"), Some(998));
+        assert_eq!(group_id(groups, "root"), Some(0));
+        assert_eq!(group_id(groups, "lanyard"), None);
+        assert_eq!(group_id(groups, "bad"), None);
+        assert_eq!(resolve_group("1234").unwrap(), 1234);
+    }
 
     #[test]
     fn workload_socket_takes_paths_and_unix_uris() {

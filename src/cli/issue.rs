@@ -9,8 +9,8 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use super::rpc_error;
-use crate::ca::{RolesOid, parse_svid};
-use crate::client::{Credential, connect, csr_for, generate_csr, write_credential};
+use crate::ca::{RolesOid, SanNames, normalize_dns, parse_svid, san_names};
+use crate::client::{Credential, connect, csr_with_names, write_credential};
 use crate::config::parse_duration;
 use crate::issuance::fmt_time;
 use crate::pb::v1::{self as pb, ca_client::CaClient};
@@ -44,6 +44,29 @@ pub(super) struct IssueArgs {
     /// OID of the roles extension.
     #[arg(long, env = "LANYARD_ROLES_OID", default_value = "1.3.9999.7781.1")]
     roles_oid: String,
+    /// DNS name to ask for (repeatable; policy must allow it).
+    #[arg(long = "dns-name", value_name = "NAME")]
+    dns_names: Vec<String>,
+    /// IP address to ask for (repeatable; policy must allow it).
+    #[arg(long = "ip", value_name = "ADDR")]
+    ips: Vec<std::net::IpAddr>,
+}
+
+/// The names given by `--dns-name` and `--ip`, canonical; a malformed name fails here, before
+/// any call to the CA.
+pub(super) fn requested_names(
+    dns: &[String],
+    ips: &[std::net::IpAddr],
+) -> anyhow::Result<SanNames> {
+    let mut names = SanNames {
+        dns: dns
+            .iter()
+            .map(|d| normalize_dns(d, false))
+            .collect::<Result<_, _>>()?,
+        ips: ips.to_vec(),
+    };
+    names.canonicalize();
+    Ok(names)
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,12 +128,15 @@ pub(super) async fn issue(a: IssueArgs) -> anyhow::Result<ExitCode> {
         Some(p) => ServerTrust::Bundle(Bundle::from_pem(&std::fs::read(p)?)?),
         None => ServerTrust::Fingerprint(token.ca_fingerprint),
     };
-    let (key, csr) = generate_csr(&id)?;
+    let names = requested_names(&a.dns_names, &a.ips)?;
+    let key = rcgen::KeyPair::generate()?;
+    let csr = csr_with_names(&id, &key, &names)?;
     let channel = connect(&a.server, trust, None, oid.clone()).await?;
     let resp = CaClient::new(channel)
         .issue(pb::IssueRequest {
             csr,
             join_token: a.token.trim().to_string(),
+            jwt: String::new(),
             ttl_seconds: a.ttl.map_or(0, |d| d.as_secs() as u32),
             roles: a.roles,
         })
@@ -131,7 +157,12 @@ pub(super) async fn renew(a: RenewArgs) -> anyhow::Result<ExitCode> {
     } else {
         rcgen::KeyPair::generate()?
     };
-    let csr = csr_for(&cred.svid.spiffe_id, &key)?;
+    // A renewal asks for the names the current certificate holds; the CA re-checks them.
+    let leaf = cred
+        .chain
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("the credential has no certificate"))?;
+    let csr = csr_with_names(&cred.svid.spiffe_id, &key, &san_names(leaf)?)?;
     let channel = connect(
         &a.server,
         ServerTrust::Bundle(cred.bundle.clone()),
@@ -143,6 +174,7 @@ pub(super) async fn renew(a: RenewArgs) -> anyhow::Result<ExitCode> {
         .issue(pb::IssueRequest {
             csr,
             join_token: String::new(),
+            jwt: String::new(),
             ttl_seconds: a.ttl.map_or(0, |d| d.as_secs() as u32),
             roles: a.roles,
         })

@@ -141,6 +141,14 @@ struct ServeArgs {
     /// PEM private key of --etcd-cert-file.
     #[arg(long, env = "LANYARD_ETCD_KEY_FILE", requires = "etcd_cert_file")]
     etcd_key_file: Option<PathBuf>,
+    /// DNS name or IP literal for the CA's serving certificate (repeatable; replaces the
+    /// config's server_names; default localhost, 127.0.0.1, ::1).
+    #[arg(
+        long = "server-name",
+        env = "LANYARD_SERVER_NAMES",
+        value_delimiter = ','
+    )]
+    server_names: Vec<String>,
 }
 
 /// Parses arguments, runs the command, and returns the process exit code.
@@ -232,6 +240,7 @@ impl ServeArgs {
                 etcd_ca_file: self.etcd_ca_file,
                 etcd_cert_file: self.etcd_cert_file,
                 etcd_key_file: self.etcd_key_file,
+                server_names: self.server_names,
             },
         )
         .map_err(|e| {

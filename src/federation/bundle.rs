@@ -548,6 +548,7 @@ mod tests {
             .sign_leaf(
                 &rcgen::KeyPair::generate().unwrap(),
                 &LeafParams {
+                    names: Default::default(),
                     spiffe_id: crate::spiffe::SpiffeId::parse("spiffe://a.example/w").unwrap(),
                     roles: vec![],
                     not_before: 0,

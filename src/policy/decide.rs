@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::Policy;
+use crate::ca::SanNames;
 use crate::spiffe::SpiffeId;
 
 /// Server-wide lifetime limits.
@@ -64,6 +65,16 @@ pub enum Denial {
         max: u64,
         /// The identity.
         spiffe_id: String,
+    },
+    /// A DNS or IP name in the CSR is not allowed for the identity.
+    #[error("name {name:?} is not allowed for {spiffe_id} (allowed: {allowed})")]
+    Name {
+        /// The name asked for.
+        name: String,
+        /// The identity.
+        spiffe_id: String,
+        /// What the rule allows, comma-separated.
+        allowed: String,
     },
     /// The requested ttl is below the server's floor.
     #[error("ttl {asked}s is below the minimum of {min}s")]
@@ -131,6 +142,25 @@ pub fn decide(policy: &Policy, limits: Limits, ask: &Ask<'_>) -> Result<Decision
     Ok(Decision { roles, ttl })
 }
 
+/// Checks that the rule covering `id` allows every one of `names` (nothing is allowed without a
+/// rule, and a rule without `dns`/`ip` allows no names).
+pub fn check_names(policy: &Policy, id: &SpiffeId, names: &SanNames) -> Result<(), Denial> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let rule = policy
+        .lookup(id)
+        .ok_or_else(|| Denial::NoRule(id.to_string()))?;
+    match rule.names.first_refused(id, names) {
+        None => Ok(()),
+        Some(name) => Err(Denial::Name {
+            name,
+            spiffe_id: id.to_string(),
+            allowed: rule.names.to_string(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +173,7 @@ mod tests {
                 spiffe_id: "spiffe://example.org/ns/prod/*".into(),
                 roles: vec!["db-read".into(), "deploy".into()],
                 max_ttl: Some(Duration::from_secs(600)),
+                ..RuleSpec::empty()
             }],
             &TrustDomain::new("example.org").unwrap(),
             Duration::from_secs(3600),

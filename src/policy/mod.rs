@@ -2,16 +2,19 @@
 //!
 //! A rule maps a SPIFFE ID pattern (exact, or `/prefix/*`) to roles and a maximum ttl. The most
 //! specific matching rule wins (exact beats prefix, longer prefix beats shorter), like a routing
-//! table, so a narrow rule can restrict a broad one. An ID no rule matches gets nothing.
+//! table, so a narrow rule can restrict a broad one. An ID no rule matches gets nothing. A rule
+//! may also allow DNS and IP names in the certificate (see [`names`]).
 
 mod decide;
+pub mod names;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use decide::{Ask, Decision, Denial, Limits, decide};
+pub use decide::{Ask, Decision, Denial, Limits, check_names, decide};
+pub use names::NameRules;
 
 use crate::spiffe::{IdError, IdPattern, SpiffeId, TrustDomain, normalize_roles};
 
@@ -42,6 +45,16 @@ pub struct RuleSpec {
     /// Longest certificate lifetime, e.g. `"10m"`.
     #[serde(default, with = "crate::config::opt_duration")]
     pub max_ttl: Option<Duration>,
+    /// DNS names the certificate may carry: exact, `*.suffix`, or templates such as
+    /// `{sa}.{ns}.svc.cluster.local` bound by `id_pattern`.
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// IP addresses the certificate may carry: exact or CIDR.
+    #[serde(default)]
+    pub ip: Vec<String>,
+    /// Path template binding `dns` template variables to ID segments, e.g. `/ns/{ns}/sa/{sa}`.
+    #[serde(default)]
+    pub id_pattern: Option<String>,
 }
 
 /// Why a policy was rejected.
@@ -87,6 +100,16 @@ pub enum PolicyError {
         index: usize,
         /// The pattern.
         spiffe_id: String,
+    },
+    /// A rule's `dns`, `ip` or `id_pattern` entry is malformed.
+    #[error("policy rule {index} ({spiffe_id}): {why}")]
+    Names {
+        /// 1-based rule index.
+        index: usize,
+        /// The pattern.
+        spiffe_id: String,
+        /// What is wrong.
+        why: String,
     },
     /// Two rules have the same pattern.
     #[error("policy has two rules for {0}")]
@@ -141,6 +164,8 @@ pub struct Rule {
     pub roles: Vec<String>,
     /// Longest certificate lifetime.
     pub max_ttl: Duration,
+    /// DNS and IP names allowed in the certificate.
+    pub names: NameRules,
 }
 
 /// A validated policy.
@@ -212,10 +237,18 @@ impl Policy {
             if rules.iter().any(|r| r.pattern == pattern) {
                 return Err(PolicyError::Duplicate(pattern.to_string()));
             }
+            let names = NameRules::parse(&spec.dns, &spec.ip, spec.id_pattern.as_deref()).map_err(
+                |why| PolicyError::Names {
+                    index,
+                    spiffe_id: spec.spiffe_id.clone(),
+                    why,
+                },
+            )?;
             rules.push(Rule {
                 pattern,
                 roles,
                 max_ttl,
+                names,
             });
         }
         Ok(Self {
@@ -301,6 +334,20 @@ impl Policy {
     }
 }
 
+impl RuleSpec {
+    /// A rule for nothing, for building one field by field (tests, examples).
+    pub fn empty() -> Self {
+        Self {
+            spiffe_id: String::new(),
+            roles: Vec::new(),
+            max_ttl: None,
+            dns: Vec::new(),
+            ip: Vec::new(),
+            id_pattern: None,
+        }
+    }
+}
+
 impl PolicyHandle {
     /// A handle holding `policy`.
     pub fn new(policy: Policy) -> Self {
@@ -333,6 +380,7 @@ mod tests {
             spiffe_id: id.into(),
             roles: roles.iter().map(|s| s.to_string()).collect(),
             max_ttl: ttl.map(Duration::from_secs),
+            ..RuleSpec::empty()
         }
     }
 

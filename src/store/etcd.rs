@@ -981,6 +981,17 @@ impl Store for EtcdStore {
         Ok(self.mirror().tokens.get(id).map(|(t, _)| t.rec.clone()))
     }
 
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let mut out: Vec<TokenRecord> = self
+            .mirror()
+            .tokens
+            .values()
+            .map(|(t, _)| t.rec.clone())
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
     fn consume_token(&self, id: &str, now: i64) -> Result<Consume, StoreError> {
         let key = self.inner.key(&format!("tokens/{id}"));
         // Start from the mirror (the transaction's compare catches a stale copy, and its failure

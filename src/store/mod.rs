@@ -25,7 +25,7 @@ use tokio::sync::broadcast;
 pub use etcd::{EtcdConfig, EtcdStore, EtcdTls};
 pub use records::{
     AccessRecord, ApprovalRecord, AuditRecord, Enrollment, IssuedRecord, RECORD_VERSION,
-    RevocationRecord, TokenRecord,
+    RevocationRecord, TokenRecord, TokenRevocation,
 };
 pub use sled::SledStore;
 
@@ -163,6 +163,8 @@ pub struct Committed {
 pub trait Store: Send + Sync + 'static {
     /// Looks a token up by public id.
     fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Every join token still kept (unexpired, or expired but not yet pruned), in id order.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// Atomically takes one use of a token: of two concurrent callers for the last use, exactly
     /// one gets [`Consume::Won`]. Not flushed on its own: it becomes durable with the caller's
     /// next [`Store::commit`] + [`Store::flush`] (the issuance's audit event), and the caller

@@ -27,6 +27,19 @@ pub struct TokenRecord {
     pub uses_left: u32,
     /// Who created it (SPIFFE ID).
     pub created_by: String,
+    /// Set when an admin revoked it (its `uses_left` is then 0); absent in records written
+    /// before revocation existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<TokenRevocation>,
+}
+
+/// Who revoked a join token, and when.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRevocation {
+    /// The admin (SPIFFE ID).
+    pub by: String,
+    /// Seconds since the Unix epoch.
+    pub at: i64,
 }
 
 /// The role ceiling an identity enrolled with (from its join token); renewals never exceed it.

@@ -167,6 +167,16 @@ impl Store for SledStore {
         get(&self.revoked, serial.as_bytes())
     }
 
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.tokens
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
     fn access_all(&self) -> Result<Vec<AccessRecord>, StoreError> {
         self.access
             .iter()
@@ -670,6 +680,7 @@ mod tests {
             max_ttl: 300,
             expires_at,
             uses_left: uses,
+            revoked: None,
             created_by: "spiffe://example.org/lanyard/admin".into(),
         }
     }

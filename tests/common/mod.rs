@@ -210,6 +210,7 @@ impl TestCa {
         ca.issue(pb::IssueRequest {
             csr,
             join_token: token.into(),
+            jwt: String::new(),
             ttl_seconds: ttl_secs,
             roles: vec![],
         })
@@ -240,6 +241,7 @@ impl TestCa {
             .issue(pb::IssueRequest {
                 csr,
                 join_token: String::new(),
+                jwt: String::new(),
                 ttl_seconds: ttl_secs,
                 roles: vec![],
             })
@@ -430,6 +432,7 @@ pub const LANYARD_ENV_VARS: &[&str] = &[
     "LANYARD_CREDENTIAL",
     "LANYARD_SERVER_BUNDLE",
     "LANYARD_TOKEN",
+    "LANYARD_JWT_FILE",
     "LANYARD_CONFIG",
     "LANYARD_DATA_DIR",
     "LANYARD_LISTEN",

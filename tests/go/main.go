@@ -1,7 +1,7 @@
 // svidverify checks a Lanyard X.509-SVID with Go's crypto/x509, the verifier most SPIFFE
 // tooling (go-spiffe, SPIRE, Envoy's Go control planes) relies on. Standard library only.
 //
-// Usage: svidverify -bundle bundle.pem -cert cert.pem [-roles-oid 1.3.9999.7781.1]
+// Usage: svidverify -bundle bundle.pem -cert cert.pem [-roles-oid 1.3.9999.7781.1] [-hostname H]
 //
 // It parses the chain (Go refuses certificates with any OID arc of 2^28 or more), verifies the
 // leaf against the bundle for ExtKeyUsageClientAuth and, separately, ExtKeyUsageServerAuth, and
@@ -9,6 +9,11 @@
 //
 //	uri=<the one URI SAN>
 //	roles=<comma-separated roles>
+//	dns=<comma-separated DNS SANs>   (only when there are some)
+//	ip=<comma-separated IP SANs>     (only when there are some)
+//
+// With -hostname it also checks x509.Certificate.VerifyHostname (what Go's TLS client does
+// with ServerName), so a name the leaf does not carry fails.
 //
 // and exits 0; on any failure it prints the reason to stderr and exits 1.
 package main
@@ -30,14 +35,15 @@ func main() {
 	bundlePath := flag.String("bundle", "", "PEM file of CA certificates to trust")
 	certPath := flag.String("cert", "", "PEM file: leaf first, then intermediates")
 	oidText := flag.String("roles-oid", "1.3.9999.7781.1", "OID of the roles extension")
+	hostname := flag.String("hostname", "", "also check VerifyHostname for this DNS name or IP")
 	flag.Parse()
-	if err := run(*bundlePath, *certPath, *oidText); err != nil {
+	if err := run(*bundlePath, *certPath, *oidText, *hostname); err != nil {
 		fmt.Fprintln(os.Stderr, "svidverify:", err)
 		os.Exit(1)
 	}
 }
 
-func run(bundlePath, certPath, oidText string) error {
+func run(bundlePath, certPath, oidText, hostname string) error {
 	if bundlePath == "" || certPath == "" {
 		return errors.New("-bundle and -cert are required")
 	}
@@ -74,8 +80,13 @@ func run(bundlePath, certPath, oidText string) error {
 	if len(leaf.URIs) != 1 {
 		return fmt.Errorf("want exactly one URI SAN, got %d", len(leaf.URIs))
 	}
-	if n := len(leaf.DNSNames) + len(leaf.IPAddresses) + len(leaf.EmailAddresses); n != 0 {
-		return fmt.Errorf("leaf carries %d non-URI SANs", n)
+	if n := len(leaf.EmailAddresses); n != 0 {
+		return fmt.Errorf("leaf carries %d email SANs", n)
+	}
+	if hostname != "" {
+		if err := leaf.VerifyHostname(hostname); err != nil {
+			return fmt.Errorf("VerifyHostname: %w", err)
+		}
 	}
 	if leaf.URIs[0].Scheme != "spiffe" {
 		return fmt.Errorf("URI SAN %s is not a SPIFFE ID", leaf.URIs[0])
@@ -86,6 +97,16 @@ func run(bundlePath, certPath, oidText string) error {
 	}
 	fmt.Printf("uri=%s\n", leaf.URIs[0])
 	fmt.Printf("roles=%s\n", strings.Join(roles, ","))
+	ips := make([]string, 0, len(leaf.IPAddresses))
+	for _, ip := range leaf.IPAddresses {
+		ips = append(ips, ip.String())
+	}
+	if len(leaf.DNSNames) > 0 {
+		fmt.Printf("dns=%s\n", strings.Join(leaf.DNSNames, ","))
+	}
+	if len(ips) > 0 {
+		fmt.Printf("ip=%s\n", strings.Join(ips, ","))
+	}
 	return nil
 }
 

@@ -41,6 +41,7 @@ fn issue_req(csr: Vec<u8>, token: &str) -> pb::IssueRequest {
     pb::IssueRequest {
         csr,
         join_token: token.to_string(),
+        jwt: String::new(),
         ttl_seconds: 60,
         roles: vec![],
     }
