@@ -13,14 +13,6 @@ use clap::{CommandFactory, Parser};
 use lanyard::cli::Cli;
 use serde_json::Value;
 
-/// Flags that other branches of issue #14 add, used by the deploy files ahead of them. Each is
-/// dropped before parsing only while the CLI has no such flag at all; once its branch is merged
-/// it is parsed and validated like any other, so this list can only loosen the test for flags
-/// that do not exist yet.
-const PENDING_FLAGS: &[(&str, &str)] = &[("jwt-file", "attest")];
-/// Config keys in the same position: removed only while the config refuses them as unknown.
-const PENDING_KEYS: &[(&str, &str)] = &[("attestor", "attest"), ("server_names", "names")];
-
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -48,33 +40,8 @@ fn parse_cli(args: &[String], env: &[(String, String)], origin: &str) {
     let sub = cli
         .find_subcommand(&args[0])
         .unwrap_or_else(|| panic!("{origin}: no subcommand {:?}", args[0]));
-    let takes = |long: &str| {
-        sub.get_arguments()
-            .chain(cli.get_arguments())
-            .find(|a| a.get_long() == Some(long))
-    };
     let mut argv = vec!["lanyard".to_string(), args[0].clone()];
-    let mut rest = args[1..].iter();
-    while let Some(arg) = rest.next() {
-        let long = arg
-            .strip_prefix("--")
-            .map(|l| l.split('=').next().unwrap_or(l));
-        let pending = long.and_then(|long| {
-            PENDING_FLAGS
-                .iter()
-                .find(|(f, _)| *f == long && takes(long).is_none())
-        });
-        if let Some((long, branch)) = pending {
-            eprintln!(
-                "PENDING: {origin}: --{long} is branch {branch}'s; not checked until it is merged"
-            );
-            if !arg.contains('=') {
-                rest.next();
-            }
-            continue;
-        }
-        argv.push(arg.clone());
-    }
+    argv.extend(args[1..].iter().cloned());
     for (name, value) in env {
         let arg = sub
             .get_arguments()
@@ -349,8 +316,8 @@ fn args_of(container: &Value) -> Vec<String> {
         .collect()
 }
 
-/// The CA's config from its ConfigMap, checked with the real loader. Keys that other branches
-/// add are removed only while the loader refuses them as unknown (see [`PENDING_KEYS`]).
+/// The CA's config from its ConfigMap, checked with the real loader. Files the pod mounts
+/// (the cluster's JWKS) are replaced by stand-ins in a temp dir, since the loader reads them.
 fn ca_config(docs: &[(String, Value)]) -> toml::Table {
     let text = find(docs, "ConfigMap", "lanyard-config")["data"]["lanyard.toml"]
         .as_str()
@@ -358,30 +325,34 @@ fn ca_config(docs: &[(String, Value)]) -> toml::Table {
         .to_string();
     let full: toml::Table = text.parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    // A P-256 public key (a point on the curve), shaped like the API server's JWKS.
+    std::fs::write(
+        &jwks,
+        r#"{"keys":[{"kty":"EC","crv":"P-256","alg":"ES256","use":"sig","kid":"k1",
+        "x":"CpTb4eTLZL16CxcBPUJ7geScAoqkSAhZh9PSct4RtQQ","y":"qvYkHPFbCQo02fADTo0Xm5QENT2UCxV_Rf8RhwM8nP4"}]}"#,
+    )
+    .unwrap();
     let mut config = full.clone();
-    loop {
-        let path = dir.path().join("lanyard.toml");
-        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
-        match lanyard::config::ServeSettings::resolve(Some(&path), Default::default()) {
-            Ok(settings) => {
-                assert_eq!(settings.trust_domain.as_str(), "example.org");
-                assert!(!settings.policy.is_empty());
-                return full;
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                let pending = PENDING_KEYS.iter().find(|(k, _)| {
-                    msg.contains(&format!("unknown field `{k}`")) && config.contains_key(*k)
-                });
-                let Some((key, branch)) = pending else {
-                    panic!("the ConfigMap's lanyard.toml is invalid: {msg}");
-                };
-                eprintln!(
-                    "PENDING: ca.yaml: `{key}` is branch {branch}'s; not checked until it is merged"
+    if let Some(toml::Value::Array(attestors)) = config.get_mut("attestor") {
+        for a in attestors.iter_mut().filter_map(toml::Value::as_table_mut) {
+            if a.contains_key("jwks_file") {
+                a.insert(
+                    "jwks_file".into(),
+                    toml::Value::String(jwks.display().to_string()),
                 );
-                config.remove(*key);
             }
         }
+    }
+    let path = dir.path().join("lanyard.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    match lanyard::config::ServeSettings::resolve(Some(&path), Default::default()) {
+        Ok(settings) => {
+            assert_eq!(settings.trust_domain.as_str(), "example.org");
+            assert!(!settings.policy.is_empty());
+            full
+        }
+        Err(e) => panic!("the ConfigMap's lanyard.toml is invalid: {e}"),
     }
 }
 
