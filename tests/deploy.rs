@@ -318,7 +318,7 @@ fn args_of(container: &Value) -> Vec<String> {
 
 /// The CA's config from its ConfigMap, checked with the real loader. Files the pod mounts
 /// (the cluster's JWKS) are replaced by stand-ins in a temp dir, since the loader reads them.
-fn ca_config(docs: &[(String, Value)]) -> toml::Table {
+fn ca_config(docs: &[(String, Value)]) -> (toml::Table, lanyard::config::ServeSettings) {
     let text = find(docs, "ConfigMap", "lanyard-config")["data"]["lanyard.toml"]
         .as_str()
         .unwrap()
@@ -350,7 +350,7 @@ fn ca_config(docs: &[(String, Value)]) -> toml::Table {
         Ok(settings) => {
             assert_eq!(settings.trust_domain.as_str(), "example.org");
             assert!(!settings.policy.is_empty());
-            full
+            (full, settings)
         }
         Err(e) => panic!("the ConfigMap's lanyard.toml is invalid: {e}"),
     }
@@ -430,7 +430,7 @@ fn kubernetes_ca_is_one_stateful_replica_with_probes_and_a_budget() {
         "the data dir {data_dir} is not on the claim"
     );
     // Probes on the real health endpoints of the metrics listener the config opens.
-    let config = ca_config(&docs);
+    let (config, _) = ca_config(&docs);
     let metrics_port: u16 = config["metrics_listen"]
         .as_str()
         .unwrap()
@@ -528,7 +528,24 @@ fn kubernetes_sidecar_attests_with_a_projected_token_before_the_app_starts() {
     assert_eq!(port["containerPort"], metrics);
     // The token: projected with the audience the CA's attestor accepts, at the path the agent reads.
     let jwt_file = flag(&args, "jwt-file").expect("--jwt-file");
-    let config = ca_config(&docs);
+    let (config, settings) = ca_config(&docs);
+    // The DNS names the agent asks for are ones the CA's policy gives this service account.
+    let namespace = deploy["metadata"]["namespace"].as_str().unwrap();
+    let account = pod["serviceAccountName"].as_str().unwrap();
+    let id = lanyard::spiffe::SpiffeId::parse(&format!(
+        "spiffe://{}/ns/{namespace}/sa/{account}",
+        settings.trust_domain.as_str()
+    ))
+    .unwrap();
+    let dns: Vec<String> = args
+        .iter()
+        .filter_map(|a| a.strip_prefix("--dns-name="))
+        .map(String::from)
+        .collect();
+    assert!(!dns.is_empty(), "the sidecar asks for its Service's names");
+    let names = lanyard::ca::SanNames { dns, ips: vec![] };
+    lanyard::policy::check_names(&settings.policy, &id, &names)
+        .unwrap_or_else(|e| panic!("the CA's policy refuses the sidecar's names: {e}"));
     let audiences: Vec<&str> = config["attestor"]
         .as_array()
         .unwrap()
