@@ -13,14 +13,6 @@ use clap::{CommandFactory, Parser};
 use lanyard::cli::Cli;
 use serde_json::Value;
 
-/// Flags that other branches of issue #14 add, used by the deploy files ahead of them. Each is
-/// dropped before parsing only while the CLI has no such flag at all; once its branch is merged
-/// it is parsed and validated like any other, so this list can only loosen the test for flags
-/// that do not exist yet.
-const PENDING_FLAGS: &[(&str, &str)] = &[("jwt-file", "attest")];
-/// Config keys in the same position: removed only while the config refuses them as unknown.
-const PENDING_KEYS: &[(&str, &str)] = &[("attestor", "attest"), ("server_names", "names")];
-
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -48,33 +40,8 @@ fn parse_cli(args: &[String], env: &[(String, String)], origin: &str) {
     let sub = cli
         .find_subcommand(&args[0])
         .unwrap_or_else(|| panic!("{origin}: no subcommand {:?}", args[0]));
-    let takes = |long: &str| {
-        sub.get_arguments()
-            .chain(cli.get_arguments())
-            .find(|a| a.get_long() == Some(long))
-    };
     let mut argv = vec!["lanyard".to_string(), args[0].clone()];
-    let mut rest = args[1..].iter();
-    while let Some(arg) = rest.next() {
-        let long = arg
-            .strip_prefix("--")
-            .map(|l| l.split('=').next().unwrap_or(l));
-        let pending = long.and_then(|long| {
-            PENDING_FLAGS
-                .iter()
-                .find(|(f, _)| *f == long && takes(long).is_none())
-        });
-        if let Some((long, branch)) = pending {
-            eprintln!(
-                "PENDING: {origin}: --{long} is branch {branch}'s; not checked until it is merged"
-            );
-            if !arg.contains('=') {
-                rest.next();
-            }
-            continue;
-        }
-        argv.push(arg.clone());
-    }
+    argv.extend(args[1..].iter().cloned());
     for (name, value) in env {
         let arg = sub
             .get_arguments()
@@ -349,39 +316,43 @@ fn args_of(container: &Value) -> Vec<String> {
         .collect()
 }
 
-/// The CA's config from its ConfigMap, checked with the real loader. Keys that other branches
-/// add are removed only while the loader refuses them as unknown (see [`PENDING_KEYS`]).
-fn ca_config(docs: &[(String, Value)]) -> toml::Table {
+/// The CA's config from its ConfigMap, checked with the real loader. Files the pod mounts
+/// (the cluster's JWKS) are replaced by stand-ins in a temp dir, since the loader reads them.
+fn ca_config(docs: &[(String, Value)]) -> (toml::Table, lanyard::config::ServeSettings) {
     let text = find(docs, "ConfigMap", "lanyard-config")["data"]["lanyard.toml"]
         .as_str()
         .unwrap()
         .to_string();
     let full: toml::Table = text.parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    // A P-256 public key (a point on the curve), shaped like the API server's JWKS.
+    std::fs::write(
+        &jwks,
+        r#"{"keys":[{"kty":"EC","crv":"P-256","alg":"ES256","use":"sig","kid":"k1",
+        "x":"CpTb4eTLZL16CxcBPUJ7geScAoqkSAhZh9PSct4RtQQ","y":"qvYkHPFbCQo02fADTo0Xm5QENT2UCxV_Rf8RhwM8nP4"}]}"#,
+    )
+    .unwrap();
     let mut config = full.clone();
-    loop {
-        let path = dir.path().join("lanyard.toml");
-        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
-        match lanyard::config::ServeSettings::resolve(Some(&path), Default::default()) {
-            Ok(settings) => {
-                assert_eq!(settings.trust_domain.as_str(), "example.org");
-                assert!(!settings.policy.is_empty());
-                return full;
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                let pending = PENDING_KEYS.iter().find(|(k, _)| {
-                    msg.contains(&format!("unknown field `{k}`")) && config.contains_key(*k)
-                });
-                let Some((key, branch)) = pending else {
-                    panic!("the ConfigMap's lanyard.toml is invalid: {msg}");
-                };
-                eprintln!(
-                    "PENDING: ca.yaml: `{key}` is branch {branch}'s; not checked until it is merged"
+    if let Some(toml::Value::Array(attestors)) = config.get_mut("attestor") {
+        for a in attestors.iter_mut().filter_map(toml::Value::as_table_mut) {
+            if a.contains_key("jwks_file") {
+                a.insert(
+                    "jwks_file".into(),
+                    toml::Value::String(jwks.display().to_string()),
                 );
-                config.remove(*key);
             }
         }
+    }
+    let path = dir.path().join("lanyard.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    match lanyard::config::ServeSettings::resolve(Some(&path), Default::default()) {
+        Ok(settings) => {
+            assert_eq!(settings.trust_domain.as_str(), "example.org");
+            assert!(!settings.policy.is_empty());
+            (full, settings)
+        }
+        Err(e) => panic!("the ConfigMap's lanyard.toml is invalid: {e}"),
     }
 }
 
@@ -459,7 +430,7 @@ fn kubernetes_ca_is_one_stateful_replica_with_probes_and_a_budget() {
         "the data dir {data_dir} is not on the claim"
     );
     // Probes on the real health endpoints of the metrics listener the config opens.
-    let config = ca_config(&docs);
+    let (config, _) = ca_config(&docs);
     let metrics_port: u16 = config["metrics_listen"]
         .as_str()
         .unwrap()
@@ -557,7 +528,24 @@ fn kubernetes_sidecar_attests_with_a_projected_token_before_the_app_starts() {
     assert_eq!(port["containerPort"], metrics);
     // The token: projected with the audience the CA's attestor accepts, at the path the agent reads.
     let jwt_file = flag(&args, "jwt-file").expect("--jwt-file");
-    let config = ca_config(&docs);
+    let (config, settings) = ca_config(&docs);
+    // The DNS names the agent asks for are ones the CA's policy gives this service account.
+    let namespace = deploy["metadata"]["namespace"].as_str().unwrap();
+    let account = pod["serviceAccountName"].as_str().unwrap();
+    let id = lanyard::spiffe::SpiffeId::parse(&format!(
+        "spiffe://{}/ns/{namespace}/sa/{account}",
+        settings.trust_domain.as_str()
+    ))
+    .unwrap();
+    let dns: Vec<String> = args
+        .iter()
+        .filter_map(|a| a.strip_prefix("--dns-name="))
+        .map(String::from)
+        .collect();
+    assert!(!dns.is_empty(), "the sidecar asks for its Service's names");
+    let names = lanyard::ca::SanNames { dns, ips: vec![] };
+    lanyard::policy::check_names(&settings.policy, &id, &names)
+        .unwrap_or_else(|e| panic!("the CA's policy refuses the sidecar's names: {e}"));
     let audiences: Vec<&str> = config["attestor"]
         .as_array()
         .unwrap()
