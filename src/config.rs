@@ -83,6 +83,14 @@ pub struct FileConfig {
     pub ca_cert: Option<PathBuf>,
     /// The private key (PEM, mode 0600) for `ca_cert`.
     pub ca_key: Option<PathBuf>,
+    /// Key-encryption key (32 random bytes, mode 0600) that seals the CA keys in a shared
+    /// store; every replica reads the same file. Required on etcd, unused on sled.
+    pub kek_file: Option<PathBuf>,
+    /// This replica's name in `lanyard status` (default: the host name and listen port).
+    pub replica_id: Option<String>,
+    /// The address other replicas, operators and agents reach this replica at, as shown in
+    /// `lanyard status` (default: the listen address).
+    pub advertise_address: Option<String>,
     /// How long an access request waits for approvals before it expires.
     #[serde(default, with = "opt_duration")]
     pub access_request_ttl: Option<Duration>,
@@ -142,6 +150,10 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--listen` / `LANYARD_LISTEN`.
     pub listen: Option<SocketAddr>,
+    /// `--kek-file` / `LANYARD_KEK_FILE`.
+    pub kek_file: Option<PathBuf>,
+    /// `--replica-id` / `LANYARD_REPLICA_ID`.
+    pub replica_id: Option<String>,
 }
 
 /// Fully merged and validated server settings.
@@ -199,6 +211,12 @@ pub struct ServeSettings {
     pub roles_oid: RolesOid,
     /// An operator-supplied CA (cert chain, key).
     pub ca_files: Option<(PathBuf, PathBuf)>,
+    /// The key-encryption key file for CA keys in a shared store.
+    pub kek_file: Option<PathBuf>,
+    /// This replica's name among the replicas of a shared store.
+    pub replica_id: String,
+    /// The address shown for this replica in `lanyard status`.
+    pub advertise_address: String,
     /// The config file, watched for policy changes.
     pub config_path: Option<PathBuf>,
     /// The validated policy.
@@ -276,6 +294,21 @@ pub mod defaults {
     pub const REQUEST_START_TIMEOUT: Duration = Duration::from_secs(5);
     /// Idle gRPC connection timeout.
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+}
+
+/// `<host name>-<listen port>`: unique per replica on one host as across hosts.
+fn default_replica_id(listen: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "lanyard".into());
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(50)
+        .collect();
+    format!("{host}-{}", listen.port())
 }
 
 impl FileConfig {
@@ -409,6 +442,23 @@ impl ServeSettings {
             ));
         }
         let transport = resolve_transport(&file)?;
+        let replica_id = match overrides.replica_id.or(file.replica_id.clone()) {
+            Some(id) => {
+                if id.is_empty()
+                    || id.len() > 64
+                    || !id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    return Err(ConfigError::Invalid(
+                        "replica_id",
+                        format!("{id:?}: 1 to 64 characters of [A-Za-z0-9._-]"),
+                    ));
+                }
+                id
+            }
+            None => default_replica_id(listen),
+        };
         Ok(Self {
             trust_domain,
             data_dir: overrides
@@ -439,6 +489,12 @@ impl ServeSettings {
             transport,
             roles_oid,
             ca_files,
+            kek_file: overrides.kek_file.or(file.kek_file.clone()),
+            replica_id,
+            advertise_address: file
+                .advertise_address
+                .clone()
+                .unwrap_or_else(|| listen.to_string()),
             config_path: config_path.map(Path::to_path_buf),
             policy,
         })

@@ -304,7 +304,7 @@ impl Core {
                 "ca_rotation_overlap is shorter than two bundle refresh hints: federated peers may not hold the new CA when it starts signing"
             );
         }
-        let rotation = load_rotation(settings, log)?;
+        let rotation = load_rotation(settings, log).await?;
         let cas = rotation.cas().clone();
         let bundles = BundleHub::open(
             &state.data.join("federation"),
@@ -712,7 +712,10 @@ fn open_store(data: &Path) -> Result<Arc<dyn Store>, ServeError> {
 }
 
 /// The CA rotation state: the operator's CA files, or the managed CAs under `<data_dir>/ca`.
-fn load_rotation(settings: &ServeSettings, log: &AuditLog) -> Result<Arc<Rotation>, ServeError> {
+async fn load_rotation(
+    settings: &ServeSettings,
+    log: &AuditLog,
+) -> Result<Arc<Rotation>, ServeError> {
     let timing = Timing {
         overlap: settings.ca_rotation_overlap,
         retire_after: settings.max_cert_lifetime + settings.renewal_grace,
@@ -735,6 +738,7 @@ fn load_rotation(settings: &ServeSettings, log: &AuditLog) -> Result<Arc<Rotatio
             timing,
             log.clone(),
         )
+        .await
         .map_err(|e| match e {
             RotationError::Ca(e) => ServeError::Ca(e),
             other => ServeError::Rotation(other.to_string()),
@@ -790,7 +794,7 @@ pub async fn recover(settings: ServeSettings) -> Result<Recovered, ServeError> {
     let data = settings.data_dir.clone();
     let store = open_store(&data)?;
     let log = AuditLog::start(store.clone()).map_err(|e| ServeError::Store(e.to_string()))?;
-    let rotation = load_rotation(&settings, &log)?;
+    let rotation = load_rotation(&settings, &log).await?;
     let revocations = new_revocations(&settings, &log);
     let store_err = |e: &dyn std::fmt::Display| ServeError::Store(e.to_string());
     let mut lifted = Vec::new();

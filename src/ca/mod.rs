@@ -4,11 +4,13 @@
 
 mod authority;
 mod csr;
+mod seal;
 mod set;
 mod svid;
 
 pub use authority::{Authority, LeafParams, SignedLeaf, certs_to_pem, pem_encode};
 pub use csr::{MAX_CSR_BYTES, ValidCsr, parse_csr};
+pub use seal::{KEK_LEN, Kek, SealError};
 pub use set::{CaHandle, CaSet};
 pub(crate) use svid::decode_roles;
 pub use svid::{RolesOid, Serial, SvidInfo, encode_roles, parse_svid};

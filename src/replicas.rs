@@ -1,0 +1,175 @@
+//! The replicas of one CA on a shared store. Each publishes, under `replicas/<id>`, where it
+//! listens, the fingerprint of its policy (policy files stay per replica) and a heartbeat
+//! refreshed every [`HEARTBEAT`]; `lanyard status` lists them, and a replica whose policy differs
+//! from another live one's logs a warning (once per change).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::policy::PolicyHandle;
+use crate::store::{Store, StoreError};
+use crate::tls::unix_now;
+
+/// How often a replica refreshes its entry.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A replica whose heartbeat is older than this is shown as down and left out of the policy
+/// comparison.
+pub const STALE_AFTER: Duration = Duration::from_secs(10);
+/// An entry silent for this long is deleted by whichever replica sees it (a replica removed for
+/// good, or a renamed one).
+pub const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
+const PREFIX: &str = "replicas/";
+
+/// One replica's published entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    /// Its name (`replica_id`).
+    pub id: String,
+    /// Where it is reached (`advertise_address`).
+    pub address: String,
+    /// [`crate::policy::Policy::fingerprint`] of its policy now.
+    pub policy_sha256: String,
+    /// Its last heartbeat, seconds since the epoch.
+    pub heartbeat: i64,
+    /// When it started, seconds since the epoch.
+    pub started_at: i64,
+    /// Its Lanyard version.
+    pub version: String,
+}
+
+/// Publishes this replica's entry and watches the others' policies.
+pub struct Replicas {
+    store: Arc<dyn Store>,
+    me: ReplicaInfo,
+    policy: PolicyHandle,
+}
+
+// === impl ReplicaInfo ===
+
+impl ReplicaInfo {
+    /// Whether its heartbeat is recent at `now`.
+    pub fn is_live(&self, now: i64) -> bool {
+        now - self.heartbeat <= STALE_AFTER.as_secs() as i64
+    }
+}
+
+// === impl Replicas ===
+
+impl Replicas {
+    /// This replica, named `id` and reached at `address`.
+    pub fn new(store: Arc<dyn Store>, id: &str, address: &str, policy: PolicyHandle) -> Self {
+        let now = unix_now();
+        Self {
+            store,
+            me: ReplicaInfo {
+                id: id.to_string(),
+                address: address.to_string(),
+                policy_sha256: policy.current().fingerprint(),
+                heartbeat: now,
+                started_at: now,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            policy,
+        }
+    }
+
+    /// Publishes the entry now (so `status` lists this replica as soon as it serves), then
+    /// every [`HEARTBEAT`] until `shutdown`, when it deletes the entry.
+    pub fn spawn(self, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut warned: Option<BTreeMap<String, String>> = None;
+            loop {
+                let mut me = self.me.clone();
+                me.heartbeat = unix_now();
+                me.policy_sha256 = self.policy.current().fingerprint();
+                let store = self.store.clone();
+                let published = me.clone();
+                let beat = tokio::task::spawn_blocking(move || {
+                    publish(store.as_ref(), &published)?;
+                    list(store.as_ref())
+                })
+                .await;
+                match beat {
+                    Ok(Ok(all)) => warned = check_policies(&me, &all, warned),
+                    Ok(Err(e)) => debug!(error = %e, "replica heartbeat failed"),
+                    Err(e) => debug!(error = %e, "replica heartbeat task failed"),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(HEARTBEAT) => {}
+                    () = crate::server::stopped(&mut shutdown) => break,
+                }
+            }
+            let store = self.store.clone();
+            let key = format!("{PREFIX}{}", self.me.id);
+            let _ = tokio::task::spawn_blocking(move || store.shared_delete(&key, None)).await;
+            info!(replica = %self.me.id, "replica entry removed");
+        })
+    }
+}
+
+/// Every replica entry, in id order; entries silent for [`FORGET_AFTER`] are deleted.
+pub fn list(store: &dyn Store) -> Result<Vec<ReplicaInfo>, StoreError> {
+    let now = unix_now();
+    let mut out = Vec::new();
+    for (key, v) in store.shared_list(PREFIX)? {
+        match serde_json::from_slice::<ReplicaInfo>(&v.value) {
+            Ok(r) if now - r.heartbeat > FORGET_AFTER.as_secs() as i64 => {
+                info!(replica = %r.id, "forgetting a replica silent for a day");
+                store.shared_delete(&key, Some(v.version))?;
+            }
+            Ok(r) => out.push(r),
+            Err(e) => warn!(%key, error = %e, "undecodable replica entry"),
+        }
+    }
+    Ok(out)
+}
+
+fn publish(store: &dyn Store, me: &ReplicaInfo) -> Result<(), StoreError> {
+    let key = format!("{PREFIX}{}", me.id);
+    let value = serde_json::to_vec(me).map_err(|e| StoreError::Decode {
+        key: key.clone(),
+        reason: e.to_string(),
+    })?;
+    // Only this replica writes its key: a failed compare means a concurrent delete (another
+    // replica forgetting it) or a second process with the same id, which the next beat sorts out.
+    let current = store.shared_get(&key)?.map(|v| v.version);
+    if !store.shared_put(&key, &value, current)? {
+        warn!(replica = %me.id, "replica entry changed under this replica: is another replica running with the same replica_id?");
+    }
+    Ok(())
+}
+
+/// Warns when a live replica's policy differs from this one's; returns the differing set so
+/// the same difference is not logged every beat.
+fn check_policies(
+    me: &ReplicaInfo,
+    all: &[ReplicaInfo],
+    warned: Option<BTreeMap<String, String>>,
+) -> Option<BTreeMap<String, String>> {
+    let now = unix_now();
+    let differing: BTreeMap<String, String> = all
+        .iter()
+        .filter(|r| r.id != me.id && r.is_live(now) && r.policy_sha256 != me.policy_sha256)
+        .map(|r| (r.id.clone(), r.policy_sha256.clone()))
+        .collect();
+    if warned.as_ref() != Some(&differing) {
+        if differing.is_empty() {
+            if warned.is_some() {
+                info!("every live replica has the same policy again");
+            }
+        } else {
+            warn!(
+                replica = %me.id,
+                policy_sha256 = %me.policy_sha256,
+                others = ?differing,
+                "replicas have different policies: identities may get different roles depending on the replica they reach; deploy the same policy file to every replica"
+            );
+        }
+    }
+    Some(differing)
+}
