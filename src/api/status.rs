@@ -67,7 +67,10 @@ pub fn federation(e: crate::federation::FederationError) -> Status {
 
 /// Maps an audit error.
 pub fn audit(e: AuditError) -> Status {
-    internal(&e.to_string())
+    match e {
+        AuditError::Conflict => Status::aborted(e.to_string()),
+        other => internal(&other.to_string()),
+    }
 }
 
 /// Maps a store error.

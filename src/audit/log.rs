@@ -9,7 +9,9 @@ use tracing::{error, warn};
 
 use super::chain::{GENESIS_HASH, compute_hash};
 use super::{AuditError, Event};
-use crate::store::{AuditRecord, RECORD_VERSION, RevocationRecord, Store, Write};
+use crate::store::{
+    AccessRecord, AuditRecord, RECORD_VERSION, RevocationRecord, Store, StoreError, Write,
+};
 
 /// Most events committed in one transaction and one fsync.
 const MAX_GROUP: usize = 1024;
@@ -32,14 +34,10 @@ const REPLAY_PAGE: usize = 512;
 static GROUPS: AtomicU64 = AtomicU64::new(0);
 static EVENTS: AtomicU64 = AtomicU64::new(0);
 
-/// A record that is durable, with the revocations it carried (for revocation watchers).
-#[derive(Debug, Clone)]
-pub struct Committed {
-    /// The audit record.
-    pub record: AuditRecord,
-    /// Revocation entries written with it, their `rev` set to the record's seq.
-    pub revocations: Vec<RevocationRecord>,
-}
+/// How often a group is re-sequenced after other replicas appended first before it fails.
+const MAX_HEAD_RETRIES: u32 = 64;
+
+pub use crate::store::Committed;
 
 struct Pending {
     event: Event,
@@ -119,11 +117,16 @@ impl AuditLog {
     pub fn start(store: Arc<dyn Store>) -> Result<Self, AuditError> {
         let head = store.audit_head()?;
         let (tx, rx) = mpsc::channel(8 * MAX_GROUP);
-        let (live, _) = broadcast::channel(LIVE_BUFFER);
+        // A replicated store publishes every replica's commits itself, in seq order; the writer
+        // then publishes nothing (its own commits arrive through the store's feed too).
+        let feed = store.commit_feed();
+        let publish = feed.is_none();
+        let live = feed.unwrap_or_else(|| broadcast::channel(LIVE_BUFFER).0);
         let gate = Arc::new(Gate::default());
         let writer = Writer {
             store: store.clone(),
             live: live.clone(),
+            publish,
             gate: gate.clone(),
             next_seq: head.map_or(1, |(seq, _)| seq + 1),
             prev_hash: head.map_or(GENESIS_HASH, |(_, h)| h),
@@ -261,6 +264,8 @@ impl Subscription {
 struct Writer {
     store: Arc<dyn Store>,
     live: broadcast::Sender<Arc<Committed>>,
+    /// Whether the writer publishes its commits (false when the store does, see `commit_feed`).
+    publish: bool,
     gate: Arc<Gate>,
     next_seq: u64,
     prev_hash: [u8; 32],
@@ -335,101 +340,193 @@ impl Writer {
         }
     }
 
+    /// Commits a group, split where it exceeds what one store commit may write.
     fn commit_group(&mut self, group: Vec<Pending>) {
+        let budget = self.store.max_commit_ops().max(2);
+        let mut chunk = Vec::new();
+        // One op for the chain head, one per record, one per write.
+        let mut ops = 1;
+        for p in group {
+            let n = 1 + p.writes.len();
+            if !chunk.is_empty() && ops + n > budget {
+                self.commit_chunk(std::mem::take(&mut chunk));
+                ops = 1;
+            }
+            ops += n;
+            chunk.push(p);
+        }
+        if !chunk.is_empty() {
+            self.commit_chunk(chunk);
+        }
+    }
+
+    /// Sequences `group` from the current head and commits it. When another replica appended
+    /// first, re-reads the head and re-sequences; when some events' guards failed, fails only
+    /// those events and commits the rest.
+    fn commit_chunk(&mut self, mut group: Vec<Pending>) {
+        let mut head_retries = 0;
+        loop {
+            if group.is_empty() {
+                return;
+            }
+            let seq = self.sequence(&group);
+            let started = Instant::now();
+            let mut flushed_in = Duration::ZERO;
+            let result = self
+                .store
+                .commit(&seq.records, &seq.writes)
+                .and_then(|()| {
+                    let flush_started = Instant::now();
+                    let r = self.store.flush();
+                    flushed_in = flush_started.elapsed();
+                    r
+                });
+            match result {
+                Ok(()) => {
+                    crate::metrics::ca().audit_commit(group.len(), started.elapsed(), flushed_in);
+                    GROUPS.fetch_add(1, Ordering::Relaxed);
+                    EVENTS.fetch_add(group.len() as u64, Ordering::Relaxed);
+                    if let Some(last) = seq.records.last() {
+                        self.next_seq = last.seq + 1;
+                        self.prev_hash = last.hash;
+                    }
+                    self.last_ms = seq.time_ms;
+                    let parts = group
+                        .into_iter()
+                        .zip(seq.records)
+                        .zip(seq.revocations)
+                        .zip(seq.access);
+                    for (((p, rec), revocations), access) in parts {
+                        // Subscribers get their copy first, then the caller gets the record.
+                        if self.publish && self.live.receiver_count() > 0 {
+                            let _ = self.live.send(Arc::new(Committed {
+                                record: rec.clone(),
+                                revocations,
+                                access,
+                            }));
+                        }
+                        let _ = p.done.send(Ok(rec));
+                    }
+                    return;
+                }
+                Err(StoreError::HeadMoved) if head_retries < MAX_HEAD_RETRIES => {
+                    head_retries += 1;
+                    self.reread_head();
+                }
+                Err(StoreError::GuardFailed { writes }) => {
+                    // Fail only the events whose guards failed; re-sequence the rest.
+                    let mut losers: Vec<usize> =
+                        writes.iter().filter_map(|w| seq.owners.get(*w).copied()).collect();
+                    losers.sort_unstable();
+                    losers.dedup();
+                    if losers.is_empty() {
+                        self.fail(group, &StoreError::GuardFailed { writes });
+                        return;
+                    }
+                    for i in losers.into_iter().rev() {
+                        let p = group.remove(i);
+                        let _ = p.done.send(Err(AuditError::Conflict));
+                    }
+                }
+                Err(e) => {
+                    self.fail(group, &e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Numbers and chains `group` from the writer's head.
+    fn sequence(&self, group: &[Pending]) -> Sequenced {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        // Time never goes backwards inside the log, even if the wall clock does.
+        // Time never goes backwards inside this writer's part of the log, even if the wall
+        // clock does.
         let time_ms = now_ms.max(self.last_ms);
-        let mut records = Vec::with_capacity(group.len());
-        let mut writes = Vec::with_capacity(group.len() * 2);
-        let mut revs = Vec::with_capacity(group.len());
-        let mut waiters = Vec::with_capacity(group.len());
+        let mut out = Sequenced {
+            records: Vec::with_capacity(group.len()),
+            writes: Vec::with_capacity(group.len() * 2),
+            owners: Vec::with_capacity(group.len() * 2),
+            revocations: Vec::with_capacity(group.len()),
+            access: Vec::with_capacity(group.len()),
+            time_ms,
+        };
         let (mut seq, mut prev) = (self.next_seq, self.prev_hash);
-        for p in group {
-            let Pending {
-                event: e,
-                writes: ws,
-                done,
-                intent: _,
-            } = p;
+        for (i, p) in group.iter().enumerate() {
+            let e = &p.event;
             let mut rec = AuditRecord {
                 v: RECORD_VERSION,
                 seq,
                 time_ms,
                 kind: e.kind.map_or("unknown", |k| k.as_str()).to_string(),
-                actor: e.actor,
-                subject: e.subject,
-                serial: e.serial,
-                roles: e.roles,
+                actor: e.actor.clone(),
+                subject: e.subject.clone(),
+                serial: e.serial.clone(),
+                roles: e.roles.clone(),
                 not_after: e.not_after,
-                reason: e.reason,
-                claimed: e.claimed,
+                reason: e.reason.clone(),
+                claimed: e.claimed.clone(),
                 prev_hash: prev,
                 hash: [0; 32],
             };
             rec.hash = compute_hash(&rec);
             prev = rec.hash;
-            let mut mine = Vec::new();
-            for mut w in ws {
-                if let Write::PutRevocation(r) = &mut w {
-                    r.rev = seq;
-                    mine.push(r.clone());
+            let (mut revs, mut access) = (Vec::new(), Vec::new());
+            for w in &p.writes {
+                let mut w = w.clone();
+                match &mut w {
+                    Write::PutRevocation(r) => {
+                        r.rev = seq;
+                        revs.push(r.clone());
+                    }
+                    Write::PutAccess(a) => access.push(a.clone()),
+                    _ => {}
                 }
-                writes.push(w);
+                out.writes.push(w);
+                out.owners.push(i);
             }
-            revs.push(mine);
-            records.push(rec);
-            waiters.push(done);
+            out.revocations.push(revs);
+            out.access.push(access);
+            out.records.push(rec);
             seq += 1;
         }
-        let started = Instant::now();
-        let mut flushed_in = Duration::ZERO;
-        let result = self.store.commit(&records, &writes).and_then(|()| {
-            let flush_started = Instant::now();
-            let r = self.store.flush();
-            flushed_in = flush_started.elapsed();
-            r
-        });
-        match result {
-            Ok(()) => {
-                crate::metrics::ca().audit_commit(waiters.len(), started.elapsed(), flushed_in);
-                GROUPS.fetch_add(1, Ordering::Relaxed);
-                EVENTS.fetch_add(waiters.len() as u64, Ordering::Relaxed);
-                self.next_seq = seq;
-                self.prev_hash = prev;
-                self.last_ms = time_ms;
-                for ((done, rec), revocations) in waiters.into_iter().zip(records).zip(revs) {
-                    // Subscribers get their copy first, then the caller gets the record.
-                    if self.live.receiver_count() > 0 {
-                        let _ = self.live.send(Arc::new(Committed {
-                            record: rec.clone(),
-                            revocations,
-                        }));
-                    }
-                    let _ = done.send(Ok(rec));
-                }
+        out
+    }
+
+    /// Continues the chain from what is stored (after a failure, or another replica's append).
+    fn reread_head(&mut self) {
+        match self.store.audit_head() {
+            Ok(head) => {
+                self.next_seq = head.map_or(1, |(s, _)| s + 1);
+                self.prev_hash = head.map_or(GENESIS_HASH, |(_, h)| h);
             }
-            Err(e) => {
-                // Nothing is acknowledged. Re-read the head: a failed flush may still have left
-                // the records in the tree, and the chain must continue from what is stored.
-                error!(error = %e, events = waiters.len(), "audit commit failed");
-                match self.store.audit_head() {
-                    Ok(head) => {
-                        self.next_seq = head.map_or(1, |(s, _)| s + 1);
-                        self.prev_hash = head.map_or(GENESIS_HASH, |(_, h)| h);
-                    }
-                    Err(e) => warn!(error = %e, "cannot re-read audit head"),
-                }
-                let msg = e.to_string();
-                for done in waiters {
-                    let _ = done.send(Err(AuditError::Store(crate::store::StoreError::Backend(
-                        msg.clone(),
-                    ))));
-                }
-            }
+            Err(e) => warn!(error = %e, "cannot re-read audit head"),
         }
     }
+
+    /// Answers every event of `group` with the failure; nothing was acknowledged.
+    fn fail(&mut self, group: Vec<Pending>, e: &StoreError) {
+        // Re-read the head: a failed flush may still have left the records in the tree, and
+        // the chain must continue from what is stored.
+        error!(error = %e, events = group.len(), "audit commit failed");
+        self.reread_head();
+        let msg = e.to_string();
+        for p in group {
+            let _ = p.done.send(Err(AuditError::Store(StoreError::Backend(msg.clone()))));
+        }
+    }
+}
+
+/// A group numbered and chained, ready to commit.
+struct Sequenced {
+    records: Vec<AuditRecord>,
+    writes: Vec<Write>,
+    /// For each write, the index of the event it belongs to.
+    owners: Vec<usize>,
+    revocations: Vec<Vec<RevocationRecord>>,
+    access: Vec<Vec<AccessRecord>>,
+    time_ms: i64,
 }
 
 /// Adds `p` to the group; the writer has its event now, so its intent is fulfilled.

@@ -23,6 +23,10 @@ pub enum AuditError {
     /// The writer task has stopped (server shutting down).
     #[error("audit log is closed")]
     Closed,
+    /// A record this event was based on changed concurrently (on another replica); nothing of
+    /// the event was written.
+    #[error("changed concurrently on another replica; list and retry")]
+    Conflict,
 }
 
 /// What happened, as recorded in the audit log.

@@ -5,15 +5,30 @@
 //! records and the state changes they describe in one transaction, then makes it durable. The
 //! caller (the audit log's group-commit task) is the single writer, so sequence numbers are
 //! gapless and every state change is on the record.
+//!
+//! Several replicas may share one store (the etcd backend): then a commit also checks that the
+//! audit chain head is where the writer believed it was ([`StoreError::HeadMoved`]) and that
+//! every [`Guard`] still holds ([`StoreError::GuardFailed`]), and the backend publishes every
+//! replica's commits on its own feed ([`Store::commit_feed`]). Small replica-shared values (CA
+//! material, rotation state, policy hashes, the replica registry) live in a versioned key/value
+//! space with compare-and-set ([`Store::shared_put`]) and a change feed
+//! ([`Store::shared_changes`]).
 
 mod records;
 mod sled;
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
 
 pub use records::{
     AccessRecord, ApprovalRecord, AuditRecord, Enrollment, IssuedRecord, RECORD_VERSION,
     RevocationRecord, TokenRecord,
 };
 pub use sled::SledStore;
+
+/// Capacity of the shared-change and commit feeds; a subscriber that lags further re-reads.
+pub const FEED_BUFFER: usize = 4096;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +53,27 @@ pub enum StoreError {
         /// The seq offered.
         got: u64,
     },
+    /// Another replica appended to the audit chain first; nothing of this commit was written.
+    /// Re-read [`Store::audit_head`], re-sequence the records and commit again.
+    #[error("audit chain head moved (another replica appended first)")]
+    HeadMoved,
+    /// These writes' [`Guard`]s failed (the guarded record changed, on another replica);
+    /// nothing of this commit was written. Indexes are into the `writes` slice.
+    #[error("guarded records changed concurrently (writes {writes:?})")]
+    GuardFailed {
+        /// Indexes of the failed `Write::Guard`s.
+        writes: Vec<usize>,
+    },
+    /// The backend could not be reached in time (etcd without quorum, network down); retryable.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::HeadMoved)
+    }
 }
 
 /// Outcome of consuming one use of a join token.
@@ -66,6 +102,59 @@ pub enum Write {
     PutRevocation(RevocationRecord),
     /// Create or update an access request / grant (deleted at its `prune_at`).
     PutAccess(AccessRecord),
+    /// Writes nothing: the commit fails with [`StoreError::GuardFailed`] naming this write unless
+    /// the guarded record is still exactly as the caller read it.
+    Guard(Guard),
+}
+
+/// A precondition of a commit: a record is still as it was read. Callers pass the record they
+/// read (not a version number), so single-node code needs no versions; the etcd backend turns it
+/// into a mod-revision compare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guard {
+    /// The access request `id` is still `expect` (`None`: still absent).
+    Access {
+        /// Request id.
+        id: String,
+        /// The record as read.
+        expect: Option<Box<AccessRecord>>,
+    },
+    /// The identity rule of `spiffe_id` is still `expect` (`None`: still absent).
+    IdentityRule {
+        /// The identity.
+        spiffe_id: String,
+        /// The rule as read.
+        expect: Option<Box<RevocationRecord>>,
+    },
+}
+
+/// A replica-shared value and its version (changes on every write; never 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The bytes stored.
+    pub value: Vec<u8>,
+    /// Opaque version for [`Store::shared_put`]'s compare-and-set.
+    pub version: u64,
+}
+
+/// A change of one shared key, as published by [`Store::shared_changes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedChange {
+    /// The key (without the backend's prefix).
+    pub key: String,
+    /// The new value; `None` when deleted.
+    pub value: Option<Versioned>,
+}
+
+/// An audit record that is durable, with the state it carried, as the live feed publishes it.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The audit record.
+    pub record: AuditRecord,
+    /// Revocation entries written with it, their `rev` set to the record's seq.
+    pub revocations: Vec<RevocationRecord>,
+    /// Access requests/grants written with it (so every replica's access view can refresh).
+    pub access: Vec<AccessRecord>,
 }
 
 /// Durable state, in domain terms.
@@ -108,6 +197,31 @@ pub trait Store: Send + Sync + 'static {
     fn prune(&self, now: i64) -> Result<usize, StoreError>;
     /// Counts of live entries per kind, for status and benchmarks.
     fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// A replica-shared value.
+    fn shared_get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
+    /// Compare-and-set of a shared value, durable on return: writes when the stored version is
+    /// `expect` (`None`: the key must not exist). `false` when the compare failed.
+    fn shared_put(&self, key: &str, value: &[u8], expect: Option<u64>) -> Result<bool, StoreError>;
+    /// Deletes a shared value if its version is `expect` (`None`: whatever it is). `false` when
+    /// the compare failed or the key did not exist.
+    fn shared_delete(&self, key: &str, expect: Option<u64>) -> Result<bool, StoreError>;
+    /// Every shared value whose key starts with `prefix`, in key order.
+    fn shared_list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError>;
+    /// Feed of shared-value changes. Replicated backends publish every replica's changes (this
+    /// replica's before its `shared_put` returns); sled publishes its own.
+    fn shared_changes(&self) -> broadcast::Receiver<SharedChange>;
+    /// The feed on which the backend itself publishes every replica's commits in seq order
+    /// (each before the local commit that wrote it returns). `None` (sled): the audit writer
+    /// publishes its own commits.
+    fn commit_feed(&self) -> Option<broadcast::Sender<Arc<Committed>>> {
+        None
+    }
+    /// Most keys one [`Store::commit`] may write (etcd limits operations per transaction); the
+    /// audit writer splits larger groups.
+    fn max_commit_ops(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// Sizes of the store's collections.

@@ -9,9 +9,11 @@ use serde::de::DeserializeOwned;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use tokio::sync::broadcast;
+
 use super::{
-    AccessRecord, AuditRecord, Consume, Enrollment, IssuedRecord, RevocationRecord, Store,
-    StoreError, StoreStats, TokenRecord, Write,
+    AccessRecord, AuditRecord, Consume, Enrollment, FEED_BUFFER, Guard, IssuedRecord,
+    RevocationRecord, SharedChange, Store, StoreError, StoreStats, TokenRecord, Versioned, Write,
 };
 
 /// Which collection an expiry-index entry points into.
@@ -43,6 +45,10 @@ pub struct SledStore {
     revs: sled::Tree,
     /// expires_at (8 bytes BE, offset) + collection byte + key → (), for `prune`.
     expiry: sled::Tree,
+    /// shared key → version (8 bytes BE) + value.
+    shared: sled::Tree,
+    /// Publishes this store's shared-value changes.
+    shared_tx: broadcast::Sender<SharedChange>,
     /// The seq the next audit record must carry, once known. Only [`Store::commit`] appends to
     /// the audit tree and sled's directory lock keeps other processes out, so after one read of
     /// the head this is the truth; it saves a tree read and a decode on every group commit. The
@@ -73,6 +79,8 @@ impl SledStore {
             access: tree("access")?,
             revs: tree("revs")?,
             expiry: tree("expiry")?,
+            shared: tree("shared")?,
+            shared_tx: broadcast::channel(FEED_BUFFER).0,
             db,
             next_seq: Mutex::new(None),
         })
@@ -263,6 +271,38 @@ impl Store for SledStore {
                 let (audit_t, tokens, enrollments, issued, issued_ids) =
                     (&t[0], &t[1], &t[2], &t[3], &t[4]);
                 let (revoked, rules, revs, expiry, access) = (&t[5], &t[6], &t[7], &t[8], &t[9]);
+                // Guards first: a failed one aborts before anything is written.
+                let mut failed = Vec::new();
+                for (i, w) in prepared.iter().enumerate() {
+                    if let Prepared::Guard(g) = w {
+                        let holds = match g {
+                            Guard::Access { id, expect } => {
+                                let now: Option<AccessRecord> = access
+                                    .get(id.as_bytes())?
+                                    .map(|raw| decode(id.as_bytes(), &raw))
+                                    .transpose()
+                                    .map_err(ConflictableTransactionError::Abort)?;
+                                now.as_ref() == expect.as_deref()
+                            }
+                            Guard::IdentityRule { spiffe_id, expect } => {
+                                let now: Option<RevocationRecord> = rules
+                                    .get(spiffe_id.as_bytes())?
+                                    .map(|raw| decode(spiffe_id.as_bytes(), &raw))
+                                    .transpose()
+                                    .map_err(ConflictableTransactionError::Abort)?;
+                                now.as_ref() == expect.as_deref()
+                            }
+                        };
+                        if !holds {
+                            failed.push(i);
+                        }
+                    }
+                }
+                if !failed.is_empty() {
+                    return Err(ConflictableTransactionError::Abort(StoreError::GuardFailed {
+                        writes: failed,
+                    }));
+                }
                 for (k, v) in &audit {
                     audit_t.insert(k, v.as_slice())?;
                 }
@@ -317,6 +357,7 @@ impl Store for SledStore {
                             access.insert(*key, value.as_slice())?;
                             expiry.insert(expiry_key.as_slice(), &[])?;
                         }
+                        Prepared::Guard(_) => {}
                     }
                 }
                 Ok(())
@@ -377,6 +418,90 @@ impl Store for SledStore {
             disk_bytes: self.db.size_on_disk().map_err(backend)?,
         })
     }
+
+    fn shared_get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        Ok(self
+            .shared
+            .get(key.as_bytes())
+            .map_err(backend)?
+            .and_then(|raw| versioned(&raw)))
+    }
+
+    fn shared_put(&self, key: &str, value: &[u8], expect: Option<u64>) -> Result<bool, StoreError> {
+        let current = self.shared.get(key.as_bytes()).map_err(backend)?;
+        if current.as_deref().and_then(versioned).map(|v| v.version) != expect {
+            return Ok(false);
+        }
+        // Versions come from sled's monotonic id generator (+1: never 0), so a value written,
+        // deleted and written again never repeats an earlier version.
+        let version = self.db.generate_id().map_err(backend)? + 1;
+        let mut raw = version.to_be_bytes().to_vec();
+        raw.extend_from_slice(value);
+        if self
+            .shared
+            .compare_and_swap(key.as_bytes(), current, Some(raw))
+            .map_err(backend)?
+            .is_err()
+        {
+            return Ok(false);
+        }
+        self.flush()?;
+        let _ = self.shared_tx.send(SharedChange {
+            key: key.to_string(),
+            value: Some(Versioned {
+                value: value.to_vec(),
+                version,
+            }),
+        });
+        Ok(true)
+    }
+
+    fn shared_delete(&self, key: &str, expect: Option<u64>) -> Result<bool, StoreError> {
+        let Some(current) = self.shared.get(key.as_bytes()).map_err(backend)? else {
+            return Ok(false);
+        };
+        if expect.is_some() && versioned(&current).map(|v| v.version) != expect {
+            return Ok(false);
+        }
+        if self
+            .shared
+            .compare_and_swap(key.as_bytes(), Some(current), None::<&[u8]>)
+            .map_err(backend)?
+            .is_err()
+        {
+            return Ok(false);
+        }
+        self.flush()?;
+        let _ = self.shared_tx.send(SharedChange {
+            key: key.to_string(),
+            value: None,
+        });
+        Ok(true)
+    }
+
+    fn shared_list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.shared.scan_prefix(prefix.as_bytes()) {
+            let (k, raw) = kv.map_err(backend)?;
+            if let Some(v) = versioned(&raw) {
+                out.push((String::from_utf8_lossy(&k).into_owned(), v));
+            }
+        }
+        Ok(out)
+    }
+
+    fn shared_changes(&self) -> broadcast::Receiver<SharedChange> {
+        self.shared_tx.subscribe()
+    }
+}
+
+/// Splits a stored shared value into its version and bytes.
+fn versioned(raw: &[u8]) -> Option<Versioned> {
+    let (v, value) = raw.split_first_chunk::<8>()?;
+    Some(Versioned {
+        value: value.to_vec(),
+        version: u64::from_be_bytes(*v),
+    })
 }
 
 fn coll_of(c: u8) -> Coll {
@@ -453,6 +578,7 @@ enum Prepared<'a> {
         value: Vec<u8>,
         expiry_key: Vec<u8>,
     },
+    Guard(&'a Guard),
 }
 
 impl<'a> Prepared<'a> {
@@ -494,6 +620,7 @@ impl<'a> Prepared<'a> {
                 value: encode(a),
                 expiry_key: expiry_key(a.prune_at, Coll::Access, a.id.as_bytes()),
             },
+            Write::Guard(g) => Prepared::Guard(g),
         }
     }
 }
