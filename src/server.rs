@@ -26,7 +26,7 @@ use crate::api::{
     revocation::RevocationService,
 };
 use crate::audit::{AuditLog, Event, Kind};
-use crate::ca::{Authority, CaError};
+use crate::ca::{Authority, CaError, Kek};
 use crate::client::write_credential;
 use crate::config::{ServeSettings, Transport};
 use crate::federation::{
@@ -40,6 +40,7 @@ use crate::pb::v1::{
     ca_server::CaServer, revocation_server::RevocationServer,
 };
 use crate::policy::{PolicyHandle, ROLE_ADMIN, is_reserved};
+use crate::replicas::Replicas;
 use crate::revocation::Revocations;
 use crate::rotation::{Rotation, RotationError, Timing};
 use crate::spiffe::SpiffeId;
@@ -491,6 +492,20 @@ fn spawn_background(
         shutdown_rx.clone(),
     ));
     tasks.push(core.rotation.spawn(shutdown_rx.clone()));
+    if is_shared(state.store.as_ref()) {
+        // Replicas: publish this one in the registry, and apply the access records and
+        // federated bundles the others change.
+        tasks.push(
+            Replicas::new(
+                state.store.clone(),
+                &settings.replica_id,
+                &settings.advertise_address,
+                core.policy.clone(),
+            )
+            .spawn(shutdown_rx.clone()),
+        );
+        tasks.push(core.access.spawn_follower(shutdown_rx.clone()));
+    }
     tasks.push(tokio::spawn(
         follow_ca_changes(
             core.issuance.clone(),
@@ -711,7 +726,8 @@ fn open_store(data: &Path) -> Result<Arc<dyn Store>, ServeError> {
     Ok(Arc::new(store))
 }
 
-/// The CA rotation state: the operator's CA files, or the managed CAs under `<data_dir>/ca`.
+/// The CA rotation state: the operator's CA files, the managed CAs under `<data_dir>/ca`, or
+/// (replicas on a shared store) the managed CAs in the store, sealed under the KEK.
 async fn load_rotation(
     settings: &ServeSettings,
     log: &AuditLog,
@@ -720,6 +736,11 @@ async fn load_rotation(
         overlap: settings.ca_rotation_overlap,
         retire_after: settings.max_cert_lifetime + settings.renewal_grace,
     };
+    let rotation_err = |e: RotationError| match e {
+        RotationError::Ca(e) => ServeError::Ca(e),
+        other => ServeError::Rotation(other.to_string()),
+    };
+    let store = log.store();
     Ok(match &settings.ca_files {
         Some((cert, key)) => Rotation::unmanaged(
             Authority::load(
@@ -731,6 +752,25 @@ async fn load_rotation(
             timing,
             log.clone(),
         ),
+        None if is_shared(store.as_ref()) => {
+            let path = settings.kek_file.as_ref().ok_or_else(|| {
+                ServeError::Rotation(
+                    "replicas on a shared store keep the CA key in it, sealed: set kek_file (--kek-file) to a 32-byte key file every replica reads (lanyard kek generate FILE)".into(),
+                )
+            })?;
+            let kek = Kek::load(path).map_err(|e| ServeError::Rotation(e.to_string()))?;
+            info!(kek_id = kek.id(), "CA keys are sealed in the shared store");
+            Rotation::load_shared(
+                store.clone(),
+                Arc::new(kek),
+                &settings.trust_domain,
+                settings.roles_oid.clone(),
+                timing,
+                log.clone(),
+            )
+            .await
+            .map_err(rotation_err)?
+        }
         None => Rotation::load(
             &settings.data_dir.join("ca"),
             &settings.trust_domain,
@@ -739,11 +779,13 @@ async fn load_rotation(
             log.clone(),
         )
         .await
-        .map_err(|e| match e {
-            RotationError::Ca(e) => ServeError::Ca(e),
-            other => ServeError::Rotation(other.to_string()),
-        })?,
+        .map_err(rotation_err)?,
     })
+}
+
+/// Whether several replicas may share `store` (it publishes every replica's commits).
+pub(crate) fn is_shared(store: &dyn Store) -> bool {
+    store.commit_feed().is_some()
 }
 
 fn new_revocations(settings: &ServeSettings, log: &AuditLog) -> Arc<Revocations> {

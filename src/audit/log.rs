@@ -372,15 +372,12 @@ impl Writer {
             let seq = self.sequence(&group);
             let started = Instant::now();
             let mut flushed_in = Duration::ZERO;
-            let result = self
-                .store
-                .commit(&seq.records, &seq.writes)
-                .and_then(|()| {
-                    let flush_started = Instant::now();
-                    let r = self.store.flush();
-                    flushed_in = flush_started.elapsed();
-                    r
-                });
+            let result = self.store.commit(&seq.records, &seq.writes).and_then(|()| {
+                let flush_started = Instant::now();
+                let r = self.store.flush();
+                flushed_in = flush_started.elapsed();
+                r
+            });
             match result {
                 Ok(()) => {
                     crate::metrics::ca().audit_commit(group.len(), started.elapsed(), flushed_in);
@@ -415,8 +412,10 @@ impl Writer {
                 }
                 Err(StoreError::GuardFailed { writes }) => {
                     // Fail only the events whose guards failed; re-sequence the rest.
-                    let mut losers: Vec<usize> =
-                        writes.iter().filter_map(|w| seq.owners.get(*w).copied()).collect();
+                    let mut losers: Vec<usize> = writes
+                        .iter()
+                        .filter_map(|w| seq.owners.get(*w).copied())
+                        .collect();
                     losers.sort_unstable();
                     losers.dedup();
                     if losers.is_empty() {
@@ -513,7 +512,9 @@ impl Writer {
         self.reread_head();
         let msg = e.to_string();
         for p in group {
-            let _ = p.done.send(Err(AuditError::Store(StoreError::Backend(msg.clone()))));
+            let _ = p
+                .done
+                .send(Err(AuditError::Store(StoreError::Backend(msg.clone()))));
         }
     }
 }

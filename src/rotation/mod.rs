@@ -190,7 +190,16 @@ impl Rotation {
         let storage = CaStorage::Files(dir.to_path_buf());
         let state = storage.read_state().await?;
         let (state, version) = state.unwrap_or((State::initial(), None));
-        Self::from_state(storage, state, version, trust_domain, roles_oid, timing, log).await
+        Self::from_state(
+            storage,
+            state,
+            version,
+            trust_domain,
+            roles_oid,
+            timing,
+            log,
+        )
+        .await
     }
 
     /// Loads the CAs every replica of a shared store signs with: the first replica to start
@@ -221,7 +230,16 @@ impl Rotation {
                 info!(ca = %hex(&first.fingerprint()), "created the shared CA");
             }
         };
-        Self::from_state(storage, state, version, trust_domain, roles_oid, timing, log).await
+        Self::from_state(
+            storage,
+            state,
+            version,
+            trust_domain,
+            roles_oid,
+            timing,
+            log,
+        )
+        .await
     }
 
     async fn from_state(
@@ -832,7 +850,10 @@ mod tests {
         let first = a.cas().active().fingerprint();
         assert_eq!(b.cas().active().fingerprint(), first, "one CA for both");
         // The key is sealed: its PEM is nowhere in the shared value.
-        let blob = shared.shared_get(&storage::shared_key(FIRST)).unwrap().unwrap();
+        let blob = shared
+            .shared_get(&storage::shared_key(FIRST))
+            .unwrap()
+            .unwrap();
         assert!(!String::from_utf8_lossy(&blob.value).contains("PRIVATE KEY"));
 
         let st = a.rotate("admin").await.unwrap();
@@ -894,13 +915,20 @@ mod tests {
         let state = shared.shared_get(STATE_KEY).unwrap().unwrap();
         let stored: State = serde_json::from_slice(&state.value).unwrap();
         let name = stored.active.clone();
-        let blob = shared.shared_get(&storage::shared_key(&name)).unwrap().unwrap();
+        let blob = shared
+            .shared_get(&storage::shared_key(&name))
+            .unwrap()
+            .unwrap();
         let evil = storage::shared_key("rotated-1-evil");
         shared.shared_put(&evil, &blob.value, None).unwrap();
         let mut forged = stored.clone();
         forged.active = "rotated-1-evil".into();
         let json = serde_json::to_vec(&forged).unwrap();
-        assert!(shared.shared_put(STATE_KEY, &json, Some(state.version)).unwrap());
+        assert!(
+            shared
+                .shared_put(STATE_KEY, &json, Some(state.version))
+                .unwrap()
+        );
         let e = Rotation::load_shared(
             shared.clone(),
             kek.clone(),

@@ -238,8 +238,8 @@ impl CaStorage {
                         && !used.iter().any(|u| shared_key(u) == key)
                     {
                         info!(ca = %key, "removing a shared CA no rotation refers to");
-                        let _ = blocking(store, move |s| s.shared_delete(&key, Some(v.version)))
-                            .await;
+                        let _ =
+                            blocking(store, move |s| s.shared_delete(&key, Some(v.version))).await;
                     }
                 }
             }

@@ -299,9 +299,9 @@ impl Store for SledStore {
                     }
                 }
                 if !failed.is_empty() {
-                    return Err(ConflictableTransactionError::Abort(StoreError::GuardFailed {
-                        writes: failed,
-                    }));
+                    return Err(ConflictableTransactionError::Abort(
+                        StoreError::GuardFailed { writes: failed },
+                    ));
                 }
                 for (k, v) in &audit {
                     audit_t.insert(k, v.as_slice())?;
