@@ -78,16 +78,76 @@ impl Replicas {
         }
     }
 
+    /// This replica's id.
+    pub fn id(&self) -> &str {
+        &self.me.id
+    }
+
+    /// This replica's entry as it is now.
+    pub fn me(&self) -> ReplicaInfo {
+        let mut me = self.me.clone();
+        me.heartbeat = unix_now();
+        me.policy_sha256 = self.policy.current().fingerprint();
+        me
+    }
+
+    /// `etcd` for a shared store, `sled` otherwise.
+    pub fn store_kind(&self) -> &'static str {
+        if crate::server::is_shared(self.store.as_ref()) {
+            "etcd"
+        } else {
+            "sled"
+        }
+    }
+
+    /// The shared store's health as status shows it (`None` on sled): its database size, or
+    /// why it could not be read.
+    pub async fn store_health(&self) -> Option<crate::pb::v1::StoreHealth> {
+        if !crate::server::is_shared(self.store.as_ref()) {
+            return None;
+        }
+        let store = self.store.clone();
+        let stats = tokio::task::spawn_blocking(move || store.stats()).await;
+        Some(match stats {
+            Ok(Ok(s)) => crate::pb::v1::StoreHealth {
+                db_size: s.disk_bytes as i64,
+                ..Default::default()
+            },
+            Ok(Err(e)) => crate::pb::v1::StoreHealth {
+                error: e.to_string(),
+                ..Default::default()
+            },
+            Err(e) => crate::pb::v1::StoreHealth {
+                error: e.to_string(),
+                ..Default::default()
+            },
+        })
+    }
+
+    /// Every replica in the registry; on a store that is not shared, just this one.
+    pub async fn all(&self) -> Result<Vec<ReplicaInfo>, StoreError> {
+        if !crate::server::is_shared(self.store.as_ref()) {
+            return Ok(vec![self.me()]);
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || list(store.as_ref()))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+
     /// Publishes the entry now (so `status` lists this replica as soon as it serves), then
     /// every [`HEARTBEAT`] until `shutdown`, when it deletes the entry.
-    pub fn spawn(self, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    pub fn spawn(
+        self: &Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
         tokio::spawn(async move {
+            let this = this.as_ref();
             let mut warned: Option<BTreeMap<String, String>> = None;
             loop {
-                let mut me = self.me.clone();
-                me.heartbeat = unix_now();
-                me.policy_sha256 = self.policy.current().fingerprint();
-                let store = self.store.clone();
+                let me = this.me();
+                let store = this.store.clone();
                 let published = me.clone();
                 let beat = tokio::task::spawn_blocking(move || {
                     publish(store.as_ref(), &published)?;
@@ -104,10 +164,10 @@ impl Replicas {
                     () = crate::server::stopped(&mut shutdown) => break,
                 }
             }
-            let store = self.store.clone();
-            let key = format!("{PREFIX}{}", self.me.id);
+            let store = this.store.clone();
+            let key = format!("{PREFIX}{}", this.me.id);
             let _ = tokio::task::spawn_blocking(move || store.shared_delete(&key, None)).await;
-            info!(replica = %self.me.id, "replica entry removed");
+            info!(replica = %this.me.id, "replica entry removed");
         })
     }
 }

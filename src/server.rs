@@ -292,6 +292,7 @@ struct Core {
     issuance: Arc<Issuance>,
     access: Arc<Access>,
     auth: Authenticator,
+    replicas: Arc<Replicas>,
     sweeper: tokio::task::JoinHandle<()>,
 }
 
@@ -362,7 +363,14 @@ impl Core {
             revocations.clone(),
         )
         .with_federation(bundles.subscribe());
+        let replicas = Arc::new(Replicas::new(
+            state.store.clone(),
+            &settings.replica_id,
+            &settings.advertise_address,
+            policy.clone(),
+        ));
         Ok(Self {
+            replicas,
             rotation,
             cas,
             bundles,
@@ -495,16 +503,9 @@ fn spawn_background(
     if is_shared(state.store.as_ref()) {
         // Replicas: publish this one in the registry, and apply the access records and
         // federated bundles the others change.
-        tasks.push(
-            Replicas::new(
-                state.store.clone(),
-                &settings.replica_id,
-                &settings.advertise_address,
-                core.policy.clone(),
-            )
-            .spawn(shutdown_rx.clone()),
-        );
+        tasks.push(core.replicas.spawn(shutdown_rx.clone()));
         tasks.push(core.access.spawn_follower(shutdown_rx.clone()));
+        tasks.push(core.bundles.share(state.store.clone(), shutdown_rx.clone()));
     }
     tasks.push(tokio::spawn(
         follow_ca_changes(
@@ -649,6 +650,7 @@ async fn grpc_server<S: Future<Output = ()> + Send + 'static>(
                 core.auth.clone(),
                 core.bundles.clone(),
                 core.rotation.clone(),
+                core.replicas.clone(),
             ))
             .max_decoding_message_size(MAX_REQUEST_BYTES),
         )

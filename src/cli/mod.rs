@@ -79,6 +79,9 @@ enum Command {
     /// The CA itself: rotate it, or show where a rotation stands (needs lanyard:admin).
     #[command(subcommand)]
     Ca(admin::CaCmd),
+    /// The deployment: store, replicas (address, policy, heartbeat), store health, CA (needs
+    /// lanyard:admin).
+    Status(admin::CaArgs),
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
@@ -206,6 +209,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Crl(a) => admin::crl(a).await,
         Command::Bundle(a) => admin::bundle(a).await,
         Command::Ca(c) => admin::ca(c).await,
+        Command::Status(a) => admin::status(a).await,
         Command::Audit(c) => audit::run(c).await,
         Command::Access(c) => access::run(c).await,
         Command::Admin(AdminCmd::Recover(a)) => recover(a).await,
