@@ -24,6 +24,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &["proto/spiffe/workload.proto"],
         "workload_descriptor.bin",
     )?;
+    // The etcd store's client: our own trimmed copy of etcd's v3 API, client side only. This
+    // keeps one tonic/prost and the vendored protoc (no `etcd-client` crate and its own protoc
+    // lookup at build time).
+    let mut cfg = prost_build::Config::new();
+    cfg.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    println!("cargo:rerun-if-changed=proto/etcd/kv.proto");
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_with_config(
+            cfg,
+            &[PathBuf::from("proto/etcd/kv.proto")],
+            &[PathBuf::from("proto")],
+        )?;
     Ok(())
 }
 

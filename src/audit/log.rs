@@ -234,7 +234,11 @@ impl Subscription {
                 return Ok(Some(r));
             }
             if !self.caught_up {
-                let page = self.store.read_audit(self.next, REPLAY_PAGE)?;
+                // A replicated store reads the log over the network: off the async workers.
+                let (store, from) = (self.store.clone(), self.next);
+                let page = tokio::task::spawn_blocking(move || store.read_audit(from, REPLAY_PAGE))
+                    .await
+                    .map_err(|_| AuditError::Closed)??;
                 if page.len() < REPLAY_PAGE {
                     self.caught_up = true;
                 }

@@ -14,6 +14,7 @@
 //! space with compare-and-set ([`Store::shared_put`]) and a change feed
 //! ([`Store::shared_changes`]).
 
+mod etcd;
 mod records;
 mod sled;
 
@@ -21,6 +22,7 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
+pub use etcd::{EtcdConfig, EtcdStore, EtcdTls};
 pub use records::{
     AccessRecord, ApprovalRecord, AuditRecord, Enrollment, IssuedRecord, RECORD_VERSION,
     RevocationRecord, TokenRecord,

@@ -625,12 +625,12 @@ impl<'a> Prepared<'a> {
     }
 }
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+pub(super) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serializing these plain structs to JSON cannot fail (no maps with non-string keys).
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-fn decode<T: DeserializeOwned>(key: &[u8], raw: &[u8]) -> Result<T, StoreError> {
+pub(super) fn decode<T: DeserializeOwned>(key: &[u8], raw: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(raw).map_err(|e| StoreError::Decode {
         key: String::from_utf8_lossy(key).into_owned(),
         reason: e.to_string(),

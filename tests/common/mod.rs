@@ -701,3 +701,5 @@ pub async fn workload_client(
         .expect("connect to the Workload API");
     lanyard::pb::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
 }
+
+pub mod etcd;

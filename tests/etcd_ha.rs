@@ -1,0 +1,283 @@
+//! Exactly-once and one-chain guarantees across replicas: three `EtcdStore`s (each talking to a
+//! different member first) over one real 3-member etcd cluster.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::etcd::EtcdCluster;
+use lanyard::audit::{AuditError, AuditLog, Event, GENESIS_HASH, Kind, verify_chain};
+use lanyard::store::{
+    AccessRecord, Consume, EtcdConfig, EtcdStore, Guard, RECORD_VERSION, Store, TokenRecord,
+    Write,
+};
+
+fn replicas(cluster: &EtcdCluster, prefix: &str) -> Vec<Arc<EtcdStore>> {
+    (0..3)
+        .map(|i| {
+            let cfg = EtcdConfig::parse(&cluster.url_from(i), prefix).unwrap();
+            Arc::new(EtcdStore::open(cfg).unwrap())
+        })
+        .collect()
+}
+
+fn token(id: &str, uses: u32) -> TokenRecord {
+    TokenRecord {
+        v: RECORD_VERSION,
+        id: id.into(),
+        secret_hash: [1; 32],
+        spiffe_id: "spiffe://example.org/w".into(),
+        roles: vec![],
+        max_ttl: 60,
+        expires_at: i64::MAX,
+        uses_left: uses,
+        created_by: "spiffe://example.org/admin".into(),
+    }
+}
+
+fn pending(id: &str) -> AccessRecord {
+    AccessRecord {
+        v: RECORD_VERSION,
+        id: id.into(),
+        spiffe_id: "spiffe://example.org/w".into(),
+        roles: vec!["deploy".into()],
+        duration_secs: 60,
+        reason: "INC-7".into(),
+        requester: "spiffe://example.org/r".into(),
+        created_at: 1,
+        state: "pending".into(),
+        approvals: vec![],
+        approvals_needed: 1,
+        expires_at: i64::MAX / 2,
+        granted_at: 0,
+        closed_by: String::new(),
+        close_reason: String::new(),
+        prune_at: i64::MAX / 2,
+    }
+}
+
+/// Polls `f` until it holds (the other replicas' mirrors follow within milliseconds).
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within 5 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn fifty_redemptions_over_three_replicas_have_one_winner() {
+    let Some(cluster) = EtcdCluster::start(3) else { return };
+    let stores = replicas(&cluster, "/ha/token/");
+    stores[0].commit(&[], &[Write::PutToken(token("once", 1))]).unwrap();
+    let racers: Vec<_> = (0..50)
+        .map(|n| {
+            let s = stores[n % 3].clone();
+            std::thread::spawn(move || s.consume_token("once", 10).unwrap())
+        })
+        .collect();
+    let outcomes: Vec<Consume> = racers.into_iter().map(|h| h.join().unwrap()).collect();
+    let won = outcomes.iter().filter(|o| matches!(o, Consume::Won(_))).count();
+    let used = outcomes.iter().filter(|o| **o == Consume::AlreadyUsed).count();
+    assert_eq!((won, used), (1, 49), "{outcomes:?}");
+    for s in &stores {
+        eventually("use visible on every replica", || {
+            s.token("once").unwrap().unwrap().uses_left == 0
+        });
+    }
+}
+
+#[tokio::test]
+async fn two_approvers_on_two_replicas_one_winner() {
+    let Some(cluster) = EtcdCluster::start(3) else { return };
+    let stores = replicas(&cluster, "/ha/access/");
+    let logs: Vec<AuditLog> = stores
+        .iter()
+        .map(|s| AuditLog::start(s.clone() as Arc<dyn Store>).unwrap())
+        .collect();
+    let req = pending("req");
+    logs[0]
+        .record(
+            Event::new(Kind::AccessRequested, "spiffe://example.org/r"),
+            vec![Write::PutAccess(req.clone())],
+        )
+        .await
+        .unwrap();
+    eventually("request on replica 1", || stores[1].access_all().unwrap().len() == 1);
+    let approve = |log: &AuditLog, approver: &str| {
+        let mut granted = req.clone();
+        granted.state = "granted".into();
+        granted.closed_by = approver.into();
+        let log = log.clone();
+        let approver = approver.to_string();
+        let req = req.clone();
+        async move {
+            log.record(
+                Event::new(Kind::AccessGranted, approver),
+                vec![
+                    Write::Guard(Guard::Access {
+                        id: "req".into(),
+                        expect: Some(Box::new(req)),
+                    }),
+                    Write::PutAccess(granted),
+                ],
+            )
+            .await
+        }
+    };
+    let (a, b) = tokio::join!(approve(&logs[0], "alice"), approve(&logs[1], "bob"));
+    let winners = [&a, &b].iter().filter(|r| r.is_ok()).count();
+    assert_eq!(winners, 1, "{a:?} {b:?}");
+    let loser = if a.is_ok() { &b } else { &a };
+    assert!(matches!(loser, Err(AuditError::Conflict)), "{loser:?}");
+    let winner = if a.is_ok() { "alice" } else { "bob" };
+    for s in &stores {
+        eventually("one grant everywhere", || {
+            s.access_all().unwrap()[0].closed_by == winner
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_append_one_gapless_chain() {
+    let Some(cluster) = EtcdCluster::start(3) else { return };
+    let stores = replicas(&cluster, "/ha/chain/");
+    let logs: Vec<AuditLog> = stores
+        .iter()
+        .map(|s| AuditLog::start(s.clone() as Arc<dyn Store>).unwrap())
+        .collect();
+    // A follower on replica 2 must see every replica's records, in order.
+    let mut live = logs[2].live();
+    let (groups0, events0) = AuditLog::commit_counters();
+    let trips0: u64 = stores.iter().map(|s| s.round_trips()).sum();
+    const PER: usize = 100;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (r, log) in logs.iter().enumerate() {
+        for n in 0..PER {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                log.record(
+                    Event::new(Kind::Renewed, format!("replica-{r}"))
+                        .subject(format!("spiffe://example.org/w{n}")),
+                    vec![],
+                )
+                .await
+                .unwrap()
+            }));
+        }
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.push(t.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    let (groups1, events1) = AuditLog::commit_counters();
+    let trips1: u64 = stores.iter().map(|s| s.round_trips()).sum();
+    let all = stores[1].read_audit(1, 10_000).unwrap();
+    assert_eq!(all.len(), 3 * PER);
+    verify_chain(&all, 1, GENESIS_HASH).unwrap();
+    for a in &acked {
+        assert_eq!(&all[a.seq as usize - 1], a, "acknowledged record missing or changed");
+    }
+    let mut seen = 0;
+    while seen < 3 * PER {
+        let c = tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .expect("live feed stalled")
+            .unwrap();
+        seen += 1;
+        assert_eq!(c.record.seq, seen as u64, "live feed out of order");
+    }
+    eprintln!(
+        "3 replicas x {PER} appends: {:?}, {} events in {} groups (factor {:.1}), {:.2} etcd requests per event",
+        elapsed,
+        events1 - events0,
+        groups1 - groups0,
+        (events1 - events0) as f64 / (groups1 - groups0).max(1) as f64,
+        (trips1 - trips0) as f64 / (3 * PER) as f64,
+    );
+}
+
+#[tokio::test]
+async fn ambiguous_failures_neither_duplicate_nor_lose() {
+    let Some(cluster) = EtcdCluster::start(3) else { return };
+    let stores = replicas(&cluster, "/ha/ambiguous/");
+    stores[0].commit(&[], &[Write::PutToken(token("multi", 3))]).unwrap();
+    // The consume is applied, but the caller hears a timeout: the nonce shows it was ours.
+    stores[1].danger_inject_ambiguous(1);
+    assert!(matches!(stores[1].consume_token("multi", 10).unwrap(), Consume::Won(t) if t.uses_left == 3));
+    eventually("exactly one use spent", || {
+        stores[2].token("multi").unwrap().unwrap().uses_left == 2
+    });
+    // The same for an audit append: recorded once, acknowledged.
+    let log = AuditLog::start(stores[2].clone() as Arc<dyn Store>).unwrap();
+    log.record(Event::new(Kind::ServerStarted, "lanyard"), vec![]).await.unwrap();
+    stores[2].danger_inject_ambiguous(1);
+    let rec = log
+        .record(Event::new(Kind::PolicyReloaded, "lanyard"), vec![])
+        .await
+        .unwrap();
+    let next = log
+        .record(Event::new(Kind::ServerStarted, "lanyard"), vec![])
+        .await
+        .unwrap();
+    assert_eq!((rec.seq, next.seq), (2, 3));
+    let all = stores[0].read_audit(1, 100).unwrap();
+    assert_eq!(all.len(), 3);
+    verify_chain(&all, 1, GENESIS_HASH).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_etcd_leader_loses_no_acknowledged_append() {
+    let Some(mut cluster) = EtcdCluster::start(3) else { return };
+    let stores = replicas(&cluster, "/ha/leader/");
+    let logs: Vec<AuditLog> = stores
+        .iter()
+        .map(|s| AuditLog::start(s.clone() as Arc<dyn Store>).unwrap())
+        .collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (r, log) in logs.iter().enumerate() {
+        let (log, stop) = (log.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let (mut acked, mut failed, mut worst) = (Vec::new(), 0, Duration::ZERO);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let t = Instant::now();
+                match log.record(Event::new(Kind::Renewed, format!("replica-{r}")), vec![]).await {
+                    Ok(rec) => acked.push(rec),
+                    Err(_) => failed += 1,
+                }
+                worst = worst.max(t.elapsed());
+            }
+            (acked, failed, worst)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let leader = cluster.leader().expect("a leader");
+    cluster.kill(leader);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut acked = Vec::new();
+    let (mut failed, mut worst) = (0, Duration::ZERO);
+    for w in writers {
+        let (a, f, s) = w.await.unwrap();
+        acked.extend(a);
+        failed += f;
+        worst = worst.max(s);
+    }
+    let survivor = (leader + 1) % 3;
+    let all = stores[survivor].read_audit(1, 100_000).unwrap();
+    verify_chain(&all, 1, GENESIS_HASH).unwrap();
+    for a in &acked {
+        assert_eq!(&all[a.seq as usize - 1], a, "acknowledged append lost");
+    }
+    eprintln!(
+        "leader {leader} killed: {} acknowledged, {failed} failed, chain {} long, worst append {worst:?}",
+        acked.len(),
+        all.len()
+    );
+    assert!(acked.len() > 10);
+}
