@@ -11,6 +11,7 @@ use crate::ca::RolesOid;
 use crate::federation::{FederatedDomain, FederationConfigError, FederationSpec};
 use crate::policy::{AccessRuleSpec, Policy, PolicyError, RuleSpec};
 use crate::spiffe::TrustDomain;
+use crate::store::{EtcdConfig, EtcdTls};
 
 /// Errors loading configuration. The server exits with status 64 on any of them.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +140,17 @@ pub struct FileConfig {
     /// A gRPC connection with no request in flight for this long is closed.
     #[serde(default, with = "opt_duration")]
     pub idle_timeout: Option<Duration>,
+    /// `etcd://host:port[,host:port...]` to share state with other replicas; sled in
+    /// `data_dir` when absent.
+    pub store: Option<String>,
+    /// Key prefix in etcd (default `/lanyard/<trust_domain>/`).
+    pub etcd_prefix: Option<String>,
+    /// PEM CA bundle that verifies the etcd members (turns on TLS to etcd).
+    pub etcd_ca_file: Option<PathBuf>,
+    /// PEM client certificate for etcd (with `etcd_key_file`).
+    pub etcd_cert_file: Option<PathBuf>,
+    /// PEM private key of `etcd_cert_file`.
+    pub etcd_key_file: Option<PathBuf>,
 }
 
 /// Values given on the command line or in the environment; they win over the file.
@@ -154,6 +166,25 @@ pub struct Overrides {
     pub kek_file: Option<PathBuf>,
     /// `--replica-id` / `LANYARD_REPLICA_ID`.
     pub replica_id: Option<String>,
+    /// `--store` / `LANYARD_STORE`.
+    pub store: Option<String>,
+    /// `--etcd-prefix` / `LANYARD_ETCD_PREFIX`.
+    pub etcd_prefix: Option<String>,
+    /// `--etcd-ca-file` / `LANYARD_ETCD_CA_FILE`.
+    pub etcd_ca_file: Option<PathBuf>,
+    /// `--etcd-cert-file` / `LANYARD_ETCD_CERT_FILE`.
+    pub etcd_cert_file: Option<PathBuf>,
+    /// `--etcd-key-file` / `LANYARD_ETCD_KEY_FILE`.
+    pub etcd_key_file: Option<PathBuf>,
+}
+
+/// Where the server keeps its state.
+#[derive(Debug, Clone)]
+pub enum StoreChoice {
+    /// sled in `<data_dir>/store` (one node).
+    Sled,
+    /// etcd, shared by every replica of the trust domain.
+    Etcd(EtcdConfig),
 }
 
 /// Fully merged and validated server settings.
@@ -163,6 +194,8 @@ pub struct ServeSettings {
     pub trust_domain: TrustDomain,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// Where state lives: sled in the data dir, or etcd.
+    pub store: StoreChoice,
     /// Listen address.
     pub listen: SocketAddr,
     /// Default certificate lifetime.
@@ -327,13 +360,13 @@ impl ServeSettings {
             Some(p) => FileConfig::load(p)?,
             None => FileConfig::default(),
         };
-        let td_name =
-            overrides
-                .trust_domain
-                .or(file.trust_domain.clone())
-                .ok_or(ConfigError::Missing(
-                    "trust_domain (--trust-domain or LANYARD_TRUST_DOMAIN)",
-                ))?;
+        let td_name = overrides
+            .trust_domain
+            .clone()
+            .or(file.trust_domain.clone())
+            .ok_or(ConfigError::Missing(
+                "trust_domain (--trust-domain or LANYARD_TRUST_DOMAIN)",
+            ))?;
         let trust_domain = TrustDomain::new(&td_name)
             .map_err(|e| ConfigError::Invalid("trust_domain", e.to_string()))?;
         let listen = match overrides.listen.or(file.listen) {
@@ -442,7 +475,7 @@ impl ServeSettings {
             ));
         }
         let transport = resolve_transport(&file)?;
-        let replica_id = match overrides.replica_id.or(file.replica_id.clone()) {
+        let replica_id = match overrides.replica_id.clone().or(file.replica_id.clone()) {
             Some(id) => {
                 if id.is_empty()
                     || id.len() > 64
@@ -459,7 +492,9 @@ impl ServeSettings {
             }
             None => default_replica_id(listen),
         };
+        let store = resolve_store(&file, &overrides, &trust_domain)?;
         Ok(Self {
+            store,
             trust_domain,
             data_dir: overrides
                 .data_dir
@@ -538,6 +573,56 @@ fn warn_if_empty(policy: &Policy, config_path: Option<&Path>) {
         config,
         "the policy has no rules: every certificate request will be refused (only the CA's own admin and server credentials are issued); add [[policy]] rules to the config file, see docs/configuration.md"
     );
+}
+
+/// The store selection: sled unless `store` names an etcd cluster; etcd TLS options only with
+/// etcd, and a client certificate only with its key and a CA.
+fn resolve_store(
+    file: &FileConfig,
+    o: &Overrides,
+    td: &TrustDomain,
+) -> Result<StoreChoice, ConfigError> {
+    let store = o.store.clone().or(file.store.clone());
+    let prefix = o.etcd_prefix.clone().or(file.etcd_prefix.clone());
+    let ca = o.etcd_ca_file.clone().or(file.etcd_ca_file.clone());
+    let cert = o.etcd_cert_file.clone().or(file.etcd_cert_file.clone());
+    let key = o.etcd_key_file.clone().or(file.etcd_key_file.clone());
+    let Some(url) = store.filter(|s| s != "sled") else {
+        if prefix.is_some() || ca.is_some() || cert.is_some() || key.is_some() {
+            return Err(ConfigError::Invalid(
+                "etcd_prefix/etcd_*_file",
+                "set only with store = \"etcd://...\"".into(),
+            ));
+        }
+        return Ok(StoreChoice::Sled);
+    };
+    let prefix = prefix.unwrap_or_else(|| format!("/lanyard/{}/", td.as_str()));
+    if !prefix.starts_with('/') {
+        return Err(ConfigError::Invalid(
+            "etcd_prefix",
+            format!("{prefix:?} must start with /"),
+        ));
+    }
+    let mut cfg = EtcdConfig::parse(&url, &prefix)
+        .map_err(|e| ConfigError::Invalid("store", e.to_string()))?;
+    cfg.tls = match (ca, cert, key) {
+        (None, None, None) => None,
+        (Some(ca_file), None, None) => Some(EtcdTls {
+            ca_file,
+            client: None,
+        }),
+        (Some(ca_file), Some(c), Some(k)) => Some(EtcdTls {
+            ca_file,
+            client: Some((c, k)),
+        }),
+        _ => {
+            return Err(ConfigError::Invalid(
+                "etcd_ca_file/etcd_cert_file/etcd_key_file",
+                "a client certificate needs its key and etcd_ca_file".into(),
+            ));
+        }
+    };
+    Ok(StoreChoice::Etcd(cfg))
 }
 
 /// The connection limits and timeouts, checked: caps at least 1, timeouts at least 100 ms.
@@ -657,6 +742,23 @@ mod tests {
             }
         );
         assert!(!s.policy.is_empty());
+        assert!(matches!(s.store, StoreChoice::Sled));
+    }
+
+    #[test]
+    fn etcd_store_is_selected_with_a_per_domain_prefix() {
+        let o = Overrides {
+            trust_domain: Some("example.org".into()),
+            store: Some("etcd://10.0.0.1:2379,10.0.0.2:2379".into()),
+            ..Overrides::default()
+        };
+        let s = ServeSettings::resolve(None, o).unwrap();
+        let StoreChoice::Etcd(c) = s.store else {
+            panic!("expected etcd")
+        };
+        assert_eq!(c.endpoints, ["10.0.0.1:2379", "10.0.0.2:2379"]);
+        assert_eq!(c.prefix, "/lanyard/example.org/");
+        assert!(c.tls.is_none());
     }
 
     #[test]
@@ -676,6 +778,11 @@ mod tests {
             "trust_domain = \"example.org\"\nmax_connections = -1\n",
             "trust_domain = \"example.org\"\n[[federation]]\ntrust_domain = \"b.example\"\nbundle_endpoint_url = \"http://b/\"\nendpoint_spiffe_id = \"spiffe://b.example/lanyard/server\"\n",
             "trust_domain = \"example.org\"\n[[policy]]\nspiffe_id = \"spiffe://other.org/x\"\n",
+            "trust_domain = \"example.org\"\nstore = \"postgres://x:1\"\n",
+            "trust_domain = \"example.org\"\nstore = \"etcd://\"\n",
+            "trust_domain = \"example.org\"\netcd_ca_file = \"ca.pem\"\n",
+            "trust_domain = \"example.org\"\nstore = \"etcd://a:1\"\netcd_cert_file = \"c.pem\"\n",
+            "trust_domain = \"example.org\"\nstore = \"etcd://a:1\"\netcd_prefix = \"rel/\"\n",
         ] {
             std::fs::write(&p, bad).unwrap();
             assert!(

@@ -275,7 +275,7 @@ impl State {
     fn open(settings: &ServeSettings) -> Result<Self, ServeError> {
         let data = settings.data_dir.clone();
         create_private_dir(&data).map_err(|e| ServeError::Io(data.clone(), e))?;
-        let store = open_store(&data)?;
+        let store = open_store(settings)?;
         let log = AuditLog::start(store.clone()).map_err(|e| ServeError::Store(e.to_string()))?;
         Ok(Self { data, store, log })
     }
@@ -715,7 +715,15 @@ fn write_addr_file(data: &Path, name: &str, addr: SocketAddr) -> Result<(), Serv
 
 /// Opens the sled store under `data`; a store another process holds (a running server) is
 /// named as such.
-fn open_store(data: &Path) -> Result<Arc<dyn Store>, ServeError> {
+/// The configured store: sled under the data dir (locked: one server per dir), or etcd.
+fn open_store(settings: &ServeSettings) -> Result<Arc<dyn Store>, ServeError> {
+    let data = &settings.data_dir;
+    if let crate::config::StoreChoice::Etcd(cfg) = &settings.store {
+        tracing::info!(endpoints = ?cfg.endpoints, prefix = %cfg.prefix, "opening the etcd store");
+        let store = crate::store::EtcdStore::open(cfg.clone())
+            .map_err(|e| ServeError::Store(format!("etcd {:?}: {e}", cfg.endpoints)))?;
+        return Ok(Arc::new(store));
+    }
     let path = data.join("store");
     let store = SledStore::open(&path).map_err(|e| {
         let msg = e.to_string();
@@ -836,7 +844,7 @@ pub struct Recovered {
 /// the API) and writes a fresh admin credential. Every step is audited.
 pub async fn recover(settings: ServeSettings) -> Result<Recovered, ServeError> {
     let data = settings.data_dir.clone();
-    let store = open_store(&data)?;
+    let store = open_store(&settings)?;
     let log = AuditLog::start(store.clone()).map_err(|e| ServeError::Store(e.to_string()))?;
     let rotation = load_rotation(&settings, &log).await?;
     let revocations = new_revocations(&settings, &log);

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use common::etcd::EtcdCluster;
 use lanyard::audit::{AuditError, AuditLog, Event, GENESIS_HASH, Kind, verify_chain};
 use lanyard::store::{
-    AccessRecord, Consume, EtcdConfig, EtcdStore, Guard, RECORD_VERSION, Store, TokenRecord,
-    Write,
+    AccessRecord, Consume, EtcdConfig, EtcdStore, Guard, RECORD_VERSION, Store, TokenRecord, Write,
 };
 
 fn replicas(cluster: &EtcdCluster, prefix: &str) -> Vec<Arc<EtcdStore>> {
@@ -69,9 +68,13 @@ fn eventually(what: &str, f: impl Fn() -> bool) {
 
 #[test]
 fn fifty_redemptions_over_three_replicas_have_one_winner() {
-    let Some(cluster) = EtcdCluster::start(3) else { return };
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
     let stores = replicas(&cluster, "/ha/token/");
-    stores[0].commit(&[], &[Write::PutToken(token("once", 1))]).unwrap();
+    stores[0]
+        .commit(&[], &[Write::PutToken(token("once", 1))])
+        .unwrap();
     let racers: Vec<_> = (0..50)
         .map(|n| {
             let s = stores[n % 3].clone();
@@ -79,8 +82,14 @@ fn fifty_redemptions_over_three_replicas_have_one_winner() {
         })
         .collect();
     let outcomes: Vec<Consume> = racers.into_iter().map(|h| h.join().unwrap()).collect();
-    let won = outcomes.iter().filter(|o| matches!(o, Consume::Won(_))).count();
-    let used = outcomes.iter().filter(|o| **o == Consume::AlreadyUsed).count();
+    let won = outcomes
+        .iter()
+        .filter(|o| matches!(o, Consume::Won(_)))
+        .count();
+    let used = outcomes
+        .iter()
+        .filter(|o| **o == Consume::AlreadyUsed)
+        .count();
     assert_eq!((won, used), (1, 49), "{outcomes:?}");
     for s in &stores {
         eventually("use visible on every replica", || {
@@ -91,7 +100,9 @@ fn fifty_redemptions_over_three_replicas_have_one_winner() {
 
 #[tokio::test]
 async fn two_approvers_on_two_replicas_one_winner() {
-    let Some(cluster) = EtcdCluster::start(3) else { return };
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
     let stores = replicas(&cluster, "/ha/access/");
     let logs: Vec<AuditLog> = stores
         .iter()
@@ -105,7 +116,9 @@ async fn two_approvers_on_two_replicas_one_winner() {
         )
         .await
         .unwrap();
-    eventually("request on replica 1", || stores[1].access_all().unwrap().len() == 1);
+    eventually("request on replica 1", || {
+        stores[1].access_all().unwrap().len() == 1
+    });
     let approve = |log: &AuditLog, approver: &str| {
         let mut granted = req.clone();
         granted.state = "granted".into();
@@ -142,7 +155,9 @@ async fn two_approvers_on_two_replicas_one_winner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_append_one_gapless_chain() {
-    let Some(cluster) = EtcdCluster::start(3) else { return };
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
     let stores = replicas(&cluster, "/ha/chain/");
     let logs: Vec<AuditLog> = stores
         .iter()
@@ -180,7 +195,11 @@ async fn three_replicas_append_one_gapless_chain() {
     assert_eq!(all.len(), 3 * PER);
     verify_chain(&all, 1, GENESIS_HASH).unwrap();
     for a in &acked {
-        assert_eq!(&all[a.seq as usize - 1], a, "acknowledged record missing or changed");
+        assert_eq!(
+            &all[a.seq as usize - 1],
+            a,
+            "acknowledged record missing or changed"
+        );
     }
     let mut seen = 0;
     while seen < 3 * PER {
@@ -203,18 +222,26 @@ async fn three_replicas_append_one_gapless_chain() {
 
 #[tokio::test]
 async fn ambiguous_failures_neither_duplicate_nor_lose() {
-    let Some(cluster) = EtcdCluster::start(3) else { return };
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
     let stores = replicas(&cluster, "/ha/ambiguous/");
-    stores[0].commit(&[], &[Write::PutToken(token("multi", 3))]).unwrap();
+    stores[0]
+        .commit(&[], &[Write::PutToken(token("multi", 3))])
+        .unwrap();
     // The consume is applied, but the caller hears a timeout: the nonce shows it was ours.
     stores[1].danger_inject_ambiguous(1);
-    assert!(matches!(stores[1].consume_token("multi", 10).unwrap(), Consume::Won(t) if t.uses_left == 3));
+    assert!(
+        matches!(stores[1].consume_token("multi", 10).unwrap(), Consume::Won(t) if t.uses_left == 3)
+    );
     eventually("exactly one use spent", || {
         stores[2].token("multi").unwrap().unwrap().uses_left == 2
     });
     // The same for an audit append: recorded once, acknowledged.
     let log = AuditLog::start(stores[2].clone() as Arc<dyn Store>).unwrap();
-    log.record(Event::new(Kind::ServerStarted, "lanyard"), vec![]).await.unwrap();
+    log.record(Event::new(Kind::ServerStarted, "lanyard"), vec![])
+        .await
+        .unwrap();
     stores[2].danger_inject_ambiguous(1);
     let rec = log
         .record(Event::new(Kind::PolicyReloaded, "lanyard"), vec![])
@@ -232,7 +259,9 @@ async fn ambiguous_failures_neither_duplicate_nor_lose() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_etcd_leader_loses_no_acknowledged_append() {
-    let Some(mut cluster) = EtcdCluster::start(3) else { return };
+    let Some(mut cluster) = EtcdCluster::start(3) else {
+        return;
+    };
     let stores = replicas(&cluster, "/ha/leader/");
     let logs: Vec<AuditLog> = stores
         .iter()
@@ -246,7 +275,10 @@ async fn killing_the_etcd_leader_loses_no_acknowledged_append() {
             let (mut acked, mut failed, mut worst) = (Vec::new(), 0, Duration::ZERO);
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let t = Instant::now();
-                match log.record(Event::new(Kind::Renewed, format!("replica-{r}")), vec![]).await {
+                match log
+                    .record(Event::new(Kind::Renewed, format!("replica-{r}")), vec![])
+                    .await
+                {
                     Ok(rec) => acked.push(rec),
                     Err(_) => failed += 1,
                 }
@@ -280,4 +312,51 @@ async fn killing_the_etcd_leader_loses_no_acknowledged_append() {
         all.len()
     );
     assert!(acked.len() > 10);
+}
+
+/// `lanyard serve --store etcd://...` keeps its audit chain in etcd under the trust domain's
+/// default prefix, where another replica's store reads it.
+#[test]
+fn serve_with_store_etcd_writes_its_chain_to_etcd() {
+    let Some(cluster) = EtcdCluster::start(1) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("serve.log");
+    let mut cmd = common::lanyard_cmd();
+    cmd.args([
+        "serve",
+        "--trust-domain",
+        "example.org",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--data-dir")
+    .arg(&data)
+    .args(["--store", &cluster.url_from(0)])
+    .env("LANYARD_LOG", "warn");
+    let _serve = common::ChildGuard::spawn("lanyard serve", &mut cmd, &log);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !data.join("serve.addr").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "serve did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !data.join("store").exists(),
+        "no sled store with --store etcd"
+    );
+    let cfg = EtcdConfig::parse(&cluster.url_from(0), "/lanyard/example.org/").unwrap();
+    let other = EtcdStore::open(cfg).unwrap();
+    let chain = other.read_audit(1, 1000).unwrap();
+    verify_chain(&chain, 1, GENESIS_HASH).unwrap();
+    assert!(
+        chain.iter().any(|r| r.kind == "server_started"),
+        "{:?}",
+        chain.iter().map(|r| &r.kind).collect::<Vec<_>>()
+    );
 }

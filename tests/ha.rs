@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use common::etcd::EtcdCluster;
 use common::{ChildGuard, dir_svid, lanyard_cmd, poll_until};
 use lanyard::ca::RolesOid;
-use lanyard::client::{Credential, ServerTrust, connect};
+use lanyard::client::{Credential, connect};
+use lanyard::tls::ServerTrust;
 use lanyard::pb::v1::{self as pb, revocation_client::RevocationClient};
 use tempfile::TempDir;
 

@@ -148,6 +148,22 @@ struct ServeArgs {
     /// This replica's name in `lanyard status` (default: host name and listen port).
     #[arg(long, env = "LANYARD_REPLICA_ID")]
     replica_id: Option<String>,
+    /// Shared state for several replicas: etcd://host:port[,host:port...] (default: sled in
+    /// the data dir).
+    #[arg(long, env = "LANYARD_STORE")]
+    store: Option<String>,
+    /// Key prefix in etcd [default: /lanyard/<trust-domain>/].
+    #[arg(long, env = "LANYARD_ETCD_PREFIX")]
+    etcd_prefix: Option<String>,
+    /// PEM CA bundle verifying the etcd members (turns on TLS to etcd).
+    #[arg(long, env = "LANYARD_ETCD_CA_FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// PEM client certificate for etcd.
+    #[arg(long, env = "LANYARD_ETCD_CERT_FILE", requires = "etcd_key_file")]
+    etcd_cert_file: Option<PathBuf>,
+    /// PEM private key of --etcd-cert-file.
+    #[arg(long, env = "LANYARD_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    etcd_key_file: Option<PathBuf>,
 }
 
 /// Parses arguments, runs the command, and returns the process exit code.
@@ -245,6 +261,11 @@ impl ServeArgs {
                 listen: self.listen,
                 kek_file: self.kek_file,
                 replica_id: self.replica_id,
+                store: self.store,
+                etcd_prefix: self.etcd_prefix,
+                etcd_ca_file: self.etcd_ca_file,
+                etcd_cert_file: self.etcd_cert_file,
+                etcd_key_file: self.etcd_key_file,
             },
         )
         .map_err(|e| {
