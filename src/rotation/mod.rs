@@ -214,7 +214,7 @@ impl Rotation {
         log: AuditLog,
     ) -> Result<Arc<Self>, RotationError> {
         let storage = CaStorage::Shared { store, kek };
-        let (state, version) = loop {
+        let (state, version) = 'found: loop {
             if let Some(found) = storage.read_state().await? {
                 break found;
             }
@@ -228,6 +228,15 @@ impl Rotation {
                 .await?;
             if storage.write_state(&State::initial(), None).await? {
                 info!(ca = %hex(&first.fingerprint()), "created the shared CA");
+                continue;
+            }
+            // Another replica wrote the state first; this store's mirror shows it shortly.
+            let deadline = std::time::Instant::now() + storage::MIRROR_WAIT;
+            while std::time::Instant::now() < deadline {
+                if let Some(found) = storage.read_state().await? {
+                    break 'found found;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
         Self::from_state(

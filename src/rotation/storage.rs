@@ -22,6 +22,9 @@ const AUTHORITY_PREFIX: &str = "ca/authority/";
 /// How old an unreferenced shared CA must be before a replica deletes it: younger ones may be a
 /// rotation another replica is recording right now.
 const ORPHAN_AGE_SECS: i64 = 600;
+/// How long a replica waits for its store's mirror to show a value another replica wrote (a
+/// compare-and-set it lost names that value).
+pub(crate) const MIRROR_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Where the CAs and rotation state are kept.
 pub(crate) enum CaStorage {
@@ -106,14 +109,22 @@ impl CaStorage {
             }
             CaStorage::Shared { store, kek } => {
                 let key = shared_key(name);
-                let k = key.clone();
-                let got = blocking(store, move |s| s.shared_get(&k)).await?;
-                let v = got.ok_or_else(|| {
-                    RotationError::Corrupt(
-                        PathBuf::from(&key),
-                        "the rotation state names a CA the shared store does not hold".into(),
-                    )
-                })?;
+                // Reads come from the store's local mirror, which may trail a write another
+                // replica just made (the CA that beat ours, the state naming it): wait for it.
+                let deadline = std::time::Instant::now() + MIRROR_WAIT;
+                let v = loop {
+                    let k = key.clone();
+                    if let Some(v) = blocking(store, move |s| s.shared_get(&k)).await? {
+                        break v;
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        return Err(RotationError::Corrupt(
+                            PathBuf::from(&key),
+                            "the rotation state names a CA the shared store does not hold".into(),
+                        ));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                };
                 open_shared(kek, &key, &v.value, td, oid)
             }
         }
