@@ -315,7 +315,7 @@ async fn replicas_share_one_ca_tokens_revocations_approvals_and_rotation() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let delay = seen - revoked_at;
-    println!("revocation on r0 visible on r1 after {delay:?} (includes the revoke CLI's own run)");
+    eprintln!("revocation on r0 visible on r1 after {delay:?} (includes the revoke CLI's own run)");
     assert!(delay < Duration::from_secs(1), "{delay:?}");
     check = RevocationClient::new(channel(&ha, 2, &ha.admin()).await);
     assert!(
@@ -546,8 +546,8 @@ impl Fleet {
         for (i, (_, out, _)) in self.agents.iter().enumerate() {
             if let Some(svid) = dir_svid(out) {
                 let s = svid.serial.to_hex();
-                if !self.seen.contains_key(&s) {
-                    self.seen.insert(s, now);
+                if let std::collections::btree_map::Entry::Vacant(e) = self.seen.entry(s) {
+                    e.insert(now);
                     self.changed[i] = now;
                     self.history[i].push(now);
                     changed += 1;
@@ -603,7 +603,7 @@ fn check_acknowledged(ha: &Ha, i: usize, fleet: &Fleet) {
     );
     let verify = ha.ok(i, &["audit", "verify"]);
     assert!(verify.contains("chain intact"), "{verify}");
-    println!(
+    eprintln!(
         "{} acknowledged certificates, all on the chain of {} events",
         fleet.seen.len(),
         events.len()
@@ -646,7 +646,7 @@ async fn agents_keep_renewing_when_a_replica_is_killed_mid_load() {
                 repointed.output()
             )
         });
-    println!(
+    eprintln!(
         "replica killed: survivors' longest renewal gap {:?}; re-pointed agent renewed {:?} after the kill ({renewals} renewals in 8 s)",
         fleet.stall, first_renewal
     );
@@ -670,7 +670,7 @@ async fn agents_keep_renewing_when_the_etcd_leader_is_killed() {
     ha.etcd.kill(leader);
     fleet.stall = Duration::ZERO;
     fleet.watch(Duration::from_secs(10), &[0, 1, 2]).await;
-    println!(
+    eprintln!(
         "etcd leader (member {leader}) killed: longest renewal gap of any agent {:?} (4 s certificates renewed at ~2 s)",
         fleet.stall
     );
