@@ -233,3 +233,66 @@ fn check_policies(
     }
     Some(differing)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::config::FileConfig;
+    use crate::policy::Policy;
+    use crate::spiffe::TrustDomain;
+    use crate::store::SledStore;
+
+    fn policy(toml_text: &str) -> PolicyHandle {
+        let file: FileConfig = toml::from_str(toml_text).unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        PolicyHandle::new(
+            Policy::from_specs(
+                &file.policy,
+                &td,
+                Duration::from_secs(60),
+                Duration::from_secs(3600),
+            )
+            .unwrap(),
+        )
+    }
+
+    /// The registry lists every replica; a live one whose policy differs is told apart, and
+    /// formatting alone does not count as a difference.
+    #[test]
+    fn the_registry_tells_policies_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let a = policy("[[policy]]\nspiffe_id = \"spiffe://example.org/a/*\"\nroles = [\"x\"]\n");
+        let same = policy(
+            "# the same rule, laid out differently\n[[policy]]\nroles = [ \"x\" ]\nspiffe_id = \"spiffe://example.org/a/*\"\n",
+        );
+        let other =
+            policy("[[policy]]\nspiffe_id = \"spiffe://example.org/a/*\"\nroles = [\"y\"]\n");
+        let rs = [
+            Replicas::new(store.clone(), "r0", "127.0.0.1:1", a),
+            Replicas::new(store.clone(), "r1", "127.0.0.1:2", same),
+            Replicas::new(store.clone(), "r2", "127.0.0.1:3", other),
+        ];
+        for r in &rs {
+            publish(store.as_ref(), &r.me()).unwrap();
+        }
+        let all = list(store.as_ref()).unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["r0", "r1", "r2"]
+        );
+        assert_eq!(all[0].policy_sha256, all[1].policy_sha256);
+        assert_ne!(all[0].policy_sha256, all[2].policy_sha256);
+        let differing = check_policies(&rs[0].me(), &all, None).unwrap();
+        assert_eq!(differing.keys().collect::<Vec<_>>(), ["r2"]);
+        // A replica silent past STALE_AFTER is down and no longer compared.
+        let mut stale = rs[2].me();
+        stale.heartbeat -= STALE_AFTER.as_secs() as i64 + 1;
+        publish(store.as_ref(), &stale).unwrap();
+        let all = list(store.as_ref()).unwrap();
+        assert!(!all[2].is_live(unix_now()));
+        assert!(check_policies(&rs[0].me(), &all, None).unwrap().is_empty());
+    }
+}

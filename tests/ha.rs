@@ -254,6 +254,41 @@ async fn replicas_share_one_ca_tokens_revocations_approvals_and_rotation() {
         assert!(!line.contains("DIFFERS"), "{line}");
     }
 
+    // A federated bundle imported on r0 reaches r1 and r2 (their agents and watchers follow
+    // each replica's bundle set).
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "other.org CA");
+    let other = ha.dir.path().join("other.pem");
+    std::fs::write(&other, params.self_signed(&key).unwrap().pem()).unwrap();
+    let imported = Instant::now();
+    ha.ok(
+        0,
+        &[
+            "bundle",
+            "import",
+            "--trust-domain",
+            "other.org",
+            other.to_str().unwrap(),
+        ],
+    );
+    for i in [1, 2] {
+        let at = poll_until(Duration::from_secs(3), Duration::from_millis(20), || {
+            let out = ha.cli(i, &["bundle", "export", "--trust-domain", "other.org"]);
+            out.status.success().then(Instant::now)
+        })
+        .await
+        .unwrap_or_else(|| panic!("the imported bundle never reached r{i}"));
+        eprintln!(
+            "bundle imported on r0 served by r{i} after {:?} (includes the CLI runs)",
+            at - imported
+        );
+        assert!(at - imported < Duration::from_secs(1));
+    }
+
     // A single-use token, redeemed on all three replicas at once: exactly one certificate.
     let tok = token(&ha, 0, "spiffe://example.org/ns/prod/once", "1");
     let racers: Vec<_> = (0..6)
