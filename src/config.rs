@@ -493,6 +493,12 @@ impl ServeSettings {
             None => default_replica_id(listen),
         };
         let store = resolve_store(&file, &overrides, &trust_domain)?;
+        let kek_file = overrides.kek_file.clone().or(file.kek_file.clone());
+        if matches!(store, StoreChoice::Etcd(_)) && kek_file.is_none() && ca_files.is_none() {
+            return Err(ConfigError::Missing(
+                "kek_file (--kek-file or LANYARD_KEK_FILE): replicas on etcd keep the CA key in etcd, sealed under this key; create it once with `lanyard kek generate FILE` and give every replica the same file",
+            ));
+        }
         Ok(Self {
             store,
             trust_domain,
@@ -524,7 +530,7 @@ impl ServeSettings {
             transport,
             roles_oid,
             ca_files,
-            kek_file: overrides.kek_file.or(file.kek_file.clone()),
+            kek_file,
             replica_id,
             advertise_address: file
                 .advertise_address
@@ -704,6 +710,65 @@ pub mod opt_duration {
 mod tests {
     use super::*;
 
+    /// On etcd the CA key is sealed in the store: a replica without a KEK is refused before it
+    /// binds anything. The HA deploy examples resolve.
+    #[test]
+    fn etcd_replicas_need_a_kek_and_the_ha_examples_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "trust_domain = \"example.org\"\nstore = \"etcd://127.0.0.1:2379\"\n",
+        )
+        .unwrap();
+        let e = ServeSettings::resolve(Some(&p), Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("kek_file"), "{e}");
+        let s = ServeSettings::resolve(
+            Some(&p),
+            Overrides {
+                kek_file: Some(dir.path().join("kek")),
+                replica_id: Some("ca-1".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.replica_id, "ca-1");
+        assert!(
+            ServeSettings::resolve(
+                Some(&p),
+                Overrides {
+                    kek_file: Some(dir.path().join("kek")),
+                    replica_id: Some("no spaces".into()),
+                    ..Overrides::default()
+                },
+            )
+            .is_err()
+        );
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let s = ServeSettings::resolve(
+            Some(&root.join("deploy/systemd/lanyard-ha.example.toml")),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert!(matches!(s.store, StoreChoice::Etcd(_)));
+        assert_eq!(s.replica_id, "ca-1");
+        assert_eq!(s.advertise_address, "ca-1.example.org:8443");
+        // The Kubernetes ConfigMap's lanyard.toml.
+        let manifest =
+            std::fs::read_to_string(root.join("deploy/kubernetes/ha/lanyard-ha.yaml")).unwrap();
+        let start = manifest.find("lanyard.toml: |\n").unwrap() + "lanyard.toml: |\n".len();
+        let body: String = manifest[start..]
+            .lines()
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        let p = dir.path().join("k8s.toml");
+        std::fs::write(&p, body).unwrap();
+        let s = ServeSettings::resolve(Some(&p), Overrides::default()).unwrap();
+        assert!(matches!(s.store, StoreChoice::Etcd(_)));
+        assert!(s.kek_file.is_some());
+    }
+
     #[test]
     fn example_config_parses_and_matches_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/lanyard.example.toml");
@@ -750,6 +815,7 @@ mod tests {
         let o = Overrides {
             trust_domain: Some("example.org".into()),
             store: Some("etcd://10.0.0.1:2379,10.0.0.2:2379".into()),
+            kek_file: Some("/etc/lanyard/kek".into()),
             ..Overrides::default()
         };
         let s = ServeSettings::resolve(None, o).unwrap();

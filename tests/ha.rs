@@ -326,6 +326,12 @@ async fn replicas_share_one_ca_tokens_revocations_approvals_and_rotation() {
     assert!(out.status.success(), "{out:?}");
     let serial = dir_svid(&api).unwrap().serial.to_hex();
     let mut check = RevocationClient::new(channel(&ha, 1, &ha.admin()).await);
+    // A watcher on r2 (what agents and lanyard::tls services follow) opened before the revoke.
+    let mut watch = RevocationClient::new(channel(&ha, 2, &ha.admin()).await)
+        .watch(pb::WatchRequest { since: 0 })
+        .await
+        .unwrap()
+        .into_inner();
     let revoked_at = Instant::now();
     ha.ok(
         0,
@@ -352,6 +358,20 @@ async fn replicas_share_one_ca_tokens_revocations_approvals_and_rotation() {
     let delay = seen - revoked_at;
     eprintln!("revocation on r0 visible on r1 after {delay:?} (includes the revoke CLI's own run)");
     assert!(delay < Duration::from_secs(1), "{delay:?}");
+    let entry = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            let e = watch.message().await.unwrap().expect("stream open");
+            if e.serial.eq_ignore_ascii_case(&serial) {
+                return Instant::now();
+            }
+        }
+    })
+    .await
+    .expect("r2's revocation watch saw r0's revocation within 1 s");
+    eprintln!(
+        "revocation on r0 streamed by r2's Revocation.Watch after {:?}",
+        entry - revoked_at
+    );
     check = RevocationClient::new(channel(&ha, 2, &ha.admin()).await);
     assert!(
         check
