@@ -89,6 +89,14 @@ pub struct FileConfig {
     pub ca_cert: Option<PathBuf>,
     /// The private key (PEM, mode 0600) for `ca_cert`.
     pub ca_key: Option<PathBuf>,
+    /// Key-encryption key (32 random bytes, mode 0600) that seals the CA keys in a shared
+    /// store; every replica reads the same file. Required on etcd, unused on sled.
+    pub kek_file: Option<PathBuf>,
+    /// This replica's name in `lanyard status` (default: the host name and listen port).
+    pub replica_id: Option<String>,
+    /// The address other replicas, operators and agents reach this replica at, as shown in
+    /// `lanyard status` (default: the listen address).
+    pub advertise_address: Option<String>,
     /// How long an access request waits for approvals before it expires.
     #[serde(default, with = "opt_duration")]
     pub access_request_ttl: Option<Duration>,
@@ -165,6 +173,10 @@ pub struct Overrides {
     /// `--server-name` (repeatable) / `LANYARD_SERVER_NAMES` (comma-separated); replaces the
     /// file's `server_names` when non-empty.
     pub server_names: Vec<String>,
+    /// `--kek-file` / `LANYARD_KEK_FILE`.
+    pub kek_file: Option<PathBuf>,
+    /// `--replica-id` / `LANYARD_REPLICA_ID`.
+    pub replica_id: Option<String>,
     /// `--store` / `LANYARD_STORE`.
     pub store: Option<String>,
     /// `--etcd-prefix` / `LANYARD_ETCD_PREFIX`.
@@ -247,6 +259,12 @@ pub struct ServeSettings {
     pub roles_oid: RolesOid,
     /// An operator-supplied CA (cert chain, key).
     pub ca_files: Option<(PathBuf, PathBuf)>,
+    /// The key-encryption key file for CA keys in a shared store.
+    pub kek_file: Option<PathBuf>,
+    /// This replica's name among the replicas of a shared store.
+    pub replica_id: String,
+    /// The address shown for this replica in `lanyard status`.
+    pub advertise_address: String,
     /// The config file, watched for policy changes.
     pub config_path: Option<PathBuf>,
     /// The validated policy.
@@ -327,6 +345,21 @@ pub mod defaults {
     pub const REQUEST_START_TIMEOUT: Duration = Duration::from_secs(5);
     /// Idle gRPC connection timeout.
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+}
+
+/// `<host name>-<listen port>`: unique per replica on one host as across hosts.
+fn default_replica_id(listen: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "lanyard".into());
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(50)
+        .collect();
+    format!("{host}-{}", listen.port())
 }
 
 impl FileConfig {
@@ -474,8 +507,31 @@ impl ServeSettings {
             ));
         }
         let transport = resolve_transport(&file)?;
+        let replica_id = match overrides.replica_id.clone().or(file.replica_id.clone()) {
+            Some(id) => {
+                if id.is_empty()
+                    || id.len() > 64
+                    || !id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    return Err(ConfigError::Invalid(
+                        "replica_id",
+                        format!("{id:?}: 1 to 64 characters of [A-Za-z0-9._-]"),
+                    ));
+                }
+                id
+            }
+            None => default_replica_id(listen),
+        };
         let store = resolve_store(&file, &overrides, &trust_domain)?;
         let attestors = crate::attest::resolve_all(&file.attestor, max_cert_lifetime)?;
+        let kek_file = overrides.kek_file.clone().or(file.kek_file.clone());
+        if matches!(store, StoreChoice::Etcd(_)) && kek_file.is_none() && ca_files.is_none() {
+            return Err(ConfigError::Missing(
+                "kek_file (--kek-file or LANYARD_KEK_FILE): replicas on etcd keep the CA key in etcd, sealed under this key; create it once with `lanyard kek generate FILE` and give every replica the same file",
+            ));
+        }
         Ok(Self {
             store,
             trust_domain,
@@ -509,6 +565,12 @@ impl ServeSettings {
             transport,
             roles_oid,
             ca_files,
+            kek_file,
+            replica_id,
+            advertise_address: file
+                .advertise_address
+                .clone()
+                .unwrap_or_else(|| listen.to_string()),
             config_path: config_path.map(Path::to_path_buf),
             policy,
         })
@@ -685,6 +747,65 @@ pub mod opt_duration {
 mod tests {
     use super::*;
 
+    /// On etcd the CA key is sealed in the store: a replica without a KEK is refused before it
+    /// binds anything. The HA deploy examples resolve.
+    #[test]
+    fn etcd_replicas_need_a_kek_and_the_ha_examples_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "trust_domain = \"example.org\"\nstore = \"etcd://127.0.0.1:2379\"\n",
+        )
+        .unwrap();
+        let e = ServeSettings::resolve(Some(&p), Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("kek_file"), "{e}");
+        let s = ServeSettings::resolve(
+            Some(&p),
+            Overrides {
+                kek_file: Some(dir.path().join("kek")),
+                replica_id: Some("ca-1".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.replica_id, "ca-1");
+        assert!(
+            ServeSettings::resolve(
+                Some(&p),
+                Overrides {
+                    kek_file: Some(dir.path().join("kek")),
+                    replica_id: Some("no spaces".into()),
+                    ..Overrides::default()
+                },
+            )
+            .is_err()
+        );
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let s = ServeSettings::resolve(
+            Some(&root.join("deploy/systemd/lanyard-ha.example.toml")),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert!(matches!(s.store, StoreChoice::Etcd(_)));
+        assert_eq!(s.replica_id, "ca-1");
+        assert_eq!(s.advertise_address, "ca-1.example.org:8443");
+        // The Kubernetes ConfigMap's lanyard.toml.
+        let manifest =
+            std::fs::read_to_string(root.join("deploy/kubernetes/ha/lanyard-ha.yaml")).unwrap();
+        let start = manifest.find("lanyard.toml: |\n").unwrap() + "lanyard.toml: |\n".len();
+        let body: String = manifest[start..]
+            .lines()
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        let p = dir.path().join("k8s.toml");
+        std::fs::write(&p, body).unwrap();
+        let s = ServeSettings::resolve(Some(&p), Overrides::default()).unwrap();
+        assert!(matches!(s.store, StoreChoice::Etcd(_)));
+        assert!(s.kek_file.is_some());
+    }
+
     #[test]
     fn example_config_parses_and_matches_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/lanyard.example.toml");
@@ -735,6 +856,7 @@ mod tests {
         let o = Overrides {
             trust_domain: Some("example.org".into()),
             store: Some("etcd://10.0.0.1:2379,10.0.0.2:2379".into()),
+            kek_file: Some("/etc/lanyard/kek".into()),
             ..Overrides::default()
         };
         let s = ServeSettings::resolve(None, o).unwrap();

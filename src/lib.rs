@@ -8,7 +8,9 @@
 //! - [`audit`]: the hash-chained audit log with group commit and subscriptions.
 //! - [`revocation`]: revocation by serial and identity, CRLs.
 //! - [`issuance`]: token bootstrap, renewal, local credentials, token minting.
-//! - [`rotation`]: CA rotation (staged, switched, completed), persisted and audited.
+//! - [`rotation`]: CA rotation (staged, switched, completed), persisted and audited; on a
+//!   shared store, followed by every replica, with CA keys sealed under the KEK.
+//! - [`replicas`]: the replica registry of a shared store (heartbeats, policy fingerprints).
 //! - [`tls`]: rustls pieces for SPIFFE mTLS.
 //! - [`federation`]: SPIFFE bundles, the bundle endpoint, federated trust domains.
 //! - [`api`]: tonic services (the only place errors become `tonic::Status`).
@@ -38,6 +40,7 @@ pub mod issuance;
 pub mod metrics;
 pub mod net;
 pub mod policy;
+pub mod replicas;
 pub mod revocation;
 pub mod rotation;
 pub mod server;

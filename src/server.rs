@@ -26,7 +26,7 @@ use crate::api::{
     revocation::RevocationService,
 };
 use crate::audit::{AuditLog, Event, Kind};
-use crate::ca::{Authority, CaError, SanNames};
+use crate::ca::{Authority, CaError, Kek, SanNames};
 use crate::client::write_credential;
 use crate::config::{ServeSettings, Transport};
 use crate::federation::{
@@ -40,6 +40,7 @@ use crate::pb::v1::{
     ca_server::CaServer, revocation_server::RevocationServer,
 };
 use crate::policy::{PolicyHandle, ROLE_ADMIN, is_reserved};
+use crate::replicas::Replicas;
 use crate::revocation::Revocations;
 use crate::rotation::{Rotation, RotationError, Timing};
 use crate::spiffe::SpiffeId;
@@ -295,6 +296,7 @@ struct Core {
     issuance: Arc<Issuance>,
     access: Arc<Access>,
     auth: Authenticator,
+    replicas: Arc<Replicas>,
     sweeper: tokio::task::JoinHandle<()>,
     /// The attestors' key refresh loops (they hold no store).
     attest_tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -310,7 +312,7 @@ impl Core {
                 "ca_rotation_overlap is shorter than two bundle refresh hints: federated peers may not hold the new CA when it starts signing"
             );
         }
-        let rotation = load_rotation(settings, log)?;
+        let rotation = load_rotation(settings, log).await?;
         let cas = rotation.cas().clone();
         let bundles = BundleHub::open(
             &state.data.join("federation"),
@@ -373,7 +375,14 @@ impl Core {
             revocations.clone(),
         )
         .with_federation(bundles.subscribe());
+        let replicas = Arc::new(Replicas::new(
+            state.store.clone(),
+            &settings.replica_id,
+            &settings.advertise_address,
+            policy.clone(),
+        ));
         Ok(Self {
+            replicas,
             rotation,
             cas,
             bundles,
@@ -510,6 +519,13 @@ fn spawn_background(
         shutdown_rx.clone(),
     ));
     tasks.push(core.rotation.spawn(shutdown_rx.clone()));
+    if is_shared(state.store.as_ref()) {
+        // Replicas: publish this one in the registry, and apply the access records and
+        // federated bundles the others change.
+        tasks.push(core.replicas.spawn(shutdown_rx.clone()));
+        tasks.push(core.access.spawn_follower(shutdown_rx.clone()));
+        tasks.push(core.bundles.share(state.store.clone(), shutdown_rx.clone()));
+    }
     tasks.push(tokio::spawn(
         follow_ca_changes(
             core.issuance.clone(),
@@ -654,6 +670,7 @@ async fn grpc_server<S: Future<Output = ()> + Send + 'static>(
                 core.auth.clone(),
                 core.bundles.clone(),
                 core.rotation.clone(),
+                core.replicas.clone(),
             ))
             .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
@@ -739,12 +756,21 @@ fn open_store(settings: &ServeSettings) -> Result<Arc<dyn Store>, ServeError> {
     Ok(Arc::new(store))
 }
 
-/// The CA rotation state: the operator's CA files, or the managed CAs under `<data_dir>/ca`.
-fn load_rotation(settings: &ServeSettings, log: &AuditLog) -> Result<Arc<Rotation>, ServeError> {
+/// The CA rotation state: the operator's CA files, the managed CAs under `<data_dir>/ca`, or
+/// (replicas on a shared store) the managed CAs in the store, sealed under the KEK.
+async fn load_rotation(
+    settings: &ServeSettings,
+    log: &AuditLog,
+) -> Result<Arc<Rotation>, ServeError> {
     let timing = Timing {
         overlap: settings.ca_rotation_overlap,
         retire_after: settings.max_cert_lifetime + settings.renewal_grace,
     };
+    let rotation_err = |e: RotationError| match e {
+        RotationError::Ca(e) => ServeError::Ca(e),
+        other => ServeError::Rotation(other.to_string()),
+    };
+    let store = log.store();
     Ok(match &settings.ca_files {
         Some((cert, key)) => Rotation::unmanaged(
             Authority::load(
@@ -756,6 +782,25 @@ fn load_rotation(settings: &ServeSettings, log: &AuditLog) -> Result<Arc<Rotatio
             timing,
             log.clone(),
         ),
+        None if is_shared(store.as_ref()) => {
+            let path = settings.kek_file.as_ref().ok_or_else(|| {
+                ServeError::Rotation(
+                    "replicas on a shared store keep the CA key in it, sealed: set kek_file (--kek-file) to a 32-byte key file every replica reads (lanyard kek generate FILE)".into(),
+                )
+            })?;
+            let kek = Kek::load(path).map_err(|e| ServeError::Rotation(e.to_string()))?;
+            info!(kek_id = kek.id(), "CA keys are sealed in the shared store");
+            Rotation::load_shared(
+                store.clone(),
+                Arc::new(kek),
+                &settings.trust_domain,
+                settings.roles_oid.clone(),
+                timing,
+                log.clone(),
+            )
+            .await
+            .map_err(rotation_err)?
+        }
         None => Rotation::load(
             &settings.data_dir.join("ca"),
             &settings.trust_domain,
@@ -763,11 +808,14 @@ fn load_rotation(settings: &ServeSettings, log: &AuditLog) -> Result<Arc<Rotatio
             timing,
             log.clone(),
         )
-        .map_err(|e| match e {
-            RotationError::Ca(e) => ServeError::Ca(e),
-            other => ServeError::Rotation(other.to_string()),
-        })?,
+        .await
+        .map_err(rotation_err)?,
     })
+}
+
+/// Whether several replicas may share `store` (it publishes every replica's commits).
+pub(crate) fn is_shared(store: &dyn Store) -> bool {
+    store.commit_feed().is_some()
 }
 
 fn new_revocations(settings: &ServeSettings, log: &AuditLog) -> Arc<Revocations> {
@@ -818,7 +866,7 @@ pub async fn recover(settings: ServeSettings) -> Result<Recovered, ServeError> {
     let data = settings.data_dir.clone();
     let store = open_store(&settings)?;
     let log = AuditLog::start(store.clone()).map_err(|e| ServeError::Store(e.to_string()))?;
-    let rotation = load_rotation(&settings, &log)?;
+    let rotation = load_rotation(&settings, &log).await?;
     let revocations = new_revocations(&settings, &log);
     let store_err = |e: &dyn std::fmt::Display| ServeError::Store(e.to_string());
     let mut lifted = Vec::new();

@@ -325,6 +325,9 @@ fn serve_with_store_etcd_writes_its_chain_to_etcd() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let log = dir.path().join("serve.log");
+    // The CA key goes to etcd, sealed under a key-encryption key.
+    let kek = dir.path().join("kek");
+    lanyard::ca::Kek::generate(&kek).unwrap();
     let mut cmd = common::lanyard_cmd();
     cmd.args([
         "serve",
@@ -336,6 +339,8 @@ fn serve_with_store_etcd_writes_its_chain_to_etcd() {
     .arg("--data-dir")
     .arg(&data)
     .args(["--store", &cluster.url_from(0)])
+    .arg("--kek-file")
+    .arg(&kek)
     .env("LANYARD_LOG", "warn");
     let _serve = common::ChildGuard::spawn("lanyard serve", &mut cmd, &log);
     let deadline = Instant::now() + Duration::from_secs(30);

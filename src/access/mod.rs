@@ -28,7 +28,7 @@ use crate::policy::{PolicyHandle, ROLE_ADMIN, ROLE_APPROVER, ROLE_AUDITOR};
 use crate::revocation::Revocations;
 use crate::spiffe::{SpiffeId, TrustDomain, normalize_roles};
 use crate::store::{
-    AccessRecord, ApprovalRecord, RECORD_VERSION, RevocationRecord, Store, StoreError, Write,
+    AccessRecord, ApprovalRecord, Guard, RECORD_VERSION, RevocationRecord, Store, StoreError, Write,
 };
 use crate::tls::unix_now;
 
@@ -71,6 +71,10 @@ pub enum AccessError {
     /// `FailedPrecondition`.
     #[error("{0}")]
     Conflict(String),
+    /// Another replica changed the request between this replica's read and its commit;
+    /// nothing was written: `Aborted` (list and retry).
+    #[error("{0}")]
+    Raced(String),
     /// Store or audit failure: `Internal`.
     #[error("internal error: {0}")]
     Internal(String),
@@ -121,6 +125,9 @@ pub struct Access {
     grants: RwLock<HashMap<String, Vec<Grant>>>,
     /// Live grants of foreign subjects, for `Access.WatchGrants`.
     foreign: watch::Sender<Arc<ForeignGrants>>,
+    /// Audit seq of the newest commit applied to each record (only touched under `records`'
+    /// lock), so a late copy from the replica feed never replaces a newer record.
+    applied: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl Access {
@@ -153,6 +160,7 @@ impl Access {
             grants: RwLock::new(index),
             foreign: watch::channel(Arc::new(foreign)).0,
             records: Mutex::new(records),
+            applied: std::sync::Mutex::new(HashMap::new()),
         });
         Ok(access)
     }
@@ -617,7 +625,11 @@ impl Access {
                 .subject(&r.spiffe_id)
                 .roles(r.roles.clone())
                 .reason(reason);
-            self.commit(&mut records, r, event, vec![]).await?;
+            match self.commit(&mut records, r, event, vec![]).await {
+                // Another replica expired or ended it first: its commit is the record.
+                Ok(()) | Err(AccessError::Raced(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(due.len())
     }
@@ -643,14 +655,92 @@ impl Access {
         event: Event,
         mut writes: Vec<Write>,
     ) -> Result<(), AccessError> {
+        // Replicas on a shared store: the commit holds only if the record is still what this
+        // replica read (two approvers on two replicas: exactly one wins).
+        writes.push(Write::Guard(Guard::Access {
+            id: record.id.clone(),
+            expect: records.get(&record.id).cloned().map(Box::new),
+        }));
         writes.push(Write::PutAccess(record.clone()));
-        self.log
-            .record(event, writes)
-            .await
-            .map_err(|e: AuditError| internal(e))?;
+        let committed = match self.log.record(event, writes).await {
+            Ok(c) => c,
+            Err(AuditError::Conflict) => {
+                self.reload(records)?;
+                return Err(AccessError::Raced(format!(
+                    "access request {} changed concurrently on another replica; list it and retry",
+                    record.id
+                )));
+            }
+            Err(e) => return Err(internal(e)),
+        };
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(record.id.clone(), committed.seq);
         records.insert(record.id.clone(), record);
         self.reindex(records);
         Ok(())
+    }
+
+    /// Re-reads every record from the store (after a lost race, or a lagged replica feed).
+    fn reload(&self, records: &mut HashMap<String, AccessRecord>) -> Result<(), AccessError> {
+        *records = self
+            .store
+            .access_all()
+            .map_err(internal)?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        self.reindex(records);
+        Ok(())
+    }
+
+    /// Applies the access records other replicas commit (read from the audit log's live feed,
+    /// which on a shared store carries every replica's commits), so grants and requests made on
+    /// one replica hold on every other within the feed's delay.
+    pub fn spawn_follower(
+        self: &Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        let mut live = self.log.live();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let got = tokio::select! {
+                    r = live.recv() => r,
+                    () = crate::server::stopped(&mut shutdown) => return,
+                };
+                let Some(access) = me.upgrade() else { return };
+                match got {
+                    Ok(c) if c.access.is_empty() => {}
+                    Ok(c) => {
+                        let mut records = access.records.lock().await;
+                        let mut applied = access.applied.lock().unwrap_or_else(|p| p.into_inner());
+                        for r in &c.access {
+                            let newer = applied.get(&r.id).is_none_or(|&s| s < c.record.seq);
+                            if newer {
+                                applied.insert(r.id.clone(), c.record.seq);
+                                records.insert(r.id.clone(), r.clone());
+                            }
+                        }
+                        drop(applied);
+                        access.reindex(&records);
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        warn!(
+                            missed = n,
+                            "access follower lagged; re-reading every record"
+                        );
+                        let mut records = access.records.lock().await;
+                        if let Err(e) = access.reload(&mut records) {
+                            warn!(error = %e, "cannot re-read access records");
+                        }
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        })
     }
 
     /// Why a foreign caller holds no roles here, for refusals.

@@ -12,6 +12,7 @@ use crate::federation::{BundleHub, Change, Origin, SpiffeBundle};
 use crate::issuance::{Issuance, TokenSpec};
 use crate::pb::v1::{self as pb, admin_server::Admin};
 use crate::policy::ROLE_ADMIN;
+use crate::replicas::Replicas;
 use crate::rotation::{Rotation, RotationError, Status as RotationStatus};
 use crate::spiffe::TrustDomain;
 use crate::store::TokenRecord;
@@ -22,6 +23,7 @@ pub struct AdminService {
     auth: Authenticator,
     bundles: Arc<BundleHub>,
     rotation: Arc<Rotation>,
+    replicas: Arc<Replicas>,
 }
 
 impl AdminService {
@@ -31,12 +33,14 @@ impl AdminService {
         auth: Authenticator,
         bundles: Arc<BundleHub>,
         rotation: Arc<Rotation>,
+        replicas: Arc<Replicas>,
     ) -> Self {
         Self {
             issuance,
             auth,
             bundles,
             rotation,
+            replicas,
         }
     }
 
@@ -233,5 +237,40 @@ impl Admin for AdminService {
             .require_role(&req, &[ROLE_ADMIN])
             .map_err(status::auth)?;
         Ok(Response::new(self.ca_status(self.rotation.status().await)))
+    }
+
+    async fn get_status(
+        &self,
+        req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::ServerStatus>, Status> {
+        self.auth
+            .require_role(&req, &[ROLE_ADMIN])
+            .map_err(status::auth)?;
+        let me = self.replicas.me();
+        let now = crate::tls::unix_now();
+        let replicas = self
+            .replicas
+            .all()
+            .await
+            .map_err(|e| status::internal_error(&e.to_string()))?
+            .into_iter()
+            .map(|r| pb::ReplicaStatus {
+                live: r.is_live(now),
+                policy_matches: r.policy_sha256 == me.policy_sha256,
+                id: r.id,
+                address: r.address,
+                policy_sha256: r.policy_sha256,
+                heartbeat: r.heartbeat,
+                started_at: r.started_at,
+                version: r.version,
+            })
+            .collect();
+        Ok(Response::new(pb::ServerStatus {
+            store: self.replicas.store_kind().into(),
+            replica_id: me.id,
+            replicas,
+            store_health: self.replicas.store_health().await,
+            ca: Some(self.ca_status(self.rotation.status().await)),
+        }))
     }
 }

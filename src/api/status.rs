@@ -50,6 +50,7 @@ pub fn access(e: crate::access::AccessError) -> Status {
         AccessError::Forbidden(m) => Status::permission_denied(m),
         AccessError::NotFound(_) => Status::not_found(e.to_string()),
         AccessError::Conflict(m) => Status::failed_precondition(m),
+        AccessError::Raced(m) => Status::aborted(m),
         AccessError::Internal(m) => internal(&m),
     }
 }

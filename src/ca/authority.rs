@@ -115,6 +115,18 @@ impl Authority {
             ));
         }
         create_private_dir(dir).map_err(|e| io(dir, e))?;
+        let (cert_pem, key_pem) = Self::generate_pem(trust_domain, common_name)?;
+        write_atomic(&key_path, key_pem.as_bytes(), 0o600).map_err(|e| io(&key_path, e))?;
+        write_atomic(&cert_path, cert_pem.as_bytes(), 0o644).map_err(|e| io(&cert_path, e))?;
+        Self::load(&cert_path, &key_path, trust_domain, roles_oid)
+    }
+
+    /// Generates a new P-256 root named `common_name` in memory: its certificate and private
+    /// key, both PEM (for a store that keeps them elsewhere than in files, sealed).
+    pub fn generate_pem(
+        trust_domain: &TrustDomain,
+        common_name: &str,
+    ) -> Result<(String, String), CaError> {
         let key = KeyPair::generate().map_err(CaError::Sign)?;
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let params = ca_params(
@@ -125,10 +137,7 @@ impl Authority {
             ROOT_PATH_LEN,
         )?;
         let cert = params.self_signed(&key)?;
-        write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)
-            .map_err(|e| io(&key_path, e))?;
-        write_atomic(&cert_path, cert.pem().as_bytes(), 0o644).map_err(|e| io(&cert_path, e))?;
-        Self::load(&cert_path, &key_path, trust_domain, roles_oid)
+        Ok((cert.pem(), key.serialize_pem()))
     }
 
     /// Signs `other`'s CA certificate with this CA's key: a certificate with `other`'s subject
@@ -177,7 +186,6 @@ impl Authority {
         trust_domain: &TrustDomain,
         roles_oid: RolesOid,
     ) -> Result<Self, CaError> {
-        let bad = |m: String| CaError::BadCaFiles(cert_path.to_path_buf(), m);
         let pem = read(cert_path)?;
         let key_pem = String::from_utf8(read(key_path)?)
             .map_err(|_| CaError::BadCaFiles(key_path.to_path_buf(), "key is not PEM".into()))?;
@@ -194,14 +202,26 @@ impl Authority {
                 ),
             ));
         }
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        Self::from_pem(&pem, &key_pem, cert_path, trust_domain, roles_oid)
+    }
+
+    /// A CA from its PEM chain (signing cert first, then its parents up to the root) and PEM
+    /// private key, held in memory; `origin` names where they came from, for errors.
+    pub fn from_pem(
+        pem: &[u8],
+        key_pem: &str,
+        origin: &Path,
+        trust_domain: &TrustDomain,
+        roles_oid: RolesOid,
+    ) -> Result<Self, CaError> {
+        let bad = |m: String| CaError::BadCaFiles(origin.to_path_buf(), m);
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<_, _>>()
             .map_err(|e| bad(format!("cannot read PEM certificates: {e}")))?;
         let (signing, parents) = chain
             .split_first()
             .ok_or_else(|| bad("no certificate found".into()))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| CaError::BadCaFiles(key_path.to_path_buf(), e.to_string()))?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| bad(e.to_string()))?;
         let (_, parsed) = X509Certificate::from_der(signing)
             .map_err(|e| bad(format!("cannot parse CA certificate: {e}")))?;
         if parsed.public_key().subject_public_key.data.as_ref() != key.der_bytes() {

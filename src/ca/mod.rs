@@ -5,6 +5,7 @@
 mod authority;
 mod csr;
 mod names;
+mod seal;
 mod set;
 mod svid;
 
@@ -13,6 +14,7 @@ pub use csr::{MAX_CSR_BYTES, ValidCsr, parse_csr, parse_csr_assigned};
 pub use names::{
     MAX_NAMES, NameError, SanNames, ip_from_bytes, normalize_dns, parse_ip, san_names,
 };
+pub use seal::{KEK_LEN, Kek, SealError};
 pub use set::{CaHandle, CaSet};
 pub(crate) use svid::decode_roles;
 pub use svid::{RolesOid, Serial, SvidInfo, encode_roles, parse_svid};

@@ -206,6 +206,58 @@ pub(super) async fn ca(cmd: CaCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `lanyard status`: the store, the replicas, the store's health and the CA.
+pub(super) async fn status(a: CaArgs) -> anyhow::Result<ExitCode> {
+    let mut client = AdminClient::new(a.conn.channel().await?);
+    let s = client
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let now = crate::tls::unix_now();
+    println!("store: {} (answered by replica {})", s.store, s.replica_id);
+    println!("replicas:");
+    let mut mismatch = false;
+    for r in &s.replicas {
+        mismatch |= r.live && !r.policy_matches;
+        println!(
+            "  {:<20} {:<24} {:<4} heartbeat {}s ago  policy {}{}  up since {}",
+            r.id,
+            r.address,
+            if r.live { "up" } else { "DOWN" },
+            (now - r.heartbeat).max(0),
+            r.policy_sha256.get(..12).unwrap_or(&r.policy_sha256),
+            if r.policy_matches { "" } else { " (DIFFERS)" },
+            crate::issuance::fmt_time(r.started_at),
+        );
+    }
+    if mismatch {
+        println!(
+            "warning: live replicas have different policies; deploy the same policy file to every replica"
+        );
+    }
+    if let Some(h) = &s.store_health {
+        if h.error.is_empty() {
+            println!("store health: database {} bytes", h.db_size);
+        } else {
+            println!("store health: unavailable: {}", h.error);
+        }
+        for m in &h.members {
+            println!(
+                "  member {:x} {} {}{}",
+                m.id,
+                m.name,
+                m.client_urls.join(","),
+                if m.id == h.leader { " (leader)" } else { "" }
+            );
+        }
+    }
+    if let Some(ca) = &s.ca {
+        println!("CA: {} ({})", ca.active_fingerprint, ca.phase);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(super) async fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
     let a = match cmd {
         TokenCmd::Create(a) => a,

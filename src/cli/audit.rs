@@ -1,4 +1,4 @@
-//! `lanyard audit tail|verify`.
+//! `lanyard audit tail|verify|export`.
 #![expect(clippy::print_stdout, reason = "the CLI's output is its job")]
 
 use std::io::{BufRead, Write};
@@ -19,6 +19,32 @@ pub(super) enum AuditCmd {
     Tail(TailArgs),
     /// Check the hash chain of the stored log (or of a --json export) for gaps and tampering.
     Verify(VerifyArgs),
+    /// Archive the events older than a seq or an age to a JSON-lines file (the `tail --json`
+    /// format); `audit verify --archive FILE` then checks archive and live log as one chain.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct ExportArgs {
+    /// Where to write the archive (refused if it exists).
+    #[arg(long)]
+    out: PathBuf,
+    /// Archive events up to and including this seq.
+    #[arg(
+        long,
+        conflicts_with = "older_than",
+        required_unless_present = "older_than"
+    )]
+    through_seq: Option<u64>,
+    /// Archive events older than this (e.g. 30d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    older_than: Option<std::time::Duration>,
+    /// Continue an earlier archive: start after its last event (its last hash is checked
+    /// against the log, so the two files chain).
+    #[arg(long)]
+    after: Option<PathBuf>,
+    #[command(flatten)]
+    conn: Conn,
 }
 
 #[derive(Debug, clap::Args)]
@@ -50,8 +76,12 @@ pub(super) struct TailArgs {
 #[derive(Debug, clap::Args)]
 pub(super) struct VerifyArgs {
     /// A JSON-lines export (`audit tail --json`) to verify instead of the server's log.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "archive")]
     file: Option<PathBuf>,
+    /// Archives written by `audit export`, oldest first (repeatable): verified from the
+    /// beginning of the log, then the server's log continues the chain after the last one.
+    #[arg(long)]
+    archive: Vec<PathBuf>,
     #[command(flatten)]
     conn: Conn,
 }
@@ -60,7 +90,95 @@ pub(super) async fn run(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         AuditCmd::Tail(a) => tail(a).await,
         AuditCmd::Verify(a) => verify(a).await,
+        AuditCmd::Export(a) => export(a).await,
     }
+}
+
+/// Reads a JSON-lines export.
+fn read_jsonl(path: &std::path::Path) -> anyhow::Result<Vec<AuditRecord>> {
+    let f = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, l) in std::io::BufReader::new(f).lines().enumerate() {
+        let l = l?;
+        if l.trim().is_empty() {
+            continue;
+        }
+        out.push(
+            serde_json::from_str(&l)
+                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Streams the server's stored log from `from` (no follow).
+async fn stored_from(conn: &Conn, from: u64) -> anyhow::Result<EventStream> {
+    Ok(AuditClient::new(conn.channel().await?)
+        .subscribe(pb::SubscribeRequest {
+            from_seq: from,
+            follow: false,
+            kinds: vec![],
+            spiffe_id: String::new(),
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner())
+}
+
+async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
+    let (from, prev) = match &a.after {
+        Some(p) => {
+            let earlier = read_jsonl(p)?;
+            let last = earlier
+                .last()
+                .ok_or_else(|| anyhow::anyhow!("{}: empty archive", p.display()))?;
+            (last.seq + 1, last.hash)
+        }
+        None => (1, GENESIS_HASH),
+    };
+    let cutoff_ms = a.older_than.map(|d| {
+        (crate::tls::unix_now() * 1000).saturating_sub(d.as_millis().min(i64::MAX as u128) as i64)
+    });
+    let mut stream = stored_from(&a.conn, from).await?;
+    let mut records = Vec::new();
+    while let Some(ev) = stream.message().await.map_err(rpc_error)? {
+        let r = from_proto(ev).ok_or_else(|| anyhow::anyhow!("malformed event hashes"))?;
+        let done = match (a.through_seq, cutoff_ms) {
+            (Some(n), _) => r.seq > n,
+            (None, Some(cut)) => r.time_ms >= cut,
+            (None, None) => false,
+        };
+        if done {
+            break;
+        }
+        records.push(r);
+    }
+    // Only an intact chain is archived: the archive becomes the evidence for these events.
+    if let Err(e) = verify_chain(&records, from, prev) {
+        println!("not exported: the log's chain is broken: {e}");
+        return Ok(ExitCode::FAILURE);
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&a.out)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.out.display()))?;
+    for r in &records {
+        writeln!(f, "{}", serde_json::to_string(r)?)?;
+    }
+    f.sync_all()?;
+    match (records.first(), records.last()) {
+        (Some(first), Some(last)) => println!(
+            "archived events {} to {} ({} events) to {}; last hash {}",
+            first.seq,
+            last.seq,
+            records.len(),
+            a.out.display(),
+            crate::encoding::hex(&last.hash)
+        ),
+        _ => println!("no events to archive; wrote an empty {}", a.out.display()),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn tail(a: TailArgs) -> anyhow::Result<ExitCode> {
@@ -226,35 +344,13 @@ fn line(r: &AuditRecord) -> String {
 }
 
 async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if !a.archive.is_empty() {
+        return verify_archived(a).await;
+    }
     let records: Vec<AuditRecord> = match &a.file {
-        Some(path) => {
-            let f = std::fs::File::open(path)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            let mut out = Vec::new();
-            for (n, l) in std::io::BufReader::new(f).lines().enumerate() {
-                let l = l?;
-                if l.trim().is_empty() {
-                    continue;
-                }
-                out.push(
-                    serde_json::from_str(&l)
-                        .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?,
-                );
-            }
-            out
-        }
+        Some(path) => read_jsonl(path)?,
         None => {
-            let mut client = AuditClient::new(a.conn.channel().await?);
-            let mut stream = client
-                .subscribe(pb::SubscribeRequest {
-                    from_seq: 1,
-                    follow: false,
-                    kinds: vec![],
-                    spiffe_id: String::new(),
-                })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+            let mut stream = stored_from(&a.conn, 1).await?;
             let mut out = Vec::new();
             while let Some(ev) = stream.message().await.map_err(rpc_error)? {
                 out.push(from_proto(ev).ok_or_else(|| anyhow::anyhow!("malformed event hashes"))?);
@@ -288,6 +384,43 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             println!("chain broken: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// `audit verify --archive A --archive B ...`: the archives from the genesis, then the server's
+/// log after the last archived event, as one chain.
+async fn verify_archived(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let mut state = (1, GENESIS_HASH);
+    let mut archived = 0usize;
+    for path in &a.archive {
+        let records = read_jsonl(path)?;
+        match verify_chain(&records, state.0, state.1) {
+            Ok(next) => state = next,
+            Err(e) => {
+                println!("chain broken in {}: {e}", path.display());
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        archived += records.len();
+    }
+    let mut stream = stored_from(&a.conn, state.0).await?;
+    let mut live = Vec::new();
+    while let Some(ev) = stream.message().await.map_err(rpc_error)? {
+        live.push(from_proto(ev).ok_or_else(|| anyhow::anyhow!("malformed event hashes"))?);
+    }
+    match verify_chain(&live, state.0, state.1) {
+        Ok(_) => {
+            println!(
+                "{} events ({archived} archived, {} in the log), chain intact",
+                archived + live.len(),
+                live.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("chain broken after the archives: {e}");
             Ok(ExitCode::FAILURE)
         }
     }

@@ -79,6 +79,9 @@ enum Command {
     /// The CA itself: rotate it, or show where a rotation stands (needs lanyard:admin).
     #[command(subcommand)]
     Ca(admin::CaCmd),
+    /// The deployment: store, replicas (address, policy, heartbeat), store health, CA (needs
+    /// lanyard:admin).
+    Status(admin::CaArgs),
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
@@ -88,6 +91,9 @@ enum Command {
     /// Offline maintenance of a stopped CA's data dir.
     #[command(subcommand)]
     Admin(AdminCmd),
+    /// The key-encryption key that seals CA keys in a shared store (replicas on etcd).
+    #[command(subcommand)]
+    Kek(KekCmd),
     /// Print a shell completion script, e.g. `lanyard completions bash >
     /// /etc/bash_completion.d/lanyard` (zsh: into a directory on $fpath as `_lanyard`; fish:
     /// ~/.config/fish/completions/lanyard.fish).
@@ -100,6 +106,16 @@ struct CompletionsArgs {
     /// The shell to complete for.
     #[arg(value_enum)]
     shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Subcommand)]
+enum KekCmd {
+    /// Write 32 random bytes to FILE (mode 0600; never overwrites). Copy the same file to
+    /// every replica: a KEK that differs cannot open the CA keys the others sealed.
+    Generate {
+        /// Where to write the key.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,6 +141,13 @@ struct ServeArgs {
     /// Trust domain, e.g. example.org.
     #[arg(long, env = "LANYARD_TRUST_DOMAIN")]
     trust_domain: Option<String>,
+    /// Key-encryption key file (32 random bytes, mode 0600) sealing the CA keys in a shared
+    /// store; the same file on every replica (`lanyard kek generate FILE`).
+    #[arg(long, env = "LANYARD_KEK_FILE")]
+    kek_file: Option<PathBuf>,
+    /// This replica's name in `lanyard status` (default: host name and listen port).
+    #[arg(long, env = "LANYARD_REPLICA_ID")]
+    replica_id: Option<String>,
     /// Shared state for several replicas: etcd://host:port[,host:port...] (default: sled in
     /// the data dir).
     #[arg(long, env = "LANYARD_STORE")]
@@ -210,9 +233,18 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Crl(a) => admin::crl(a).await,
         Command::Bundle(a) => admin::bundle(a).await,
         Command::Ca(c) => admin::ca(c).await,
+        Command::Status(a) => admin::status(a).await,
         Command::Audit(c) => audit::run(c).await,
         Command::Access(c) => access::run(c).await,
         Command::Admin(AdminCmd::Recover(a)) => recover(a).await,
+        Command::Kek(KekCmd::Generate { file }) => {
+            crate::ca::Kek::generate(&file)?;
+            eprintln!(
+                "wrote a key-encryption key to {} (mode 0600); copy it to every replica and pass --kek-file",
+                file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Completions(a) => Ok(completions(a.shell)),
     }
 }
@@ -235,6 +267,8 @@ impl ServeArgs {
                 trust_domain: self.trust_domain,
                 data_dir: self.data_dir,
                 listen: self.listen,
+                kek_file: self.kek_file,
+                replica_id: self.replica_id,
                 store: self.store,
                 etcd_prefix: self.etcd_prefix,
                 etcd_ca_file: self.etcd_ca_file,

@@ -18,6 +18,10 @@ use super::{FederationError, SpiffeBundle};
 use crate::audit::{AuditLog, Event, Kind};
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::spiffe::TrustDomain;
+use crate::store::Store;
+
+/// Shared-store keys of federated bundles: `bundles/<trust domain>`.
+const SHARED_PREFIX: &str = "bundles/";
 
 /// Everything trusted at one moment.
 #[derive(Debug, Clone)]
@@ -65,6 +69,9 @@ pub struct BundleHub {
     state: watch::Sender<Arc<BundleSet>>,
     /// Serializes read-modify-write-persist of the state.
     write: Mutex<()>,
+    /// Replicas on a shared store: federated bundles are also kept there (`bundles/<td>`), so
+    /// an import, removal or refresh on one replica reaches every other.
+    shared: std::sync::OnceLock<Arc<dyn Store>>,
 }
 
 /// `local.json`: the own bundle's sequence and the authorities it was computed for.
@@ -150,6 +157,7 @@ impl BundleHub {
             }))
             .0,
             write: Mutex::new(()),
+            shared: std::sync::OnceLock::new(),
         });
         for td in dropped {
             warn!(trust_domain = %td, "no longer federated: its bundle was dropped");
@@ -271,8 +279,9 @@ impl BundleHub {
             warn!(trust_domain = %td, old, new, source, "federated bundle sequence went backwards");
         }
         let path = self.domain_path(&td);
-        write_atomic(&path, &persisted_doc(&bundle, origin)?, 0o644)
-            .map_err(|e| FederationError::Io(path.clone(), e))?;
+        let doc = persisted_doc(&bundle, origin)?;
+        write_atomic(&path, &doc, 0o644).map_err(|e| FederationError::Io(path.clone(), e))?;
+        self.share_put(&td, Some(doc)).await;
         if change == Change::Metadata {
             self.publish_quiet(|s| {
                 s.federated.insert(td.clone(), bundle.clone());
@@ -323,6 +332,7 @@ impl BundleHub {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(FederationError::Io(path, e)),
         }
+        self.share_put(td, None).await;
         self.publish(|s| {
             s.federated.remove(td);
         });
@@ -346,6 +356,159 @@ impl BundleHub {
                 )),
         )
         .await;
+    }
+
+    /// Keeps the federated bundles in `store` too and applies the ones other replicas change,
+    /// until `shutdown`. The replica that changed a bundle audits it; the others apply it quietly
+    /// (logged), so each change is on the shared chain once.
+    pub fn share(
+        self: &Arc<Self>,
+        store: Arc<dyn Store>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let _ = self.shared.set(store.clone());
+        let me = Arc::downgrade(self);
+        let mut changes = store.shared_changes();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            let list = |store: Arc<dyn Store>| async move {
+                tokio::task::spawn_blocking(move || store.shared_list(SHARED_PREFIX))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default()
+            };
+            let mut pending: Vec<(String, Option<Vec<u8>>)> = list(store.clone())
+                .await
+                .into_iter()
+                .map(|(k, v)| (k, Some(v.value)))
+                .collect();
+            loop {
+                if let Some(hub) = me.upgrade() {
+                    for (key, value) in pending.drain(..) {
+                        hub.apply_shared(&key, value).await;
+                    }
+                }
+                let got = tokio::select! {
+                    r = changes.recv() => r,
+                    () = crate::server::stopped(&mut shutdown) => return,
+                };
+                match got {
+                    Ok(c) if c.key.starts_with(SHARED_PREFIX) => {
+                        pending.push((c.key, c.value.map(|v| v.value)));
+                    }
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => {
+                        pending = list(store.clone())
+                            .await
+                            .into_iter()
+                            .map(|(k, v)| (k, Some(v.value)))
+                            .collect();
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        })
+    }
+
+    /// Writes (or deletes) `td`'s bundle in the shared store, if there is one. A failure is
+    /// logged: the bundle is in force here, and the other replicas' own refreshers still fetch
+    /// configured domains.
+    async fn share_put(&self, td: &TrustDomain, doc: Option<Vec<u8>>) {
+        let Some(store) = self.shared.get().cloned() else {
+            return;
+        };
+        let key = format!("{SHARED_PREFIX}{td}");
+        let k = key.clone();
+        let done = tokio::task::spawn_blocking(move || -> Result<(), crate::store::StoreError> {
+            match doc {
+                Some(doc) => {
+                    // Last writer wins: a few tries ride out another replica writing the same key.
+                    for _ in 0..5 {
+                        let current = store.shared_get(&k)?;
+                        if current.as_ref().is_some_and(|c| c.value == doc) {
+                            return Ok(());
+                        }
+                        if store.shared_put(&k, &doc, current.map(|c| c.version))? {
+                            return Ok(());
+                        }
+                    }
+                    Err(crate::store::StoreError::Backend(
+                        "bundle key kept changing".into(),
+                    ))
+                }
+                None => store.shared_delete(&k, None).map(|_| ()),
+            }
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(key, error = %e, "cannot share a federated bundle with the other replicas")
+            }
+            Err(e) => {
+                warn!(key, error = %e, "cannot share a federated bundle with the other replicas")
+            }
+        }
+    }
+
+    /// Applies a shared bundle change made by another replica (ours come back unchanged).
+    async fn apply_shared(&self, key: &str, doc: Option<Vec<u8>>) {
+        let Some(td) = key
+            .strip_prefix(SHARED_PREFIX)
+            .and_then(|n| TrustDomain::new(n).ok())
+        else {
+            return;
+        };
+        if td == self.own_td {
+            return;
+        }
+        let _guard = self.write.lock().await;
+        let path = self.domain_path(&td);
+        let Some(doc) = doc else {
+            if self.current().federated.contains_key(&td) {
+                if let Err(e) = std::fs::remove_file(&path)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    warn!(path = %path.display(), error = %e, "cannot delete a bundle another replica removed");
+                }
+                self.publish(|s| {
+                    s.federated.remove(&td);
+                });
+                info!(trust_domain = %td, "federated bundle removed on another replica");
+            }
+            return;
+        };
+        let bundle = match SpiffeBundle::decode(td.clone(), &doc) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(trust_domain = %td, error = %e, "ignoring an undecodable shared bundle");
+                return;
+            }
+        };
+        let cur = self.current();
+        let before = cur.federated.get(&td);
+        if before.is_some_and(|b| {
+            b.same_authorities(&bundle)
+                && b.sequence() == bundle.sequence()
+                && b.refresh_hint() == bundle.refresh_hint()
+        }) {
+            return;
+        }
+        let metadata_only = before.is_some_and(|b| b.same_authorities(&bundle));
+        if let Err(e) = write_atomic(&path, &doc, 0o644) {
+            warn!(path = %path.display(), error = %e, "cannot persist a bundle another replica changed");
+        }
+        if metadata_only {
+            self.publish_quiet(|s| {
+                s.federated.insert(td.clone(), bundle);
+            });
+        } else {
+            info!(trust_domain = %td, authorities = bundle.authorities().len(), "federated bundle changed on another replica");
+            self.publish(|s| {
+                s.federated.insert(td.clone(), bundle);
+            });
+        }
     }
 
     fn publish(&self, f: impl FnOnce(&mut BundleSet)) {

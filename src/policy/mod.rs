@@ -201,6 +201,14 @@ fn local_pattern(
 }
 
 impl Policy {
+    /// SHA-256 (hex) of the validated rules and access rules, in order: two replicas whose
+    /// files differ only in comments or layout get the same value, and any change of what
+    /// the policy decides changes it.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        crate::encoding::hex(&Sha256::digest(format!("{:?}", self).as_bytes()))
+    }
+
     /// Validates rules for trust domain `td`. `default_max_ttl` applies to rules without one;
     /// `cap` is the server's hard maximum.
     pub fn from_specs(

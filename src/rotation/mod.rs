@@ -14,20 +14,27 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::audit::{AuditLog, Event, Kind};
-use crate::ca::{Authority, CaError, CaHandle, CaSet, RolesOid};
+use crate::ca::{Authority, CaError, CaHandle, CaSet, Kek, RolesOid};
 use crate::encoding::hex;
-use crate::fsutil::write_atomic;
 use crate::issuance::fmt_time;
 use crate::spiffe::TrustDomain;
+use crate::store::Store;
 use crate::tls::unix_now;
+
+mod storage;
+
+use storage::{CaStorage, STATE_KEY};
 
 const STATE_FILE: &str = "rotation.json";
 /// The directory (relative to `<data_dir>/ca`) of the CA created on first start.
 const FIRST: &str = ".";
 const ROTATED_PREFIX: &str = "rotated-";
+/// How often a replica re-reads the shared rotation state even without a change notice (a
+/// missed notice then costs at most this long).
+const SHARED_RESYNC: Duration = Duration::from_secs(5);
 
 /// Why a rotation request or step failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,9 +54,12 @@ pub enum RotationError {
     /// Reading or writing the rotation state failed.
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
-    /// The rotation state file does not decode or names a missing CA.
+    /// The rotation state (file or shared key) does not decode or names a missing CA.
     #[error("{0} is corrupt: {1}")]
     Corrupt(PathBuf, String),
+    /// The shared store failed (replicas on etcd).
+    #[error("shared store: {0}")]
+    Store(String),
 }
 
 /// Where a rotation stands.
@@ -89,22 +99,29 @@ pub struct Timing {
     pub retire_after: Duration,
 }
 
-/// Drives CA rotations for one server.
+/// Drives CA rotations for one server (or, on a shared store, for every replica: each follows
+/// the shared state, and a step is taken by whichever replica wins its compare-and-set).
 pub struct Rotation {
     cas: CaHandle,
-    dir: PathBuf,
+    storage: CaStorage,
     trust_domain: TrustDomain,
     roles_oid: RolesOid,
     timing: Timing,
     managed: bool,
     log: AuditLog,
-    state: Mutex<State>,
+    state: Mutex<Held>,
     wake: Notify,
 }
 
-/// `rotation.json`.
+/// The state as this replica last read or wrote it, with its shared version.
+struct Held {
+    state: State,
+    version: Option<u64>,
+}
+
+/// `rotation.json` (or the shared `ca/state` value).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct State {
+pub(crate) struct State {
     v: u32,
     active: String,
     #[serde(default)]
@@ -138,69 +155,122 @@ impl Phase {
     }
 }
 
+// === impl State ===
+
+impl State {
+    fn initial() -> Self {
+        Self {
+            v: 1,
+            active: FIRST.into(),
+            staged: None,
+            retiring: None,
+        }
+    }
+
+    fn names(&self) -> impl Iterator<Item = &String> {
+        [Some(&self.active), self.staged.as_ref().map(|s| &s.dir)]
+            .into_iter()
+            .chain([self.retiring.as_ref().map(|r| &r.dir)])
+            .flatten()
+    }
+}
+
 // === impl Rotation ===
 
 impl Rotation {
     /// Loads the CA(s) of a generated CA under `dir` (`<data_dir>/ca`): the first CA is created
     /// there on first start; a rotation in progress is resumed from `rotation.json`.
-    pub fn load(
+    pub async fn load(
         dir: &Path,
         trust_domain: &TrustDomain,
         roles_oid: RolesOid,
         timing: Timing,
         log: AuditLog,
     ) -> Result<Arc<Self>, RotationError> {
-        let path = dir.join(STATE_FILE);
-        let state = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice::<State>(&b)
-                .map_err(|e| RotationError::Corrupt(path.clone(), e.to_string()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
-                v: 1,
-                active: FIRST.into(),
-                staged: None,
-                retiring: None,
-            },
-            Err(e) => return Err(RotationError::Io(path, e)),
-        };
-        for name in [Some(&state.active), state.staged.as_ref().map(|s| &s.dir)]
-            .into_iter()
-            .chain([state.retiring.as_ref().map(|r| &r.dir)])
-            .flatten()
-        {
-            if !valid_dir_name(name) {
-                return Err(RotationError::Corrupt(
-                    path.clone(),
-                    format!("bad CA directory {name:?}"),
-                ));
+        let storage = CaStorage::Files(dir.to_path_buf());
+        let state = storage.read_state().await?;
+        let (state, version) = state.unwrap_or((State::initial(), None));
+        Self::from_state(
+            storage,
+            state,
+            version,
+            trust_domain,
+            roles_oid,
+            timing,
+            log,
+        )
+        .await
+    }
+
+    /// Loads the CAs every replica of a shared store signs with: the first replica to start
+    /// creates the first CA (compare-and-set on an absent key; the others load it), and a
+    /// rotation in progress is resumed from the shared state. Keys are sealed under `kek`.
+    pub async fn load_shared(
+        store: Arc<dyn Store>,
+        kek: Arc<Kek>,
+        trust_domain: &TrustDomain,
+        roles_oid: RolesOid,
+        timing: Timing,
+        log: AuditLog,
+    ) -> Result<Arc<Self>, RotationError> {
+        let storage = CaStorage::Shared { store, kek };
+        let (state, version) = 'found: loop {
+            if let Some(found) = storage.read_state().await? {
+                break found;
             }
-        }
-        let load = |name: &str| -> Result<Arc<Authority>, RotationError> {
-            let d = ca_dir(dir, name);
-            Ok(Arc::new(if name == FIRST && state.active == FIRST {
-                Authority::load_or_create(&d, trust_domain, roles_oid.clone())?
-            } else {
-                Authority::load(
-                    &d.join("ca.pem"),
-                    &d.join("ca.key"),
+            let first = storage
+                .create_ca(
+                    FIRST,
+                    &format!("Lanyard CA {trust_domain}"),
                     trust_domain,
-                    roles_oid.clone(),
-                )?
-            }))
+                    &roles_oid,
+                )
+                .await?;
+            if storage.write_state(&State::initial(), None).await? {
+                info!(ca = %hex(&first.fingerprint()), "created the shared CA");
+                continue;
+            }
+            // Another replica wrote the state first; this store's mirror shows it shortly.
+            let deadline = std::time::Instant::now() + storage::MIRROR_WAIT;
+            while std::time::Instant::now() < deadline {
+                if let Some(found) = storage.read_state().await? {
+                    break 'found found;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         };
-        let active = load(&state.active)?;
-        let staged = state.staged.as_ref().map(|s| load(&s.dir)).transpose()?;
-        let retiring = state.retiring.as_ref().map(|r| load(&r.dir)).transpose()?;
-        remove_orphans(dir, &state);
-        let set = build_set(active, staged, retiring);
+        Self::from_state(
+            storage,
+            state,
+            version,
+            trust_domain,
+            roles_oid,
+            timing,
+            log,
+        )
+        .await
+    }
+
+    async fn from_state(
+        storage: CaStorage,
+        state: State,
+        version: Option<u64>,
+        trust_domain: &TrustDomain,
+        roles_oid: RolesOid,
+        timing: Timing,
+        log: AuditLog,
+    ) -> Result<Arc<Self>, RotationError> {
+        let set = load_set(&storage, &state, trust_domain, &roles_oid).await?;
+        storage.remove_orphans(&state, unix_now()).await;
         Ok(Arc::new(Self {
             cas: CaHandle::new(set),
-            dir: dir.to_path_buf(),
+            storage,
             trust_domain: trust_domain.clone(),
             roles_oid,
             timing,
             managed: true,
             log,
-            state: Mutex::new(state),
+            state: Mutex::new(Held { state, version }),
             wake: Notify::new(),
         }))
     }
@@ -211,17 +281,15 @@ impl Rotation {
         let roles_oid = authority.roles_oid().clone();
         Arc::new(Self {
             cas: CaHandle::new(CaSet::single(Arc::new(authority))),
-            dir: PathBuf::new(),
+            storage: CaStorage::Files(PathBuf::new()),
             trust_domain,
             roles_oid,
             timing,
             managed: false,
             log,
-            state: Mutex::new(State {
-                v: 1,
-                active: FIRST.into(),
-                staged: None,
-                retiring: None,
+            state: Mutex::new(Held {
+                state: State::initial(),
+                version: None,
             }),
             wake: Notify::new(),
         })
@@ -234,8 +302,8 @@ impl Rotation {
 
     /// Where the rotation stands.
     pub async fn status(&self) -> Status {
-        let state = self.state.lock().await;
-        self.status_of(&state)
+        let held = self.state.lock().await;
+        self.status_of(&held.state)
     }
 
     fn status_of(&self, state: &State) -> Status {
@@ -268,42 +336,29 @@ impl Rotation {
         if !self.managed {
             return Err(RotationError::Unmanaged);
         }
-        let mut state = self.state.lock().await;
-        if let Some(s) = &state.staged {
+        let mut held = self.state.lock().await;
+        // Another replica may have rotated since this one last looked.
+        self.resync_locked(&mut held).await?;
+        if let Some(s) = &held.state.staged {
             return Err(RotationError::InProgress(format!(
                 "a rotation is in progress: the new CA is staged and signing switches at {}",
                 fmt_time(s.switch_at)
             )));
         }
-        if let Some(r) = &state.retiring {
+        if let Some(r) = &held.state.retiring {
             return Err(RotationError::InProgress(format!(
                 "a rotation is in progress: the previous CA is trusted until {}; rotate again after that",
                 fmt_time(r.drop_at)
             )));
         }
         let now = unix_now();
-        let name = (0..100)
-            .map(|n| {
-                if n == 0 {
-                    format!("{ROTATED_PREFIX}{now}")
-                } else {
-                    format!("{ROTATED_PREFIX}{now}-{n}")
-                }
-            })
-            .find(|n| !self.dir.join(n).exists())
-            .ok_or_else(|| {
-                RotationError::Io(
-                    self.dir.clone(),
-                    std::io::Error::other("no free directory name for the new CA"),
-                )
-            })?;
+        let name = self.storage.fresh_name(now)?;
         let common_name = format!("Lanyard CA {} {}", self.trust_domain, fmt_time(now));
-        let new = Arc::new(Authority::create(
-            &self.dir.join(&name),
-            &self.trust_domain,
-            self.roles_oid.clone(),
-            &common_name,
-        )?);
+        let new = Arc::new(
+            self.storage
+                .create_ca(&name, &common_name, &self.trust_domain, &self.roles_oid)
+                .await?,
+        );
         let switch_at = now + self.timing.overlap.as_secs().max(1) as i64;
         // A root created before roots allowed one intermediate: its cross-signature still serves
         // Lanyard's own verifier, but OpenSSL and Go refuse it, so their clients need the new
@@ -319,13 +374,19 @@ impl Rotation {
                 fmt_time(switch_at)
             )
         });
-        let mut next = state.clone();
+        let mut next = held.state.clone();
         next.staged = Some(Staged {
             dir: name.clone(),
             switch_at,
         });
-        self.persist(&next)?;
-        *state = next;
+        if !self.persist(&mut held, next).await? {
+            // Another replica rotated in between: its CA is the one staged; drop ours.
+            let _ = self.storage.delete_ca(&name).await;
+            return Err(RotationError::InProgress(
+                "another replica started a rotation at the same moment; see lanyard ca status"
+                    .into(),
+            ));
+        }
         let active = self.cas.active();
         self.cas.replace(build_set(active, Some(new.clone()), None));
         info!(new_ca = %hex(&new.fingerprint()), switch_at = %fmt_time(switch_at), "CA rotation staged");
@@ -342,15 +403,17 @@ impl Rotation {
         )
         .await;
         self.wake.notify_one();
-        Ok(self.status_of(&state))
+        Ok(self.status_of(&held.state))
     }
 
-    /// Runs the due steps until `shutdown`.
+    /// Runs the due steps until `shutdown`; on a shared store also follows the other replicas'
+    /// changes of the rotation state.
     pub fn spawn(
         self: &Arc<Self>,
         mut shutdown: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
+        let mut changes = this.storage.changes();
         tokio::spawn(async move {
             loop {
                 let wait = match this.step(unix_now()).await {
@@ -361,48 +424,98 @@ impl Rotation {
                         Duration::from_secs(5)
                     }
                 };
+                let wait = if changes.is_some() {
+                    wait.min(SHARED_RESYNC)
+                } else {
+                    wait
+                };
+                let changed = async {
+                    match changes.as_mut() {
+                        Some(rx) => loop {
+                            match rx.recv().await {
+                                Ok(c) if c.key != STATE_KEY => continue,
+                                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                                    std::future::pending::<()>().await
+                                }
+                                _ => return,
+                            }
+                        },
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     () = this.wake.notified() => {}
+                    () = changed => {}
                     () = crate::server::stopped(&mut shutdown) => return,
                 }
             }
         })
     }
 
-    /// Performs every step due at `now`; returns when the next one is due.
+    /// Adopts the shared state if another replica changed it; performs every step due at
+    /// `now`; returns when the next one is due.
     async fn step(&self, now: i64) -> Result<Option<i64>, RotationError> {
         if !self.managed {
             return Ok(None);
         }
-        let mut state = self.state.lock().await;
-        if let Some(s) = state.staged.clone()
+        let mut held = self.state.lock().await;
+        self.resync_locked(&mut held).await?;
+        if let Some(s) = held.state.staged.clone()
             && s.switch_at <= now
         {
-            self.switch(&mut state, &s, now).await?;
+            self.switch(&mut held, &s, now).await?;
         }
-        if let Some(r) = state.retiring.clone()
+        if let Some(r) = held.state.retiring.clone()
             && r.drop_at <= now
         {
-            self.complete(&mut state, &r).await?;
+            self.complete(&mut held, &r).await?;
         }
-        Ok(state
+        Ok(held
+            .state
             .staged
             .as_ref()
             .map(|s| s.switch_at)
-            .or_else(|| state.retiring.as_ref().map(|r| r.drop_at)))
+            .or_else(|| held.state.retiring.as_ref().map(|r| r.drop_at)))
+    }
+
+    /// Shared storage: re-reads the state and, if another replica changed it, loads its CAs and
+    /// swaps the set. Files: nothing (this process is the only writer).
+    async fn resync_locked(&self, held: &mut Held) -> Result<(), RotationError> {
+        if matches!(self.storage, CaStorage::Files(_)) {
+            return Ok(());
+        }
+        let Some((state, version)) = self.storage.read_state().await? else {
+            return Err(RotationError::Corrupt(
+                self.storage.state_origin(),
+                "the shared rotation state disappeared".into(),
+            ));
+        };
+        if version == held.version {
+            return Ok(());
+        }
+        let set = load_set(&self.storage, &state, &self.trust_domain, &self.roles_oid).await?;
+        let before = fingerprints(&self.cas.current());
+        if fingerprints(&set) != before {
+            info!(ca_set = %set, "CA set changed by another replica");
+            self.cas.replace(set);
+        } else {
+            debug!("shared rotation state re-read; CA set unchanged");
+        }
+        *held = Held { state, version };
+        Ok(())
     }
 
     async fn switch(
         &self,
-        state: &mut State,
+        held: &mut Held,
         staged: &Staged,
         now: i64,
     ) -> Result<(), RotationError> {
         let set = self.cas.current();
         let (Some(new), old) = (set.staged().cloned(), set.active().clone()) else {
             return Err(RotationError::Corrupt(
-                self.dir.join(STATE_FILE),
+                self.storage.state_origin(),
                 "staged CA not loaded".into(),
             ));
         };
@@ -412,12 +525,14 @@ impl Rotation {
             active: staged.dir.clone(),
             staged: None,
             retiring: Some(Retiring {
-                dir: state.active.clone(),
+                dir: held.state.active.clone(),
                 drop_at,
             }),
         };
-        self.persist(&next)?;
-        *state = next;
+        if !self.persist(held, next).await? {
+            // Another replica switched first; the state it wrote is adopted now.
+            return self.resync_locked(held).await;
+        }
         self.cas
             .replace(build_set(new.clone(), None, Some(old.clone())));
         info!(active = %hex(&new.fingerprint()), retiring = %hex(&old.fingerprint()), drop_at = %fmt_time(drop_at), "CA rotation: signing switched");
@@ -435,24 +550,18 @@ impl Rotation {
         Ok(())
     }
 
-    async fn complete(&self, state: &mut State, retiring: &Retiring) -> Result<(), RotationError> {
+    async fn complete(&self, held: &mut Held, retiring: &Retiring) -> Result<(), RotationError> {
         let set = self.cas.current();
         let old = set.retiring().map(|a| hex(&a.fingerprint()));
-        let mut next = state.clone();
+        let mut next = held.state.clone();
         next.retiring = None;
-        self.persist(&next)?;
-        *state = next;
+        if !self.persist(held, next).await? {
+            return self.resync_locked(held).await;
+        }
         self.cas.replace(CaSet::single(set.active().clone()));
         // The old key can sign nothing anyone trusts any more: delete it.
-        let d = ca_dir(&self.dir, &retiring.dir);
-        let removed = if retiring.dir == FIRST {
-            std::fs::remove_file(d.join("ca.key"))
-                .and_then(|()| std::fs::remove_file(d.join("ca.pem")))
-        } else {
-            std::fs::remove_dir_all(&d)
-        };
-        if let Err(e) = removed {
-            warn!(dir = %d.display(), error = %e, "cannot delete the retired CA");
+        if let Err(e) = self.storage.delete_ca(&retiring.dir).await {
+            warn!(ca = %retiring.dir, error = %e, "cannot delete the retired CA");
         }
         info!(
             retired = old.as_deref().unwrap_or("none"),
@@ -470,11 +579,21 @@ impl Rotation {
         Ok(())
     }
 
-    fn persist(&self, state: &State) -> Result<(), RotationError> {
-        let path = self.dir.join(STATE_FILE);
-        let json = serde_json::to_vec_pretty(state)
-            .map_err(|e| RotationError::Corrupt(path.clone(), e.to_string()))?;
-        write_atomic(&path, &json, 0o600).map_err(|e| RotationError::Io(path, e))
+    /// Writes `next` over the held state (compare-and-set on a shared store). `false`: another
+    /// replica wrote first and nothing was written.
+    async fn persist(&self, held: &mut Held, next: State) -> Result<bool, RotationError> {
+        if !self.storage.write_state(&next, held.version).await? {
+            return Ok(false);
+        }
+        held.version = match self.storage.read_state().await? {
+            // Shared: learn the new version. If yet another replica wrote after us, the next
+            // resync adopts its state, so keep ours only if it is what is stored.
+            Some((stored, version)) if stored == next => version,
+            Some(_) => None,
+            None => None,
+        };
+        held.state = next;
+        Ok(true)
     }
 
     async fn audit(&self, event: Event) {
@@ -482,6 +601,50 @@ impl Rotation {
             warn!(error = %e, "cannot audit a CA rotation step");
         }
     }
+}
+
+/// Loads every CA the state names and builds the set.
+async fn load_set(
+    storage: &CaStorage,
+    state: &State,
+    td: &TrustDomain,
+    oid: &RolesOid,
+) -> Result<CaSet, RotationError> {
+    for name in state.names() {
+        if !valid_dir_name(name) {
+            return Err(RotationError::Corrupt(
+                storage.state_origin(),
+                format!("bad CA directory {name:?}"),
+            ));
+        }
+    }
+    let first_is_created = state.active == FIRST;
+    let active = Arc::new(
+        storage
+            .load_ca(&state.active, first_is_created, td, oid)
+            .await?,
+    );
+    let mut others = Vec::new();
+    for name in [
+        state.staged.as_ref().map(|s| &s.dir),
+        state.retiring.as_ref().map(|r| &r.dir),
+    ] {
+        others.push(match name {
+            Some(n) => Some(Arc::new(storage.load_ca(n, false, td, oid).await?)),
+            None => None,
+        });
+    }
+    let retiring = others.pop().flatten();
+    let staged = others.pop().flatten();
+    Ok(build_set(active, staged, retiring))
+}
+
+fn fingerprints(set: &CaSet) -> [Option<[u8; 32]>; 3] {
+    [
+        Some(set.active().fingerprint()),
+        set.staged().map(|a| a.fingerprint()),
+        set.retiring().map(|a| a.fingerprint()),
+    ]
 }
 
 /// A set with the active CA cross-signed by the retiring one, when there is one.
@@ -500,42 +663,10 @@ fn build_set(
     CaSet::new(active, staged, retiring, cross)
 }
 
-/// The directory of the CA named `name` (`.` is `dir` itself).
-fn ca_dir(dir: &Path, name: &str) -> PathBuf {
-    if name == FIRST {
-        dir.to_path_buf()
-    } else {
-        dir.join(name)
-    }
-}
-
 fn valid_dir_name(name: &str) -> bool {
     name == FIRST
         || (name.starts_with(ROTATED_PREFIX)
             && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-}
-
-/// Deletes `rotated-*` directories no state refers to (a rotation interrupted between creating
-/// the new CA and recording it).
-fn remove_orphans(dir: &Path, state: &State) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let used: Vec<&str> = [Some(state.active.as_str())]
-        .into_iter()
-        .chain([
-            state.staged.as_ref().map(|s| s.dir.as_str()),
-            state.retiring.as_ref().map(|r| r.dir.as_str()),
-        ])
-        .flatten()
-        .collect();
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with(ROTATED_PREFIX) && !used.contains(&name.as_str()) {
-            info!(dir = %e.path().display(), "removing a CA directory no rotation refers to");
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
 }
 
 #[cfg(test)]
@@ -581,7 +712,9 @@ mod tests {
             overlap: Duration::from_secs(10),
             retire_after: Duration::from_secs(100),
         };
-        let r = Rotation::load(&ca_dir, &td, RolesOid::default(), timing, log.clone()).unwrap();
+        let r = Rotation::load(&ca_dir, &td, RolesOid::default(), timing, log.clone())
+            .await
+            .unwrap();
         assert_eq!(r.cas().active().root_path_len(), Some(0));
         let st = r.rotate("admin").await.unwrap();
         let reasons = |log: &AuditLog| -> Vec<String> {
@@ -622,7 +755,7 @@ mod tests {
             retire_after: Duration::from_secs(100),
         };
         let load = || Rotation::load(&ca_dir, &td, RolesOid::default(), timing, log.clone());
-        let r = load().unwrap();
+        let r = load().await.unwrap();
         let first = r.cas().active().fingerprint();
         assert_eq!(r.status().await.phase, Phase::Idle);
         assert_eq!(r.cas().current().roots().len(), 1);
@@ -639,7 +772,7 @@ mod tests {
 
         // A restart resumes the staged phase.
         drop(r);
-        let r = load().unwrap();
+        let r = load().await.unwrap();
         assert_eq!(r.status().await.staged, Some(staged));
         let now = unix_now();
         assert_eq!(r.step(now).await.unwrap(), st.switch_at);
@@ -657,7 +790,7 @@ mod tests {
 
         // A restart resumes the switched phase.
         drop(r);
-        let r = load().unwrap();
+        let r = load().await.unwrap();
         assert_eq!(r.status().await.phase, Phase::Switched);
         assert_eq!(r.cas().active().fingerprint(), staged);
         // Due: the old CA leaves; its key (the first CA's, in ca/ itself) is deleted.
@@ -666,7 +799,7 @@ mod tests {
         assert_eq!(r.cas().current().roots().len(), 1);
         assert!(!ca_dir.join("ca.key").exists());
         drop(r);
-        let r = load().unwrap();
+        let r = load().await.unwrap();
         assert_eq!(r.cas().active().fingerprint(), staged);
         assert_eq!(
             kinds(&log),
@@ -689,5 +822,134 @@ mod tests {
             })
             .collect();
         assert_eq!(dirs.len(), 1, "{dirs:?}");
+    }
+
+    /// Replicas on one shared store sign with one CA: the first creates it, the others load it;
+    /// a rotation started on one is followed by the others, each step taken by one replica.
+    #[tokio::test]
+    async fn replicas_on_a_shared_store_follow_one_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+        let td = TrustDomain::new("a.example").unwrap();
+        let timing = Timing {
+            overlap: Duration::from_secs(10),
+            retire_after: Duration::from_secs(100),
+        };
+        let kek = Arc::new(Kek::from_bytes(&[3u8; 32]).unwrap());
+        let mut logs = Vec::new();
+        let mut replicas = Vec::new();
+        for i in 0..2 {
+            let own: Arc<dyn Store> =
+                Arc::new(SledStore::open(&dir.path().join(format!("log{i}"))).unwrap());
+            let log = AuditLog::start(own).unwrap();
+            let r = Rotation::load_shared(
+                shared.clone(),
+                kek.clone(),
+                &td,
+                RolesOid::default(),
+                timing,
+                log.clone(),
+            )
+            .await
+            .unwrap();
+            logs.push(log);
+            replicas.push(r);
+        }
+        let (a, b) = (&replicas[0], &replicas[1]);
+        let first = a.cas().active().fingerprint();
+        assert_eq!(b.cas().active().fingerprint(), first, "one CA for both");
+        // The key is sealed: its PEM is nowhere in the shared value.
+        let blob = shared
+            .shared_get(&storage::shared_key(FIRST))
+            .unwrap()
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&blob.value).contains("PRIVATE KEY"));
+
+        let st = a.rotate("admin").await.unwrap();
+        assert!(matches!(
+            b.rotate("admin").await,
+            Err(RotationError::InProgress(_))
+        ));
+        b.step(unix_now()).await.unwrap();
+        assert_eq!(b.status().await.staged, st.staged, "B follows A's staging");
+        let switch_at = st.switch_at.unwrap();
+        a.step(switch_at).await.unwrap();
+        b.step(switch_at).await.unwrap();
+        for r in [a, b] {
+            assert_eq!(r.cas().active().fingerprint(), st.staged.unwrap());
+            assert_eq!(r.status().await.retiring, Some(first));
+        }
+        let drop_at = a.status().await.drop_at.unwrap();
+        b.step(drop_at).await.unwrap();
+        a.step(drop_at).await.unwrap();
+        for r in [a, b] {
+            assert_eq!(r.status().await.phase, Phase::Idle);
+        }
+        assert!(
+            shared
+                .shared_get(&storage::shared_key(FIRST))
+                .unwrap()
+                .is_none(),
+            "the retired CA's sealed key is deleted"
+        );
+        // Each step is audited once, by the replica that took it.
+        let mut all: Vec<String> = logs.iter().flat_map(kinds).collect();
+        all.sort();
+        assert_eq!(
+            all,
+            vec![
+                "ca_rotation_completed",
+                "ca_rotation_staged",
+                "ca_rotation_switched"
+            ]
+        );
+
+        // Another KEK cannot open the CA.
+        let wrong = Arc::new(Kek::from_bytes(&[4u8; 32]).unwrap());
+        let e = Rotation::load_shared(
+            shared.clone(),
+            wrong,
+            &td,
+            RolesOid::default(),
+            timing,
+            logs[0].clone(),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("does not open"), "{e}");
+
+        // A sealed blob copied under another CA's name does not open either.
+        let active = a.status().await;
+        let state = shared.shared_get(STATE_KEY).unwrap().unwrap();
+        let stored: State = serde_json::from_slice(&state.value).unwrap();
+        let name = stored.active.clone();
+        let blob = shared
+            .shared_get(&storage::shared_key(&name))
+            .unwrap()
+            .unwrap();
+        let evil = storage::shared_key("rotated-1-evil");
+        shared.shared_put(&evil, &blob.value, None).unwrap();
+        let mut forged = stored.clone();
+        forged.active = "rotated-1-evil".into();
+        let json = serde_json::to_vec(&forged).unwrap();
+        assert!(
+            shared
+                .shared_put(STATE_KEY, &json, Some(state.version))
+                .unwrap()
+        );
+        let e = Rotation::load_shared(
+            shared.clone(),
+            kek.clone(),
+            &td,
+            RolesOid::default(),
+            timing,
+            logs[0].clone(),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("does not open"), "{e}");
+        assert_eq!(active.phase, Phase::Idle);
     }
 }
