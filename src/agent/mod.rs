@@ -6,6 +6,7 @@
 mod bundles;
 mod crl;
 mod files;
+mod link;
 mod run;
 mod timing;
 pub(crate) mod uds;
@@ -15,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use bundles::{Bundles, follow_bundles, split_der};
+pub use bundles::{Bundles, split_der};
 pub use files::{read_consistent, read_federated, write_credential_dir, write_svid_dir};
 pub use run::{Agent, SvidState};
 pub use timing::{Backoff, refresh_in};

@@ -158,7 +158,8 @@ impl Revocation for RevocationService {
         let relay = move |r: &RevocationRecord| !foreign || r.origin.is_empty();
         let since = req.get_ref().since;
         // Subscribe before the snapshot so nothing committed in between is missed.
-        let mut live = self.revocations.log().live();
+        // Revocation commits only: watchers do not wake for every issuance.
+        let mut live = self.revocations.live();
         let revocations = self.revocations.clone();
         let mut shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel(1024);
@@ -191,7 +192,8 @@ impl Revocation for RevocationService {
                     () = crate::server::stopped(&mut shutdown) => return,
                 };
                 match c {
-                    Ok(c) => {
+                    Ok(None) => resync = true,
+                    Ok(Some(c)) => {
                         if c.record.seq <= sent {
                             continue;
                         }
