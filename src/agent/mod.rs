@@ -25,7 +25,8 @@ pub use workload::{DEFAULT_MAX_CONNECTIONS, WorkloadApi, serve_workload_api};
 /// How the agent is set up.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// CA address, host:port.
+    /// CA address, host:port; several comma-separated for failover (see
+    /// [`crate::client::connect_with`]).
     pub server: String,
     /// Join token for the first certificate (not needed when `out_dir` already holds a
     /// credential that can still renew).

@@ -197,6 +197,14 @@ impl Revocation for RevocationService {
                         if c.record.seq <= sent {
                             continue;
                         }
+                        // The certificate this connection was opened with is revoked now (by
+                        // serial or identity): the stream ends, as every later call on the
+                        // connection is refused, so a revoked credential cannot keep listening.
+                        if let Ok(Some(r)) = revocations.status(&caller) {
+                            let why = format!("certificate {} is revoked: {}", caller.serial, r.reason);
+                            let _ = tx.send(Err(Status::failed_precondition(why))).await;
+                            return;
+                        }
                         for r in c.revocations.iter().filter(|r| relay(r)) {
                             if tx.send(Ok(to_proto(r.clone()))).await.is_err() {
                                 return;
