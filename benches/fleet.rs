@@ -33,9 +33,7 @@ use std::time::{Duration, Instant};
 use lanyard::agent::{Agent, AgentConfig};
 use lanyard::ca::RolesOid;
 use lanyard::client::{Credential, connect};
-use lanyard::pb::v1::{
-    self as pb, admin_client::AdminClient, revocation_client::RevocationClient,
-};
+use lanyard::pb::v1::{self as pb, admin_client::AdminClient, revocation_client::RevocationClient};
 use lanyard::tls::ServerTrust;
 use tonic::transport::Channel;
 
@@ -262,7 +260,9 @@ fn main() {
         print_row(&row, ttl);
         rows.push(row);
     }
-    println!("\n| N | agents | CA CPU/rotation | CA CPU (1 core) | CA RSS/agent | CA fds/agent | conns/agent | revocation p50/p99 | bundle p50/p99 | agent memory |");
+    println!(
+        "\n| N | agents | CA CPU/rotation | CA CPU (1 core) | CA RSS/agent | CA fds/agent | conns/agent | revocation p50/p99 | bundle p50/p99 | agent memory |"
+    );
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
@@ -334,7 +334,11 @@ async fn steady(ca: &Ca, secs: u64) -> (f64, f64, f64) {
     let (c1, i1) = (cpu_secs(pid), issuances(ca.metrics).await);
     let wall = t0.elapsed().as_secs_f64();
     let rotations = i1 - i0;
-    ((c1 - c0) / rotations.max(1.0) * 1e3, (c1 - c0) / wall, rotations)
+    (
+        (c1 - c0) / rotations.max(1.0) * 1e3,
+        (c1 - c0) / wall,
+        rotations,
+    )
 }
 
 async fn run_in_process(n: usize, ttl: u64, secs: u64, fanout: usize) -> Row {
@@ -531,10 +535,8 @@ async fn run_processes(n: usize, ttl: u64, secs: u64) -> Row {
     let ca_rss_per_agent_kb = rss(pid).saturating_sub(rss0) as f64 / 1024.0 / n as f64;
     let ca_fds_per_agent = fds(pid).saturating_sub(fds0) as f64 / n as f64;
     let conns_per_agent = connections_to(ca.port).saturating_sub(1) as f64 / n as f64;
-    let agent_mem_mb = procs.0.iter().map(|c| rss(c.id()) as f64).sum::<f64>()
-        / n as f64
-        / 1024.0
-        / 1024.0;
+    let agent_mem_mb =
+        procs.0.iter().map(|c| rss(c.id()) as f64).sum::<f64>() / n as f64 / 1024.0 / 1024.0;
     println!(
         "  {} of {n} agent processes ready",
         ready.load(Ordering::Relaxed)

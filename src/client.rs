@@ -343,7 +343,10 @@ async fn connect_target(
         }
     }
     Err(last_error.unwrap_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address")
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the name resolves to no address",
+        )
     }))
 }
 

@@ -48,7 +48,9 @@ async fn a_thousand_agents_from_one_address_stay_connected_with_the_default_caps
     let ca = TestCa::start_with("idle_timeout = \"1s\"", common::POLICY).await;
     let port = ca.addr.port();
     let n: usize = 1000;
-    let token = ca.token("spiffe://example.org/ns/dev/*", &[], 0, n as u32).await;
+    let token = ca
+        .token("spiffe://example.org/ns/dev/*", &[], 0, n as u32)
+        .await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut states = Vec::new();
     let mut tasks = Vec::new();
@@ -126,7 +128,10 @@ async fn a_rotation_keeps_the_connection_and_revoking_its_certificate_cuts_the_a
     assert!(one.is_some(), "{} connections", connections_to(port) - base);
     let rotated = tokio::time::timeout(
         Duration::from_secs(20),
-        state.wait_for(|s| s.as_ref().is_some_and(|s| s.svid.serial != first.svid.serial)),
+        state.wait_for(|s| {
+            s.as_ref()
+                .is_some_and(|s| s.svid.serial != first.svid.serial)
+        }),
     )
     .await
     .expect("rotated in time")
@@ -163,7 +168,12 @@ async fn a_rotation_keeps_the_connection_and_revoking_its_certificate_cuts_the_a
 }
 
 /// Starts `lanyard serve` over `data` listening on `port`.
-fn serve(dir: &std::path::Path, config: &std::path::Path, port: u16, name: &str) -> common::ChildGuard {
+fn serve(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    port: u16,
+    name: &str,
+) -> common::ChildGuard {
     let mut cmd = lanyard_cmd();
     cmd.args(["serve", "--config"])
         .arg(config)
@@ -213,7 +223,11 @@ async fn an_agent_given_two_ca_addresses_keeps_renewing_after_its_ca_dies() {
         .args(["--spiffe-id", "spiffe://example.org/ns/dev/failover"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     // Both addresses, as a comma list; the second is dead for now.
     let servers = format!("127.0.0.1:{p1},127.0.0.1:{p2}");

@@ -94,7 +94,9 @@ impl CaLink {
             .replace(Open {
                 channel: channel.clone(),
                 bundle: bundle.certs().to_vec(),
-                cert: svid.as_ref().map(|s| (s.not_after, s.not_after - s.not_before)),
+                cert: svid
+                    .as_ref()
+                    .map(|s| (s.not_after, s.not_after - s.not_before)),
             })
             .is_some();
         if reopened {

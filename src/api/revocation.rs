@@ -201,7 +201,8 @@ impl Revocation for RevocationService {
                         // serial or identity): the stream ends, as every later call on the
                         // connection is refused, so a revoked credential cannot keep listening.
                         if let Ok(Some(r)) = revocations.status(&caller) {
-                            let why = format!("certificate {} is revoked: {}", caller.serial, r.reason);
+                            let why =
+                                format!("certificate {} is revoked: {}", caller.serial, r.reason);
                             let _ = tx.send(Err(Status::failed_precondition(why))).await;
                             return;
                         }

@@ -16,7 +16,14 @@ pub(super) struct AgentArgs {
     /// CA address (host:port). Several for failover: repeat the flag or give a comma list; a
     /// name that resolves to several addresses counts as each of them. Calls go to the first
     /// that answers, and move to the next when it fails.
-    #[arg(long, visible_alias = "ca", env = "LANYARD_SERVER", default_value = "127.0.0.1:8443", value_delimiter = ',', num_args = 1)]
+    #[arg(
+        long,
+        visible_alias = "ca",
+        env = "LANYARD_SERVER",
+        default_value = "127.0.0.1:8443",
+        value_delimiter = ',',
+        num_args = 1
+    )]
     server: Vec<String>,
     /// Join token for the first certificate (not needed when --out already holds a credential
     /// that can still renew).
