@@ -21,6 +21,8 @@
 //! - `LANYARD_FLEET_SECS`    steady-state window, seconds (default 60)
 //! - `LANYARD_FLEET_PROCS=1` run `lanyard agent` processes instead of in-process agents
 //! - `LANYARD_FLEET_FANOUT`  revocations sent for the fan-out measurement (default 5)
+//! - `LANYARD_FLEET_BIN`     another `lanyard` binary for the CA and agent processes (a
+//!   before/after comparison against an older build)
 #![allow(clippy::print_stdout, clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -97,6 +99,12 @@ fn raise_nofile() {
     let _ = lanyard::net::raise_nofile_limit();
 }
 
+/// The `lanyard` binary for the CA and agent processes.
+fn lanyard_bin() -> PathBuf {
+    std::env::var_os("LANYARD_FLEET_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_lanyard")), PathBuf::from)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -161,7 +169,7 @@ max_ttl = "10m"
     )
     .unwrap();
     let data = dir.path().join("data");
-    let child = Command::new(env!("CARGO_BIN_EXE_lanyard"))
+    let child = Command::new(lanyard_bin())
         .args(["serve", "--config"])
         .arg(&config)
         .arg("--data-dir")
@@ -501,7 +509,7 @@ async fn run_processes(n: usize, ttl: u64, secs: u64) -> Row {
     for i in 0..n {
         let out = dir.path().join(format!("a{i}"));
         procs.0.push(
-            Command::new(env!("CARGO_BIN_EXE_lanyard"))
+            Command::new(lanyard_bin())
                 .args(["agent", "--server", &server, "--token", &token])
                 .args(["--spiffe-id", &format!("spiffe://example.org/fleet/a{i}")])
                 .args(["--ttl", &format!("{ttl}s")])
