@@ -101,8 +101,10 @@ fn raise_nofile() {
 
 /// The `lanyard` binary for the CA and agent processes.
 fn lanyard_bin() -> PathBuf {
-    std::env::var_os("LANYARD_FLEET_BIN")
-        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_lanyard")), PathBuf::from)
+    std::env::var_os("LANYARD_FLEET_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_lanyard")),
+        PathBuf::from,
+    )
 }
 
 fn free_port() -> u16 {

@@ -61,6 +61,9 @@ pub struct Revocations {
 struct CachedCrl {
     /// The newest revocation it covers: a newer one in the store makes it stale.
     rev: u64,
+    /// The earliest expiry among the entries it was built from: after that, pruning may have
+    /// removed one (pruning does not raise `rev`), so it is rebuilt.
+    earliest_expiry: i64,
     number: u64,
     this_update: i64,
     next_update: i64,
@@ -307,8 +310,8 @@ impl Revocations {
     /// `validity`. Built once per revision: cached per signer until a revocation newer than the
     /// ones it covers is in the store (one indexed range read that is empty in the steady
     /// state, so a fleet's `GetCrl` calls cost no scan and no signature) or half its validity
-    /// has passed. Pruned entries leave the list at that rebuild; listing an expired
-    /// certificate's serial a little longer is harmless. Serials are random and unique across CAs, so one list
+    /// has passed, or the earliest entry it lists has expired (pruning removes entries without
+    /// a new revision). Serials are random and unique across CAs, so one list
     /// serves every CA of a rotation: each CA's CRL lists the serials its certificates may carry.
     pub fn crl(
         &self,
@@ -324,6 +327,7 @@ impl Revocations {
             caches
                 .get(&fingerprint)
                 .filter(|c| now < c.this_update + (c.next_update - c.this_update) / 2)
+                .filter(|c| now <= c.earliest_expiry)
                 .map(|c| (c.rev, c.der.clone()))
         };
         if let Some((rev, der)) = cached
@@ -336,8 +340,14 @@ impl Revocations {
         let mut caches = self.crl.lock().unwrap_or_else(|p| p.into_inner());
         let cache = caches.get(&fingerprint);
         // Built by a concurrent caller while this one read the store: once per revision.
+        let earliest_expiry = entries
+            .iter()
+            .map(|e| e.expires_at)
+            .min()
+            .unwrap_or(i64::MAX);
         if let Some(c) = cache
             && c.rev == rev
+            && c.earliest_expiry == earliest_expiry
             && now < c.this_update + (c.next_update - c.this_update) / 2
         {
             return Ok(c.der.clone());
@@ -357,6 +367,7 @@ impl Revocations {
             authority.fingerprint(),
             CachedCrl {
                 rev,
+                earliest_expiry,
                 number: crl_number,
                 this_update,
                 next_update,
