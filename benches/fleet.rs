@@ -183,7 +183,7 @@ max_ttl = "10m"
         .expect("start lanyard serve");
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
-        || !data.join("admin/cert.pem").exists()
+        || Credential::load(&data.join("admin"), &RolesOid::default()).is_err()
     {
         assert!(t.elapsed() < Duration::from_secs(30), "CA did not start");
         std::thread::sleep(Duration::from_millis(50));
@@ -225,6 +225,8 @@ struct Row {
     core_share: f64,
     rotations: f64,
     ca_rss_per_agent_kb: f64,
+    /// CA RSS growth during the steady window per rotation (store and audit records).
+    ca_rss_per_rotation_kb: f64,
     ca_fds_per_agent: f64,
     conns_per_agent: f64,
     revocation: (f64, f64),
@@ -303,7 +305,7 @@ fn print_row(r: &Row, ttl: u64) {
     // What 10,000 agents with 5-minute certificates would cost at this per-rotation figure.
     let at_10k = 10_000.0 / 150.0 * r.cpu_per_rotation_ms / 1e3;
     println!(
-        "N={} ({}): ready in {:.1}s; {} rotations; CA CPU {:.3} ms/rotation ({:.1} % of a core at {ttl}s certs; ~{:.1} % for 10,000 agents at 5 min); CA RSS {:.1} KB/agent; CA fds {:.2}/agent; {:.2} connections/agent; revocation fan-out {}; bundle fan-out {}; agent memory {:.2} MB",
+        "N={} ({}): ready in {:.1}s; {} rotations; CA CPU {:.3} ms/rotation ({:.1} % of a core at {ttl}s certs; ~{:.1} % for 10,000 agents at 5 min); CA RSS {:.1} KB/agent connected, +{:.2} KB per rotation after; CA fds {:.2}/agent; {:.2} connections/agent; revocation fan-out {}; bundle fan-out {}; agent memory {:.2} MB",
         r.n,
         r.mode,
         r.ready_s,
@@ -312,6 +314,7 @@ fn print_row(r: &Row, ttl: u64) {
         r.core_share * 100.0,
         at_10k * 100.0,
         r.ca_rss_per_agent_kb,
+        r.ca_rss_per_rotation_kb,
         r.ca_fds_per_agent,
         r.conns_per_agent,
         ms_pair(r.revocation),
@@ -392,8 +395,13 @@ async fn run_in_process(n: usize, ttl: u64, secs: u64, fanout: usize) -> Row {
     let ready_s = t.elapsed().as_secs_f64();
     // One lifetime for the fleet to spread out and every stream to settle.
     tokio::time::sleep(Duration::from_secs(ttl.min(30))).await;
+    let settled = rss(pid);
     let (cpu_per_rotation_ms, core_share, rotations) = steady(&ca, secs).await;
-    let ca_rss_per_agent_kb = rss(pid).saturating_sub(rss0) as f64 / 1024.0 / n as f64;
+    // Per agent: connected and enrolled (its connection, streams, enrollment and first
+    // records), before the steady window adds renewal records.
+    let ca_rss_per_agent_kb = settled.saturating_sub(rss0) as f64 / 1024.0 / n as f64;
+    let ca_rss_per_rotation_kb =
+        rss(pid).saturating_sub(settled) as f64 / 1024.0 / rotations.max(1.0);
     let ca_fds_per_agent = fds(pid).saturating_sub(fds0) as f64 / n as f64;
     let conns_per_agent = connections_to(ca.port).saturating_sub(1) as f64 / n as f64;
     let agent_mem_mb = rss(me).saturating_sub(my_rss0) as f64 / 1024.0 / 1024.0 / n as f64;
@@ -448,8 +456,13 @@ async fn run_in_process(n: usize, ttl: u64, secs: u64, fanout: usize) -> Row {
             })
         })
         .collect();
-    let root = rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let root = params
         .self_signed(&rcgen::KeyPair::generate().unwrap())
         .unwrap();
     let sent = Instant::now();
@@ -475,6 +488,7 @@ async fn run_in_process(n: usize, ttl: u64, secs: u64, fanout: usize) -> Row {
         core_share,
         rotations,
         ca_rss_per_agent_kb,
+        ca_rss_per_rotation_kb,
         ca_fds_per_agent,
         conns_per_agent,
         revocation: (pct(&mut rev_lat, 0.5), pct(&mut rev_lat, 0.99)),
@@ -541,8 +555,13 @@ async fn run_processes(n: usize, ttl: u64, secs: u64) -> Row {
     }
     let ready_s = t.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(ttl.min(30))).await;
+    let settled = rss(pid);
     let (cpu_per_rotation_ms, core_share, rotations) = steady(&ca, secs).await;
-    let ca_rss_per_agent_kb = rss(pid).saturating_sub(rss0) as f64 / 1024.0 / n as f64;
+    // Per agent: connected and enrolled (its connection, streams, enrollment and first
+    // records), before the steady window adds renewal records.
+    let ca_rss_per_agent_kb = settled.saturating_sub(rss0) as f64 / 1024.0 / n as f64;
+    let ca_rss_per_rotation_kb =
+        rss(pid).saturating_sub(settled) as f64 / 1024.0 / rotations.max(1.0);
     let ca_fds_per_agent = fds(pid).saturating_sub(fds0) as f64 / n as f64;
     let conns_per_agent = connections_to(ca.port).saturating_sub(1) as f64 / n as f64;
     let agent_mem_mb =
@@ -558,6 +577,7 @@ async fn run_processes(n: usize, ttl: u64, secs: u64) -> Row {
         core_share,
         rotations,
         ca_rss_per_agent_kb,
+        ca_rss_per_rotation_kb,
         ca_fds_per_agent,
         conns_per_agent,
         revocation: (f64::NAN, f64::NAN),
