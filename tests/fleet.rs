@@ -12,24 +12,32 @@ use common::{TestCa, lanyard_cmd, poll_until, spawn_agent, wait_for_svid};
 use lanyard::agent::{Agent, AgentConfig, AgentError};
 use lanyard::pb::v1::{self as pb, revocation_client::RevocationClient};
 
-/// Established connections whose local port is `port`: the CA's side of each client connection.
-fn connections_to(port: u16) -> usize {
+/// The client ports of established connections to local port `port` (the CA's side of each
+/// client connection): a connection kept is the same port, a new one another.
+fn peers_of(port: u16) -> std::collections::BTreeSet<u16> {
+    let hex_port = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
     ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
-        .map(|t| std::fs::read_to_string(t).unwrap_or_default())
-        .flat_map(|text| {
+        .flat_map(|t| {
+            let text = std::fs::read_to_string(t).unwrap_or_default();
             text.lines()
                 .skip(1)
-                .filter(|line| {
+                .filter_map(|line| {
                     let f: Vec<&str> = line.split_whitespace().collect();
-                    let local = f.get(1).and_then(|l| l.rsplit_once(':'));
-                    local.and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) == Some(port)
-                        && f.get(3) == Some(&"01")
+                    (hex_port(f.get(1)?) == Some(port) && *f.get(3)? == "01")
+                        .then(|| hex_port(f.get(2)?))
+                        .flatten()
                 })
-                .map(|_| ())
                 .collect::<Vec<_>>()
         })
-        .count()
+        .collect()
+}
+
+fn connections_to(port: u16) -> usize {
+    peers_of(port).len()
 }
 
 fn agent_config(ca: &TestCa, token: &str, name: &str, ttl: u64) -> AgentConfig {
@@ -96,7 +104,7 @@ async fn a_thousand_agents_from_one_address_stay_connected_with_the_default_caps
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotation_keeps_the_connection_and_revoking_its_certificate_cuts_the_agent_off() {
+async fn a_rotation_keeps_the_connection_and_revocation_cuts_it_off() {
     let ca = TestCa::start().await;
     let port = ca.addr.port();
     let admin = ca.admin_channel().await;
@@ -126,6 +134,7 @@ async fn a_rotation_keeps_the_connection_and_revoking_its_certificate_cuts_the_a
     })
     .await;
     assert!(one.is_some(), "{} connections", connections_to(port) - base);
+    let kept = peers_of(port);
     let rotated = tokio::time::timeout(
         Duration::from_secs(20),
         state.wait_for(|s| {
@@ -139,32 +148,53 @@ async fn a_rotation_keeps_the_connection_and_revoking_its_certificate_cuts_the_a
     .clone()
     .unwrap();
     assert_eq!(
-        connections_to(port),
-        base + 1,
+        peers_of(port),
+        kept,
         "the rotation kept the agent's one connection"
     );
 
-    // Revoke the first certificate, the one the connection was opened with. The current one is
-    // not revoked, but nothing authenticated by the revoked one may go on.
-    RevocationClient::new(admin)
-        .revoke(pb::RevokeRequest {
-            target: Some(pb::revoke_request::Target::Serial(
-                first.svid.serial.to_hex(),
-            )),
-            reason: "key compromise".into(),
-            lift: false,
-        })
-        .await
-        .unwrap();
+    let revoke = |serial: String| {
+        let admin = admin.clone();
+        async move {
+            RevocationClient::new(admin)
+                .revoke(pb::RevokeRequest {
+                    target: Some(pb::revoke_request::Target::Serial(serial)),
+                    reason: "key compromise".into(),
+                    lift: false,
+                })
+                .await
+                .unwrap();
+        }
+    };
+
+    // Revoke the first certificate, the one the connection was opened with: the CA ends its
+    // watch and refuses every call on it, so the agent opens a new connection with its current,
+    // unrevoked certificate (as it would have used for its next renewal anyway) and goes on.
+    revoke(first.svid.serial.to_hex()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !run.is_finished(),
+        "revoking an older certificate stopped the agent"
+    );
+    let now = peers_of(port);
+    assert_eq!(
+        now.len(),
+        base + 1,
+        "the connection of the revoked certificate was replaced, not added to"
+    );
+    assert_ne!(
+        now, kept,
+        "the connection of the revoked certificate was replaced"
+    );
+
+    // Revoke the current certificate. The CA must judge that one, not the older one a kept
+    // connection might carry: the agent is cut off.
+    revoke(rotated.svid.serial.to_hex()).await;
     let result = tokio::time::timeout(Duration::from_secs(10), run)
         .await
         .expect("the agent is cut off within seconds")
         .unwrap();
-    assert!(
-        matches!(result, Err(AgentError::Revoked(_))),
-        "{result:?} (current certificate {})",
-        rotated.svid.serial
-    );
+    assert!(matches!(result, Err(AgentError::Revoked(_))), "{result:?}");
 }
 
 /// Starts `lanyard serve` over `data` listening on `port`.

@@ -24,8 +24,9 @@ use tonic::transport::Channel;
 use tracing::{debug, info};
 
 use super::timing::Backoff;
+use crate::ca::SvidInfo;
 use crate::client::{ClientError, connect};
-use crate::tls::{ServerTrust, TlsSource, unix_now};
+use crate::tls::{RevocationSet, ServerTrust, TlsSource, unix_now};
 
 /// How long before the connection's certificate expires the connection is opened again: a
 /// tenth of the certificate's lifetime, at least 5 s (a call must not race the expiry).
@@ -37,6 +38,9 @@ pub(crate) fn margin(lifetime_s: i64) -> i64 {
 pub(crate) struct CaLink {
     servers: String,
     source: Arc<TlsSource>,
+    /// What the agent knows is revoked: a connection whose certificate is revoked, or one that
+    /// speaks for an older certificate while the current one is revoked, is opened again.
+    revocations: Arc<RevocationSet>,
     open: Mutex<Option<Open>>,
     /// Only one caller opens a connection at a time; the others then take it.
     opening: tokio::sync::Mutex<()>,
@@ -49,8 +53,8 @@ struct Open {
     channel: Channel,
     /// The bundle the CA was verified against.
     bundle: Vec<CertificateDer<'static>>,
-    /// notAfter and lifetime of the certificate the connection presented (None: none).
-    cert: Option<(i64, i64)>,
+    /// The certificate the connection presented (None: none).
+    cert: Option<SvidInfo>,
 }
 
 // === impl CaLink ===
@@ -58,10 +62,15 @@ struct Open {
 impl CaLink {
     /// A link to the CA at `servers` (one address or several, comma-separated) authenticating
     /// with `source`'s credential; nothing is connected until a call needs it.
-    pub(crate) fn new(servers: String, source: Arc<TlsSource>) -> Arc<Self> {
+    pub(crate) fn new(
+        servers: String,
+        source: Arc<TlsSource>,
+        revocations: Arc<RevocationSet>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             servers,
             source,
+            revocations,
             open: Mutex::new(None),
             opening: tokio::sync::Mutex::new(()),
             generation: watch::channel(0).0,
@@ -94,9 +103,7 @@ impl CaLink {
             .replace(Open {
                 channel: channel.clone(),
                 bundle: bundle.certs().to_vec(),
-                cert: svid
-                    .as_ref()
-                    .map(|s| (s.not_after, s.not_after - s.not_before)),
+                cert: svid.clone(),
             })
             .is_some();
         if reopened {
@@ -109,8 +116,17 @@ impl CaLink {
     fn usable(&self) -> Option<Channel> {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let open = open.as_ref()?;
-        let fresh = match (open.cert, self.source.svid()) {
-            (Some((not_after, life)), Some(_)) => not_after - margin(life) > unix_now(),
+        let fresh = match (&open.cert, self.source.svid()) {
+            (Some(conn), Some(current)) => {
+                let life = conn.not_after - conn.not_before;
+                let older = conn.serial != current.serial;
+                conn.not_after - margin(life) > unix_now()
+                    // Revoked: the CA refuses every call on it; the current one may be fine.
+                    && (!older || self.revocations.check(conn).is_none())
+                    // The current certificate is revoked: the CA must judge it, not an older
+                    // one (a renewal after a renewable revocation, or a refusal).
+                    && (!older || self.revocations.check(&current).is_none())
+            }
             // Opened before there was a credential: open again with it.
             (None, Some(_)) => false,
             (_, None) => true,

@@ -72,12 +72,13 @@ impl Agent {
     /// An agent that has not fetched anything yet.
     pub fn new(cfg: AgentConfig) -> Self {
         let source = TlsSource::empty(cfg.roles_oid.clone());
-        let link = CaLink::new(cfg.server.clone(), source.clone());
+        let revocations = RevocationSet::new();
+        let link = CaLink::new(cfg.server.clone(), source.clone(), revocations.clone());
         Self {
             cfg,
             state_tx: watch::channel(None).0,
             source,
-            revocations: RevocationSet::new(),
+            revocations,
             link,
         }
     }

@@ -259,25 +259,26 @@ impl WatchState {
                     if c.record.seq <= self.sent {
                         continue;
                     }
-                    // The certificate this connection was opened with is revoked now (by serial
-                    // or identity): the stream ends, as every later call on the connection is
-                    // refused, so a revoked credential cannot keep listening.
-                    if let Ok(Some(r)) = self.revocations.status(&self.caller) {
-                        self.done = true;
-                        return Some(Err(Status::failed_precondition(format!(
-                            "certificate {} is revoked: {}",
-                            self.caller.serial, r.reason
-                        ))));
-                    }
                     for r in c.revocations.iter().filter(|r| (self.relay)(r)) {
                         self.pending.push_back(Ok(to_proto(r.clone())));
                     }
                     if !c.revocations.is_empty() {
                         self.sent = c.record.seq;
                     }
+                    // The certificate this connection was opened with is revoked now (by serial
+                    // or identity): after the entries that say so, the stream ends, as every
+                    // later call on the connection is refused, so a revoked credential cannot
+                    // keep listening.
+                    if let Ok(Some(r)) = self.revocations.status(&self.caller) {
+                        self.done = true;
+                        self.pending
+                            .push_back(Err(Status::failed_precondition(format!(
+                                "certificate {} is revoked: {}",
+                                self.caller.serial, r.reason
+                            ))));
+                    }
                 }
             }
         }
     }
 }
-
