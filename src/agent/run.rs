@@ -393,11 +393,16 @@ impl Agent {
             };
             match attempt.await {
                 Ok(resp) => return self.state_from(resp, &key),
-                // Only an unreachable CA is worth retrying; a refused token will stay refused.
+                // Only an unreachable or busy CA is worth retrying (`ResourceExhausted`: the
+                // CA's per-source budget, when many agents behind one address enrol at once,
+                // says "retry in a second"); a refused token will stay refused.
                 Err(e)
                     if matches!(
                         e.code(),
-                        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown
+                        Code::Unavailable
+                            | Code::DeadlineExceeded
+                            | Code::Unknown
+                            | Code::ResourceExhausted
                     ) =>
                 {
                     let wait = backoff.next_wait();
