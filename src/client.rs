@@ -364,3 +364,24 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn server_lists_split_on_commas_and_every_entry_needs_a_host_and_port() {
+        assert_eq!(
+            parse_servers(" https://ca1.example:8443/, ca2.example:8443,,[::1]:9443").unwrap(),
+            vec!["ca1.example:8443", "ca2.example:8443", "[::1]:9443"]
+        );
+        for bad in ["", " , ", "ca.example", "ca.example:8443,ca2", "ca:notaport"] {
+            assert!(
+                matches!(parse_servers(bad), Err(ClientError::BadAddress(_))),
+                "{bad:?}"
+            );
+        }
+    }
+}
