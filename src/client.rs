@@ -377,7 +377,13 @@ mod tests {
             parse_servers(" https://ca1.example:8443/, ca2.example:8443,,[::1]:9443").unwrap(),
             vec!["ca1.example:8443", "ca2.example:8443", "[::1]:9443"]
         );
-        for bad in ["", " , ", "ca.example", "ca.example:8443,ca2", "ca:notaport"] {
+        for bad in [
+            "",
+            " , ",
+            "ca.example",
+            "ca.example:8443,ca2",
+            "ca:notaport",
+        ] {
             assert!(
                 matches!(parse_servers(bad), Err(ClientError::BadAddress(_))),
                 "{bad:?}"
