@@ -204,25 +204,63 @@ pub async fn connect(
     connect_with(server, verifier, identity).await
 }
 
-/// Opens a gRPC channel with an explicit server verifier.
+/// How long one connection attempt to one CA address may take (TCP and TLS), before the next
+/// address is tried.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// HTTP/2 PING interval on client connections: a CA that vanished without a FIN (host down,
+/// network cut) is noticed within interval + timeout, so a client moves to the next address.
+/// Mostly idle streams need nothing more frequent; the CA pings its side as well.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(45);
+/// How long a PING may go unanswered before the connection is dropped.
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+/// HTTP/2 receive windows of client connections: CA answers are a few KB (a certificate, a
+/// bundle, a CRL), so large windows only let buffers grow.
+pub const STREAM_WINDOW: u32 = 64 * 1024;
+/// Connection-level receive window (several streams share it).
+pub const CONNECTION_WINDOW: u32 = 256 * 1024;
+
+/// The CA addresses a client may use, in order of preference: `host:port` entries from one or
+/// more comma-separated lists (`https://` prefixes allowed). A name that resolves to several
+/// addresses contributes each of them.
+pub fn parse_servers(servers: &str) -> Result<Vec<String>, ClientError> {
+    let list: Vec<String> = servers
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .trim_start_matches("https://")
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string()
+        })
+        .filter(|s| !s.is_empty())
+        .collect();
+    if list.is_empty() {
+        return Err(ClientError::BadAddress(servers.to_string()));
+    }
+    for hostport in &list {
+        let uri: Uri = format!("http://{hostport}")
+            .parse()
+            .map_err(|_| ClientError::BadAddress(hostport.clone()))?;
+        if uri.host().is_none() || uri.port_u16().is_none() {
+            return Err(ClientError::BadAddress(hostport.clone()));
+        }
+    }
+    Ok(list)
+}
+
+/// Opens a gRPC channel with an explicit server verifier. `server` may list several CA
+/// addresses (comma-separated; a name may resolve to several): each connection, the first and
+/// any reconnect after the last one broke, tries them in turn starting with the one that worked
+/// last, so a client moves to a live CA replica when its own goes away.
 pub async fn connect_with(
     server: &str,
     verifier: Arc<ServerVerifier>,
     identity: Option<Arc<CertSlot>>,
 ) -> Result<Channel, ClientError> {
-    let hostport = server
-        .trim()
-        .trim_start_matches("https://")
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let uri: Uri = format!("http://{hostport}")
+    let targets = Arc::new(parse_servers(server)?);
+    let uri: Uri = format!("http://{}", targets[0])
         .parse()
         .map_err(|_| ClientError::BadAddress(server.to_string()))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| ClientError::BadAddress(server.to_string()))?
-        .to_string();
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Credential(e.to_string()))?
@@ -234,30 +272,100 @@ pub async fn connect_with(
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let name = ServerName::try_from(
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-    )
-    .map_err(|_| ClientError::BadAddress(server.to_string()))?;
     let endpoint = Endpoint::from(uri)
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .tcp_nodelay(true);
-    let target = hostport.clone();
+        // Each address gets `CONNECT_TIMEOUT` inside the connector; this bounds the whole walk.
+        .connect_timeout(CONNECT_TIMEOUT * (targets.len() as u32 + 1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    let preferred = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let connector = connector.clone();
-            let name = name.clone();
-            let target = target.clone();
-            async move {
-                let tcp = TcpStream::connect(&target).await?;
-                tcp.set_nodelay(true)?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
-            }
+            let (connector, targets, preferred) =
+                (connector.clone(), targets.clone(), preferred.clone());
+            async move { connect_any(&connector, &targets, &preferred).await }
         }))
         .await
         .map_err(|e| ClientError::Connect(server.to_string(), error_chain(&e)))
+}
+
+/// Connects to the first of `targets` (starting at `preferred`, wrapping around) whose every
+/// step works: name resolution, TCP, the TLS handshake with the server's SPIFFE ID verified.
+async fn connect_any(
+    connector: &tokio_rustls::TlsConnector,
+    targets: &[String],
+    preferred: &std::sync::atomic::AtomicUsize,
+) -> std::io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
+    use std::sync::atomic::Ordering;
+    let start = preferred.load(Ordering::Relaxed);
+    let mut last_error = None;
+    for i in 0..targets.len() {
+        let at = (start + i) % targets.len();
+        let target = &targets[at];
+        match tokio::time::timeout(CONNECT_TIMEOUT * 2, connect_target(connector, target)).await {
+            Ok(Ok(tls)) => {
+                if at != start {
+                    tracing::info!(server = %target, "connected to another CA address");
+                }
+                preferred.store(at, Ordering::Relaxed);
+                return Ok(tls);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(server = %target, error = %e, "CA address unusable; trying the next");
+                last_error = Some(std::io::Error::new(e.kind(), format!("{target}: {e}")));
+            }
+            Err(_) => {
+                tracing::debug!(server = %target, "CA address timed out; trying the next");
+                last_error = Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{target}: timed out"),
+                ));
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| std::io::Error::other("no CA address")))
+}
+
+/// One `host:port`: every address the name resolves to, in turn.
+async fn connect_target(
+    connector: &tokio_rustls::TlsConnector,
+    target: &str,
+) -> std::io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let host = target
+        .rsplit_once(':')
+        .map_or(target, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let name = ServerName::try_from(host)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let mut last_error = None;
+    for addr in tokio::net::lookup_host(target).await? {
+        let attempt = async {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            connector.connect(name.clone(), tcp).await
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok(tls)) => return Ok(TokioIo::new(tls)),
+            Ok(Err(e)) => last_error = Some(e),
+            Err(_) => {
+                last_error = Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{addr}: timed out"),
+                ))
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the name resolves to no address",
+        )
+    }))
 }
 
 /// Renders an error with its sources, for humans.
@@ -273,4 +381,31 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn server_lists_split_on_commas_and_every_entry_needs_a_host_and_port() {
+        assert_eq!(
+            parse_servers(" https://ca1.example:8443/, ca2.example:8443,,[::1]:9443").unwrap(),
+            vec!["ca1.example:8443", "ca2.example:8443", "[::1]:9443"]
+        );
+        for bad in [
+            "",
+            " , ",
+            "ca.example",
+            "ca.example:8443,ca2",
+            "ca:notaport",
+        ] {
+            assert!(
+                matches!(parse_servers(bad), Err(ClientError::BadAddress(_))),
+                "{bad:?}"
+            );
+        }
+    }
 }

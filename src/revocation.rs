@@ -9,9 +9,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use crate::audit::{AuditError, AuditLog, Event, Kind};
+use crate::audit::{AuditError, AuditLog, Committed, Event, Kind};
 use crate::ca::{Authority, CaError, Serial, SvidInfo};
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::store::{RECORD_VERSION, RevocationRecord, Store, StoreError, Write};
@@ -38,6 +39,9 @@ pub enum RevocationError {
     Ca(#[from] CaError),
 }
 
+/// Revocation commits the feed holds for a watcher that fell behind; past that it resyncs.
+const FEED_BUFFER: usize = 1024;
+
 /// The revocation service.
 pub struct Revocations {
     log: AuditLog,
@@ -48,12 +52,18 @@ pub struct Revocations {
     max_lifetime: Duration,
     /// Cached CRLs by the fingerprint of the CA that signed them.
     crl: Mutex<std::collections::HashMap<[u8; 32], CachedCrl>>,
+    /// Revocation commits only, forwarded from the audit log's live feed by one task (started
+    /// by the first watcher): thousands of `Revocation.Watch` streams wake on revocations, not
+    /// on every issuance. `None` tells watchers to resync from the store (the forwarder lagged).
+    feed: std::sync::OnceLock<broadcast::Sender<Option<Arc<Committed>>>>,
 }
 
 struct CachedCrl {
+    /// The newest revocation it covers: a newer one in the store makes it stale.
     rev: u64,
-    /// Entries it was built from: pruning removes entries without raising `rev`.
-    entries: usize,
+    /// The earliest expiry among the entries it was built from: after that, pruning may have
+    /// removed one (pruning does not raise `rev`), so it is rebuilt.
+    earliest_expiry: i64,
     number: u64,
     this_update: i64,
     next_update: i64,
@@ -69,7 +79,33 @@ impl Revocations {
             grace,
             max_lifetime,
             crl: Mutex::new(std::collections::HashMap::new()),
+            feed: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Follows revocation commits (see the `feed` field); `None` means "resync from the store".
+    /// Subscribe before reading a snapshot, so nothing committed in between is missed.
+    pub fn live(&self) -> broadcast::Receiver<Option<Arc<Committed>>> {
+        self.feed
+            .get_or_init(|| {
+                let (tx, _) = broadcast::channel(FEED_BUFFER);
+                let mut all = self.log.live();
+                let feed = tx.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let item = match all.recv().await {
+                            Ok(c) if c.revocations.is_empty() => continue,
+                            Ok(c) => Some(c),
+                            Err(broadcast::error::RecvError::Lagged(_)) => None,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        };
+                        // No watcher right now is fine: the next one starts from the store.
+                        let _ = feed.send(item);
+                    }
+                });
+                tx
+            })
+            .subscribe()
     }
 
     /// The revocation that covers `svid`, if any: its serial, or its identity's rule.
@@ -310,25 +346,47 @@ impl Revocations {
     }
 
     /// A CRL signed by `authority` listing every revoked serial still alive, valid for
-    /// `validity`. Cached per signer until the revocations change (a new entry or a pruned one)
-    /// or half its validity has passed. Serials are random and unique across CAs, so one list
+    /// `validity`. Built once per revision: cached per signer until a revocation newer than the
+    /// ones it covers is in the store (one indexed range read that is empty in the steady
+    /// state, so a fleet's `GetCrl` calls cost no scan and no signature) or half its validity
+    /// has passed, or the earliest entry it lists has expired (pruning removes entries without
+    /// a new revision). Serials are random and unique across CAs, so one list
     /// serves every CA of a rotation: each CA's CRL lists the serials its certificates may carry.
     pub fn crl(
         &self,
         authority: &Authority,
         validity: Duration,
     ) -> Result<Arc<Vec<u8>>, RevocationError> {
+        let now = unix_now();
+        let fingerprint = authority.fingerprint();
+        let cached = {
+            let mut caches = self.crl.lock().unwrap_or_else(|p| p.into_inner());
+            // Signers no longer asked for (a rotation completed) drop out once stale.
+            caches.retain(|_, c| c.next_update > now);
+            caches
+                .get(&fingerprint)
+                .filter(|c| now < c.this_update + (c.next_update - c.this_update) / 2)
+                .filter(|c| now <= c.earliest_expiry)
+                .map(|c| (c.rev, c.der.clone()))
+        };
+        if let Some((rev, der)) = cached
+            && self.store.revocations_since(rev)?.is_empty()
+        {
+            return Ok(der);
+        }
         let entries = self.store.revocations_since(0)?;
         let rev = entries.iter().map(|e| e.rev).max().unwrap_or(0);
-        let count = entries.len();
-        let now = unix_now();
         let mut caches = self.crl.lock().unwrap_or_else(|p| p.into_inner());
-        // Signers no longer asked for (a rotation completed) drop out once their CRL is stale.
-        caches.retain(|_, c| c.next_update > now);
-        let cache = caches.get(&authority.fingerprint());
+        let cache = caches.get(&fingerprint);
+        // Built by a concurrent caller while this one read the store: once per revision.
+        let earliest_expiry = entries
+            .iter()
+            .map(|e| e.expires_at)
+            .min()
+            .unwrap_or(i64::MAX);
         if let Some(c) = cache
             && c.rev == rev
-            && c.entries == count
+            && c.earliest_expiry == earliest_expiry
             && now < c.this_update + (c.next_update - c.this_update) / 2
         {
             return Ok(c.der.clone());
@@ -348,7 +406,7 @@ impl Revocations {
             authority.fingerprint(),
             CachedCrl {
                 rev,
-                entries: count,
+                earliest_expiry,
                 number: crl_number,
                 this_update,
                 next_update,

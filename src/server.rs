@@ -54,8 +54,15 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
 /// How long a PING may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-/// Concurrent streams one connection may open. An agent holds four or five (its watches and a
-/// renewal); without a cap hyper accepts any number, each a task and buffers on the server.
+/// HTTP/2 receive window per stream. Requests are a CSR or a small query; the agent's watch
+/// streams send nothing after their request, so a large window only lets a client park data
+/// in the CA's memory.
+pub const STREAM_WINDOW: u32 = 64 * 1024;
+/// HTTP/2 receive window per connection (all its streams).
+pub const CONNECTION_WINDOW: u32 = 128 * 1024;
+/// Concurrent streams one connection may open. An agent holds two watches and, now and then, a
+/// renewal or a CRL fetch on its one connection; without a cap hyper accepts any number, each a
+/// task and buffers on the server.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// Largest decoded header list a request may carry (hyper refuses larger ones itself).
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
@@ -640,6 +647,10 @@ async fn grpc_server<S: Future<Output = ()> + Send + 'static>(
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // Fixed windows sized for small messages on mostly idle streams (no BDP probing).
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .http2_adaptive_window(Some(false))
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         // Outermost: it puts the TLS connect info back where tonic's `peer_certs` looks, which
         // the refusal layer reads.

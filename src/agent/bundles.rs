@@ -1,20 +1,19 @@
 //! Following the CA's trust bundles: `Ca.WatchBundles` pushes the own bundle and every federated
 //! bundle at once and on every change, so a CA rotation or a federated refresh reaches workloads
-//! within a second instead of at their next renewal. The stream is resumed with backoff; a CA
-//! that predates the RPC (`Unimplemented`) is left alone and bundles then travel with renewals.
+//! within a second instead of at their next renewal. The stream shares the agent's one connection
+//! to the CA ([`super::link`]) and is resumed with backoff; a CA that predates the RPC
+//! (`Unimplemented`) is left alone and bundles then travel with renewals.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::warn;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::timing::Backoff;
+use super::link::CaLink;
 use crate::pb::v1::{self as pb, ca_client::CaClient};
-use crate::tls::TlsSource;
 
 /// Bundles as the agent holds them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -88,49 +87,27 @@ pub fn split_der(mut der: &[u8]) -> Option<Vec<CertificateDer<'static>>> {
     Some(out)
 }
 
-/// Follows `Ca.WatchBundles` at `server`, authenticating with `source`'s credential; the latest
-/// set is in the returned receiver. Runs until the returned task is aborted.
-pub fn follow_bundles(
-    server: String,
-    source: Arc<TlsSource>,
+/// Follows `Ca.WatchBundles` over the agent's link to the CA; the latest set is in the returned
+/// receiver. Runs until the returned task is aborted.
+pub(crate) fn follow_bundles(
+    link: Arc<CaLink>,
 ) -> (
     tokio::task::JoinHandle<()>,
     watch::Receiver<Option<Bundles>>,
 ) {
     let (tx, rx) = watch::channel(None);
-    let task = tokio::spawn(async move {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let mut last_error: Option<String> = None;
-        loop {
-            match watch_once(&server, &source, &tx).await {
-                Ok(()) => backoff.reset(),
-                Err(s) if s.code() == tonic::Code::Unimplemented => {
-                    info!("the CA does not stream bundles; they arrive with each renewal");
-                    return;
-                }
-                Err(s) => {
-                    let msg = s.message().to_string();
-                    if last_error.as_deref() != Some(msg.as_str()) {
-                        debug!(code = ?s.code(), error = %msg, "bundle watch interrupted");
-                    }
-                    last_error = Some(msg);
-                }
-            }
-            tokio::time::sleep(backoff.next_wait()).await;
-        }
+    let tx = Arc::new(tx);
+    let task = super::link::follow(link, "bundles", move |channel| {
+        let tx = tx.clone();
+        async move { watch_once(channel, &tx).await }
     });
     (task, rx)
 }
 
 async fn watch_once(
-    server: &str,
-    source: &Arc<TlsSource>,
+    channel: tonic::transport::Channel,
     tx: &watch::Sender<Option<Bundles>>,
 ) -> Result<(), tonic::Status> {
-    let channel = source
-        .connect_ca(server)
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut stream = CaClient::new(channel)
         .watch_bundles(pb::WatchBundlesRequest {})
         .await?

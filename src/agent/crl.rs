@@ -1,9 +1,11 @@
 //! Keeping the CA's CRLs fresh for file consumers (nginx `ssl_crl`, haproxy `crl-file`) and
 //! Workload API clients: the CRLs are fetched again at about half of their remaining validity
-//! (so they never pass `nextUpdate` while the CA is reachable) and within a second of a new
-//! revocation seen on the agent's `Revocation.Watch`. A burst of revocations costs a few
-//! fetches, not one each: fetches are at least [`MIN_GAP`] apart. One channel to the CA is kept
-//! and reused; it is opened again only after a failure or when the trust bundle changes.
+//! (so they never pass `nextUpdate` while the CA is reachable) and within about a second of a
+//! new revocation seen on the agent's `Revocation.Watch` — only then: the revision the watch
+//! reports says when the CRL changed, so nothing is polled. A burst of revocations costs a few
+//! fetches, not one each: fetches are at least [`MIN_GAP`] apart, and a fetch for a revocation
+//! waits a random part of [`SPREAD`] so a whole fleet does not ask the CA in the same
+//! millisecond. Fetches ride the agent's one connection to the CA ([`super::link`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -17,15 +19,17 @@ use tracing::{debug, error, warn};
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
+use super::link::CaLink;
 use super::timing::{Backoff, refresh_in};
 use crate::pb::v1::{self as pb, revocation_client::RevocationClient};
-use crate::tls::{Bundle, RevocationSet, TlsSource, unix_now};
+use crate::tls::{RevocationSet, unix_now};
 
 /// Least time between two CRL fetches: a burst of revocations is coalesced into one fetch per
 /// gap (plus one for what arrived during the last).
 pub(crate) const MIN_GAP: Duration = Duration::from_millis(250);
-/// How often the revocation set is checked for entries newer than the last fetch.
-const POLL: Duration = Duration::from_millis(100);
+/// A fetch for a new revocation waits a random part of this: 10,000 agents learn of it within
+/// milliseconds of each other, and their `GetCrl` calls are spread instead of queued at once.
+const SPREAD: Duration = Duration::from_millis(500);
 /// Earliest refresh after a successful fetch, whatever the CRL says (a CA configured with a
 /// validity of a second must not make the agent spin).
 const MIN_REFRESH: Duration = Duration::from_millis(500);
@@ -102,19 +106,15 @@ pub(crate) fn refresh_after(fetched_ms: i64, next_update_s: Option<i64>, jitter:
 /// agent already holds; empty: fetch at once). The latest CRLs are in the returned receiver.
 /// Runs until the returned task is aborted.
 pub(crate) fn follow_crls(
-    server: String,
-    source: Arc<TlsSource>,
+    link: Arc<CaLink>,
     revocations: Arc<RevocationSet>,
     seed: Vec<Vec<u8>>,
     max_backoff: Duration,
 ) -> (tokio::task::JoinHandle<()>, watch::Receiver<Vec<Vec<u8>>>) {
     let (tx, rx) = watch::channel(seed.clone());
     let task = tokio::spawn(async move {
-        let mut fetcher = Fetcher {
-            server,
-            source,
-            channel: None,
-        };
+        let fetcher = Fetcher { link };
+        let mut news = revocations.changes();
         let mut backoff = Backoff::new(Duration::from_secs(1), max_backoff);
         let mut last_failure: Option<String> = None;
         // What the CRLs in hand cover: the revocation set's revision when they were asked for.
@@ -128,22 +128,19 @@ pub(crate) fn follow_crls(
             _ => Instant::now(),
         };
         let mut last_fetch: Option<Instant> = None;
-        let mut poll = tokio::time::interval(POLL);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(next) => {}
-                _ = poll.tick() => {
+                Ok(()) = news.changed() => {
                     // While the CA fails, retries follow the backoff, not the revocations.
                     if revocations.rev() <= covered || last_failure.is_some() {
                         continue;
                     }
-                    // New revocations: fetch now, or as soon as the gap allows.
+                    // New revocations: fetch soon (spread), no sooner than the gap allows.
+                    let spread = SPREAD.mul_f64(rand::random::<f64>());
                     let earliest = last_fetch.map_or_else(Instant::now, |t| t + MIN_GAP);
-                    if earliest > Instant::now() {
-                        next = next.min(earliest);
-                        continue;
-                    }
+                    next = next.min(earliest.max(Instant::now()) + spread);
+                    continue;
                 }
             }
             let asked_at = revocations.rev();
@@ -191,43 +188,26 @@ pub(crate) fn follow_crls(
     (task, rx)
 }
 
-/// One `GetCrl` client, reusing its channel.
+/// `GetCrl` over the agent's link.
 struct Fetcher {
-    server: String,
-    source: Arc<TlsSource>,
-    /// The channel and the bundle it trusts (a new bundle means a new channel).
-    channel: Option<(tonic::transport::Channel, Arc<Bundle>)>,
+    link: Arc<CaLink>,
 }
 
 // === impl Fetcher ===
 
 impl Fetcher {
     /// The CA's CRLs (the signing CA's, then a retiring one's) and their earliest nextUpdate.
-    async fn fetch(&mut self) -> Result<(Vec<Vec<u8>>, Option<i64>), CrlError> {
-        let bundle = self.source.bundle();
-        let channel = match &self.channel {
-            Some((ch, trusted)) if Arc::ptr_eq(trusted, &bundle) => ch.clone(),
-            _ => {
-                let ch = tokio::time::timeout(CALL_TIMEOUT, self.source.connect_ca(&self.server))
-                    .await
-                    .map_err(|_| CrlError::Call("connecting to the CA timed out".into()))?
-                    .map_err(|e| CrlError::Call(e.to_string()))?;
-                self.channel = Some((ch.clone(), bundle));
-                ch
-            }
-        };
+    async fn fetch(&self) -> Result<(Vec<Vec<u8>>, Option<i64>), CrlError> {
+        let channel = tokio::time::timeout(CALL_TIMEOUT, self.link.channel())
+            .await
+            .map_err(|_| CrlError::Call("connecting to the CA timed out".into()))?
+            .map_err(|e| CrlError::Call(e.to_string()))?;
         let mut client = RevocationClient::new(channel);
         let call = client.get_crl(pb::GetCrlRequest {});
         let answer = match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(s)) => {
-                self.channel = None;
-                return Err(CrlError::Call(format!("{:?}: {}", s.code(), s.message())));
-            }
-            Err(_) => {
-                self.channel = None;
-                return Err(CrlError::Call("GetCrl timed out".into()));
-            }
+            Ok(Err(s)) => return Err(CrlError::Call(format!("{:?}: {}", s.code(), s.message()))),
+            Err(_) => return Err(CrlError::Call("GetCrl timed out".into())),
         };
         let crls: Vec<Vec<u8>> = std::iter::once(answer.der)
             .chain(answer.retiring)

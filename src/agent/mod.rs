@@ -7,6 +7,7 @@ mod attest;
 mod bundles;
 mod crl;
 mod files;
+mod link;
 mod run;
 mod timing;
 pub(crate) mod uds;
@@ -16,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use bundles::{Bundles, follow_bundles, split_der};
+pub use bundles::{Bundles, split_der};
 pub use files::{read_consistent, read_federated, write_credential_dir, write_svid_dir};
 pub use run::{Agent, SvidState};
 pub use timing::{Backoff, refresh_in};
@@ -25,7 +26,8 @@ pub use workload::{DEFAULT_MAX_CONNECTIONS, SocketAccess, WorkloadApi, serve_wor
 /// How the agent is set up.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// CA address, host:port.
+    /// CA address, host:port; several comma-separated for failover (see
+    /// [`crate::client::connect_with`]).
     pub server: String,
     /// Join token for the first certificate (not needed when `out_dir` already holds a
     /// credential that can still renew).

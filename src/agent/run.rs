@@ -12,6 +12,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::bundles::{Bundles, decode_federated, follow_bundles};
 use super::crl::follow_crls;
+use super::link::{CaLink, follow};
 use super::timing::{Backoff, refresh_in};
 use super::{AgentConfig, AgentError, files};
 use crate::ca::{SvidInfo, parse_svid};
@@ -63,17 +64,22 @@ pub struct Agent {
     state_tx: watch::Sender<Option<Arc<SvidState>>>,
     source: Arc<TlsSource>,
     revocations: Arc<RevocationSet>,
+    /// The one connection to the CA that renewals, CRL fetches and both watches share.
+    link: Arc<CaLink>,
 }
 
 impl Agent {
     /// An agent that has not fetched anything yet.
     pub fn new(cfg: AgentConfig) -> Self {
         let source = TlsSource::empty(cfg.roles_oid.clone());
+        let revocations = RevocationSet::new();
+        let link = CaLink::new(cfg.server.clone(), source.clone(), revocations.clone());
         Self {
             cfg,
             state_tx: watch::channel(None).0,
             source,
-            revocations: RevocationSet::new(),
+            revocations,
+            link,
         }
     }
 
@@ -85,6 +91,11 @@ impl Agent {
     /// The live TLS credential (for in-process mTLS).
     pub fn source(&self) -> Arc<TlsSource> {
         self.source.clone()
+    }
+
+    /// The revocations the agent follows from the CA (for in-process peer checks).
+    pub fn revocations(&self) -> Arc<RevocationSet> {
+        self.revocations.clone()
     }
 
     /// Runs until `shutdown` says `true` or its sender is dropped (Ok), or the credential is
@@ -111,16 +122,12 @@ impl Agent {
         let id = state.svid.spiffe_id.clone();
         self.publish(state).await?;
         // Aborted when this future ends or is dropped, so a stopped agent leaves nothing behind.
-        let _watch_task = AbortOnDrop(
-            self.revocations
-                .follow(self.cfg.server.clone(), self.source.clone()),
-        );
-        let (bundle_task, mut bundles) =
-            follow_bundles(self.cfg.server.clone(), self.source.clone());
+        // Both watches and the CRL fetches share the agent's one connection to the CA.
+        let _watch_task = AbortOnDrop(self.follow_revocations());
+        let (bundle_task, mut bundles) = follow_bundles(self.link.clone());
         let _bundle_task = AbortOnDrop(bundle_task);
         let (crl_task, mut crls) = follow_crls(
-            self.cfg.server.clone(),
-            self.source.clone(),
+            self.link.clone(),
             self.revocations.clone(),
             self.current().map(|s| s.crls.clone()).unwrap_or_default(),
             self.cfg.max_backoff,
@@ -139,12 +146,13 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let mut backoff = Backoff::new(Duration::from_secs(1), self.cfg.max_backoff);
         let mut last_failure: Option<String> = None;
-        let mut revocation_check = tokio::time::interval(Duration::from_millis(250));
+        // Woken by news on the revocation watch, not by a timer.
+        let mut revocation_news = self.revocations.changes();
         let mut next = tokio::time::Instant::now() + self.next_refresh();
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(next) => {}
-                _ = revocation_check.tick() => {
+                Ok(()) = revocation_news.changed() => {
                     let Some(state) = self.current() else { continue };
                     let Some(why) = self.revocations.check(&state.svid) else { continue };
                     // A revoked grant revokes the certificate but not the identity: the CA lets
@@ -410,11 +418,16 @@ impl Agent {
             };
             match attempt.await {
                 Ok(resp) => return self.state_from(resp, &key),
-                // Only an unreachable CA is worth retrying; a refused token will stay refused.
+                // Only an unreachable or busy CA is worth retrying (`ResourceExhausted`: the
+                // CA's per-source budget, when many agents behind one address enrol at once,
+                // says "retry in a second"); a refused token will stay refused.
                 Err(e)
                     if matches!(
                         e.code(),
-                        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown
+                        Code::Unavailable
+                            | Code::DeadlineExceeded
+                            | Code::Unknown
+                            | Code::ResourceExhausted
                     ) =>
                 {
                     let wait = backoff.next_wait();
@@ -675,17 +688,31 @@ impl Agent {
         Ok(())
     }
 
-    /// A channel to the CA, trusting the current bundle and presenting the current certificate.
+    /// The agent's channel to the CA (see [`super::link`]).
     async fn ca_channel(&self) -> Result<tonic::transport::Channel, tonic::Status> {
-        let trust = ServerTrust::Bundle((*self.source.bundle()).clone());
-        connect(
-            &self.cfg.server,
-            trust,
-            Some(self.source.slot()),
-            self.cfg.roles_oid.clone(),
-        )
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))
+        self.link
+            .channel()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))
+    }
+
+    /// Follows `Revocation.Watch` over the link, resuming from the revision in hand.
+    fn follow_revocations(&self) -> tokio::task::JoinHandle<()> {
+        let (set, source) = (self.revocations.clone(), self.source.clone());
+        follow(self.link.clone(), "revocations", move |channel| {
+            let (set, source) = (set.clone(), source.clone());
+            async move {
+                let mut stream = set
+                    .open_watch(channel, &source)
+                    .await
+                    .map_err(tonic::Status::unavailable)?;
+                debug!(since = set.rev(), "following revocations");
+                while let Some(entry) = stream.message().await? {
+                    set.apply(&entry);
+                }
+                Ok(())
+            }
+        })
     }
 
     /// Asks the CA whether `svid` is revoked; `None` when it is not or the CA cannot say.

@@ -15,8 +15,7 @@ pub use auth::Authenticator;
 use std::pin::Pin;
 
 use futures_util::Stream;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 
 /// A server stream of messages.
 pub type MessageStream<M> = Pin<Box<dyn Stream<Item = Result<M, tonic::Status>> + Send>>;
@@ -25,28 +24,32 @@ pub type MessageStream<M> = Pin<Box<dyn Stream<Item = Result<M, tonic::Status>> 
 /// until the client goes away or `shutdown` says the server is stopping. A slow client sees
 /// only the latest value (a watch channel keeps no backlog).
 pub fn stream_latest<T, M, F>(
-    mut rx: watch::Receiver<T>,
-    mut shutdown: watch::Receiver<bool>,
+    rx: watch::Receiver<T>,
+    shutdown: watch::Receiver<bool>,
     to_proto: F,
 ) -> MessageStream<M>
 where
     T: Clone + Send + Sync + 'static,
     M: Send + 'static,
-    F: Fn(&T) -> M + Send + 'static,
+    F: Fn(&T) -> M + Send + Sync + 'static,
 {
-    let (tx, out) = mpsc::channel(4);
-    tokio::spawn(async move {
-        loop {
-            let value = rx.borrow_and_update().clone();
-            if tx.send(Ok(to_proto(&value))).await.is_err() {
-                return;
+    // No task and no channel per stream: the stream itself waits on the watch, so an idle
+    // watcher (one per connected agent) costs the CA only its receiver.
+    let to_proto = std::sync::Arc::new(to_proto);
+    Box::pin(futures_util::stream::unfold(
+        (rx, shutdown, true),
+        move |(mut rx, mut shutdown, first)| {
+            let to_proto = to_proto.clone();
+            async move {
+                if !first {
+                    tokio::select! {
+                        r = rx.changed() => r.ok()?,
+                        () = crate::server::stopped(&mut shutdown) => return None,
+                    }
+                }
+                let value = rx.borrow_and_update().clone();
+                Some((Ok(to_proto(&value)), (rx, shutdown, false)))
             }
-            tokio::select! {
-                r = rx.changed() => if r.is_err() { return },
-                () = tx.closed() => return,
-                () = crate::server::stopped(&mut shutdown) => return,
-            }
-        }
-    });
-    Box::pin(ReceiverStream::new(out))
+        },
+    ))
 }

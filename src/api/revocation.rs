@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
-use tokio::sync::{broadcast, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
 
 use super::{Authenticator, status};
@@ -158,58 +157,28 @@ impl Revocation for RevocationService {
         let relay = move |r: &RevocationRecord| !foreign || r.origin.is_empty();
         let since = req.get_ref().since;
         // Subscribe before the snapshot so nothing committed in between is missed.
-        let mut live = self.revocations.log().live();
-        let revocations = self.revocations.clone();
-        let mut shutdown = self.shutdown.clone();
-        let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(async move {
-            let mut sent = since;
-            let mut resync = true;
-            loop {
-                if resync {
-                    let snapshot = match revocations.since(sent) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            let _ = tx.send(Err(status::store(e))).await;
-                            return;
-                        }
-                    };
-                    for r in snapshot {
-                        sent = sent.max(r.rev);
-                        if !relay(&r) {
-                            continue;
-                        }
-                        if tx.send(Ok(to_proto(r))).await.is_err() {
-                            return;
-                        }
-                    }
-                    resync = false;
-                }
-                let c = tokio::select! {
-                    c = live.recv() => c,
-                    () = tx.closed() => return,
-                    () = crate::server::stopped(&mut shutdown) => return,
-                };
-                match c {
-                    Ok(c) => {
-                        if c.record.seq <= sent {
-                            continue;
-                        }
-                        for r in c.revocations.iter().filter(|r| relay(r)) {
-                            if tx.send(Ok(to_proto(r.clone()))).await.is_err() {
-                                return;
-                            }
-                        }
-                        if !c.revocations.is_empty() {
-                            sent = c.record.seq;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => resync = true,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // Revocation commits only: watchers do not wake for every issuance.
+        let live = self.revocations.live();
+        // No task and no channel per stream: the stream itself reads the feed, so an idle
+        // watcher (one per connected agent) costs the CA only its receiver.
+        let state = WatchState {
+            revocations: self.revocations.clone(),
+            live,
+            shutdown: self.shutdown.clone(),
+            caller,
+            relay: Box::new(relay),
+            sent: since,
+            resync: true,
+            pending: std::collections::VecDeque::new(),
+            done: false,
+        };
+        Ok(Response::new(Box::pin(futures_util::stream::unfold(
+            state,
+            |mut st| async move {
+                let item = st.next().await?;
+                Some((item, st))
+            },
+        ))))
     }
 
     async fn get_crl(&self, _req: Request<pb::GetCrlRequest>) -> Result<Response<pb::Crl>, Status> {
@@ -231,5 +200,99 @@ impl Revocation for RevocationService {
             der: der.to_vec(),
             retiring,
         }))
+    }
+}
+
+/// Whether entry `r` (this CA's own, not relayed) revokes `svid`.
+fn covers(r: &RevocationRecord, svid: &crate::ca::SvidInfo) -> bool {
+    if !r.origin.is_empty() {
+        return false;
+    }
+    if r.identity_rule {
+        r.spiffe_id == svid.spiffe_id.as_str() && (r.blocked || svid.not_before < r.before)
+    } else {
+        r.serial.eq_ignore_ascii_case(&svid.serial.to_hex())
+    }
+}
+
+/// One `Revocation.Watch` stream: a snapshot from the store, then the revocation feed.
+struct WatchState {
+    revocations: Arc<Revocations>,
+    live: broadcast::Receiver<Option<Arc<crate::audit::Committed>>>,
+    shutdown: watch::Receiver<bool>,
+    /// The certificate the caller's connection was opened with.
+    caller: crate::ca::SvidInfo,
+    /// Whether an entry goes to this caller (a federated CA gets this CA's own only).
+    relay: Box<dyn Fn(&RevocationRecord) -> bool + Send + Sync>,
+    /// The highest revision sent.
+    sent: u64,
+    /// Read the store from `sent` before following the feed (at start, and after lagging).
+    resync: bool,
+    pending: std::collections::VecDeque<Result<pb::RevocationEntry, Status>>,
+    done: bool,
+}
+
+impl WatchState {
+    /// The next message, or `None` when the stream ends.
+    async fn next(&mut self) -> Option<Result<pb::RevocationEntry, Status>> {
+        loop {
+            if let Some(m) = self.pending.pop_front() {
+                return Some(m);
+            }
+            if self.done {
+                return None;
+            }
+            if self.resync {
+                self.resync = false;
+                match self.revocations.since(self.sent) {
+                    Ok(snapshot) => {
+                        for r in snapshot {
+                            self.sent = self.sent.max(r.rev);
+                            if (self.relay)(&r) {
+                                self.pending.push_back(Ok(to_proto(r)));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        self.done = true;
+                        self.pending.push_back(Err(status::store(e)));
+                    }
+                }
+                continue;
+            }
+            let c = tokio::select! {
+                c = self.live.recv() => c,
+                () = crate::server::stopped(&mut self.shutdown) => return None,
+            };
+            match c {
+                Ok(None) | Err(broadcast::error::RecvError::Lagged(_)) => self.resync = true,
+                Err(broadcast::error::RecvError::Closed) => return None,
+                Ok(Some(c)) => {
+                    if c.record.seq <= self.sent {
+                        continue;
+                    }
+                    for r in c.revocations.iter().filter(|r| (self.relay)(r)) {
+                        self.pending.push_back(Ok(to_proto(r.clone())));
+                    }
+                    if !c.revocations.is_empty() {
+                        self.sent = c.record.seq;
+                    }
+                    // The certificate this connection was opened with is revoked now (by serial
+                    // or identity): after the entries that say so, the stream ends, as every
+                    // later call on the connection is refused, so a revoked credential cannot
+                    // keep listening.
+                    // Judged from the entries in hand, not the store: 10,000 watchers must not
+                    // cost 10,000 store reads per revocation.
+                    if let Some(r) = c.revocations.iter().find(|r| covers(r, &self.caller)) {
+                        self.done = true;
+                        self.pending
+                            .push_back(Err(Status::failed_precondition(format!(
+                                "certificate {} is revoked: {}",
+                                self.caller.serial, r.reason
+                            ))));
+                    }
+                }
+            }
+        }
     }
 }

@@ -13,9 +13,18 @@ use crate::config::parse_duration;
 
 #[derive(Debug, clap::Args)]
 pub(super) struct AgentArgs {
-    /// CA address.
-    #[arg(long, env = "LANYARD_SERVER", default_value = "127.0.0.1:8443")]
-    server: String,
+    /// CA address (host:port). Several for failover: repeat the flag or give a comma list; a
+    /// name that resolves to several addresses counts as each of them. Calls go to the first
+    /// that answers, and move to the next when it fails.
+    #[arg(
+        long,
+        visible_alias = "ca",
+        env = "LANYARD_SERVER",
+        default_value = "127.0.0.1:8443",
+        value_delimiter = ',',
+        num_args = 1
+    )]
+    server: Vec<String>,
     /// Join token for the first certificate (not needed when --out already holds a credential
     /// that can still renew).
     #[arg(long, env = "LANYARD_TOKEN", hide_env_values = true)]
@@ -122,7 +131,7 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         max_backoff: a.max_backoff,
         roles_oid: RolesOid::parse(&a.roles_oid)?,
         names: super::issue::requested_names(&a.dns_names, &a.ips)?,
-        ..AgentConfig::new(a.server)
+        ..AgentConfig::new(a.server.join(","))
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {

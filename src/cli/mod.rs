@@ -35,9 +35,18 @@ pub struct Cli {
 /// Where the CA is and which credential to use, for every verb that calls it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Conn {
-    /// CA address, host:port.
-    #[arg(long, env = "LANYARD_SERVER", default_value = "127.0.0.1:8443")]
-    server: String,
+    /// CA address (host:port). Several for failover: repeat the flag or give a comma list; a
+    /// name that resolves to several addresses counts as each of them. Calls go to the first
+    /// that answers, and move to the next when it fails.
+    #[arg(
+        long,
+        visible_alias = "ca",
+        env = "LANYARD_SERVER",
+        default_value = "127.0.0.1:8443",
+        value_delimiter = ',',
+        num_args = 1
+    )]
+    server: Vec<String>,
     /// Credential directory (cert.pem, key.pem, bundle.pem) used for mTLS.
     #[arg(
         long,
@@ -354,7 +363,7 @@ impl Conn {
             None => cred.bundle.clone(),
         };
         let trust = crate::tls::ServerTrust::Bundle(bundle);
-        Ok(crate::client::connect(&self.server, trust, Some(cred.slot()?), oid).await?)
+        Ok(crate::client::connect(&self.server.join(","), trust, Some(cred.slot()?), oid).await?)
     }
 }
 

@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{TlsSource, unix_now};
@@ -10,9 +12,20 @@ use crate::ca::SvidInfo;
 use crate::pb::v1::{RevocationEntry, WatchRequest, revocation_client::RevocationClient};
 
 /// Revoked serials and identity rules, with their expiry so the set stays small.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RevocationSet {
     inner: RwLock<Inner>,
+    /// The revision, published on every change: followers wake on news instead of polling.
+    changed: watch::Sender<u64>,
+}
+
+impl Default for RevocationSet {
+    fn default() -> Self {
+        Self {
+            inner: RwLock::default(),
+            changed: watch::channel(0).0,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -79,10 +92,18 @@ impl RevocationSet {
             g.serials.retain(|_, e| e.expires_at >= now);
             g.identities.retain(|_, r| r.expires_at >= now);
         }
+        let rev = g.rev;
+        drop(g);
+        self.changed.send_replace(rev);
+    }
+
+    /// A receiver marked changed whenever an entry is applied (its value is the revision).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Records that the CA reported `svid` itself as revoked (`reason` is its message).
-    fn mark_revoked(&self, svid: &SvidInfo, reason: &str) {
+    pub(crate) fn mark_revoked(&self, svid: &SvidInfo, reason: &str) {
         warn!(serial = %svid.serial, reason, "the CA reports our own certificate as revoked");
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         g.serials.insert(
@@ -93,6 +114,9 @@ impl RevocationSet {
                 relayed_for: None,
             },
         );
+        let rev = g.rev;
+        drop(g);
+        self.changed.send_replace(rev);
     }
 
     /// Why `svid` is revoked, if it is.
@@ -139,7 +163,19 @@ impl RevocationSet {
 
     async fn watch_once(&self, server: &str, source: &Arc<TlsSource>) -> Result<(), String> {
         let channel = source.connect_ca(server).await.map_err(|e| e.to_string())?;
-        let mut stream = match RevocationClient::new(channel)
+        let mut stream = self.open_watch(channel, source).await?;
+        info!(server, since = self.rev(), "following revocations");
+        super::source::drain("revocations", &mut stream, |e| self.apply(&e)).await
+    }
+
+    /// Starts `Revocation.Watch` on `channel` from the revision in hand. A refusal because
+    /// `source`'s own certificate is revoked marks it revoked here before it is returned.
+    pub(crate) async fn open_watch(
+        &self,
+        channel: tonic::transport::Channel,
+        source: &TlsSource,
+    ) -> Result<tonic::Streaming<RevocationEntry>, String> {
+        let stream = match RevocationClient::new(channel)
             .watch(WatchRequest { since: self.rev() })
             .await
         {
@@ -157,8 +193,7 @@ impl RevocationSet {
                 return Err(s.message().to_string());
             }
         };
-        info!(server, since = self.rev(), "following revocations");
-        super::source::drain("revocations", &mut stream, |e| self.apply(&e)).await
+        Ok(stream)
     }
 }
 

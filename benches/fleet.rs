@@ -1,0 +1,595 @@
+//! Fleet benchmark: what each connected agent costs one CA.
+//!
+//! For each N, a real `lanyard serve` runs as its own process (so its CPU, RSS and file
+//! descriptors are its own, read from `/proc`), and N agents connect to it:
+//! - **in-process** (default): N instances of the library's [`lanyard::agent::Agent`] in this
+//!   process, each with its own key, certificate, connection and streams — the real agent code,
+//!   10,000 of which fit on a small machine;
+//! - **processes** (`LANYARD_FLEET_PROCS=1`): N real `lanyard agent` processes, to cross-check
+//!   the in-process figures (a few hundred fit).
+//!
+//! Reported: CA CPU per rotation (all CA CPU over a steady-state window divided by the renewals
+//! the CA counted, so idle streams and keepalives are included), CA CPU as a share of one core,
+//! CA RSS and file descriptors per connected agent (above the CA's own before any agent came),
+//! TCP connections per agent, revocation and bundle fan-out latency p50/p99 (in-process only: the
+//! time from the admin call to each agent's revocation set or trust bundle having the change),
+//! and agent memory (per in-process agent, or the RSS of each agent process).
+//!
+//! Knobs (environment; `scripts/bench-fleet` sets them from flags):
+//! - `LANYARD_FLEET_AGENTS`  comma list of N (default `100,1000`)
+//! - `LANYARD_FLEET_TTL`     certificate lifetime, seconds (default 30; the CA's floor)
+//! - `LANYARD_FLEET_SECS`    steady-state window, seconds (default 60)
+//! - `LANYARD_FLEET_PROCS=1` run `lanyard agent` processes instead of in-process agents
+//! - `LANYARD_FLEET_FANOUT`  revocations sent for the fan-out measurement (default 5)
+//! - `LANYARD_FLEET_BIN`     another `lanyard` binary for the CA and agent processes (a
+//!   before/after comparison against an older build)
+#![allow(clippy::print_stdout, clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use lanyard::agent::{Agent, AgentConfig};
+use lanyard::ca::RolesOid;
+use lanyard::client::{Credential, connect};
+use lanyard::pb::v1::{self as pb, admin_client::AdminClient, revocation_client::RevocationClient};
+use lanyard::tls::ServerTrust;
+use tonic::transport::Channel;
+
+fn env<T: FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} does not parse")),
+        _ => default,
+    }
+}
+
+/// CPU seconds (user + system) of process `pid`, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 (utime, stime), counted after the command name: indices 11 and 12.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Resident set size of `pid`, bytes.
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Open file descriptors of `pid`.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Established TCP connections to local port `port` (the CA's side of each connection).
+fn connections_to(port: u16) -> usize {
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (f.get(1), f.get(3)) else {
+                continue;
+            };
+            let lport = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if lport == Some(port) && *state == "01" {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+fn raise_nofile() {
+    let _ = lanyard::net::raise_nofile_limit();
+}
+
+/// The `lanyard` binary for the CA and agent processes.
+fn lanyard_bin() -> PathBuf {
+    std::env::var_os("LANYARD_FLEET_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_lanyard")),
+        PathBuf::from,
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Issuances the CA counted (`lanyard_issuances_total`, all labels).
+async fn issuances(metrics: u16) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", metrics)).await else {
+        return f64::NAN;
+    };
+    let _ = s
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body).await;
+    body.lines()
+        .filter(|l| l.starts_with("lanyard_issuances_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+struct Ca {
+    child: Child,
+    port: u16,
+    metrics: u16,
+    data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Ca {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_ca(n: usize) -> Ca {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, metrics) = (free_port(), free_port());
+    let config = dir.path().join("lanyard.toml");
+    // Caps above the fleet, so the benchmark measures cost, not admission.
+    let cap = (n * 2 + 64).max(8192);
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+trust_domain = "example.org"
+listen = "127.0.0.1:{port}"
+metrics_listen = "127.0.0.1:{metrics}"
+min_ttl = "30s"
+max_connections = {cap}
+max_connections_per_source = {cap}
+[[policy]]
+spiffe_id = "spiffe://example.org/fleet/*"
+max_ttl = "10m"
+"#
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let child = Command::new(lanyard_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("LANYARD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start lanyard serve");
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        || Credential::load(&data.join("admin"), &RolesOid::default()).is_err()
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "CA did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ca {
+        child,
+        port,
+        metrics,
+        data,
+        _dir: dir,
+    }
+}
+
+async fn admin(ca: &Ca) -> Channel {
+    let oid = RolesOid::default();
+    let cred = Credential::load(&ca.data.join("admin"), &oid).unwrap();
+    connect(
+        &format!("127.0.0.1:{}", ca.port),
+        ServerTrust::Bundle(cred.bundle.clone()),
+        Some(cred.slot().unwrap()),
+        oid,
+    )
+    .await
+    .unwrap()
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+struct Row {
+    n: usize,
+    mode: &'static str,
+    cpu_per_rotation_ms: f64,
+    core_share: f64,
+    rotations: f64,
+    ca_rss_per_agent_kb: f64,
+    /// CA RSS growth during the steady window per rotation (store and audit records).
+    ca_rss_per_rotation_kb: f64,
+    ca_fds_per_agent: f64,
+    conns_per_agent: f64,
+    revocation: (f64, f64),
+    bundle: (f64, f64),
+    agent_mem_mb: f64,
+    ready_s: f64,
+}
+
+fn main() {
+    raise_nofile();
+    let agents: Vec<usize> = env::<String>("LANYARD_FLEET_AGENTS", "100,1000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let ttl: u64 = env("LANYARD_FLEET_TTL", 30);
+    let secs: u64 = env("LANYARD_FLEET_SECS", 60);
+    let procs: u8 = env("LANYARD_FLEET_PROCS", 0);
+    let fanout: usize = env("LANYARD_FLEET_FANOUT", 5);
+    println!(
+        "lanyard fleet benchmark: {} agents, {ttl}s certificates, {secs}s window, {}",
+        agents
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join("/"),
+        if procs == 1 {
+            "agent processes"
+        } else {
+            "in-process agents"
+        }
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    for n in agents {
+        let row = if procs == 1 {
+            rt.block_on(run_processes(n, ttl, secs))
+        } else {
+            rt.block_on(run_in_process(n, ttl, secs, fanout))
+        };
+        print_row(&row, ttl);
+        rows.push(row);
+    }
+    println!(
+        "\n| N | agents | CA CPU/rotation | CA CPU (1 core) | CA RSS/agent | CA fds/agent | conns/agent | revocation p50/p99 | bundle p50/p99 | agent memory |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.3} ms | {:.1} % | {:.1} KB | {:.2} | {:.2} | {} | {} | {:.2} MB |",
+            r.n,
+            r.mode,
+            r.cpu_per_rotation_ms,
+            r.core_share * 100.0,
+            r.ca_rss_per_agent_kb,
+            r.ca_fds_per_agent,
+            r.conns_per_agent,
+            ms_pair(r.revocation),
+            ms_pair(r.bundle),
+            r.agent_mem_mb,
+        );
+    }
+}
+
+fn ms_pair((a, b): (f64, f64)) -> String {
+    if a.is_nan() {
+        "n/a".into()
+    } else {
+        format!("{:.0}/{:.0} ms", a * 1e3, b * 1e3)
+    }
+}
+
+fn print_row(r: &Row, ttl: u64) {
+    // What 10,000 agents with 5-minute certificates would cost at this per-rotation figure.
+    let at_10k = 10_000.0 / 150.0 * r.cpu_per_rotation_ms / 1e3;
+    println!(
+        "N={} ({}): ready in {:.1}s; {} rotations; CA CPU {:.3} ms/rotation ({:.1} % of a core at {ttl}s certs; ~{:.1} % for 10,000 agents at 5 min); CA RSS {:.1} KB/agent connected, +{:.2} KB per rotation after; CA fds {:.2}/agent; {:.2} connections/agent; revocation fan-out {}; bundle fan-out {}; agent memory {:.2} MB",
+        r.n,
+        r.mode,
+        r.ready_s,
+        r.rotations,
+        r.cpu_per_rotation_ms,
+        r.core_share * 100.0,
+        at_10k * 100.0,
+        r.ca_rss_per_agent_kb,
+        r.ca_rss_per_rotation_kb,
+        r.ca_fds_per_agent,
+        r.conns_per_agent,
+        ms_pair(r.revocation),
+        ms_pair(r.bundle),
+        r.agent_mem_mb,
+    );
+}
+
+async fn token(admin: &Channel, n: usize) -> String {
+    AdminClient::new(admin.clone())
+        .create_join_token(pb::CreateJoinTokenRequest {
+            spiffe_id: "spiffe://example.org/fleet/*".into(),
+            roles: vec![],
+            max_ttl_seconds: 0,
+            expires_in_seconds: 3600,
+            uses: n as u32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
+/// Measures the CA over `secs` of steady state.
+async fn steady(ca: &Ca, secs: u64) -> (f64, f64, f64) {
+    let pid = ca.child.id();
+    let (c0, i0) = (cpu_secs(pid), issuances(ca.metrics).await);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (c1, i1) = (cpu_secs(pid), issuances(ca.metrics).await);
+    let wall = t0.elapsed().as_secs_f64();
+    let rotations = i1 - i0;
+    (
+        (c1 - c0) / rotations.max(1.0) * 1e3,
+        (c1 - c0) / wall,
+        rotations,
+    )
+}
+
+async fn run_in_process(n: usize, ttl: u64, secs: u64, fanout: usize) -> Row {
+    let ca = start_ca(n);
+    let admin = admin(&ca).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = ca.child.id();
+    let (rss0, fds0) = (rss(pid), fds(pid));
+    let me = std::process::id();
+    let my_rss0 = rss(me);
+    let token = token(&admin, n).await;
+    let server = format!("127.0.0.1:{}", ca.port);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let t = Instant::now();
+    let mut fleet = Vec::with_capacity(n);
+    for i in 0..n {
+        let cfg = AgentConfig {
+            token: Some(token.clone()),
+            spiffe_id: Some(format!("spiffe://example.org/fleet/a{i}")),
+            ttl: Some(Duration::from_secs(ttl)),
+            ..AgentConfig::new(server.clone())
+        };
+        let agent = Agent::new(cfg);
+        let state = agent.subscribe();
+        let revocations = agent.revocations();
+        let stop = stop_rx.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = agent.run(stop).await {
+                println!("agent {i} stopped: {e}");
+            }
+        });
+        fleet.push((state, revocations, task));
+        // Enrolment is not what is measured: in waves, so the CA is not a join-token storm
+        // (and one source stays within its budget of calls in flight).
+        if i % 50 == 49 {
+            for (state, _, _) in &mut fleet[i - 49..=i] {
+                let _ = state.wait_for(|s| s.is_some()).await;
+            }
+        }
+    }
+    for (state, _, _) in &mut fleet {
+        let _ = state.wait_for(|s| s.is_some()).await;
+    }
+    let ready_s = t.elapsed().as_secs_f64();
+    // One lifetime for the fleet to spread out and every stream to settle.
+    tokio::time::sleep(Duration::from_secs(ttl.min(30))).await;
+    let settled = rss(pid);
+    let (cpu_per_rotation_ms, core_share, rotations) = steady(&ca, secs).await;
+    // Per agent: connected and enrolled (its connection, streams, enrollment and first
+    // records), before the steady window adds renewal records.
+    let ca_rss_per_agent_kb = settled.saturating_sub(rss0) as f64 / 1024.0 / n as f64;
+    let ca_rss_per_rotation_kb =
+        rss(pid).saturating_sub(settled) as f64 / 1024.0 / rotations.max(1.0);
+    let ca_fds_per_agent = fds(pid).saturating_sub(fds0) as f64 / n as f64;
+    let conns_per_agent = connections_to(ca.port).saturating_sub(1) as f64 / n as f64;
+    let agent_mem_mb = rss(me).saturating_sub(my_rss0) as f64 / 1024.0 / 1024.0 / n as f64;
+
+    // Revocation fan-out: an identity nobody in the fleet holds, so every agent keeps running.
+    let mut rev_lat = Vec::new();
+    for k in 0..fanout {
+        let waiting: Vec<_> = fleet
+            .iter()
+            .map(|(_, set, _)| {
+                let mut ch = set.changes();
+                ch.borrow_and_update();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(30), ch.changed()).await;
+                    Instant::now()
+                })
+            })
+            .collect();
+        let sent = Instant::now();
+        RevocationClient::new(admin.clone())
+            .revoke(pb::RevokeRequest {
+                target: Some(pb::revoke_request::Target::SpiffeId(format!(
+                    "spiffe://example.org/elsewhere/x{k}"
+                ))),
+                reason: "fleet benchmark".into(),
+                lift: false,
+            })
+            .await
+            .unwrap();
+        for w in waiting {
+            rev_lat.push((w.await.unwrap() - sent).as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Bundle fan-out: a new federated bundle.
+    let before: Vec<u64> = fleet
+        .iter()
+        .map(|(s, _, _)| s.borrow().as_ref().map_or(0, |s| s.bundle_revision))
+        .collect();
+    let waiting: Vec<_> = fleet
+        .iter()
+        .zip(before)
+        .map(|((s, _, _), b)| {
+            let mut s = s.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    s.wait_for(|s| s.as_ref().is_some_and(|s| s.bundle_revision > b)),
+                )
+                .await;
+                Instant::now()
+            })
+        })
+        .collect();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let root = params
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let sent = Instant::now();
+    AdminClient::new(admin.clone())
+        .import_bundle(pb::ImportBundleRequest {
+            trust_domain: "b.example".into(),
+            bundle: root.pem().into_bytes(),
+        })
+        .await
+        .unwrap();
+    let mut bundle_lat = Vec::new();
+    for w in waiting {
+        bundle_lat.push((w.await.unwrap() - sent).as_secs_f64());
+    }
+    let _ = stop_tx.send(true);
+    for (_, _, task) in fleet {
+        let _ = task.await;
+    }
+    Row {
+        n,
+        mode: "in-process",
+        cpu_per_rotation_ms,
+        core_share,
+        rotations,
+        ca_rss_per_agent_kb,
+        ca_rss_per_rotation_kb,
+        ca_fds_per_agent,
+        conns_per_agent,
+        revocation: (pct(&mut rev_lat, 0.5), pct(&mut rev_lat, 0.99)),
+        bundle: (pct(&mut bundle_lat, 0.5), pct(&mut bundle_lat, 0.99)),
+        agent_mem_mb,
+        ready_s,
+    }
+}
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn run_processes(n: usize, ttl: u64, secs: u64) -> Row {
+    let ca = start_ca(n);
+    let admin = admin(&ca).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = ca.child.id();
+    let (rss0, fds0) = (rss(pid), fds(pid));
+    let token = token(&admin, n).await;
+    let server = format!("127.0.0.1:{}", ca.port);
+    let t = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = Procs(Vec::with_capacity(n));
+    for i in 0..n {
+        let out = dir.path().join(format!("a{i}"));
+        procs.0.push(
+            Command::new(lanyard_bin())
+                .args(["agent", "--server", &server, "--token", &token])
+                .args(["--spiffe-id", &format!("spiffe://example.org/fleet/a{i}")])
+                .args(["--ttl", &format!("{ttl}s")])
+                .arg("--out")
+                .arg(&out)
+                .env("LANYARD_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start lanyard agent"),
+        );
+        if i % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let ready = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let k = (0..n)
+            .filter(|i| ready_dir(&dir.path().join(format!("a{i}"))))
+            .count();
+        ready.store(k as u64, Ordering::Relaxed);
+        if k == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ready_s = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(ttl.min(30))).await;
+    let settled = rss(pid);
+    let (cpu_per_rotation_ms, core_share, rotations) = steady(&ca, secs).await;
+    // Per agent: connected and enrolled (its connection, streams, enrollment and first
+    // records), before the steady window adds renewal records.
+    let ca_rss_per_agent_kb = settled.saturating_sub(rss0) as f64 / 1024.0 / n as f64;
+    let ca_rss_per_rotation_kb =
+        rss(pid).saturating_sub(settled) as f64 / 1024.0 / rotations.max(1.0);
+    let ca_fds_per_agent = fds(pid).saturating_sub(fds0) as f64 / n as f64;
+    let conns_per_agent = connections_to(ca.port).saturating_sub(1) as f64 / n as f64;
+    let agent_mem_mb =
+        procs.0.iter().map(|c| rss(c.id()) as f64).sum::<f64>() / n as f64 / 1024.0 / 1024.0;
+    println!(
+        "  {} of {n} agent processes ready",
+        ready.load(Ordering::Relaxed)
+    );
+    Row {
+        n,
+        mode: "processes",
+        cpu_per_rotation_ms,
+        core_share,
+        rotations,
+        ca_rss_per_agent_kb,
+        ca_rss_per_rotation_kb,
+        ca_fds_per_agent,
+        conns_per_agent,
+        revocation: (f64::NAN, f64::NAN),
+        bundle: (f64::NAN, f64::NAN),
+        agent_mem_mb,
+        ready_s,
+    }
+}
+
+fn ready_dir(dir: &Path) -> bool {
+    dir.join("cert.pem").exists()
+}

@@ -1,0 +1,299 @@
+//! The CA's side of a fleet: agents hold one connection each, kept across rotations and within
+//! the connection caps; revoking the certificate a connection was opened with cuts its agent
+//! off; agents given several CA addresses move to a live CA when theirs dies.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestCa, lanyard_cmd, poll_until, spawn_agent, wait_for_svid};
+use lanyard::agent::{Agent, AgentConfig, AgentError};
+use lanyard::pb::v1::{self as pb, revocation_client::RevocationClient};
+
+/// The client ports of established connections to local port `port` (the CA's side of each
+/// client connection): a connection kept is the same port, a new one another.
+fn peers_of(port: u16) -> std::collections::BTreeSet<u16> {
+    let hex_port = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .flat_map(|t| {
+            let text = std::fs::read_to_string(t).unwrap_or_default();
+            text.lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    (hex_port(f.get(1)?) == Some(port) && *f.get(3)? == "01")
+                        .then(|| hex_port(f.get(2)?))
+                        .flatten()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn connections_to(port: u16) -> usize {
+    peers_of(port).len()
+}
+
+fn agent_config(ca: &TestCa, token: &str, name: &str, ttl: u64) -> AgentConfig {
+    AgentConfig {
+        token: Some(token.to_string()),
+        spiffe_id: Some(format!("spiffe://example.org/ns/dev/{name}")),
+        ttl: Some(Duration::from_secs(ttl)),
+        ..AgentConfig::new(ca.server())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_agents_from_one_address_stay_connected_with_the_default_caps() {
+    // Default connection caps; an idle timeout far below the default, which the agents' watch
+    // streams (requests in flight) must still not trip.
+    let ca = TestCa::start_with("idle_timeout = \"1s\"", common::POLICY).await;
+    let port = ca.addr.port();
+    let n: usize = 1000;
+    let token = ca
+        .token("spiffe://example.org/ns/dev/*", &[], 0, n as u32)
+        .await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut states = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let agent = Agent::new(agent_config(&ca, &token, &format!("a{i}"), 300));
+        states.push(agent.subscribe());
+        let stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move { agent.run(stop).await }));
+        if i % 100 == 99 {
+            // Enrol in waves, so join-token connections never pile up beside the kept ones.
+            for s in &mut states[i - 99..=i] {
+                tokio::time::timeout(Duration::from_secs(30), s.wait_for(|s| s.is_some()))
+                    .await
+                    .expect("agent got a certificate in time")
+                    .unwrap();
+            }
+        }
+    }
+    // Every agent's link is open once its watches run: one connection each (plus the admin
+    // channel the token came over).
+    let settled = poll_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        let c = connections_to(port);
+        (c >= n).then_some(c)
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "only {} connections for {n} agents",
+        connections_to(port)
+    );
+    // Several idle timeouts later, nobody was cut off and nobody opened a second connection.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c = connections_to(port);
+    assert!(
+        (n..=n + 1).contains(&c),
+        "{c} connections for {n} agents after idling"
+    );
+    assert!(tasks.iter().all(|t| !t.is_finished()), "an agent stopped");
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_keeps_the_connection_and_revocation_cuts_it_off() {
+    let ca = TestCa::start().await;
+    let port = ca.addr.port();
+    let admin = ca.admin_channel().await;
+    let token = ca.token("spiffe://example.org/ns/dev/*", &[], 0, 1).await;
+    // Only the admin channel stays open (the token's own channel closes).
+    poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        (connections_to(port) == 1).then_some(())
+    })
+    .await
+    .expect("one admin connection");
+    let base = 1;
+    // 20 s certificates: renewed at 10 s ± 2 s, while the first (the connection's) has 8 s or
+    // more left, over the margin: the renewal rides the same connection.
+    let agent = Agent::new(agent_config(&ca, &token, "kept", 20));
+    let mut state = agent.subscribe();
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(agent.run(stop_rx));
+    let first = state
+        .wait_for(|s| s.is_some())
+        .await
+        .unwrap()
+        .clone()
+        .unwrap();
+    // The bootstrap (join token) connection closes; the agent's link stays.
+    let one = poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        (connections_to(port) == base + 1).then_some(())
+    })
+    .await;
+    assert!(one.is_some(), "{} connections", connections_to(port) - base);
+    let kept = peers_of(port);
+    let rotated = tokio::time::timeout(
+        Duration::from_secs(20),
+        state.wait_for(|s| {
+            s.as_ref()
+                .is_some_and(|s| s.svid.serial != first.svid.serial)
+        }),
+    )
+    .await
+    .expect("rotated in time")
+    .unwrap()
+    .clone()
+    .unwrap();
+    assert_eq!(
+        peers_of(port),
+        kept,
+        "the rotation kept the agent's one connection"
+    );
+
+    let revoke = |serial: String| {
+        let admin = admin.clone();
+        async move {
+            RevocationClient::new(admin)
+                .revoke(pb::RevokeRequest {
+                    target: Some(pb::revoke_request::Target::Serial(serial)),
+                    reason: "key compromise".into(),
+                    lift: false,
+                })
+                .await
+                .unwrap();
+        }
+    };
+
+    // Revoke the first certificate, the one the connection was opened with: the CA ends its
+    // watch and refuses every call on it, so the agent opens a new connection with its current,
+    // unrevoked certificate (as it would have used for its next renewal anyway) and goes on.
+    revoke(first.svid.serial.to_hex()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !run.is_finished(),
+        "revoking an older certificate stopped the agent"
+    );
+    let now = peers_of(port);
+    assert_eq!(
+        now.len(),
+        base + 1,
+        "the connection of the revoked certificate was replaced, not added to"
+    );
+    assert_ne!(
+        now, kept,
+        "the connection of the revoked certificate was replaced"
+    );
+
+    // Revoke the current certificate. The CA must judge that one, not the older one a kept
+    // connection might carry: the agent is cut off.
+    revoke(rotated.svid.serial.to_hex()).await;
+    let result = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the agent is cut off within seconds")
+        .unwrap();
+    assert!(matches!(result, Err(AgentError::Revoked(_))), "{result:?}");
+}
+
+/// Starts `lanyard serve` over `data` listening on `port`.
+fn serve(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    port: u16,
+    name: &str,
+) -> common::ChildGuard {
+    let mut cmd = lanyard_cmd();
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"));
+    common::ChildGuard::spawn(name, &mut cmd, &dir.join(format!("{name}.log")))
+}
+
+async fn wait_listening(port: u16) {
+    let up = poll_until(Duration::from_secs(20), Duration::from_millis(50), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .await;
+    assert!(up.is_some(), "no CA listening on {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_given_two_ca_addresses_keeps_renewing_after_its_ca_dies() {
+    // Without a shared store (etcd) replicas do not share enrollments, so the second address
+    // is the same CA (same data dir) brought back on another port after the first one died.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lanyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"example.org\"\nmin_ttl = \"1s\"\n{}",
+            common::POLICY
+        ),
+    )
+    .unwrap();
+    let (p1, p2) = (common::free_port(), common::free_port());
+    let mut first_ca = serve(dir.path(), &config, p1, "serve-1");
+    wait_listening(p1).await;
+    let admin = dir.path().join("data/admin");
+    poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        admin.join("cert.pem").exists().then_some(())
+    })
+    .await
+    .expect("admin credential");
+    let out = lanyard_cmd()
+        .args(["token", "create", "--server"])
+        .arg(format!("127.0.0.1:{p1}"))
+        .arg("--credential")
+        .arg(&admin)
+        .args(["--spiffe-id", "spiffe://example.org/ns/dev/failover"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    // Both addresses, as a comma list; the second is dead for now.
+    let servers = format!("127.0.0.1:{p1},127.0.0.1:{p2}");
+    let out = dir.path().join("agent");
+    let mut agent = spawn_agent(
+        &servers,
+        &token,
+        &out,
+        &["--ttl", "6s", "--max-backoff", "1s"],
+    );
+    let first = wait_for_svid(&out, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| panic!("no certificate:\n{}", agent.output()));
+
+    // The CA dies without a goodbye (SIGKILL) and comes back on the other address.
+    first_ca.child.kill().unwrap();
+    first_ca.child.wait().unwrap();
+    let _second_ca = serve(dir.path(), &config, p2, "serve-2");
+    wait_listening(p2).await;
+    let started = std::time::Instant::now();
+    let mut last = first.serial.clone();
+    let mut renewals = 0;
+    while started.elapsed() < Duration::from_secs(15) && renewals < 2 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Some(s) = common::dir_svid(&out)
+            && s.serial != last
+        {
+            last = s.serial;
+            renewals += 1;
+        }
+    }
+    assert!(agent.is_running(), "agent stopped:\n{}", agent.output());
+    assert!(
+        renewals >= 2,
+        "{renewals} renewals in 15 s from the CA on its second address:\n{}",
+        agent.output()
+    );
+    assert!(common::dir_svid(&out).unwrap().not_after > lanyard::tls::unix_now());
+}
