@@ -197,6 +197,55 @@ async fn a_rotation_keeps_the_connection_and_revocation_cuts_it_off() {
     assert!(matches!(result, Err(AgentError::Revoked(_))), "{result:?}");
 }
 
+/// A renewal due when the connection's certificate is already within the reopen margin (short
+/// certificates: the 30 s backdate makes the margin as long as the time left at half-life) still
+/// rides the connection in hand: opening again would present the same certificate, on every
+/// call until the renewal lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_within_the_margin_rides_the_connection_in_hand() {
+    let ca = TestCa::start().await;
+    let port = ca.addr.port();
+    let _admin = ca.admin_channel().await;
+    let token = ca.token("spiffe://example.org/ns/dev/*", &[], 0, 1).await;
+    poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        (connections_to(port) == 1).then_some(())
+    })
+    .await
+    .expect("one admin connection");
+    let before = peers_of(port);
+    let agent = Agent::new(agent_config(&ca, &token, "short", 10));
+    let mut state = agent.subscribe();
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(agent.run(stop_rx));
+    let first = state
+        .wait_for(|s| s.is_some())
+        .await
+        .unwrap()
+        .clone()
+        .unwrap();
+    let link = poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        let now = peers_of(port);
+        (now.len() == before.len() + 1).then(|| now.difference(&before).copied().collect())
+    })
+    .await
+    .expect("the agent's one connection");
+    let link: std::collections::BTreeSet<u16> = link;
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        state.wait_for(|s| {
+            s.as_ref()
+                .is_some_and(|s| s.svid.serial != first.svid.serial)
+        }),
+    )
+    .await
+    .expect("rotated in time")
+    .unwrap();
+    let after: std::collections::BTreeSet<u16> =
+        peers_of(port).difference(&before).copied().collect();
+    assert_eq!(after, link, "the renewal kept the agent's one connection");
+    run.abort();
+}
+
 /// Starts `lanyard serve` over `data` listening on `port`.
 fn serve(
     dir: &std::path::Path,

@@ -117,15 +117,18 @@ impl CaLink {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let open = open.as_ref()?;
         let fresh = match (&open.cert, self.source.svid()) {
+            // Opened with the current certificate: nothing fresher is in hand, so opening again
+            // would present the same certificate (and, near its expiry, do so on every call
+            // until the renewal lands). The CA judges it: renewal within the grace, or refusal.
+            (Some(conn), Some(current)) if conn.serial == current.serial => true,
             (Some(conn), Some(current)) => {
                 let life = conn.not_after - conn.not_before;
-                let older = conn.serial != current.serial;
                 conn.not_after - margin(life) > unix_now()
                     // Revoked: the CA refuses every call on it; the current one may be fine.
-                    && (!older || self.revocations.check(conn).is_none())
+                    && self.revocations.check(conn).is_none()
                     // The current certificate is revoked: the CA must judge it, not an older
                     // one (a renewal after a renewable revocation, or a refusal).
-                    && (!older || self.revocations.check(&current).is_none())
+                    && self.revocations.check(&current).is_none()
             }
             // Opened before there was a credential: open again with it.
             (None, Some(_)) => false,
