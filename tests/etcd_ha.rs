@@ -446,3 +446,52 @@ async fn a_replica_resyncs_after_compaction() {
     assert_eq!(rec.seq, 22);
     verify_chain(&b.read_audit(1, 100).unwrap(), 1, GENESIS_HASH).unwrap();
 }
+
+/// A JWT presented to three replicas at once is spent once: each replica's commit writes the
+/// spent-token record behind `Guard::TokenAbsent`, so exactly one commit per JWT wins and the
+/// others fail their guard (a plain `PutToken` would let all three overwrite and succeed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_jwt_is_spent_once_across_three_replicas() {
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
+    let stores = replicas(&cluster, "/ha/jwt/");
+    let logs: Vec<AuditLog> = stores
+        .iter()
+        .map(|s| AuditLog::start(s.clone() as Arc<dyn Store>).unwrap())
+        .collect();
+    for round in 0..10 {
+        let id = format!("jwt-{round:02}");
+        let spend = |log: &AuditLog| {
+            let log = log.clone();
+            let mut spent = token(&id, 0);
+            spent.id = id.clone();
+            async move {
+                log.record(
+                    Event::new(Kind::Issued, "attestor:ci"),
+                    vec![
+                        Write::Guard(Guard::TokenAbsent {
+                            id: spent.id.clone(),
+                        }),
+                        Write::PutToken(spent),
+                    ],
+                )
+                .await
+            }
+        };
+        let (a, b, c) = tokio::join!(spend(&logs[0]), spend(&logs[1]), spend(&logs[2]));
+        let results = [a, b, c];
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "round {round}: {results:?}");
+        assert!(
+            results
+                .iter()
+                .filter(|r| r.is_err())
+                .all(|r| matches!(r, Err(AuditError::Conflict))),
+            "{results:?}"
+        );
+    }
+    let all = stores[1].read_audit(1, 100).unwrap();
+    assert_eq!(all.len(), 10, "one issuance per JWT on the chain");
+    verify_chain(&all, 1, GENESIS_HASH).unwrap();
+}

@@ -284,6 +284,14 @@ fn check_guards(s: &dyn Store) {
         Err(StoreError::GuardFailed { .. })
     ));
     assert!(s.issued("ff").unwrap().is_none());
+    // Token-absent guard (a spent JWT): holds until the record exists, then fails.
+    let absent = || Write::Guard(Guard::TokenAbsent { id: "jwt-g".into() });
+    s.commit(&[], &[absent(), Write::PutToken(token("jwt-g", 0, 10_000))])
+        .unwrap();
+    assert!(matches!(
+        s.commit(&[], &[absent(), Write::PutToken(token("jwt-g", 0, 10_000))]),
+        Err(StoreError::GuardFailed { writes }) if writes == [0]
+    ));
 }
 
 fn check_audit(s: &dyn Store) {

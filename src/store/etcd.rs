@@ -951,6 +951,11 @@ impl EtcdStore {
                                 _ => None,
                             },
                         ),
+                        // Absent in the mirror: etcd checks it was never created since.
+                        Guard::TokenAbsent { id } => (
+                            i.key(&format!("tokens/{id}")),
+                            (!m.tokens.contains_key(id)).then_some(0),
+                        ),
                     };
                     match current {
                         // Unchanged in the mirror: etcd checks it is still that revision.

@@ -128,6 +128,12 @@ pub enum Guard {
         /// The rule as read.
         expect: Option<Box<RevocationRecord>>,
     },
+    /// No token record `id` exists yet (a spent-JWT record: two replicas accepting one JWT
+    /// within a round trip must not both commit).
+    TokenAbsent {
+        /// Token id.
+        id: String,
+    },
 }
 
 /// A replica-shared value and its version (changes on every write; never 0).

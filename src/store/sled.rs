@@ -302,6 +302,7 @@ impl Store for SledStore {
                                     .map_err(ConflictableTransactionError::Abort)?;
                                 now.as_ref() == expect.as_deref()
                             }
+                            Guard::TokenAbsent { id } => tokens.get(id.as_bytes())?.is_none(),
                         };
                         if !holds {
                             failed.push(i);
