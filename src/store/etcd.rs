@@ -183,6 +183,8 @@ struct Mirror {
     access: BTreeMap<String, (AccessRecord, i64)>,
     shared: BTreeMap<String, Versioned>,
     head: Option<(Head, i64)>,
+    /// The archive checkpoint (last deleted seq), for `stats`.
+    checkpoint: Option<u64>,
     /// Seq of the last record published on the commit feed.
     published: u64,
 }
@@ -197,12 +199,13 @@ enum Key<'a> {
     Access(&'a str),
     Shared(&'a str),
     Head,
+    Checkpoint,
     Record,
     Other,
 }
 
 /// Collections loaded into the mirror (everything but audit records).
-const MIRRORED: [&str; 8] = [
+const MIRRORED: [&str; 9] = [
     "tokens/",
     "enroll/",
     "issued/",
@@ -211,6 +214,7 @@ const MIRRORED: [&str; 8] = [
     "access/",
     "shared/",
     "audit/head",
+    "audit/checkpoint",
 ];
 
 impl EtcdStore {
@@ -372,6 +376,7 @@ impl Inner {
             "access" => Key::Access(id),
             "shared" => Key::Shared(id),
             "audit" if id == "head" => Key::Head,
+            "audit" if id == "checkpoint" => Key::Checkpoint,
             "audit" if id.starts_with("rec/") => Key::Record,
             _ => Key::Other,
         }
@@ -630,6 +635,11 @@ impl Inner {
                 m.head = Some((decode(&kv.key, &kv.value)?, rev));
                 None
             }
+            Key::Checkpoint => {
+                let c: Head = decode(&kv.key, &kv.value)?;
+                m.checkpoint = Some(c.seq);
+                None
+            }
             Key::Record => Some(Applied::Record(decode(&kv.key, &kv.value)?)),
             Key::Other => None,
         })
@@ -667,6 +677,7 @@ impl Inner {
                 return Some(Applied::Shared(k.to_string(), None));
             }
             Key::Head => m.head = None,
+            Key::Checkpoint => m.checkpoint = None,
             Key::Record | Key::Other => {}
         }
         None
@@ -819,7 +830,7 @@ impl Inner {
     /// Audit records from `from`, at most `limit`, paged by count and by size.
     async fn read_audit(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         let end = prefix_end(&self.key("audit/rec/"));
-        let mut out = Vec::new();
+        let mut out: Vec<AuditRecord> = Vec::new();
         let mut next = self.record_key(from.max(1));
         let mut page = PAGE;
         while out.len() < limit {
@@ -858,6 +869,15 @@ impl Inner {
                     next.push(0);
                 }
                 _ => break,
+            }
+        }
+        // Records below `from` were deleted only by an archival: say so instead of skipping.
+        if out.first().map(|r| r.seq) != Some(from.max(1))
+            && let Some(kv) = self.get(self.key("audit/checkpoint")).await?
+        {
+            let c: Head = decode(&kv.key, &kv.value)?;
+            if from <= c.seq {
+                return Err(StoreError::Archived { through: c.seq });
             }
         }
         Ok(out)
@@ -1134,6 +1154,78 @@ impl Store for EtcdStore {
         self.block(|i| Box::pin(async move { i.read_audit(from, limit).await }))?
     }
 
+    fn truncate_audit(&self, through_seq: u64, hash: [u8; 32]) -> Result<usize, StoreError> {
+        let i = &self.inner;
+        let (rec_key, cp_key) = (i.record_key(through_seq), i.key("audit/checkpoint"));
+        let (k1, k2) = (rec_key.clone(), cp_key.clone());
+        let (at, cp) = self.block(|i| {
+            Box::pin(async move { Ok::<_, StoreError>((i.get(k1).await?, i.get(k2).await?)) })
+        })??;
+        let at_rec: Option<AuditRecord> = at
+            .as_ref()
+            .map(|kv| decode(&kv.key, &kv.value))
+            .transpose()?;
+        let checkpoint: Option<Head> = cp
+            .as_ref()
+            .map(|kv| decode(&kv.key, &kv.value))
+            .transpose()?;
+        super::check_truncation(
+            through_seq,
+            hash,
+            at_rec.as_ref(),
+            self.audit_head()?,
+            checkpoint.map(|c| (c.seq, c.hash)),
+        )?;
+        let head = Head {
+            seq: through_seq,
+            hash,
+        };
+        // One transaction: the checkpoint moves and the records go together, and only if neither
+        // the record nor the checkpoint changed since read (two replicas pruning at once).
+        let txn = pb::TxnRequest {
+            compare: vec![
+                mod_is(rec_key, at.map_or(0, |kv| kv.mod_revision)),
+                mod_is(cp_key.clone(), cp.map_or(0, |kv| kv.mod_revision)),
+            ],
+            success: vec![
+                put(cp_key, encode(&head)),
+                pb::RequestOp {
+                    request: Some(Op::RequestDeleteRange(pb::DeleteRangeRequest {
+                        key: i.record_key(0),
+                        range_end: i.record_key(through_seq + 1),
+                        ..Default::default()
+                    })),
+                },
+            ],
+            failure: vec![],
+        };
+        let r = self
+            .block(|i| Box::pin(async move { i.txn(txn).await }))?
+            .map_err(status_err)?;
+        if !r.succeeded {
+            return Err(StoreError::ArchiveMismatch(
+                "the log's checkpoint moved while pruning (another replica pruned); re-run the export"
+                    .into(),
+            ));
+        }
+        // Read-your-writes: `stats` counts from the mirror's checkpoint.
+        i.wait_applied(r.header.as_ref().map_or(0, |h| h.revision))?;
+        let deleted = r.responses.into_iter().find_map(|op| match op.response {
+            Some(OpResponse::ResponseDeleteRange(d)) => Some(d.deleted),
+            _ => None,
+        });
+        Ok(deleted.unwrap_or(0).max(0) as usize)
+    }
+
+    fn audit_checkpoint(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        let key = self.inner.key("audit/checkpoint");
+        let kv = self.block(|i| Box::pin(async move { i.get(key).await }))??;
+        Ok(kv
+            .map(|kv| decode::<Head>(&kv.key, &kv.value))
+            .transpose()?
+            .map(|h| (h.seq, h.hash)))
+    }
+
     fn commit(&self, records: &[AuditRecord], writes: &[Write]) -> Result<(), StoreError> {
         if records.is_empty() && writes.is_empty() {
             return Ok(());
@@ -1341,7 +1433,7 @@ impl Store for EtcdStore {
             issued: m.issued.len(),
             revoked_serials: m.revoked.len(),
             identity_rules: m.rules.len(),
-            audit: m.head.map_or(0, |(h, _)| h.seq as usize),
+            audit: m.head.map_or(0, |(h, _)| h.seq as usize) - m.checkpoint.unwrap_or(0) as usize,
             disk_bytes: db.unwrap_or(0).max(0) as u64,
         })
     }

@@ -66,6 +66,18 @@ pub enum StoreError {
         /// Indexes of the failed `Write::Guard`s.
         writes: Vec<usize>,
     },
+    /// The audit records asked for were archived and deleted (`lanyard audit export --prune`).
+    #[error(
+        "audit events up to #{through} are archived (`lanyard audit export --prune`); read from #{next}, or check them with `lanyard audit verify --archive FILE`",
+        next = through + 1
+    )]
+    Archived {
+        /// The last archived (deleted) seq: the checkpoint.
+        through: u64,
+    },
+    /// A truncation that does not match the stored log; nothing was deleted.
+    #[error("cannot prune the audit log: {0}")]
+    ArchiveMismatch(String),
     /// The backend could not be reached in time (etcd without quorum, network down); retryable.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -75,6 +87,36 @@ impl StoreError {
     /// Whether retrying the same call later may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_) | StoreError::HeadMoved)
+    }
+}
+
+/// Checks a truncation request against the stored log: `at` is the stored record `through`
+/// (if any), `head` the chain head. Shared by both backends so they refuse alike.
+fn check_truncation(
+    through: u64,
+    hash: [u8; 32],
+    at: Option<&AuditRecord>,
+    head: Option<(u64, [u8; 32])>,
+    checkpoint: Option<(u64, [u8; 32])>,
+) -> Result<(), StoreError> {
+    let mismatch = |m: String| Err(StoreError::ArchiveMismatch(m));
+    let head_seq = head.map_or(0, |(s, _)| s);
+    if through >= head_seq {
+        return mismatch(format!(
+            "#{through} is not below the head #{head_seq}; the newest event always stays in the log"
+        ));
+    }
+    if let Some((c, _)) = checkpoint
+        && through <= c
+    {
+        return mismatch(format!("events up to #{c} are already archived"));
+    }
+    match at {
+        None => mismatch(format!("event #{through} is not in the log")),
+        Some(r) if r.hash != hash => mismatch(format!(
+            "the archive's last hash differs from the log's event #{through}: the archive is not of this log"
+        )),
+        Some(_) => Ok(()),
     }
 }
 
@@ -197,6 +239,15 @@ pub trait Store: Send + Sync + 'static {
     fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError>;
     /// Up to `limit` audit records from `from` (inclusive), in order.
     fn read_audit(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Deletes the audit records up to `through_seq`, which an archive holds, and keeps a
+    /// checkpoint (that seq and `hash`) so the chain stays verifiable from the archive on. `hash`
+    /// must be the stored hash of record `through_seq` (the archive's last), and `through_seq`
+    /// must be below the head: the head record is never deleted. Durable on return. Returns how
+    /// many records were deleted; reads below the checkpoint then fail with
+    /// [`StoreError::Archived`].
+    fn truncate_audit(&self, through_seq: u64, hash: [u8; 32]) -> Result<usize, StoreError>;
+    /// The archive checkpoint: the last archived seq and its hash; `None` if never truncated.
+    fn audit_checkpoint(&self) -> Result<Option<(u64, [u8; 32])>, StoreError>;
     /// Writes audit records (whose seqs must continue the log) and the writes they describe in
     /// one transaction. Not yet durable: call [`Store::flush`].
     fn commit(&self, records: &[AuditRecord], writes: &[Write]) -> Result<(), StoreError>;
@@ -245,7 +296,7 @@ pub struct StoreStats {
     pub revoked_serials: usize,
     /// Identity rules.
     pub identity_rules: usize,
-    /// Audit records.
+    /// Audit records still stored (archived ones are not counted).
     pub audit: usize,
     /// Bytes on disk, as sled reports them.
     pub disk_bytes: u64,
