@@ -331,7 +331,11 @@ fn check_archive(s: &dyn Store) {
     mismatch(s.truncate_audit(3, all[2].prev_hash)); // not this log's hash
     mismatch(s.truncate_audit(6, all[5].hash)); // the head stays
     mismatch(s.truncate_audit(9, all[5].hash)); // past the head
-    assert_eq!(s.read_audit(1, 10).unwrap(), all, "a refused prune deletes nothing");
+    assert_eq!(
+        s.read_audit(1, 10).unwrap(),
+        all,
+        "a refused prune deletes nothing"
+    );
     assert_eq!(s.truncate_audit(3, all[2].hash).unwrap(), 3);
     assert_eq!(s.audit_checkpoint().unwrap(), Some((3, all[2].hash)));
     assert_eq!(s.audit_head().unwrap(), Some((6, all[5].hash)));
