@@ -495,3 +495,41 @@ async fn one_jwt_is_spent_once_across_three_replicas() {
     assert_eq!(all.len(), 10, "one issuance per JWT on the chain");
     verify_chain(&all, 1, GENESIS_HASH).unwrap();
 }
+
+/// `Store::health` on the 3-member cluster: every member with its client URL, the leader that
+/// etcd's own HTTP gateway names, a raft term, a database size and no alarms.
+#[test]
+fn health_names_the_members_and_the_leader() {
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
+    let stores = replicas(&cluster, "/ha/health/");
+    let h = stores[2].health().unwrap();
+    assert_eq!(h.members.len(), 3, "{h:?}");
+    let mut urls: Vec<String> = h
+        .members
+        .iter()
+        .flat_map(|m| {
+            m.client_urls
+                .iter()
+                .map(|u| u.trim_start_matches("http://").to_string())
+        })
+        .collect();
+    urls.sort();
+    let mut want = cluster.endpoints();
+    want.sort();
+    assert_eq!(urls, want, "{h:?}");
+    let leader_at = cluster.leader().expect("a leader");
+    let leader = h
+        .members
+        .iter()
+        .find(|m| m.id == h.leader)
+        .expect("leader is a member");
+    assert!(
+        leader.client_urls[0].ends_with(&cluster.endpoints()[leader_at]),
+        "{h:?} vs member {leader_at}"
+    );
+    assert!(h.raft_term > 0 && h.size_bytes > 0, "{h:?}");
+    assert!(h.alarms.is_empty(), "{h:?}");
+    assert!(h.location.contains("prefix /ha/health/"), "{h:?}");
+}

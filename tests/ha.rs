@@ -253,6 +253,24 @@ async fn replicas_share_one_ca_tokens_revocations_approvals_and_rotation() {
         assert!(line.contains(" up "), "{line}");
         assert!(!line.contains("DIFFERS"), "{line}");
     }
+    // And etcd's health: three members with their client URLs, one of them the leader.
+    assert!(status.contains("  etcd leader "), "{status}");
+    assert!(!status.contains("leader NONE"), "{status}");
+    let members: Vec<&str> = status
+        .lines()
+        .filter(|l| l.trim_start().starts_with("member "))
+        .collect();
+    assert_eq!(members.len(), 3, "{status}");
+    assert!(
+        members.iter().all(|l| l.contains("http://127.0.0.1:")),
+        "{status}"
+    );
+    assert_eq!(
+        members.iter().filter(|l| l.ends_with("(leader)")).count(),
+        1,
+        "{status}"
+    );
+    assert!(!status.contains("ALARM"), "{status}");
 
     // A federated bundle imported on r0 reaches r1 and r2 (their agents and watchers follow
     // each replica's bundle set).

@@ -351,6 +351,8 @@ fn check_archive(s: &dyn Store) {
     assert_eq!(live, all[3..]);
     verify_chain(&live, 4, all[2].hash).unwrap();
     assert_eq!(s.stats().unwrap().audit, 3);
+    let h = s.health().unwrap();
+    assert!(h.size_bytes > 0 && !h.location.is_empty(), "{h:?}");
     mismatch(s.truncate_audit(2, all[1].hash)); // already archived
     // The log goes on from the head; a second archival moves the checkpoint.
     s.commit(&records(7, all[5].hash, 1, 0), &[]).unwrap();

@@ -31,7 +31,8 @@ use tracing::{debug, info, warn};
 use super::sled::{decode, encode};
 use super::{
     AccessRecord, AuditRecord, Committed, Consume, Enrollment, FEED_BUFFER, Guard, IssuedRecord,
-    RevocationRecord, SharedChange, Store, StoreError, StoreStats, TokenRecord, Versioned, Write,
+    RevocationRecord, SharedChange, Store, StoreError, StoreHealth, StoreMember, StoreStats,
+    TokenRecord, Versioned, Write,
 };
 
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
@@ -39,6 +40,7 @@ mod pb {
     tonic::include_proto!("etcdserverpb");
 }
 
+use pb::cluster_client::ClusterClient;
 use pb::compare::TargetUnion;
 use pb::kv_client::KvClient;
 use pb::maintenance_client::MaintenanceClient;
@@ -128,6 +130,8 @@ struct Inner {
     channels: Vec<Channel>,
     /// Index of the endpoint in use; moved on to the next after a transport failure.
     current: AtomicUsize,
+    /// As configured, for `health`.
+    endpoints: Vec<String>,
     prefix: String,
     timeout: Duration,
     mirror: RwLock<Mirror>,
@@ -251,6 +255,7 @@ impl EtcdStore {
             rt,
             channels,
             current: AtomicUsize::new(0),
+            endpoints: config.endpoints.clone(),
             prefix: config.prefix.clone(),
             timeout: config.request_timeout,
             mirror: RwLock::new(Mirror::default()),
@@ -1435,6 +1440,60 @@ impl Store for EtcdStore {
             identity_rules: m.rules.len(),
             audit: m.head.map_or(0, |(h, _)| h.seq as usize) - m.checkpoint.unwrap_or(0) as usize,
             disk_bytes: db.unwrap_or(0).max(0) as u64,
+        })
+    }
+
+    fn health(&self) -> Result<StoreHealth, StoreError> {
+        let (status, alarms, members) = self
+            .block(|i| {
+                Box::pin(async move {
+                    REQUESTS.fetch_add(3, Ordering::Relaxed);
+                    let mut m = MaintenanceClient::new(i.channel());
+                    let status = m
+                        .status(i.request(pb::StatusRequest {}))
+                        .await?
+                        .into_inner();
+                    let alarms = m
+                        .alarm(i.request(pb::AlarmRequest::default()))
+                        .await?
+                        .into_inner();
+                    let members = ClusterClient::new(i.channel())
+                        .member_list(i.request(pb::MemberListRequest {}))
+                        .await?
+                        .into_inner();
+                    Ok::<_, Status>((status, alarms, members))
+                })
+            })?
+            .map_err(status_err)?;
+        let alarm_name = |a: i32| match a {
+            1 => "NOSPACE".to_string(),
+            2 => "CORRUPT".to_string(),
+            n => format!("alarm {n}"),
+        };
+        Ok(StoreHealth {
+            location: format!(
+                "{} prefix {}",
+                self.inner.endpoints.join(","),
+                self.inner.prefix
+            ),
+            size_bytes: status.db_size.max(0) as u64,
+            members: members
+                .members
+                .into_iter()
+                .map(|m| StoreMember {
+                    id: m.id,
+                    name: m.name,
+                    client_urls: m.client_ur_ls,
+                })
+                .collect(),
+            leader: status.leader,
+            raft_term: status.raft_term,
+            alarms: alarms
+                .alarms
+                .into_iter()
+                .filter(|a| a.alarm != 0)
+                .map(|a| format!("{:x}: {}", a.member_id, alarm_name(a.alarm)))
+                .collect(),
         })
     }
 

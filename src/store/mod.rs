@@ -27,6 +27,7 @@ pub use records::{
     AccessRecord, ApprovalRecord, AuditRecord, Enrollment, IssuedRecord, RECORD_VERSION,
     RevocationRecord, TokenRecord, TokenRevocation,
 };
+
 pub use sled::SledStore;
 
 /// Capacity of the shared-change and commit feeds; a subscriber that lags further re-reads.
@@ -258,6 +259,9 @@ pub trait Store: Send + Sync + 'static {
     fn prune(&self, now: i64) -> Result<usize, StoreError>;
     /// Counts of live entries per kind, for status and benchmarks.
     fn stats(&self) -> Result<StoreStats, StoreError>;
+    /// Backend facts for `lanyard status`: where the data lives and how big it is; on etcd the
+    /// members, the leader, the raft term and raised alarms (NOSPACE stops every write).
+    fn health(&self) -> Result<StoreHealth, StoreError>;
 
     /// A replica-shared value.
     fn shared_get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
@@ -283,6 +287,34 @@ pub trait Store: Send + Sync + 'static {
     fn max_commit_ops(&self) -> usize {
         usize::MAX
     }
+}
+
+/// What the backend reports about itself (see [`Store::health`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// Where the data lives: sled's directory, or the etcd endpoints and key prefix.
+    pub location: String,
+    /// Database size in bytes (etcd: as the answering member reports it).
+    pub size_bytes: u64,
+    /// etcd members (empty on sled).
+    pub members: Vec<StoreMember>,
+    /// Member id of the etcd leader (0: none known, or sled).
+    pub leader: u64,
+    /// The etcd raft term (0 on sled): it grows with every election.
+    pub raft_term: u64,
+    /// Raised etcd alarms, as `<member id hex>: NOSPACE` (empty when healthy).
+    pub alarms: Vec<String>,
+}
+
+/// One etcd member.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreMember {
+    /// Member id.
+    pub id: u64,
+    /// Member name.
+    pub name: String,
+    /// Where clients reach it.
+    pub client_urls: Vec<String>,
 }
 
 /// Sizes of the store's collections.

@@ -13,7 +13,8 @@ use tokio::sync::broadcast;
 
 use super::{
     AccessRecord, AuditRecord, Consume, Enrollment, FEED_BUFFER, Guard, IssuedRecord,
-    RevocationRecord, SharedChange, Store, StoreError, StoreStats, TokenRecord, Versioned, Write,
+    RevocationRecord, SharedChange, Store, StoreError, StoreHealth, StoreStats, TokenRecord,
+    Versioned, Write,
 };
 
 /// Which collection an expiry-index entry points into.
@@ -30,6 +31,8 @@ enum Coll {
 /// The sled-backed [`Store`].
 pub struct SledStore {
     db: sled::Db,
+    /// The directory, for `health`.
+    path: std::path::PathBuf,
     audit: sled::Tree,
     tokens: sled::Tree,
     enrollments: sled::Tree,
@@ -84,6 +87,7 @@ impl SledStore {
             shared: tree("shared")?,
             audit_meta: tree("audit_meta")?,
             shared_tx: broadcast::channel(FEED_BUFFER).0,
+            path: dir.to_path_buf(),
             db,
             next_seq: Mutex::new(None),
         })
@@ -464,6 +468,14 @@ impl Store for SledStore {
             identity_rules: self.identity_rules.len(),
             audit: self.audit.len(),
             disk_bytes: self.db.size_on_disk().map_err(backend)?,
+        })
+    }
+
+    fn health(&self) -> Result<StoreHealth, StoreError> {
+        Ok(StoreHealth {
+            location: self.path.display().to_string(),
+            size_bytes: self.db.size_on_disk().map_err(backend)?,
+            ..StoreHealth::default()
         })
     }
 
