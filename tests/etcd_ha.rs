@@ -533,3 +533,32 @@ fn health_names_the_members_and_the_leader() {
     assert!(h.alarms.is_empty(), "{h:?}");
     assert!(h.location.contains("prefix /ha/health/"), "{h:?}");
 }
+
+/// A 60-use token redeemed 60 times at once over three replicas (a fleet bootstrapping from one
+/// token): every redemption wins its use. A lost compare to a racer that took a use is progress,
+/// not a failed attempt, so the last racers do not run out of attempts (they used to, past ~32).
+#[test]
+fn sixty_redemptions_of_a_sixty_use_token_all_win() {
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
+    let stores = replicas(&cluster, "/ha/multi/");
+    stores[0]
+        .commit(&[], &[Write::PutToken(token("fleet", 60))])
+        .unwrap();
+    let racers: Vec<_> = (0..60)
+        .map(|n| {
+            let s = stores[n % 3].clone();
+            std::thread::spawn(move || s.consume_token("fleet", 10))
+        })
+        .collect();
+    let outcomes: Vec<_> = racers.into_iter().map(|h| h.join().unwrap()).collect();
+    let won = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(Consume::Won(_))))
+        .count();
+    assert_eq!(won, 60, "{outcomes:?}");
+    eventually("every use spent", || {
+        stores[1].token("fleet").unwrap().unwrap().uses_left == 0
+    });
+}

@@ -1041,11 +1041,20 @@ impl Store for EtcdStore {
             }
         };
         let mut pending: Option<String> = None;
-        for attempt in 0..ATTEMPTS * 4 {
+        // Attempts that made no progress. A compare lost to a racer that took a use is progress
+        // (uses only go down), so N concurrent redemptions of an N-use token all finish instead
+        // of the last ones running out of attempts.
+        let mut attempt = 0;
+        let mut uses_seen: Option<u32> = None;
+        while attempt < ATTEMPTS * 4 {
             let Some(cur) = kv.take() else {
                 return Ok(Consume::Missing);
             };
             let entry: TokenEntry = decode(&cur.key, &cur.value)?;
+            if uses_seen.is_none_or(|u| entry.rec.uses_left >= u) {
+                attempt += 1;
+            }
+            uses_seen = Some(entry.rec.uses_left);
             // An earlier attempt that reported failure may have been applied after all.
             if let Some(n) = &pending
                 && entry.nonces.contains(n)
