@@ -561,6 +561,9 @@ fn field(text: &str, prefix: &str) -> String {
         .to_string()
 }
 
+/// Agents in each failover test, spread over the three replicas (the 40).
+const AGENTS: usize = 40;
+
 /// Agents spread over the replicas, each renewing a 4 s certificate every ~2 s.
 struct Fleet {
     agents: Vec<(usize, PathBuf, ChildGuard)>,
@@ -575,8 +578,7 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn start(ha: &Ha, per_replica: usize) -> Self {
-        let n = per_replica * 3;
+    async fn start(ha: &Ha, n: usize) -> Self {
         let tok = ha.ok(
             0,
             &[
@@ -603,10 +605,17 @@ impl Fleet {
             history: vec![Vec::new(); n],
             stall: Duration::ZERO,
         };
-        for (_, out, _) in &fleet.agents {
-            common::wait_for_svid(out, Duration::from_secs(20))
+        for (_, out, child) in &fleet.agents {
+            if common::wait_for_svid(out, Duration::from_secs(20))
                 .await
-                .unwrap_or_else(|| panic!("agent {} got no certificate", out.display()));
+                .is_none()
+            {
+                panic!(
+                    "agent {} got no certificate:\n{}",
+                    out.display(),
+                    child.output()
+                );
+            }
         }
         fleet.observe();
         fleet
@@ -688,7 +697,7 @@ async fn agents_keep_renewing_when_a_replica_is_killed_mid_load() {
     let Some(mut ha) = Ha::start(3, "", "10m").await else {
         return;
     };
-    let mut fleet = Fleet::start(&ha, 3).await;
+    let mut fleet = Fleet::start(&ha, AGENTS).await;
     fleet.watch(Duration::from_secs(4), &[0, 1, 2]).await;
     let killed_at = Instant::now();
     ha.kill(0);
@@ -737,7 +746,7 @@ async fn agents_keep_renewing_when_the_etcd_leader_is_killed() {
     let Some(mut ha) = Ha::start(3, "", "10m").await else {
         return;
     };
-    let mut fleet = Fleet::start(&ha, 3).await;
+    let mut fleet = Fleet::start(&ha, AGENTS).await;
     fleet.watch(Duration::from_secs(4), &[0, 1, 2]).await;
     let leader = ha.etcd.leader().expect("a leader");
     ha.etcd.kill(leader);
