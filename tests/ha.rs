@@ -530,7 +530,8 @@ async fn replicas_share_one_ca_tokens_revocations_approvals_and_rotation() {
     let verify = ha.ok(2, &["audit", "verify"]);
     assert!(verify.contains("chain intact"), "{verify}");
 
-    // Archive the older half and verify archive + live log as one chain.
+    // Archive the older half, pruning it from etcd via r0; every replica then refuses reads
+    // below the checkpoint and verifies archive + live log as one chain.
     let half = (events.len() / 2).to_string();
     let archive = ha.dir.path().join("audit-1.jsonl");
     let out = ha.ok(
@@ -542,14 +543,26 @@ async fn replicas_share_one_ca_tokens_revocations_approvals_and_rotation() {
             &half,
             "--out",
             archive.to_str().unwrap(),
+            "--prune",
         ],
     );
     assert!(out.contains(&format!("to {half} ")), "{out}");
+    assert!(out.contains(&format!("pruned {half} events")), "{out}");
     let verify = ha.ok(
         1,
         &["audit", "verify", "--archive", archive.to_str().unwrap()],
     );
-    assert!(verify.contains("chain intact"), "{verify}");
+    assert!(
+        verify.contains(&format!("({half} archived,")) && verify.contains("chain intact"),
+        "{verify}"
+    );
+    let plain = ha.cli(2, &["audit", "verify"]);
+    assert!(!plain.status.success());
+    let said = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        said.contains(&format!("up to #{half} are archived")),
+        "{said}"
+    );
     ha.kill(2);
 }
 
