@@ -9,7 +9,7 @@ use rustls_pki_types::CertificateDer;
 use tracing::{info, warn};
 
 use crate::access::Grant;
-use crate::audit::{AuditLog, Event, Intent, Kind, UNAUTHENTICATED};
+use crate::audit::{AuditError, AuditLog, Event, Intent, Kind, UNAUTHENTICATED};
 use crate::ca::{
     Authority, CaError, CaHandle, CaSet, LeafParams, SanNames, SvidInfo, ValidCsr, parse_csr,
 };
@@ -18,7 +18,8 @@ use crate::policy::{self, Ask, Limits, PolicyHandle};
 use crate::revocation::Revocations;
 use crate::spiffe::{IdPattern, SpiffeId, normalize_roles};
 use crate::store::{
-    Consume, Enrollment, IssuedRecord, RECORD_VERSION, Store, TokenRecord, TokenRevocation, Write,
+    Consume, Enrollment, Guard, IssuedRecord, RECORD_VERSION, RevocationRecord, Store, TokenRecord,
+    TokenRevocation, Write,
 };
 use crate::tls::unix_now;
 use crate::tokens::JoinToken;
@@ -231,7 +232,7 @@ impl Issuance {
             Ok(n) => n,
             Err(e) => return Err(self.deny(&actor, &subject, e).await),
         };
-        let leaf = self.clear_of_lifted_rule(leaf).await?;
+        let (leaf, rule) = self.clear_of_lifted_rule(leaf).await?;
         // Sign before consuming: a failure here leaves the token usable.
         let signed = self.sign(&csr, leaf)?;
         // On etcd this is a network round trip (a transaction): off the async workers.
@@ -285,7 +286,7 @@ impl Issuance {
             Kind::Issued,
             &actor,
             signed,
-            vec![Write::PutEnrollment(enrollment)],
+            vec![Write::PutEnrollment(enrollment), rule.guard()],
             reason,
             &used,
         )
@@ -378,7 +379,7 @@ impl Issuance {
             Ok(n) => n,
             Err(e) => return Err(self.deny(&actor, &subject, deny(e)).await),
         };
-        let leaf = self.clear_of_lifted_rule(leaf).await?;
+        let (leaf, rule) = self.clear_of_lifted_rule(leaf).await?;
         let signed = self.sign(&csr, leaf)?;
         let spent = TokenRecord {
             v: RECORD_VERSION,
@@ -403,7 +404,15 @@ impl Issuance {
             Kind::Issued,
             &actor,
             signed,
-            vec![Write::PutToken(spent), Write::PutEnrollment(enrollment)],
+            vec![
+                // Exactly once across replicas: the spent record must not exist yet.
+                Write::Guard(Guard::TokenAbsent {
+                    id: spent.id.clone(),
+                }),
+                Write::PutToken(spent),
+                Write::PutEnrollment(enrollment),
+                rule.guard(),
+            ],
             why.clone(),
             &used,
         )
@@ -453,13 +462,13 @@ impl Issuance {
             Ok(n) => n,
             Err(e) => return Err(self.deny(&actor, &actor, e).await),
         };
-        let leaf = self.clear_of_lifted_rule(leaf).await?;
+        let (leaf, rule) = self.clear_of_lifted_rule(leaf).await?;
         let signed = self.sign(&csr, leaf)?;
         self.commit(
             Kind::Renewed,
             &actor,
             signed,
-            vec![],
+            vec![rule.guard()],
             format!("renewal of {}", peer.serial),
             &used,
         )
@@ -501,7 +510,9 @@ impl Issuance {
         };
         // After `lanyard admin recover` lifted a rule on a reserved identity, the fresh
         // credential must start after that rule's cutoff, or the rule would still cover it.
-        let params = self.clear_of_lifted_rule(params).await?;
+        // Exempt from the rule guard, as from the post-commit check: no revocation may stop the
+        // CA from serving.
+        let (params, _rule) = self.clear_of_lifted_rule(params).await?;
         let cas = self.authority.current();
         let leaf = cas.active().sign_leaf(key, &params).map_err(internal)?;
         let svid = svid_of(&cas, &leaf.der)?;
@@ -875,14 +886,24 @@ impl Issuance {
     /// Keeps a new certificate outside a lifted identity rule: its notBefore may not be earlier
     /// than the rule's `before` (see [`Revocations::not_before_floor`]). When that instant is
     /// still ahead (a lift within a second of the revocation), waits for it, so the certificate
-    /// is valid when it is returned and keeps its full lifetime.
-    async fn clear_of_lifted_rule(&self, mut leaf: LeafParams) -> Result<LeafParams, IssueError> {
-        let floor = self
-            .revocations
-            .not_before_floor(&leaf.spiffe_id)
+    /// is valid when it is returned and keeps its full lifetime. Returns the identity rule as
+    /// read, which the commit guards: a rule that changes on another replica before the commit
+    /// fails it (refused and audited) instead of leaving it to the post-commit check.
+    async fn clear_of_lifted_rule(
+        &self,
+        mut leaf: LeafParams,
+    ) -> Result<(LeafParams, RuleRead), IssueError> {
+        let rule = self
+            .store()
+            .identity_rule(leaf.spiffe_id.as_str())
             .map_err(internal)?;
+        let read = RuleRead {
+            spiffe_id: leaf.spiffe_id.to_string(),
+            rule: rule.clone(),
+        };
+        let floor = rule.filter(|r| !r.blocked).map(|r| r.before);
         let Some(floor) = floor.filter(|f| leaf.not_before < *f) else {
-            return Ok(leaf);
+            return Ok((leaf, read));
         };
         let ahead = floor - unix_now();
         if ahead > 0 {
@@ -892,7 +913,7 @@ impl Issuance {
             leaf.not_after += ahead;
         }
         leaf.not_before = floor;
-        Ok(leaf)
+        Ok((leaf, read))
     }
 
     /// The CSR's DNS and IP names, once policy allows every one of them (checked against the
@@ -932,6 +953,10 @@ impl Issuance {
         used: &[Grant],
     ) -> Result<Issued, IssueError> {
         let s = &issued.svid;
+        let spent_jwt = writes.iter().find_map(|w| match w {
+            Write::Guard(Guard::TokenAbsent { id }) => Some(id.clone()),
+            _ => None,
+        });
         writes.push(Write::PutIssued(
             IssuedRecord {
                 v: RECORD_VERSION,
@@ -948,10 +973,14 @@ impl Issuance {
             .roles(s.roles.clone())
             .not_after(s.not_after)
             .reason(reason);
-        self.log
-            .record_with(take_intent(), event, writes)
-            .await
-            .map_err(internal)?;
+        match self.log.record_with(take_intent(), event, writes).await {
+            Ok(_) => {}
+            Err(AuditError::Conflict) => {
+                let e = self.conflict(s.spiffe_id.as_str(), spent_jwt.as_deref())?;
+                return Err(self.deny(actor, s.spiffe_id.as_str(), e).await);
+            }
+            Err(e) => return Err(internal(e)),
+        }
         info!(spiffe_id = %s.spiffe_id, serial = %s.serial, kind = kind.as_str(), "certificate issued");
         if !used.is_empty()
             && let Some(access) = self.access.get()
@@ -974,6 +1003,29 @@ impl Issuance {
             )));
         }
         Ok(issued)
+    }
+
+    /// Why an issuance's guarded commit failed: its JWT was spent, or its identity's rule
+    /// changed, on another replica after this one read them. Nothing was written.
+    fn conflict(&self, spiffe_id: &str, spent_jwt: Option<&str>) -> Result<IssueError, IssueError> {
+        if let Some(id) = spent_jwt
+            && let Some(used) = self.store().token(id).map_err(internal)?
+        {
+            return Ok(IssueError::Precondition(format!(
+                "this JWT was already used (for {}, on another replica); each token is accepted once, present a fresh one",
+                used.spiffe_id
+            )));
+        }
+        let now = self.store().identity_rule(spiffe_id).map_err(internal)?;
+        Ok(IssueError::Precondition(match now {
+            Some(r) if r.blocked => format!(
+                "{} was revoked on another replica while this certificate was being issued: {}",
+                spiffe_id, r.reason
+            ),
+            _ => format!(
+                "the revocation rule of {spiffe_id} changed on another replica while this certificate was being issued; retry"
+            ),
+        }))
     }
 
     /// Records a denial, then hands the error back for the caller to return.
@@ -1002,6 +1054,22 @@ impl Issuance {
             warn!(error = %e, "cannot record denial");
         }
         err
+    }
+}
+
+/// An identity's rule as read while an issuance was decided, for the commit's guard.
+struct RuleRead {
+    spiffe_id: String,
+    rule: Option<RevocationRecord>,
+}
+
+impl RuleRead {
+    /// The commit fails unless the rule is still exactly as read (on any replica).
+    fn guard(self) -> Write {
+        Write::Guard(Guard::IdentityRule {
+            spiffe_id: self.spiffe_id,
+            expect: self.rule.map(Box::new),
+        })
     }
 }
 

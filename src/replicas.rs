@@ -100,25 +100,34 @@ impl Replicas {
         }
     }
 
-    /// The shared store's health as status shows it (`None` on sled): its database size, or
-    /// why it could not be read.
+    /// The store's health as status shows it (etcd: members, leader, term, alarms, size; sled:
+    /// path and size), or why it could not be read.
     pub async fn store_health(&self) -> Option<crate::pb::v1::StoreHealth> {
-        if !crate::server::is_shared(self.store.as_ref()) {
-            return None;
-        }
         let store = self.store.clone();
-        let stats = tokio::task::spawn_blocking(move || store.stats()).await;
-        Some(match stats {
-            Ok(Ok(s)) => crate::pb::v1::StoreHealth {
-                db_size: s.disk_bytes as i64,
-                ..Default::default()
+        let health = tokio::task::spawn_blocking(move || store.health())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|h| h.map_err(|e| e.to_string()));
+        Some(match health {
+            Ok(h) => crate::pb::v1::StoreHealth {
+                members: h
+                    .members
+                    .into_iter()
+                    .map(|m| crate::pb::v1::StoreMember {
+                        id: m.id,
+                        name: m.name,
+                        client_urls: m.client_urls,
+                    })
+                    .collect(),
+                leader: h.leader,
+                db_size: h.size_bytes.min(i64::MAX as u64) as i64,
+                error: String::new(),
+                raft_term: h.raft_term,
+                alarms: h.alarms,
+                location: h.location,
             },
-            Ok(Err(e)) => crate::pb::v1::StoreHealth {
-                error: e.to_string(),
-                ..Default::default()
-            },
-            Err(e) => crate::pb::v1::StoreHealth {
-                error: e.to_string(),
+            Err(error) => crate::pb::v1::StoreHealth {
+                error,
                 ..Default::default()
             },
         })

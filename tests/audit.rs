@@ -944,3 +944,157 @@ async fn cli_export_verifies_and_tampering_is_named() {
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("expected seq 3, found 4"), "{said}");
 }
+
+/// `audit export --prune` deletes the archived events behind a checkpoint: subscribing below it
+/// is FAILED_PRECONDITION naming the boundary, `audit verify --archive` checks archive + live log
+/// as one chain, the prune is an admin-only `audit_archived` event, and a wrong archive deletes
+/// nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_export_prune_deletes_archived_events_behind_a_checkpoint() {
+    let ca = TestCa::start().await;
+    let api = ca.enroll("api", API, &["db-read"], 600).await;
+    ca.renew(&api, 60).await.unwrap();
+    let before = ca.audit_log().await;
+    assert!(before.len() > 4, "{before:?}");
+    let server = ca.server();
+    let admin = ca.admin_dir();
+    let conn = [
+        "--server",
+        server.as_str(),
+        "--credential",
+        admin.to_str().unwrap(),
+    ];
+    let archive = ca.dir.path().join("a1.jsonl");
+    let out = lanyard(
+        &[
+            &[
+                "audit",
+                "export",
+                "--out",
+                archive.to_str().unwrap(),
+                "--through-seq",
+                "3",
+                "--prune",
+            ][..],
+            &conn[..],
+        ]
+        .concat(),
+    )
+    .await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("pruned 3 events"), "{said}");
+
+    // Below the checkpoint: refused, naming it.
+    let err = AuditClient::new(ca.admin_channel().await)
+        .subscribe(pb::SubscribeRequest {
+            from_seq: 2,
+            follow: false,
+            kinds: vec![],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("up to #3 are archived") && err.message().contains("#4"),
+        "{err:?}"
+    );
+    // Plain verify cannot see the start of the chain any more; with the archive it can.
+    let out = lanyard(&[&["audit", "verify"][..], &conn[..]].concat()).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--archive"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = lanyard(
+        &[
+            &["audit", "verify", "--archive", archive.to_str().unwrap()][..],
+            &conn[..],
+        ]
+        .concat(),
+    )
+    .await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("(3 archived,") && said.contains("chain intact"),
+        "{said}"
+    );
+
+    // The prune is on the chain, by the admin.
+    let mut live = AuditClient::new(ca.admin_channel().await)
+        .subscribe(pb::SubscribeRequest {
+            from_seq: 4,
+            follow: false,
+            kinds: vec![],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(ev) = live.message().await.unwrap() {
+        events.push(from_proto(ev).unwrap());
+    }
+    verify_chain(&events, 4, before[2].hash).unwrap();
+    let pruned = events.iter().find(|r| r.kind == "audit_archived").unwrap();
+    assert_eq!(pruned.actor, ADMIN);
+    assert!(pruned.reason.contains("up to #3"), "{pruned:?}");
+
+    // Not an admin: refused. A hash that is not the log's: refused, audited, nothing deleted.
+    let err = AuditClient::new(ca.channel_as(&api).await)
+        .prune(pb::PruneRequest {
+            through_seq: 4,
+            hash: before[3].hash.to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = AuditClient::new(ca.admin_channel().await)
+        .prune(pb::PruneRequest {
+            through_seq: 4,
+            hash: [7; 32].to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not of this log"), "{err:?}");
+    let err = AuditClient::new(ca.admin_channel().await)
+        .prune(pb::PruneRequest {
+            through_seq: 4,
+            hash: vec![1, 2],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let after = drain_audit(
+        AuditClient::new(ca.admin_channel().await)
+            .subscribe(pb::SubscribeRequest {
+                from_seq: 4,
+                follow: false,
+                kinds: vec![],
+                spiffe_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert_eq!(after[0].seq, 4, "event #4 is still stored");
+    assert!(
+        after
+            .iter()
+            .any(|r| r.kind == "denied" && r.reason.contains("audit prune refused")),
+        "the refused prune is audited"
+    );
+}

@@ -446,3 +446,119 @@ async fn a_replica_resyncs_after_compaction() {
     assert_eq!(rec.seq, 22);
     verify_chain(&b.read_audit(1, 100).unwrap(), 1, GENESIS_HASH).unwrap();
 }
+
+/// A JWT presented to three replicas at once is spent once: each replica's commit writes the
+/// spent-token record behind `Guard::TokenAbsent`, so exactly one commit per JWT wins and the
+/// others fail their guard (a plain `PutToken` would let all three overwrite and succeed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_jwt_is_spent_once_across_three_replicas() {
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
+    let stores = replicas(&cluster, "/ha/jwt/");
+    let logs: Vec<AuditLog> = stores
+        .iter()
+        .map(|s| AuditLog::start(s.clone() as Arc<dyn Store>).unwrap())
+        .collect();
+    for round in 0..10 {
+        let id = format!("jwt-{round:02}");
+        let spend = |log: &AuditLog| {
+            let log = log.clone();
+            let mut spent = token(&id, 0);
+            spent.id = id.clone();
+            async move {
+                log.record(
+                    Event::new(Kind::Issued, "attestor:ci"),
+                    vec![
+                        Write::Guard(Guard::TokenAbsent {
+                            id: spent.id.clone(),
+                        }),
+                        Write::PutToken(spent),
+                    ],
+                )
+                .await
+            }
+        };
+        let (a, b, c) = tokio::join!(spend(&logs[0]), spend(&logs[1]), spend(&logs[2]));
+        let results = [a, b, c];
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "round {round}: {results:?}");
+        assert!(
+            results
+                .iter()
+                .filter(|r| r.is_err())
+                .all(|r| matches!(r, Err(AuditError::Conflict))),
+            "{results:?}"
+        );
+    }
+    let all = stores[1].read_audit(1, 100).unwrap();
+    assert_eq!(all.len(), 10, "one issuance per JWT on the chain");
+    verify_chain(&all, 1, GENESIS_HASH).unwrap();
+}
+
+/// `Store::health` on the 3-member cluster: every member with its client URL, the leader that
+/// etcd's own HTTP gateway names, a raft term, a database size and no alarms.
+#[test]
+fn health_names_the_members_and_the_leader() {
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
+    let stores = replicas(&cluster, "/ha/health/");
+    let h = stores[2].health().unwrap();
+    assert_eq!(h.members.len(), 3, "{h:?}");
+    let mut urls: Vec<String> = h
+        .members
+        .iter()
+        .flat_map(|m| {
+            m.client_urls
+                .iter()
+                .map(|u| u.trim_start_matches("http://").to_string())
+        })
+        .collect();
+    urls.sort();
+    let mut want = cluster.endpoints();
+    want.sort();
+    assert_eq!(urls, want, "{h:?}");
+    let leader_at = cluster.leader().expect("a leader");
+    let leader = h
+        .members
+        .iter()
+        .find(|m| m.id == h.leader)
+        .expect("leader is a member");
+    assert!(
+        leader.client_urls[0].ends_with(&cluster.endpoints()[leader_at]),
+        "{h:?} vs member {leader_at}"
+    );
+    assert!(h.raft_term > 0 && h.size_bytes > 0, "{h:?}");
+    assert!(h.alarms.is_empty(), "{h:?}");
+    assert!(h.location.contains("prefix /ha/health/"), "{h:?}");
+}
+
+/// A 60-use token redeemed 60 times at once over three replicas (a fleet bootstrapping from one
+/// token): every redemption wins its use. A lost compare to a racer that took a use is progress,
+/// not a failed attempt, so the last racers do not run out of attempts (they used to, past ~32).
+#[test]
+fn sixty_redemptions_of_a_sixty_use_token_all_win() {
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
+    let stores = replicas(&cluster, "/ha/multi/");
+    stores[0]
+        .commit(&[], &[Write::PutToken(token("fleet", 60))])
+        .unwrap();
+    let racers: Vec<_> = (0..60)
+        .map(|n| {
+            let s = stores[n % 3].clone();
+            std::thread::spawn(move || s.consume_token("fleet", 10))
+        })
+        .collect();
+    let outcomes: Vec<_> = racers.into_iter().map(|h| h.join().unwrap()).collect();
+    let won = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(Consume::Won(_))))
+        .count();
+    assert_eq!(won, 60, "{outcomes:?}");
+    eventually("every use spent", || {
+        stores[1].token("fleet").unwrap().unwrap().uses_left == 0
+    });
+}

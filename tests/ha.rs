@@ -253,6 +253,24 @@ async fn replicas_share_one_ca_tokens_revocations_approvals_and_rotation() {
         assert!(line.contains(" up "), "{line}");
         assert!(!line.contains("DIFFERS"), "{line}");
     }
+    // And etcd's health: three members with their client URLs, one of them the leader.
+    assert!(status.contains("  etcd leader "), "{status}");
+    assert!(!status.contains("leader NONE"), "{status}");
+    let members: Vec<&str> = status
+        .lines()
+        .filter(|l| l.trim_start().starts_with("member "))
+        .collect();
+    assert_eq!(members.len(), 3, "{status}");
+    assert!(
+        members.iter().all(|l| l.contains("http://127.0.0.1:")),
+        "{status}"
+    );
+    assert_eq!(
+        members.iter().filter(|l| l.ends_with("(leader)")).count(),
+        1,
+        "{status}"
+    );
+    assert!(!status.contains("ALARM"), "{status}");
 
     // A federated bundle imported on r0 reaches r1 and r2 (their agents and watchers follow
     // each replica's bundle set).
@@ -512,7 +530,8 @@ async fn replicas_share_one_ca_tokens_revocations_approvals_and_rotation() {
     let verify = ha.ok(2, &["audit", "verify"]);
     assert!(verify.contains("chain intact"), "{verify}");
 
-    // Archive the older half and verify archive + live log as one chain.
+    // Archive the older half, pruning it from etcd via r0; every replica then refuses reads
+    // below the checkpoint and verifies archive + live log as one chain.
     let half = (events.len() / 2).to_string();
     let archive = ha.dir.path().join("audit-1.jsonl");
     let out = ha.ok(
@@ -524,14 +543,26 @@ async fn replicas_share_one_ca_tokens_revocations_approvals_and_rotation() {
             &half,
             "--out",
             archive.to_str().unwrap(),
+            "--prune",
         ],
     );
     assert!(out.contains(&format!("to {half} ")), "{out}");
+    assert!(out.contains(&format!("pruned {half} events")), "{out}");
     let verify = ha.ok(
         1,
         &["audit", "verify", "--archive", archive.to_str().unwrap()],
     );
-    assert!(verify.contains("chain intact"), "{verify}");
+    assert!(
+        verify.contains(&format!("({half} archived,")) && verify.contains("chain intact"),
+        "{verify}"
+    );
+    let plain = ha.cli(2, &["audit", "verify"]);
+    assert!(!plain.status.success());
+    let said = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        said.contains(&format!("up to #{half} are archived")),
+        "{said}"
+    );
     ha.kill(2);
 }
 
@@ -542,6 +573,9 @@ fn field(text: &str, prefix: &str) -> String {
         .trim()
         .to_string()
 }
+
+/// Agents in each failover test, spread over the three replicas (the 40).
+const AGENTS: usize = 40;
 
 /// Agents spread over the replicas, each renewing a 4 s certificate every ~2 s.
 struct Fleet {
@@ -557,8 +591,7 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn start(ha: &Ha, per_replica: usize) -> Self {
-        let n = per_replica * 3;
+    async fn start(ha: &Ha, n: usize) -> Self {
         let tok = ha.ok(
             0,
             &[
@@ -585,10 +618,17 @@ impl Fleet {
             history: vec![Vec::new(); n],
             stall: Duration::ZERO,
         };
-        for (_, out, _) in &fleet.agents {
-            common::wait_for_svid(out, Duration::from_secs(20))
+        for (_, out, child) in &fleet.agents {
+            if common::wait_for_svid(out, Duration::from_secs(20))
                 .await
-                .unwrap_or_else(|| panic!("agent {} got no certificate", out.display()));
+                .is_none()
+            {
+                panic!(
+                    "agent {} got no certificate:\n{}",
+                    out.display(),
+                    child.output()
+                );
+            }
         }
         fleet.observe();
         fleet
@@ -670,7 +710,7 @@ async fn agents_keep_renewing_when_a_replica_is_killed_mid_load() {
     let Some(mut ha) = Ha::start(3, "", "10m").await else {
         return;
     };
-    let mut fleet = Fleet::start(&ha, 3).await;
+    let mut fleet = Fleet::start(&ha, AGENTS).await;
     fleet.watch(Duration::from_secs(4), &[0, 1, 2]).await;
     let killed_at = Instant::now();
     ha.kill(0);
@@ -719,7 +759,7 @@ async fn agents_keep_renewing_when_the_etcd_leader_is_killed() {
     let Some(mut ha) = Ha::start(3, "", "10m").await else {
         return;
     };
-    let mut fleet = Fleet::start(&ha, 3).await;
+    let mut fleet = Fleet::start(&ha, AGENTS).await;
     fleet.watch(Duration::from_secs(4), &[0, 1, 2]).await;
     let leader = ha.etcd.leader().expect("a leader");
     ha.etcd.kill(leader);

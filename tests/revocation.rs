@@ -858,3 +858,57 @@ async fn during_a_ca_rotation_the_retiring_ca_signs_a_crl_for_its_certificates()
     let said = verify(&old, &only_new);
     assert!(said.contains("unable to get certificate CRL"), "{said}");
 }
+
+/// An issuance decided against one identity rule and committed after the rule changed fails its
+/// guard: refused and audited, and never on the chain as issued. The window is held open by the
+/// lifted-rule wait (a token issuance right after a lift sleeps to the rule's `before`); the
+/// identity is revoked again inside it. Without the guard the certificate would be committed
+/// (and, revoked within the same second, even handed out: its notBefore equals the new rule's
+/// `before`).
+#[tokio::test]
+async fn an_issuance_whose_identity_rule_changes_before_commit_fails_its_guard() {
+    let ca = TestCa::start().await;
+    let token = ca.token(API, &[], 600, 1).await;
+    // Start early in a second, so revoke, lift and the issuance's plan share it.
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_millis()
+        > 100
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    revoke_id(&ca, API, "first", false).await;
+    revoke_id(&ca, API, "cleared", true).await;
+    let issuing = ca.issue(&token, API, 60);
+    let revoke_again = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        revoke_id(&ca, API, "again", false).await
+    };
+    let (issued, _) = tokio::join!(issuing, revoke_again);
+    let Err(err) = issued else {
+        panic!(
+            "the issuance raced a revocation and must be refused, yet a certificate was returned"
+        );
+    };
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains(API), "{err:?}");
+    let log = ca.audit_log().await;
+    let again = log
+        .iter()
+        .position(|r| r.kind == "revoked" && r.reason.contains("again"))
+        .expect("second revocation on the chain");
+    assert!(
+        log[again..]
+            .iter()
+            .all(|r| !(r.kind == "issued" && r.subject == API)),
+        "no certificate committed after the rule changed: {:?}",
+        &log[again..]
+    );
+    assert!(
+        log[again..]
+            .iter()
+            .any(|r| r.kind == "denied" && r.subject == API && r.reason.contains("revoked")),
+        "the refusal is audited"
+    );
+}

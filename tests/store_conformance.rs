@@ -284,6 +284,14 @@ fn check_guards(s: &dyn Store) {
         Err(StoreError::GuardFailed { .. })
     ));
     assert!(s.issued("ff").unwrap().is_none());
+    // Token-absent guard (a spent JWT): holds until the record exists, then fails.
+    let absent = || Write::Guard(Guard::TokenAbsent { id: "jwt-g".into() });
+    s.commit(&[], &[absent(), Write::PutToken(token("jwt-g", 0, 10_000))])
+        .unwrap();
+    assert!(matches!(
+        s.commit(&[], &[absent(), Write::PutToken(token("jwt-g", 0, 10_000))]),
+        Err(StoreError::GuardFailed { writes }) if writes == [0]
+    ));
 }
 
 fn check_audit(s: &dyn Store) {
@@ -308,6 +316,50 @@ fn check_audit(s: &dyn Store) {
     );
     assert_eq!(s.audit_head().unwrap().unwrap().0, 5);
     assert_eq!(s.stats().unwrap().audit, 5);
+}
+
+/// Archival: records an archive holds are deleted behind a checkpoint; reads below it say so,
+/// the head and the chain from the checkpoint on are untouched, and mismatches delete nothing.
+fn check_archive(s: &dyn Store) {
+    let all = records(1, GENESIS_HASH, 6, 10);
+    s.commit(&all, &[]).unwrap();
+    s.flush().unwrap();
+    assert_eq!(s.audit_checkpoint().unwrap(), None);
+    let mismatch = |r: Result<usize, StoreError>| {
+        assert!(matches!(r, Err(StoreError::ArchiveMismatch(_))), "{r:?}");
+    };
+    mismatch(s.truncate_audit(3, all[2].prev_hash)); // not this log's hash
+    mismatch(s.truncate_audit(6, all[5].hash)); // the head stays
+    mismatch(s.truncate_audit(9, all[5].hash)); // past the head
+    assert_eq!(
+        s.read_audit(1, 10).unwrap(),
+        all,
+        "a refused prune deletes nothing"
+    );
+    assert_eq!(s.truncate_audit(3, all[2].hash).unwrap(), 3);
+    assert_eq!(s.audit_checkpoint().unwrap(), Some((3, all[2].hash)));
+    assert_eq!(s.audit_head().unwrap(), Some((6, all[5].hash)));
+    for from in [0, 1, 3] {
+        match s.read_audit(from, 10) {
+            Err(e @ StoreError::Archived { through: 3 }) => {
+                assert!(e.to_string().contains("read from #4"), "{e}");
+            }
+            other => panic!("read from {from}: expected Archived, got {other:?}"),
+        }
+    }
+    let live = s.read_audit(4, 10).unwrap();
+    assert_eq!(live, all[3..]);
+    verify_chain(&live, 4, all[2].hash).unwrap();
+    assert_eq!(s.stats().unwrap().audit, 3);
+    let h = s.health().unwrap();
+    assert!(h.size_bytes > 0 && !h.location.is_empty(), "{h:?}");
+    mismatch(s.truncate_audit(2, all[1].hash)); // already archived
+    // The log goes on from the head; a second archival moves the checkpoint.
+    s.commit(&records(7, all[5].hash, 1, 0), &[]).unwrap();
+    s.flush().unwrap();
+    assert_eq!(s.truncate_audit(5, all[4].hash).unwrap(), 2);
+    assert_eq!(s.audit_checkpoint().unwrap(), Some((5, all[4].hash)));
+    assert_eq!(s.read_audit(6, 10).unwrap().len(), 2);
 }
 
 /// More than 4 MiB of audit records (gRPC's default message limit) come back whole.
@@ -422,6 +474,7 @@ async fn run_all(open: impl Fn(&str) -> Arc<dyn Store>) {
     check_revocations(&*open("revocations"));
     check_guards(&*open("guards"));
     check_audit(&*open("audit"));
+    check_archive(&*open("archive"));
     check_large_audit(&*open("large"));
     check_shared(&*open("shared"));
     check_feed(open("feed")).await;

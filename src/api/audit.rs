@@ -6,10 +6,10 @@ use futures_util::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::{Authenticator, status};
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, Event, Kind};
 use crate::pb::v1::{self as pb, audit_server::Audit};
 use crate::policy::{ROLE_ADMIN, ROLE_AUDITOR};
 use crate::store::AuditRecord;
@@ -118,5 +118,85 @@ impl Audit for AuditService {
             debug!(subscriber = %who.spiffe_id, "audit subscription ended");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn prune(
+        &self,
+        req: Request<pb::PruneRequest>,
+    ) -> Result<Response<pb::PruneResponse>, Status> {
+        let who = self
+            .auth
+            .require_role(&req, &[ROLE_ADMIN])
+            .map_err(status::auth)?;
+        let actor = who.spiffe_id.to_string();
+        let b = req.into_inner();
+        let hash: [u8; 32] = b.hash.as_slice().try_into().map_err(|_| {
+            Status::invalid_argument(format!(
+                "hash must be 32 bytes (the archive's last event hash), got {}",
+                b.hash.len()
+            ))
+        })?;
+        if b.through_seq == 0 {
+            return Err(Status::invalid_argument(
+                "through_seq must be the last archived event's seq (1 or more)",
+            ));
+        }
+        let store = self.log.store().clone();
+        let through = b.through_seq;
+        // Check before recording, so a wrong archive is refused (and audited as such) without
+        // an `audit_archived` event that did not happen.
+        let (at, checkpoint) = tokio::task::spawn_blocking({
+            let store = store.clone();
+            move || {
+                Ok::<_, crate::store::StoreError>((
+                    store.read_audit(through, 1),
+                    store.audit_checkpoint()?,
+                ))
+            }
+        })
+        .await
+        .map_err(|_| status::internal_error("prune check task failed"))?
+        .map_err(status::store)?;
+        let refusal = match (&at, checkpoint) {
+            (_, Some((c, _))) if through <= c => {
+                Some(format!("events up to #{c} are already archived"))
+            }
+            (Ok(recs), _) => match recs.first() {
+                Some(r) if r.seq == through && r.hash == hash => None,
+                Some(r) if r.seq == through => Some(format!(
+                    "the archive's last hash differs from the log's event #{through}: the archive is not of this log"
+                )),
+                _ => Some(format!("event #{through} is not in the log")),
+            },
+            (Err(e), _) => Some(e.to_string()),
+        };
+        if let Some(why) = refusal {
+            let event =
+                Event::new(Kind::Denied, &actor).reason(format!("audit prune refused: {why}"));
+            self.log
+                .record(event, vec![])
+                .await
+                .map_err(status::audit)?;
+            return Err(Status::failed_precondition(format!(
+                "cannot prune the audit log: {why}"
+            )));
+        }
+        let event = Event::new(Kind::AuditArchived, &actor).reason(format!(
+            "events up to #{through} archived (last hash {}); deleting them from the store",
+            crate::encoding::hex(&hash)
+        ));
+        self.log
+            .record(event, vec![])
+            .await
+            .map_err(status::audit)?;
+        let deleted = tokio::task::spawn_blocking(move || store.truncate_audit(through, hash))
+            .await
+            .map_err(|_| status::internal_error("prune task failed"))?
+            .map_err(status::store)?;
+        info!(actor = %actor, through_seq = through, deleted, "archived audit events pruned");
+        Ok(Response::new(pb::PruneResponse {
+            deleted: deleted as u64,
+            checkpoint_seq: through,
+        }))
     }
 }

@@ -71,13 +71,21 @@ pub fn federation(e: crate::federation::FederationError) -> Status {
 pub fn audit(e: AuditError) -> Status {
     match e {
         AuditError::Conflict => Status::aborted(e.to_string()),
+        AuditError::Store(s) => store(s),
         other => internal(&other.to_string()),
     }
 }
 
 /// Maps a store error.
 pub fn store(e: StoreError) -> Status {
-    internal(&e.to_string())
+    match e {
+        // The caller asked for what was archived, or an archive that is not this log's: both
+        // are theirs to fix (read from the checkpoint on, export again).
+        StoreError::Archived { .. } | StoreError::ArchiveMismatch(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        other => internal(&other.to_string()),
+    }
 }
 
 /// An internal failure: `detail` is logged, the caller gets "internal error".

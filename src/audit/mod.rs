@@ -86,6 +86,9 @@ pub enum Kind {
     /// `lanyard admin recover` ran on the stopped CA's data dir: identity rules on reserved IDs
     /// were lifted and a fresh admin credential was written.
     AdminRecovered,
+    /// Archived audit events were deleted from the store (`lanyard audit export --prune`); the
+    /// reason names the last one and its hash, the checkpoint the live log continues from.
+    AuditArchived,
 }
 
 /// An audit event before it gets a sequence number and hash.
@@ -117,7 +120,7 @@ pub const UNAUTHENTICATED: &str = "unauthenticated";
 
 impl Kind {
     /// Every kind, for CLI validation.
-    pub const ALL: [Kind; 25] = [
+    pub const ALL: [Kind; 26] = [
         Kind::Issued,
         Kind::Renewed,
         Kind::Denied,
@@ -143,6 +146,7 @@ impl Kind {
         Kind::AdminRecovered,
         Kind::TokenRevoked,
         Kind::TokensListed,
+        Kind::AuditArchived,
     ];
 
     /// The wire and storage name.
@@ -173,6 +177,7 @@ impl Kind {
             Kind::AdminRecovered => "admin_recovered",
             Kind::TokenRevoked => "token_revoked",
             Kind::TokensListed => "tokens_listed",
+            Kind::AuditArchived => "audit_archived",
         }
     }
 }

@@ -238,7 +238,20 @@ pub(super) async fn status(a: CaArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(h) = &s.store_health {
         if h.error.is_empty() {
-            println!("store health: database {} bytes", h.db_size);
+            println!("store health: {} database {} bytes", h.location, h.db_size);
+            if !h.members.is_empty() {
+                let leader = if h.leader == 0 {
+                    "NONE (no quorum: writes stall)".to_string()
+                } else {
+                    format!("{:x}", h.leader)
+                };
+                println!("  etcd leader {leader}, raft term {}", h.raft_term);
+            }
+            for a in &h.alarms {
+                println!(
+                    "  ALARM {a}: etcd refuses writes until it is cleared (NOSPACE: archive the audit log with `lanyard audit export --prune`, compact and defrag, then `etcdctl alarm disarm`)"
+                );
+            }
         } else {
             println!("store health: unavailable: {}", h.error);
         }

@@ -43,6 +43,11 @@ pub(super) struct ExportArgs {
     /// against the log, so the two files chain).
     #[arg(long)]
     after: Option<PathBuf>,
+    /// Then delete the archived events from the CA's store (admin only, audited), keeping a
+    /// checkpoint: only once the archive is written, fsynced and re-read as an intact chain.
+    /// The newest event always stays. Keep the archive: `audit verify --archive` needs it.
+    #[arg(long)]
+    prune: bool,
     #[command(flatten)]
     conn: Conn,
 }
@@ -167,6 +172,11 @@ async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         writeln!(f, "{}", serde_json::to_string(r)?)?;
     }
     f.sync_all()?;
+    drop(f);
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // The file's name must survive a crash too, before anything is deleted.
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     match (records.first(), records.last()) {
         (Some(first), Some(last)) => println!(
             "archived events {} to {} ({} events) to {}; last hash {}",
@@ -178,6 +188,38 @@ async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         ),
         _ => println!("no events to archive; wrote an empty {}", a.out.display()),
     }
+    if a.prune {
+        return prune(&a, from, prev).await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `export --prune`: re-reads the archive just written, checks it is the intact chain from
+/// `(from, prev)`, then asks the CA to delete those events behind a checkpoint.
+async fn prune(a: &ExportArgs, from: u64, prev: [u8; 32]) -> anyhow::Result<ExitCode> {
+    let archived = read_jsonl(&a.out)?;
+    if let Err(e) = verify_chain(&archived, from, prev) {
+        println!("not pruned: the archive does not read back intact: {e}");
+        return Ok(ExitCode::FAILURE);
+    }
+    let Some(last) = archived.last() else {
+        println!("nothing to prune");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let resp = AuditClient::new(a.conn.channel().await?)
+        .prune(pb::PruneRequest {
+            through_seq: last.seq,
+            hash: last.hash.to_vec(),
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    println!(
+        "pruned {} events from the CA's store; events up to #{} are now only in the archive (keep it: `lanyard audit verify --archive {}`)",
+        resp.deleted,
+        resp.checkpoint_seq,
+        a.out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -31,7 +31,8 @@ use tracing::{debug, info, warn};
 use super::sled::{decode, encode};
 use super::{
     AccessRecord, AuditRecord, Committed, Consume, Enrollment, FEED_BUFFER, Guard, IssuedRecord,
-    RevocationRecord, SharedChange, Store, StoreError, StoreStats, TokenRecord, Versioned, Write,
+    RevocationRecord, SharedChange, Store, StoreError, StoreHealth, StoreMember, StoreStats,
+    TokenRecord, Versioned, Write,
 };
 
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
@@ -39,6 +40,7 @@ mod pb {
     tonic::include_proto!("etcdserverpb");
 }
 
+use pb::cluster_client::ClusterClient;
 use pb::compare::TargetUnion;
 use pb::kv_client::KvClient;
 use pb::maintenance_client::MaintenanceClient;
@@ -128,6 +130,8 @@ struct Inner {
     channels: Vec<Channel>,
     /// Index of the endpoint in use; moved on to the next after a transport failure.
     current: AtomicUsize,
+    /// As configured, for `health`.
+    endpoints: Vec<String>,
     prefix: String,
     timeout: Duration,
     mirror: RwLock<Mirror>,
@@ -183,6 +187,8 @@ struct Mirror {
     access: BTreeMap<String, (AccessRecord, i64)>,
     shared: BTreeMap<String, Versioned>,
     head: Option<(Head, i64)>,
+    /// The archive checkpoint (last deleted seq), for `stats`.
+    checkpoint: Option<u64>,
     /// Seq of the last record published on the commit feed.
     published: u64,
 }
@@ -197,12 +203,13 @@ enum Key<'a> {
     Access(&'a str),
     Shared(&'a str),
     Head,
+    Checkpoint,
     Record,
     Other,
 }
 
 /// Collections loaded into the mirror (everything but audit records).
-const MIRRORED: [&str; 8] = [
+const MIRRORED: [&str; 9] = [
     "tokens/",
     "enroll/",
     "issued/",
@@ -211,6 +218,7 @@ const MIRRORED: [&str; 8] = [
     "access/",
     "shared/",
     "audit/head",
+    "audit/checkpoint",
 ];
 
 impl EtcdStore {
@@ -247,6 +255,7 @@ impl EtcdStore {
             rt,
             channels,
             current: AtomicUsize::new(0),
+            endpoints: config.endpoints.clone(),
             prefix: config.prefix.clone(),
             timeout: config.request_timeout,
             mirror: RwLock::new(Mirror::default()),
@@ -372,6 +381,7 @@ impl Inner {
             "access" => Key::Access(id),
             "shared" => Key::Shared(id),
             "audit" if id == "head" => Key::Head,
+            "audit" if id == "checkpoint" => Key::Checkpoint,
             "audit" if id.starts_with("rec/") => Key::Record,
             _ => Key::Other,
         }
@@ -630,6 +640,11 @@ impl Inner {
                 m.head = Some((decode(&kv.key, &kv.value)?, rev));
                 None
             }
+            Key::Checkpoint => {
+                let c: Head = decode(&kv.key, &kv.value)?;
+                m.checkpoint = Some(c.seq);
+                None
+            }
             Key::Record => Some(Applied::Record(decode(&kv.key, &kv.value)?)),
             Key::Other => None,
         })
@@ -667,6 +682,7 @@ impl Inner {
                 return Some(Applied::Shared(k.to_string(), None));
             }
             Key::Head => m.head = None,
+            Key::Checkpoint => m.checkpoint = None,
             Key::Record | Key::Other => {}
         }
         None
@@ -819,7 +835,7 @@ impl Inner {
     /// Audit records from `from`, at most `limit`, paged by count and by size.
     async fn read_audit(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         let end = prefix_end(&self.key("audit/rec/"));
-        let mut out = Vec::new();
+        let mut out: Vec<AuditRecord> = Vec::new();
         let mut next = self.record_key(from.max(1));
         let mut page = PAGE;
         while out.len() < limit {
@@ -858,6 +874,15 @@ impl Inner {
                     next.push(0);
                 }
                 _ => break,
+            }
+        }
+        // Records below `from` were deleted only by an archival: say so instead of skipping.
+        if out.first().map(|r| r.seq) != Some(from.max(1))
+            && let Some(kv) = self.get(self.key("audit/checkpoint")).await?
+        {
+            let c: Head = decode(&kv.key, &kv.value)?;
+            if from <= c.seq {
+                return Err(StoreError::Archived { through: c.seq });
             }
         }
         Ok(out)
@@ -951,6 +976,11 @@ impl EtcdStore {
                                 _ => None,
                             },
                         ),
+                        // Absent in the mirror: etcd checks it was never created since.
+                        Guard::TokenAbsent { id } => (
+                            i.key(&format!("tokens/{id}")),
+                            (!m.tokens.contains_key(id)).then_some(0),
+                        ),
                     };
                     match current {
                         // Unchanged in the mirror: etcd checks it is still that revision.
@@ -1011,11 +1041,20 @@ impl Store for EtcdStore {
             }
         };
         let mut pending: Option<String> = None;
-        for attempt in 0..ATTEMPTS * 4 {
+        // Attempts that made no progress. A compare lost to a racer that took a use is progress
+        // (uses only go down), so N concurrent redemptions of an N-use token all finish instead
+        // of the last ones running out of attempts.
+        let mut attempt = 0;
+        let mut uses_seen: Option<u32> = None;
+        while attempt < ATTEMPTS * 4 {
             let Some(cur) = kv.take() else {
                 return Ok(Consume::Missing);
             };
             let entry: TokenEntry = decode(&cur.key, &cur.value)?;
+            if uses_seen.is_none_or(|u| entry.rec.uses_left >= u) {
+                attempt += 1;
+            }
+            uses_seen = Some(entry.rec.uses_left);
             // An earlier attempt that reported failure may have been applied after all.
             if let Some(n) = &pending
                 && entry.nonces.contains(n)
@@ -1127,6 +1166,78 @@ impl Store for EtcdStore {
 
     fn read_audit(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         self.block(|i| Box::pin(async move { i.read_audit(from, limit).await }))?
+    }
+
+    fn truncate_audit(&self, through_seq: u64, hash: [u8; 32]) -> Result<usize, StoreError> {
+        let i = &self.inner;
+        let (rec_key, cp_key) = (i.record_key(through_seq), i.key("audit/checkpoint"));
+        let (k1, k2) = (rec_key.clone(), cp_key.clone());
+        let (at, cp) = self.block(|i| {
+            Box::pin(async move { Ok::<_, StoreError>((i.get(k1).await?, i.get(k2).await?)) })
+        })??;
+        let at_rec: Option<AuditRecord> = at
+            .as_ref()
+            .map(|kv| decode(&kv.key, &kv.value))
+            .transpose()?;
+        let checkpoint: Option<Head> = cp
+            .as_ref()
+            .map(|kv| decode(&kv.key, &kv.value))
+            .transpose()?;
+        super::check_truncation(
+            through_seq,
+            hash,
+            at_rec.as_ref(),
+            self.audit_head()?,
+            checkpoint.map(|c| (c.seq, c.hash)),
+        )?;
+        let head = Head {
+            seq: through_seq,
+            hash,
+        };
+        // One transaction: the checkpoint moves and the records go together, and only if neither
+        // the record nor the checkpoint changed since read (two replicas pruning at once).
+        let txn = pb::TxnRequest {
+            compare: vec![
+                mod_is(rec_key, at.map_or(0, |kv| kv.mod_revision)),
+                mod_is(cp_key.clone(), cp.map_or(0, |kv| kv.mod_revision)),
+            ],
+            success: vec![
+                put(cp_key, encode(&head)),
+                pb::RequestOp {
+                    request: Some(Op::RequestDeleteRange(pb::DeleteRangeRequest {
+                        key: i.record_key(0),
+                        range_end: i.record_key(through_seq + 1),
+                        ..Default::default()
+                    })),
+                },
+            ],
+            failure: vec![],
+        };
+        let r = self
+            .block(|i| Box::pin(async move { i.txn(txn).await }))?
+            .map_err(status_err)?;
+        if !r.succeeded {
+            return Err(StoreError::ArchiveMismatch(
+                "the log's checkpoint moved while pruning (another replica pruned); re-run the export"
+                    .into(),
+            ));
+        }
+        // Read-your-writes: `stats` counts from the mirror's checkpoint.
+        i.wait_applied(r.header.as_ref().map_or(0, |h| h.revision))?;
+        let deleted = r.responses.into_iter().find_map(|op| match op.response {
+            Some(OpResponse::ResponseDeleteRange(d)) => Some(d.deleted),
+            _ => None,
+        });
+        Ok(deleted.unwrap_or(0).max(0) as usize)
+    }
+
+    fn audit_checkpoint(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        let key = self.inner.key("audit/checkpoint");
+        let kv = self.block(|i| Box::pin(async move { i.get(key).await }))??;
+        Ok(kv
+            .map(|kv| decode::<Head>(&kv.key, &kv.value))
+            .transpose()?
+            .map(|h| (h.seq, h.hash)))
     }
 
     fn commit(&self, records: &[AuditRecord], writes: &[Write]) -> Result<(), StoreError> {
@@ -1336,8 +1447,62 @@ impl Store for EtcdStore {
             issued: m.issued.len(),
             revoked_serials: m.revoked.len(),
             identity_rules: m.rules.len(),
-            audit: m.head.map_or(0, |(h, _)| h.seq as usize),
+            audit: m.head.map_or(0, |(h, _)| h.seq as usize) - m.checkpoint.unwrap_or(0) as usize,
             disk_bytes: db.unwrap_or(0).max(0) as u64,
+        })
+    }
+
+    fn health(&self) -> Result<StoreHealth, StoreError> {
+        let (status, alarms, members) = self
+            .block(|i| {
+                Box::pin(async move {
+                    REQUESTS.fetch_add(3, Ordering::Relaxed);
+                    let mut m = MaintenanceClient::new(i.channel());
+                    let status = m
+                        .status(i.request(pb::StatusRequest {}))
+                        .await?
+                        .into_inner();
+                    let alarms = m
+                        .alarm(i.request(pb::AlarmRequest::default()))
+                        .await?
+                        .into_inner();
+                    let members = ClusterClient::new(i.channel())
+                        .member_list(i.request(pb::MemberListRequest {}))
+                        .await?
+                        .into_inner();
+                    Ok::<_, Status>((status, alarms, members))
+                })
+            })?
+            .map_err(status_err)?;
+        let alarm_name = |a: i32| match a {
+            1 => "NOSPACE".to_string(),
+            2 => "CORRUPT".to_string(),
+            n => format!("alarm {n}"),
+        };
+        Ok(StoreHealth {
+            location: format!(
+                "{} prefix {}",
+                self.inner.endpoints.join(","),
+                self.inner.prefix
+            ),
+            size_bytes: status.db_size.max(0) as u64,
+            members: members
+                .members
+                .into_iter()
+                .map(|m| StoreMember {
+                    id: m.id,
+                    name: m.name,
+                    client_urls: m.client_ur_ls,
+                })
+                .collect(),
+            leader: status.leader,
+            raft_term: status.raft_term,
+            alarms: alarms
+                .alarms
+                .into_iter()
+                .filter(|a| a.alarm != 0)
+                .map(|a| format!("{:x}: {}", a.member_id, alarm_name(a.alarm)))
+                .collect(),
         })
     }
 

@@ -27,6 +27,7 @@ pub use records::{
     AccessRecord, ApprovalRecord, AuditRecord, Enrollment, IssuedRecord, RECORD_VERSION,
     RevocationRecord, TokenRecord, TokenRevocation,
 };
+
 pub use sled::SledStore;
 
 /// Capacity of the shared-change and commit feeds; a subscriber that lags further re-reads.
@@ -66,6 +67,18 @@ pub enum StoreError {
         /// Indexes of the failed `Write::Guard`s.
         writes: Vec<usize>,
     },
+    /// The audit records asked for were archived and deleted (`lanyard audit export --prune`).
+    #[error(
+        "audit events up to #{through} are archived (`lanyard audit export --prune`); read from #{next}, or check them with `lanyard audit verify --archive FILE`",
+        next = through + 1
+    )]
+    Archived {
+        /// The last archived (deleted) seq: the checkpoint.
+        through: u64,
+    },
+    /// A truncation that does not match the stored log; nothing was deleted.
+    #[error("cannot prune the audit log: {0}")]
+    ArchiveMismatch(String),
     /// The backend could not be reached in time (etcd without quorum, network down); retryable.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -75,6 +88,36 @@ impl StoreError {
     /// Whether retrying the same call later may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_) | StoreError::HeadMoved)
+    }
+}
+
+/// Checks a truncation request against the stored log: `at` is the stored record `through`
+/// (if any), `head` the chain head. Shared by both backends so they refuse alike.
+fn check_truncation(
+    through: u64,
+    hash: [u8; 32],
+    at: Option<&AuditRecord>,
+    head: Option<(u64, [u8; 32])>,
+    checkpoint: Option<(u64, [u8; 32])>,
+) -> Result<(), StoreError> {
+    let mismatch = |m: String| Err(StoreError::ArchiveMismatch(m));
+    let head_seq = head.map_or(0, |(s, _)| s);
+    if through >= head_seq {
+        return mismatch(format!(
+            "#{through} is not below the head #{head_seq}; the newest event always stays in the log"
+        ));
+    }
+    if let Some((c, _)) = checkpoint
+        && through <= c
+    {
+        return mismatch(format!("events up to #{c} are already archived"));
+    }
+    match at {
+        None => mismatch(format!("event #{through} is not in the log")),
+        Some(r) if r.hash != hash => mismatch(format!(
+            "the archive's last hash differs from the log's event #{through}: the archive is not of this log"
+        )),
+        Some(_) => Ok(()),
     }
 }
 
@@ -127,6 +170,12 @@ pub enum Guard {
         spiffe_id: String,
         /// The rule as read.
         expect: Option<Box<RevocationRecord>>,
+    },
+    /// No token record `id` exists yet (a spent-JWT record: two replicas accepting one JWT
+    /// within a round trip must not both commit).
+    TokenAbsent {
+        /// Token id.
+        id: String,
     },
 }
 
@@ -191,6 +240,15 @@ pub trait Store: Send + Sync + 'static {
     fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError>;
     /// Up to `limit` audit records from `from` (inclusive), in order.
     fn read_audit(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Deletes the audit records up to `through_seq`, which an archive holds, and keeps a
+    /// checkpoint (that seq and `hash`) so the chain stays verifiable from the archive on. `hash`
+    /// must be the stored hash of record `through_seq` (the archive's last), and `through_seq`
+    /// must be below the head: the head record is never deleted. Durable on return. Returns how
+    /// many records were deleted; reads below the checkpoint then fail with
+    /// [`StoreError::Archived`].
+    fn truncate_audit(&self, through_seq: u64, hash: [u8; 32]) -> Result<usize, StoreError>;
+    /// The archive checkpoint: the last archived seq and its hash; `None` if never truncated.
+    fn audit_checkpoint(&self) -> Result<Option<(u64, [u8; 32])>, StoreError>;
     /// Writes audit records (whose seqs must continue the log) and the writes they describe in
     /// one transaction. Not yet durable: call [`Store::flush`].
     fn commit(&self, records: &[AuditRecord], writes: &[Write]) -> Result<(), StoreError>;
@@ -201,6 +259,9 @@ pub trait Store: Send + Sync + 'static {
     fn prune(&self, now: i64) -> Result<usize, StoreError>;
     /// Counts of live entries per kind, for status and benchmarks.
     fn stats(&self) -> Result<StoreStats, StoreError>;
+    /// Backend facts for `lanyard status`: where the data lives and how big it is; on etcd the
+    /// members, the leader, the raft term and raised alarms (NOSPACE stops every write).
+    fn health(&self) -> Result<StoreHealth, StoreError>;
 
     /// A replica-shared value.
     fn shared_get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
@@ -228,6 +289,34 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// What the backend reports about itself (see [`Store::health`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// Where the data lives: sled's directory, or the etcd endpoints and key prefix.
+    pub location: String,
+    /// Database size in bytes (etcd: as the answering member reports it).
+    pub size_bytes: u64,
+    /// etcd members (empty on sled).
+    pub members: Vec<StoreMember>,
+    /// Member id of the etcd leader (0: none known, or sled).
+    pub leader: u64,
+    /// The etcd raft term (0 on sled): it grows with every election.
+    pub raft_term: u64,
+    /// Raised etcd alarms, as `<member id hex>: NOSPACE` (empty when healthy).
+    pub alarms: Vec<String>,
+}
+
+/// One etcd member.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreMember {
+    /// Member id.
+    pub id: u64,
+    /// Member name.
+    pub name: String,
+    /// Where clients reach it.
+    pub client_urls: Vec<String>,
+}
+
 /// Sizes of the store's collections.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -239,7 +328,7 @@ pub struct StoreStats {
     pub revoked_serials: usize,
     /// Identity rules.
     pub identity_rules: usize,
-    /// Audit records.
+    /// Audit records still stored (archived ones are not counted).
     pub audit: usize,
     /// Bytes on disk, as sled reports them.
     pub disk_bytes: u64,

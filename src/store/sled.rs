@@ -13,7 +13,8 @@ use tokio::sync::broadcast;
 
 use super::{
     AccessRecord, AuditRecord, Consume, Enrollment, FEED_BUFFER, Guard, IssuedRecord,
-    RevocationRecord, SharedChange, Store, StoreError, StoreStats, TokenRecord, Versioned, Write,
+    RevocationRecord, SharedChange, Store, StoreError, StoreHealth, StoreStats, TokenRecord,
+    Versioned, Write,
 };
 
 /// Which collection an expiry-index entry points into.
@@ -30,6 +31,8 @@ enum Coll {
 /// The sled-backed [`Store`].
 pub struct SledStore {
     db: sled::Db,
+    /// The directory, for `health`.
+    path: std::path::PathBuf,
     audit: sled::Tree,
     tokens: sled::Tree,
     enrollments: sled::Tree,
@@ -47,6 +50,8 @@ pub struct SledStore {
     expiry: sled::Tree,
     /// shared key → version (8 bytes BE) + value.
     shared: sled::Tree,
+    /// `checkpoint` → (seq, hash) of the last archived audit record.
+    audit_meta: sled::Tree,
     /// Publishes this store's shared-value changes.
     shared_tx: broadcast::Sender<SharedChange>,
     /// The seq the next audit record must carry, once known. Only [`Store::commit`] appends to
@@ -80,7 +85,9 @@ impl SledStore {
             revs: tree("revs")?,
             expiry: tree("expiry")?,
             shared: tree("shared")?,
+            audit_meta: tree("audit_meta")?,
             shared_tx: broadcast::channel(FEED_BUFFER).0,
+            path: dir.to_path_buf(),
             db,
             next_seq: Mutex::new(None),
         })
@@ -227,6 +234,11 @@ impl Store for SledStore {
     }
 
     fn read_audit(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        if let Some((through, _)) = self.audit_checkpoint()?
+            && from <= through
+        {
+            return Err(StoreError::Archived { through });
+        }
         self.audit
             .range(from.to_be_bytes()..)
             .take(limit)
@@ -235,6 +247,35 @@ impl Store for SledStore {
                 decode(&k, &v)
             })
             .collect()
+    }
+
+    fn truncate_audit(&self, through_seq: u64, hash: [u8; 32]) -> Result<usize, StoreError> {
+        let at: Option<AuditRecord> = get(&self.audit, &through_seq.to_be_bytes())?;
+        super::check_truncation(
+            through_seq,
+            hash,
+            at.as_ref(),
+            self.audit_head()?,
+            self.audit_checkpoint()?,
+        )?;
+        // Checkpoint first and durable: a crash mid-deletion leaves records below it that reads
+        // already refuse, never a gap without a checkpoint.
+        self.audit_meta
+            .insert(CHECKPOINT, encode(&(through_seq, hash)))
+            .map_err(backend)?;
+        self.db.flush().map_err(backend)?;
+        let mut deleted = 0;
+        for kv in self.audit.range(..=through_seq.to_be_bytes()) {
+            let (k, _) = kv.map_err(backend)?;
+            self.audit.remove(k).map_err(backend)?;
+            deleted += 1;
+        }
+        self.db.flush().map_err(backend)?;
+        Ok(deleted)
+    }
+
+    fn audit_checkpoint(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        get(&self.audit_meta, CHECKPOINT)
     }
 
     fn commit(&self, records: &[AuditRecord], writes: &[Write]) -> Result<(), StoreError> {
@@ -302,6 +343,7 @@ impl Store for SledStore {
                                     .map_err(ConflictableTransactionError::Abort)?;
                                 now.as_ref() == expect.as_deref()
                             }
+                            Guard::TokenAbsent { id } => tokens.get(id.as_bytes())?.is_none(),
                         };
                         if !holds {
                             failed.push(i);
@@ -429,6 +471,14 @@ impl Store for SledStore {
         })
     }
 
+    fn health(&self) -> Result<StoreHealth, StoreError> {
+        Ok(StoreHealth {
+            location: self.path.display().to_string(),
+            size_bytes: self.db.size_on_disk().map_err(backend)?,
+            ..StoreHealth::default()
+        })
+    }
+
     fn shared_get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         Ok(self
             .shared
@@ -506,6 +556,9 @@ impl Store for SledStore {
 }
 
 /// Splits a stored shared value into its version and bytes.
+/// The key of the archive checkpoint in `audit_meta`.
+const CHECKPOINT: &[u8] = b"checkpoint";
+
 fn versioned(raw: &[u8]) -> Option<Versioned> {
     let (v, value) = raw.split_first_chunk::<8>()?;
     Some(Versioned {
