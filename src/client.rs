@@ -171,12 +171,24 @@ pub fn csr_with_names(
     key: &KeyPair,
     names: &SanNames,
 ) -> Result<Vec<u8>, ClientError> {
+    csr_request(Some(id), key, names)
+}
+
+/// A CSR for `key` with `names`, and with `id` as its URI SAN or, for attestation (the CA
+/// assigns the ID from the token's claims), none.
+pub fn csr_request(
+    id: Option<&SpiffeId>,
+    key: &KeyPair,
+    names: &SanNames,
+) -> Result<Vec<u8>, ClientError> {
     let bad = |e: rcgen::Error| ClientError::Keygen(e.to_string());
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(
-        id.as_str().to_string().try_into().map_err(bad)?,
-    )];
+    if let Some(id) = id {
+        params.subject_alt_names = vec![SanType::URI(
+            id.as_str().to_string().try_into().map_err(bad)?,
+        )];
+    }
     for d in &names.dns {
         params
             .subject_alt_names

@@ -184,6 +184,8 @@ const POLICY: &str = r#"
 spiffe_id = "spiffe://example.org/ns/prod/*"
 roles = ["db-read", "deploy"]
 max_ttl = "10m"
+id_pattern = "/ns/{ns}/sa/{sa}"
+dns = ["{sa}.{ns}.svc"]
 
 [[policy]]
 spiffe_id = "spiffe://example.org/gh/octo-org/app/*"
@@ -443,6 +445,7 @@ async fn agent_reattests(ca: &TestCa, issuer: &Issuer, first: &str, second: &str
             .arg(&jwt_file)
             .arg("--bundle")
             .arg(&bundle)
+            .args(["--dns-name", "agent.prod.svc"])
             .arg("--out")
             .arg(out);
         ChildGuard::spawn("agent", &mut cmd, &work.join("agent.log"))
@@ -455,6 +458,11 @@ async fn agent_reattests(ca: &TestCa, issuer: &Issuer, first: &str, second: &str
         svid.spiffe_id.as_str(),
         "spiffe://example.org/ns/prod/sa/agent"
     );
+    // The attested certificate carries the names the agent asks for, from its first issuance.
+    let pem = std::fs::read(out.join("cert.pem")).unwrap();
+    let (_, leaf) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let names = lanyard::ca::san_names(&leaf.contents).unwrap();
+    assert_eq!(names.dns, ["agent.prod.svc"]);
     drop(agent);
     std::fs::remove_dir_all(&out).unwrap();
     std::fs::write(&jwt_file, second).unwrap();

@@ -391,62 +391,19 @@ impl Agent {
             }
             None => ServerTrust::Fingerprint(token.ca_fingerprint),
         };
-        let mut backoff = Backoff::new(Duration::from_secs(1), self.cfg.max_backoff);
-        loop {
-            let key = KeyPair::generate().map_err(|e| AgentError::Bootstrap(e.to_string()))?;
-            let attempt = async {
-                let csr = csr_with_names(&id, &key, &self.cfg.names)
-                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
-                let channel = connect(
-                    &self.cfg.server,
-                    trust.clone(),
-                    None,
-                    self.cfg.roles_oid.clone(),
-                )
-                .await
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                CaClient::new(channel)
-                    .issue(pb::IssueRequest {
-                        csr,
-                        join_token: raw.trim().to_string(),
-                        jwt: String::new(),
-                        ttl_seconds: self.ttl_secs(),
-                        roles: vec![],
-                    })
-                    .await
-                    .map(|r| r.into_inner())
-            };
-            match attempt.await {
-                Ok(resp) => return self.state_from(resp, &key),
-                // Only an unreachable or busy CA is worth retrying (`ResourceExhausted`: the
-                // CA's per-source budget, when many agents behind one address enrol at once,
-                // says "retry in a second"); a refused token will stay refused.
-                Err(e)
-                    if matches!(
-                        e.code(),
-                        Code::Unavailable
-                            | Code::DeadlineExceeded
-                            | Code::Unknown
-                            | Code::ResourceExhausted
-                    ) =>
-                {
-                    let wait = backoff.next_wait();
-                    warn!(
-                        error = e.message(),
-                        retry_in_s = wait.as_secs(),
-                        "CA unreachable during bootstrap"
-                    );
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => {
-                    return Err(AgentError::Bootstrap(format!(
-                        "{:?}: {}",
-                        e.code(),
-                        e.message()
-                    )));
-                }
-            }
-        }
+        let join_token = raw.trim().to_string();
+        let (resp, key) = bootstrap_issue(&self.cfg, &trust, "bootstrap", |key| {
+            Ok(pb::IssueRequest {
+                csr: csr_with_names(&id, key, &self.cfg.names)
+                    .map_err(|e| AgentError::Bootstrap(e.to_string()))?,
+                join_token: join_token.clone(),
+                jwt: String::new(),
+                ttl_seconds: self.ttl_secs(),
+                roles: vec![],
+            })
+        })
+        .await?;
+        self.state_from(resp, &key)
     }
 
     fn load_existing(&self, dir: &std::path::Path) -> Option<SvidState> {
@@ -764,6 +721,62 @@ impl Agent {
             .ok()
             .flatten()
             .unwrap_or_default()
+    }
+}
+
+/// Sends a bootstrap request (join token or JWT) over a connection without a client
+/// certificate, with a new key per attempt, and retries with backoff while the CA is unreachable
+/// or busy (`ResourceExhausted`: the CA's per-source budget, when many agents behind one address
+/// enrol at once, says "retry in a second"); a refused token stays refused. `request` builds each
+/// attempt's request around its key, re-reading what may change meanwhile (the JWT file); its
+/// error is final.
+pub(super) async fn bootstrap_issue(
+    cfg: &AgentConfig,
+    trust: &ServerTrust,
+    what: &'static str,
+    mut request: impl FnMut(&KeyPair) -> Result<pb::IssueRequest, AgentError>,
+) -> Result<(pb::IssueResponse, KeyPair), AgentError> {
+    let mut backoff = Backoff::new(Duration::from_secs(1), cfg.max_backoff);
+    loop {
+        let key = KeyPair::generate().map_err(|e| AgentError::Bootstrap(e.to_string()))?;
+        let req = request(&key)?;
+        let attempt = async {
+            let channel = connect(&cfg.server, trust.clone(), None, cfg.roles_oid.clone())
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            CaClient::new(channel)
+                .issue(req)
+                .await
+                .map(|r| r.into_inner())
+        };
+        match attempt.await {
+            Ok(resp) => return Ok((resp, key)),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Code::Unavailable
+                        | Code::DeadlineExceeded
+                        | Code::Unknown
+                        | Code::ResourceExhausted
+                ) =>
+            {
+                let wait = backoff.next_wait();
+                warn!(
+                    error = e.message(),
+                    retry_in_s = wait.as_secs(),
+                    step = what,
+                    "CA unreachable or busy; retrying"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                return Err(AgentError::Bootstrap(format!(
+                    "{:?}: {}",
+                    e.code(),
+                    e.message()
+                )));
+            }
+        }
     }
 }
 

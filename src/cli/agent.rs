@@ -13,18 +13,8 @@ use crate::config::parse_duration;
 
 #[derive(Debug, clap::Args)]
 pub(super) struct AgentArgs {
-    /// CA address (host:port). Several for failover: repeat the flag or give a comma list; a
-    /// name that resolves to several addresses counts as each of them. Calls go to the first
-    /// that answers, and move to the next when it fails.
-    #[arg(
-        long,
-        visible_alias = "ca",
-        env = "LANYARD_SERVER",
-        default_value = "127.0.0.1:8443",
-        value_delimiter = ',',
-        num_args = 1
-    )]
-    server: Vec<String>,
+    #[command(flatten)]
+    server: super::Servers,
     /// Join token for the first certificate (not needed when --out already holds a credential
     /// that can still renew).
     #[arg(long, env = "LANYARD_TOKEN", hide_env_values = true)]
@@ -131,7 +121,7 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         max_backoff: a.max_backoff,
         roles_oid: RolesOid::parse(&a.roles_oid)?,
         names: super::issue::requested_names(&a.dns_names, &a.ips)?,
-        ..AgentConfig::new(a.server.join(","))
+        ..AgentConfig::new(a.server.joined())
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {

@@ -38,18 +38,8 @@ pub(super) struct IssueArgs {
     /// Trust this CA bundle (PEM) instead of the fingerprint in the token.
     #[arg(long)]
     bundle: Option<PathBuf>,
-    /// CA address (host:port). Several for failover: repeat the flag or give a comma list; a
-    /// name that resolves to several addresses counts as each of them. Calls go to the first
-    /// that answers, and move to the next when it fails.
-    #[arg(
-        long,
-        visible_alias = "ca",
-        env = "LANYARD_SERVER",
-        default_value = "127.0.0.1:8443",
-        value_delimiter = ',',
-        num_args = 1
-    )]
-    server: Vec<String>,
+    #[command(flatten)]
+    server: super::Servers,
     /// OID of the roles extension.
     #[arg(long, env = "LANYARD_ROLES_OID", default_value = "1.3.9999.7781.1")]
     roles_oid: String,
@@ -95,18 +85,8 @@ pub(super) struct RenewArgs {
     /// Keep the current private key instead of generating a new one.
     #[arg(long)]
     keep_key: bool,
-    /// CA address (host:port). Several for failover: repeat the flag or give a comma list; a
-    /// name that resolves to several addresses counts as each of them. Calls go to the first
-    /// that answers, and move to the next when it fails.
-    #[arg(
-        long,
-        visible_alias = "ca",
-        env = "LANYARD_SERVER",
-        default_value = "127.0.0.1:8443",
-        value_delimiter = ',',
-        num_args = 1
-    )]
-    server: Vec<String>,
+    #[command(flatten)]
+    server: super::Servers,
     /// OID of the roles extension.
     #[arg(long, env = "LANYARD_ROLES_OID", default_value = "1.3.9999.7781.1")]
     roles_oid: String,
@@ -149,7 +129,7 @@ pub(super) async fn issue(a: IssueArgs) -> anyhow::Result<ExitCode> {
     let names = requested_names(&a.dns_names, &a.ips)?;
     let key = rcgen::KeyPair::generate()?;
     let csr = csr_with_names(&id, &key, &names)?;
-    let channel = connect(&a.server.join(","), trust, None, oid.clone()).await?;
+    let channel = connect(&a.server.joined(), trust, None, oid.clone()).await?;
     let resp = CaClient::new(channel)
         .issue(pb::IssueRequest {
             csr,
@@ -182,7 +162,7 @@ pub(super) async fn renew(a: RenewArgs) -> anyhow::Result<ExitCode> {
         .ok_or_else(|| anyhow::anyhow!("the credential has no certificate"))?;
     let csr = csr_with_names(&cred.svid.spiffe_id, &key, &san_names(leaf)?)?;
     let channel = connect(
-        &a.server.join(","),
+        &a.server.joined(),
         ServerTrust::Bundle(cred.bundle.clone()),
         Some(cred.slot()?),
         oid,

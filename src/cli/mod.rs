@@ -32,21 +32,36 @@ pub struct Cli {
     command: Command,
 }
 
-/// Where the CA is and which credential to use, for every verb that calls it.
+/// The CA's addresses, for every verb (and the agent) that calls it.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Conn {
+pub struct Servers {
     /// CA address (host:port). Several for failover: repeat the flag or give a comma list; a
     /// name that resolves to several addresses counts as each of them. Calls go to the first
     /// that answers, and move to the next when it fails.
     #[arg(
-        long,
+        long = "server",
+        value_name = "HOST:PORT",
         visible_alias = "ca",
         env = "LANYARD_SERVER",
         default_value = "127.0.0.1:8443",
         value_delimiter = ',',
         num_args = 1
     )]
-    server: Vec<String>,
+    pub addrs: Vec<String>,
+}
+
+impl Servers {
+    /// The addresses as the client takes them: one comma-separated list.
+    pub fn joined(&self) -> String {
+        self.addrs.join(",")
+    }
+}
+
+/// Where the CA is and which credential to use, for every verb that calls it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Conn {
+    #[command(flatten)]
+    server: Servers,
     /// Credential directory (cert.pem, key.pem, bundle.pem) used for mTLS.
     #[arg(
         long,
@@ -363,7 +378,7 @@ impl Conn {
             None => cred.bundle.clone(),
         };
         let trust = crate::tls::ServerTrust::Bundle(bundle);
-        Ok(crate::client::connect(&self.server.join(","), trust, Some(cred.slot()?), oid).await?)
+        Ok(crate::client::connect(&self.server.joined(), trust, Some(cred.slot()?), oid).await?)
     }
 }
 
