@@ -245,22 +245,27 @@ impl Revocations {
             renewable: false,
             origin: String::new(),
         }];
-        for cert in self.store.issued_for(id.as_str())? {
-            entries.push(RevocationRecord {
-                v: RECORD_VERSION,
-                rev: 0,
-                serial: cert.serial.clone(),
-                spiffe_id: id.to_string(),
-                identity_rule: false,
-                before: 0,
-                reason: reason.to_string(),
-                revoked_at: now,
-                expires_at: cert.not_after + self.grace.as_secs() as i64,
-                blocked: false,
-                renewable: false,
-                origin: String::new(),
-            });
-        }
+        // One serial entry per live certificate, kept until it could no longer renew.
+        let serial_entry = |cert: crate::store::IssuedRecord| RevocationRecord {
+            v: RECORD_VERSION,
+            rev: 0,
+            serial: cert.serial,
+            spiffe_id: id.to_string(),
+            identity_rule: false,
+            before: 0,
+            reason: reason.to_string(),
+            revoked_at: now,
+            expires_at: cert.not_after + self.grace.as_secs() as i64,
+            blocked: false,
+            renewable: false,
+            origin: String::new(),
+        };
+        entries.extend(
+            self.store
+                .issued_for(id.as_str())?
+                .into_iter()
+                .map(serial_entry),
+        );
         let event = Event::new(Kind::Revoked, actor)
             .subject(id.as_str())
             .reason(format!(
@@ -283,20 +288,7 @@ impl Revocations {
             .issued_for(id.as_str())?
             .into_iter()
             .filter(|c| !out.iter().any(|e| e.serial == c.serial))
-            .map(|cert| RevocationRecord {
-                v: RECORD_VERSION,
-                rev: 0,
-                serial: cert.serial.clone(),
-                spiffe_id: id.to_string(),
-                identity_rule: false,
-                before: 0,
-                reason: reason.to_string(),
-                revoked_at: now,
-                expires_at: cert.not_after + self.grace.as_secs() as i64,
-                blocked: false,
-                renewable: false,
-                origin: String::new(),
-            })
+            .map(serial_entry)
             .collect();
         if !late.is_empty() {
             let event = Event::new(Kind::Revoked, actor)

@@ -764,8 +764,7 @@ pub(super) async fn bootstrap_issue(
                 warn!(
                     error = e.message(),
                     retry_in_s = wait.as_secs(),
-                    step = what,
-                    "CA unreachable or busy; retrying"
+                    "CA unreachable during {what}"
                 );
                 tokio::time::sleep(wait).await;
             }
