@@ -103,18 +103,24 @@ async fn a_thousand_agents_from_one_address_stay_connected_with_the_default_caps
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotation_keeps_the_connection_and_revocation_cuts_it_off() {
+/// A CA, its port, an admin channel (then its one open connection: the token's own channel
+/// has closed), and a join token for `ns/dev/*`.
+async fn ca_with_admin_connection() -> (TestCa, u16, tonic::transport::Channel, String) {
     let ca = TestCa::start().await;
     let port = ca.addr.port();
     let admin = ca.admin_channel().await;
     let token = ca.token("spiffe://example.org/ns/dev/*", &[], 0, 1).await;
-    // Only the admin channel stays open (the token's own channel closes).
     poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
         (connections_to(port) == 1).then_some(())
     })
     .await
     .expect("one admin connection");
+    (ca, port, admin, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_keeps_the_connection_and_revocation_cuts_it_off() {
+    let (ca, port, admin, token) = ca_with_admin_connection().await;
     let base = 1;
     // 20 s certificates: renewed at 10 s ± 2 s, while the first (the connection's) has 8 s or
     // more left, over the margin: the renewal rides the same connection.
@@ -203,15 +209,7 @@ async fn a_rotation_keeps_the_connection_and_revocation_cuts_it_off() {
 /// call until the renewal lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_within_the_margin_rides_the_connection_in_hand() {
-    let ca = TestCa::start().await;
-    let port = ca.addr.port();
-    let _admin = ca.admin_channel().await;
-    let token = ca.token("spiffe://example.org/ns/dev/*", &[], 0, 1).await;
-    poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
-        (connections_to(port) == 1).then_some(())
-    })
-    .await
-    .expect("one admin connection");
+    let (ca, port, _admin, token) = ca_with_admin_connection().await;
     let before = peers_of(port);
     let agent = Agent::new(agent_config(&ca, &token, "short", 10));
     let mut state = agent.subscribe();
