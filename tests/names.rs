@@ -82,19 +82,7 @@ fn lanyard(args: &[&str]) -> Output {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn allowed_names_verify_everywhere_and_others_are_refused() {
-    let tools = require_tool(
-        "go",
-        common::command_works("go", &["version"]),
-        "install golang",
-    ) && require_tool(
-        "openssl",
-        common::command_works("openssl", &["version"]),
-        "apt-get install openssl",
-    ) && require_tool(
-        "curl",
-        common::command_works("curl", &["--version"]),
-        "apt-get install curl",
-    );
+    let tools = tools_present();
     if !tools {
         return;
     }
