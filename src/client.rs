@@ -359,12 +359,17 @@ fn slot_config(
 ) -> Result<(Arc<rustls::ClientConfig>, Arc<ServerVerifier>), TlsError> {
     let (current, generation) = slot.current_with_generation();
     let mut cached = slot.client.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(c) = cached.as_ref()
-        && c.generation == generation
-        && c.verifier.same_policy(verifier)
-    {
-        return Ok((c.config.clone(), c.verifier.clone()));
-    }
+    // The verifier outlives certificates (a new certificate needs a new config, not a new
+    // verifier): it remembers the CA chains it verified (`ServerVerifier::check_remembered`).
+    let verifier = match cached.as_ref() {
+        Some(c) if c.verifier.same_policy(verifier) => {
+            if c.generation == generation {
+                return Ok((c.config.clone(), c.verifier.clone()));
+            }
+            c.verifier.clone()
+        }
+        _ => verifier.clone(),
+    };
     let builder = base_config(verifier.clone())?;
     let mut cfg = match current {
         Some(ck) => builder.with_client_cert_resolver(Arc::new(FixedClientCert(ck))),
@@ -381,7 +386,7 @@ fn slot_config(
         verifier: verifier.clone(),
         config: cfg.clone(),
     });
-    Ok((cfg, verifier.clone()))
+    Ok((cfg, verifier))
 }
 
 /// Connects to the first of `targets` (starting at `preferred`, wrapping around) whose every

@@ -110,19 +110,33 @@ impl ServerVerifier {
 
     /// Checks the server chain of a resumed session at `now`. rustls does not call the verifier
     /// when it resumes (the chain comes from the session), so the client calls this after every
-    /// resumed handshake, before the connection carries a request.
-    ///
-    /// A chain this verifier accepted in a full handshake is not verified again while `now` is
-    /// inside every certificate's validity: trust and expected identity are fixed for the
-    /// verifier's life, so only time can change the outcome (the CA's own rule for client chains,
-    /// `api::auth`). Any other chain, or the same one outside that window, is verified in full.
+    /// resumed handshake, before the connection carries a request. The rule is that of a full
+    /// handshake ([`Self::check_remembered`]).
     pub fn check_resumed(
         &self,
         chain: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), TlsError> {
         let (end_entity, intermediates) = chain.split_first().ok_or(TlsError::NoCertificate)?;
-        let digest = chain_digest(chain);
+        self.check_remembered(end_entity, intermediates, now)
+    }
+
+    /// Checks a server chain at `now`, full handshake or resumed. A chain this verifier accepted
+    /// before is not verified again while `now` is inside every certificate's validity: trust
+    /// and expected identity are fixed for the verifier's life, so only time can change the
+    /// outcome (the CA's own rule for client chains, `api::auth`). The CA presents the same
+    /// chain on every connection, so a client that keeps its verifier (`client::connect` does,
+    /// per certificate slot) pays the chain's signature verification once, not per connection;
+    /// the handshake signature, which proves the server holds the key, is still verified on
+    /// every full handshake. Any other chain, or the same one outside that window, is verified in
+    /// full.
+    fn check_remembered(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), TlsError> {
+        let digest = chain_digest(end_entity, intermediates);
         let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
         let known = self
             .verified
@@ -149,7 +163,7 @@ impl ServerVerifier {
             not_after = not_after.min(c.validity().not_after.timestamp());
         }
         let entry = VerifiedChain {
-            digest: chain_digest(chain),
+            digest: chain_digest(&chain[0], &chain[1..]),
             not_before,
             not_after,
         };
@@ -205,10 +219,10 @@ impl ServerVerifier {
     }
 }
 
-/// SHA-256 over a chain's certificates, each prefixed with its length.
-fn chain_digest(chain: &[CertificateDer<'_>]) -> [u8; 32] {
+/// SHA-256 over a chain's certificates (leaf first), each prefixed with its length.
+fn chain_digest(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
     let mut h = Sha256::new();
-    for c in chain {
+    for c in std::iter::once(end_entity).chain(intermediates) {
         h.update((c.len() as u64).to_be_bytes());
         h.update(c.as_ref());
     }
@@ -224,7 +238,7 @@ impl ServerCertVerifier for ServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity, intermediates, now)
+        self.check_remembered(end_entity, intermediates, now)
             .map(|()| ServerCertVerified::assertion())
             .map_err(|e| rustls::Error::General(e.to_string()))
     }
@@ -324,6 +338,13 @@ mod tests {
         // Past the leaf's notAfter the memo does not help: the full check runs and refuses.
         let expired = v.check_resumed(&chain, at(now + 200)).unwrap_err();
         assert!(expired.to_string().contains("expired"), "{expired}");
+        // The same for a full handshake presenting the remembered chain.
+        assert!(
+            v.verify_server_cert(&leaf, &[], &name, &[], at(now + 200))
+                .is_err()
+        );
+        v.verify_server_cert(&leaf, &[], &name, &[], at(now + 60))
+            .unwrap();
         // A chain the verifier never accepted is verified in full: another CA's is refused.
         let (_, foreign) = ca_and_leaf(now);
         assert!(v.check_resumed(&[foreign], at(now)).is_err());
