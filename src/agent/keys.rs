@@ -34,8 +34,6 @@ pub(crate) fn next_key() -> Result<KeyPair, rcgen::Error> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use rcgen::PublicKeyData;
-
     use super::*;
 
     #[tokio::test]
