@@ -15,6 +15,13 @@
 //!
 //! Knobs: `LANYARD_HS_RENEWALS` (per client, default 500), `LANYARD_HS_CLIENTS` (default 4),
 //! `LANYARD_HS_MODES` (`new-cert,same-cert`).
+//!
+//! For instruction counts that do not depend on the machine's load, run it under callgrind with
+//! one client and two renewal counts, and divide the difference by the difference in renewals
+//! (set-up cancels out). Threads: 1 is main (set-up), 4 and 5 the client runtime, the others the
+//! CA (its runtime, sled, the audit writer):
+//! `LANYARD_HS_CLIENTS=1 LANYARD_HS_MODES=new-cert LANYARD_HS_RENEWALS=20 valgrind
+//! --tool=callgrind --separate-threads=yes target/release/deps/handshake-*` (then 60).
 #![allow(clippy::print_stdout, clippy::expect_used, clippy::unwrap_used)]
 
 use std::sync::Arc;
