@@ -12,7 +12,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::ca::{RolesOid, SanNames, SvidInfo, parse_svid};
 use crate::spiffe::SpiffeId;
-use crate::tls::{Bundle, CertSlot, ServerTrust, ServerVerifier, TlsError, provider};
+use crate::tls::{
+    Bundle, CertSlot, FixedClientCert, ServerTrust, ServerVerifier, SlotClientConfig, TlsError,
+    provider,
+};
 
 /// Errors on the client side.
 #[derive(Debug, thiserror::Error)]
@@ -260,10 +263,23 @@ pub fn parse_servers(servers: &str) -> Result<Vec<String>, ClientError> {
     Ok(list)
 }
 
+/// How many resumable sessions a client config keeps per CA address (a CA sends one ticket per
+/// connection, and a connection uses one).
+const SESSIONS_PER_CONFIG: usize = 32;
+
 /// Opens a gRPC channel with an explicit server verifier. `server` may list several CA
 /// addresses (comma-separated; a name may resolve to several): each connection, the first and
 /// any reconnect after the last one broke, tries them in turn starting with the one that worked
 /// last, so a client moves to a live CA replica when its own goes away.
+///
+/// With an `identity`, every connection presents the slot's certificate of the moment and may
+/// resume a TLS session (docs/design.md, decision on resumption): a session of an earlier
+/// connection is offered only when that connection presented the very certificate the slot holds
+/// now (a renewed certificate makes a full handshake), and trusted the server under the same
+/// policy (bundle or fingerprint, expected identity). The server's chain of a resumed session is
+/// checked again at the current time before the connection is used; the CA in turn judges the
+/// client's chain on every call, resumed or not. Without an identity (a join-token bootstrap) no
+/// session is kept.
 pub async fn connect_with(
     server: &str,
     verifier: Arc<ServerVerifier>,
@@ -273,17 +289,12 @@ pub async fn connect_with(
     let uri: Uri = format!("http://{}", targets[0])
         .parse()
         .map_err(|_| ClientError::BadAddress(server.to_string()))?;
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Credential(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    let mut cfg = match identity {
-        Some(slot) => builder.with_client_cert_resolver(slot),
-        None => builder.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tls = Arc::new(match identity {
+        Some(slot) => ClientTls::Resumable { slot, verifier },
+        None => ClientTls::Anonymous(tokio_rustls::TlsConnector::from(anonymous_config(
+            verifier,
+        )?)),
+    });
     let endpoint = Endpoint::from(uri)
         // Each address gets `CONNECT_TIMEOUT` inside the connector; this bounds the whole walk.
         .connect_timeout(CONNECT_TIMEOUT * (targets.len() as u32 + 1))
@@ -296,18 +307,92 @@ pub async fn connect_with(
     let preferred = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let (connector, targets, preferred) =
-                (connector.clone(), targets.clone(), preferred.clone());
-            async move { connect_any(&connector, &targets, &preferred).await }
+            let (tls, targets, preferred) = (tls.clone(), targets.clone(), preferred.clone());
+            async move { connect_any(&tls, &targets, &preferred).await }
         }))
         .await
         .map_err(|e| ClientError::Connect(server.to_string(), error_chain(&e)))
 }
 
+/// How a channel's connections do TLS.
+enum ClientTls {
+    /// No client certificate, no resumption.
+    Anonymous(tokio_rustls::TlsConnector),
+    /// The slot's current certificate, with the slot's resumable sessions for it.
+    Resumable {
+        slot: Arc<CertSlot>,
+        verifier: Arc<ServerVerifier>,
+    },
+}
+
+/// The TLS 1.3 config every CA connection starts from (h2 over TLS 1.3, Lanyard's provider and
+/// key-exchange order).
+fn base_config(
+    verifier: Arc<ServerVerifier>,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, TlsError>
+{
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Credential(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier))
+}
+
+/// A config without a client certificate, and without resumption.
+fn anonymous_config(verifier: Arc<ServerVerifier>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut cfg = base_config(verifier)?.with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+/// The config for the next connection with `slot`'s current certificate, and the verifier in it:
+/// the slot's cached one when it was built for this very certificate and for a verifier with
+/// `verifier`'s policy (then its sessions may be resumed), else a new one, which replaces it.
+///
+/// rustls itself resumes a session only under the verifier and the certificate resolver that
+/// created it; a config per certificate with a resolver that presents only that certificate makes
+/// the binding of sessions to certificates explicit.
+fn slot_config(
+    slot: &CertSlot,
+    verifier: &Arc<ServerVerifier>,
+) -> Result<(Arc<rustls::ClientConfig>, Arc<ServerVerifier>), TlsError> {
+    let (current, generation) = slot.current_with_generation();
+    let mut cached = slot.client.lock().unwrap_or_else(|p| p.into_inner());
+    // The verifier outlives certificates (a new certificate needs a new config, not a new
+    // verifier): it remembers the CA chains it verified (`ServerVerifier::check_remembered`).
+    let verifier = match cached.as_ref() {
+        Some(c) if c.verifier.same_policy(verifier) => {
+            if c.generation == generation {
+                return Ok((c.config.clone(), c.verifier.clone()));
+            }
+            c.verifier.clone()
+        }
+        _ => verifier.clone(),
+    };
+    let builder = base_config(verifier.clone())?;
+    let mut cfg = match current {
+        Some(ck) => builder.with_client_cert_resolver(Arc::new(FixedClientCert(ck))),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.resumption = rustls::client::Resumption::store(Arc::new(
+        rustls::client::ClientSessionMemoryCache::new(SESSIONS_PER_CONFIG),
+    ))
+    .tls12_resumption(rustls::client::Tls12Resumption::Disabled);
+    let cfg = Arc::new(cfg);
+    *cached = Some(SlotClientConfig {
+        generation,
+        verifier: verifier.clone(),
+        config: cfg.clone(),
+    });
+    Ok((cfg, verifier))
+}
+
 /// Connects to the first of `targets` (starting at `preferred`, wrapping around) whose every
 /// step works: name resolution, TCP, the TLS handshake with the server's SPIFFE ID verified.
 async fn connect_any(
-    connector: &tokio_rustls::TlsConnector,
+    tls: &ClientTls,
     targets: &[String],
     preferred: &std::sync::atomic::AtomicUsize,
 ) -> std::io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
@@ -317,7 +402,7 @@ async fn connect_any(
     for i in 0..targets.len() {
         let at = (start + i) % targets.len();
         let target = &targets[at];
-        match tokio::time::timeout(CONNECT_TIMEOUT * 2, connect_target(connector, target)).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT * 2, connect_target(tls, target)).await {
             Ok(Ok(tls)) => {
                 if at != start {
                     tracing::info!(server = %target, "connected to another CA address");
@@ -343,7 +428,7 @@ async fn connect_any(
 
 /// One `host:port`: every address the name resolves to, in turn.
 async fn connect_target(
-    connector: &tokio_rustls::TlsConnector,
+    tls: &ClientTls,
     target: &str,
 ) -> std::io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
     let host = target
@@ -356,12 +441,7 @@ async fn connect_target(
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let mut last_error = None;
     for addr in tokio::net::lookup_host(target).await? {
-        let attempt = async {
-            let tcp = TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            connector.connect(name.clone(), tcp).await
-        };
-        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT, handshake(tls, addr, &name)).await {
             Ok(Ok(tls)) => return Ok(TokioIo::new(tls)),
             Ok(Err(e)) => last_error = Some(e),
             Err(_) => {
@@ -378,6 +458,48 @@ async fn connect_target(
             "the name resolves to no address",
         )
     }))
+}
+
+/// TCP and TLS to one address. A resumed session whose server chain no longer passes the
+/// verifier (expired meanwhile) is dropped with the slot's sessions, and the connection is made
+/// again with a full handshake, which verifies whatever the server presents now.
+async fn handshake(
+    tls: &ClientTls,
+    addr: std::net::SocketAddr,
+    name: &ServerName<'static>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp_tls = |connector: tokio_rustls::TlsConnector| async move {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        connector.connect(name.clone(), tcp).await
+    };
+    let (slot, verifier) = match tls {
+        ClientTls::Anonymous(connector) => return tcp_tls(connector.clone()).await,
+        ClientTls::Resumable { slot, verifier } => (slot, verifier),
+    };
+    let io_err = |e: TlsError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+    for _ in 0..2 {
+        let (config, used) = slot_config(slot, verifier).map_err(io_err)?;
+        let stream = tcp_tls(tokio_rustls::TlsConnector::from(config)).await?;
+        let conn = stream.get_ref().1;
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let group = conn.negotiated_key_exchange_group().map(|g| g.name());
+        if resumed {
+            let now = rustls_pki_types::UnixTime::now();
+            let chain = conn.peer_certificates().unwrap_or_default();
+            if let Err(e) = used.check_resumed(chain, now) {
+                tracing::info!(server = %addr, error = %e, "resumed TLS session refused; connecting again with a full handshake");
+                slot.forget_sessions();
+                continue;
+            }
+        }
+        slot.note_handshake(resumed, group);
+        return Ok(stream);
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        "the server's certificate was refused",
+    ))
 }
 
 /// Renders an error with its sources, for humans.

@@ -7,6 +7,7 @@ mod attest;
 mod bundles;
 mod crl;
 mod files;
+mod keys;
 mod link;
 mod run;
 mod timing;

@@ -437,7 +437,7 @@ impl Agent {
             .source
             .svid()
             .ok_or_else(|| tonic::Status::failed_precondition("no credential to renew"))?;
-        let key = KeyPair::generate().map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let key = super::keys::next_key().map_err(|e| tonic::Status::internal(e.to_string()))?;
         let csr = csr_with_names(&svid.spiffe_id, &key, &self.cfg.names)
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
         let channel = self.ca_channel().await?;

@@ -104,9 +104,54 @@ pub enum TlsError {
     Credential(String),
 }
 
-/// The rustls crypto provider Lanyard uses everywhere (ring).
+/// The key-exchange groups Lanyard offers and accepts, in order of preference. Explicit, not the
+/// provider's default: a client offers a key share for the first group only, and the server
+/// takes the client's first choice, so this order decides what every handshake costs. X25519 is
+/// the cheapest; a dependency bump that reordered the default once made handshakes negotiate
+/// P-384 at twice the CPU, unnoticed (`tests/resumption.rs` checks the negotiated group).
+pub const KX_GROUPS: [rustls::NamedGroup; 3] = [
+    rustls::NamedGroup::X25519,
+    rustls::NamedGroup::secp256r1,
+    rustls::NamedGroup::secp384r1,
+];
+
+/// The rustls crypto provider Lanyard uses everywhere (ring), with the key-exchange groups in
+/// the order of [`KX_GROUPS`]. Built once: every TLS config and verifier shares it.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            use rustls::crypto::ring::kx_group;
+            let mut p = rustls::crypto::ring::default_provider();
+            p.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
+            debug_assert!(p.kx_groups.iter().map(|g| g.name()).eq(KX_GROUPS));
+            Arc::new(p)
+        })
+        .clone()
+}
+
+/// Makes the CA's server config resume TLS 1.3 sessions from tickets, so a client that connects
+/// again (an agent after a broken connection, a CLI call) skips the handshake's two signatures
+/// and the certificate exchange.
+///
+/// This is safe only because the CA never authenticates a client in the handshake: the request
+/// handler verifies the client's chain on every call ([`DeferredClientVerifier`], `api::auth`).
+/// A resumed session restores the chain of the full handshake it descends from, which the handler
+/// then judges like any other: against the current bundle, at the current time, and against the
+/// revocation store (docs/design.md, decision on resumption). Tickets are sealed with a key this
+/// process draws at start (rotated by rustls), so a client cannot forge or alter the chain in
+/// one, and a restarted or another replica's CA simply does a full handshake. 0-RTT stays off: early
+/// data can be replayed. Do not use this for a config whose client verifier does the peer checks
+/// ([`server_config`] keeps resumption off for that reason).
+pub fn enable_ca_resumption(cfg: &mut rustls::ServerConfig) -> Result<(), TlsError> {
+    cfg.ticketer =
+        rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Credential(e.to_string()))?;
+    // Stateless tickets only: no session cache on the server, whatever the fleet's size.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    // A client uses one ticket per connection and gets a fresh one on it.
+    cfg.send_tls13_tickets = 1;
+    cfg.max_early_data_size = 0;
+    Ok(())
 }
 
 /// CA certificates to trust, parsed once into webpki trust anchors.
@@ -164,9 +209,8 @@ pub fn verify_svid(
 ) -> Result<SvidInfo, TlsError> {
     let (leaf, intermediates) = chain.split_first().ok_or(TlsError::NoCertificate)?;
     let ee = EndEntityCert::try_from(leaf).map_err(|e| TlsError::Chain(e.to_string()))?;
-    let algs = rustls::crypto::ring::default_provider()
-        .signature_verification_algorithms
-        .all;
+    let provider = provider();
+    let algs = provider.signature_verification_algorithms.all;
     ee.verify_for_usage(algs, &bundle.anchors, intermediates, at, usage, None, None)
         .map_err(|e| TlsError::Chain(describe_webpki(&e)))?;
     parse_svid(leaf, oid).map_err(|e| TlsError::Svid(e.to_string()))
@@ -187,8 +231,67 @@ fn describe_webpki(e: &webpki::Error) -> String {
 
 /// The current certificate and key of a workload or server, swapped atomically on rotation:
 /// handshakes after [`CertSlot::set`] use the new one.
+///
+/// For the client side of CA connections it also keeps the TLS config last built for its
+/// current certificate, with that config's resumable sessions (see [`crate::client::connect`]):
+/// a session resumes only while the slot still holds the certificate the session was
+/// authenticated with, so the CA always judges the certificate the client holds now.
+#[derive(Default)]
+pub struct CertSlot {
+    current: RwLock<Option<Current>>,
+    /// The client config for the current certificate (its generation is in it).
+    pub(crate) client: std::sync::Mutex<Option<SlotClientConfig>>,
+    stats: HandshakeCounters,
+}
+
+/// The slot's certificate, its key and its generation.
+struct Current {
+    key: Arc<CertifiedKey>,
+    /// SHA-256 of the private key's DER: the same key installed again (a renewal that kept its
+    /// key) is not parsed again, which for ECDSA costs a scalar multiplication.
+    key_digest: [u8; 32],
+    generation: u64,
+}
+
+/// A client TLS config bound to one certificate of a [`CertSlot`] (see `client::connect`).
+#[derive(Debug)]
+pub(crate) struct SlotClientConfig {
+    /// The slot generation (certificate) the config presents.
+    pub(crate) generation: u64,
+    /// The server verifier; rustls resumes a session only with the verifier that created it.
+    pub(crate) verifier: Arc<ServerVerifier>,
+    /// The config, with its session store.
+    pub(crate) config: Arc<rustls::ClientConfig>,
+}
+
+/// Handshakes made with a slot's certificate by `client::connect`.
 #[derive(Debug, Default)]
-pub struct CertSlot(RwLock<Option<Arc<CertifiedKey>>>);
+struct HandshakeCounters {
+    full: std::sync::atomic::AtomicU64,
+    resumed: std::sync::atomic::AtomicU64,
+    /// The last negotiated key-exchange group (`NamedGroup` as u16; 0: none yet).
+    group: std::sync::atomic::AtomicU32,
+}
+
+/// What the client handshakes of a [`CertSlot`] did: for metrics, logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HandshakeStats {
+    /// Full handshakes (certificates exchanged and verified, both sides signed).
+    pub full: u64,
+    /// Resumed handshakes (a session ticket of an earlier full handshake).
+    pub resumed: u64,
+    /// The key-exchange group of the last handshake.
+    pub last_group: Option<rustls::NamedGroup>,
+}
+
+impl std::fmt::Debug for CertSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertSlot")
+            .field("generation", &self.generation())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
 
 impl CertSlot {
     /// An empty slot.
@@ -196,29 +299,94 @@ impl CertSlot {
         Arc::new(Self::default())
     }
 
-    /// Installs a chain (leaf first) and its PKCS#8 key.
+    /// Installs a chain (leaf first) and its PKCS#8 key. Installing the chain already held
+    /// changes nothing (its resumable sessions stay usable).
     pub fn set(
         &self,
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<(), TlsError> {
-        let signing = provider()
-            .key_provider
-            .load_private_key(key)
-            .map_err(|e| TlsError::Credential(e.to_string()))?;
-        let ck = CertifiedKey::new(chain, signing);
-        match self.0.write() {
-            Ok(mut g) => *g = Some(Arc::new(ck)),
-            Err(p) => *p.into_inner() = Some(Arc::new(ck)),
-        }
+        use sha2::Digest;
+        let key_digest: [u8; 32] = sha2::Sha256::digest(key.secret_der()).into();
+        let held = self.read_current();
+        let signing = match held {
+            Some((ck, digest, _)) if digest == key_digest => {
+                if ck.cert == chain {
+                    return Ok(());
+                }
+                ck.key.clone()
+            }
+            _ => provider()
+                .key_provider
+                .load_private_key(key)
+                .map_err(|e| TlsError::Credential(e.to_string()))?,
+        };
+        let mut g = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let generation = g.as_ref().map_or(0, |c| c.generation) + 1;
+        *g = Some(Current {
+            key: Arc::new(CertifiedKey::new(chain, signing)),
+            key_digest,
+            generation,
+        });
         Ok(())
+    }
+
+    fn read_current(&self) -> Option<(Arc<CertifiedKey>, [u8; 32], u64)> {
+        let g = self.current.read().unwrap_or_else(|p| p.into_inner());
+        g.as_ref()
+            .map(|c| (c.key.clone(), c.key_digest, c.generation))
     }
 
     /// The current certificate and key.
     pub fn current(&self) -> Option<Arc<CertifiedKey>> {
-        match self.0.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
+        self.read_current().map(|(ck, _, _)| ck)
+    }
+
+    /// The current certificate and key with the slot's generation (0 while empty; every new
+    /// certificate increments it).
+    pub(crate) fn current_with_generation(&self) -> (Option<Arc<CertifiedKey>>, u64) {
+        match self.read_current() {
+            Some((ck, _, generation)) => (Some(ck), generation),
+            None => (None, 0),
+        }
+    }
+
+    /// How many certificates the slot has held.
+    pub fn generation(&self) -> u64 {
+        self.current_with_generation().1
+    }
+
+    /// Forgets the client config and its resumable sessions: the next connection makes a full
+    /// handshake.
+    pub fn forget_sessions(&self) {
+        *self.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Counts a client handshake made with this slot's certificate.
+    pub(crate) fn note_handshake(&self, resumed: bool, group: Option<rustls::NamedGroup>) {
+        use std::sync::atomic::Ordering;
+        let counter = if resumed {
+            &self.stats.resumed
+        } else {
+            &self.stats.full
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .group
+            .store(group.map_or(0, u16::from).into(), Ordering::Relaxed);
+    }
+
+    /// What the client handshakes with this slot's certificates did so far.
+    pub fn stats(&self) -> HandshakeStats {
+        use std::sync::atomic::Ordering;
+        let group = self.stats.group.load(Ordering::Relaxed);
+        HandshakeStats {
+            full: self.stats.full.load(Ordering::Relaxed),
+            resumed: self.stats.resumed.load(Ordering::Relaxed),
+            last_group: u16::try_from(group)
+                .ok()
+                .filter(|g| *g != 0)
+                .map(rustls::NamedGroup::from),
         }
     }
 }
@@ -240,6 +408,25 @@ impl rustls::client::ResolvesClientCert for CertSlot {
 
     fn has_certs(&self) -> bool {
         self.current().is_some()
+    }
+}
+
+/// Presents one fixed certificate: the client config of a [`CertSlot`] generation, so the
+/// sessions of that config can only ever speak for that certificate.
+#[derive(Debug)]
+pub(crate) struct FixedClientCert(pub(crate) Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for FixedClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
