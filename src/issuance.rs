@@ -515,7 +515,6 @@ impl Issuance {
         let (params, _rule) = self.clear_of_lifted_rule(params).await?;
         let cas = self.authority.current();
         let leaf = cas.active().sign_leaf(key, &params).map_err(internal)?;
-        let svid = svid_of(&cas, &leaf.der)?;
         let enrollment = Enrollment {
             v: RECORD_VERSION,
             spiffe_id: id.to_string(),
@@ -523,7 +522,7 @@ impl Issuance {
             max_ttl: ttl.as_secs(),
             via: "local".into(),
         };
-        let issued = finish(&cas, leaf.der, svid);
+        let issued = finish(&cas, leaf.der, leaf.svid);
         self.commit(
             Kind::CredentialIssued,
             "lanyard",
@@ -935,8 +934,7 @@ impl Issuance {
             .active()
             .sign_leaf(&csr.public_key, &leaf)
             .map_err(internal)?;
-        let svid = svid_of(&cas, &signed.der)?;
-        Ok(finish(&cas, signed.der, svid))
+        Ok(finish(&cas, signed.der, signed.svid))
     }
 
     /// Records the certificate with its event (durable before the caller sees it). `used` are
@@ -953,6 +951,7 @@ impl Issuance {
         used: &[Grant],
     ) -> Result<Issued, IssueError> {
         let s = &issued.svid;
+        let serial = s.serial.to_hex();
         let spent_jwt = writes.iter().find_map(|w| match w {
             Write::Guard(Guard::TokenAbsent { id }) => Some(id.clone()),
             _ => None,
@@ -961,7 +960,7 @@ impl Issuance {
             IssuedRecord {
                 v: RECORD_VERSION,
                 spiffe_id: s.spiffe_id.to_string(),
-                serial: s.serial.to_hex(),
+                serial: serial.clone(),
                 roles: s.roles.clone(),
                 not_after: s.not_after,
             },
@@ -969,7 +968,7 @@ impl Issuance {
         ));
         let event = Event::new(kind, actor)
             .subject(s.spiffe_id.as_str())
-            .serial(s.serial.to_hex())
+            .serial(serial)
             .roles(s.roles.clone())
             .not_after(s.not_after)
             .reason(reason);
@@ -1071,10 +1070,6 @@ impl RuleRead {
             expect: self.rule.map(Box::new),
         })
     }
-}
-
-fn svid_of(cas: &CaSet, der: &CertificateDer<'_>) -> Result<SvidInfo, IssueError> {
-    crate::ca::parse_svid(der, cas.active().roles_oid()).map_err(internal)
 }
 
 /// The chain (leaf, then the signing CA's intermediates) and the bundle (every CA in force: during
