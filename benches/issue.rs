@@ -29,6 +29,9 @@
 //! - `LANYARD_BENCH_AUDIT_WRITERS` concurrent writers in the second audit run (default 64)
 //! - `LANYARD_BENCH_CLIENT_THREADS` worker threads of the client runtime (default 2)
 //! - `LANYARD_BENCH_SHARED_TOKEN=1` all token clients share one multi-use token (hot key)
+//! - `LANYARD_BENCH_LOG`       a log filter (`info`): log as `lanyard serve` does, to stderr
+//!   (redirect it to a file, as a service manager would), so the tracing cost is measured too;
+//!   unset, nothing is logged
 //! - `LANYARD_BENCH_REQUESTS`  a fixed number of requests per client per point instead of
 //!   `SECS` (after `LANYARD_BENCH_WARMUP_REQUESTS`, default 5, per client): the same work every
 //!   run, for `valgrind --tool=callgrind` instruction counts (run two counts and take the
@@ -167,6 +170,13 @@ fn loadavg() -> String {
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
     let knobs = Knobs::from_env();
+    if let Ok(filter) = std::env::var("LANYARD_BENCH_LOG")
+        && !filter.trim().is_empty()
+    {
+        let filter = lanyard::telemetry::parse_filter(&filter, "LANYARD_BENCH_LOG", "info")
+            .expect("LANYARD_BENCH_LOG is a log filter");
+        lanyard::telemetry::init(lanyard::telemetry::LogFormat::Plain, filter, false);
+    }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "lanyard issuance benchmark: {cpus} CPUs, load average {} (1/5/15 min)",
