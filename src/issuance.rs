@@ -128,6 +128,13 @@ pub struct Issuance {
     access: std::sync::OnceLock<Arc<crate::access::Access>>,
     /// JWT/OIDC attestors (set once at start-up when any is configured).
     attestors: std::sync::OnceLock<Arc<crate::attest::Attestors>>,
+    /// Whether a join token's use is consumed right on the request's task. On a local store
+    /// (sled, which publishes no commit feed of its own) it is a compare-and-swap of one record,
+    /// a few µs like the token read just before it, and the hop to the blocking pool and back
+    /// (two thread wake-ups) cost more than that: ~8% of a token issuance's CPU at 64 clients
+    /// (`perf record` on `benches/issue.rs`). On a replicated store (etcd, which publishes
+    /// every replica's commits itself) it is a network transaction: off the async workers.
+    consume_inline: bool,
 }
 
 impl Issuance {
@@ -139,6 +146,7 @@ impl Issuance {
         revocations: Arc<Revocations>,
         settings: Settings,
     ) -> Self {
+        let consume_inline = log.store().commit_feed().is_none();
         Self {
             authority,
             policy,
@@ -147,6 +155,7 @@ impl Issuance {
             settings,
             access: std::sync::OnceLock::new(),
             attestors: std::sync::OnceLock::new(),
+            consume_inline,
         }
     }
 
@@ -235,11 +244,15 @@ impl Issuance {
         let (leaf, rule) = self.clear_of_lifted_rule(leaf).await?;
         // Sign before consuming: a failure here leaves the token usable.
         let signed = self.sign(&csr, leaf)?;
-        // On etcd this is a network round trip (a transaction): off the async workers.
-        let (store, id) = (self.store().clone(), parsed.id.clone());
-        let consumed = tokio::task::spawn_blocking(move || store.consume_token(&id, unix_now()))
-            .await
-            .map_err(internal)?;
+        let consumed = if self.consume_inline {
+            self.store().consume_token(&parsed.id, unix_now())
+        } else {
+            // A network round trip (an etcd transaction): off the async workers.
+            let (store, id) = (self.store().clone(), parsed.id.clone());
+            tokio::task::spawn_blocking(move || store.consume_token(&id, unix_now()))
+                .await
+                .map_err(internal)?
+        };
         match consumed.map_err(internal)? {
             Consume::Won(_) => {}
             Consume::AlreadyUsed => {
