@@ -29,6 +29,13 @@
 //! - `LANYARD_BENCH_AUDIT_WRITERS` concurrent writers in the second audit run (default 64)
 //! - `LANYARD_BENCH_CLIENT_THREADS` worker threads of the client runtime (default 2)
 //! - `LANYARD_BENCH_SHARED_TOKEN=1` all token clients share one multi-use token (hot key)
+//! - `LANYARD_BENCH_LOG`       a log filter (`info`): log as `lanyard serve` does, to stderr
+//!   (redirect it to a file, as a service manager would), so the tracing cost is measured too;
+//!   unset, nothing is logged
+//! - `LANYARD_BENCH_REQUESTS`  a fixed number of requests per client per point instead of
+//!   `SECS` (after `LANYARD_BENCH_WARMUP_REQUESTS`, default 5, per client): the same work every
+//!   run, for `valgrind --tool=callgrind` instruction counts (run two counts and take the
+//!   difference to cancel the set-up)
 //! - `LANYARD_BENCH_STORE`     `etcd://host:port,...`: run the audit and end-to-end sections on
 //!   etcd (a fresh key prefix per run) instead of sled; the tables then add etcd requests per
 //!   issuance
@@ -74,6 +81,10 @@ struct Knobs {
     audit_writers: usize,
     client_threads: usize,
     shared_token: bool,
+    /// Requests per client per point (0: run for `secs`).
+    requests: usize,
+    /// Warm-up requests per client before the counted ones (with `requests`).
+    warmup_requests: usize,
 }
 
 fn env<T: FromStr>(name: &str, default: T) -> T {
@@ -110,6 +121,8 @@ impl Knobs {
             audit_writers: env("LANYARD_BENCH_AUDIT_WRITERS", 64usize).max(1),
             client_threads: env("LANYARD_BENCH_CLIENT_THREADS", 2usize).max(1),
             shared_token: env("LANYARD_BENCH_SHARED_TOKEN", 0u8) != 0,
+            requests: env("LANYARD_BENCH_REQUESTS", 0usize),
+            warmup_requests: env("LANYARD_BENCH_WARMUP_REQUESTS", 5usize),
             store: std::env::var("LANYARD_BENCH_STORE")
                 .ok()
                 .filter(|s| !s.is_empty()),
@@ -157,6 +170,13 @@ fn loadavg() -> String {
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
     let knobs = Knobs::from_env();
+    if let Ok(filter) = std::env::var("LANYARD_BENCH_LOG")
+        && !filter.trim().is_empty()
+    {
+        let filter = lanyard::telemetry::parse_filter(&filter, "LANYARD_BENCH_LOG", "info")
+            .expect("LANYARD_BENCH_LOG is a log filter");
+        lanyard::telemetry::init(lanyard::telemetry::LogFormat::Plain, filter, false);
+    }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "lanyard issuance benchmark: {cpus} CPUs, load average {} (1/5/15 min)",
@@ -662,6 +682,9 @@ async fn agent_renewal(
 
 /// With `reconnect`, each renewal is an [`agent_renewal`].
 async fn run_point_with(k: &Knobs, clients: &[Arc<Client>], reconnect: bool) -> Point {
+    if k.requests > 0 {
+        return run_counted(k, clients, reconnect).await;
+    }
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(k.warmup);
     let until = measure_from + Duration::from_secs_f64(k.secs);
@@ -678,17 +701,7 @@ async fn run_point_with(k: &Knobs, clients: &[Arc<Client>], reconnect: bool) -> 
                     if t0 >= until {
                         break;
                     }
-                    let req = pb::IssueRequest {
-                        csr: c.csr.clone(),
-                        join_token: c.token.clone(),
-                        jwt: String::new(),
-                        ttl_seconds: 300,
-                        roles: vec![],
-                    };
-                    let r = match (&c.agent, reconnect) {
-                        (Some(a), true) => agent_renewal(a, req).await,
-                        _ => ca.issue(req).await,
-                    };
+                    let r = one_request(&c, &mut ca, reconnect).await;
                     if t0 < measure_from {
                         continue;
                     }
@@ -734,6 +747,96 @@ async fn run_point_with(k: &Knobs, clients: &[Arc<Client>], reconnect: bool) -> 
             p.first_error = first;
         }
     }
+    p.lat_us.sort_unstable();
+    p
+}
+
+/// One client request of a point: a renewal on the kept channel, an agent-style renewal, or a
+/// token issuance.
+async fn one_request(
+    c: &Client,
+    ca: &mut CaClient<Channel>,
+    reconnect: bool,
+) -> Result<tonic::Response<pb::IssueResponse>, tonic::Status> {
+    let req = pb::IssueRequest {
+        csr: c.csr.clone(),
+        join_token: c.token.clone(),
+        jwt: String::new(),
+        ttl_seconds: 300,
+        roles: vec![],
+    };
+    match (&c.agent, reconnect) {
+        (Some(a), true) => agent_renewal(a, req).await,
+        _ => ca.issue(req).await,
+    }
+}
+
+/// [`run_point_with`] for a fixed number of requests per client (`LANYARD_BENCH_REQUESTS`).
+async fn run_counted(k: &Knobs, clients: &[Arc<Client>], reconnect: bool) -> Point {
+    let warm = Arc::new(tokio::sync::Barrier::new(clients.len() + 1));
+    let go = Arc::new(tokio::sync::Barrier::new(clients.len() + 1));
+    let tasks: Vec<_> = clients
+        .iter()
+        .map(|c| {
+            let (c, warm, go) = (c.clone(), warm.clone(), go.clone());
+            let (warmup, requests) = (k.warmup_requests, k.requests);
+            tokio::spawn(async move {
+                let mut ca = CaClient::new(c.channel.clone());
+                for _ in 0..warmup {
+                    let _ = one_request(&c, &mut ca, reconnect).await;
+                }
+                warm.wait().await;
+                go.wait().await;
+                let mut lat = Vec::with_capacity(requests);
+                let (mut errors, mut first_error) = (0usize, None);
+                for _ in 0..requests {
+                    let t0 = Instant::now();
+                    match one_request(&c, &mut ca, reconnect).await {
+                        Ok(_) => lat.push(t0.elapsed().as_micros() as u64),
+                        Err(e) => {
+                            errors += 1;
+                            first_error
+                                .get_or_insert_with(|| format!("{:?}: {}", e.code(), e.message()));
+                        }
+                    }
+                }
+                (lat, errors, first_error)
+            })
+        })
+        .collect();
+    warm.wait().await;
+    let (cpu0, client0) = cpu_secs();
+    let (groups0, events0) = AuditLog::commit_counters();
+    let requests0 = EtcdStore::requests_total();
+    let start = Instant::now();
+    go.wait().await;
+    let mut p = Point {
+        cpu: 0.0,
+        client_cpu: 0.0,
+        per_group: 0.0,
+        etcd_requests: 0,
+        ok: 0,
+        errors: 0,
+        first_error: None,
+        secs: 0.0,
+        lat_us: Vec::new(),
+    };
+    for t in tasks {
+        let (lat, errors, first) = t.await.expect("client task");
+        p.ok += lat.len();
+        p.lat_us.extend(lat);
+        p.errors += errors;
+        if p.first_error.is_none() {
+            p.first_error = first;
+        }
+    }
+    p.secs = start.elapsed().as_secs_f64();
+    let (cpu1, client1) = cpu_secs();
+    let (groups1, events1) = AuditLog::commit_counters();
+    p.cpu = cpu1 - cpu0;
+    p.client_cpu = client1 - client0;
+    p.per_group = (events1 - events0) as f64 / (groups1 - groups0).max(1) as f64;
+    p.etcd_requests = EtcdStore::requests_total() - requests0;
     p.lat_us.sort_unstable();
     p
 }

@@ -128,6 +128,13 @@ pub struct Issuance {
     access: std::sync::OnceLock<Arc<crate::access::Access>>,
     /// JWT/OIDC attestors (set once at start-up when any is configured).
     attestors: std::sync::OnceLock<Arc<crate::attest::Attestors>>,
+    /// Whether a join token's use is consumed right on the request's task. On a local store
+    /// (sled, which publishes no commit feed of its own) it is a compare-and-swap of one record,
+    /// a few µs like the token read just before it, and the hop to the blocking pool and back
+    /// (two thread wake-ups) cost more than that: ~8% of a token issuance's CPU at 64 clients
+    /// (`perf record` on `benches/issue.rs`). On a replicated store (etcd, which publishes
+    /// every replica's commits itself) it is a network transaction: off the async workers.
+    consume_inline: bool,
 }
 
 impl Issuance {
@@ -139,6 +146,7 @@ impl Issuance {
         revocations: Arc<Revocations>,
         settings: Settings,
     ) -> Self {
+        let consume_inline = log.store().commit_feed().is_none();
         Self {
             authority,
             policy,
@@ -147,6 +155,7 @@ impl Issuance {
             settings,
             access: std::sync::OnceLock::new(),
             attestors: std::sync::OnceLock::new(),
+            consume_inline,
         }
     }
 
@@ -235,11 +244,15 @@ impl Issuance {
         let (leaf, rule) = self.clear_of_lifted_rule(leaf).await?;
         // Sign before consuming: a failure here leaves the token usable.
         let signed = self.sign(&csr, leaf)?;
-        // On etcd this is a network round trip (a transaction): off the async workers.
-        let (store, id) = (self.store().clone(), parsed.id.clone());
-        let consumed = tokio::task::spawn_blocking(move || store.consume_token(&id, unix_now()))
-            .await
-            .map_err(internal)?;
+        let consumed = if self.consume_inline {
+            self.store().consume_token(&parsed.id, unix_now())
+        } else {
+            // A network round trip (an etcd transaction): off the async workers.
+            let (store, id) = (self.store().clone(), parsed.id.clone());
+            tokio::task::spawn_blocking(move || store.consume_token(&id, unix_now()))
+                .await
+                .map_err(internal)?
+        };
         match consumed.map_err(internal)? {
             Consume::Won(_) => {}
             Consume::AlreadyUsed => {
@@ -515,7 +528,6 @@ impl Issuance {
         let (params, _rule) = self.clear_of_lifted_rule(params).await?;
         let cas = self.authority.current();
         let leaf = cas.active().sign_leaf(key, &params).map_err(internal)?;
-        let svid = svid_of(&cas, &leaf.der)?;
         let enrollment = Enrollment {
             v: RECORD_VERSION,
             spiffe_id: id.to_string(),
@@ -523,7 +535,7 @@ impl Issuance {
             max_ttl: ttl.as_secs(),
             via: "local".into(),
         };
-        let issued = finish(&cas, leaf.der, svid);
+        let issued = finish(&cas, leaf.der, leaf.svid);
         self.commit(
             Kind::CredentialIssued,
             "lanyard",
@@ -935,8 +947,7 @@ impl Issuance {
             .active()
             .sign_leaf(&csr.public_key, &leaf)
             .map_err(internal)?;
-        let svid = svid_of(&cas, &signed.der)?;
-        Ok(finish(&cas, signed.der, svid))
+        Ok(finish(&cas, signed.der, signed.svid))
     }
 
     /// Records the certificate with its event (durable before the caller sees it). `used` are
@@ -953,6 +964,7 @@ impl Issuance {
         used: &[Grant],
     ) -> Result<Issued, IssueError> {
         let s = &issued.svid;
+        let serial = s.serial.to_hex();
         let spent_jwt = writes.iter().find_map(|w| match w {
             Write::Guard(Guard::TokenAbsent { id }) => Some(id.clone()),
             _ => None,
@@ -961,7 +973,7 @@ impl Issuance {
             IssuedRecord {
                 v: RECORD_VERSION,
                 spiffe_id: s.spiffe_id.to_string(),
-                serial: s.serial.to_hex(),
+                serial: serial.clone(),
                 roles: s.roles.clone(),
                 not_after: s.not_after,
             },
@@ -969,7 +981,7 @@ impl Issuance {
         ));
         let event = Event::new(kind, actor)
             .subject(s.spiffe_id.as_str())
-            .serial(s.serial.to_hex())
+            .serial(serial)
             .roles(s.roles.clone())
             .not_after(s.not_after)
             .reason(reason);
@@ -1071,10 +1083,6 @@ impl RuleRead {
             expect: self.rule.map(Box::new),
         })
     }
-}
-
-fn svid_of(cas: &CaSet, der: &CertificateDer<'_>) -> Result<SvidInfo, IssueError> {
-    crate::ca::parse_svid(der, cas.active().roles_oid()).map_err(internal)
 }
 
 /// The chain (leaf, then the signing CA's intermediates) and the bundle (every CA in force: during

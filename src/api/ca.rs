@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
-use tracing::instrument;
 
 use super::{Authenticator, MessageStream, status, stream_latest};
 use crate::federation::{BundleHub, BundleSet};
@@ -44,25 +43,31 @@ impl CaService {
 impl Ca for CaService {
     /// Issuance or renewal. The source's refusal budget is kept by
     /// [`super::refusals::RefusalLayer`]; refusals are audited here, with the issuance.
-    #[instrument(skip_all, fields(mode))]
+    ///
+    /// No tracing span per call: on the hot path a span costs an allocation in the subscriber's
+    /// registry and an enter/exit per poll, and every event the issuance logs already names the
+    /// actor (`token:<id>`, `attestor:<name>` or the renewing SPIFFE ID) and the event kind.
     async fn issue(
         &self,
-        req: Request<pb::IssueRequest>,
+        mut req: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::IssueResponse>, Status> {
-        let body = req.get_ref();
+        // The request is consumed here: move its fields out instead of copying them.
+        let body = req.get_mut();
         let ask = IssueRequest {
-            csr: body.csr.clone(),
+            csr: std::mem::take(&mut body.csr),
             ttl: (body.ttl_seconds > 0).then(|| Duration::from_secs(body.ttl_seconds.into())),
-            roles: body.roles.clone(),
+            roles: std::mem::take(&mut body.roles),
         };
-        if !body.jwt.is_empty() && !body.join_token.is_empty() {
+        let (jwt, join_token) = (
+            std::mem::take(&mut body.jwt),
+            std::mem::take(&mut body.join_token),
+        );
+        if !jwt.is_empty() && !join_token.is_empty() {
             return Err(Status::invalid_argument("set join_token or jwt, not both"));
         }
-        let issued = if !body.jwt.is_empty() {
-            tracing::Span::current().record("mode", "attest");
-            self.issuance.with_jwt(&body.jwt, ask).await
-        } else if body.join_token.is_empty() {
-            tracing::Span::current().record("mode", "renew");
+        let issued = if !jwt.is_empty() {
+            self.issuance.with_jwt(&jwt, ask).await
+        } else if join_token.is_empty() {
             let peer = match self.auth.peer(&req, true) {
                 Ok(p) => p,
                 Err(e) => {
@@ -85,8 +90,7 @@ impl Ca for CaService {
             };
             self.issuance.renew(&peer, ask).await
         } else {
-            tracing::Span::current().record("mode", "token");
-            self.issuance.with_token(&body.join_token, ask).await
+            self.issuance.with_token(&join_token, ask).await
         }
         .map_err(status::issue)?;
         self.auth.remember_issued(

@@ -17,7 +17,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::CaError;
 use super::names::SanNames;
-use super::svid::{RolesOid, Serial, encode_roles};
+use super::svid::{RolesOid, Serial, SvidInfo, encode_roles};
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
@@ -75,6 +75,9 @@ pub struct SignedLeaf {
     pub der: CertificateDer<'static>,
     /// Its serial.
     pub serial: Serial,
+    /// What the leaf says, from the values that went into it (the same facts `parse_svid`
+    /// reads back from `der`, without parsing the certificate just signed).
+    pub svid: SvidInfo,
 }
 
 impl Authority {
@@ -322,9 +325,21 @@ impl Authority {
             p.custom_extensions.push(ext);
         }
         let cert = p.signed_by(public_key, &self.issuer)?;
+        // The roles as the extension encodes them (`encode_roles` sorts and de-duplicates).
+        let mut roles = params.roles.clone();
+        roles.sort();
+        roles.dedup();
+        let svid = SvidInfo {
+            spiffe_id: params.spiffe_id.clone(),
+            roles,
+            serial: serial.clone(),
+            not_before: params.not_before,
+            not_after: params.not_after.min(self.not_after),
+        };
         Ok(SignedLeaf {
             der: cert.der().clone(),
             serial,
+            svid,
         })
     }
 
@@ -477,4 +492,44 @@ fn io(path: &Path, source: std::io::Error) -> CaError {
 
 fn read(path: &Path) -> Result<Vec<u8>, CaError> {
     fs::read(path).map_err(|e| io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::ca::parse_svid;
+
+    /// The facts `sign_leaf` reports without parsing are exactly what the certificate says,
+    /// including roles given unsorted with duplicates and a notAfter past the CA's own.
+    #[test]
+    fn signed_leaf_describes_what_it_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let ca = Authority::load_or_create(dir.path(), &td, RolesOid::default()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let cases = [
+            (vec!["deploy", "db-read", "deploy"], now + 300),
+            (vec![], now + 60),
+            (vec!["a"], ca.not_after() + 3600),
+        ];
+        for (roles, not_after) in cases {
+            let mut names = SanNames::default();
+            names.dns.push("api.example.org".into());
+            names.ips.push("10.0.0.7".parse().unwrap());
+            let params = LeafParams {
+                spiffe_id: SpiffeId::parse("spiffe://example.org/ns/a").unwrap(),
+                roles: roles.into_iter().map(String::from).collect(),
+                not_before: now - 30,
+                not_after,
+                names,
+            };
+            let signed = ca.sign_leaf(&key, &params).unwrap();
+            let parsed = parse_svid(&signed.der, ca.roles_oid()).unwrap();
+            assert_eq!(signed.svid, parsed);
+            assert_eq!(signed.serial, parsed.serial);
+        }
+    }
 }
