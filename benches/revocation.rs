@@ -1,20 +1,23 @@
-//! Revocation storage benchmark (issue 4): what a million live serial revocations cost in sled,
-//! and whether the store shrinks back once they expire.
+//! Revocation storage benchmark (issues 4 and 13): what a million live serial revocations cost
+//! in sled, and whether the store shrinks back once they expire.
 //!
 //! Straight against `lanyard::store::SledStore` in a temp dir, no server:
 //! 1. **Insert**: N serial revocations (`Write::PutRevocation`, each expiring 20 s from the start)
 //!    through `Store::commit` in batches, then one `Store::flush`; time, rate, and sled's
-//!    `size_on_disk` next to the bytes the files take.
-//! 2. **Check latency**: `Store::revoked_serial` (what `Revocation.Check` and every authenticated
+//!    `size_on_disk` next to the bytes the files take, per live revocation; the process RSS.
+//! 2. **Index rebuild**: the store closed and opened again, which loads every live revocation
+//!    into the in-memory index (what a CA start pays); time and RSS after.
+//! 3. **Check latency**: `Store::revoked_serial` (what `Revocation.Check` and every authenticated
 //!    call do) for random serials, half of them revoked (hits), half never seen (misses); p50,
 //!    p99, p99.9 and max.
-//! 3. **Full scan**: `Store::revocations_since(0)`, the input of `Revocation.Watch{since: 0}` and of
-//!    every CRL.
-//! 4. **Prune**: `Store::prune` at a time after every entry expired; time, entries pruned, and
-//!    the size afterwards: right after the prune, after a flush, and after reopening the store.
-//!    (sled is log-structured: freed segments are reused for new writes rather than handed back
-//!    to the file system, so the file need not shrink.)
-//! 5. **Second wave**: as many revocations again, then pruned again: whether sled reuses the
+//! 4. **Watch{since: 0}**: `Store::revocations_since(0)` turned into the wire entries a
+//!    `Revocation.Watch` from scratch streams.
+//! 5. **CRL**: `Revocations::crl` signed by a fresh CA: the first call builds and signs it, the
+//!    second is served from the per-revision cache.
+//! 6. **Prune**: `Store::prune` at a time after every entry expired; time, entries pruned, and
+//!    the size afterwards: right after the prune, after a flush, and after reopening the store
+//!    (which compacts it when its files are mostly free space), next to the empty store.
+//! 7. **Second wave**: as many revocations again, then pruned again: whether sled reuses the
 //!    space the first wave freed or keeps growing.
 //!
 //! Knobs (environment; `scripts/bench-revocation` documents them too):
@@ -29,9 +32,14 @@
 use std::error::Error;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lanyard::ca::Serial;
+use lanyard::api::revocation::to_proto;
+use lanyard::audit::AuditLog;
+use lanyard::ca::{Authority, RolesOid, Serial};
+use lanyard::revocation::Revocations;
+use lanyard::spiffe::TrustDomain;
 use lanyard::store::{RECORD_VERSION, RevocationRecord, SledStore, Store, StoreStats, Write};
 use lanyard::tls::unix_now;
 use rand::Rng;
@@ -49,7 +57,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("store: sled in {}", path.display());
 
     let store = SledStore::open(&path)?;
-    report("empty store", &store.stats()?, &path);
+    let empty = store.stats()?;
+    report("empty store", &empty, &path);
 
     // 1. Insert.
     let (serials, expires_at, inserted) = insert(&store, n, batch, 0)?;
@@ -66,10 +75,23 @@ fn main() -> Result<(), Box<dyn Error>> {
     report("after insert + flush", &full, &path);
     if n > 0 {
         println!(
-            "   {:.0} bytes on disk per live revocation (size_on_disk / entries)",
-            full.disk_bytes as f64 / n as f64
+            "   {:.0} bytes on disk per live revocation (size_on_disk / entries); {:.0} in files",
+            full.disk_bytes as f64 / n as f64,
+            dir_size(&path).0 as f64 / n as f64
         );
     }
+    println!("   {}", rss());
+
+    // 2. Index rebuild: a CA start.
+    drop(store);
+    let t = Instant::now();
+    let store = Arc::new(SledStore::open(&path)?);
+    println!(
+        "\n2. reopen (loads the revocation index): {} entries in {}; {}",
+        store.stats()?.revoked_serials,
+        secs(t.elapsed()),
+        rss()
+    );
 
     // 2. Check latency.
     let mut rng = rand::rng();
@@ -100,7 +122,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
     let total = t.elapsed();
     println!(
-        "\n2. Store::revoked_serial: {lookups} lookups in {} ({:.0}/s, one thread){}",
+        "\n3. Store::revoked_serial: {lookups} lookups in {} ({:.0}/s, one thread){}",
         secs(total),
         lookups as f64 / total.as_secs_f64(),
         if wrong > 0 {
@@ -114,20 +136,57 @@ fn main() -> Result<(), Box<dyn Error>> {
     latency("hits (revoked)", &mut hits);
     latency("misses (not revoked)", &mut misses);
 
-    // 3. Full scan.
+    // 4. Watch{since: 0}: the snapshot a new watcher streams, in wire form.
     let t = Instant::now();
-    let scanned = store.revocations_since(0)?.len();
+    let entries: Vec<_> = store
+        .revocations_since(0)?
+        .into_iter()
+        .map(to_proto)
+        .collect();
     println!(
-        "\n3. Store::revocations_since(0) (Watch{{since: 0}} and CRL input): {scanned} entries in {}",
+        "\n4. Watch{{since: 0}} snapshot (revocations_since(0) as wire entries): {} entries in {}",
+        entries.len(),
         secs(t.elapsed())
     );
+    drop(entries);
 
-    // 4. Prune, at an instant after every entry expired (no need to wait for the clock).
+    // 5. CRL, signed by a fresh CA: built once, then served from the cache.
+    {
+        let ca_dir = tempfile::tempdir()?;
+        let td = TrustDomain::new("example.org")?;
+        let authority = Authority::load_or_create(ca_dir.path(), &td, RolesOid::default())?;
+        let shared: Arc<dyn Store> = store.clone();
+        let revocations = Revocations::new(
+            AuditLog::start(shared)?,
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+        );
+        let t = Instant::now();
+        let der = revocations.crl(&authority, Duration::from_secs(3600))?;
+        let built = t.elapsed();
+        let t = Instant::now();
+        let again = revocations.crl(&authority, Duration::from_secs(3600))?;
+        let cached = t.elapsed();
+        println!(
+            "\n5. CRL: {} bytes built and signed in {}; from the cache in {}{}; {}",
+            der.len(),
+            secs(built),
+            us(cached),
+            if Arc::ptr_eq(&der, &again) {
+                ""
+            } else {
+                " (NOT THE CACHED ONE)"
+            },
+            rss()
+        );
+    }
+
+    // 6. Prune, at an instant after every entry expired (no need to wait for the clock).
     let t = Instant::now();
     let pruned = store.prune(expires_at + 1)?;
     let took = t.elapsed();
     println!(
-        "\n4. Store::prune: {pruned} entries pruned in {} ({:.0}/s)",
+        "\n6. Store::prune: {pruned} entries pruned in {} ({:.0}/s)",
         secs(took),
         pruned as f64 / took.as_secs_f64()
     );
@@ -135,16 +194,27 @@ fn main() -> Result<(), Box<dyn Error>> {
     store.flush()?;
     report("after prune + flush", &store.stats()?, &path);
     drop(store);
+    let t = Instant::now();
     let store = SledStore::open(&path)?;
-    report("after reopening", &store.stats()?, &path);
+    let reopened = store.stats()?;
+    report(
+        &format!("after reopening (with compaction) in {}", secs(t.elapsed())),
+        &reopened,
+        &path,
+    );
+    println!(
+        "   {:.2}x the empty store ({})",
+        reopened.disk_bytes as f64 / empty.disk_bytes.max(1) as f64,
+        mib(empty.disk_bytes)
+    );
 
-    // 5. A second wave of as many revocations: does the store grow again, or reuse the space the
+    // 7. A second wave of as many revocations: does the store grow again, or reuse the space the
     //    first wave freed?
     if second_wave && n > 0 {
         let (_, expires_at, inserted) = insert(&store, n, batch, n as u64)?;
         store.flush()?;
         println!(
-            "\n5. second wave: {n} more revocations in {} ({:.0}/s)",
+            "\n7. second wave: {n} more revocations in {} ({:.0}/s)",
             secs(inserted),
             n as f64 / inserted.as_secs_f64()
         );
@@ -201,6 +271,18 @@ fn insert(
         store.commit(&[], &writes)?;
     }
     Ok((serials, expires_at, t.elapsed()))
+}
+
+/// The process's resident set now and at its peak.
+fn rss() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or("?".to_string(), |v| v.trim().to_string())
+    };
+    format!("RSS {} (peak {})", field("VmRSS:"), field("VmHWM:"))
 }
 
 fn knob<T: FromStr>(name: &str, default: T) -> Result<T, Box<dyn Error>>
