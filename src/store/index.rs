@@ -46,6 +46,11 @@ impl SerialKey {
     }
 }
 
+/// The bytes of a serial in canonical lowercase hex (see [`SerialKey::parse`]).
+pub(super) fn serial_bytes(hex: &str) -> Option<Vec<u8>> {
+    SerialKey::parse(hex).map(|k| k.bytes().to_vec())
+}
+
 fn nibble(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),

@@ -92,9 +92,16 @@ impl SledStore {
     fn open_with(dir: &Path, compact_min: u64) -> Result<Self, StoreError> {
         recover_compaction(dir)?;
         let db = open_db(dir)?;
-        let db = match compact(dir, db, compact_min)? {
-            Compacted::No(db) => db,
-            Compacted::Yes => open_db(dir)?,
+        // One pass over the revocations both loads the index and counts their bytes, which
+        // are most of a large store's live data (the compaction decision needs that sum).
+        let (index, revocation_bytes) = load_index(&db)?;
+        let (db, index) = match compact(dir, db, revocation_bytes, compact_min)? {
+            Compacted::No(db) => (db, index),
+            Compacted::Yes => {
+                let db = open_db(dir)?;
+                let (index, _) = load_index(&db)?;
+                (db, index)
+            }
         };
         // The rev index of earlier releases: the in-memory index replaced it.
         if db.tree_names().iter().any(|n| n.as_ref() == b"revs") {
@@ -110,7 +117,7 @@ impl SledStore {
             revoked: tree("revoked")?,
             identity_rules: tree("identity_rules")?,
             access: tree("access")?,
-            index: RwLock::new(RevIndex::default()),
+            index: RwLock::new(index),
             expiry: tree("expiry")?,
             shared: tree("shared")?,
             audit_meta: tree("audit_meta")?,
@@ -119,23 +126,6 @@ impl SledStore {
             db,
             next_seq: Mutex::new(None),
         };
-        let started = Instant::now();
-        let mut index = RevIndex::default();
-        index.start_load();
-        for tree in [&store.revoked, &store.identity_rules] {
-            for kv in tree.iter() {
-                let (k, v) = kv.map_err(backend)?;
-                index.insert(&load::<RevocationRecord>(&k, &v)?);
-            }
-        }
-        index.finish_load();
-        info!(
-            serials = index.serial_count(),
-            identity_rules = index.rule_count(),
-            took_ms = started.elapsed().as_millis() as u64,
-            "revocation index loaded"
-        );
-        *store.index.write().unwrap_or_else(|p| p.into_inner()) = index;
         Ok(store)
     }
 
@@ -158,7 +148,7 @@ impl SledStore {
             let mut index = self.index_mut();
             let (mut serials, mut rules) = (sled::Batch::default(), sled::Batch::default());
             let mut gone = Vec::with_capacity(chunk.len());
-            for (rule, key, _) in chunk {
+            for (rule, key, aux) in chunk {
                 let entry = if *rule {
                     index.rule(key)
                 } else {
@@ -167,8 +157,10 @@ impl SledStore {
                 if entry.is_some_and(|e| e.expires_at < now) {
                     if *rule {
                         rules.remove(key.as_bytes());
-                    } else {
+                    } else if *aux == 1 {
                         serials.remove(key.as_bytes());
+                    } else {
+                        serials.remove(revocation_key(key));
                     }
                     gone.push((*rule, key));
                 }
@@ -382,7 +374,10 @@ impl Store for SledStore {
             .iter()
             .map(|r| (r.seq.to_be_bytes(), r.to_stored()))
             .collect();
-        let prepared: Vec<Prepared<'_>> = writes.iter().map(Prepared::new).collect();
+        let prepared: Vec<Prepared<'_>> = {
+            let index = self.index();
+            writes.iter().map(|w| Prepared::new(w, &index)).collect()
+        };
         // Only the trees this commit touches take part: sled sets up, locks and writes out every
         // tree of a transaction, and an issuance touches four of the ten.
         let mut used = [false; TREES];
@@ -492,14 +487,21 @@ impl Store for SledStore {
                             }
                             // One key per revocation: the in-memory index answers by rev and
                             // by expiry.
-                            Prepared::Revocation { rec, value } => {
-                                if rec.identity_rule {
-                                    tree(T_RULES)
-                                        .insert(rec.spiffe_id.as_bytes(), value.as_slice())?;
+                            Prepared::Revocation {
+                                rec,
+                                key,
+                                value,
+                                legacy,
+                            } => {
+                                let t = tree(if rec.identity_rule {
+                                    T_RULES
                                 } else {
-                                    tree(T_REVOKED)
-                                        .insert(rec.serial.as_bytes(), value.as_slice())?;
+                                    T_REVOKED
+                                });
+                                if let Some(old) = legacy {
+                                    t.remove(*old)?;
                                 }
+                                t.insert(key.as_slice(), value.as_slice())?;
                             }
                             Prepared::Access {
                                 key,
@@ -751,7 +753,10 @@ enum Prepared<'a> {
     },
     Revocation {
         rec: &'a RevocationRecord,
+        key: Vec<u8>,
         value: Vec<u8>,
+        /// The entry's hex key from an earlier release, replaced by `key`.
+        legacy: Option<&'a [u8]>,
     },
     Access {
         key: &'a [u8],
@@ -762,7 +767,8 @@ enum Prepared<'a> {
 }
 
 impl<'a> Prepared<'a> {
-    fn new(w: &'a Write) -> Self {
+    /// `index` tells which serial entries still sit under a key of an earlier release.
+    fn new(w: &'a Write, index: &RevIndex) -> Self {
         match w {
             Write::PutToken(t) => Prepared::Token {
                 key: t.id.as_bytes(),
@@ -783,10 +789,36 @@ impl<'a> Prepared<'a> {
                     expiry_key: expiry_key(*prune_at, Coll::Issued, i.serial.as_bytes()),
                 }
             }
-            Write::PutRevocation(r) => Prepared::Revocation {
+            Write::PutRevocation(r) if r.identity_rule => Prepared::Revocation {
                 rec: r,
+                key: r.spiffe_id.as_bytes().to_vec(),
                 value: r.to_stored(),
+                legacy: None,
             },
+            Write::PutRevocation(r) => {
+                let key = revocation_key(&r.serial);
+                let value = if key.first() == Some(&BINARY_KEY) {
+                    // The key holds the serial: the value need not repeat it.
+                    RevocationRecord {
+                        serial: String::new(),
+                        ..r.clone()
+                    }
+                    .to_stored()
+                } else {
+                    r.to_stored()
+                };
+                let legacy = (key.first() == Some(&BINARY_KEY)
+                    && index
+                        .serial_with(&r.serial)
+                        .is_some_and(|(_, aux)| aux == 1))
+                .then_some(r.serial.as_bytes());
+                Prepared::Revocation {
+                    rec: r,
+                    key,
+                    value,
+                    legacy,
+                }
+            }
             Write::PutAccess(a) => Prepared::Access {
                 key: a.id.as_bytes(),
                 value: a.to_stored(),
@@ -824,6 +856,61 @@ fn get<T: Stored>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>, StoreError
         .map_err(backend)?
         .map(|raw| load(key, &raw))
         .transpose()
+}
+
+/// The trees [`load_index`] reads.
+const REVOCATION_TREES: [&[u8]; 2] = [b"revoked", b"identity_rules"];
+
+/// Loads every revocation into a fresh index; also returns the bytes of their keys and values.
+/// A serial entry under a binary key (see [`revocation_key`]) gets its serial from the key;
+/// one under its hex key (written by an earlier release) is marked so (`aux` 1), so that
+/// replacing or pruning it deletes that key.
+fn load_index(db: &sled::Db) -> Result<(RevIndex, u64), StoreError> {
+    let started = Instant::now();
+    let mut index = RevIndex::default();
+    let mut bytes = 0u64;
+    index.start_load();
+    for name in REVOCATION_TREES {
+        for kv in db.open_tree(name).map_err(backend)?.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            bytes += (k.len() + v.len()) as u64;
+            let mut rec: RevocationRecord = load(&k, &v)?;
+            let aux = match k.split_first() {
+                Some((&BINARY_KEY, serial)) if !rec.identity_rule => {
+                    rec.serial = crate::encoding::hex(serial);
+                    0
+                }
+                _ => i64::from(!rec.identity_rule),
+            };
+            index.insert_with(&rec, aux);
+        }
+    }
+    index.finish_load();
+    info!(
+        serials = index.serial_count(),
+        identity_rules = index.rule_count(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "revocation index loaded"
+    );
+    Ok((index, bytes))
+}
+
+/// First byte of a serial entry's binary key; hex keys (earlier releases, and serials not in
+/// canonical lowercase hex) start with an ASCII character.
+const BINARY_KEY: u8 = 0;
+
+/// The key a serial entry is written under now: [`BINARY_KEY`] and the serial's bytes for a
+/// serial in canonical hex (half the bytes of hex), else the serial as given.
+fn revocation_key(serial: &str) -> Vec<u8> {
+    match super::index::serial_bytes(serial) {
+        Some(bytes) => {
+            let mut k = Vec::with_capacity(1 + bytes.len());
+            k.push(BINARY_KEY);
+            k.extend_from_slice(&bytes);
+            k
+        }
+        None => serial.as_bytes().to_vec(),
+    }
 }
 
 /// sled's page cache. Revocations are answered from memory, so the cache only needs the working
@@ -871,7 +958,12 @@ enum Compacted {
 /// marks it complete, then swaps it in with two renames (`dir` → `<dir>.old`,
 /// `<dir>.compacting` → `dir`) and deletes the old one. A crash at any point leaves either the
 /// original or the complete copy for [`recover_compaction`] to settle at the next open.
-fn compact(dir: &Path, db: sled::Db, min_bytes: u64) -> Result<Compacted, StoreError> {
+fn compact(
+    dir: &Path,
+    db: sled::Db,
+    revocation_bytes: u64,
+    min_bytes: u64,
+) -> Result<Compacted, StoreError> {
     let size = db.size_on_disk().map_err(backend)?;
     let (Some(fresh), Some(old)) = (sibling(dir, ".compacting"), sibling(dir, ".old")) else {
         return Ok(Compacted::No(db));
@@ -880,8 +972,11 @@ fn compact(dir: &Path, db: sled::Db, min_bytes: u64) -> Result<Compacted, StoreE
         return Ok(Compacted::No(db));
     }
     let started = Instant::now();
-    let mut live = 0u64;
+    let mut live = revocation_bytes;
     for name in db.tree_names() {
+        if REVOCATION_TREES.contains(&name.as_ref()) {
+            continue;
+        }
         for kv in db.open_tree(&name).map_err(backend)?.iter() {
             let (k, v) = kv.map_err(backend)?;
             live += (k.len() + v.len()) as u64;
@@ -1237,9 +1332,19 @@ mod tests {
         // New writes continue the log in the new layout.
         store.commit(&[audit_rec(4)], &[]).unwrap();
         assert_eq!(store.read_audit(4, 1).unwrap()[0], audit_rec(4));
+        // Re-revoking an entry of the previous release moves it to its binary key.
+        store
+            .commit(
+                &[],
+                &[Write::PutRevocation(revocation("01bb", 5, now + 500))],
+            )
+            .unwrap();
+        assert!(store.revoked.get("01bb").unwrap().is_none());
+        assert_eq!(store.revoked.len(), 2);
+        assert_eq!(revs(&store), [1, 2, 5]);
         // 01aa and the certificate expired; the legacy expiry entries go with them.
         assert_eq!(store.prune(now + 100).unwrap(), 2);
-        assert_eq!(revs(&store), [2, 3]);
+        assert_eq!(revs(&store), [2, 5]);
         assert!(store.issued("01cc").unwrap().is_none());
         assert_eq!(
             store.expiry.len(),
@@ -1248,7 +1353,11 @@ mod tests {
         );
         drop(store);
         let store = SledStore::open(dir.path()).unwrap();
-        assert_eq!(revs(&store), [2, 3]);
+        assert_eq!(revs(&store), [2, 5]);
+        assert_eq!(
+            store.revoked_serial("01bb").unwrap().unwrap().serial,
+            "01bb"
+        );
         assert_eq!(store.prune(now + 1000).unwrap(), 2);
         assert_eq!(
             store.expiry.len(),
