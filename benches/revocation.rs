@@ -48,6 +48,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     if let Ok(path) = std::env::var("LANYARD_BENCH_OPEN_ONLY") {
         return open_only(Path::new(&path));
     }
+    if let Ok(n) = std::env::var("LANYARD_BENCH_COMMITS") {
+        return issuance_commits(n.parse()?);
+    }
     let n: usize = knob("LANYARD_BENCH_REVOCATIONS", 1_000_000)?;
     let lookups: usize = knob("LANYARD_BENCH_LOOKUPS", 100_000)?;
     let batch: usize = knob("LANYARD_BENCH_BATCH", 1000)?.max(1);
@@ -59,9 +62,13 @@ fn main() -> Result<(), Box<dyn Error>> {
     );
     println!("store: sled in {}", path.display());
 
+    // Created, flushed and opened again: what an empty store keeps on disk.
     let store = SledStore::open(&path)?;
-    let empty = store.stats()?;
-    report("empty store", &empty, &path);
+    store.flush()?;
+    drop(store);
+    let store = SledStore::open(&path)?;
+    let empty = dir_size(&path).0;
+    report("empty store", &store.stats()?, &path);
 
     // 1. Insert.
     let (serials, expires_at, inserted) = insert(&store, n, batch, 0)?;
@@ -197,16 +204,15 @@ fn main() -> Result<(), Box<dyn Error>> {
     drop(store);
     let t = Instant::now();
     let store = SledStore::open(&path)?;
-    let reopened = store.stats()?;
     report(
         &format!("after reopening (with compaction) in {}", secs(t.elapsed())),
-        &reopened,
+        &store.stats()?,
         &path,
     );
+    let files = dir_size(&path).0;
     println!(
-        "   {:.2}x the empty store ({})",
-        reopened.disk_bytes as f64 / empty.disk_bytes.max(1) as f64,
-        mib(empty.disk_bytes)
+        "   files {files} bytes: {:.2}x the empty store's {empty} bytes",
+        files as f64 / empty.max(1) as f64
     );
 
     // 7. A second wave of as many revocations: does the store grow again, or reuse the space the
@@ -230,6 +236,48 @@ fn main() -> Result<(), Box<dyn Error>> {
             &path,
         );
     }
+    Ok(())
+}
+
+/// The store's share of an issuance, for `valgrind --tool=callgrind` (instruction counts do not
+/// depend on the machine's load): `n` commits shaped like one renewal's (its audit record and
+/// its issued-certificate index entry), each flushed as a lone issuance's group commit is. Run
+/// it with two values of `n`: the difference divided by the difference of `n` is the cost of
+/// one commit + flush, without the store's opening.
+fn issuance_commits(n: u64) -> Result<(), Box<dyn Error>> {
+    use lanyard::store::{AuditRecord, IssuedRecord};
+    let tmp = tempfile::tempdir()?;
+    let store = SledStore::open(&tmp.path().join("store"))?;
+    let now = unix_now();
+    for seq in 1..=n {
+        let serial = Serial::random().to_hex();
+        let id = format!("spiffe://example.org/ns/prod/workload-{}", seq % 1000);
+        let record = AuditRecord {
+            v: RECORD_VERSION,
+            seq,
+            time_ms: now * 1000 + seq as i64,
+            kind: "issued".into(),
+            actor: id.clone(),
+            subject: id.clone(),
+            serial: serial.clone(),
+            roles: vec!["web".into()],
+            not_after: now + 300,
+            reason: "renewal".into(),
+            claimed: String::new(),
+            prev_hash: [seq as u8; 32],
+            hash: [(seq + 1) as u8; 32],
+        };
+        let issued = IssuedRecord {
+            v: RECORD_VERSION,
+            spiffe_id: id,
+            serial,
+            roles: vec!["web".into()],
+            not_after: now + 300,
+        };
+        store.commit(&[record], &[Write::PutIssued(issued, now + 330)])?;
+        store.flush()?;
+    }
+    println!("{n} issuance commits");
     Ok(())
 }
 

@@ -59,18 +59,23 @@ fn nibble(c: u8) -> Option<u8> {
     }
 }
 
-/// A serial entry without its serial, its strings interned.
+/// A serial entry without its serial, its strings interned: 40 bytes, so a table slot with its
+/// key is 64.
 #[derive(Clone, Copy)]
 struct Slot {
     rev: u64,
     aux: i64,
-    revoked_at: i64,
     expires_at: i64,
+    /// `expires_at - revoked_at` (an entry where that does not fit is kept whole).
+    lead: u32,
     spiffe_id: u32,
+    /// The interned reason, and [`RENEWABLE`] when the holder may still renew.
     reason: u32,
     origin: u32,
-    renewable: bool,
 }
+
+/// The `renewable` flag, in [`Slot::reason`]'s top bit.
+const RENEWABLE: u32 = 1 << 31;
 
 /// Strings shared by many entries, reference-counted so pruned ones are freed.
 #[derive(Default)]
@@ -94,7 +99,9 @@ impl Interner {
             }
             None => {
                 self.strs.push((s.clone(), 1));
-                (self.strs.len() - 1) as u32
+                // Below 2^31: the top bit of an id in a slot is a flag. (2^31 distinct strings
+                // would take far more memory than any CA has.)
+                ((self.strs.len() - 1) as u32) & !RENEWABLE
             }
         };
         self.ids.insert(s, id);
@@ -148,23 +155,28 @@ impl RevIndex {
             self.rules.insert(r.spiffe_id.clone(), (r.clone(), aux));
             return;
         }
+        let lead = r
+            .expires_at
+            .checked_sub(r.revoked_at)
+            .and_then(|d| u32::try_from(d).ok());
         let key = SerialKey::parse(&r.serial)
-            .filter(|_| r.v == RECORD_VERSION && r.before == 0 && !r.blocked);
+            .filter(|_| r.v == RECORD_VERSION && r.before == 0 && !r.blocked)
+            .zip(lead);
         // One serial lives in one place: a replacement may move it between the two.
         self.remove_serial(&r.serial);
-        let Some(key) = key else {
+        let Some((key, lead)) = key else {
             self.odd.insert(r.serial.clone(), (r.clone(), aux));
             return;
         };
+        let reason = self.strings.intern(&r.reason);
         let slot = Slot {
             rev: r.rev,
             aux,
-            revoked_at: r.revoked_at,
             expires_at: r.expires_at,
+            lead,
             spiffe_id: self.strings.intern(&r.spiffe_id),
-            reason: self.strings.intern(&r.reason),
+            reason: reason | if r.renewable { RENEWABLE } else { 0 },
             origin: self.strings.intern(&r.origin),
-            renewable: r.renewable,
         };
         self.serials.insert(key, slot);
         // Commits arrive in rev order; only out-of-order writes (tests, tools) pay an insert.
@@ -195,7 +207,7 @@ impl RevIndex {
         if let Some(key) = SerialKey::parse(serial)
             && let Some(slot) = self.serials.remove(&key)
         {
-            for id in [slot.spiffe_id, slot.reason, slot.origin] {
+            for id in [slot.spiffe_id, slot.reason & !RENEWABLE, slot.origin] {
                 self.strings.release(id);
             }
             self.stale += 1;
@@ -315,11 +327,11 @@ impl RevIndex {
             spiffe_id: self.strings.get(s.spiffe_id).to_string(),
             identity_rule: false,
             before: 0,
-            reason: self.strings.get(s.reason).to_string(),
-            revoked_at: s.revoked_at,
+            reason: self.strings.get(s.reason & !RENEWABLE).to_string(),
+            revoked_at: s.expires_at - i64::from(s.lead),
             expires_at: s.expires_at,
             blocked: false,
-            renewable: s.renewable,
+            renewable: s.reason & RENEWABLE != 0,
             origin: self.strings.get(s.origin).to_string(),
         }
     }
@@ -358,25 +370,30 @@ mod tests {
                 before: 5,
                 ..serial("02", 4, "spiffe://td/d", 100)
             },
+            // Expiring before it was revoked (nonsense, but stored): kept whole, read back.
+            RevocationRecord {
+                revoked_at: 500,
+                ..serial("03", 5, "spiffe://td/f", 100)
+            },
             RevocationRecord {
                 identity_rule: true,
                 serial: String::new(),
                 blocked: true,
                 before: 7,
-                ..serial("", 5, "spiffe://td/e", i64::MAX)
+                ..serial("", 6, "spiffe://td/e", i64::MAX)
             },
         ];
         for e in &entries {
             ix.insert(e);
         }
-        for e in &entries[..4] {
+        for e in &entries[..5] {
             assert_eq!(ix.serial(&e.serial).as_ref(), Some(e));
         }
-        assert_eq!(ix.rule("spiffe://td/e").as_ref(), Some(&entries[4]));
+        assert_eq!(ix.rule("spiffe://td/e").as_ref(), Some(&entries[5]));
         assert_eq!(ix.since(0), entries.to_vec());
         assert_eq!(ix.since(3), entries[3..].to_vec());
         assert_eq!(ix.range(1, 3), entries[1..3].to_vec());
-        assert_eq!(ix.serial_count(), 4);
+        assert_eq!(ix.serial_count(), 5);
         assert!(ix.serial("01ac").is_none());
     }
 

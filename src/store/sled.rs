@@ -914,8 +914,9 @@ fn revocation_key(serial: &str) -> Vec<u8> {
 }
 
 /// sled's page cache. Revocations are answered from memory, so the cache only needs the working
-/// set of the issuance path; sled's default (1 GiB) would let the CA's memory grow to that.
-const CACHE_BYTES: u64 = 64 << 20;
+/// set of the issuance path (the newest audit, issued and token nodes); sled's default (1 GiB)
+/// would let the CA's memory grow to that.
+const CACHE_BYTES: u64 = 16 << 20;
 
 /// Below this size a database is never compacted: the copy would save little.
 const COMPACT_MIN_BYTES: u64 = 16 << 20;
