@@ -1,20 +1,23 @@
-//! Revocation storage benchmark (issue 4): what a million live serial revocations cost in sled,
-//! and whether the store shrinks back once they expire.
+//! Revocation storage benchmark (issues 4 and 13): what a million live serial revocations cost
+//! in sled, and whether the store shrinks back once they expire.
 //!
 //! Straight against `lanyard::store::SledStore` in a temp dir, no server:
 //! 1. **Insert**: N serial revocations (`Write::PutRevocation`, each expiring 20 s from the start)
 //!    through `Store::commit` in batches, then one `Store::flush`; time, rate, and sled's
-//!    `size_on_disk` next to the bytes the files take.
-//! 2. **Check latency**: `Store::revoked_serial` (what `Revocation.Check` and every authenticated
+//!    `size_on_disk` next to the bytes the files take, per live revocation; the process RSS.
+//! 2. **Index rebuild**: the store closed and opened again, which loads every live revocation
+//!    into the in-memory index (what a CA start pays); time and RSS after.
+//! 3. **Check latency**: `Store::revoked_serial` (what `Revocation.Check` and every authenticated
 //!    call do) for random serials, half of them revoked (hits), half never seen (misses); p50,
 //!    p99, p99.9 and max.
-//! 3. **Full scan**: `Store::revocations_since(0)`, the input of `Revocation.Watch{since: 0}` and of
-//!    every CRL.
-//! 4. **Prune**: `Store::prune` at a time after every entry expired; time, entries pruned, and
-//!    the size afterwards: right after the prune, after a flush, and after reopening the store.
-//!    (sled is log-structured: freed segments are reused for new writes rather than handed back
-//!    to the file system, so the file need not shrink.)
-//! 5. **Second wave**: as many revocations again, then pruned again: whether sled reuses the
+//! 4. **Watch{since: 0}**: `Store::revocations_since(0)` turned into the wire entries a
+//!    `Revocation.Watch` from scratch streams.
+//! 5. **CRL**: `Revocations::crl` signed by a fresh CA: the first call builds and signs it, the
+//!    second is served from the per-revision cache.
+//! 6. **Prune**: `Store::prune` at a time after every entry expired; time, entries pruned, and
+//!    the size afterwards: right after the prune, after a flush, and after reopening the store
+//!    (which compacts it when its files are mostly free space), next to the empty store.
+//! 7. **Second wave**: as many revocations again, then pruned again: whether sled reuses the
 //!    space the first wave freed or keeps growing.
 //!
 //! Knobs (environment; `scripts/bench-revocation` documents them too):
@@ -29,14 +32,25 @@
 use std::error::Error;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lanyard::ca::Serial;
+use lanyard::api::revocation::to_proto;
+use lanyard::audit::AuditLog;
+use lanyard::ca::{Authority, RolesOid, Serial};
+use lanyard::revocation::Revocations;
+use lanyard::spiffe::TrustDomain;
 use lanyard::store::{RECORD_VERSION, RevocationRecord, SledStore, Store, StoreStats, Write};
 use lanyard::tls::unix_now;
 use rand::Rng;
 
 fn main() -> Result<(), Box<dyn Error>> {
+    if let Ok(path) = std::env::var("LANYARD_BENCH_OPEN_ONLY") {
+        return open_only(Path::new(&path));
+    }
+    if let Ok(n) = std::env::var("LANYARD_BENCH_COMMITS") {
+        return issuance_commits(n.parse()?);
+    }
     let n: usize = knob("LANYARD_BENCH_REVOCATIONS", 1_000_000)?;
     let lookups: usize = knob("LANYARD_BENCH_LOOKUPS", 100_000)?;
     let batch: usize = knob("LANYARD_BENCH_BATCH", 1000)?.max(1);
@@ -48,7 +62,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     );
     println!("store: sled in {}", path.display());
 
+    // Created, flushed and opened again: what an empty store keeps on disk.
     let store = SledStore::open(&path)?;
+    store.flush()?;
+    drop(store);
+    let store = SledStore::open(&path)?;
+    let empty = dir_size(&path).0;
     report("empty store", &store.stats()?, &path);
 
     // 1. Insert.
@@ -66,10 +85,21 @@ fn main() -> Result<(), Box<dyn Error>> {
     report("after insert + flush", &full, &path);
     if n > 0 {
         println!(
-            "   {:.0} bytes on disk per live revocation (size_on_disk / entries)",
-            full.disk_bytes as f64 / n as f64
+            "   {:.0} bytes on disk per live revocation (size_on_disk / entries); {:.0} in files",
+            full.disk_bytes as f64 / n as f64,
+            dir_size(&path).0 as f64 / n as f64
         );
     }
+    println!("   {}", rss());
+
+    // 2. Index rebuild: a CA start, in a fresh process (so its RSS is the store's alone).
+    drop(store);
+    println!("\n2. open in a fresh process (loads the revocation index):");
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .env("LANYARD_BENCH_OPEN_ONLY", &path)
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    let store = Arc::new(SledStore::open(&path)?);
 
     // 2. Check latency.
     let mut rng = rand::rng();
@@ -100,7 +130,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
     let total = t.elapsed();
     println!(
-        "\n2. Store::revoked_serial: {lookups} lookups in {} ({:.0}/s, one thread){}",
+        "\n3. Store::revoked_serial: {lookups} lookups in {} ({:.0}/s, one thread){}",
         secs(total),
         lookups as f64 / total.as_secs_f64(),
         if wrong > 0 {
@@ -114,20 +144,57 @@ fn main() -> Result<(), Box<dyn Error>> {
     latency("hits (revoked)", &mut hits);
     latency("misses (not revoked)", &mut misses);
 
-    // 3. Full scan.
+    // 4. Watch{since: 0}: the snapshot a new watcher streams, in wire form.
     let t = Instant::now();
-    let scanned = store.revocations_since(0)?.len();
+    let entries: Vec<_> = store
+        .revocations_since(0)?
+        .into_iter()
+        .map(to_proto)
+        .collect();
     println!(
-        "\n3. Store::revocations_since(0) (Watch{{since: 0}} and CRL input): {scanned} entries in {}",
+        "\n4. Watch{{since: 0}} snapshot (revocations_since(0) as wire entries): {} entries in {}",
+        entries.len(),
         secs(t.elapsed())
     );
+    drop(entries);
 
-    // 4. Prune, at an instant after every entry expired (no need to wait for the clock).
+    // 5. CRL, signed by a fresh CA: built once, then served from the cache.
+    {
+        let ca_dir = tempfile::tempdir()?;
+        let td = TrustDomain::new("example.org")?;
+        let authority = Authority::load_or_create(ca_dir.path(), &td, RolesOid::default())?;
+        let shared: Arc<dyn Store> = store.clone();
+        let revocations = Revocations::new(
+            AuditLog::start(shared)?,
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+        );
+        let t = Instant::now();
+        let der = revocations.crl(&authority, Duration::from_secs(3600))?;
+        let built = t.elapsed();
+        let t = Instant::now();
+        let again = revocations.crl(&authority, Duration::from_secs(3600))?;
+        let cached = t.elapsed();
+        println!(
+            "\n5. CRL: {} bytes built and signed in {}; from the cache in {}{}; {}",
+            der.len(),
+            secs(built),
+            us(cached),
+            if Arc::ptr_eq(&der, &again) {
+                ""
+            } else {
+                " (NOT THE CACHED ONE)"
+            },
+            rss()
+        );
+    }
+
+    // 6. Prune, at an instant after every entry expired (no need to wait for the clock).
     let t = Instant::now();
     let pruned = store.prune(expires_at + 1)?;
     let took = t.elapsed();
     println!(
-        "\n4. Store::prune: {pruned} entries pruned in {} ({:.0}/s)",
+        "\n6. Store::prune: {pruned} entries pruned in {} ({:.0}/s)",
         secs(took),
         pruned as f64 / took.as_secs_f64()
     );
@@ -135,16 +202,26 @@ fn main() -> Result<(), Box<dyn Error>> {
     store.flush()?;
     report("after prune + flush", &store.stats()?, &path);
     drop(store);
+    let t = Instant::now();
     let store = SledStore::open(&path)?;
-    report("after reopening", &store.stats()?, &path);
+    report(
+        &format!("after reopening (with compaction) in {}", secs(t.elapsed())),
+        &store.stats()?,
+        &path,
+    );
+    let files = dir_size(&path).0;
+    println!(
+        "   files {files} bytes: {:.2}x the empty store's {empty} bytes",
+        files as f64 / empty.max(1) as f64
+    );
 
-    // 5. A second wave of as many revocations: does the store grow again, or reuse the space the
+    // 7. A second wave of as many revocations: does the store grow again, or reuse the space the
     //    first wave freed?
     if second_wave && n > 0 {
         let (_, expires_at, inserted) = insert(&store, n, batch, n as u64)?;
         store.flush()?;
         println!(
-            "\n5. second wave: {n} more revocations in {} ({:.0}/s)",
+            "\n7. second wave: {n} more revocations in {} ({:.0}/s)",
             secs(inserted),
             n as f64 / inserted.as_secs_f64()
         );
@@ -162,7 +239,78 @@ fn main() -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// Inserts `n` live serial revocations expiring 20 s from now, `batch` per commit, with revs
+/// The store's share of an issuance, for `valgrind --tool=callgrind` (instruction counts do not
+/// depend on the machine's load): `n` commits shaped like one renewal's (its audit record and
+/// its issued-certificate index entry), each flushed as a lone issuance's group commit is. Run
+/// it with two values of `n`: the difference divided by the difference of `n` is the cost of
+/// one commit + flush, without the store's opening.
+fn issuance_commits(n: u64) -> Result<(), Box<dyn Error>> {
+    use lanyard::store::{AuditRecord, IssuedRecord};
+    let tmp = tempfile::tempdir()?;
+    let store = SledStore::open(&tmp.path().join("store"))?;
+    let now = unix_now();
+    for seq in 1..=n {
+        let serial = Serial::random().to_hex();
+        let id = format!("spiffe://example.org/ns/prod/workload-{}", seq % 1000);
+        let record = AuditRecord {
+            v: RECORD_VERSION,
+            seq,
+            time_ms: now * 1000 + seq as i64,
+            kind: "issued".into(),
+            actor: id.clone(),
+            subject: id.clone(),
+            serial: serial.clone(),
+            roles: vec!["web".into()],
+            not_after: now + 300,
+            reason: "renewal".into(),
+            claimed: String::new(),
+            prev_hash: [seq as u8; 32],
+            hash: [(seq + 1) as u8; 32],
+        };
+        let issued = IssuedRecord {
+            v: RECORD_VERSION,
+            spiffe_id: id,
+            serial,
+            roles: vec!["web".into()],
+            not_after: now + 300,
+        };
+        store.commit(&[record], &[Write::PutIssued(issued, now + 330)])?;
+        store.flush()?;
+    }
+    println!("{n} issuance commits");
+    Ok(())
+}
+
+/// What a CA start pays, in this (fresh) process: opening the store at `path`, then a CRL.
+fn open_only(path: &Path) -> Result<(), Box<dyn Error>> {
+    let t = Instant::now();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(path)?);
+    println!(
+        "   {} entries in {}; {}",
+        store.stats()?.revoked_serials,
+        secs(t.elapsed()),
+        rss()
+    );
+    let ca_dir = tempfile::tempdir()?;
+    let td = TrustDomain::new("example.org")?;
+    let authority = Authority::load_or_create(ca_dir.path(), &td, RolesOid::default())?;
+    let revocations = Revocations::new(
+        AuditLog::start(store)?,
+        Duration::from_secs(60),
+        Duration::from_secs(3600),
+    );
+    let t = Instant::now();
+    let der = revocations.crl(&authority, Duration::from_secs(3600))?;
+    println!(
+        "   then a CRL ({} bytes) in {}; {}",
+        der.len(),
+        secs(t.elapsed()),
+        rss()
+    );
+    Ok(())
+}
+
+/// Inserts `n` live serial revocations expiring in an hour, `batch` per commit, with revs
 /// after `first_rev`. Returns their serials, their expiry and the time it took.
 fn insert(
     store: &SledStore,
@@ -171,7 +319,9 @@ fn insert(
     first_rev: u64,
 ) -> Result<(Vec<String>, i64, Duration), Box<dyn Error>> {
     let start = unix_now();
-    let expires_at = start + 20;
+    // Far enough ahead that none expires during the run (the CRL cache would rebuild); prune
+    // is given a time past it.
+    let expires_at = start + 3600;
     let mut serials = Vec::with_capacity(n);
     let mut writes = Vec::with_capacity(batch);
     let t = Instant::now();
@@ -201,6 +351,18 @@ fn insert(
         store.commit(&[], &writes)?;
     }
     Ok((serials, expires_at, t.elapsed()))
+}
+
+/// The process's resident set now and at its peak.
+fn rss() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or("?".to_string(), |v| v.trim().to_string())
+    };
+    format!("RSS {} (peak {})", field("VmRSS:"), field("VmHWM:"))
 }
 
 fn knob<T: FromStr>(name: &str, default: T) -> Result<T, Box<dyn Error>>

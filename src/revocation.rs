@@ -387,7 +387,7 @@ impl Revocations {
             .iter()
             // Relayed entries are other CAs' certificates: not this CA's to list.
             .filter(|e| !e.identity_rule && e.origin.is_empty())
-            .filter_map(|e| Serial::parse_hex(&e.serial).map(|s| (s, e.revoked_at)))
+            .filter_map(|e| entry_serial(&e.serial).map(|s| (s, e.revoked_at)))
             .collect();
         let this_update = now - 60;
         let next_update = now + validity.as_secs() as i64;
@@ -504,6 +504,29 @@ impl Revocations {
     }
 }
 
+/// The serial of a stored entry. The store keeps canonical lowercase hex, decoded here without
+/// the copies `Serial::parse_hex` makes for its other spellings (a CRL decodes every entry);
+/// anything else goes through it.
+fn entry_serial(hex: &str) -> Option<Serial> {
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let b = hex.as_bytes();
+    if b.is_empty() || b.len() > 40 || b.len() % 2 != 0 {
+        return Serial::parse_hex(hex);
+    }
+    let mut bytes = [0u8; 20];
+    for (o, pair) in bytes.iter_mut().zip(b.chunks_exact(2)) {
+        match (nibble(pair[0]), nibble(pair[1])) {
+            (Some(h), Some(l)) => *o = (h << 4) | l,
+            _ => return Serial::parse_hex(hex),
+        }
+    }
+    Some(Serial::from_bytes(&bytes[..b.len() / 2]))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -531,6 +554,24 @@ mod tests {
             Duration::from_secs(60),
         );
         (dir, revocations)
+    }
+
+    #[test]
+    fn entry_serials_decode_like_parse_hex() {
+        for hex in [
+            "01ab",
+            "00ff",
+            "0a",
+            "ABCD",
+            "abc",
+            "01:02",
+            "",
+            "zz",
+            &"ab".repeat(20),
+        ] {
+            assert_eq!(entry_serial(hex), Serial::parse_hex(hex), "{hex:?}");
+        }
+        assert_eq!(entry_serial(&"ab".repeat(21)), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -225,6 +225,82 @@ fn check_revocations(s: &dyn Store) {
     assert_eq!(s.prune(200).unwrap(), 0);
 }
 
+/// Many serial entries of the usual shape (what the in-memory index of sled keeps compactly):
+/// every field reads back as written, replaced entries move to their new rev, pruning removes
+/// exactly the expired ones, and a store opened again on the same data answers the same.
+fn check_revocation_index(open: &dyn Fn(&str) -> Arc<dyn Store>) {
+    let entry = |i: u64, rev: u64| RevocationRecord {
+        v: RECORD_VERSION,
+        rev,
+        serial: format!("01{i:030x}"),
+        spiffe_id: format!("spiffe://example.org/w{}", i % 7),
+        identity_rule: false,
+        before: 0,
+        reason: format!("reason {}", i % 3),
+        revoked_at: 1000 + i as i64,
+        expires_at: 2000 + i as i64,
+        blocked: false,
+        renewable: i % 5 == 0,
+        origin: if i % 11 == 0 {
+            "b.example".into()
+        } else {
+            String::new()
+        },
+    };
+    let mut expect: Vec<RevocationRecord> = (0..300).map(|i| entry(i, i + 1)).collect();
+    let s = open("index");
+    for chunk in expect.chunks(100) {
+        let writes: Vec<Write> = chunk.iter().cloned().map(Write::PutRevocation).collect();
+        s.commit(&[], &writes).unwrap();
+    }
+    // Re-revoked with another reason: it moves to the end.
+    let again = RevocationRecord {
+        reason: "again".into(),
+        expires_at: 5000,
+        ..entry(5, 400)
+    };
+    s.commit(&[], &[Write::PutRevocation(again.clone())])
+        .unwrap();
+    expect.remove(5);
+    expect.push(again);
+    let rule = RevocationRecord {
+        serial: String::new(),
+        identity_rule: true,
+        blocked: true,
+        before: 1500,
+        expires_at: i64::MAX,
+        ..entry(1, 401)
+    };
+    s.commit(&[], &[Write::PutRevocation(rule.clone())])
+        .unwrap();
+    expect.push(rule.clone());
+    let check = |s: &dyn Store, expect: &[RevocationRecord]| {
+        for e in expect.iter().filter(|e| !e.identity_rule) {
+            assert_eq!(s.revoked_serial(&e.serial).unwrap().as_ref(), Some(e));
+        }
+        assert!(
+            s.revoked_serial(&format!("01{:030x}", 999))
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(s.revocations_since(0).unwrap(), expect);
+        let tail: Vec<_> = expect.iter().filter(|e| e.rev > 250).cloned().collect();
+        assert_eq!(s.revocations_since(250).unwrap(), tail);
+        assert_eq!(
+            s.identity_rule(&rule.spiffe_id).unwrap().as_ref(),
+            Some(&rule)
+        );
+        assert_eq!(s.stats().unwrap().revoked_serials, expect.len() - 1);
+    };
+    check(&*s, &expect);
+    // Entries 0..100 expire before 2100.
+    assert_eq!(s.prune(2100).unwrap(), 99, "100, less the re-revoked one");
+    expect.retain(|e| e.expires_at >= 2100);
+    check(&*s, &expect);
+    drop(s);
+    check(&*open("index"), &expect);
+}
+
 fn check_guards(s: &dyn Store) {
     let pending = access("req1", "pending", 10_000);
     // Guard on absence, then create.
@@ -469,6 +545,7 @@ async fn check_feed(s: Arc<dyn Store>) {
 }
 
 async fn run_all(open: impl Fn(&str) -> Arc<dyn Store>) {
+    check_revocation_index(&open);
     check_tokens(&*open("tokens"));
     check_identities(&*open("identities"));
     check_revocations(&*open("revocations"));

@@ -28,6 +28,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Code, Request, Status};
 use tracing::{debug, info, warn};
 
+use super::index::RevIndex;
 use super::sled::{decode, encode};
 use super::{
     AccessRecord, AuditRecord, Committed, Consume, Enrollment, FEED_BUFFER, Guard, IssuedRecord,
@@ -182,8 +183,9 @@ struct Mirror {
     enrollments: HashMap<String, Enrollment>,
     issued: HashMap<String, (IssuedEntry, i64)>,
     issued_ids: HashMap<String, BTreeSet<String>>,
-    revoked: HashMap<String, (RevocationRecord, i64)>,
-    rules: HashMap<String, (RevocationRecord, i64)>,
+    /// Serial entries and identity rules, compactly (a million of them fit in ~100 MB), each
+    /// with its mod revision as the index's `aux`.
+    revoked: RevIndex,
     access: BTreeMap<String, (AccessRecord, i64)>,
     shared: BTreeMap<String, Versioned>,
     head: Option<(Head, i64)>,
@@ -518,9 +520,11 @@ impl Inner {
             kvs.append(&mut page);
         }
         let mut fresh = Mirror::default();
+        fresh.revoked.start_load();
         for kv in &kvs {
             self.apply_put(&mut fresh, kv)?;
         }
+        fresh.revoked.finish_load();
         let head_seq = fresh.head.map_or(0, |(h, _)| h.seq);
         let missed = {
             let mut m = self.mirror.write().unwrap_or_else(|p| p.into_inner());
@@ -547,13 +551,7 @@ impl Inner {
             let m = self.mirror.read().unwrap_or_else(|p| p.into_inner());
             for r in page {
                 next = r.seq + 1;
-                let revocations = m
-                    .revoked
-                    .values()
-                    .chain(m.rules.values())
-                    .filter(|(x, _)| x.rev == r.seq)
-                    .map(|(x, _)| x.clone())
-                    .collect();
+                let revocations = m.revoked.range(r.seq - 1, r.seq);
                 let _ = self.feed.send(Arc::new(Committed {
                     record: r,
                     revocations,
@@ -613,14 +611,14 @@ impl Inner {
                 m.issued.insert(serial.to_string(), (e, rev));
                 None
             }
-            Key::Revoked(serial) => {
+            Key::Revoked(_) => {
                 let r: RevocationRecord = decode(&kv.key, &kv.value)?;
-                m.revoked.insert(serial.to_string(), (r.clone(), rev));
+                m.revoked.insert_with(&r, rev);
                 Some(Applied::Revocation(r))
             }
-            Key::Rule(id) => {
+            Key::Rule(_) => {
                 let r: RevocationRecord = decode(&kv.key, &kv.value)?;
-                m.rules.insert(id.to_string(), (r.clone(), rev));
+                m.revoked.insert_with(&r, rev);
                 Some(Applied::Revocation(r))
             }
             Key::Access(id) => {
@@ -669,10 +667,10 @@ impl Inner {
                 }
             }
             Key::Revoked(serial) => {
-                m.revoked.remove(serial);
+                m.revoked.remove_serial(serial);
             }
             Key::Rule(id) => {
-                m.rules.remove(id);
+                m.revoked.remove_rule(id);
             }
             Key::Access(id) => {
                 m.access.remove(id);
@@ -970,7 +968,7 @@ impl EtcdStore {
                         ),
                         Guard::IdentityRule { spiffe_id, expect } => (
                             i.key(&format!("rules/{spiffe_id}")),
-                            match (m.rules.get(spiffe_id), expect) {
+                            match (m.revoked.rule_with(spiffe_id), expect) {
                                 (Some((now, rev)), Some(e)) if now == e.as_ref() => Some(*rev),
                                 (None, None) => Some(0),
                                 _ => None,
@@ -1122,20 +1120,15 @@ impl Store for EtcdStore {
     }
 
     fn revoked_serial(&self, serial: &str) -> Result<Option<RevocationRecord>, StoreError> {
-        Ok(self.mirror().revoked.get(serial).map(|(r, _)| r.clone()))
+        Ok(self.mirror().revoked.serial(serial))
     }
 
     fn identity_rule(&self, spiffe_id: &str) -> Result<Option<RevocationRecord>, StoreError> {
-        Ok(self.mirror().rules.get(spiffe_id).map(|(r, _)| r.clone()))
+        Ok(self.mirror().revoked.rule(spiffe_id))
     }
 
     fn identity_rules(&self) -> Result<Vec<RevocationRecord>, StoreError> {
-        Ok(self
-            .mirror()
-            .rules
-            .values()
-            .map(|(r, _)| r.clone())
-            .collect())
+        Ok(self.mirror().revoked.rules())
     }
 
     fn access_all(&self) -> Result<Vec<AccessRecord>, StoreError> {
@@ -1148,16 +1141,7 @@ impl Store for EtcdStore {
     }
 
     fn revocations_since(&self, since: u64) -> Result<Vec<RevocationRecord>, StoreError> {
-        let m = self.mirror();
-        let mut out: Vec<RevocationRecord> = m
-            .revoked
-            .values()
-            .chain(m.rules.values())
-            .filter(|(r, _)| r.rev > since)
-            .map(|(r, _)| r.clone())
-            .collect();
-        out.sort_by_key(|r| r.rev);
-        Ok(out)
+        Ok(self.mirror().revoked.since(since))
     }
 
     fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
@@ -1373,27 +1357,16 @@ impl Store for EtcdStore {
                 .iter()
                 .filter(|(_, (e, _))| e.prune_at < now)
                 .map(|(k, (_, r))| (i.key(&format!("issued/{k}")), *r));
-            let revoked = m
-                .revoked
-                .iter()
-                .filter(|(_, (x, _))| x.expires_at < now)
-                .map(|(k, (_, r))| (i.key(&format!("revoked/{k}")), *r));
-            let rules = m
-                .rules
-                .iter()
-                .filter(|(_, (x, _))| x.expires_at < now)
-                .map(|(k, (_, r))| (i.key(&format!("rules/{k}")), *r));
+            let revoked = m.revoked.expired(now).into_iter().map(|(rule, k, r)| {
+                let coll = if rule { "rules" } else { "revoked" };
+                (i.key(&format!("{coll}/{k}")), r)
+            });
             let access = m
                 .access
                 .iter()
                 .filter(|(_, (a, _))| a.prune_at < now)
                 .map(|(k, (_, r))| (i.key(&format!("access/{k}")), *r));
-            tokens
-                .chain(issued)
-                .chain(revoked)
-                .chain(rules)
-                .chain(access)
-                .collect()
+            tokens.chain(issued).chain(revoked).chain(access).collect()
         };
         let mut pruned = 0;
         let mut top = 0;
@@ -1445,8 +1418,8 @@ impl Store for EtcdStore {
         Ok(StoreStats {
             tokens: m.tokens.len(),
             issued: m.issued.len(),
-            revoked_serials: m.revoked.len(),
-            identity_rules: m.rules.len(),
+            revoked_serials: m.revoked.serial_count(),
+            identity_rules: m.revoked.rule_count(),
             audit: m.head.map_or(0, |(h, _)| h.seq as usize) - m.checkpoint.unwrap_or(0) as usize,
             disk_bytes: db.unwrap_or(0).max(0) as u64,
         })

@@ -15,6 +15,7 @@
 //! ([`Store::shared_changes`]).
 
 mod etcd;
+mod index;
 mod records;
 mod sled;
 

@@ -1,6 +1,13 @@
-//! Typed, versioned records kept in the store. Every value is JSON with a `v` field so a later
+//! Typed, versioned records kept in the store. Every record carries a `v` field so a later
 //! release can read what an earlier one wrote (sled makes no on-disk format promise of its own).
+//!
+//! Two encodings are read: JSON (everything up to release 0.x wrote it, and etcd still does, so
+//! replicas of mixed releases read each other), and a compact binary layout ([`Stored`]) that
+//! sled now writes for the high-volume records (audit, issued, revocations, tokens): a third of
+//! the bytes, and no text formatting on the issuance path. A JSON value starts with `{`, a binary
+//! one with [`BINARY`], so each value says which it is.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of every record layout below.
@@ -209,6 +216,291 @@ pub struct AccessRecord {
     pub prune_at: i64,
 }
 
+/// First byte of a value in the binary layout (JSON values start with `{`).
+pub(crate) const BINARY: u8 = 0xB1;
+
+/// A value the sled backend stores: written in the compact binary layout where one exists,
+/// read in either that or JSON (what earlier releases wrote).
+pub(crate) trait Stored: Sized {
+    /// The stored bytes.
+    fn to_stored(&self) -> Vec<u8>;
+    /// Reads stored bytes in either layout.
+    fn from_stored(raw: &[u8]) -> Result<Self, String>;
+}
+
+/// Records with a binary layout: a type tag after [`BINARY`], then the fields in order.
+trait Binary: Sized + Serialize + DeserializeOwned {
+    /// Distinguishes the record types, so a value read as the wrong type fails to decode.
+    const TAG: u8;
+    fn write(&self, w: &mut Writer);
+    fn read(r: &mut Reader<'_>) -> Option<Self>;
+}
+
+impl<T: Binary> Stored for T {
+    fn to_stored(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::with_capacity(128));
+        w.0.push(BINARY);
+        w.0.push(T::TAG);
+        self.write(&mut w);
+        w.0
+    }
+
+    fn from_stored(raw: &[u8]) -> Result<Self, String> {
+        match raw {
+            [BINARY, tag, rest @ ..] if *tag == T::TAG => {
+                let mut r = Reader(rest);
+                match T::read(&mut r) {
+                    Some(v) if r.0.is_empty() => Ok(v),
+                    Some(_) => Err("trailing bytes after a binary record".into()),
+                    None => Err("truncated or malformed binary record".into()),
+                }
+            }
+            [BINARY, ..] => Err("binary record of another type".into()),
+            _ => serde_json::from_slice(raw).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Records that stay JSON (rare, small, or shared with tools): the layout is serde's.
+macro_rules! json_stored {
+    ($($t:ty),*) => {$(
+        impl Stored for $t {
+            fn to_stored(&self) -> Vec<u8> {
+                // Serializing these plain structs to JSON cannot fail (no non-string map keys).
+                serde_json::to_vec(self).unwrap_or_default()
+            }
+            fn from_stored(raw: &[u8]) -> Result<Self, String> {
+                serde_json::from_slice(raw).map_err(|e| e.to_string())
+            }
+        }
+    )*};
+}
+json_stored!(Enrollment, AccessRecord, (u64, [u8; 32]));
+
+/// Appends varints, strings and fixed fields.
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u64(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+    fn i64(&mut self, v: i64) {
+        // Zigzag: small negative and positive numbers both stay short.
+        self.u64(((v << 1) ^ (v >> 63)) as u64);
+    }
+    fn str(&mut self, s: &str) {
+        self.u64(s.len() as u64);
+        self.0.extend_from_slice(s.as_bytes());
+    }
+    fn strs(&mut self, v: &[String]) {
+        self.u64(v.len() as u64);
+        for s in v {
+            self.str(s);
+        }
+    }
+    fn bytes32(&mut self, b: &[u8; 32]) {
+        self.0.extend_from_slice(b);
+    }
+    fn flag(&mut self, b: bool) {
+        self.0.push(u8::from(b));
+    }
+}
+
+/// Reads what [`Writer`] wrote; `None` on anything malformed (never panics on input).
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn u64(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = self.0.split_first()?;
+            self.0 = rest;
+            v |= u64::from(b & 0x7f).checked_shl(shift)?;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    fn u32(&mut self) -> Option<u32> {
+        u32::try_from(self.u64()?).ok()
+    }
+    fn i64(&mut self) -> Option<i64> {
+        let z = self.u64()?;
+        Some(((z >> 1) as i64) ^ -((z & 1) as i64))
+    }
+    fn str(&mut self) -> Option<String> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        if n > self.0.len() {
+            return None;
+        }
+        let (s, rest) = self.0.split_at(n);
+        self.0 = rest;
+        String::from_utf8(s.to_vec()).ok()
+    }
+    fn strs(&mut self) -> Option<Vec<String>> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        // Every string takes at least one byte: a count beyond that is corrupt, not an
+        // allocation to make.
+        if n > self.0.len() {
+            return None;
+        }
+        (0..n).map(|_| self.str()).collect()
+    }
+    fn bytes32(&mut self) -> Option<[u8; 32]> {
+        let (b, rest) = self.0.split_first_chunk::<32>()?;
+        self.0 = rest;
+        Some(*b)
+    }
+    fn flag(&mut self) -> Option<bool> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        match b {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+}
+
+impl Binary for TokenRecord {
+    const TAG: u8 = 1;
+    fn write(&self, w: &mut Writer) {
+        w.u64(self.v.into());
+        w.str(&self.id);
+        w.bytes32(&self.secret_hash);
+        w.str(&self.spiffe_id);
+        w.strs(&self.roles);
+        w.u64(self.max_ttl);
+        w.i64(self.expires_at);
+        w.u64(self.uses_left.into());
+        w.str(&self.created_by);
+        match &self.revoked {
+            None => w.flag(false),
+            Some(r) => {
+                w.flag(true);
+                w.str(&r.by);
+                w.i64(r.at);
+            }
+        }
+    }
+    fn read(r: &mut Reader<'_>) -> Option<Self> {
+        Some(Self {
+            v: r.u32()?,
+            id: r.str()?,
+            secret_hash: r.bytes32()?,
+            spiffe_id: r.str()?,
+            roles: r.strs()?,
+            max_ttl: r.u64()?,
+            expires_at: r.i64()?,
+            uses_left: r.u32()?,
+            created_by: r.str()?,
+            revoked: if r.flag()? {
+                Some(TokenRevocation {
+                    by: r.str()?,
+                    at: r.i64()?,
+                })
+            } else {
+                None
+            },
+        })
+    }
+}
+
+impl Binary for IssuedRecord {
+    const TAG: u8 = 2;
+    fn write(&self, w: &mut Writer) {
+        w.u64(self.v.into());
+        w.str(&self.spiffe_id);
+        w.str(&self.serial);
+        w.strs(&self.roles);
+        w.i64(self.not_after);
+    }
+    fn read(r: &mut Reader<'_>) -> Option<Self> {
+        Some(Self {
+            v: r.u32()?,
+            spiffe_id: r.str()?,
+            serial: r.str()?,
+            roles: r.strs()?,
+            not_after: r.i64()?,
+        })
+    }
+}
+
+impl Binary for RevocationRecord {
+    const TAG: u8 = 3;
+    fn write(&self, w: &mut Writer) {
+        w.u64(self.v.into());
+        w.u64(self.rev);
+        w.str(&self.serial);
+        w.str(&self.spiffe_id);
+        w.flag(self.identity_rule);
+        w.i64(self.before);
+        w.str(&self.reason);
+        w.i64(self.revoked_at);
+        w.i64(self.expires_at);
+        w.flag(self.blocked);
+        w.flag(self.renewable);
+        w.str(&self.origin);
+    }
+    fn read(r: &mut Reader<'_>) -> Option<Self> {
+        Some(Self {
+            v: r.u32()?,
+            rev: r.u64()?,
+            serial: r.str()?,
+            spiffe_id: r.str()?,
+            identity_rule: r.flag()?,
+            before: r.i64()?,
+            reason: r.str()?,
+            revoked_at: r.i64()?,
+            expires_at: r.i64()?,
+            blocked: r.flag()?,
+            renewable: r.flag()?,
+            origin: r.str()?,
+        })
+    }
+}
+
+impl Binary for AuditRecord {
+    const TAG: u8 = 4;
+    fn write(&self, w: &mut Writer) {
+        w.u64(self.v.into());
+        w.u64(self.seq);
+        w.i64(self.time_ms);
+        w.str(&self.kind);
+        w.str(&self.actor);
+        w.str(&self.subject);
+        w.str(&self.serial);
+        w.strs(&self.roles);
+        w.i64(self.not_after);
+        w.str(&self.reason);
+        w.str(&self.claimed);
+        w.bytes32(&self.prev_hash);
+        w.bytes32(&self.hash);
+    }
+    fn read(r: &mut Reader<'_>) -> Option<Self> {
+        Some(Self {
+            v: r.u32()?,
+            seq: r.u64()?,
+            time_ms: r.i64()?,
+            kind: r.str()?,
+            actor: r.str()?,
+            subject: r.str()?,
+            serial: r.str()?,
+            roles: r.strs()?,
+            not_after: r.i64()?,
+            reason: r.str()?,
+            claimed: r.str()?,
+            prev_hash: r.bytes32()?,
+            hash: r.bytes32()?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,5 +528,131 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    fn audit(claimed: &str) -> AuditRecord {
+        AuditRecord {
+            v: RECORD_VERSION,
+            seq: 1 << 40,
+            time_ms: -5,
+            kind: "issued".into(),
+            actor: "spiffe://td/a".into(),
+            subject: "spiffe://td/b".into(),
+            serial: "01ff".into(),
+            roles: vec!["r1".into(), "é".into()],
+            not_after: i64::MAX,
+            reason: String::new(),
+            claimed: claimed.into(),
+            prev_hash: [3; 32],
+            hash: [4; 32],
+        }
+    }
+
+    fn revocation() -> RevocationRecord {
+        RevocationRecord {
+            v: RECORD_VERSION,
+            rev: 7,
+            serial: "01ab".into(),
+            spiffe_id: "spiffe://td/x".into(),
+            identity_rule: false,
+            before: i64::MIN,
+            reason: "key leak".into(),
+            revoked_at: 1_700_000_000,
+            expires_at: 1_700_000_600,
+            blocked: false,
+            renewable: true,
+            origin: "b.example".into(),
+        }
+    }
+
+    fn token(revoked: bool) -> TokenRecord {
+        TokenRecord {
+            v: RECORD_VERSION,
+            id: "abcd".into(),
+            secret_hash: [9; 32],
+            spiffe_id: "spiffe://td/ns/*".into(),
+            roles: vec![],
+            max_ttl: 300,
+            expires_at: 0,
+            uses_left: u32::MAX,
+            created_by: "spiffe://td/lanyard/admin".into(),
+            revoked: revoked.then(|| TokenRevocation {
+                by: "spiffe://td/lanyard/admin".into(),
+                at: 12,
+            }),
+        }
+    }
+
+    fn issued() -> IssuedRecord {
+        IssuedRecord {
+            v: RECORD_VERSION,
+            spiffe_id: "spiffe://td/y".into(),
+            serial: "0102".into(),
+            roles: vec!["admin".into()],
+            not_after: 1_700_000_300,
+        }
+    }
+
+    /// Both layouts read back as the same record: the binary one now written, and the JSON one
+    /// earlier releases wrote (and etcd still writes).
+    fn both_layouts<T: Stored + Serialize + PartialEq + std::fmt::Debug>(r: T) {
+        let bin = r.to_stored();
+        assert_eq!(bin[0], BINARY);
+        assert_eq!(T::from_stored(&bin).unwrap(), r);
+        let json = serde_json::to_vec(&r).unwrap();
+        assert!(bin.len() < json.len(), "{} vs {}", bin.len(), json.len());
+        assert_eq!(T::from_stored(&json).unwrap(), r);
+        // Every truncation fails cleanly, and so does trailing garbage.
+        for n in 0..bin.len() {
+            assert!(T::from_stored(&bin[..n]).is_err(), "truncated at {n}");
+        }
+        let mut long = bin.clone();
+        long.push(0);
+        assert!(T::from_stored(&long).is_err());
+    }
+
+    #[test]
+    fn records_round_trip_in_both_layouts() {
+        both_layouts(audit(""));
+        both_layouts(audit("spiffe://td/claimed"));
+        both_layouts(revocation());
+        both_layouts(RevocationRecord {
+            identity_rule: true,
+            serial: String::new(),
+            blocked: true,
+            origin: String::new(),
+            ..revocation()
+        });
+        both_layouts(token(false));
+        both_layouts(token(true));
+        both_layouts(issued());
+    }
+
+    #[test]
+    fn a_binary_record_is_not_read_as_another_type() {
+        let raw = revocation().to_stored();
+        assert!(IssuedRecord::from_stored(&raw).is_err());
+        assert!(AuditRecord::from_stored(&raw).is_err());
+        // A string length past the end, a varint that never ends, a bad flag: errors, no panic.
+        for bad in [
+            vec![BINARY, 2, 1, 0xff, 0xff, 0xff, 0xff, 0x0f],
+            [vec![BINARY, 2], vec![0xff; 20]].concat(),
+            vec![BINARY, 3, 1, 1, 0, 0, 7],
+            vec![BINARY],
+            vec![],
+        ] {
+            assert!(IssuedRecord::from_stored(&bad).is_err());
+            assert!(RevocationRecord::from_stored(&bad).is_err());
+        }
+    }
+
+    /// Records exactly as the previous release stored them (JSON) still read.
+    #[test]
+    fn json_of_the_previous_release_reads() {
+        let old = br#"{"v":1,"rev":3,"serial":"01ab","spiffe_id":"spiffe://td/x","identity_rule":false,"before":0,"reason":"r","revoked_at":1,"expires_at":2,"blocked":false}"#;
+        let r = RevocationRecord::from_stored(old).unwrap();
+        assert_eq!((r.rev, r.renewable, r.origin.as_str()), (3, false, ""));
+        let old = br#"{"v":1,"spiffe_id":"spiffe://td/y","serial":"0102","roles":["admin"],"not_after":5}"#;
+        assert_eq!(IssuedRecord::from_stored(old).unwrap().not_after, 5);
     }
 }

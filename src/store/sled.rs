@@ -1,23 +1,38 @@
 //! The embedded backend: sled trees, one per collection, plus an expiry index that makes pruning
 //! proportional to what expired rather than to what is stored.
+//!
+//! Revocations are the exception: every live one is also held in memory ([`RevIndex`], built at
+//! open), which answers lookups, `revocations_since` and pruning, so on disk a revocation is one
+//! compact record and nothing else. Records are written in the binary layout of
+//! [`super::records::Stored`]; JSON written by earlier releases still reads.
+//!
+//! sled never hands freed space back to the file system, so [`SledStore::open`] compacts a
+//! database that is mostly garbage: it copies the live data into a fresh database beside it and
+//! swaps the directories (see [`compact`]).
 
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+use std::time::Instant;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
+use tracing::{info, warn};
 
 use tokio::sync::broadcast;
 
+use super::index::RevIndex;
+use super::records::Stored;
 use super::{
     AccessRecord, AuditRecord, Consume, Enrollment, FEED_BUFFER, Guard, IssuedRecord,
     RevocationRecord, SharedChange, Store, StoreError, StoreHealth, StoreStats, TokenRecord,
     Versioned, Write,
 };
 
-/// Which collection an expiry-index entry points into.
+/// Which collection an expiry-index entry points into. Revocations (3, 4) are no longer indexed
+/// there (the in-memory index prunes them); entries that earlier releases wrote are dropped as
+/// they come due.
 #[derive(Clone, Copy)]
 #[repr(u8)]
 enum Coll {
@@ -40,12 +55,14 @@ pub struct SledStore {
     issued: sled::Tree,
     /// spiffe_id + 0 + serial → (), to list an identity's live certificates.
     issued_ids: sled::Tree,
+    /// serial → RevocationRecord (a serial entry).
     revoked: sled::Tree,
+    /// spiffe_id → RevocationRecord (an identity rule).
     identity_rules: sled::Tree,
     /// access request id → AccessRecord.
     access: sled::Tree,
-    /// rev (8 bytes BE) + collection byte + key → (), for `revocations_since`.
-    revs: sled::Tree,
+    /// Every live revocation, in step with the two trees above (see the module documentation).
+    index: RwLock<RevIndex>,
     /// expires_at (8 bytes BE, offset) + collection byte + key → (), for `prune`.
     expiry: sled::Tree,
     /// shared key → version (8 bytes BE) + value.
@@ -64,16 +81,34 @@ pub struct SledStore {
 
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
+    ///
+    /// Finishes or discards a compaction a crash interrupted, compacts when the files are mostly
+    /// free space (see [`compact`]), and loads every live revocation into memory.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        // Lanyard flushes explicitly (group commit) before acknowledging anything; the periodic
-        // background flush only bounds what an unacknowledged write may lose.
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(backend)?;
+        Self::open_with(dir, COMPACT_MIN_BYTES)
+    }
+
+    /// [`SledStore::open`], compacting from `compact_min` bytes on (tests use a small store).
+    fn open_with(dir: &Path, compact_min: u64) -> Result<Self, StoreError> {
+        recover_compaction(dir)?;
+        let db = open_db(dir)?;
+        // One pass over the revocations both loads the index and counts their bytes, which
+        // are most of a large store's live data (the compaction decision needs that sum).
+        let (index, revocation_bytes) = load_index(&db)?;
+        let (db, index) = match compact(dir, db, revocation_bytes, compact_min)? {
+            Compacted::No(db) => (db, index),
+            Compacted::Yes => {
+                let db = open_db(dir)?;
+                let (index, _) = load_index(&db)?;
+                (db, index)
+            }
+        };
+        // The rev index of earlier releases: the in-memory index replaced it.
+        if db.tree_names().iter().any(|n| n.as_ref() == b"revs") {
+            db.drop_tree("revs").map_err(backend)?;
+        }
         let tree = |name: &str| db.open_tree(name).map_err(backend);
-        Ok(Self {
+        let store = Self {
             audit: tree("audit")?,
             tokens: tree("tokens")?,
             enrollments: tree("enrollments")?,
@@ -82,7 +117,7 @@ impl SledStore {
             revoked: tree("revoked")?,
             identity_rules: tree("identity_rules")?,
             access: tree("access")?,
-            revs: tree("revs")?,
+            index: RwLock::new(index),
             expiry: tree("expiry")?,
             shared: tree("shared")?,
             audit_meta: tree("audit_meta")?,
@@ -90,7 +125,58 @@ impl SledStore {
             path: dir.to_path_buf(),
             db,
             next_seq: Mutex::new(None),
-        })
+        };
+        Ok(store)
+    }
+
+    fn index(&self) -> std::sync::RwLockReadGuard<'_, RevIndex> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, RevIndex> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Deletes the revocations whose entry expired before `now`, as the in-memory index lists
+    /// them, a chunk per batch. Each chunk holds the commit lock and checks the index again, so
+    /// an entry re-written meanwhile with a later expiry survives.
+    fn prune_revocations(&self, now: i64) -> Result<usize, StoreError> {
+        let expired = self.index().expired(now);
+        let mut pruned = 0;
+        for chunk in expired.chunks(4096) {
+            let _commits = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
+            let mut index = self.index_mut();
+            let (mut serials, mut rules) = (sled::Batch::default(), sled::Batch::default());
+            let mut gone = Vec::with_capacity(chunk.len());
+            for (rule, key, aux) in chunk {
+                let entry = if *rule {
+                    index.rule(key)
+                } else {
+                    index.serial(key)
+                };
+                if entry.is_some_and(|e| e.expires_at < now) {
+                    if *rule {
+                        rules.remove(key.as_bytes());
+                    } else if *aux == 1 {
+                        serials.remove(key.as_bytes());
+                    } else {
+                        serials.remove(revocation_key(key));
+                    }
+                    gone.push((*rule, key));
+                }
+            }
+            self.revoked.apply_batch(serials).map_err(backend)?;
+            self.identity_rules.apply_batch(rules).map_err(backend)?;
+            for (rule, key) in gone {
+                let removed = if rule {
+                    index.remove_rule(key)
+                } else {
+                    index.remove_serial(key)
+                };
+                pruned += usize::from(removed);
+            }
+        }
+        Ok(pruned)
     }
 
     fn coll_tree(&self, c: u8) -> Option<&sled::Tree> {
@@ -120,7 +206,7 @@ impl Store for SledStore {
             let Some(raw) = self.tokens.get(key).map_err(backend)? else {
                 break Consume::Missing;
             };
-            let rec: TokenRecord = decode(key, &raw)?;
+            let rec: TokenRecord = load(key, &raw)?;
             if rec.uses_left == 0 {
                 break Consume::AlreadyUsed;
             }
@@ -131,7 +217,7 @@ impl Store for SledStore {
             after.uses_left -= 1;
             match self
                 .tokens
-                .compare_and_swap(key, Some(&raw), Some(encode(&after)))
+                .compare_and_swap(key, Some(&raw), Some(after.to_stored()))
                 .map_err(backend)?
             {
                 Ok(()) => break Consume::Won(rec),
@@ -171,7 +257,7 @@ impl Store for SledStore {
     }
 
     fn revoked_serial(&self, serial: &str) -> Result<Option<RevocationRecord>, StoreError> {
-        get(&self.revoked, serial.as_bytes())
+        Ok(self.index().serial(serial))
     }
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
@@ -179,7 +265,7 @@ impl Store for SledStore {
             .iter()
             .map(|kv| {
                 let (k, v) = kv.map_err(backend)?;
-                decode(&k, &v)
+                load(&k, &v)
             })
             .collect()
     }
@@ -189,45 +275,30 @@ impl Store for SledStore {
             .iter()
             .map(|kv| {
                 let (k, v) = kv.map_err(backend)?;
-                decode(&k, &v)
+                load(&k, &v)
             })
             .collect()
     }
 
     fn identity_rule(&self, spiffe_id: &str) -> Result<Option<RevocationRecord>, StoreError> {
-        get(&self.identity_rules, spiffe_id.as_bytes())
+        Ok(self.index().rule(spiffe_id))
     }
 
     fn identity_rules(&self) -> Result<Vec<RevocationRecord>, StoreError> {
-        self.identity_rules
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.map_err(backend)?;
-                decode(&k, &v)
-            })
-            .collect()
+        let mut rules = self.index().rules();
+        rules.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        Ok(rules)
     }
 
     fn revocations_since(&self, since: u64) -> Result<Vec<RevocationRecord>, StoreError> {
-        let start = since.saturating_add(1).to_be_bytes();
-        let mut out = Vec::new();
-        for kv in self.revs.range(start..) {
-            let (k, _) = kv.map_err(backend)?;
-            let Some(tree) = k.get(8).and_then(|c| self.coll_tree(*c)) else {
-                continue;
-            };
-            if let Some(raw) = tree.get(&k[9..]).map_err(backend)? {
-                out.push(decode(&k[9..], &raw)?);
-            }
-        }
-        Ok(out)
+        Ok(self.index().since(since))
     }
 
     fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
         match self.audit.last().map_err(backend)? {
             None => Ok(None),
             Some((k, v)) => {
-                let rec: AuditRecord = decode(&k, &v)?;
+                let rec: AuditRecord = load(&k, &v)?;
                 Ok(Some((rec.seq, rec.hash)))
             }
         }
@@ -244,7 +315,7 @@ impl Store for SledStore {
             .take(limit)
             .map(|kv| {
                 let (k, v) = kv.map_err(backend)?;
-                decode(&k, &v)
+                load(&k, &v)
             })
             .collect()
     }
@@ -261,7 +332,7 @@ impl Store for SledStore {
         // Checkpoint first and durable: a crash mid-deletion leaves records below it that reads
         // already refuse, never a gap without a checkpoint.
         self.audit_meta
-            .insert(CHECKPOINT, encode(&(through_seq, hash)))
+            .insert(CHECKPOINT, (through_seq, hash).to_stored())
             .map_err(backend)?;
         self.db.flush().map_err(backend)?;
         let mut deleted = 0;
@@ -301,11 +372,33 @@ impl Store for SledStore {
         // and enrollment lookups included) waits on, so only the inserts happen inside it.
         let audit: Vec<([u8; 8], Vec<u8>)> = records
             .iter()
-            .map(|r| (r.seq.to_be_bytes(), encode(r)))
+            .map(|r| (r.seq.to_be_bytes(), r.to_stored()))
             .collect();
-        let prepared: Vec<Prepared<'_>> = writes.iter().map(Prepared::new).collect();
-        // More trees than sled's tuple impls take, so the slice form; the order is fixed here.
-        let trees = [
+        let prepared: Vec<Prepared<'_>> = {
+            let index = self.index();
+            writes.iter().map(|w| Prepared::new(w, &index)).collect()
+        };
+        // Only the trees this commit touches take part: sled sets up, locks and writes out every
+        // tree of a transaction, and an issuance touches four of the ten.
+        let mut used = [false; TREES];
+        used[T_AUDIT] = !audit.is_empty();
+        for w in &prepared {
+            let touched: &[usize] = match w {
+                Prepared::Token { .. } => &[T_TOKENS, T_EXPIRY],
+                Prepared::Guard(Guard::TokenAbsent { .. }) => &[T_TOKENS],
+                Prepared::Enrollment { .. } => &[T_ENROLL],
+                Prepared::Issued { .. } => &[T_ISSUED, T_ISSUED_IDS, T_EXPIRY],
+                Prepared::Revocation { rec, .. } if rec.identity_rule => &[T_RULES],
+                Prepared::Revocation { .. } => &[T_REVOKED],
+                Prepared::Guard(Guard::IdentityRule { .. }) => &[T_RULES],
+                Prepared::Access { .. } => &[T_ACCESS, T_EXPIRY],
+                Prepared::Guard(Guard::Access { .. }) => &[T_ACCESS],
+            };
+            for t in touched {
+                used[*t] = true;
+            }
+        }
+        let all: [&sled::Tree; TREES] = [
             &self.audit,
             &self.tokens,
             &self.enrollments,
@@ -313,108 +406,129 @@ impl Store for SledStore {
             &self.issued_ids,
             &self.revoked,
             &self.identity_rules,
-            &self.revs,
-            &self.expiry,
             &self.access,
+            &self.expiry,
         ];
-        let result = trees[..]
-            .transaction(|t| {
-                let (audit_t, tokens, enrollments, issued, issued_ids) =
-                    (&t[0], &t[1], &t[2], &t[3], &t[4]);
-                let (revoked, rules, revs, expiry, access) = (&t[5], &t[6], &t[7], &t[8], &t[9]);
-                // Guards first: a failed one aborts before anything is written.
-                let mut failed = Vec::new();
-                for (i, w) in prepared.iter().enumerate() {
-                    if let Prepared::Guard(g) = w {
-                        let holds = match g {
-                            Guard::Access { id, expect } => {
-                                let now: Option<AccessRecord> = access
-                                    .get(id.as_bytes())?
-                                    .map(|raw| decode(id.as_bytes(), &raw))
-                                    .transpose()
-                                    .map_err(ConflictableTransactionError::Abort)?;
-                                now.as_ref() == expect.as_deref()
-                            }
-                            Guard::IdentityRule { spiffe_id, expect } => {
-                                let now: Option<RevocationRecord> = rules
-                                    .get(spiffe_id.as_bytes())?
-                                    .map(|raw| decode(spiffe_id.as_bytes(), &raw))
-                                    .transpose()
-                                    .map_err(ConflictableTransactionError::Abort)?;
-                                now.as_ref() == expect.as_deref()
-                            }
-                            Guard::TokenAbsent { id } => tokens.get(id.as_bytes())?.is_none(),
-                        };
-                        if !holds {
-                            failed.push(i);
-                        }
-                    }
-                }
-                if !failed.is_empty() {
-                    return Err(ConflictableTransactionError::Abort(
-                        StoreError::GuardFailed { writes: failed },
-                    ));
-                }
-                for (k, v) in &audit {
-                    audit_t.insert(k, v.as_slice())?;
-                }
-                for w in &prepared {
-                    match w {
-                        Prepared::Token {
-                            key,
-                            value,
-                            expiry_key,
-                        } => {
-                            tokens.insert(*key, value.as_slice())?;
-                            expiry.insert(expiry_key.as_slice(), &[])?;
-                        }
-                        Prepared::Enrollment { key, value } => {
-                            enrollments.insert(*key, value.as_slice())?;
-                        }
-                        Prepared::Issued {
-                            key,
-                            value,
-                            id_key,
-                            expiry_key,
-                        } => {
-                            issued.insert(*key, value.as_slice())?;
-                            issued_ids.insert(id_key.as_slice(), &[])?;
-                            expiry.insert(expiry_key.as_slice(), &[])?;
-                        }
-                        Prepared::Revocation {
-                            rec,
-                            value,
-                            expiry_key,
-                        } => {
-                            let (tree, coll, key) = if rec.identity_rule {
-                                (rules, Coll::IdentityRule, rec.spiffe_id.as_bytes())
-                            } else {
-                                (revoked, Coll::Revoked, rec.serial.as_bytes())
+        // Where each tree sits in the transaction (only meaningful when `used`).
+        let mut at = [0usize; TREES];
+        let mut trees: Vec<&sled::Tree> = Vec::with_capacity(TREES);
+        for (i, tree) in all.iter().enumerate() {
+            if used[i] {
+                at[i] = trees.len();
+                trees.push(tree);
+            }
+        }
+        let result = if trees.is_empty() {
+            Ok(())
+        } else {
+            trees[..]
+                .transaction(|t| {
+                    let tree = |i: usize| &t[at[i]];
+                    // Guards first: a failed one aborts before anything is written.
+                    let mut failed = Vec::new();
+                    for (i, w) in prepared.iter().enumerate() {
+                        if let Prepared::Guard(g) = w {
+                            let holds = match g {
+                                Guard::Access { id, expect } => {
+                                    let now: Option<AccessRecord> = tree(T_ACCESS)
+                                        .get(id.as_bytes())?
+                                        .map(|raw| load(id.as_bytes(), &raw))
+                                        .transpose()
+                                        .map_err(ConflictableTransactionError::Abort)?;
+                                    now.as_ref() == expect.as_deref()
+                                }
+                                Guard::IdentityRule { spiffe_id, expect } => {
+                                    let now: Option<RevocationRecord> = tree(T_RULES)
+                                        .get(spiffe_id.as_bytes())?
+                                        .map(|raw| load(spiffe_id.as_bytes(), &raw))
+                                        .transpose()
+                                        .map_err(ConflictableTransactionError::Abort)?;
+                                    now.as_ref() == expect.as_deref()
+                                }
+                                Guard::TokenAbsent { id } => {
+                                    tree(T_TOKENS).get(id.as_bytes())?.is_none()
+                                }
                             };
-                            if let Some(old) = tree.get(key)? {
-                                // Replacing an entry: drop its old rev index key.
-                                let old: RevocationRecord = decode(key, &old)
-                                    .map_err(ConflictableTransactionError::Abort)?;
-                                revs.remove(rev_key(old.rev, coll, key))?;
+                            if !holds {
+                                failed.push(i);
                             }
-                            tree.insert(key, value.as_slice())?;
-                            revs.insert(rev_key(rec.rev, coll, key), &[])?;
-                            expiry.insert(expiry_key.as_slice(), &[])?;
                         }
-                        Prepared::Access {
-                            key,
-                            value,
-                            expiry_key,
-                        } => {
-                            access.insert(*key, value.as_slice())?;
-                            expiry.insert(expiry_key.as_slice(), &[])?;
-                        }
-                        Prepared::Guard(_) => {}
                     }
+                    if !failed.is_empty() {
+                        return Err(ConflictableTransactionError::Abort(
+                            StoreError::GuardFailed { writes: failed },
+                        ));
+                    }
+                    for (k, v) in &audit {
+                        tree(T_AUDIT).insert(k, v.as_slice())?;
+                    }
+                    for w in &prepared {
+                        match w {
+                            Prepared::Token {
+                                key,
+                                value,
+                                expiry_key,
+                            } => {
+                                tree(T_TOKENS).insert(*key, value.as_slice())?;
+                                tree(T_EXPIRY).insert(expiry_key.as_slice(), &[])?;
+                            }
+                            Prepared::Enrollment { key, value } => {
+                                tree(T_ENROLL).insert(*key, value.as_slice())?;
+                            }
+                            Prepared::Issued {
+                                key,
+                                value,
+                                id_key,
+                                expiry_key,
+                            } => {
+                                tree(T_ISSUED).insert(*key, value.as_slice())?;
+                                tree(T_ISSUED_IDS).insert(id_key.as_slice(), &[])?;
+                                tree(T_EXPIRY).insert(expiry_key.as_slice(), &[])?;
+                            }
+                            // One key per revocation: the in-memory index answers by rev and
+                            // by expiry.
+                            Prepared::Revocation {
+                                rec,
+                                key,
+                                value,
+                                legacy,
+                            } => {
+                                let t = tree(if rec.identity_rule {
+                                    T_RULES
+                                } else {
+                                    T_REVOKED
+                                });
+                                if let Some(old) = legacy {
+                                    t.remove(*old)?;
+                                }
+                                t.insert(key.as_slice(), value.as_slice())?;
+                            }
+                            Prepared::Access {
+                                key,
+                                value,
+                                expiry_key,
+                            } => {
+                                tree(T_ACCESS).insert(*key, value.as_slice())?;
+                                tree(T_EXPIRY).insert(expiry_key.as_slice(), &[])?;
+                            }
+                            Prepared::Guard(_) => {}
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(tx_err)
+        };
+        if result.is_ok() {
+            // Still under the commit lock, so the index applies commits in their order. It may
+            // show a revocation before its flush, as the trees do: a crash can only forget one
+            // nobody was told about, and in the meantime it errs towards refusing.
+            let mut index = None;
+            for w in writes {
+                if let Write::PutRevocation(r) = w {
+                    index.get_or_insert_with(|| self.index_mut()).insert(r);
                 }
-                Ok(())
-            })
-            .map_err(tx_err);
+            }
+        }
         *next_seq = match (&result, records.last()) {
             (Ok(()), Some(last)) => Some(last.seq + 1),
             (Ok(()), None) => *next_seq,
@@ -428,25 +542,23 @@ impl Store for SledStore {
     }
 
     fn prune(&self, now: i64) -> Result<usize, StoreError> {
+        let mut pruned = self.prune_revocations(now)?;
         let end = expiry_prefix(now);
-        let mut pruned = 0;
         for kv in self.expiry.range(..end) {
             let (k, _) = kv.map_err(backend)?;
-            let coll = k[8];
-            let key = &k[9..];
-            if let Some(tree) = self.coll_tree(coll) {
-                // The same key may have been re-indexed with a later expiry (a renewed token, a
-                // re-revoked identity): only delete when the stored record is really expired.
+            let (Some(&coll), Some(key)) = (k.get(8), k.get(9..)) else {
+                self.expiry.remove(&k).map_err(backend)?;
+                continue;
+            };
+            let indexed = coll != Coll::Revoked as u8 && coll != Coll::IdentityRule as u8;
+            if let Some(tree) = self.coll_tree(coll).filter(|_| indexed) {
+                // The same key may have been re-indexed with a later expiry (a renewed token):
+                // only delete when the stored record is really expired.
                 if let Some(raw) = tree.get(key).map_err(backend)?
                     && record_expiry(coll, key, &raw)? < now
                 {
-                    if coll == Coll::Revoked as u8 || coll == Coll::IdentityRule as u8 {
-                        let rec: RevocationRecord = decode(key, &raw)?;
-                        self.revs
-                            .remove(rev_key(rec.rev, coll_of(coll), key))
-                            .map_err(backend)?;
-                    } else if coll == Coll::Issued as u8 {
-                        let rec: IssuedRecord = decode(key, &raw)?;
+                    if coll == Coll::Issued as u8 {
+                        let rec: IssuedRecord = load(key, &raw)?;
                         let mut id_key = issued_prefix(&rec.spiffe_id);
                         id_key.extend_from_slice(key);
                         self.issued_ids.remove(id_key).map_err(backend)?;
@@ -461,11 +573,15 @@ impl Store for SledStore {
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
+        let (revoked_serials, identity_rules) = {
+            let index = self.index();
+            (index.serial_count(), index.rule_count())
+        };
         Ok(StoreStats {
             tokens: self.tokens.len(),
             issued: self.issued.len(),
-            revoked_serials: self.revoked.len(),
-            identity_rules: self.identity_rules.len(),
+            revoked_serials,
+            identity_rules,
             audit: self.audit.len(),
             disk_bytes: self.db.size_on_disk().map_err(backend)?,
         })
@@ -579,25 +695,18 @@ fn coll_of(c: u8) -> Coll {
 
 fn record_expiry(coll: u8, key: &[u8], raw: &[u8]) -> Result<i64, StoreError> {
     Ok(match coll_of(coll) {
-        Coll::Token => decode::<TokenRecord>(key, raw)?.expires_at,
+        Coll::Token => load::<TokenRecord>(key, raw)?.expires_at,
         // The issued index is written with its prune time only in the expiry index; the record's
         // notAfter is a lower bound, and the index entry is only reached once that time passed.
         Coll::Issued => i64::MIN,
-        Coll::Revoked | Coll::IdentityRule => decode::<RevocationRecord>(key, raw)?.expires_at,
-        Coll::Access => decode::<AccessRecord>(key, raw)?.prune_at,
+        Coll::Revoked | Coll::IdentityRule => load::<RevocationRecord>(key, raw)?.expires_at,
+        Coll::Access => load::<AccessRecord>(key, raw)?.prune_at,
     })
 }
 
 fn issued_prefix(spiffe_id: &str) -> Vec<u8> {
     let mut k = spiffe_id.as_bytes().to_vec();
     k.push(0);
-    k
-}
-
-fn rev_key(rev: u64, coll: Coll, key: &[u8]) -> Vec<u8> {
-    let mut k = rev.to_be_bytes().to_vec();
-    k.push(coll as u8);
-    k.extend_from_slice(key);
     k
 }
 
@@ -612,6 +721,18 @@ fn expiry_key(at: i64, coll: Coll, key: &[u8]) -> Vec<u8> {
     k.extend_from_slice(key);
     k
 }
+
+/// Positions of the trees in the commit transaction's candidate list.
+const T_AUDIT: usize = 0;
+const T_TOKENS: usize = 1;
+const T_ENROLL: usize = 2;
+const T_ISSUED: usize = 3;
+const T_ISSUED_IDS: usize = 4;
+const T_REVOKED: usize = 5;
+const T_RULES: usize = 6;
+const T_ACCESS: usize = 7;
+const T_EXPIRY: usize = 8;
+const TREES: usize = 9;
 
 /// A [`Write`] with its keys and value already encoded, ready for the commit transaction.
 enum Prepared<'a> {
@@ -630,11 +751,12 @@ enum Prepared<'a> {
         id_key: Vec<u8>,
         expiry_key: Vec<u8>,
     },
-    /// Its rev-index cleanup needs a read inside the transaction.
     Revocation {
         rec: &'a RevocationRecord,
+        key: Vec<u8>,
         value: Vec<u8>,
-        expiry_key: Vec<u8>,
+        /// The entry's hex key from an earlier release, replaced by `key`.
+        legacy: Option<&'a [u8]>,
     },
     Access {
         key: &'a [u8],
@@ -645,42 +767,61 @@ enum Prepared<'a> {
 }
 
 impl<'a> Prepared<'a> {
-    fn new(w: &'a Write) -> Self {
+    /// `index` tells which serial entries still sit under a key of an earlier release.
+    fn new(w: &'a Write, index: &RevIndex) -> Self {
         match w {
             Write::PutToken(t) => Prepared::Token {
                 key: t.id.as_bytes(),
-                value: encode(t),
+                value: t.to_stored(),
                 expiry_key: expiry_key(t.expires_at, Coll::Token, t.id.as_bytes()),
             },
             Write::PutEnrollment(e) => Prepared::Enrollment {
                 key: e.spiffe_id.as_bytes(),
-                value: encode(e),
+                value: e.to_stored(),
             },
             Write::PutIssued(i, prune_at) => {
                 let mut id_key = issued_prefix(&i.spiffe_id);
                 id_key.extend_from_slice(i.serial.as_bytes());
                 Prepared::Issued {
                     key: i.serial.as_bytes(),
-                    value: encode(i),
+                    value: i.to_stored(),
                     id_key,
                     expiry_key: expiry_key(*prune_at, Coll::Issued, i.serial.as_bytes()),
                 }
             }
+            Write::PutRevocation(r) if r.identity_rule => Prepared::Revocation {
+                rec: r,
+                key: r.spiffe_id.as_bytes().to_vec(),
+                value: r.to_stored(),
+                legacy: None,
+            },
             Write::PutRevocation(r) => {
-                let (coll, key) = if r.identity_rule {
-                    (Coll::IdentityRule, r.spiffe_id.as_bytes())
+                let key = revocation_key(&r.serial);
+                let value = if key.first() == Some(&BINARY_KEY) {
+                    // The key holds the serial: the value need not repeat it.
+                    RevocationRecord {
+                        serial: String::new(),
+                        ..r.clone()
+                    }
+                    .to_stored()
                 } else {
-                    (Coll::Revoked, r.serial.as_bytes())
+                    r.to_stored()
                 };
+                let legacy = (key.first() == Some(&BINARY_KEY)
+                    && index
+                        .serial_with(&r.serial)
+                        .is_some_and(|(_, aux)| aux == 1))
+                .then_some(r.serial.as_bytes());
                 Prepared::Revocation {
                     rec: r,
-                    value: encode(r),
-                    expiry_key: expiry_key(r.expires_at, coll, key),
+                    key,
+                    value,
+                    legacy,
                 }
             }
             Write::PutAccess(a) => Prepared::Access {
                 key: a.id.as_bytes(),
-                value: encode(a),
+                value: a.to_stored(),
                 expiry_key: expiry_key(a.prune_at, Coll::Access, a.id.as_bytes()),
             },
             Write::Guard(g) => Prepared::Guard(g),
@@ -688,11 +829,13 @@ impl<'a> Prepared<'a> {
     }
 }
 
+/// JSON, as the etcd backend stores every value (replicas of mixed releases read each other).
 pub(super) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serializing these plain structs to JSON cannot fail (no maps with non-string keys).
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// Reads a JSON value (the etcd backend).
 pub(super) fn decode<T: DeserializeOwned>(key: &[u8], raw: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(raw).map_err(|e| StoreError::Decode {
         key: String::from_utf8_lossy(key).into_owned(),
@@ -700,11 +843,245 @@ pub(super) fn decode<T: DeserializeOwned>(key: &[u8], raw: &[u8]) -> Result<T, S
     })
 }
 
-fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>, StoreError> {
+/// Reads a stored record in either layout (see [`Stored`]).
+fn load<T: Stored>(key: &[u8], raw: &[u8]) -> Result<T, StoreError> {
+    T::from_stored(raw).map_err(|reason| StoreError::Decode {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason,
+    })
+}
+
+fn get<T: Stored>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>, StoreError> {
     tree.get(key)
         .map_err(backend)?
-        .map(|raw| decode(key, &raw))
+        .map(|raw| load(key, &raw))
         .transpose()
+}
+
+/// The trees [`load_index`] reads.
+const REVOCATION_TREES: [&[u8]; 2] = [b"revoked", b"identity_rules"];
+
+/// Loads every revocation into a fresh index; also returns the bytes of their keys and values.
+/// A serial entry under a binary key (see [`revocation_key`]) gets its serial from the key;
+/// one under its hex key (written by an earlier release) is marked so (`aux` 1), so that
+/// replacing or pruning it deletes that key.
+fn load_index(db: &sled::Db) -> Result<(RevIndex, u64), StoreError> {
+    let started = Instant::now();
+    let mut index = RevIndex::default();
+    let mut bytes = 0u64;
+    index.start_load();
+    for name in REVOCATION_TREES {
+        for kv in db.open_tree(name).map_err(backend)?.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            bytes += (k.len() + v.len()) as u64;
+            let mut rec: RevocationRecord = load(&k, &v)?;
+            let aux = match k.split_first() {
+                Some((&BINARY_KEY, serial)) if !rec.identity_rule => {
+                    rec.serial = crate::encoding::hex(serial);
+                    0
+                }
+                _ => i64::from(!rec.identity_rule),
+            };
+            index.insert_with(&rec, aux);
+        }
+    }
+    index.finish_load();
+    info!(
+        serials = index.serial_count(),
+        identity_rules = index.rule_count(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "revocation index loaded"
+    );
+    Ok((index, bytes))
+}
+
+/// First byte of a serial entry's binary key; hex keys (earlier releases, and serials not in
+/// canonical lowercase hex) start with an ASCII character.
+const BINARY_KEY: u8 = 0;
+
+/// The key a serial entry is written under now: [`BINARY_KEY`] and the serial's bytes for a
+/// serial in canonical hex (half the bytes of hex), else the serial as given.
+fn revocation_key(serial: &str) -> Vec<u8> {
+    match super::index::serial_bytes(serial) {
+        Some(bytes) => {
+            let mut k = Vec::with_capacity(1 + bytes.len());
+            k.push(BINARY_KEY);
+            k.extend_from_slice(&bytes);
+            k
+        }
+        None => serial.as_bytes().to_vec(),
+    }
+}
+
+/// sled's page cache. Revocations are answered from memory, so the cache only needs the working
+/// set of the issuance path (the newest audit, issued and token nodes); sled's default (1 GiB)
+/// would let the CA's memory grow to that.
+const CACHE_BYTES: u64 = 16 << 20;
+
+/// Below this size a database is never compacted: the copy would save little.
+const COMPACT_MIN_BYTES: u64 = 16 << 20;
+
+/// A database whose files take more than this many times its live keys and values (plus
+/// [`COMPACT_MIN_BYTES`]) is compacted at open.
+const COMPACT_RATIO: u64 = 4;
+
+/// Marks a compacted copy as complete: only then may it replace the original.
+const COMPACT_DONE: &str = "lanyard-compaction-complete";
+
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    // Lanyard flushes explicitly (group commit) before acknowledging anything; the periodic
+    // background flush only bounds what an unacknowledged write may lose.
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(CACHE_BYTES)
+        .flush_every_ms(Some(1000))
+        .open()
+        .map_err(backend)
+}
+
+/// `<dir><suffix>`, beside `dir` (same file system, so a rename moves it).
+fn sibling(dir: &Path, suffix: &str) -> Option<PathBuf> {
+    let mut name = dir.file_name()?.to_os_string();
+    name.push(suffix);
+    Some(dir.with_file_name(name))
+}
+
+enum Compacted {
+    /// Nothing done; the database as opened.
+    No(sled::Db),
+    /// `dir` now holds the compacted copy (the handle was closed).
+    Yes,
+}
+
+/// Compacts the database at `dir` if its files are mostly free space: sled reuses freed space
+/// for new writes but never returns it, so a store that once held a million revocations stays
+/// that big after they expire. Copies every tree into `<dir>.compacting`, makes it durable,
+/// marks it complete, then swaps it in with two renames (`dir` → `<dir>.old`,
+/// `<dir>.compacting` → `dir`) and deletes the old one. A crash at any point leaves either the
+/// original or the complete copy for [`recover_compaction`] to settle at the next open.
+fn compact(
+    dir: &Path,
+    db: sled::Db,
+    revocation_bytes: u64,
+    min_bytes: u64,
+) -> Result<Compacted, StoreError> {
+    let size = db.size_on_disk().map_err(backend)?;
+    let (Some(fresh), Some(old)) = (sibling(dir, ".compacting"), sibling(dir, ".old")) else {
+        return Ok(Compacted::No(db));
+    };
+    if size < min_bytes {
+        return Ok(Compacted::No(db));
+    }
+    let started = Instant::now();
+    let mut live = revocation_bytes;
+    for name in db.tree_names() {
+        if REVOCATION_TREES.contains(&name.as_ref()) {
+            continue;
+        }
+        for kv in db.open_tree(&name).map_err(backend)?.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            live += (k.len() + v.len()) as u64;
+        }
+    }
+    if size <= COMPACT_RATIO * live + min_bytes {
+        return Ok(Compacted::No(db));
+    }
+    info!(
+        path = %dir.display(),
+        size_bytes = size,
+        live_bytes = live,
+        "compacting the store: its files are mostly free space"
+    );
+    if fresh.exists() {
+        std::fs::remove_dir_all(&fresh).map_err(io)?;
+    }
+    {
+        let copy = open_db(&fresh)?;
+        for name in db.tree_names() {
+            // The rev index of earlier releases is not copied: nothing reads it any more.
+            if name.as_ref() == b"revs" {
+                continue;
+            }
+            let to = copy.open_tree(&name).map_err(backend)?;
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for kv in db.open_tree(&name).map_err(backend)?.iter() {
+                let (k, v) = kv.map_err(backend)?;
+                batch.insert(k, v);
+                n += 1;
+                if n % 10_000 == 0 {
+                    to.apply_batch(std::mem::take(&mut batch))
+                        .map_err(backend)?;
+                }
+            }
+            to.apply_batch(batch).map_err(backend)?;
+        }
+        copy.flush().map_err(backend)?;
+    }
+    let marker = fresh.join(COMPACT_DONE);
+    std::fs::File::create(&marker)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    sync_dir(&fresh)?;
+    // Release the original's files (and sled's directory lock) before moving it.
+    drop(db);
+    std::fs::rename(dir, &old).map_err(io)?;
+    std::fs::rename(&fresh, dir).map_err(io)?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    std::fs::remove_dir_all(&old).map_err(io)?;
+    std::fs::remove_file(dir.join(COMPACT_DONE)).map_err(io)?;
+    info!(
+        path = %dir.display(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "store compacted"
+    );
+    Ok(Compacted::Yes)
+}
+
+/// Settles a compaction a crash interrupted: a complete copy whose swap did not finish is moved
+/// in; an incomplete copy is deleted (the original is intact); a swapped-out original is deleted.
+fn recover_compaction(dir: &Path) -> Result<(), StoreError> {
+    let (Some(fresh), Some(old)) = (sibling(dir, ".compacting"), sibling(dir, ".old")) else {
+        return Ok(());
+    };
+    if fresh.exists() {
+        if fresh.join(COMPACT_DONE).exists() && !dir.exists() {
+            warn!(path = %dir.display(), "finishing a store compaction interrupted by a crash");
+            std::fs::rename(&fresh, dir).map_err(io)?;
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        } else {
+            warn!(path = %fresh.display(), "deleting an unfinished store compaction");
+            std::fs::remove_dir_all(&fresh).map_err(io)?;
+        }
+    }
+    if old.exists() {
+        if dir.exists() {
+            std::fs::remove_dir_all(&old).map_err(io)?;
+        } else {
+            // Moved aside with no copy to replace it (cannot happen in order, but never lose
+            // the data): put it back.
+            std::fs::rename(&old, dir).map_err(io)?;
+        }
+    }
+    let marker = dir.join(COMPACT_DONE);
+    if marker.exists() {
+        std::fs::remove_file(marker).map_err(io)?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)
+}
+
+fn io(e: std::io::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
 }
 
 fn backend(e: sled::Error) -> StoreError {
@@ -844,5 +1221,239 @@ mod tests {
         store.commit(&[rec(2)], &[]).unwrap();
         assert_eq!(store.audit_head().unwrap().unwrap().0, 2);
         assert_eq!(store.read_audit(2, 10).unwrap().len(), 1);
+    }
+
+    fn audit_rec(seq: u64) -> AuditRecord {
+        AuditRecord {
+            v: RECORD_VERSION,
+            seq,
+            time_ms: 0,
+            kind: "issued".into(),
+            actor: "a".into(),
+            subject: String::new(),
+            serial: String::new(),
+            roles: vec![],
+            not_after: 0,
+            reason: String::new(),
+            claimed: String::new(),
+            prev_hash: [0; 32],
+            hash: [seq as u8; 32],
+        }
+    }
+
+    /// A store exactly as the previous release wrote it (JSON values, the `revs` index, expiry
+    /// entries for revocations) opens, reads, takes new writes and prunes.
+    #[test]
+    fn a_store_of_the_previous_release_opens_and_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = 1_000;
+        fn json<T: Serialize>(v: &T) -> Vec<u8> {
+            serde_json::to_vec(v).unwrap()
+        }
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let t = |n: &str| db.open_tree(n).unwrap();
+            for seq in 1..=3u64 {
+                t("audit")
+                    .insert(seq.to_be_bytes(), json(&audit_rec(seq)))
+                    .unwrap();
+            }
+            t("tokens")
+                .insert("tok", json(&token("tok", 2, now + 100)))
+                .unwrap();
+            t("expiry")
+                .insert(expiry_key(now + 100, Coll::Token, b"tok"), &[])
+                .unwrap();
+            let cert = IssuedRecord {
+                v: RECORD_VERSION,
+                spiffe_id: "spiffe://example.org/a".into(),
+                serial: "01cc".into(),
+                roles: vec!["r".into()],
+                not_after: now + 50,
+            };
+            t("issued").insert("01cc", json(&cert)).unwrap();
+            t("issued_ids")
+                .insert(b"spiffe://example.org/a\x0001cc", &[])
+                .unwrap();
+            t("expiry")
+                .insert(expiry_key(now + 60, Coll::Issued, b"01cc"), &[])
+                .unwrap();
+            let mut rule = revocation("", 2, i64::MAX);
+            rule.identity_rule = true;
+            rule.blocked = true;
+            rule.spiffe_id = "spiffe://example.org/b".into();
+            for (coll, key, r) in [
+                (Coll::Revoked, "01aa", revocation("01aa", 1, now + 10)),
+                (Coll::Revoked, "01bb", revocation("01bb", 3, now + 500)),
+                (Coll::IdentityRule, "spiffe://example.org/b", rule),
+            ] {
+                let tree = if r.identity_rule {
+                    "identity_rules"
+                } else {
+                    "revoked"
+                };
+                t(tree).insert(key, json(&r)).unwrap();
+                let mut rk = r.rev.to_be_bytes().to_vec();
+                rk.push(coll as u8);
+                rk.extend_from_slice(key.as_bytes());
+                t("revs").insert(rk, &[]).unwrap();
+                t("expiry")
+                    .insert(expiry_key(r.expires_at, coll, key.as_bytes()), &[])
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.audit_head().unwrap().unwrap(), (3, [3; 32]));
+        assert_eq!(store.read_audit(1, 10).unwrap()[1], audit_rec(2));
+        assert_eq!(store.token("tok").unwrap().unwrap().uses_left, 2);
+        assert!(matches!(
+            store.consume_token("tok", now),
+            Ok(Consume::Won(_))
+        ));
+        assert_eq!(store.token("tok").unwrap().unwrap().uses_left, 1);
+        assert_eq!(store.issued_for("spiffe://example.org/a").unwrap().len(), 1);
+        assert_eq!(store.revoked_serial("01aa").unwrap().unwrap().rev, 1);
+        assert!(
+            store
+                .identity_rule("spiffe://example.org/b")
+                .unwrap()
+                .unwrap()
+                .blocked
+        );
+        let revs = |s: &SledStore| {
+            s.revocations_since(0)
+                .unwrap()
+                .iter()
+                .map(|r| r.rev)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(revs(&store), [1, 2, 3]);
+        assert!(!store.db.tree_names().iter().any(|n| n.as_ref() == b"revs"));
+        // New writes continue the log in the new layout.
+        store.commit(&[audit_rec(4)], &[]).unwrap();
+        assert_eq!(store.read_audit(4, 1).unwrap()[0], audit_rec(4));
+        // Re-revoking an entry of the previous release moves it to its binary key.
+        store
+            .commit(
+                &[],
+                &[Write::PutRevocation(revocation("01bb", 5, now + 500))],
+            )
+            .unwrap();
+        assert!(store.revoked.get("01bb").unwrap().is_none());
+        assert_eq!(store.revoked.len(), 2);
+        assert_eq!(revs(&store), [1, 2, 5]);
+        // 01aa and the certificate expired; the legacy expiry entries go with them.
+        assert_eq!(store.prune(now + 100).unwrap(), 2);
+        assert_eq!(revs(&store), [2, 5]);
+        assert!(store.issued("01cc").unwrap().is_none());
+        assert_eq!(
+            store.expiry.len(),
+            3,
+            "the token's, 01bb's and the rule's entries"
+        );
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(revs(&store), [2, 5]);
+        assert_eq!(
+            store.revoked_serial("01bb").unwrap().unwrap().serial,
+            "01bb"
+        );
+        assert_eq!(store.prune(now + 1000).unwrap(), 2);
+        assert_eq!(
+            store.expiry.len(),
+            1,
+            "the blocking rule's, due at the end of time"
+        );
+    }
+
+    fn dir_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                let m = e.metadata().unwrap();
+                if m.is_dir() {
+                    dir_bytes(&e.path())
+                } else {
+                    m.len()
+                }
+            })
+            .sum()
+    }
+
+    #[test]
+    fn a_store_of_mostly_free_space_is_compacted_at_open_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = SledStore::open_with(&path, 1 << 20).unwrap();
+        store
+            .commit(
+                &[audit_rec(1)],
+                &[Write::PutToken(token("keep", 1, i64::MAX))],
+            )
+            .unwrap();
+        for batch in 0..40u64 {
+            let writes: Vec<Write> = (0..1000u64)
+                .map(|i| {
+                    let serial = format!("01{:030x}", batch * 1000 + i);
+                    Write::PutRevocation(revocation(&serial, 10 + batch * 1000 + i, 100))
+                })
+                .collect();
+            store.commit(&[], &writes).unwrap();
+        }
+        store.flush().unwrap();
+        let full = store.db.size_on_disk().unwrap();
+        assert_eq!(store.prune(200).unwrap(), 40_000);
+        store.flush().unwrap();
+        drop(store);
+        let store = SledStore::open_with(&path, 1 << 20).unwrap();
+        let after = store.db.size_on_disk().unwrap();
+        assert!(
+            after * 4 < full,
+            "{after} bytes after compaction, {full} before"
+        );
+        assert!(dir_bytes(&path) * 4 < full);
+        assert!(!sibling(&path, ".old").unwrap().exists());
+        assert!(!sibling(&path, ".compacting").unwrap().exists());
+        assert!(!path.join(COMPACT_DONE).exists());
+        // Everything live survived, and the store works on.
+        assert_eq!(store.audit_head().unwrap().unwrap(), (1, [1; 32]));
+        assert_eq!(store.token("keep").unwrap().unwrap().uses_left, 1);
+        assert!(store.revocations_since(0).unwrap().is_empty());
+        store.commit(&[audit_rec(2)], &[]).unwrap();
+        assert_eq!(store.audit_head().unwrap().unwrap().0, 2);
+    }
+
+    #[test]
+    fn a_compaction_interrupted_by_a_crash_is_settled_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let fresh = sibling(&path, ".compacting").unwrap();
+        let old = sibling(&path, ".old").unwrap();
+        // Crash while copying: the incomplete copy goes, the original stays.
+        {
+            let store = SledStore::open(&path).unwrap();
+            store.commit(&[audit_rec(1)], &[]).unwrap();
+            store.flush().unwrap();
+        }
+        std::fs::create_dir_all(&fresh).unwrap();
+        std::fs::write(fresh.join("junk"), b"x").unwrap();
+        let store = SledStore::open(&path).unwrap();
+        assert_eq!(store.audit_head().unwrap().unwrap().0, 1);
+        assert!(!fresh.exists());
+        drop(store);
+        // Crash between the two renames: the complete copy is moved in.
+        std::fs::rename(&path, &fresh).unwrap();
+        std::fs::write(fresh.join(COMPACT_DONE), b"").unwrap();
+        let store = SledStore::open(&path).unwrap();
+        assert_eq!(store.audit_head().unwrap().unwrap().0, 1);
+        assert!(!fresh.exists() && !path.join(COMPACT_DONE).exists());
+        drop(store);
+        // Crash before deleting the old copy: it goes.
+        std::fs::create_dir_all(&old).unwrap();
+        let store = SledStore::open(&path).unwrap();
+        assert_eq!(store.audit_head().unwrap().unwrap().0, 1);
+        assert!(!old.exists());
     }
 }
