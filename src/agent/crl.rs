@@ -198,7 +198,7 @@ struct Fetcher {
 impl Fetcher {
     /// The CA's CRLs (the signing CA's, then a retiring one's) and their earliest nextUpdate.
     async fn fetch(&self) -> Result<(Vec<Vec<u8>>, Option<i64>), CrlError> {
-        let channel = tokio::time::timeout(CALL_TIMEOUT, self.link.channel())
+        let (channel, generation) = tokio::time::timeout(CALL_TIMEOUT, self.link.checkout())
             .await
             .map_err(|_| CrlError::Call("connecting to the CA timed out".into()))?
             .map_err(|e| CrlError::Call(e.to_string()))?;
@@ -206,7 +206,12 @@ impl Fetcher {
         let call = client.get_crl(pb::GetCrlRequest {});
         let answer = match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(s)) => return Err(CrlError::Call(format!("{:?}: {}", s.code(), s.message()))),
+            Ok(Err(s)) => {
+                if s.code() == tonic::Code::Unauthenticated {
+                    self.link.refused(generation);
+                }
+                return Err(CrlError::Call(format!("{:?}: {}", s.code(), s.message())));
+            }
             Err(_) => return Err(CrlError::Call("GetCrl timed out".into())),
         };
         let crls: Vec<Vec<u8>> = std::iter::once(answer.der)
