@@ -151,7 +151,9 @@ fn start_ca(n: usize) -> Ca {
     let dir = tempfile::tempdir().unwrap();
     let (port, metrics) = (free_port(), free_port());
     let config = dir.path().join("lanyard.toml");
-    // Caps above the fleet, so the benchmark measures cost, not admission.
+    // Caps above the fleet, so the benchmark measures cost, not admission: every agent here
+    // comes from 127.0.0.1, one source, which also has one budget of calls in flight
+    // (`denial_burst`: a call holds a unit until it succeeds), sized for a whole fleet too.
     let cap = (n * 2 + 64).max(8192);
     std::fs::write(
         &config,
@@ -163,6 +165,8 @@ metrics_listen = "127.0.0.1:{metrics}"
 min_ttl = "30s"
 max_connections = {cap}
 max_connections_per_source = {cap}
+denial_burst = {cap}
+denial_rate = {cap}
 [[policy]]
 spiffe_id = "spiffe://example.org/fleet/*"
 max_ttl = "10m"

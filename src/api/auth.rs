@@ -909,4 +909,90 @@ mod tests {
         ));
         assert_eq!(stats(&f), (0, 3, 1));
     }
+
+    #[tokio::test]
+    async fn a_bound_certificate_authenticates_its_connection_through_the_connection_cache() {
+        let f = fixture(16);
+        let now = unix_now();
+        let conn = Arc::new(ConnAuth::new());
+        let mut req = Request::new(());
+        req.extensions_mut().insert(conn.clone());
+        // Not bound and no handshake certificate (no TLS connect info here): nobody.
+        assert!(matches!(
+            f.auth.peer(&req, false),
+            Err(AuthError::NoCertificate)
+        ));
+        let chain = leaf(&f.authority, "/a", now - 30, now + 60);
+        let svid = parse_svid(&chain[0], &RolesOid::default()).unwrap();
+        let other = leaf(&f.authority, "/b", now - 30, now + 60);
+        let other_svid = parse_svid(&other[0], &RolesOid::default()).unwrap();
+        // A renewal never changes the identity; a binding that would is refused.
+        assert!(
+            !f.auth
+                .bind_to_connection(&req, &other_svid, &chain, &svid, f.authority.root())
+        );
+        assert!(
+            f.auth
+                .bind_to_connection(&req, &svid, &chain, &svid, f.authority.root())
+        );
+        assert_eq!(f.auth.peer(&req, false).unwrap(), svid);
+        assert_eq!(
+            stats(&f),
+            (0, 0, 0),
+            "answered by the connection's own cache"
+        );
+        // A verification of the previous chain that finishes after the binding is not
+        // remembered as the bound one's.
+        let ConnLookup::Miss { epoch, .. } = conn.cached(now, u64::MAX) else {
+            panic!("no entry for another generation");
+        };
+        assert!(f.auth.bind_to_connection(
+            &req,
+            &other_svid,
+            &other,
+            &other_svid,
+            f.authority.root()
+        ));
+        conn.remember(
+            epoch,
+            ConnVerified {
+                svid: svid.clone(),
+                from: now - 30,
+                until: now + 60,
+                generation: 0,
+            },
+        );
+        assert_eq!(f.auth.peer(&req, false).unwrap(), other_svid);
+        // A new bundle (a CA rotation): the bound chain is verified again against it.
+        f.auth
+            .set_bundle(Bundle::new(vec![f.authority.root().clone()]).unwrap());
+        assert_eq!(f.auth.peer(&req, false).unwrap(), other_svid);
+        assert_eq!(stats(&f), (0, 1, 1));
+        // Revocation of the bound serial is checked on every call.
+        let r = RevocationRecord {
+            v: RECORD_VERSION,
+            rev: 0,
+            serial: other_svid.serial.to_hex(),
+            spiffe_id: other_svid.spiffe_id.to_string(),
+            identity_rule: false,
+            before: 0,
+            reason: "test".into(),
+            revoked_at: now,
+            expires_at: now + 3600,
+            blocked: false,
+            renewable: false,
+            origin: String::new(),
+        };
+        f.log
+            .record(
+                Event::new(Kind::Revoked, "test"),
+                vec![Write::PutRevocation(r)],
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            f.auth.peer(&req, false),
+            Err(AuthError::Revoked(_))
+        ));
+    }
 }
