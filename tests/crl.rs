@@ -140,7 +140,7 @@ async fn start_agent(ca: &TestCa, work: &Path, extra: &[&str]) -> (common::Child
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn crl_file_and_workload_api_follow_a_revocation_within_a_second_and_never_expire() {
+async fn crl_file_and_workload_api_follow_a_revocation_within_seconds_and_never_expire() {
     // CRLs valid for 3 s: the refresh must keep up, period after period.
     let ca = TestCa::start_with("crl_validity = \"3s\"", POLICY).await;
     let work = tempfile::tempdir().unwrap();
