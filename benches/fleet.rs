@@ -222,6 +222,10 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
+/// How long after a revocation the fleet's CRL fetches are over (the agent waits 1 s, then a
+/// random part of 2 s), with a margin.
+const CRL_SETTLED: Duration = Duration::from_millis(3500);
+
 struct Row {
     n: usize,
     mode: &'static str,
@@ -441,7 +445,9 @@ async fn run_in_process(n: usize, ttl: u64, secs: u64, fanout: usize) -> Row {
         for w in waiting {
             rev_lat.push((w.await.unwrap() - sent).as_secs_f64());
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Each revocation on its own: after the push, every agent fetches the new CRL 1-3 s
+        // later (spread); the next measurement starts once those have settled.
+        tokio::time::sleep(CRL_SETTLED).await;
     }
     // Bundle fan-out: a new federated bundle.
     let before: Vec<u64> = fleet
