@@ -26,6 +26,8 @@ use tokio::time::Sleep;
 use tonic::transport::server::Connected;
 use tracing::{debug, info, warn};
 
+use crate::api::auth::ConnAuth;
+
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Open files kept out of the connection budget: the store, the audit log, credential files,
@@ -203,12 +205,14 @@ pub struct Activity {
 pub struct InFlight(Arc<Activity>);
 
 /// What a [`Conn`] tells the server about itself: the inner stream's connect info (for
-/// `tonic::Request::peer_certs` and `remote_addr`) and its request counter.
+/// `tonic::Request::peer_certs` and `remote_addr`), its request counter, and its
+/// authentication state (put in every request as `Arc<ConnAuth>`).
 #[derive(Debug, Clone)]
 pub struct ConnInfo<I> {
     /// The inner stream's connect info.
     pub inner: I,
     activity: Arc<Activity>,
+    auth: Arc<ConnAuth>,
 }
 
 /// An admitted gRPC connection: replays the HTTP/2 preface read by [`read_preface`], holds its
@@ -217,6 +221,7 @@ pub struct Conn<S> {
     inner: S,
     replayed: usize,
     activity: Arc<Activity>,
+    auth: Arc<ConnAuth>,
     idle: Duration,
     idle_check: Pin<Box<Sleep>>,
     _permit: Permit,
@@ -248,7 +253,8 @@ pub enum PrefaceError {
 
 /// Counts requests per connection for the idle timeout: insert outermost, so every request of a
 /// [`Conn`] holds an [`InFlight`] until its response body has ended (or is dropped). `I` is the
-/// inner connect info of the [`Conn`]s served, put back in the request for tonic.
+/// inner connect info of the [`Conn`]s served, put back in the request for tonic, beside the
+/// connection's `Arc<ConnAuth>`.
 pub struct TrackRequestsLayer<I>(PhantomData<fn() -> I>);
 
 /// The service [`TrackRequestsLayer`] makes.
@@ -432,6 +438,7 @@ impl<S> Conn<S> {
             inner,
             replayed: 0,
             activity,
+            auth: Arc::new(ConnAuth::new()),
             idle,
             idle_check: Box::pin(tokio::time::sleep_until(first.into())),
             _permit: permit,
@@ -514,6 +521,7 @@ impl<S: Connected> Connected for Conn<S> {
         ConnInfo {
             inner: self.inner.connect_info(),
             activity: self.activity.clone(),
+            auth: self.auth.clone(),
         }
     }
 }
@@ -613,6 +621,7 @@ where
         let in_flight = match req.extensions_mut().remove::<ConnInfo<I>>() {
             Some(info) => {
                 req.extensions_mut().insert(info.inner);
+                req.extensions_mut().insert(info.auth);
                 Some(info.activity.begin())
             }
             None => None,

@@ -140,7 +140,7 @@ async fn start_agent(ca: &TestCa, work: &Path, extra: &[&str]) -> (common::Child
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn crl_file_and_workload_api_follow_a_revocation_within_a_second_and_never_expire() {
+async fn crl_file_and_workload_api_follow_a_revocation_within_seconds_and_never_expire() {
     // CRLs valid for 3 s: the refresh must keep up, period after period.
     let ca = TestCa::start_with("crl_validity = \"3s\"", POLICY).await;
     let work = tempfile::tempdir().unwrap();
@@ -181,19 +181,20 @@ async fn crl_file_and_workload_api_follow_a_revocation_within_a_second_and_never
         "the Workload API carries the CA's CRL from the start"
     );
 
-    // A revocation: crl.pem and the Workload API list it within a second.
+    // A revocation: crl.pem and the Workload API list it after the agent's settle and spread
+    // (1-3 s: the fleet's `GetCrl` calls come after the push, spread), plus a second of slack.
     let victim = issue_victims(&ca, 1).await.remove(0);
     let mut admin = RevocationClient::new(ca.admin_channel().await);
     revoke(&mut admin, &victim).await;
     let revoked_at = Instant::now();
-    let in_file = poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
+    let in_file = poll_until(Duration::from_secs(8), Duration::from_millis(10), || {
         file_crls(&out)
             .filter(|crls| crls.iter().any(|c| c.serials.contains(&victim)))
             .map(|_| revoked_at.elapsed())
     })
     .await
     .unwrap_or_else(|| panic!("crl.pem never listed {victim}:\n{}", agent.output()));
-    let in_api = poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
+    let in_api = poll_until(Duration::from_secs(8), Duration::from_millis(10), || {
         received
             .lock()
             .unwrap()
@@ -208,11 +209,11 @@ async fn crl_file_and_workload_api_follow_a_revocation_within_a_second_and_never
     .unwrap_or_else(|| panic!("the Workload API never listed {victim}"));
     eprintln!("revocation in crl.pem after {in_file:?}, on the Workload API after {in_api:?}");
     assert!(
-        in_file <= Duration::from_secs(1),
+        in_file <= Duration::from_secs(4),
         "crl.pem after {in_file:?}"
     );
     assert!(
-        in_api <= Duration::from_secs(1),
+        in_api <= Duration::from_secs(4),
         "Workload API after {in_api:?}"
     );
     // The CRL hook ran for it, with the agent's own serial and the event name.
@@ -291,15 +292,16 @@ async fn a_burst_of_revocations_costs_a_few_fetches_and_runs_on_rotate_without_a
         revoke(&mut admin, serial).await;
     }
     let done = Instant::now();
-    let listed = poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
+    let listed = poll_until(Duration::from_secs(8), Duration::from_millis(10), || {
         file_crls(&out)
             .filter(|crls| victims.iter().all(|v| crls[0].serials.contains(v)))
             .map(|_| done.elapsed())
     })
     .await
     .unwrap_or_else(|| panic!("crl.pem never listed all 50:\n{}", agent.output()));
+    // The agent's settle and spread after a revocation (1-3 s), plus a second of slack.
     assert!(
-        listed <= Duration::from_secs(1),
+        listed <= Duration::from_secs(4),
         "all 50 listed after {listed:?}"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,6 +1,8 @@
 //! The CA's side of a fleet: agents hold one connection each, kept across rotations and within
-//! the connection caps; revoking the certificate a connection was opened with cuts its agent
-//! off; agents given several CA addresses move to a live CA when theirs dies.
+//! the connection caps; a renewed certificate takes over the connection it was issued over (and
+//! only that one), so rotations need no new handshake, past the first certificate's expiry;
+//! revoking the certificate a connection speaks for cuts its agent off; agents given several CA
+//! addresses move to a live CA when theirs dies.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +12,11 @@ use std::time::Duration;
 
 use common::{TestCa, lanyard_cmd, poll_until, spawn_agent, wait_for_svid};
 use lanyard::agent::{Agent, AgentConfig, AgentError};
-use lanyard::pb::v1::{self as pb, revocation_client::RevocationClient};
+use lanyard::api::auth::CONNECTION_BOUND;
+use lanyard::ca::SvidInfo;
+use lanyard::client::csr_for;
+use lanyard::pb::v1::{self as pb, ca_client::CaClient, revocation_client::RevocationClient};
+use tonic::transport::Channel;
 
 /// The client ports of established connections to local port `port` (the CA's side of each
 /// client connection): a connection kept is the same port, a new one another.
@@ -119,12 +125,13 @@ async fn ca_with_admin_connection() -> (TestCa, u16, tonic::transport::Channel, 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotation_keeps_the_connection_and_revocation_cuts_it_off() {
+async fn rotations_keep_the_connection_past_the_first_certificate_and_revocation_cuts_it_off() {
     let (ca, port, admin, token) = ca_with_admin_connection().await;
     let base = 1;
-    // 20 s certificates: renewed at 10 s ± 2 s, while the first (the connection's) has 8 s or
-    // more left, over the margin: the renewal rides the same connection.
-    let agent = Agent::new(agent_config(&ca, &token, "kept", 20));
+    // 6 s certificates, renewed every ~3 s: within 15 s the first one (the one the connection
+    // was opened with) has long expired, and every renewal rode the same connection, bound to
+    // the newest certificate each time (no reopening near the old one's expiry).
+    let agent = Agent::new(agent_config(&ca, &token, "kept", 6));
     let mut state = agent.subscribe();
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let run = tokio::spawn(agent.run(stop_rx));
@@ -141,23 +148,28 @@ async fn a_rotation_keeps_the_connection_and_revocation_cuts_it_off() {
     .await;
     assert!(one.is_some(), "{} connections", connections_to(port) - base);
     let kept = peers_of(port);
-    let rotated = tokio::time::timeout(
-        Duration::from_secs(20),
-        state.wait_for(|s| {
-            s.as_ref()
-                .is_some_and(|s| s.svid.serial != first.svid.serial)
-        }),
-    )
-    .await
-    .expect("rotated in time")
-    .unwrap()
-    .clone()
-    .unwrap();
-    assert_eq!(
-        peers_of(port),
-        kept,
-        "the rotation kept the agent's one connection"
+    let mut serials = std::collections::BTreeSet::from([first.svid.serial.to_hex()]);
+    let until = first.svid.not_after + 8;
+    let mut current = first.clone();
+    while lanyard::tls::unix_now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        current = state.borrow().clone().unwrap();
+        serials.insert(current.svid.serial.to_hex());
+        assert_eq!(
+            peers_of(port),
+            kept,
+            "rotation {} changed the agent's connection",
+            serials.len() - 1
+        );
+        assert!(!run.is_finished(), "the agent stopped");
+    }
+    assert!(
+        serials.len() >= 4,
+        "only {} certificates in {} s",
+        serials.len(),
+        until - first.svid.not_after
     );
+    assert!(current.svid.not_after > lanyard::tls::unix_now());
 
     let revoke = |serial: String| {
         let admin = admin.clone();
@@ -173,34 +185,145 @@ async fn a_rotation_keeps_the_connection_and_revocation_cuts_it_off() {
         }
     };
 
-    // Revoke the first certificate, the one the connection was opened with: the CA ends its
-    // watch and refuses every call on it, so the agent opens a new connection with its current,
-    // unrevoked certificate (as it would have used for its next renewal anyway) and goes on.
+    // Revoke the first certificate, the one the connection was opened with: the connection no
+    // longer speaks for it (a serial revocation covers that certificate, not its renewals),
+    // so the agent goes on, on the same connection.
     revoke(first.svid.serial.to_hex()).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         !run.is_finished(),
-        "revoking an older certificate stopped the agent"
+        "revoking a superseded certificate stopped the agent"
     );
-    let now = peers_of(port);
-    assert_eq!(
-        now.len(),
-        base + 1,
-        "the connection of the revoked certificate was replaced, not added to"
-    );
-    assert_ne!(
-        now, kept,
-        "the connection of the revoked certificate was replaced"
-    );
+    assert_eq!(peers_of(port), kept, "the connection was kept");
 
-    // Revoke the current certificate. The CA must judge that one, not the older one a kept
-    // connection might carry: the agent is cut off.
-    revoke(rotated.svid.serial.to_hex()).await;
+    // Revoke the current certificate, the one the connection speaks for: the agent is cut off.
+    let current = state.borrow().clone().unwrap();
+    revoke(current.svid.serial.to_hex()).await;
     let result = tokio::time::timeout(Duration::from_secs(10), run)
         .await
         .expect("the agent is cut off within seconds")
         .unwrap();
     assert!(matches!(result, Err(AgentError::Revoked(_))), "{result:?}");
+}
+
+/// `Revocation.Check` on `channel`: a call that needs the caller's certificate unexpired
+/// (no renewal grace) and unrevoked.
+async fn check(channel: &Channel, serial: &str) -> Result<(), tonic::Status> {
+    RevocationClient::new(channel.clone())
+        .check(pb::CheckRequest {
+            serial: serial.to_string(),
+        })
+        .await
+        .map(drop)
+}
+
+/// Renews `svid`'s identity over `channel` for `ttl` seconds; returns the new certificate and
+/// the serial the CA says it bound to the connection.
+async fn renew_over(channel: &Channel, svid: &SvidInfo, ttl: u32) -> (SvidInfo, Option<String>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let resp = CaClient::new(channel.clone())
+        .issue(pb::IssueRequest {
+            csr: csr_for(&svid.spiffe_id, &key).unwrap(),
+            join_token: String::new(),
+            jwt: String::new(),
+            ttl_seconds: ttl,
+            roles: vec![],
+        })
+        .await
+        .unwrap();
+    let bound = resp
+        .metadata()
+        .get(CONNECTION_BOUND)
+        .map(|v| v.to_str().unwrap().to_string());
+    let leaf = rustls_pki_types::CertificateDer::from(resp.into_inner().cert_chain[0].clone());
+    (
+        lanyard::ca::parse_svid(&leaf, &Default::default()).unwrap(),
+        bound,
+    )
+}
+
+/// Decision 65 end to end: a certificate renewed over connection A authenticates A from then
+/// on — past the expiry of the certificate A was opened with — and never connection B, opened
+/// with the same first certificate; revoking the bound certificate refuses A's next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_authenticates_its_own_connection_and_no_other() {
+    let ca = TestCa::start().await;
+    let port = ca.addr.port();
+    let admin = ca.admin_channel().await;
+    let dir = ca
+        .enroll("bound", "spiffe://example.org/ns/prod/bound", &[], 3)
+        .await;
+    let first = common::dir_svid(&dir).unwrap();
+    let before = peers_of(port);
+    let a = ca.channel_as(&dir).await;
+    let b = ca.channel_as(&dir).await;
+    check(&a, &first.serial.to_hex()).await.unwrap();
+    check(&b, &first.serial.to_hex()).await.unwrap();
+    let ours: std::collections::BTreeSet<u16> =
+        peers_of(port).difference(&before).copied().collect();
+    assert_eq!(ours.len(), 2, "connections A and B");
+
+    let (second, bound) = renew_over(&a, &first, 60).await;
+    assert_eq!(
+        bound,
+        Some(second.serial.to_hex()),
+        "the CA says it bound the renewal to A"
+    );
+    // Past the first certificate's expiry (and nothing reconnected meanwhile).
+    let wait = first.not_after + 2 - lanyard::tls::unix_now();
+    tokio::time::sleep(Duration::from_secs(wait.max(0) as u64)).await;
+    check(&a, &second.serial.to_hex())
+        .await
+        .expect("A speaks for the renewed certificate");
+    let refused = check(&b, &first.serial.to_hex()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("expired"), "{refused:?}");
+    let now: std::collections::BTreeSet<u16> =
+        peers_of(port).difference(&before).copied().collect();
+    assert_eq!(now, ours, "A and B are the connections they were");
+
+    // Renewing again on A binds the newest; renewing on B (its first certificate is within the
+    // renewal grace) binds B's own, not A's.
+    let (third, bound) = renew_over(&a, &second, 60).await;
+    assert_eq!(bound, Some(third.serial.to_hex()));
+    let (on_b, bound) = renew_over(&b, &first, 60).await;
+    assert_eq!(bound, Some(on_b.serial.to_hex()));
+    check(&b, &on_b.serial.to_hex()).await.unwrap();
+
+    // Revoking the certificate A speaks for refuses A's next call, renewal included; B is
+    // unaffected.
+    RevocationClient::new(admin)
+        .revoke(pb::RevokeRequest {
+            target: Some(pb::revoke_request::Target::Serial(third.serial.to_hex())),
+            reason: "key compromise".into(),
+            lift: false,
+        })
+        .await
+        .unwrap();
+    let refused = check(&a, &third.serial.to_hex()).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("revoked"), "{refused:?}");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let renewal = CaClient::new(a.clone())
+        .issue(pb::IssueRequest {
+            csr: csr_for(&third.spiffe_id, &key).unwrap(),
+            join_token: String::new(),
+            jwt: String::new(),
+            ttl_seconds: 60,
+            roles: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        renewal.code(),
+        tonic::Code::FailedPrecondition,
+        "{renewal:?}"
+    );
+    check(&b, &on_b.serial.to_hex()).await.unwrap();
 }
 
 /// A renewal due when the connection's certificate is already within the reopen margin (short

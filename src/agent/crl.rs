@@ -1,11 +1,15 @@
 //! Keeping the CA's CRLs fresh for file consumers (nginx `ssl_crl`, haproxy `crl-file`) and
 //! Workload API clients: the CRLs are fetched again at about half of their remaining validity
-//! (so they never pass `nextUpdate` while the CA is reachable) and within about a second of a
+//! (so they never pass `nextUpdate` while the CA is reachable) and within a few seconds of a
 //! new revocation seen on the agent's `Revocation.Watch` — only then: the revision the watch
 //! reports says when the CRL changed, so nothing is polled. A burst of revocations costs a few
-//! fetches, not one each: fetches are at least [`MIN_GAP`] apart, and a fetch for a revocation
-//! waits a random part of [`SPREAD`] so a whole fleet does not ask the CA in the same
-//! millisecond. Fetches ride the agent's one connection to the CA ([`super::link`]).
+//! fetches, not one each: fetches are at least [`MIN_GAP`] apart. A fetch for a revocation
+//! waits [`SETTLE`] and then a random part of [`SPREAD`]: a whole fleet learns of a revocation
+//! within milliseconds, and `GetCrl` from every agent at once would compete with the push
+//! itself for the CA's CPU (10,000 agents: the push took over 3 s at p99 with fetches spread
+//! over the first 500 ms). The revocation is in force in the agent (its revocation set, the
+//! Workload API's peers) from the push, before any CRL is fetched. Fetches ride the agent's one
+//! connection to the CA ([`super::link`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -27,9 +31,12 @@ use crate::tls::{RevocationSet, unix_now};
 /// Least time between two CRL fetches: a burst of revocations is coalesced into one fetch per
 /// gap (plus one for what arrived during the last).
 pub(crate) const MIN_GAP: Duration = Duration::from_millis(250);
-/// A fetch for a new revocation waits a random part of this: 10,000 agents learn of it within
-/// milliseconds of each other, and their `GetCrl` calls are spread instead of queued at once.
-const SPREAD: Duration = Duration::from_millis(500);
+/// A fetch for a new revocation waits this first, so the CA pushes the revocation to the whole
+/// fleet before agents ask for the CRL.
+pub(crate) const SETTLE: Duration = Duration::from_secs(1);
+/// ... and then a random part of this: 10,000 agents learn of a revocation within milliseconds
+/// of each other, and their `GetCrl` calls are spread (5,000 a second) instead of queued at once.
+pub(crate) const SPREAD: Duration = Duration::from_secs(2);
 /// Earliest refresh after a successful fetch, whatever the CRL says (a CA configured with a
 /// validity of a second must not make the agent spin).
 const MIN_REFRESH: Duration = Duration::from_millis(500);
@@ -137,7 +144,7 @@ pub(crate) fn follow_crls(
                         continue;
                     }
                     // New revocations: fetch soon (spread), no sooner than the gap allows.
-                    let spread = SPREAD.mul_f64(rand::random::<f64>());
+                    let spread = SETTLE + SPREAD.mul_f64(rand::random::<f64>());
                     let earliest = last_fetch.map_or_else(Instant::now, |t| t + MIN_GAP);
                     next = next.min(earliest.max(Instant::now()) + spread);
                     continue;
@@ -198,7 +205,7 @@ struct Fetcher {
 impl Fetcher {
     /// The CA's CRLs (the signing CA's, then a retiring one's) and their earliest nextUpdate.
     async fn fetch(&self) -> Result<(Vec<Vec<u8>>, Option<i64>), CrlError> {
-        let channel = tokio::time::timeout(CALL_TIMEOUT, self.link.channel())
+        let (channel, generation) = tokio::time::timeout(CALL_TIMEOUT, self.link.checkout())
             .await
             .map_err(|_| CrlError::Call("connecting to the CA timed out".into()))?
             .map_err(|e| CrlError::Call(e.to_string()))?;
@@ -206,7 +213,12 @@ impl Fetcher {
         let call = client.get_crl(pb::GetCrlRequest {});
         let answer = match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(s)) => return Err(CrlError::Call(format!("{:?}: {}", s.code(), s.message()))),
+            Ok(Err(s)) => {
+                if s.code() == tonic::Code::Unauthenticated {
+                    self.link.refused(generation);
+                }
+                return Err(CrlError::Call(format!("{:?}: {}", s.code(), s.message())));
+            }
             Err(_) => return Err(CrlError::Call("GetCrl timed out".into())),
         };
         let crls: Vec<Vec<u8>> = std::iter::once(answer.der)

@@ -3,17 +3,20 @@
 //! a connected agent costs the CA one TLS session and two idle streams, and a rotation costs it
 //! one RPC instead of a TLS handshake.
 //!
-//! The CA authenticates every call by the certificate the connection was opened with (the TLS
-//! handshake proved its key), checking that certificate's revocation and expiry per call. So a
-//! rotated certificate takes over like this: the renewal RPC runs on the open connection (its
-//! certificate proves the identity, the CSR proves the new key); the connection is opened again
-//! with the newest certificate when the one it was opened with is about to expire (less than
-//! [`margin`] left, judged whenever a call needs the channel), when the trust bundle changed, or
-//! on the next natural reconnect (tonic's channel reconnects by itself, presenting the slot's
-//! current certificate). Streams then move to the new connection and resume from their
-//! revision, and the old connection closes once nothing uses it. A connection never carries a
-//! call with an expired certificate while a fresher one is in hand, and revoking the
-//! connection's certificate (or its identity) refuses every later call on it.
+//! **How a rotated certificate takes over.** The renewal RPC runs on the open connection (its
+//! certificate proves the identity, the CSR proves the new key). A CA that binds what it issues
+//! to the connection it issued over (design decision 65) says so in the response
+//! ([`CONNECTION_BOUND`]); from then on the connection speaks for the new certificate and is
+//! kept, rotation after rotation, with no handshake. A CA that does not say so authenticates
+//! every call by the certificate the connection was opened with, so the connection is opened
+//! again with the newest certificate when the one it speaks for is about to expire (less than
+//! [`margin`] left, judged whenever a call needs the channel). Either way it is opened again
+//! when the trust bundle changed, when the CA refused a call as unauthenticated (see
+//! [`CaLink::refused`]), or on the next natural reconnect (tonic's channel reconnects by itself,
+//! presenting the slot's current certificate). Streams then move to the new connection and
+//! resume from their revision, and the old connection closes once nothing uses it. A connection
+//! never carries a call for an expired certificate while a fresher one is in hand, and revoking
+//! the certificate it speaks for (or its identity) refuses every later call on it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +27,7 @@ use tonic::transport::Channel;
 use tracing::{debug, info};
 
 use super::timing::Backoff;
+use crate::api::auth::CONNECTION_BOUND;
 use crate::ca::SvidInfo;
 use crate::client::{ClientError, connect};
 use crate::tls::{RevocationSet, ServerTrust, TlsSource, unix_now};
@@ -51,9 +55,12 @@ pub(crate) struct CaLink {
 #[derive(Clone)]
 struct Open {
     channel: Channel,
+    /// Which opening of the link this is (the value [`CaLink::generations`] follows).
+    generation: u64,
     /// The bundle the CA was verified against.
     bundle: Vec<CertificateDer<'static>>,
-    /// The certificate the connection presented (None: none).
+    /// The certificate the connection speaks for: the one it presented, or the newest the CA
+    /// bound to it (None: none).
     cert: Option<SvidInfo>,
 }
 
@@ -80,12 +87,18 @@ impl CaLink {
     /// The channel to the CA, opened again first when the one in hand can no longer speak for
     /// the current credential (see the module docs).
     pub(crate) async fn channel(&self) -> Result<Channel, ClientError> {
-        if let Some(ch) = self.usable() {
-            return Ok(ch);
+        self.checkout().await.map(|(channel, _)| channel)
+    }
+
+    /// [`CaLink::channel`] and the generation of the connection it is, for
+    /// [`CaLink::renewed`] and [`CaLink::refused`].
+    pub(crate) async fn checkout(&self) -> Result<(Channel, u64), ClientError> {
+        if let Some(open) = self.usable() {
+            return Ok(open);
         }
         let _one = self.opening.lock().await;
-        if let Some(ch) = self.usable() {
-            return Ok(ch);
+        if let Some(open) = self.usable() {
+            return Ok(open);
         }
         let bundle = self.source.bundle();
         let svid = self.source.svid();
@@ -96,12 +109,12 @@ impl CaLink {
             self.source.oid().clone(),
         )
         .await?;
+        let generation = *self.generation.borrow() + 1;
         let reopened = self
-            .open
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .replace(Open {
                 channel: channel.clone(),
+                generation,
                 bundle: bundle.certs().to_vec(),
                 cert: svid.clone(),
             })
@@ -109,12 +122,50 @@ impl CaLink {
         if reopened {
             debug!(serial = ?svid.map(|s| s.serial.to_hex()), "CA connection opened again with the current certificate");
         }
-        self.generation.send_modify(|g| *g += 1);
-        Ok(channel)
+        self.generation.send_replace(generation);
+        Ok((channel, generation))
     }
 
-    fn usable(&self) -> Option<Channel> {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+    /// Takes a renewal's answer on connection `generation`: when the CA bound the new
+    /// certificate `svid` to that connection ([`CONNECTION_BOUND`] names its serial), the
+    /// connection speaks for it from now on and is kept.
+    pub(crate) fn renewed(
+        &self,
+        generation: u64,
+        metadata: &tonic::metadata::MetadataMap,
+        svid: &SvidInfo,
+    ) {
+        let bound = metadata
+            .get(CONNECTION_BOUND)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|serial| serial.eq_ignore_ascii_case(&svid.serial.to_hex()));
+        if !bound {
+            return;
+        }
+        if let Some(open) = self.lock().as_mut().filter(|o| o.generation == generation) {
+            debug!(serial = %svid.serial, "the CA bound the renewed certificate to the connection");
+            open.cert = Some(svid.clone());
+        }
+    }
+
+    /// The CA refused a call on connection `generation` as unauthenticated: whatever the agent
+    /// believed the connection speaks for, the CA does not agree (say, tonic reconnected it
+    /// with an older certificate before the new one was installed), so the next call opens it
+    /// again with the current certificate.
+    pub(crate) fn refused(&self, generation: u64) {
+        let mut open = self.lock();
+        if open.as_ref().is_some_and(|o| o.generation == generation) {
+            debug!("the CA refused the connection's certificate; opening it again");
+            *open = None;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Open>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn usable(&self) -> Option<(Channel, u64)> {
+        let open = self.lock();
         let open = open.as_ref()?;
         let fresh = match (&open.cert, self.source.svid()) {
             // Opened with the current certificate: nothing fresher is in hand, so opening again
@@ -135,7 +186,7 @@ impl CaLink {
             (_, None) => true,
         };
         (fresh && self.source.bundle().certs() == open.bundle.as_slice())
-            .then(|| open.channel.clone())
+            .then(|| (open.channel.clone(), open.generation))
     }
 
     /// Follows the generation of the open connection.
@@ -162,13 +213,19 @@ where
         let mut generations = link.generations();
         let mut last_error: Option<String> = None;
         loop {
-            let outcome = match link.channel().await {
-                Ok(channel) => {
+            let outcome = match link.checkout().await {
+                Ok((channel, generation)) => {
                     generations.borrow_and_update();
-                    tokio::select! {
+                    let r = tokio::select! {
                         r = once(channel) => Some(r),
                         _ = generations.changed() => None,
+                    };
+                    if let Some(Err(s)) = &r
+                        && s.code() == tonic::Code::Unauthenticated
+                    {
+                        link.refused(generation);
                     }
+                    r
                 }
                 Err(e) => Some(Err(tonic::Status::unavailable(e.to_string()))),
             };

@@ -440,7 +440,11 @@ impl Agent {
         let key = super::keys::next_key().map_err(|e| tonic::Status::internal(e.to_string()))?;
         let csr = csr_with_names(&svid.spiffe_id, &key, &self.cfg.names)
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let channel = self.ca_channel().await?;
+        let (channel, generation) = self
+            .link
+            .checkout()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let resp = CaClient::new(channel)
             .issue(pb::IssueRequest {
                 csr,
@@ -449,10 +453,18 @@ impl Agent {
                 ttl_seconds: self.ttl_secs(),
                 roles: vec![],
             })
-            .await?
-            .into_inner();
-        self.state_from(resp, &key)
-            .map_err(|e| tonic::Status::internal(e.to_string()))
+            .await
+            .inspect_err(|e| {
+                if e.code() == Code::Unauthenticated {
+                    self.link.refused(generation);
+                }
+            })?;
+        let (metadata, resp, _) = resp.into_parts();
+        let state = self
+            .state_from(resp, &key)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        self.link.renewed(generation, &metadata, &state.svid);
+        Ok(state)
     }
 
     fn ttl_secs(&self) -> u32 {

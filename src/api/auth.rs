@@ -6,6 +6,15 @@
 //! check while the current time is inside every certificate's validity window. Revocation is
 //! still looked up on every call, and expiry and the renewal grace are still judged at the
 //! current time.
+//!
+//! Each connection also carries a [`ConnAuth`] (put in every request by `net::TrackRequests`):
+//! the last verification of the chain that authenticates it, so a kept connection's calls skip
+//! even the chain hash, and the newest certificate this CA issued over it by a renewal the
+//! connection authenticated. From then on that certificate, not the one the handshake
+//! presented, authenticates the connection (design decision 65, docs/security.md): a rotation
+//! is one renewal call on the kept connection, no new handshake. Every check still applies to
+//! it on every call: chain against the current bundle, expiry and grace, revocation of its
+//! serial and identity.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -48,6 +57,11 @@ pub enum AuthError {
     #[error("{0}")]
     Internal(String),
 }
+
+/// Response metadata of a renewal whose certificate now authenticates the connection it came
+/// over (value: the new certificate's serial, hex): the agent then keeps the connection instead
+/// of opening a new one before the old certificate expires. A CA without it never says so.
+pub const CONNECTION_BOUND: &str = "lanyard-connection-bound";
 
 /// How many verified chains an [`Authenticator`] remembers by default (~300 bytes each).
 pub const CHAIN_CACHE_CAPACITY: usize = 16 * 1024;
@@ -147,12 +161,108 @@ impl Authenticator {
         self.verified.stats()
     }
 
+    /// Makes `chain` (just issued by a renewal that `renewed_by` authenticated on `req`'s
+    /// connection) the certificate that authenticates that connection from now on (see the
+    /// module docs). Returns whether it did: not for a request without connection state, nor
+    /// for another identity than the caller's (a renewal never changes it; checked anyway).
+    /// `signer` is the root `chain` was signed under; when it is in the trusted bundle the
+    /// connection's next call skips the chain's signature check.
+    pub fn bind_to_connection<T>(
+        &self,
+        req: &Request<T>,
+        renewed_by: &SvidInfo,
+        chain: &[CertificateDer<'_>],
+        svid: &SvidInfo,
+        signer: &CertificateDer<'_>,
+    ) -> bool {
+        let Some(conn) = req.extensions().get::<Arc<ConnAuth>>() else {
+            return false;
+        };
+        if renewed_by.spiffe_id != svid.spiffe_id || chain.is_empty() {
+            return false;
+        }
+        let (bundle, generation) = self.current_bundle();
+        let verified = bundle
+            .certs()
+            .iter()
+            .any(|c| c.as_ref() == signer.as_ref())
+            .then(|| validity_window(chain, svid))
+            .flatten()
+            .map(|(from, until)| ConnVerified {
+                svid: svid.clone(),
+                from,
+                until,
+                generation,
+            });
+        let chain: Arc<[CertificateDer<'static>]> =
+            chain.iter().map(|c| c.clone().into_owned()).collect();
+        conn.bind(chain, verified);
+        true
+    }
+
     /// The caller's verified, unrevoked SVID. With `allow_grace`, a certificate that expired less
     /// than the renewal grace ago is accepted (renewal only); the handshake already proved the
-    /// caller holds its key.
+    /// caller holds its key. On a connection a renewal bound a newer certificate to, that
+    /// certificate is the caller's (see the module docs).
     pub fn peer<T>(&self, req: &Request<T>, allow_grace: bool) -> Result<SvidInfo, AuthError> {
-        let chain = req.peer_certs().ok_or(AuthError::NoCertificate)?;
-        self.authenticate(&chain, unix_now(), allow_grace)
+        let now = unix_now();
+        let svid = match req.extensions().get::<Arc<ConnAuth>>() {
+            Some(conn) => self.verify_connection(conn, req, now, allow_grace)?,
+            None => {
+                let chain = req.peer_certs().ok_or(AuthError::NoCertificate)?;
+                if chain.is_empty() {
+                    return Err(AuthError::NoCertificate);
+                }
+                self.verify_chain(&chain, now, allow_grace)?
+            }
+        };
+        self.check_revocation(svid, allow_grace)
+    }
+
+    /// The chain that authenticates `conn` (the bound certificate's, else the handshake's),
+    /// verified through the connection's own cache, then the shared one. The connection's
+    /// cache answers only for the bundle generation it was verified against and inside the
+    /// chain's validity window; anything else takes [`Authenticator::verify_chain`].
+    fn verify_connection<T>(
+        &self,
+        conn: &ConnAuth,
+        req: &Request<T>,
+        now: i64,
+        allow_grace: bool,
+    ) -> Result<SvidInfo, AuthError> {
+        // Read before verifying: a bundle change meanwhile leaves the cached entry stale.
+        let generation = self.current_bundle().1;
+        let (bound, epoch) = match conn.cached(now, generation) {
+            ConnLookup::Hit(svid) => return Ok(svid),
+            ConnLookup::Miss { bound, epoch } => (bound, epoch),
+        };
+        let presented;
+        let chain: &[CertificateDer<'_>] = match &bound {
+            Some(c) => &c[..],
+            None => {
+                presented = req.peer_certs().ok_or(AuthError::NoCertificate)?;
+                presented.as_slice()
+            }
+        };
+        if chain.is_empty() {
+            return Err(AuthError::NoCertificate);
+        }
+        let svid = self.verify_chain(chain, now, allow_grace)?;
+        if svid.not_before <= now
+            && now <= svid.not_after
+            && let Some((from, until)) = validity_window(chain, &svid)
+        {
+            conn.remember(
+                epoch,
+                ConnVerified {
+                    svid: svid.clone(),
+                    from,
+                    until,
+                    generation,
+                },
+            );
+        }
+        Ok(svid)
     }
 
     /// The caller's SVID, where the caller may also be an identity of a federated trust domain
@@ -163,6 +273,13 @@ impl Authenticator {
     /// CA wrote: roles are this domain's to give, so a foreign `lanyard:approver` counts for
     /// nothing here.
     pub fn peer_any_domain<T>(&self, req: &Request<T>) -> Result<SvidInfo, AuthError> {
+        // Only this CA binds certificates to connections, and only its own domain's: a bound
+        // connection is a local caller.
+        if let Some(conn) = req.extensions().get::<Arc<ConnAuth>>()
+            && conn.is_bound()
+        {
+            return self.peer(req, false);
+        }
         let chain = req.peer_certs().ok_or(AuthError::NoCertificate)?;
         self.authenticate_any_domain(&chain, unix_now())
     }
@@ -370,6 +487,88 @@ pub struct CacheStats {
     pub misses: u64,
     /// Chains remembered now.
     pub entries: usize,
+}
+
+/// Authentication state of one connection (see the module docs): created per connection by
+/// the listener (`net::Conn`) and found in every request's extensions as `Arc<ConnAuth>`.
+#[derive(Debug, Default)]
+pub struct ConnAuth {
+    inner: Mutex<ConnState>,
+}
+
+#[derive(Debug, Default)]
+struct ConnState {
+    /// The newest certificate (chain, leaf first) this CA issued over the connection; `None`:
+    /// the handshake's chain authenticates it.
+    bound: Option<Arc<[CertificateDer<'static>]>>,
+    /// Bumped by every binding, so a verification of the previous chain that finishes after
+    /// a binding is not remembered as the new one's.
+    epoch: u64,
+    /// The last verification of the connection's chain.
+    verified: Option<ConnVerified>,
+}
+
+/// A verification of a connection's chain: "`verify_svid` succeeded on this chain against
+/// bundle `generation`", usable while the time is inside `[from, until]`.
+#[derive(Debug)]
+struct ConnVerified {
+    svid: SvidInfo,
+    from: i64,
+    until: i64,
+    generation: u64,
+}
+
+enum ConnLookup {
+    Hit(SvidInfo),
+    Miss {
+        bound: Option<Arc<[CertificateDer<'static>]>>,
+        epoch: u64,
+    },
+}
+
+// === impl ConnAuth ===
+
+impl ConnAuth {
+    /// A connection authenticated by its handshake only.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a certificate issued over this connection authenticates it.
+    pub fn is_bound(&self) -> bool {
+        self.lock().bound.is_some()
+    }
+
+    fn cached(&self, now: i64, generation: u64) -> ConnLookup {
+        let st = self.lock();
+        match &st.verified {
+            Some(v) if v.generation == generation && v.from <= now && now <= v.until => {
+                ConnLookup::Hit(v.svid.clone())
+            }
+            _ => ConnLookup::Miss {
+                bound: st.bound.clone(),
+                epoch: st.epoch,
+            },
+        }
+    }
+
+    fn remember(&self, epoch: u64, verified: ConnVerified) {
+        let mut st = self.lock();
+        if st.epoch == epoch {
+            st.verified = Some(verified);
+        }
+    }
+
+    fn bind(&self, chain: Arc<[CertificateDer<'static>]>, verified: Option<ConnVerified>) {
+        let mut st = self.lock();
+        st.bound = Some(chain);
+        st.epoch += 1;
+        st.verified = verified;
+    }
 }
 
 /// Client chains that verified, keyed by SHA-256 over the presented DER (each certificate
@@ -709,5 +908,91 @@ mod tests {
             Err(AuthError::Chain(_))
         ));
         assert_eq!(stats(&f), (0, 3, 1));
+    }
+
+    #[tokio::test]
+    async fn a_bound_certificate_authenticates_its_connection_through_the_connection_cache() {
+        let f = fixture(16);
+        let now = unix_now();
+        let conn = Arc::new(ConnAuth::new());
+        let mut req = Request::new(());
+        req.extensions_mut().insert(conn.clone());
+        // Not bound and no handshake certificate (no TLS connect info here): nobody.
+        assert!(matches!(
+            f.auth.peer(&req, false),
+            Err(AuthError::NoCertificate)
+        ));
+        let chain = leaf(&f.authority, "/a", now - 30, now + 60);
+        let svid = parse_svid(&chain[0], &RolesOid::default()).unwrap();
+        let other = leaf(&f.authority, "/b", now - 30, now + 60);
+        let other_svid = parse_svid(&other[0], &RolesOid::default()).unwrap();
+        // A renewal never changes the identity; a binding that would is refused.
+        assert!(
+            !f.auth
+                .bind_to_connection(&req, &other_svid, &chain, &svid, f.authority.root())
+        );
+        assert!(
+            f.auth
+                .bind_to_connection(&req, &svid, &chain, &svid, f.authority.root())
+        );
+        assert_eq!(f.auth.peer(&req, false).unwrap(), svid);
+        assert_eq!(
+            stats(&f),
+            (0, 0, 0),
+            "answered by the connection's own cache"
+        );
+        // A verification of the previous chain that finishes after the binding is not
+        // remembered as the bound one's.
+        let ConnLookup::Miss { epoch, .. } = conn.cached(now, u64::MAX) else {
+            panic!("no entry for another generation");
+        };
+        assert!(f.auth.bind_to_connection(
+            &req,
+            &other_svid,
+            &other,
+            &other_svid,
+            f.authority.root()
+        ));
+        conn.remember(
+            epoch,
+            ConnVerified {
+                svid: svid.clone(),
+                from: now - 30,
+                until: now + 60,
+                generation: 0,
+            },
+        );
+        assert_eq!(f.auth.peer(&req, false).unwrap(), other_svid);
+        // A new bundle (a CA rotation): the bound chain is verified again against it.
+        f.auth
+            .set_bundle(Bundle::new(vec![f.authority.root().clone()]).unwrap());
+        assert_eq!(f.auth.peer(&req, false).unwrap(), other_svid);
+        assert_eq!(stats(&f), (0, 1, 1));
+        // Revocation of the bound serial is checked on every call.
+        let r = RevocationRecord {
+            v: RECORD_VERSION,
+            rev: 0,
+            serial: other_svid.serial.to_hex(),
+            spiffe_id: other_svid.spiffe_id.to_string(),
+            identity_rule: false,
+            before: 0,
+            reason: "test".into(),
+            revoked_at: now,
+            expires_at: now + 3600,
+            blocked: false,
+            renewable: false,
+            origin: String::new(),
+        };
+        f.log
+            .record(
+                Event::new(Kind::Revoked, "test"),
+                vec![Write::PutRevocation(r)],
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            f.auth.peer(&req, false),
+            Err(AuthError::Revoked(_))
+        ));
     }
 }

@@ -65,6 +65,8 @@ impl Ca for CaService {
         if !jwt.is_empty() && !join_token.is_empty() {
             return Err(Status::invalid_argument("set join_token or jwt, not both"));
         }
+        // The renewing caller, whose connection the new certificate is bound to.
+        let mut renewed_by = None;
         let issued = if !jwt.is_empty() {
             self.issuance.with_jwt(&jwt, ask).await
         } else if join_token.is_empty() {
@@ -88,17 +90,26 @@ impl Ca for CaService {
                     return Err(status);
                 }
             };
-            self.issuance.renew(&peer, ask).await
+            let issued = self.issuance.renew(&peer, ask).await;
+            renewed_by = Some(peer);
+            issued
         } else {
             self.issuance.with_token(&join_token, ask).await
         }
         .map_err(status::issue)?;
-        self.auth.remember_issued(
-            &issued.chain,
-            &issued.svid,
-            self.issuance.cas().current().active().root(),
-        );
-        Ok(Response::new(to_proto(issued, &self.bundles.current())))
+        let signer = self.issuance.cas().current().active().root().clone();
+        self.auth
+            .remember_issued(&issued.chain, &issued.svid, &signer);
+        let bound = renewed_by.is_some_and(|by| {
+            self.auth
+                .bind_to_connection(&req, &by, &issued.chain, &issued.svid, &signer)
+        });
+        let serial = issued.svid.serial.to_hex();
+        let mut resp = Response::new(to_proto(issued, &self.bundles.current()));
+        if bound && let Ok(v) = serial.parse() {
+            resp.metadata_mut().insert(super::auth::CONNECTION_BOUND, v);
+        }
+        Ok(resp)
     }
 
     async fn get_trust_bundle(
