@@ -53,6 +53,8 @@ fn compile(
     }
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join(descriptor))
+        // Small per-call buffers: a CA holds two mostly idle streams per connected agent.
+        .codec_path("crate::codec::SmallBufferCodec")
         .compile_with_config(
             cfg,
             &protos,

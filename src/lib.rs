@@ -30,6 +30,7 @@ pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod encoding;
 pub mod federation;

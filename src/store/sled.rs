@@ -941,15 +941,31 @@ const COMPACT_RATIO: u64 = 4;
 const COMPACT_DONE: &str = "lanyard-compaction-complete";
 
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
-    // Lanyard flushes explicitly (group commit) before acknowledging anything; the periodic
-    // background flush only bounds what an unacknowledged write may lose.
-    sled::Config::new()
-        .path(dir)
-        .cache_capacity(CACHE_BYTES)
-        .flush_every_ms(Some(1000))
-        .open()
-        .map_err(backend)
+    // sled's flusher thread may hold the file (and its lock) for a moment after the last handle
+    // of a store dropped, so a reopen in the same process, or a restart right after an exit,
+    // waits for it briefly; a lock held longer is another process's (a running server), and
+    // that error is returned as sled words it (the server maps it to "data dir in use").
+    let mut tries = 0;
+    loop {
+        // Lanyard flushes explicitly (group commit) before acknowledging anything; the periodic
+        // background flush only bounds what an unacknowledged write may lose.
+        let opened = sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .flush_every_ms(Some(1000))
+            .open();
+        match opened {
+            Err(e) if tries < LOCK_RETRIES && e.to_string().contains("could not acquire lock") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            other => return other.map_err(backend),
+        }
+    }
 }
+
+/// How many times (25 ms apart) [`open_db`] retries a store whose lock is still held.
+const LOCK_RETRIES: u32 = 40;
 
 /// `<dir><suffix>`, beside `dir` (same file system, so a rename moves it).
 fn sibling(dir: &Path, suffix: &str) -> Option<PathBuf> {
