@@ -215,6 +215,9 @@ fn covers(r: &RevocationRecord, svid: &crate::ca::SvidInfo) -> bool {
     }
 }
 
+/// Entries a `Revocation.Watch` reads from the store at once while catching up.
+const WATCH_PAGE: usize = 1024;
+
 /// One `Revocation.Watch` stream: a snapshot from the store, then the revocation feed.
 struct WatchState {
     revocations: Arc<Revocations>,
@@ -244,9 +247,14 @@ impl WatchState {
             }
             if self.resync {
                 self.resync = false;
-                match self.revocations.since(self.sent) {
-                    Ok(snapshot) => {
-                        for r in snapshot {
+                // A page at a time, each sent before the next is read: a watcher from 0 over a
+                // million entries holds a page, not the whole store, and a slow reader holds
+                // nothing more than its page.
+                match self.revocations.page(self.sent, WATCH_PAGE) {
+                    Ok(page) if page.is_empty() => {}
+                    Ok(page) => {
+                        self.resync = true;
+                        for r in page {
                             self.sent = self.sent.max(r.rev);
                             if (self.relay)(&r) {
                                 self.pending.push_back(Ok(to_proto(r)));
