@@ -511,4 +511,74 @@ mod tests {
             vec![5, 9]
         );
     }
+
+    /// Pages and the chunked walk see every live entry once, never split a revision, and bring
+    /// the entries outside the rev list (odd spellings, identity rules) with the last one.
+    #[test]
+    fn pages_and_walks_cover_everything_once_in_whole_revisions() {
+        let mut ix = RevIndex::default();
+        let mut n = 0u32;
+        // 3 revisions of CHUNK + 7 entries each, and one of 5, then a replaced and a removed
+        // entry (stale items in the rev list), an odd spelling and a rule.
+        for (rev, count) in [(1u64, CHUNK + 7), (2, CHUNK + 7), (3, CHUNK + 7), (4, 5)] {
+            for _ in 0..count {
+                n += 1;
+                ix.insert(&serial(&format!("{n:08x}"), rev, "spiffe://td/a", 100));
+            }
+        }
+        ix.insert(&serial("00000001", 5, "spiffe://td/b", 100));
+        assert!(ix.remove_serial("00000002"));
+        ix.insert(&serial("0ABC", 6, "spiffe://td/c", 100));
+        let rule = RevocationRecord {
+            identity_rule: true,
+            serial: String::new(),
+            blocked: true,
+            before: 7,
+            ..serial("", 7, "spiffe://td/e", i64::MAX)
+        };
+        ix.insert(&rule);
+        let all = ix.since(0);
+        assert_eq!(all.len(), n as usize - 1 + 2);
+
+        let mut paged = Vec::new();
+        let mut sent = 0;
+        loop {
+            let page = ix.page(sent, 1000);
+            let Some(last) = page.last() else { break };
+            // A page never ends inside a revision.
+            assert!(ix.since(last.rev).iter().all(|r| r.rev > last.rev));
+            sent = last.rev;
+            paged.extend(page);
+        }
+        assert_eq!(paged, all);
+
+        // Compared with leading zero bytes dropped: the walk hands out the stored bytes, and
+        // a CRL's INTEGER drops them anyway.
+        let norm = |b: &RevocationBrief| {
+            let serial = b.serial_bytes().map(|s| {
+                s.iter()
+                    .skip_while(|x| **x == 0)
+                    .copied()
+                    .collect::<Vec<u8>>()
+            });
+            (
+                b.rev,
+                serial,
+                b.revoked_at,
+                b.expires_at,
+                b.identity_rule,
+                b.relayed,
+            )
+        };
+        let mut walked = Vec::new();
+        walk(|g| g(&ix), &mut |b| walked.push(*b));
+        let mut got: Vec<_> = walked.iter().map(norm).collect();
+        let mut expected: Vec<_> = all.iter().map(|r| norm(&RevocationBrief::of(r))).collect();
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected);
+        assert_eq!(walked.iter().filter(|b| b.identity_rule).count(), 1);
+        let odd = walked.iter().find(|b| b.rev == 6).unwrap();
+        assert_eq!(odd.serial_bytes(), Some(&[0x0a, 0xbc][..]));
+    }
 }
