@@ -6,12 +6,14 @@
 //!    through `Store::commit` in batches, then one `Store::flush`; time, rate, and sled's
 //!    `size_on_disk` next to the bytes the files take, per live revocation; the process RSS.
 //! 2. **Index rebuild**: the store closed and opened again, which loads every live revocation
-//!    into the in-memory index (what a CA start pays); time and RSS after.
+//!    into the in-memory index (what a CA start pays); time and RSS after; then that process's
+//!    CRL build, its time and its peak RSS during the build alone (`/proc/self/clear_refs`).
 //! 3. **Check latency**: `Store::revoked_serial` (what `Revocation.Check` and every authenticated
 //!    call do) for random serials, half of them revoked (hits), half never seen (misses); p50,
 //!    p99, p99.9 and max.
-//! 4. **Watch{since: 0}**: `Store::revocations_since(0)` turned into the wire entries a
-//!    `Revocation.Watch` from scratch streams.
+//! 4. **Watch{since: 0}**: `Store::revocations_since(0)` turned into wire entries at once (the
+//!    full scan), then `Store::revocations_page` a page of 1024 at a time, as a
+//!    `Revocation.Watch` from scratch streams it.
 //! 5. **CRL**: `Revocations::crl` signed by a fresh CA: the first call builds and signs it, the
 //!    second is served from the per-revision cache.
 //! 6. **Prune**: `Store::prune` at a time after every entry expired; time, entries pruned, and
