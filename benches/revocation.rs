@@ -6,12 +6,14 @@
 //!    through `Store::commit` in batches, then one `Store::flush`; time, rate, and sled's
 //!    `size_on_disk` next to the bytes the files take, per live revocation; the process RSS.
 //! 2. **Index rebuild**: the store closed and opened again, which loads every live revocation
-//!    into the in-memory index (what a CA start pays); time and RSS after.
+//!    into the in-memory index (what a CA start pays); time and RSS after; then that process's
+//!    CRL build, its time and its peak RSS during the build alone (`/proc/self/clear_refs`).
 //! 3. **Check latency**: `Store::revoked_serial` (what `Revocation.Check` and every authenticated
 //!    call do) for random serials, half of them revoked (hits), half never seen (misses); p50,
 //!    p99, p99.9 and max.
-//! 4. **Watch{since: 0}**: `Store::revocations_since(0)` turned into the wire entries a
-//!    `Revocation.Watch` from scratch streams.
+//! 4. **Watch{since: 0}**: `Store::revocations_since(0)` turned into wire entries at once (the
+//!    full scan), then `Store::revocations_page` a page of 1024 at a time, as a
+//!    `Revocation.Watch` from scratch streams it.
 //! 5. **CRL**: `Revocations::crl` signed by a fresh CA: the first call builds and signs it, the
 //!    second is served from the per-revision cache.
 //! 6. **Prune**: `Store::prune` at a time after every entry expired; time, entries pruned, and
@@ -144,7 +146,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     latency("hits (revoked)", &mut hits);
     latency("misses (not revoked)", &mut misses);
 
-    // 4. Watch{since: 0}: the snapshot a new watcher streams, in wire form.
+    // 4. Watch{since: 0}: the whole store in wire form, first as one snapshot (the full scan),
+    // then a page at a time as a `Revocation.Watch` from 0 now streams it (each page sent before
+    // the next is read).
+    reset_peak_rss();
     let t = Instant::now();
     let entries: Vec<_> = store
         .revocations_since(0)?
@@ -152,11 +157,26 @@ fn main() -> Result<(), Box<dyn Error>> {
         .map(to_proto)
         .collect();
     println!(
-        "\n4. Watch{{since: 0}} snapshot (revocations_since(0) as wire entries): {} entries in {}",
+        "\n4. full scan (revocations_since(0) as wire entries): {} entries in {}; {}",
         entries.len(),
-        secs(t.elapsed())
+        secs(t.elapsed()),
+        rss()
     );
     drop(entries);
+    reset_peak_rss();
+    let t = Instant::now();
+    let (mut sent, mut streamed) = (0, 0usize);
+    loop {
+        let page = store.revocations_page(sent, 1024)?;
+        let Some(last) = page.last() else { break };
+        sent = last.rev;
+        streamed += page.into_iter().map(to_proto).count();
+    }
+    println!(
+        "   Watch{{since: 0}} a page of 1024 at a time: {streamed} entries in {}; {}",
+        secs(t.elapsed()),
+        rss()
+    );
 
     // 5. CRL, signed by a fresh CA: built once, then served from the cache.
     {
@@ -169,9 +189,12 @@ fn main() -> Result<(), Box<dyn Error>> {
             Duration::from_secs(60),
             Duration::from_secs(3600),
         );
+        // The peak below is this build's alone: the insert and the Watch snapshot peaked higher.
+        reset_peak_rss();
         let t = Instant::now();
         let der = revocations.crl(&authority, Duration::from_secs(3600))?;
         let built = t.elapsed();
+        let peak = peak_rss_kib();
         let t = Instant::now();
         let again = revocations.crl(&authority, Duration::from_secs(3600))?;
         let cached = t.elapsed();
@@ -186,6 +209,10 @@ fn main() -> Result<(), Box<dyn Error>> {
                 " (NOT THE CACHED ONE)"
             },
             rss()
+        );
+        println!(
+            "   peak RSS of this process while building it (after the steps above): {:.1} MiB",
+            peak as f64 / 1024.0
         );
     }
 
@@ -299,6 +326,8 @@ fn open_only(path: &Path) -> Result<(), Box<dyn Error>> {
         Duration::from_secs(60),
         Duration::from_secs(3600),
     );
+    // The peak of the build alone, over what holding the index costs.
+    reset_peak_rss();
     let t = Instant::now();
     let der = revocations.crl(&authority, Duration::from_secs(3600))?;
     println!(
@@ -306,6 +335,10 @@ fn open_only(path: &Path) -> Result<(), Box<dyn Error>> {
         der.len(),
         secs(t.elapsed()),
         rss()
+    );
+    println!(
+        "   CA peak RSS during the CRL build: {:.1} MiB",
+        peak_rss_kib() as f64 / 1024.0
     );
     Ok(())
 }
@@ -363,6 +396,24 @@ fn rss() -> String {
             .map_or("?".to_string(), |v| v.trim().to_string())
     };
     format!("RSS {} (peak {})", field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets the process's peak RSS (VmHWM) to its current RSS (Linux `clear_refs` value 5), so
+/// the next `peak_rss_kib` is one step's own peak.
+fn reset_peak_rss() {
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        println!("   (cannot reset the peak RSS: {e}; the peaks below include earlier steps)");
+    }
+}
+
+/// The process's peak RSS (VmHWM) in KiB; 0 when unknown.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn knob<T: FromStr>(name: &str, default: T) -> Result<T, Box<dyn Error>>

@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 use crate::audit::{AuditError, AuditLog, Committed, Event, Kind};
-use crate::ca::{Authority, CaError, Serial, SvidInfo};
+use crate::ca::{Authority, CaError, CrlEntries, Serial, SvidInfo};
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::store::{RECORD_VERSION, RevocationRecord, Store, StoreError, Write};
 use crate::tls::unix_now;
@@ -366,16 +366,31 @@ impl Revocations {
         {
             return Ok(der);
         }
-        let entries = self.store.revocations_since(0)?;
-        let rev = entries.iter().map(|e| e.rev).max().unwrap_or(0);
+        // Streamed from the index into the CRL's own encoding: a million entries cost their
+        // ~36 bytes of DER each, not a record and an rcgen structure each.
+        let mut rev = 0;
+        let mut earliest_expiry = i64::MAX;
+        let mut listed = CrlEntries::new();
+        let mut bad_time = None;
+        self.store.for_each_revocation(&mut |e| {
+            rev = rev.max(e.rev);
+            earliest_expiry = earliest_expiry.min(e.expires_at);
+            // Relayed entries are other CAs' certificates: not this CA's to list.
+            if e.identity_rule || e.relayed || bad_time.is_some() {
+                return;
+            }
+            if let Some(serial) = e.serial_bytes()
+                && let Err(err) = listed.push(serial, e.revoked_at)
+            {
+                bad_time = Some(err);
+            }
+        })?;
+        if let Some(err) = bad_time {
+            return Err(err.into());
+        }
         let mut caches = self.crl.lock().unwrap_or_else(|p| p.into_inner());
         let cache = caches.get(&fingerprint);
         // Built by a concurrent caller while this one read the store: once per revision.
-        let earliest_expiry = entries
-            .iter()
-            .map(|e| e.expires_at)
-            .min()
-            .unwrap_or(i64::MAX);
         if let Some(c) = cache
             && c.rev == rev
             && c.earliest_expiry == earliest_expiry
@@ -383,17 +398,12 @@ impl Revocations {
         {
             return Ok(c.der.clone());
         }
-        let serials: Vec<(Serial, i64)> = entries
-            .iter()
-            // Relayed entries are other CAs' certificates: not this CA's to list.
-            .filter(|e| !e.identity_rule && e.origin.is_empty())
-            .filter_map(|e| entry_serial(&e.serial).map(|s| (s, e.revoked_at)))
-            .collect();
         let this_update = now - 60;
         let next_update = now + validity.as_secs() as i64;
         // CRL numbers must increase; seconds since the epoch do, unless two CRLs share a second.
         let crl_number = cache.map_or(0, |c| c.number + 1).max(now as u64);
-        let der = Arc::new(authority.sign_crl(&serials, crl_number, this_update, next_update)?);
+        let der =
+            Arc::new(authority.sign_crl_entries(listed, crl_number, this_update, next_update)?);
         caches.insert(
             authority.fingerprint(),
             CachedCrl {
@@ -498,33 +508,16 @@ impl Revocations {
         self.store.revocations_since(since)
     }
 
+    /// About `limit` live entries with `rev > since`, ending on a whole revision (see
+    /// [`Store::revocations_page`]); empty when none is left.
+    pub fn page(&self, since: u64, limit: usize) -> Result<Vec<RevocationRecord>, StoreError> {
+        self.store.revocations_page(since, limit)
+    }
+
     /// The audit log the revocations are committed through (for live watch feeds).
     pub fn log(&self) -> &AuditLog {
         &self.log
     }
-}
-
-/// The serial of a stored entry. The store keeps canonical lowercase hex, decoded here without
-/// the copies `Serial::parse_hex` makes for its other spellings (a CRL decodes every entry);
-/// anything else goes through it.
-fn entry_serial(hex: &str) -> Option<Serial> {
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let b = hex.as_bytes();
-    if b.is_empty() || b.len() > 40 || b.len() % 2 != 0 {
-        return Serial::parse_hex(hex);
-    }
-    let mut bytes = [0u8; 20];
-    for (o, pair) in bytes.iter_mut().zip(b.chunks_exact(2)) {
-        match (nibble(pair[0]), nibble(pair[1])) {
-            (Some(h), Some(l)) => *o = (h << 4) | l,
-            _ => return Serial::parse_hex(hex),
-        }
-    }
-    Some(Serial::from_bytes(&bytes[..b.len() / 2]))
 }
 
 #[cfg(test)]
@@ -554,24 +547,6 @@ mod tests {
             Duration::from_secs(60),
         );
         (dir, revocations)
-    }
-
-    #[test]
-    fn entry_serials_decode_like_parse_hex() {
-        for hex in [
-            "01ab",
-            "00ff",
-            "0a",
-            "ABCD",
-            "abc",
-            "01:02",
-            "",
-            "zz",
-            &"ab".repeat(20),
-        ] {
-            assert_eq!(entry_serial(hex), Serial::parse_hex(hex), "{hex:?}");
-        }
-        assert_eq!(entry_serial(&"ab".repeat(21)), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -215,6 +215,9 @@ fn covers(r: &RevocationRecord, svid: &crate::ca::SvidInfo) -> bool {
     }
 }
 
+/// Entries a `Revocation.Watch` reads from the store at once while catching up.
+const WATCH_PAGE: usize = 1024;
+
 /// One `Revocation.Watch` stream: a snapshot from the store, then the revocation feed.
 struct WatchState {
     revocations: Arc<Revocations>,
@@ -244,9 +247,14 @@ impl WatchState {
             }
             if self.resync {
                 self.resync = false;
-                match self.revocations.since(self.sent) {
-                    Ok(snapshot) => {
-                        for r in snapshot {
+                // A page at a time, each sent before the next is read: a watcher from 0 over a
+                // million entries holds a page, not the whole store, and a slow reader holds
+                // nothing more than its page.
+                match self.revocations.page(self.sent, WATCH_PAGE) {
+                    Ok(page) if page.is_empty() => {}
+                    Ok(page) => {
+                        self.resync = true;
+                        for r in page {
                             self.sent = self.sent.max(r.rev);
                             if (self.relay)(&r) {
                                 self.pending.push_back(Ok(to_proto(r)));
@@ -294,5 +302,102 @@ impl WatchState {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::audit::{AuditLog, Event, Kind};
+    use crate::store::{RECORD_VERSION, SledStore, Store, Write};
+    use crate::tls::unix_now;
+
+    fn entry(serial: String) -> RevocationRecord {
+        RevocationRecord {
+            v: RECORD_VERSION,
+            rev: 0,
+            serial,
+            spiffe_id: "spiffe://example.org/ns/a".into(),
+            identity_rule: false,
+            before: 0,
+            reason: "key leak".into(),
+            revoked_at: unix_now(),
+            expires_at: unix_now() + 600,
+            blocked: false,
+            renewable: false,
+            origin: String::new(),
+        }
+    }
+
+    /// A watcher from 0 over more entries than a page gets every one once, in rev order, and
+    /// then follows the live feed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_from_zero_streams_every_page_then_follows_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let revocations = Arc::new(Revocations::new(
+            AuditLog::start(store).unwrap(),
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        ));
+        // Commits of 700 entries: pages of 1024 end on whole commits, so they hold 1400.
+        let mut expected = Vec::new();
+        for c in 0..4u32 {
+            let writes: Vec<Write> = (0..700u32)
+                .map(|i| Write::PutRevocation(entry(format!("{:08x}", c * 1000 + i + 1))))
+                .collect();
+            expected.extend((0..700u32).map(|i| format!("{:08x}", c * 1000 + i + 1)));
+            revocations
+                .log()
+                .record(Event::new(Kind::Revoked, "test"), writes)
+                .await
+                .unwrap();
+        }
+        let (_stop, shutdown) = watch::channel(false);
+        let mut st = WatchState {
+            revocations: revocations.clone(),
+            live: revocations.live(),
+            shutdown,
+            caller: crate::ca::SvidInfo {
+                spiffe_id: SpiffeId::parse("spiffe://example.org/ns/watcher").unwrap(),
+                roles: vec![],
+                serial: Serial::from_bytes(&[0x77]),
+                not_before: unix_now() - 10,
+                not_after: unix_now() + 60,
+            },
+            relay: Box::new(|_| true),
+            sent: 0,
+            resync: true,
+            pending: std::collections::VecDeque::new(),
+            done: false,
+        };
+        let mut got = Vec::new();
+        let mut last_rev = 0;
+        while got.len() < expected.len() {
+            let e = st.next().await.unwrap().unwrap();
+            assert!(e.rev >= last_rev);
+            last_rev = e.rev;
+            got.push(e.serial);
+            // Never more than a page (here: two commits) read ahead of what was sent.
+            assert!(st.pending.len() <= 1400);
+        }
+        assert_eq!(got, expected);
+        // The live feed after the store: a new revocation arrives, nothing is repeated.
+        revocations
+            .log()
+            .record(
+                Event::new(Kind::Revoked, "test"),
+                vec![Write::PutRevocation(entry("0000ffff".into()))],
+            )
+            .await
+            .unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), st.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.serial, "0000ffff");
     }
 }

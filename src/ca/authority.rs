@@ -5,9 +5,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, CustomExtension,
-    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
-    KeyUsagePurpose, PublicKeyData, RevokedCertParams, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber, SigningKey,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -343,8 +343,14 @@ impl Authority {
         })
     }
 
-    /// Signs a CRL listing `revoked` (serial, revocation time) valid from `this_update` to
-    /// `next_update` (seconds since the Unix epoch).
+    /// Signs a CRL (v2) listing `revoked` (serial, revocation time), with CRL number `crl_number`, valid from
+    /// `this_update` to `next_update`. The DER is written here rather than by rcgen, which
+    /// holds a `RevokedCertParams` per entry next to its own buffers: with a million entries
+    /// that was hundreds of MB at once. The fields are exactly rcgen's: the signature algorithm
+    /// of the CA key, the CA certificate's subject as issuer, UTCTime before 2050 and
+    /// GeneralizedTime from then, entries of serial and revocation date only (no reason
+    /// code), and the authority key identifier (SHA-256 of the key, truncated to 20 bytes)
+    /// and CRL number extensions.
     pub fn sign_crl(
         &self,
         revoked: &[(Serial, i64)],
@@ -352,26 +358,95 @@ impl Authority {
         this_update: i64,
         next_update: i64,
     ) -> Result<Vec<u8>, CaError> {
-        let revoked_certs = revoked
-            .iter()
-            .map(|(serial, at)| {
-                Ok(RevokedCertParams {
-                    serial_number: SerialNumber::from_slice(serial.as_bytes()),
-                    revocation_time: to_time(*at)?,
-                    reason_code: None,
-                    invalidity_date: None,
-                })
-            })
-            .collect::<Result<Vec<_>, CaError>>()?;
-        let params = CertificateRevocationListParams {
-            this_update: to_time(this_update)?,
-            next_update: to_time(next_update)?,
-            crl_number: SerialNumber::from(crl_number),
-            issuing_distribution_point: None,
-            revoked_certs,
-            key_identifier_method: KeyIdMethod::Sha256,
-        };
-        Ok(params.signed_by(&self.issuer)?.der().to_vec())
+        let mut entries = CrlEntries::new();
+        for (serial, at) in revoked {
+            entries.push(serial.as_bytes(), *at)?;
+        }
+        self.sign_crl_entries(entries, crl_number, this_update, next_update)
+    }
+
+    /// [`Authority::sign_crl`] over entries encoded as they were listed (a CRL streamed from the
+    /// revocation index, with no list of serials in between).
+    pub fn sign_crl_entries(
+        &self,
+        revoked: CrlEntries,
+        crl_number: u64,
+        this_update: i64,
+        next_update: i64,
+    ) -> Result<Vec<u8>, CaError> {
+        if next_update <= this_update {
+            return Err(CaError::Sign(rcgen::Error::InvalidCrlNextUpdate));
+        }
+        let usages = self.issuer.key_usages();
+        if !usages.is_empty() && !usages.contains(&KeyUsagePurpose::CrlSign) {
+            return Err(CaError::Sign(rcgen::Error::IssuerNotCrlSigner));
+        }
+        let key = self.issuer.key();
+        let alg = alg_ident(key.algorithm())?;
+        let (_, cert) = X509Certificate::from_der(&self.signing_cert)
+            .map_err(|e| CaError::InvalidCertificate(format!("CA certificate: {e}")))?;
+        let CrlEntries { mut buf, count } = revoked;
+        let entries_len = buf.len();
+        // crlExtensions [0] { authorityKeyIdentifier, cRLNumber }.
+        let ski = Sha256::digest(key.subject_public_key_info());
+        let mut aki = Vec::with_capacity(40);
+        der_tlv(&mut aki, 0x30, &{
+            let mut v = Vec::new();
+            der_tlv(&mut v, 0x06, OID_AUTHORITY_KEY_IDENTIFIER);
+            der_tlv(&mut v, 0x04, &{
+                let mut seq = Vec::new();
+                der_tlv(&mut seq, 0x30, &{
+                    let mut id = Vec::new();
+                    der_tlv(&mut id, 0x80, &ski[..20]);
+                    id
+                });
+                seq
+            });
+            v
+        });
+        let mut number = Vec::with_capacity(20);
+        der_tlv(&mut number, 0x30, &{
+            let mut v = Vec::new();
+            der_tlv(&mut v, 0x06, OID_CRL_NUMBER);
+            der_tlv(&mut v, 0x04, &{
+                let mut int = Vec::new();
+                der_uint(&mut int, &crl_number.to_be_bytes());
+                int
+            });
+            v
+        });
+        let mut exts = Vec::with_capacity(aki.len() + number.len() + 8);
+        der_tlv(&mut exts, 0xa0, &{
+            let mut seq = Vec::new();
+            der_tlv(&mut seq, 0x30, &[aki, number].concat());
+            seq
+        });
+        buf.extend_from_slice(&exts);
+        // Everything of the TBSCertList before the entries, then its own header, put in front
+        // of the entries in place (one move of the buffer, no second copy of it).
+        let mut head = Vec::with_capacity(256);
+        head.extend_from_slice(&[0x02, 0x01, 0x01]);
+        head.extend_from_slice(alg);
+        head.extend_from_slice(cert.tbs_certificate.subject.as_raw());
+        der_time(&mut head, this_update)?;
+        der_time(&mut head, next_update)?;
+        // RFC 5280 5.1.2.6: no revoked certificates, no (empty) list.
+        if count > 0 {
+            der_header(&mut head, 0x30, entries_len);
+        }
+        let mut tbs_header = Vec::with_capacity(6);
+        der_header(&mut tbs_header, 0x30, head.len() + buf.len());
+        buf.splice(0..0, tbs_header.into_iter().chain(head));
+        let signature = key.sign(&buf)?;
+        buf.extend_from_slice(alg);
+        der_header(&mut buf, 0x03, signature.len() + 1);
+        buf.push(0);
+        buf.extend_from_slice(&signature);
+        let mut outer = Vec::with_capacity(6);
+        der_header(&mut outer, 0x30, buf.len());
+        buf.splice(0..0, outer);
+        buf.shrink_to_fit();
+        Ok(buf)
     }
 
     /// The trust domain this CA signs for.
@@ -478,6 +553,192 @@ fn path_len(der: &[u8]) -> Option<u32> {
         .and_then(|b| b.value.path_len_constraint)
 }
 
+/// The revoked certificates of a CRL, encoded as they are added (about 36 bytes each), for
+/// [`Authority::sign_crl_entries`].
+#[derive(Debug, Default)]
+pub struct CrlEntries {
+    buf: Vec<u8>,
+    count: usize,
+}
+
+impl CrlEntries {
+    /// No entries yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lists certificate `serial` (big-endian bytes, as a positive INTEGER) as revoked at
+    /// `revoked_at`; fails only for a time no certificate can carry.
+    pub fn push(&mut self, serial: &[u8], revoked_at: i64) -> Result<(), CaError> {
+        let mut entry = [0u8; 64];
+        let mut n = 0;
+        let mut put = |b: &[u8]| {
+            entry[n..n + b.len()].copy_from_slice(b);
+            n += b.len();
+        };
+        let mut int = [0u8; 24];
+        let int_len = uint_bytes(&mut int, serial);
+        put(&[0x02, int_len as u8]);
+        put(&int[..int_len]);
+        let mut time = [0u8; 17];
+        let (tag, time_len) = time_bytes(&mut time, revoked_at)?;
+        put(&[tag, time_len as u8]);
+        put(&time[..time_len]);
+        // Serials are at most 20 bytes and times 15 or 17, so an entry stays below 128 bytes:
+        // a one-byte length.
+        self.buf.extend_from_slice(&[0x30, n as u8]);
+        self.buf.extend_from_slice(&entry[..n]);
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Entries listed.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether none is listed.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// id-ce-authorityKeyIdentifier (2.5.29.35), encoded.
+const OID_AUTHORITY_KEY_IDENTIFIER: &[u8] = &[0x55, 0x1d, 0x23];
+/// id-ce-cRLNumber (2.5.29.20), encoded.
+const OID_CRL_NUMBER: &[u8] = &[0x55, 0x1d, 0x14];
+
+/// The AlgorithmIdentifier of a signature by a key of `alg`, as rcgen writes it (parameters
+/// absent for ECDSA and Ed25519, NULL for RSA PKCS#1 v1.5).
+fn alg_ident(alg: &'static rcgen::SignatureAlgorithm) -> Result<&'static [u8], CaError> {
+    const ECDSA_SHA256: &[u8] = &[
+        0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
+    ];
+    const ECDSA_SHA384: &[u8] = &[
+        0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03,
+    ];
+    const ED25519: &[u8] = &[0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70];
+    const RSA_SHA256: &[u8] = &[
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b, 0x05, 0x00,
+    ];
+    const RSA_SHA384: &[u8] = &[
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c, 0x05, 0x00,
+    ];
+    const RSA_SHA512: &[u8] = &[
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d, 0x05, 0x00,
+    ];
+    let known = [
+        (&rcgen::PKCS_ECDSA_P256_SHA256, ECDSA_SHA256),
+        (&rcgen::PKCS_ECDSA_P384_SHA384, ECDSA_SHA384),
+        (&rcgen::PKCS_ED25519, ED25519),
+        (&rcgen::PKCS_RSA_SHA256, RSA_SHA256),
+        (&rcgen::PKCS_RSA_SHA384, RSA_SHA384),
+        (&rcgen::PKCS_RSA_SHA512, RSA_SHA512),
+    ];
+    known
+        .iter()
+        .find(|(a, _)| *a == alg)
+        .map(|(_, der)| *der)
+        .ok_or(CaError::Sign(rcgen::Error::UnsupportedSignatureAlgorithm))
+}
+
+/// A DER length header: tag, then the length in the fewest bytes.
+fn der_header(out: &mut Vec<u8>, tag: u8, len: usize) {
+    out.push(tag);
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+}
+
+fn der_tlv(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
+    der_header(out, tag, value.len());
+    out.extend_from_slice(value);
+}
+
+/// A non-negative INTEGER of big-endian `bytes`.
+fn der_uint(out: &mut Vec<u8>, bytes: &[u8]) {
+    let mut int = [0u8; 24];
+    let n = uint_bytes(&mut int, bytes);
+    der_tlv(out, 0x02, &int[..n]);
+}
+
+/// The content octets of a non-negative INTEGER (leading zeros dropped, a 0x00 in front of a
+/// high bit; zero is one 0x00), as yasna's `write_bigint_bytes(_, true)` writes them; `bytes`
+/// is at most 20 long (a serial) or 8 (a CRL number). Returns the length written to `out`.
+fn uint_bytes(out: &mut [u8; 24], bytes: &[u8]) -> usize {
+    let skip = bytes.iter().take_while(|b| **b == 0).count();
+    let rest = &bytes[skip..bytes.len().min(skip + 23)];
+    match rest.first() {
+        None => {
+            out[0] = 0;
+            1
+        }
+        Some(b) if *b >= 0x80 => {
+            out[0] = 0;
+            out[1..=rest.len()].copy_from_slice(rest);
+            rest.len() + 1
+        }
+        Some(_) => {
+            out[..rest.len()].copy_from_slice(rest);
+            rest.len()
+        }
+    }
+}
+
+/// A Time as RFC 5280 wants it: UTCTime (`YYMMDDHHMMSSZ`) for 1950 to 2049, GeneralizedTime
+/// (`YYYYMMDDHHMMSSZ`) otherwise. Returns the tag and the content length written to `out`.
+fn time_bytes(out: &mut [u8; 17], unix: i64) -> Result<(u8, usize), CaError> {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    // Days to a civil date (H. Hinnant's algorithm), without a calendar library per entry.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    if !(0..=9999).contains(&year) {
+        return Err(CaError::InvalidCsr(format!("time {unix} is out of range")));
+    }
+    let mut n = 0;
+    let mut two = |v: i64| {
+        out[n] = b'0' + (v / 10) as u8;
+        out[n + 1] = b'0' + (v % 10) as u8;
+        n += 2;
+    };
+    let tag = if (1950..2050).contains(&year) {
+        two(year % 100);
+        0x17
+    } else {
+        two(year / 100);
+        two(year % 100);
+        0x18
+    };
+    two(month);
+    two(day);
+    two(secs / 3600);
+    two(secs / 60 % 60);
+    two(secs % 60);
+    out[n] = b'Z';
+    Ok((tag, n + 1))
+}
+
+/// Appends a Time (see [`time_bytes`]).
+fn der_time(out: &mut Vec<u8>, unix: i64) -> Result<(), CaError> {
+    let mut t = [0u8; 17];
+    let (tag, n) = time_bytes(&mut t, unix)?;
+    der_tlv(out, tag, &t[..n]);
+    Ok(())
+}
+
 fn to_time(unix: i64) -> Result<OffsetDateTime, CaError> {
     OffsetDateTime::from_unix_timestamp(unix)
         .map_err(|_| CaError::InvalidCsr(format!("time {unix} is out of range")))
@@ -531,5 +792,146 @@ mod tests {
             assert_eq!(signed.svid, parsed);
             assert_eq!(signed.serial, parsed.serial);
         }
+    }
+}
+
+#[cfg(test)]
+mod crl_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use rcgen::{CertificateRevocationListParams, RevokedCertParams};
+    use x509_parser::prelude::{CertificateRevocationList, FromDer};
+
+    use super::*;
+
+    /// What rcgen wrote for the same CRL (the encoder `sign_crl` replaced), as a reference.
+    fn rcgen_crl(
+        ca: &Authority,
+        revoked: &[(Vec<u8>, i64)],
+        number: u64,
+        this_update: i64,
+        next_update: i64,
+    ) -> Vec<u8> {
+        let revoked_certs = revoked
+            .iter()
+            .map(|(serial, at)| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(Serial::from_bytes(serial).as_bytes()),
+                revocation_time: to_time(*at).unwrap(),
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect();
+        CertificateRevocationListParams {
+            this_update: to_time(this_update).unwrap(),
+            next_update: to_time(next_update).unwrap(),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&ca.issuer)
+        .unwrap()
+        .der()
+        .to_vec()
+    }
+
+    /// Every field of two parsed CRLs, the signature aside (ECDSA signatures are randomized).
+    fn assert_same_fields(
+        ours: &CertificateRevocationList<'_>,
+        theirs: &CertificateRevocationList<'_>,
+    ) {
+        let (a, b) = (&ours.tbs_cert_list, &theirs.tbs_cert_list);
+        assert_eq!(a.version, b.version);
+        assert_eq!(a.signature, b.signature);
+        assert_eq!(ours.signature_algorithm, theirs.signature_algorithm);
+        assert_eq!(a.issuer.as_raw(), b.issuer.as_raw());
+        assert_eq!(a.this_update, b.this_update);
+        assert_eq!(a.next_update, b.next_update);
+        assert_eq!(a.revoked_certificates.len(), b.revoked_certificates.len());
+        for (x, y) in a.revoked_certificates.iter().zip(&b.revoked_certificates) {
+            assert_eq!(x.raw_serial(), y.raw_serial());
+            assert_eq!(x.user_certificate, y.user_certificate);
+            assert_eq!(x.revocation_date, y.revocation_date);
+            assert_eq!(x.extensions(), y.extensions());
+        }
+        assert_eq!(a.extensions(), b.extensions());
+        // Nothing else: the TBS is byte for byte what rcgen wrote.
+        assert_eq!(a.as_ref(), b.as_ref());
+    }
+
+    #[test]
+    fn the_hand_written_crl_is_what_rcgen_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let ca = Authority::load_or_create(dir.path(), &td, RolesOid::default()).unwrap();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let y2050 = 2_524_608_000; // 2050-01-01T00:00:00Z: GeneralizedTime from here on.
+        // (entries, CRL number, thisUpdate, nextUpdate)
+        type Case = (Vec<(Vec<u8>, i64)>, u64, i64, i64);
+        let cases: Vec<Case> = vec![
+            // Empty: no revokedCertificates at all.
+            (vec![], 0, now - 60, now + 3600),
+            (
+                vec![
+                    // A leading high bit (a 0x00 goes in front), leading zeros (dropped), zero,
+                    // a Lanyard serial and a 20-byte one.
+                    (vec![0x80, 0x01, 0x02], now - 5),
+                    (vec![0xff; 3], now),
+                    (vec![0x00, 0x00, 0x7f, 0x10], 0),
+                    (vec![0x00], now),
+                    (Serial::random().as_bytes().to_vec(), now - 86_400 * 400),
+                    (vec![0xc3; 20], y2050 - 1),
+                    (vec![0x01; 20], y2050),
+                    // Before 1950: GeneralizedTime too.
+                    (vec![0x42], -700_000_000),
+                ],
+                u64::MAX,
+                y2050 - 30,
+                y2050 + 30,
+            ),
+            (
+                (0..300u32)
+                    .map(|i| (i.to_be_bytes().to_vec(), now - i64::from(i)))
+                    .collect(),
+                now as u64,
+                now - 60,
+                now + 86_400 * 365 * 30,
+            ),
+        ];
+        for (revoked, number, this_update, next_update) in cases {
+            let mut entries = CrlEntries::new();
+            for (serial, at) in &revoked {
+                entries.push(serial, *at).unwrap();
+            }
+            assert_eq!(entries.len(), revoked.len());
+            let ours = ca
+                .sign_crl_entries(entries, number, this_update, next_update)
+                .unwrap();
+            let theirs = rcgen_crl(&ca, &revoked, number, this_update, next_update);
+            let (rest, a) = CertificateRevocationList::from_der(&ours).unwrap();
+            assert!(rest.is_empty());
+            let (_, b) = CertificateRevocationList::from_der(&theirs).unwrap();
+            assert_same_fields(&a, &b);
+            // Only the (randomized) ECDSA signature's length may differ.
+            assert!(ours.len().abs_diff(theirs.len()) <= 2);
+            // The signature is the CA key's over exactly the TBS.
+            let (_, cert) = X509Certificate::from_der(&ca.signing_cert).unwrap();
+            let spki = cert.public_key().subject_public_key.data.as_ref();
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, spki)
+                .verify(a.tbs_cert_list.as_ref(), a.signature_value.data.as_ref())
+                .expect("signed by the CA key");
+        }
+    }
+
+    #[test]
+    fn a_crl_needs_a_later_next_update_and_a_representable_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let ca = Authority::load_or_create(dir.path(), &td, RolesOid::default()).unwrap();
+        assert!(ca.sign_crl(&[], 1, 100, 100).is_err());
+        let mut entries = CrlEntries::new();
+        assert!(entries.push(&[1], 400_000_000_000).is_err());
+        assert!(entries.push(&[1], -70_000_000_000).is_err());
+        assert!(entries.is_empty());
     }
 }

@@ -32,8 +32,8 @@ use super::index::RevIndex;
 use super::sled::{decode, encode};
 use super::{
     AccessRecord, AuditRecord, Committed, Consume, Enrollment, FEED_BUFFER, Guard, IssuedRecord,
-    RevocationRecord, SharedChange, Store, StoreError, StoreHealth, StoreMember, StoreStats,
-    TokenRecord, Versioned, Write,
+    RevocationBrief, RevocationRecord, SharedChange, Store, StoreError, StoreHealth, StoreMember,
+    StoreStats, TokenRecord, Versioned, Write,
 };
 
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
@@ -1142,6 +1142,19 @@ impl Store for EtcdStore {
 
     fn revocations_since(&self, since: u64) -> Result<Vec<RevocationRecord>, StoreError> {
         Ok(self.mirror().revoked.since(since))
+    }
+
+    fn revocations_page(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<RevocationRecord>, StoreError> {
+        Ok(self.mirror().revoked.page(since, limit))
+    }
+
+    fn for_each_revocation(&self, f: &mut dyn FnMut(&RevocationBrief)) -> Result<(), StoreError> {
+        super::index::walk(|g| g(&self.mirror().revoked), f);
+        Ok(())
     }
 
     fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {

@@ -15,7 +15,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{RECORD_VERSION, RevocationRecord};
+use super::{RECORD_VERSION, RevocationBrief, RevocationRecord};
+
+/// Live entries one lock of the index hands out to [`walk`] or [`RevIndex::page`]: a commit
+/// waits for at most this many copies, however many entries the index holds.
+pub(super) const CHUNK: usize = 4096;
 
 /// A serial in canonical lowercase hex, kept as its bytes: `[len, bytes.., 0 padding]`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -289,6 +293,59 @@ impl RevIndex {
         out
     }
 
+    /// Where a page of about `limit` live entries after rev `after` (`None`: from the start)
+    /// ends: the index in `log` past it, and the last rev it covers (`u64::MAX` when it reaches
+    /// the end, so the rare entries outside `log` go with the last page). A page ends on a whole
+    /// revision, so the next one continues from its last rev without skipping any entry.
+    fn page_end(&self, after: Option<u64>, limit: usize) -> (usize, usize, u64) {
+        let from = after.map_or(0, |a| self.log.partition_point(|(rev, _)| *rev <= a));
+        let mut live = 0;
+        let mut to = from;
+        while to < self.log.len() {
+            let (rev, key) = &self.log[to];
+            if live >= limit && self.log[to - 1].0 != *rev {
+                return (from, to, self.log[to - 1].0);
+            }
+            if self.serials.get(key).is_some_and(|s| s.rev == *rev) {
+                live += 1;
+            }
+            to += 1;
+        }
+        (from, to, u64::MAX)
+    }
+
+    /// About `limit` live entries with `rev > after`, in rev order, ending on a whole revision
+    /// (see [`RevIndex::page_end`]); empty when none is left.
+    pub(super) fn page(&self, after: u64, limit: usize) -> Vec<RevocationRecord> {
+        let (_, _, through) = self.page_end(Some(after), limit);
+        self.range(after, through)
+    }
+
+    /// Appends the next chunk of [`walk`] after rev `after` to `out`: serial entries in rev
+    /// order, then, with the last chunk, the entries outside `log` and the identity rules.
+    /// Returns where the next chunk starts; `None` after the last.
+    fn briefs(&self, after: Option<u64>, out: &mut Vec<RevocationBrief>) -> Option<u64> {
+        let (from, to, through) = self.page_end(after, CHUNK);
+        for (rev, key) in &self.log[from..to] {
+            if let Some(s) = self.serials.get(key).filter(|s| s.rev == *rev) {
+                out.push(RevocationBrief::serial(
+                    key.bytes(),
+                    s.rev,
+                    s.expires_at - i64::from(s.lead),
+                    s.expires_at,
+                    !self.strings.get(s.origin).is_empty(),
+                ));
+            }
+        }
+        if through != u64::MAX {
+            return Some(through);
+        }
+        for (r, _) in self.odd.values().chain(self.rules.values()) {
+            out.push(RevocationBrief::of(r));
+        }
+        None
+    }
+
     /// Serials and identity rules (`true`) whose entry expired before `now`, with their `aux`.
     pub(super) fn expired(&self, now: i64) -> Vec<(bool, String, i64)> {
         let serials = self
@@ -333,6 +390,26 @@ impl RevIndex {
             blocked: false,
             renewable: s.reason & RENEWABLE != 0,
             origin: self.strings.get(s.origin).to_string(),
+        }
+    }
+}
+
+/// Calls `f` with every live revocation, reading the index a chunk at a time through `read`
+/// (which calls its argument with the locked index): a commit never waits for the whole
+/// walk, and no more than a chunk is copied at once. An entry committed during the walk may or
+/// may not be seen, but one commit's entries are seen all or none (a chunk ends on a whole
+/// revision, and the entries outside the rev list come with the last chunk).
+pub(super) fn walk(read: impl Fn(&mut dyn FnMut(&RevIndex)), f: &mut dyn FnMut(&RevocationBrief)) {
+    let mut after = None;
+    let mut chunk = Vec::with_capacity(CHUNK);
+    loop {
+        chunk.clear();
+        let mut next = None;
+        read(&mut |ix| next = ix.briefs(after, &mut chunk));
+        chunk.iter().for_each(&mut *f);
+        match next {
+            Some(rev) => after = Some(rev),
+            None => return,
         }
     }
 }
@@ -433,5 +510,75 @@ mod tests {
             ix.since(0).iter().map(|r| r.rev).collect::<Vec<_>>(),
             vec![5, 9]
         );
+    }
+
+    /// Pages and the chunked walk see every live entry once, never split a revision, and bring
+    /// the entries outside the rev list (odd spellings, identity rules) with the last one.
+    #[test]
+    fn pages_and_walks_cover_everything_once_in_whole_revisions() {
+        let mut ix = RevIndex::default();
+        let mut n = 0u32;
+        // 3 revisions of CHUNK + 7 entries each, and one of 5, then a replaced and a removed
+        // entry (stale items in the rev list), an odd spelling and a rule.
+        for (rev, count) in [(1u64, CHUNK + 7), (2, CHUNK + 7), (3, CHUNK + 7), (4, 5)] {
+            for _ in 0..count {
+                n += 1;
+                ix.insert(&serial(&format!("{n:08x}"), rev, "spiffe://td/a", 100));
+            }
+        }
+        ix.insert(&serial("00000001", 5, "spiffe://td/b", 100));
+        assert!(ix.remove_serial("00000002"));
+        ix.insert(&serial("0ABC", 6, "spiffe://td/c", 100));
+        let rule = RevocationRecord {
+            identity_rule: true,
+            serial: String::new(),
+            blocked: true,
+            before: 7,
+            ..serial("", 7, "spiffe://td/e", i64::MAX)
+        };
+        ix.insert(&rule);
+        let all = ix.since(0);
+        assert_eq!(all.len(), n as usize - 1 + 2);
+
+        let mut paged = Vec::new();
+        let mut sent = 0;
+        loop {
+            let page = ix.page(sent, 1000);
+            let Some(last) = page.last() else { break };
+            // A page never ends inside a revision.
+            assert!(ix.since(last.rev).iter().all(|r| r.rev > last.rev));
+            sent = last.rev;
+            paged.extend(page);
+        }
+        assert_eq!(paged, all);
+
+        // Compared with leading zero bytes dropped: the walk hands out the stored bytes, and
+        // a CRL's INTEGER drops them anyway.
+        let norm = |b: &RevocationBrief| {
+            let serial = b.serial_bytes().map(|s| {
+                s.iter()
+                    .skip_while(|x| **x == 0)
+                    .copied()
+                    .collect::<Vec<u8>>()
+            });
+            (
+                b.rev,
+                serial,
+                b.revoked_at,
+                b.expires_at,
+                b.identity_rule,
+                b.relayed,
+            )
+        };
+        let mut walked = Vec::new();
+        walk(|g| g(&ix), &mut |b| walked.push(*b));
+        let mut got: Vec<_> = walked.iter().map(norm).collect();
+        let mut expected: Vec<_> = all.iter().map(|r| norm(&RevocationBrief::of(r))).collect();
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected);
+        assert_eq!(walked.iter().filter(|b| b.identity_rule).count(), 1);
+        let odd = walked.iter().find(|b| b.rev == 6).unwrap();
+        assert_eq!(odd.serial_bytes(), Some(&[0x0a, 0xbc][..]));
     }
 }

@@ -209,6 +209,73 @@ pub struct Committed {
     pub access: Vec<AccessRecord>,
 }
 
+/// A live revocation reduced to what a CRL needs, without its strings (see
+/// [`Store::for_each_revocation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevocationBrief {
+    /// The serial's big-endian bytes, in the first `serial_len`; 0 when there is none.
+    serial: [u8; 20],
+    serial_len: u8,
+    /// The revision (audit seq) that wrote the entry.
+    pub rev: u64,
+    /// When it was revoked.
+    pub revoked_at: i64,
+    /// When the entry may be pruned.
+    pub expires_at: i64,
+    /// An identity rule (no serial of its own).
+    pub identity_rule: bool,
+    /// Relayed from a federated domain's CA (another CA's certificate).
+    pub relayed: bool,
+}
+
+impl RevocationBrief {
+    /// A serial entry.
+    pub(crate) fn serial(
+        bytes: &[u8],
+        rev: u64,
+        revoked_at: i64,
+        expires_at: i64,
+        relayed: bool,
+    ) -> Self {
+        let mut serial = [0u8; 20];
+        let len = bytes.len().min(20);
+        serial[..len].copy_from_slice(&bytes[..len]);
+        Self {
+            serial,
+            serial_len: len as u8,
+            rev,
+            revoked_at,
+            expires_at,
+            identity_rule: false,
+            relayed,
+        }
+    }
+
+    /// The brief of a whole record; a serial in any spelling `Serial::parse_hex` reads.
+    pub(crate) fn of(r: &RevocationRecord) -> Self {
+        let serial = if r.identity_rule {
+            None
+        } else {
+            crate::ca::Serial::parse_hex(&r.serial)
+        };
+        Self {
+            identity_rule: r.identity_rule,
+            ..Self::serial(
+                serial.as_ref().map_or(&[][..], |s| s.as_bytes()),
+                r.rev,
+                r.revoked_at,
+                r.expires_at,
+                !r.origin.is_empty(),
+            )
+        }
+    }
+
+    /// The serial's big-endian bytes; `None` for an identity rule or a serial that is not hex.
+    pub fn serial_bytes(&self) -> Option<&[u8]> {
+        Some(&self.serial[..usize::from(self.serial_len)]).filter(|b| !b.is_empty())
+    }
+}
+
 /// Durable state, in domain terms.
 pub trait Store: Send + Sync + 'static {
     /// Looks a token up by public id.
@@ -237,6 +304,20 @@ pub trait Store: Send + Sync + 'static {
     fn access_all(&self) -> Result<Vec<AccessRecord>, StoreError>;
     /// Every live revocation with `rev > since`, ordered by rev.
     fn revocations_since(&self, since: u64) -> Result<Vec<RevocationRecord>, StoreError>;
+    /// About `limit` of the live revocations with `rev > since` (more when one revision holds
+    /// more), ordered by rev and ending on a whole revision, so the next page starts after the
+    /// last one's rev; empty when none is left. What a `Watch` from far back streams, a page at
+    /// a time.
+    fn revocations_page(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<RevocationRecord>, StoreError>;
+    /// Calls `f` with every live revocation (serial entries, relayed ones included, then identity
+    /// rules), reduced to what a CRL needs: no record is built and the index is read a chunk at
+    /// a time, so a million entries cost neither a million records nor a commit stall. One
+    /// commit's entries are seen all or none.
+    fn for_each_revocation(&self, f: &mut dyn FnMut(&RevocationBrief)) -> Result<(), StoreError>;
     /// The last audit record's seq and hash; `None` for an empty log.
     fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError>;
     /// Up to `limit` audit records from `from` (inclusive), in order.

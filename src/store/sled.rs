@@ -26,8 +26,8 @@ use super::index::RevIndex;
 use super::records::Stored;
 use super::{
     AccessRecord, AuditRecord, Consume, Enrollment, FEED_BUFFER, Guard, IssuedRecord,
-    RevocationRecord, SharedChange, Store, StoreError, StoreHealth, StoreStats, TokenRecord,
-    Versioned, Write,
+    RevocationBrief, RevocationRecord, SharedChange, Store, StoreError, StoreHealth, StoreStats,
+    TokenRecord, Versioned, Write,
 };
 
 /// Which collection an expiry-index entry points into. Revocations (3, 4) are no longer indexed
@@ -298,6 +298,19 @@ impl Store for SledStore {
 
     fn revocations_since(&self, since: u64) -> Result<Vec<RevocationRecord>, StoreError> {
         Ok(self.index().since(since))
+    }
+
+    fn revocations_page(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<RevocationRecord>, StoreError> {
+        Ok(self.index().page(since, limit))
+    }
+
+    fn for_each_revocation(&self, f: &mut dyn FnMut(&RevocationBrief)) -> Result<(), StoreError> {
+        super::index::walk(|g| g(&self.index()), f);
+        Ok(())
     }
 
     fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
