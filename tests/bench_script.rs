@@ -113,6 +113,24 @@ fn revocation_figures_are_read_and_absent_ones_named() {
 }
 
 #[test]
+fn the_current_revocation_output_gives_every_figure() {
+    if !python() {
+        return;
+    }
+    // Captured from `scripts/bench-revocation --revocations 20000` with the paged Watch, the
+    // CA's CRL peak RSS and the byte-exact pruned ratio (the empty store no longer rounds to 0).
+    let (code, v, err) = parse("revocation", &sample("revocation-paged.txt"));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(v["missing"].as_array().map(Vec::len), Some(0), "{v}");
+    assert!(close(f(&v, "check_p50_us"), 0.2));
+    assert!(close(f(&v, "disk_bytes_per_revocation"), 288.0));
+    assert!(close(f(&v, "watch_s"), 0.01));
+    assert!(close(f(&v, "ca_rss_mib"), 16.8));
+    // 8,414,705 / 524,701 bytes, from the exact line, not the MiB-rounded sizes.
+    assert!(close(f(&v, "pruned_ratio"), 8_414_705.0 / 524_701.0), "{v}");
+}
+
+#[test]
 fn a_changed_revocation_line_is_missing_not_guessed() {
     if !python() {
         return;
