@@ -449,19 +449,13 @@ impl Store for SledStore {
                         if let Prepared::Guard(g) = w {
                             let holds = match g {
                                 Guard::Access { id, expect } => {
-                                    let now: Option<AccessRecord> = tree(T_ACCESS)
-                                        .get(id.as_bytes())?
-                                        .map(|raw| load(id.as_bytes(), &raw))
-                                        .transpose()
-                                        .map_err(ConflictableTransactionError::Abort)?;
+                                    let now: Option<AccessRecord> =
+                                        tx_get(tree(T_ACCESS), id.as_bytes())?;
                                     now.as_ref() == expect.as_deref()
                                 }
                                 Guard::IdentityRule { spiffe_id, expect } => {
-                                    let now: Option<RevocationRecord> = tree(T_RULES)
-                                        .get(spiffe_id.as_bytes())?
-                                        .map(|raw| load(spiffe_id.as_bytes(), &raw))
-                                        .transpose()
-                                        .map_err(ConflictableTransactionError::Abort)?;
+                                    let now: Option<RevocationRecord> =
+                                        tx_get(tree(T_RULES), spiffe_id.as_bytes())?;
                                     now.as_ref() == expect.as_deref()
                                 }
                                 Guard::TokenAbsent { id } => {
@@ -874,6 +868,17 @@ fn load<T: Stored>(key: &[u8], raw: &[u8]) -> Result<T, StoreError> {
         key: String::from_utf8_lossy(key).into_owned(),
         reason,
     })
+}
+
+/// [`get`] inside a transaction: a record that does not decode aborts it.
+fn tx_get<T: Stored>(
+    tree: &sled::transaction::TransactionalTree,
+    key: &[u8],
+) -> Result<Option<T>, ConflictableTransactionError<StoreError>> {
+    tree.get(key)?
+        .map(|raw| load(key, &raw))
+        .transpose()
+        .map_err(ConflictableTransactionError::Abort)
 }
 
 fn get<T: Stored>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>, StoreError> {
