@@ -912,8 +912,9 @@ mod crl_tests {
             assert!(rest.is_empty());
             let (_, b) = CertificateRevocationList::from_der(&theirs).unwrap();
             assert_same_fields(&a, &b);
-            // Only the (randomized) ECDSA signature's length may differ.
-            assert!(ours.len().abs_diff(theirs.len()) <= 2);
+            // The TBS is byte for byte rcgen's (assert_same_fields); only the randomized ECDSA
+            // signature differs, and its DER length varies with r and s (69 to 72 bytes, rarely
+            // less), so the whole CRLs' lengths are not compared.
             // The signature is the CA key's over exactly the TBS.
             let (_, cert) = X509Certificate::from_der(&ca.signing_cert).unwrap();
             let spki = cert.public_key().subject_public_key.data.as_ref();
