@@ -97,12 +97,13 @@ impl Ca for CaService {
             self.issuance.with_token(&join_token, ask).await
         }
         .map_err(status::issue)?;
-        let signer = self.issuance.cas().current().active().root().clone();
+        let cas = self.issuance.cas().current();
+        let signer = cas.active().root();
         self.auth
-            .remember_issued(&issued.chain, &issued.svid, &signer);
+            .remember_issued(&issued.chain, &issued.svid, signer);
         let bound = renewed_by.is_some_and(|by| {
             self.auth
-                .bind_to_connection(&req, &by, &issued.chain, &issued.svid, &signer)
+                .bind_to_connection(&req, &by, &issued.chain, &issued.svid, signer)
         });
         let serial = issued.svid.serial.to_hex();
         let mut resp = Response::new(to_proto(issued, &self.bundles.current()));
