@@ -1241,21 +1241,7 @@ mod tests {
     fn audit_commit_rejects_gaps() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
-        let rec = |seq| AuditRecord {
-            v: RECORD_VERSION,
-            seq,
-            time_ms: 0,
-            kind: "x".into(),
-            actor: String::new(),
-            subject: String::new(),
-            serial: String::new(),
-            roles: vec![],
-            not_after: 0,
-            reason: String::new(),
-            claimed: String::new(),
-            prev_hash: [0; 32],
-            hash: [1; 32],
-        };
+        let rec = audit_rec;
         store.commit(&[rec(1)], &[]).unwrap();
         assert!(matches!(
             store.commit(&[rec(3)], &[]),
