@@ -11,7 +11,7 @@ mod common;
 use std::time::Duration;
 
 use common::{TestCa, lanyard_cmd, poll_until, spawn_agent, wait_for_svid};
-use lanyard::agent::{Agent, AgentConfig, AgentError};
+use lanyard::agent::{Agent, AgentConfig, AgentError, SvidState};
 use lanyard::api::auth::CONNECTION_BOUND;
 use lanyard::ca::SvidInfo;
 use lanyard::client::csr_for;
@@ -111,6 +111,28 @@ async fn a_thousand_agents_from_one_address_stay_connected_with_the_default_caps
 
 /// A CA, its port, an admin channel (then its one open connection: the token's own channel
 /// has closed), and a join token for `ns/dev/*`.
+/// Runs `agent` in a task until its first certificate: its state feed, the sender that keeps
+/// it running (stops it when dropped), its task and that first state.
+async fn start(
+    agent: Agent,
+) -> (
+    lanyard::agent::SvidWatch,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<Result<(), AgentError>>,
+    std::sync::Arc<SvidState>,
+) {
+    let mut state = agent.subscribe();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(agent.run(stop_rx));
+    let first = state
+        .wait_for(|s| s.is_some())
+        .await
+        .unwrap()
+        .clone()
+        .unwrap();
+    (state, stop_tx, run, first)
+}
+
 async fn ca_with_admin_connection() -> (TestCa, u16, tonic::transport::Channel, String) {
     let ca = TestCa::start().await;
     let port = ca.addr.port();
@@ -132,15 +154,7 @@ async fn rotations_keep_the_connection_past_the_first_certificate_and_revocation
     // was opened with) has long expired, and every renewal rode the same connection, bound to
     // the newest certificate each time (no reopening near the old one's expiry).
     let agent = Agent::new(agent_config(&ca, &token, "kept", 6));
-    let mut state = agent.subscribe();
-    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let run = tokio::spawn(agent.run(stop_rx));
-    let first = state
-        .wait_for(|s| s.is_some())
-        .await
-        .unwrap()
-        .clone()
-        .unwrap();
+    let (state, _stop_tx, run, first) = start(agent).await;
     // The bootstrap (join token) connection closes; the agent's link stays.
     let one = poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
         (connections_to(port) == base + 1).then_some(())
@@ -335,15 +349,7 @@ async fn a_renewal_within_the_margin_rides_the_connection_in_hand() {
     let (ca, port, _admin, token) = ca_with_admin_connection().await;
     let before = peers_of(port);
     let agent = Agent::new(agent_config(&ca, &token, "short", 10));
-    let mut state = agent.subscribe();
-    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let run = tokio::spawn(agent.run(stop_rx));
-    let first = state
-        .wait_for(|s| s.is_some())
-        .await
-        .unwrap()
-        .clone()
-        .unwrap();
+    let (mut state, _stop_tx, run, first) = start(agent).await;
     let link = poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
         let now = peers_of(port);
         (now.len() == before.len() + 1).then(|| now.difference(&before).copied().collect())
