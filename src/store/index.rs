@@ -5,23 +5,34 @@
 //! mirror, applying every replica's commits from its watch, and reloads it at start.
 //!
 //! Each entry carries one `aux` number for the backend: etcd keeps the key's mod revision there
-//! (its prune and guards compare it); sled keeps 0.
+//! (its prune and guards compare it); sled keeps 0 (1 for an entry still under the hex key of an
+//! earlier release).
 //!
-//! Sized for a million serial entries in about 100 bytes each: a serial is kept as its bytes
-//! (not hex), the identity, reason and origin strings once each however many entries share them
-//! (an identity revocation lists every live certificate with one reason), and a rev-ordered list
-//! of serials answers "everything after rev N" with a binary search instead of a scan.
+//! Sized for a million serial entries in about 72 bytes each: the entries sit in one vector in
+//! rev order (64 bytes each: the serial as its bytes, not hex, and the identity, reason and
+//! origin strings interned once however many entries share them), so "everything after rev N"
+//! is a binary search, and a hash table of 4-byte positions into it finds a serial. A replaced
+//! or removed entry is marked dead in place and the vector is compacted once they are many.
+//!
+//! The interned strings' numbers are also what the sled backend writes on disk (a compact
+//! serial record names its identity, reason and origin by number; see
+//! [`CompactRevocation`]): the index hands out the numbers, says which are not on disk yet
+//! ([`RevIndex::unstored`]) and which freed ones the backend may delete
+//! ([`RevIndex::take_dropped`]).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
+use super::records::CompactRevocation;
 use super::{RECORD_VERSION, RevocationBrief, RevocationRecord};
 
 /// Live entries one lock of the index hands out to [`walk`] or [`RevIndex::page`]: a commit
 /// waits for at most this many copies, however many entries the index holds.
 pub(super) const CHUNK: usize = 4096;
 
-/// A serial in canonical lowercase hex, kept as its bytes: `[len, bytes.., 0 padding]`.
+/// A serial in canonical lowercase hex, kept as its bytes: `[len, bytes.., 0 padding]`. A
+/// length of 0 marks a dead [`Entry`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct SerialKey([u8; 21]);
 
@@ -38,6 +49,17 @@ impl SerialKey {
         for (i, pair) in b.chunks_exact(2).enumerate() {
             k[i + 1] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
         }
+        Some(Self(k))
+    }
+
+    /// The key of a serial's 1 to 20 bytes (what [`SerialKey::parse`] makes of their hex).
+    fn of_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.is_empty() || bytes.len() > 20 {
+            return None;
+        }
+        let mut k = [0u8; 21];
+        k[0] = bytes.len() as u8;
+        k[1..=bytes.len()].copy_from_slice(bytes);
         Some(Self(k))
     }
 
@@ -63,10 +85,9 @@ fn nibble(c: u8) -> Option<u8> {
     }
 }
 
-/// A serial entry without its serial, its strings interned: 40 bytes, so a table slot with its
-/// key is 64.
+/// A serial entry, its strings interned: 64 bytes.
 #[derive(Clone, Copy)]
-struct Slot {
+struct Entry {
     rev: u64,
     aux: i64,
     expires_at: i64,
@@ -76,34 +97,60 @@ struct Slot {
     /// The interned reason, and [`RENEWABLE`] when the holder may still renew.
     reason: u32,
     origin: u32,
+    key: SerialKey,
 }
 
-/// The `renewable` flag, in [`Slot::reason`]'s top bit.
-const RENEWABLE: u32 = 1 << 31;
+impl Entry {
+    fn live(&self) -> bool {
+        self.key.0[0] != 0
+    }
+}
+
+/// The `renewable` flag, in [`Entry::reason`]'s top bit.
+pub(super) const RENEWABLE: u32 = 1 << 31;
+
+/// Interned string numbers stay below this (a number read from disk above it is corrupt): far
+/// more distinct strings than any CA's memory holds.
+const MAX_STRING_ID: u32 = 1 << 28;
+
+/// One interned string.
+struct Str {
+    s: Arc<str>,
+    refs: u32,
+    /// The backend holds this string under its number (sled's string rows).
+    stored: bool,
+}
 
 /// Strings shared by many entries, reference-counted so pruned ones are freed.
 #[derive(Default)]
 struct Interner {
     ids: HashMap<Arc<str>, u32>,
-    strs: Vec<(Arc<str>, u32)>,
+    strs: Vec<Str>,
     free: Vec<u32>,
+    /// Freed numbers whose string the backend may still hold (see [`RevIndex::take_dropped`]).
+    dropped: Vec<u32>,
 }
 
 impl Interner {
     fn intern(&mut self, s: &str) -> u32 {
         if let Some(&id) = self.ids.get(s) {
-            self.strs[id as usize].1 += 1;
+            self.strs[id as usize].refs += 1;
             return id;
         }
         let s: Arc<str> = Arc::from(s);
+        let fresh = Str {
+            s: s.clone(),
+            refs: 1,
+            stored: false,
+        };
         let id = match self.free.pop() {
             Some(id) => {
-                self.strs[id as usize] = (s.clone(), 1);
+                self.strs[id as usize] = fresh;
                 id
             }
             None => {
-                self.strs.push((s.clone(), 1));
-                // Below 2^31: the top bit of an id in a slot is a flag. (2^31 distinct strings
+                self.strs.push(fresh);
+                // Below 2^31: the top bit of an id in an entry is a flag. (2^31 distinct strings
                 // would take far more memory than any CA has.)
                 ((self.strs.len() - 1) as u32) & !RENEWABLE
             }
@@ -112,37 +159,203 @@ impl Interner {
         id
     }
 
+    /// Takes one more reference to a string already interned (a number read from disk);
+    /// `false` when there is no such string.
+    fn acquire(&mut self, id: u32) -> bool {
+        match self.strs.get_mut(id as usize) {
+            Some(s) if s.refs > 0 || s.stored => {
+                s.refs += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn release(&mut self, id: u32) {
-        let Some((s, refs)) = self.strs.get_mut(id as usize) else {
+        let Some(entry) = self.strs.get_mut(id as usize).filter(|e| e.refs > 0) else {
             return;
         };
-        *refs = refs.saturating_sub(1);
-        if *refs == 0 {
-            self.ids.remove(&**s);
-            *s = Arc::from("");
+        entry.refs -= 1;
+        if entry.refs == 0 {
+            if self.ids.get(&*entry.s) == Some(&id) {
+                self.ids.remove(&*entry.s);
+            }
+            entry.s = Arc::from("");
+            if entry.stored {
+                entry.stored = false;
+                self.dropped.push(id);
+            }
             self.free.push(id);
         }
     }
 
+    /// A string the backend holds under `id` (read at open, before the entries naming it).
+    fn load(&mut self, id: u32, s: &str) -> bool {
+        if id >= MAX_STRING_ID {
+            return false;
+        }
+        let at = id as usize;
+        while self.strs.len() <= at {
+            self.strs.push(Str {
+                s: Arc::from(""),
+                refs: 0,
+                stored: false,
+            });
+        }
+        let s: Arc<str> = Arc::from(s);
+        self.ids.entry(s.clone()).or_insert(id);
+        self.strs[at] = Str {
+            s,
+            refs: 0,
+            stored: true,
+        };
+        true
+    }
+
+    /// After a load: frees every string no entry names (a row a crash left behind), and lists
+    /// the free numbers.
+    fn finish_load(&mut self) {
+        self.free.clear();
+        self.ids.clear();
+        for id in (0..self.strs.len()).rev() {
+            let entry = &mut self.strs[id];
+            if entry.refs == 0 {
+                if entry.stored {
+                    entry.stored = false;
+                    self.dropped.push(id as u32);
+                }
+                entry.s = Arc::from("");
+                self.free.push(id as u32);
+            } else {
+                self.ids.entry(entry.s.clone()).or_insert(id as u32);
+            }
+        }
+    }
+
     fn get(&self, id: u32) -> &str {
-        self.strs.get(id as usize).map_or("", |(s, _)| s)
+        self.strs.get(id as usize).map_or("", |e| &e.s)
+    }
+}
+
+/// Where the live serial entries sit in [`RevIndex::entries`], by serial: open addressing with
+/// linear probing over 4-byte positions, at most 7/8 full.
+#[derive(Default)]
+struct Table {
+    slots: Vec<u32>,
+    len: usize,
+    hasher: RandomState,
+}
+
+/// An empty [`Table`] slot.
+const EMPTY: u32 = u32::MAX;
+
+impl Table {
+    fn home(&self, key: &SerialKey) -> usize {
+        (self.hasher.hash_one(key.0) as usize) & (self.slots.len() - 1)
+    }
+
+    /// The slot holding `key`, or the empty slot where it would go.
+    fn probe(&self, entries: &[Entry], key: &SerialKey) -> Result<usize, usize> {
+        if self.slots.is_empty() {
+            return Err(0);
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            match self.slots[i] {
+                EMPTY => return Err(i),
+                pos if entries[pos as usize].key == *key => return Ok(i),
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    fn find(&self, entries: &[Entry], key: &SerialKey) -> Option<usize> {
+        self.probe(entries, key).ok()
+    }
+
+    /// Makes room for one more position, rebuilding from `entries` when the table grows.
+    fn reserve_one(&mut self, entries: &[Entry]) {
+        if (self.len + 1) * 8 > self.slots.len() * 7 {
+            self.rebuild(entries, self.len + 1);
+        }
+    }
+
+    /// Adds the position of a live entry not yet in the table (after [`Table::reserve_one`]).
+    fn insert(&mut self, entries: &[Entry], pos: usize) {
+        if let Err(i) = self.probe(entries, &entries[pos].key) {
+            self.slots[i] = pos as u32;
+            self.len += 1;
+        }
+    }
+
+    /// Empties slot `i`, moving later entries of its run back (no tombstones).
+    fn remove(&mut self, entries: &[Entry], mut i: usize) {
+        let mask = self.slots.len() - 1;
+        let mut j = i;
+        loop {
+            j = (j + 1) & mask;
+            let pos = self.slots[j];
+            if pos == EMPTY {
+                break;
+            }
+            let k = self.home(&entries[pos as usize].key);
+            // The entry at j stays if its home lies cyclically in (i, j].
+            let stays = if i <= j {
+                i < k && k <= j
+            } else {
+                i < k || k <= j
+            };
+            if !stays {
+                self.slots[i] = pos;
+                i = j;
+            }
+        }
+        self.slots[i] = EMPTY;
+        self.len -= 1;
+    }
+
+    /// Every live entry's position, in a table sized for `want` of them. A serial found twice
+    /// (a bulk load) keeps its later entry; the earlier one's position is returned to be
+    /// marked dead.
+    fn rebuild(&mut self, entries: &[Entry], want: usize) -> Vec<usize> {
+        let cap = (want.max(8) * 8 / 7 + 1).next_power_of_two();
+        self.slots = vec![EMPTY; cap];
+        self.len = 0;
+        let mut twice = Vec::new();
+        for (pos, e) in entries.iter().enumerate() {
+            if !e.live() {
+                continue;
+            }
+            match self.probe(entries, &e.key) {
+                Ok(i) => {
+                    twice.push(self.slots[i] as usize);
+                    self.slots[i] = pos as u32;
+                }
+                Err(i) => {
+                    self.slots[i] = pos as u32;
+                    self.len += 1;
+                }
+            }
+        }
+        twice
     }
 }
 
 /// Every live revocation, in memory (see the module documentation).
 #[derive(Default)]
 pub(super) struct RevIndex {
-    serials: HashMap<SerialKey, Slot>,
-    /// Serial entries that do not fit a [`Slot`] (an unusual serial spelling, a field a serial
-    /// entry does not normally set, another record version): rare, kept whole.
+    /// Serial entries in rev order (while not loading), dead ones included until compacted.
+    entries: Vec<Entry>,
+    table: Table,
+    dead: usize,
+    /// Serial entries that do not fit an [`Entry`] (an unusual serial spelling, a field a
+    /// serial entry does not normally set, another record version): rare, kept whole.
     odd: HashMap<String, (RevocationRecord, i64)>,
     /// Identity rules by SPIFFE ID, with their `aux`: few.
     rules: HashMap<String, (RevocationRecord, i64)>,
-    /// `(rev, serial)` in rev order for [`RevIndex::since`]; an item whose serial now has another
-    /// rev (replaced or pruned) is stale and skipped, and dropped once they are many.
-    log: Vec<(u64, SerialKey)>,
-    stale: usize,
-    /// Loading in bulk (in key order, not rev order): `log` is sorted once at the end.
+    /// Loading in bulk (in key order, not rev order): `entries` is sorted and the table built
+    /// once at the end.
     loading: bool,
     strings: Interner,
 }
@@ -159,37 +372,184 @@ impl RevIndex {
             self.rules.insert(r.spiffe_id.clone(), (r.clone(), aux));
             return;
         }
-        let lead = r
-            .expires_at
-            .checked_sub(r.revoked_at)
-            .and_then(|d| u32::try_from(d).ok());
-        let key = SerialKey::parse(&r.serial)
-            .filter(|_| r.v == RECORD_VERSION && r.before == 0 && !r.blocked)
-            .zip(lead);
-        // One serial lives in one place: a replacement may move it between the two.
-        self.remove_serial(&r.serial);
-        let Some((key, lead)) = key else {
-            self.odd.insert(r.serial.clone(), (r.clone(), aux));
-            return;
-        };
+        match self.reserve(r) {
+            Some((serial, c)) => self.insert_reserved(&serial, &c, aux),
+            None => {
+                // One serial lives in one place: a replacement may move it between the two.
+                self.remove_serial(&r.serial);
+                self.odd.insert(r.serial.clone(), (r.clone(), aux));
+            }
+        }
+    }
+
+    /// For a serial entry that fits the compact form: its serial's bytes, and the entry with
+    /// its strings interned (one reference each, held until [`RevIndex::insert_reserved`] or
+    /// [`RevIndex::release_reserved`]). `None` for an identity rule or an entry kept whole.
+    pub(super) fn reserve(&mut self, r: &RevocationRecord) -> Option<(Vec<u8>, CompactRevocation)> {
+        if r.identity_rule || r.v != RECORD_VERSION || r.before != 0 || r.blocked {
+            return None;
+        }
+        let lead = u32::try_from(r.expires_at.checked_sub(r.revoked_at)?).ok()?;
+        let key = SerialKey::parse(&r.serial)?;
         let reason = self.strings.intern(&r.reason);
-        let slot = Slot {
+        let c = CompactRevocation {
             rev: r.rev,
-            aux,
             expires_at: r.expires_at,
             lead,
             spiffe_id: self.strings.intern(&r.spiffe_id),
             reason: reason | if r.renewable { RENEWABLE } else { 0 },
             origin: self.strings.intern(&r.origin),
         };
-        self.serials.insert(key, slot);
-        // Commits arrive in rev order; only out-of-order writes (tests, tools) pay an insert.
-        match self.log.last() {
-            Some((last, _)) if *last > r.rev && !self.loading => {
-                let at = self.log.partition_point(|(rev, _)| *rev <= r.rev);
-                self.log.insert(at, (r.rev, key));
+        Some((key.bytes().to_vec(), c))
+    }
+
+    /// Gives back what [`RevIndex::reserve`] took, for an entry that was not written.
+    pub(super) fn release_reserved(&mut self, c: &CompactRevocation) {
+        for id in [c.spiffe_id, c.reason & !RENEWABLE, c.origin] {
+            self.strings.release(id);
+        }
+    }
+
+    /// The interned strings of `c` the backend does not hold yet, with their numbers.
+    pub(super) fn unstored(&self, c: &CompactRevocation) -> Vec<(u32, Arc<str>)> {
+        [c.spiffe_id, c.reason & !RENEWABLE, c.origin]
+            .into_iter()
+            .filter_map(|id| {
+                let s = self.strings.strs.get(id as usize)?;
+                (!s.stored).then(|| (id, s.s.clone()))
+            })
+            .collect()
+    }
+
+    /// Notes that the backend now holds string `id` (written with an entry naming it).
+    pub(super) fn mark_stored(&mut self, id: u32) {
+        if let Some(s) = self.strings.strs.get_mut(id as usize)
+            && s.refs > 0
+        {
+            s.stored = true;
+        }
+    }
+
+    /// A string the backend holds under `id`, read at open before the entries naming it;
+    /// `false` for a number no index hands out (a corrupt row).
+    pub(super) fn load_string(&mut self, id: u32, s: &str) -> bool {
+        self.strings.load(id, s)
+    }
+
+    /// Adds an entry read from the backend in compact form, naming strings loaded with
+    /// [`RevIndex::load_string`]; `false` (nothing added) when a string or the serial is
+    /// missing.
+    pub(super) fn insert_loaded(&mut self, serial: &[u8], c: &CompactRevocation, aux: i64) -> bool {
+        if SerialKey::of_bytes(serial).is_none() {
+            return false;
+        }
+        let ids = [c.spiffe_id, c.reason & !RENEWABLE, c.origin];
+        for (n, id) in ids.iter().enumerate() {
+            if !self.strings.acquire(*id) {
+                for taken in &ids[..n] {
+                    self.strings.release(*taken);
+                }
+                return false;
             }
-            _ => self.log.push((r.rev, key)),
+        }
+        self.insert_reserved(serial, c, aux);
+        true
+    }
+
+    /// Freed string numbers the backend may still hold and can now delete.
+    pub(super) fn take_dropped(&mut self) -> Vec<u32> {
+        let mut ids = std::mem::take(&mut self.strings.dropped);
+        ids.retain(|id| {
+            self.strings
+                .strs
+                .get(*id as usize)
+                .is_some_and(|s| s.refs == 0 && !s.stored)
+        });
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Adds or replaces the serial entry `c` of `serial` (its bytes), whose strings
+    /// [`RevIndex::reserve`] took.
+    pub(super) fn insert_reserved(&mut self, serial: &[u8], c: &CompactRevocation, aux: i64) {
+        let Some(key) = SerialKey::of_bytes(serial) else {
+            self.release_reserved(c);
+            return;
+        };
+        if !self.odd.is_empty() {
+            self.odd.remove(&key.hex());
+        }
+        let entry = Entry {
+            rev: c.rev,
+            aux,
+            expires_at: c.expires_at,
+            lead: c.lead,
+            spiffe_id: c.spiffe_id,
+            reason: c.reason,
+            origin: c.origin,
+            key,
+        };
+        if self.loading {
+            self.entries.push(entry);
+            return;
+        }
+        match self.table.find(&self.entries, &key) {
+            Some(slot) => {
+                let old = self.table.slots[slot] as usize;
+                self.kill(old);
+                let pos = self.place(entry);
+                self.table.slots[slot] = pos as u32;
+            }
+            None => {
+                self.table.reserve_one(&self.entries);
+                let pos = self.place(entry);
+                self.table.insert(&self.entries, pos);
+            }
+        }
+        self.compact_if_sparse();
+    }
+
+    /// Puts `e` into `entries` in rev order; returns its position. Commits arrive in rev order;
+    /// only out-of-order writes (tests, tools) pay an insert and a pass over the table.
+    fn place(&mut self, e: Entry) -> usize {
+        if self.entries.last().is_none_or(|l| l.rev <= e.rev) {
+            self.entries.push(e);
+            return self.entries.len() - 1;
+        }
+        let at = self.entries.partition_point(|x| x.rev <= e.rev);
+        self.entries.insert(at, e);
+        for s in &mut self.table.slots {
+            if *s != EMPTY && *s as usize >= at {
+                *s += 1;
+            }
+        }
+        at
+    }
+
+    /// Marks the entry at `pos` dead and releases its strings (its table slot is the caller's).
+    fn kill(&mut self, pos: usize) {
+        let e = &mut self.entries[pos];
+        if !e.live() {
+            return;
+        }
+        e.key.0[0] = 0;
+        let ids = [e.spiffe_id, e.reason & !RENEWABLE, e.origin];
+        for id in ids {
+            self.strings.release(id);
+        }
+        self.dead += 1;
+    }
+
+    /// Drops the dead entries once they are many (and half or more of all).
+    fn compact_if_sparse(&mut self) {
+        if self.dead > 4096 && self.dead * 2 > self.entries.len() {
+            self.entries.retain(Entry::live);
+            if self.entries.capacity() > 2 * self.entries.len() {
+                self.entries.shrink_to_fit();
+            }
+            self.dead = 0;
+            self.table.rebuild(&self.entries, self.entries.len());
         }
     }
 
@@ -198,29 +558,36 @@ impl RevIndex {
         self.loading = true;
     }
 
-    /// Ends a bulk load: puts the rev list in order.
+    /// Ends a bulk load: puts the entries in rev order, builds the table (a serial loaded twice
+    /// keeps its later entry), and frees the strings no entry names.
     pub(super) fn finish_load(&mut self) {
-        if self.loading {
-            self.log.sort_by_key(|(rev, _)| *rev);
-            self.loading = false;
+        if !self.loading {
+            return;
         }
+        self.loading = false;
+        self.entries.sort_by_key(|e| e.rev);
+        let live = self.entries.iter().filter(|e| e.live()).count();
+        for pos in self.table.rebuild(&self.entries, live) {
+            self.kill(pos);
+        }
+        self.compact_if_sparse();
+        self.strings.finish_load();
     }
 
     /// Removes a serial entry; whether there was one.
     pub(super) fn remove_serial(&mut self, serial: &str) -> bool {
+        if self.loading {
+            // Removals are not expected during a load; keep the entries exact anyway.
+            self.finish_load();
+            self.loading = true;
+        }
         if let Some(key) = SerialKey::parse(serial)
-            && let Some(slot) = self.serials.remove(&key)
+            && let Some(slot) = self.table.find(&self.entries, &key)
         {
-            for id in [slot.spiffe_id, slot.reason & !RENEWABLE, slot.origin] {
-                self.strings.release(id);
-            }
-            self.stale += 1;
-            if self.stale > 4096 && self.stale > self.log.len() / 2 {
-                let serials = &self.serials;
-                self.log
-                    .retain(|(rev, k)| serials.get(k).is_some_and(|s| s.rev == *rev));
-                self.stale = 0;
-            }
+            let pos = self.table.slots[slot] as usize;
+            self.kill(pos);
+            self.table.remove(&self.entries, slot);
+            self.compact_if_sparse();
             return true;
         }
         self.odd.remove(serial).is_some()
@@ -231,6 +598,12 @@ impl RevIndex {
         self.rules.remove(spiffe_id).is_some()
     }
 
+    fn live_entry(&self, serial: &str) -> Option<&Entry> {
+        let key = SerialKey::parse(serial)?;
+        let slot = self.table.find(&self.entries, &key)?;
+        Some(&self.entries[self.table.slots[slot] as usize])
+    }
+
     /// The entry of one serial (hex, as stored).
     pub(super) fn serial(&self, serial: &str) -> Option<RevocationRecord> {
         self.serial_with(serial).map(|(r, _)| r)
@@ -238,12 +611,18 @@ impl RevIndex {
 
     /// The entry of one serial and its `aux`.
     pub(super) fn serial_with(&self, serial: &str) -> Option<(RevocationRecord, i64)> {
-        if let Some(key) = SerialKey::parse(serial)
-            && let Some(slot) = self.serials.get(&key)
-        {
-            return Some((self.record(&key, slot), slot.aux));
+        if let Some(e) = self.live_entry(serial) {
+            return Some((self.record(e), e.aux));
         }
         self.odd.get(serial).cloned()
+    }
+
+    /// The `aux` of one serial's entry, without building its record.
+    pub(super) fn serial_aux(&self, serial: &str) -> Option<i64> {
+        match self.live_entry(serial) {
+            Some(e) => Some(e.aux),
+            None => self.odd.get(serial).map(|(_, aux)| *aux),
+        }
     }
 
     /// The identity rule of one SPIFFE ID.
@@ -268,14 +647,12 @@ impl RevIndex {
 
     /// Every entry with `after < rev <= through`, in rev order.
     pub(super) fn range(&self, after: u64, through: u64) -> Vec<RevocationRecord> {
-        let from = self.log.partition_point(|(rev, _)| *rev <= after);
-        let to = self.log.partition_point(|(rev, _)| *rev <= through);
-        let mut out: Vec<RevocationRecord> = self.log[from..to.max(from)]
+        let from = self.entries.partition_point(|e| e.rev <= after);
+        let to = self.entries.partition_point(|e| e.rev <= through);
+        let mut out: Vec<RevocationRecord> = self.entries[from..to.max(from)]
             .iter()
-            .filter_map(|(rev, key)| {
-                let slot = self.serials.get(key).filter(|s| s.rev == *rev)?;
-                Some(self.record(key, slot))
-            })
+            .filter(|e| e.live())
+            .map(|e| self.record(e))
             .collect();
         let before = out.len();
         out.extend(
@@ -294,21 +671,20 @@ impl RevIndex {
     }
 
     /// Where a page of about `limit` live entries after rev `after` (`None`: from the start)
-    /// ends: the index in `log` past it, and the last rev it covers (`u64::MAX` when it reaches
-    /// the end, so the rare entries outside `log` go with the last page). A page ends on a whole
-    /// revision, so the next one continues from its last rev without skipping any entry.
+    /// ends: the positions in `entries` it spans, and the last rev it covers (`u64::MAX` when
+    /// it reaches the end, so the rare entries outside `entries` go with the last page). A page
+    /// ends on a whole revision, so the next one continues from its last rev without skipping
+    /// any entry.
     fn page_end(&self, after: Option<u64>, limit: usize) -> (usize, usize, u64) {
-        let from = after.map_or(0, |a| self.log.partition_point(|(rev, _)| *rev <= a));
+        let from = after.map_or(0, |a| self.entries.partition_point(|e| e.rev <= a));
         let mut live = 0;
         let mut to = from;
-        while to < self.log.len() {
-            let (rev, key) = &self.log[to];
-            if live >= limit && self.log[to - 1].0 != *rev {
-                return (from, to, self.log[to - 1].0);
+        while to < self.entries.len() {
+            let e = &self.entries[to];
+            if live >= limit && self.entries[to - 1].rev != e.rev {
+                return (from, to, self.entries[to - 1].rev);
             }
-            if self.serials.get(key).is_some_and(|s| s.rev == *rev) {
-                live += 1;
-            }
+            live += usize::from(e.live());
             to += 1;
         }
         (from, to, u64::MAX)
@@ -322,20 +698,18 @@ impl RevIndex {
     }
 
     /// Appends the next chunk of [`walk`] after rev `after` to `out`: serial entries in rev
-    /// order, then, with the last chunk, the entries outside `log` and the identity rules.
+    /// order, then, with the last chunk, the entries outside `entries` and the identity rules.
     /// Returns where the next chunk starts; `None` after the last.
     fn briefs(&self, after: Option<u64>, out: &mut Vec<RevocationBrief>) -> Option<u64> {
         let (from, to, through) = self.page_end(after, CHUNK);
-        for (rev, key) in &self.log[from..to] {
-            if let Some(s) = self.serials.get(key).filter(|s| s.rev == *rev) {
-                out.push(RevocationBrief::serial(
-                    key.bytes(),
-                    s.rev,
-                    s.expires_at - i64::from(s.lead),
-                    s.expires_at,
-                    !self.strings.get(s.origin).is_empty(),
-                ));
-            }
+        for e in self.entries[from..to].iter().filter(|e| e.live()) {
+            out.push(RevocationBrief::serial(
+                e.key.bytes(),
+                e.rev,
+                e.expires_at - i64::from(e.lead),
+                e.expires_at,
+                !self.strings.get(e.origin).is_empty(),
+            ));
         }
         if through != u64::MAX {
             return Some(through);
@@ -349,10 +723,10 @@ impl RevIndex {
     /// Serials and identity rules (`true`) whose entry expired before `now`, with their `aux`.
     pub(super) fn expired(&self, now: i64) -> Vec<(bool, String, i64)> {
         let serials = self
-            .serials
+            .entries
             .iter()
-            .filter(|(_, s)| s.expires_at < now)
-            .map(|(k, s)| (false, k.hex(), s.aux));
+            .filter(|e| e.live() && e.expires_at < now)
+            .map(|e| (false, e.key.hex(), e.aux));
         let odd = self
             .odd
             .values()
@@ -368,7 +742,7 @@ impl RevIndex {
 
     /// Serial entries (including relayed ones).
     pub(super) fn serial_count(&self) -> usize {
-        self.serials.len() + self.odd.len()
+        self.entries.len() - self.dead + self.odd.len()
     }
 
     /// Identity rules.
@@ -376,20 +750,41 @@ impl RevIndex {
         self.rules.len()
     }
 
-    fn record(&self, key: &SerialKey, s: &Slot) -> RevocationRecord {
+    /// The compact form of every live serial entry, with its serial's bytes (what compaction
+    /// and tests compare against the disk).
+    #[cfg(test)]
+    pub(super) fn compact_entries(&self) -> Vec<(Vec<u8>, CompactRevocation)> {
+        self.entries
+            .iter()
+            .filter(|e| e.live())
+            .map(|e| {
+                let c = CompactRevocation {
+                    rev: e.rev,
+                    expires_at: e.expires_at,
+                    lead: e.lead,
+                    spiffe_id: e.spiffe_id,
+                    reason: e.reason,
+                    origin: e.origin,
+                };
+                (e.key.bytes().to_vec(), c)
+            })
+            .collect()
+    }
+
+    fn record(&self, e: &Entry) -> RevocationRecord {
         RevocationRecord {
             v: RECORD_VERSION,
-            rev: s.rev,
-            serial: key.hex(),
-            spiffe_id: self.strings.get(s.spiffe_id).to_string(),
+            rev: e.rev,
+            serial: e.key.hex(),
+            spiffe_id: self.strings.get(e.spiffe_id).to_string(),
             identity_rule: false,
             before: 0,
-            reason: self.strings.get(s.reason & !RENEWABLE).to_string(),
-            revoked_at: s.expires_at - i64::from(s.lead),
-            expires_at: s.expires_at,
+            reason: self.strings.get(e.reason & !RENEWABLE).to_string(),
+            revoked_at: e.expires_at - i64::from(e.lead),
+            expires_at: e.expires_at,
             blocked: false,
-            renewable: s.reason & RENEWABLE != 0,
-            origin: self.strings.get(s.origin).to_string(),
+            renewable: e.reason & RENEWABLE != 0,
+            origin: self.strings.get(e.origin).to_string(),
         }
     }
 }
@@ -417,6 +812,10 @@ pub(super) fn walk(read: impl Fn(&mut dyn FnMut(&RevIndex)), f: &mut dyn FnMut(&
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn serial_entry(hex: &str, rev: u64, id: &str, expires_at: i64) -> RevocationRecord {
+        serial(hex, rev, id, expires_at)
+    }
 
     fn serial(serial: &str, rev: u64, id: &str, expires_at: i64) -> RevocationRecord {
         RevocationRecord {
@@ -510,6 +909,143 @@ mod tests {
             ix.since(0).iter().map(|r| r.rev).collect::<Vec<_>>(),
             vec![5, 9]
         );
+    }
+
+    /// The table and the rev-ordered entries agree with a plain map through many inserts,
+    /// replacements (some out of rev order), removals and compactions.
+    #[test]
+    fn lookups_and_order_match_a_plain_map_through_churn() {
+        let mut ix = RevIndex::default();
+        let mut model: HashMap<String, RevocationRecord> = HashMap::new();
+        // A fixed xorshift sequence: the same churn every run.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut rev = 0u64;
+        for round in 0..60_000u64 {
+            let n = next();
+            let serial = format!("{:06x}", n % 20_000);
+            match n % 8 {
+                0..=4 => {
+                    // Mostly in rev order; now and then an older rev (a tool's write).
+                    rev += 1;
+                    let r = if round % 97 == 0 { rev / 2 + 1 } else { rev };
+                    let id = format!("spiffe://td/w{}", n % 300);
+                    let e = serial_entry(&serial, r, &id, 100 + (n % 50) as i64);
+                    ix.insert(&e);
+                    model.insert(serial, e);
+                }
+                _ => {
+                    assert_eq!(ix.remove_serial(&serial), model.remove(&serial).is_some());
+                }
+            }
+            if round % 5_000 == 0 {
+                for probe in 0..20_000u64 {
+                    let s = format!("{probe:06x}");
+                    assert_eq!(
+                        ix.serial(&s).as_ref(),
+                        model.get(&s),
+                        "{s} at round {round}"
+                    );
+                }
+            }
+        }
+        assert_eq!(ix.serial_count(), model.len());
+        let mut expected: Vec<RevocationRecord> = model.values().cloned().collect();
+        expected.sort_by_key(|r| r.rev);
+        let got = ix.since(0);
+        assert_eq!(
+            got.iter().map(|r| r.rev).collect::<Vec<_>>(),
+            expected.iter().map(|r| r.rev).collect::<Vec<_>>()
+        );
+        let mut got_sorted = got.clone();
+        got_sorted.sort_by(|a, b| a.serial.cmp(&b.serial));
+        expected.sort_by(|a, b| a.serial.cmp(&b.serial));
+        assert_eq!(got_sorted, expected);
+        // Removing everything frees every string and leaves an empty table.
+        for s in model.keys() {
+            assert!(ix.remove_serial(s));
+        }
+        assert_eq!(ix.serial_count(), 0);
+        assert!(ix.since(0).is_empty());
+        assert!(ix.strings.ids.is_empty());
+    }
+
+    /// A string's number is written once (unstored until marked), is kept while an entry
+    /// names it, and is offered for deletion only once freed; a load from numbers (as sled
+    /// reads them back) rebuilds the same entries and frees strings nobody names.
+    #[test]
+    fn string_numbers_follow_the_entries_that_name_them() {
+        let mut ix = RevIndex::default();
+        let a = serial_entry("0a", 1, "spiffe://td/a", 100);
+        let (serial, c) = ix.reserve(&a).unwrap();
+        let fresh = ix.unstored(&c);
+        assert_eq!(fresh.len(), 3, "identity, reason and origin");
+        ix.insert_reserved(&serial, &c, 0);
+        for (id, _) in &fresh {
+            ix.mark_stored(*id);
+        }
+        let b = serial_entry("0b", 2, "spiffe://td/a", 100);
+        let (serial_b, cb) = ix.reserve(&b).unwrap();
+        assert!(
+            ix.unstored(&cb).is_empty(),
+            "every string is on disk already"
+        );
+        assert_eq!(cb.spiffe_id, c.spiffe_id);
+        // A failed commit gives its references back: nothing freed, a's strings stay.
+        ix.release_reserved(&cb);
+        assert!(ix.take_dropped().is_empty());
+        let (_, cb) = ix.reserve(&b).unwrap();
+        ix.insert_reserved(&serial_b, &cb, 0);
+        assert!(ix.remove_serial("0a"));
+        assert!(ix.take_dropped().is_empty(), "0b still names them");
+        assert!(ix.remove_serial("0b"));
+        let mut dropped = ix.take_dropped();
+        let mut ids: Vec<u32> = fresh.iter().map(|(id, _)| *id).collect();
+        dropped.sort_unstable();
+        ids.sort_unstable();
+        assert_eq!(dropped, ids);
+
+        // Loading: strings by number (one nobody names), then entries naming them.
+        let mut loaded = RevIndex::default();
+        loaded.start_load();
+        assert!(loaded.load_string(7, "spiffe://td/z"));
+        assert!(loaded.load_string(2, "key leak"));
+        assert!(loaded.load_string(0, ""));
+        assert!(loaded.load_string(9, "orphan"));
+        assert!(!loaded.load_string(u32::MAX >> 1, "too far"));
+        let c = CompactRevocation {
+            rev: 4,
+            expires_at: 100,
+            lead: 90,
+            spiffe_id: 7,
+            reason: 2 | RENEWABLE,
+            origin: 0,
+        };
+        assert!(loaded.insert_loaded(&[0x0c], &c, 0));
+        assert!(!loaded.insert_loaded(&[0x0d], &CompactRevocation { spiffe_id: 8, ..c }, 0));
+        loaded.finish_load();
+        let r = loaded.serial("0c").unwrap();
+        assert_eq!(
+            (
+                r.spiffe_id.as_str(),
+                r.reason.as_str(),
+                r.renewable,
+                r.revoked_at
+            ),
+            ("spiffe://td/z", "key leak", true, 10)
+        );
+        assert!(loaded.serial("0d").is_none());
+        assert_eq!(loaded.take_dropped(), vec![9], "the orphan row goes");
+        // New strings take free numbers, never one an entry names.
+        let (_, c2) = loaded
+            .reserve(&serial_entry("0e", 5, "spiffe://td/new", 100))
+            .unwrap();
+        assert!(![0, 2, 7].contains(&c2.spiffe_id));
     }
 
     /// Pages and the chunked walk see every live entry once, never split a revision, and bring

@@ -11,7 +11,7 @@
 //! swaps the directories (see [`compact`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use tokio::sync::broadcast;
 
 use super::index::RevIndex;
-use super::records::Stored;
+use super::records::{CompactRevocation, Stored};
 use super::{
     AccessRecord, AuditRecord, Consume, Enrollment, FEED_BUFFER, Guard, IssuedRecord,
     RevocationBrief, RevocationRecord, SharedChange, Store, StoreError, StoreHealth, StoreStats,
@@ -63,6 +63,9 @@ pub struct SledStore {
     revoked: sled::Tree,
     /// spiffe_id → RevocationRecord (an identity rule).
     identity_rules: sled::Tree,
+    /// String number (4 bytes BE) → the string: the identities, reasons and origins that
+    /// compact serial entries in `revoked` name by number (see [`CompactRevocation`]).
+    strings: sled::Tree,
     /// access request id → AccessRecord.
     access: sled::Tree,
     /// Every live revocation, in step with the two trees above (see the module documentation).
@@ -120,6 +123,7 @@ impl SledStore {
             issued_ids: tree("issued_ids")?,
             revoked: tree("revoked")?,
             identity_rules: tree("identity_rules")?,
+            strings: tree(STRINGS_TREE)?,
             access: tree("access")?,
             index: RwLock::new(index),
             expiry: tree("expiry")?,
@@ -132,7 +136,27 @@ impl SledStore {
             db,
             next_seq: Mutex::new(None),
         };
+        // Strings no entry names (a crash between a prune's two batches) go now.
+        {
+            let mut index = store.index_mut();
+            store.drop_strings(&mut index)?;
+        }
         Ok(store)
+    }
+
+    /// Deletes the string rows of numbers the index freed (their last entry was pruned or
+    /// replaced). Called with the index locked, after the entries naming them are gone from
+    /// disk: a crash in between leaves rows nobody names, never an entry without its string.
+    fn drop_strings(&self, index: &mut RevIndex) -> Result<(), StoreError> {
+        let dropped = index.take_dropped();
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for id in dropped {
+            batch.remove(&id.to_be_bytes());
+        }
+        self.strings.apply_batch(batch).map_err(backend)
     }
 
     fn index(&self) -> std::sync::RwLockReadGuard<'_, RevIndex> {
@@ -181,6 +205,7 @@ impl SledStore {
                 };
                 pruned += usize::from(removed);
             }
+            self.drop_strings(&mut index)?;
         }
         Ok(pruned)
     }
@@ -393,14 +418,47 @@ impl Store for SledStore {
             .iter()
             .map(|r| (r.seq.to_be_bytes(), r.to_stored()))
             .collect();
-        let prepared: Vec<Prepared<'_>> = {
-            let index = self.index();
-            writes.iter().map(|w| Prepared::new(w, &index)).collect()
+        // A serial entry is written in the compact form, naming its strings by the numbers the
+        // index hands out; they are taken now (under the commit lock, so the index changes no
+        // other way meanwhile) with one reference each, kept by the entry once committed and
+        // given back if the commit fails. Strings not on disk yet are written with it.
+        let serial_entries = writes
+            .iter()
+            .any(|w| matches!(w, Write::PutRevocation(r) if !r.identity_rule));
+        let mut reserved: Vec<Option<(Vec<u8>, CompactRevocation)>> = Vec::new();
+        let mut rows: Vec<(u32, Arc<str>)> = Vec::new();
+        let prepared: Vec<Prepared<'_>> = if serial_entries {
+            let mut index = self.index_mut();
+            for w in writes {
+                let c = match w {
+                    Write::PutRevocation(r) if !r.identity_rule => index.reserve(r),
+                    _ => None,
+                };
+                if let Some((_, c)) = &c {
+                    for (id, s) in index.unstored(c) {
+                        if !rows.iter().any(|(i, _)| *i == id) {
+                            rows.push((id, s));
+                        }
+                    }
+                }
+                reserved.push(c);
+            }
+            writes
+                .iter()
+                .zip(&reserved)
+                .map(|(w, c)| Prepared::new(w, c.as_ref().map(|(_, c)| c), Some(&index)))
+                .collect()
+        } else {
+            writes
+                .iter()
+                .map(|w| Prepared::new(w, None, None))
+                .collect()
         };
         // Only the trees this commit touches take part: sled sets up, locks and writes out every
         // tree of a transaction, and an issuance touches four of the ten.
         let mut used = [false; TREES];
         used[T_AUDIT] = !audit.is_empty();
+        used[T_STRINGS] = !rows.is_empty();
         for w in &prepared {
             let touched: &[usize] = match w {
                 Prepared::Token { .. } => &[T_TOKENS, T_EXPIRY],
@@ -427,6 +485,7 @@ impl Store for SledStore {
             &self.identity_rules,
             &self.access,
             &self.expiry,
+            &self.strings,
         ];
         // Where each tree sits in the transaction (only meaningful when `used`).
         let mut at = [0usize; TREES];
@@ -474,6 +533,9 @@ impl Store for SledStore {
                     }
                     for (k, v) in &audit {
                         tree(T_AUDIT).insert(k, v.as_slice())?;
+                    }
+                    for (id, s) in &rows {
+                        tree(T_STRINGS).insert(&id.to_be_bytes(), s.as_bytes())?;
                     }
                     for w in &prepared {
                         match w {
@@ -531,15 +593,23 @@ impl Store for SledStore {
                 })
                 .map_err(tx_err)
         };
-        if result.is_ok() {
-            // Still under the commit lock, so the index applies commits in their order. It may
-            // show a revocation before its flush, as the trees do: a crash can only forget one
-            // nobody was told about, and in the meantime it errs towards refusing.
-            let mut index = None;
-            for w in writes {
-                if let Write::PutRevocation(r) = w {
-                    index.get_or_insert_with(|| self.index_mut()).insert(r);
-                }
+        // Still under the commit lock, so the index applies commits in their order. It may
+        // show a revocation before its flush, as the trees do: a crash can only forget one
+        // nobody was told about, and in the meantime it errs towards refusing.
+        let mut index = None;
+        for (i, w) in writes.iter().enumerate() {
+            let Write::PutRevocation(r) = w else { continue };
+            let index = index.get_or_insert_with(|| self.index_mut());
+            match (reserved.get(i).and_then(Option::as_ref), &result) {
+                (Some((serial, c)), Ok(())) => index.insert_reserved(serial, c, 0),
+                (Some((_, c)), Err(_)) => index.release_reserved(c),
+                (None, Ok(())) => index.insert(r),
+                (None, Err(_)) => {}
+            }
+        }
+        if let (Some(index), Ok(())) = (index.as_mut(), &result) {
+            for (id, _) in &rows {
+                index.mark_stored(*id);
             }
         }
         *next_seq = match (&result, records.last()) {
@@ -751,7 +821,8 @@ const T_REVOKED: usize = 5;
 const T_RULES: usize = 6;
 const T_ACCESS: usize = 7;
 const T_EXPIRY: usize = 8;
-const TREES: usize = 9;
+const T_STRINGS: usize = 9;
+const TREES: usize = 10;
 
 /// A [`Write`] with its keys and value already encoded, ready for the commit transaction.
 enum Prepared<'a> {
@@ -786,8 +857,9 @@ enum Prepared<'a> {
 }
 
 impl<'a> Prepared<'a> {
-    /// `index` tells which serial entries still sit under a key of an earlier release.
-    fn new(w: &'a Write, index: &RevIndex) -> Self {
+    /// `compact` is a serial entry's compact form when the index keeps it so; `index` tells
+    /// which serial entries still sit under a key of an earlier release.
+    fn new(w: &'a Write, compact: Option<&CompactRevocation>, index: Option<&RevIndex>) -> Self {
         match w {
             Write::PutToken(t) => Prepared::Token {
                 key: t.id.as_bytes(),
@@ -816,7 +888,9 @@ impl<'a> Prepared<'a> {
             },
             Write::PutRevocation(r) => {
                 let key = revocation_key(&r.serial);
-                let value = if key.first() == Some(&BINARY_KEY) {
+                let value = if let Some(c) = compact {
+                    c.to_stored()
+                } else if key.first() == Some(&BINARY_KEY) {
                     // The key holds the serial: the value need not repeat it.
                     RevocationRecord {
                         serial: String::new(),
@@ -827,9 +901,7 @@ impl<'a> Prepared<'a> {
                     r.to_stored()
                 };
                 let legacy = (key.first() == Some(&BINARY_KEY)
-                    && index
-                        .serial_with(&r.serial)
-                        .is_some_and(|(_, aux)| aux == 1))
+                    && index.is_some_and(|ix| ix.serial_aux(&r.serial) == Some(1)))
                 .then_some(r.serial.as_bytes());
                 Prepared::Revocation {
                     rec: r,
@@ -888,22 +960,54 @@ fn get<T: Stored>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>, StoreError
         .transpose()
 }
 
-/// The trees [`load_index`] reads.
-const REVOCATION_TREES: [&[u8]; 2] = [b"revoked", b"identity_rules"];
+/// The tree of the strings compact serial entries name by number.
+const STRINGS_TREE: &str = "revocation_strings";
+
+/// The trees [`load_index`] reads (the strings first).
+const REVOCATION_TREES: [&[u8]; 3] = [STRINGS_TREE.as_bytes(), b"revoked", b"identity_rules"];
 
 /// Loads every revocation into a fresh index; also returns the bytes of their keys and values.
-/// A serial entry under a binary key (see [`revocation_key`]) gets its serial from the key;
-/// one under its hex key (written by an earlier release) is marked so (`aux` 1), so that
-/// replacing or pruning it deletes that key.
+/// A serial entry under a binary key (see [`revocation_key`]) gets its serial from the key; its
+/// value is a compact entry naming strings of the strings tree (read first), or a whole record
+/// (an earlier release's, or an entry the compact form does not fit). One under its hex key
+/// (written by an earlier release) is marked so (`aux` 1), so that replacing or pruning it
+/// deletes that key.
 fn load_index(db: &sled::Db) -> Result<(RevIndex, u64), StoreError> {
     let started = Instant::now();
     let mut index = RevIndex::default();
     let mut bytes = 0u64;
     index.start_load();
-    for name in REVOCATION_TREES {
+    let corrupt = |k: &[u8], reason: &str| StoreError::Decode {
+        key: crate::encoding::hex(k),
+        reason: reason.to_string(),
+    };
+    for kv in db.open_tree(STRINGS_TREE).map_err(backend)?.iter() {
+        let (k, v) = kv.map_err(backend)?;
+        bytes += (k.len() + v.len()) as u64;
+        let id = <[u8; 4]>::try_from(k.as_ref()).map(u32::from_be_bytes);
+        let s = std::str::from_utf8(&v);
+        match (id, s) {
+            (Ok(id), Ok(s)) if index.load_string(id, s) => {}
+            _ => return Err(corrupt(&k, "not a revocation string")),
+        }
+    }
+    for name in &REVOCATION_TREES[1..] {
         for kv in db.open_tree(name).map_err(backend)?.iter() {
             let (k, v) = kv.map_err(backend)?;
             bytes += (k.len() + v.len()) as u64;
+            if CompactRevocation::is_stored(&v) {
+                let c = CompactRevocation::from_stored(&v).map_err(|e| corrupt(&k, &e))?;
+                match k.split_first() {
+                    Some((&BINARY_KEY, serial)) if index.insert_loaded(serial, &c, 0) => {}
+                    _ => {
+                        return Err(corrupt(
+                            &k,
+                            "a compact revocation without its serial key or strings",
+                        ));
+                    }
+                }
+                continue;
+            }
             let mut rec: RevocationRecord = load(&k, &v)?;
             let aux = match k.split_first() {
                 Some((&BINARY_KEY, serial)) if !rec.identity_rule => {
@@ -952,8 +1056,11 @@ const CACHE_BYTES: u64 = 16 << 20;
 const COMPACT_MIN_BYTES: u64 = 16 << 20;
 
 /// A database whose files take more than this many times its live keys and values (plus
-/// [`COMPACT_MIN_BYTES`]) is compacted at open.
-const COMPACT_RATIO: u64 = 4;
+/// [`COMPACT_MIN_BYTES`]) is compacted at open. sled's log holds a healthy store's keys and
+/// values several times over (old versions of rewritten nodes in segments not yet cleaned:
+/// 3× for 92-byte revocation records, 5× for the 34-byte compact ones, measured at 1M), so
+/// the ratio sits above that: a store compacts when it is mostly garbage, not at every start.
+const COMPACT_RATIO: u64 = 8;
 
 /// Marks a compacted copy as complete: only then may it replace the original.
 const COMPACT_DONE: &str = "lanyard-compaction-complete";
@@ -1019,17 +1126,28 @@ fn compact(
         return Ok(Compacted::No(db));
     }
     let started = Instant::now();
+    // Kept when the live data is at least this much: decided with as little reading as can
+    // be, since it runs at every start. The revocations were counted while loading them, the
+    // audit log (the one tree that grows without bound) is estimated from its seq range and a
+    // sample, and the other trees are read only until the sum gets there.
+    let enough = (size - min_bytes).div_ceil(COMPACT_RATIO);
     let mut live = revocation_bytes;
-    for name in db.tree_names() {
-        if REVOCATION_TREES.contains(&name.as_ref()) {
+    if live < enough {
+        live += audit_bytes_estimate(&db.open_tree("audit").map_err(backend)?)?;
+    }
+    'trees: for name in db.tree_names() {
+        if REVOCATION_TREES.contains(&name.as_ref()) || name.as_ref() == b"audit" {
             continue;
         }
         for kv in db.open_tree(&name).map_err(backend)?.iter() {
+            if live >= enough {
+                break 'trees;
+            }
             let (k, v) = kv.map_err(backend)?;
             live += (k.len() + v.len()) as u64;
         }
     }
-    if size <= COMPACT_RATIO * live + min_bytes {
+    if live >= enough {
         return Ok(Compacted::No(db));
     }
     info!(
@@ -1085,6 +1203,43 @@ fn compact(
     );
     Ok(Compacted::Yes)
 }
+
+/// The audit records' bytes, estimated without reading them all: their count from the first
+/// and last seq (the log is gapless; archiving deletes a prefix) times the mean size of up to
+/// [`AUDIT_SAMPLES`] records spread over the range.
+fn audit_bytes_estimate(audit: &sled::Tree) -> Result<u64, StoreError> {
+    let seq = |k: &[u8]| <[u8; 8]>::try_from(k).map(u64::from_be_bytes).ok();
+    let (Some((first, _)), Some((last, _))) = (
+        audit.first().map_err(backend)?,
+        audit.last().map_err(backend)?,
+    ) else {
+        return Ok(0);
+    };
+    let (Some(first), Some(last)) = (seq(&first), seq(&last)) else {
+        return Ok(0);
+    };
+    let count = last.saturating_sub(first).saturating_add(1);
+    let step = (count / AUDIT_SAMPLES).max(1);
+    let (mut sampled, mut bytes) = (0u64, 0u64);
+    let mut at = first;
+    while at <= last && sampled < AUDIT_SAMPLES {
+        if let Some(v) = audit.get(at.to_be_bytes()).map_err(backend)? {
+            sampled += 1;
+            bytes += 8 + v.len() as u64;
+        }
+        at = at.saturating_add(step);
+        if at == u64::MAX {
+            break;
+        }
+    }
+    Ok(bytes
+        .checked_div(sampled)
+        .unwrap_or(0)
+        .saturating_mul(count))
+}
+
+/// Audit records [`audit_bytes_estimate`] reads.
+const AUDIT_SAMPLES: u64 = 64;
 
 /// Settles a compaction a crash interrupted: a complete copy whose swap did not finish is moved
 /// in; an incomplete copy is deleted (the original is intact); a swapped-out original is deleted.
@@ -1273,8 +1428,10 @@ mod tests {
         }
     }
 
-    /// A store exactly as the previous release wrote it (JSON values, the `revs` index, expiry
-    /// entries for revocations) opens, reads, takes new writes and prunes.
+    /// A store exactly as earlier releases wrote it opens, reads, takes new writes and prunes:
+    /// JSON values, the `revs` index and expiry entries for revocations (before binary
+    /// records), beside a serial entry and an identity rule as whole binary records under
+    /// binary keys (the release before compact entries and the strings tree).
     #[test]
     fn a_store_of_the_previous_release_opens_and_reads() {
         let dir = tempfile::tempdir().unwrap();
@@ -1314,6 +1471,20 @@ mod tests {
             rule.identity_rule = true;
             rule.blocked = true;
             rule.spiffe_id = "spiffe://example.org/b".into();
+            // The binary release: the serial in the key, not in the record.
+            let mut whole = revocation("", 4, now + 500);
+            whole.spiffe_id = "spiffe://example.org/d".into();
+            whole.renewable = true;
+            t("revoked")
+                .insert(revocation_key("01dd"), whole.to_stored())
+                .unwrap();
+            let mut rule_c = revocation("", 6, i64::MAX);
+            rule_c.identity_rule = true;
+            rule_c.blocked = true;
+            rule_c.spiffe_id = "spiffe://example.org/c".into();
+            t("identity_rules")
+                .insert("spiffe://example.org/c", rule_c.to_stored())
+                .unwrap();
             for (coll, key, r) in [
                 (Coll::Revoked, "01aa", revocation("01aa", 1, now + 10)),
                 (Coll::Revoked, "01bb", revocation("01bb", 3, now + 500)),
@@ -1360,7 +1531,19 @@ mod tests {
                 .map(|r| r.rev)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(revs(&store), [1, 2, 3]);
+        assert_eq!(revs(&store), [1, 2, 3, 4, 6]);
+        let dd = store.revoked_serial("01dd").unwrap().unwrap();
+        assert_eq!(
+            (dd.serial.as_str(), dd.spiffe_id.as_str(), dd.renewable),
+            ("01dd", "spiffe://example.org/d", true)
+        );
+        assert!(
+            store
+                .identity_rule("spiffe://example.org/c")
+                .unwrap()
+                .unwrap()
+                .blocked
+        );
         assert!(!store.db.tree_names().iter().any(|n| n.as_ref() == b"revs"));
         // New writes continue the log in the new layout.
         store.commit(&[audit_rec(4)], &[]).unwrap();
@@ -1373,11 +1556,15 @@ mod tests {
             )
             .unwrap();
         assert!(store.revoked.get("01bb").unwrap().is_none());
-        assert_eq!(store.revoked.len(), 2);
-        assert_eq!(revs(&store), [1, 2, 5]);
+        assert_eq!(store.revoked.len(), 3);
+        // ... in the compact form, its strings in the strings tree.
+        let raw = store.revoked.get(revocation_key("01bb")).unwrap().unwrap();
+        assert!(CompactRevocation::is_stored(&raw));
+        assert_eq!(store.strings.len(), 3);
+        assert_eq!(revs(&store), [1, 2, 4, 5, 6]);
         // 01aa and the certificate expired; the legacy expiry entries go with them.
         assert_eq!(store.prune(now + 100).unwrap(), 2);
-        assert_eq!(revs(&store), [2, 5]);
+        assert_eq!(revs(&store), [2, 4, 5, 6]);
         assert!(store.issued("01cc").unwrap().is_none());
         assert_eq!(
             store.expiry.len(),
@@ -1386,17 +1573,79 @@ mod tests {
         );
         drop(store);
         let store = SledStore::open(dir.path()).unwrap();
-        assert_eq!(revs(&store), [2, 5]);
+        assert_eq!(revs(&store), [2, 4, 5, 6]);
+        let bb = store.revoked_serial("01bb").unwrap().unwrap();
         assert_eq!(
-            store.revoked_serial("01bb").unwrap().unwrap().serial,
-            "01bb"
+            bb,
+            RevocationRecord {
+                rev: 5,
+                ..revocation("01bb", 5, now + 500)
+            }
         );
-        assert_eq!(store.prune(now + 1000).unwrap(), 2);
+        assert_eq!(store.revoked_serial("01dd").unwrap().unwrap(), dd);
+        assert_eq!(store.prune(now + 1000).unwrap(), 3);
         assert_eq!(
             store.expiry.len(),
             1,
             "the blocking rule's, due at the end of time"
         );
+        assert_eq!(store.strings.len(), 0, "no entry names a string any more");
+        assert_eq!(revs(&store), [2, 6]);
+    }
+
+    /// Serial entries are written compactly, naming each string once however many entries
+    /// share it; strings go when their last entry is pruned; a row nobody names (a crash
+    /// between a prune's two batches) goes at open; an entry naming a string the store lacks
+    /// is refused, not read as some other string.
+    #[test]
+    fn serial_entries_name_shared_strings_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = SledStore::open(&path).unwrap();
+        let writes: Vec<Write> = (0..100u64)
+            .map(|i| {
+                let mut r = revocation(&format!("01{i:02x}"), 10 + i, 100 + i as i64);
+                r.spiffe_id = format!("spiffe://example.org/w{}", i % 10);
+                Write::PutRevocation(r)
+            })
+            .collect();
+        store.commit(&[], &writes).unwrap();
+        // Ten identities, one reason, the empty origin.
+        assert_eq!(store.strings.len(), 12);
+        let before: Vec<RevocationRecord> = store.revocations_since(0).unwrap();
+        assert_eq!(before.len(), 100);
+        let compact = store.index().compact_entries();
+        drop(store);
+        let store = SledStore::open(&path).unwrap();
+        assert_eq!(store.revocations_since(0).unwrap(), before);
+        assert_eq!(store.index().compact_entries(), compact);
+        // w0's entries expire first (100, 110, ...): pruning up to 150 frees w0..w9's entries
+        // below 150; identities with an entry left keep their strings.
+        assert_eq!(store.prune(150).unwrap(), 50);
+        assert_eq!(store.strings.len(), 12);
+        assert_eq!(store.prune(195).unwrap(), 45);
+        assert_eq!(store.strings.len(), 2 + 5, "w5..w9 still named");
+        // A row nobody names, as a crash could leave it: gone at the next open.
+        store
+            .strings
+            .insert(
+                999u32.to_be_bytes(),
+                b"spiffe://example.org/left".as_slice(),
+            )
+            .unwrap();
+        drop(store);
+        let store = SledStore::open(&path).unwrap();
+        assert_eq!(store.strings.len(), 7);
+        assert_eq!(store.revocations_since(0).unwrap(), before[95..].to_vec());
+        // An entry whose identity's row is missing: the store does not open.
+        let (_, c) = store.index().compact_entries().remove(0);
+        store.strings.remove(c.spiffe_id.to_be_bytes()).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        assert!(matches!(
+            SledStore::open(&path),
+            Err(StoreError::Decode { .. })
+        ));
     }
 
     fn dir_bytes(dir: &Path) -> u64 {
