@@ -10,7 +10,7 @@
 //!   a CLI call): the session of the previous connection is resumed.
 //!
 //! Prints, per mode: renewals, full/resumed handshakes (from the client's `CertSlot`), the
-//! negotiated key-exchange group, and CPU µs per renewal for the server threads and the client
+//! negotiated key-exchange group and cipher suite, and CPU µs per renewal for the server threads and the client
 //! threads (utime + stime from /proc, by thread name).
 //!
 //! Knobs: `LANYARD_HS_RENEWALS` (per client, default 500), `LANYARD_HS_CLIENTS` (default 4),
@@ -214,8 +214,16 @@ fn main() {
         "lanyard handshake benchmark: {clients} clients x {renewals} renewals, each on a new connection"
     );
     println!(
-        "  {:<10} {:>9} {:>6} {:>8} {:>8} {:>14} {:>14} {:>9}",
-        "mode", "renewals", "full", "resumed", "group", "server µs/op", "client µs/op", "ops/s"
+        "  {:<10} {:>9} {:>6} {:>8} {:>8} {:>24} {:>14} {:>14} {:>9}",
+        "mode",
+        "renewals",
+        "full",
+        "resumed",
+        "group",
+        "suite",
+        "server µs/op",
+        "client µs/op",
+        "ops/s"
     );
     for mode in modes.split(',').map(str::trim).filter(|m| !m.is_empty()) {
         let keep_cert = match mode {
@@ -276,15 +284,17 @@ fn main() {
             full += s.full - b.full;
             resumed += s.resumed - b.resumed;
         }
-        let group = agents[0]
-            .slot
-            .stats()
+        let last = agents[0].slot.stats();
+        let group = last
             .last_group
             .map_or("-".to_string(), |g| format!("{g:?}"));
+        let suite = last
+            .last_suite
+            .map_or("-".to_string(), |s| format!("{s:?}"));
         let client = client1 - client0;
         let server = (cpu1 - cpu0) - client;
         println!(
-            "  {mode:<10} {:>9} {full:>6} {resumed:>8} {group:>8} {:>14.0} {:>14.0} {:>9.0}",
+            "  {mode:<10} {:>9} {full:>6} {resumed:>8} {group:>8} {suite:>24} {:>14.0} {:>14.0} {:>9.0}",
             ops as usize,
             server * 1e6 / ops,
             client * 1e6 / ops,

@@ -338,7 +338,8 @@ fn base_config(
         .with_custom_certificate_verifier(verifier))
 }
 
-/// A config without a client certificate, and without resumption.
+/// A config without a client certificate, and without resumption (it asks the CA for no
+/// tickets, so the CA sends none).
 fn anonymous_config(verifier: Arc<ServerVerifier>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut cfg = base_config(verifier)?.with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -380,6 +381,8 @@ fn slot_config(
         rustls::client::ClientSessionMemoryCache::new(SESSIONS_PER_CONFIG),
     ))
     .tls12_resumption(rustls::client::Tls12Resumption::Disabled);
+    // The CA sends tickets only to a client that asks (`tls::enable_ca_resumption`).
+    cfg.send_ticket_request = Some(crate::tls::CA_TICKET_REQUEST);
     let cfg = Arc::new(cfg);
     *cached = Some(SlotClientConfig {
         generation,
@@ -484,6 +487,7 @@ async fn handshake(
         let conn = stream.get_ref().1;
         let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         let group = conn.negotiated_key_exchange_group().map(|g| g.name());
+        let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
         if resumed {
             let now = rustls_pki_types::UnixTime::now();
             let chain = conn.peer_certificates().unwrap_or_default();
@@ -493,7 +497,7 @@ async fn handshake(
                 continue;
             }
         }
-        slot.note_handshake(resumed, group);
+        slot.note_handshake(resumed, group, suite);
         return Ok(stream);
     }
     Err(std::io::Error::new(

@@ -473,7 +473,7 @@ fn spawn_background(
         .with_client_cert_verifier(DeferredClientVerifier::new())
         .with_cert_resolver(slot.clone());
     tls.alpn_protocols = vec![b"h2".to_vec()];
-    crate::tls::enable_ca_resumption(&mut tls).map_err(|e| ServeError::Tls(e.to_string()))?;
+    crate::tls::configure_ca_server(&mut tls).map_err(|e| ServeError::Tls(e.to_string()))?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let mut tasks = Vec::new();
     let mut bundle_endpoint = None;

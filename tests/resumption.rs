@@ -3,7 +3,8 @@
 //! certificate exchange, so these tests prove that every peer check still runs on a resumed
 //! connection: the CA judges the client chain the session carries (revocation, expiry) on every
 //! call, a client resumes only a session of the certificate it holds now and only under the same
-//! server trust and expected identity, and the key exchange is X25519. Each test asserts that the
+//! server trust and expected identity, the key exchange is X25519 and the suite AES-128-GCM-SHA256,
+//! and the CA sends tickets only to clients that ask. Each test asserts that the
 //! connection it judges really was resumed (or really was not), so none can pass by accident.
 
 #![allow(
@@ -261,6 +262,11 @@ async fn the_ca_and_its_client_code_negotiate_x25519_full_and_resumed() {
             "the key exchange must be X25519 (a dependency bump that changes the order of the \
              provider's groups once made handshakes negotiate P-384 at twice the CPU)"
         );
+        assert_eq!(
+            stats.last_suite,
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+            "the suite must be AES-128-GCM-SHA256 (a SHA-384 key schedule costs both sides more)"
+        );
     }
     assert_eq!(
         lanyard::tls::provider()
@@ -271,4 +277,129 @@ async fn the_ca_and_its_client_code_negotiate_x25519_full_and_resumed() {
         lanyard::tls::KX_GROUPS.to_vec(),
         "both sides offer the explicit order"
     );
+}
+
+/// A bare TLS client config for the CA (no client certificate, no gRPC), trusting it as Lanyard's
+/// client does, with rustls' default in-memory session store.
+fn raw_config(
+    ca: &TestCa,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    ticket_request: Option<rustls::client::TicketRequest>,
+) -> Arc<rustls::ClientConfig> {
+    let verifier = ServerVerifier::for_path(
+        ServerTrust::Bundle(ca.bundle()),
+        "/lanyard/server",
+        RolesOid::default(),
+    );
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.send_ticket_request = ticket_request;
+    Arc::new(cfg)
+}
+
+/// One TLS connection to the CA with `cfg`: the handshake, then the HTTP/2 preface, then the
+/// first bytes of the CA's answer (its SETTINGS, which it writes after any session ticket, so
+/// by then the client has stored the ticket if one came). Returns how the handshake went.
+async fn raw_connection(
+    ca: &TestCa,
+    cfg: Arc<rustls::ClientConfig>,
+) -> (
+    rustls::HandshakeKind,
+    rustls::CipherSuite,
+    rustls::NamedGroup,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr: std::net::SocketAddr = ca.server().parse().unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .expect("the CA completes the handshake");
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut frame_header = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut frame_header))
+        .await
+        .expect("the CA answers the preface")
+        .unwrap();
+    let conn = tls.get_ref().1;
+    (
+        conn.handshake_kind().unwrap(),
+        conn.negotiated_cipher_suite().unwrap().suite(),
+        conn.negotiated_key_exchange_group().unwrap().name(),
+    )
+}
+
+#[tokio::test]
+async fn the_ca_picks_aes128_sha256_even_for_a_client_that_prefers_aes256() {
+    let ca = TestCa::start().await;
+    // ring's default order puts AES-256-GCM-SHA384 first, as most clients built on it do.
+    let default = Arc::new(rustls::crypto::ring::default_provider());
+    assert_eq!(
+        default.cipher_suites[0].suite(),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+        "this test needs a client that prefers another suite"
+    );
+    let (_, suite, _) = raw_connection(&ca, raw_config(&ca, default, None)).await;
+    assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    // Lanyard's own provider offers the same order.
+    let ours = lanyard::tls::provider();
+    let (_, suite, group) = raw_connection(&ca, raw_config(&ca, ours.clone(), None)).await;
+    assert_eq!(
+        (suite, group),
+        (
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+            rustls::NamedGroup::X25519
+        )
+    );
+    assert_eq!(
+        ours.cipher_suites
+            .iter()
+            .filter(|s| s.tls13().is_some())
+            .map(|s| s.suite())
+            .collect::<Vec<_>>(),
+        lanyard::tls::TLS13_SUITES.to_vec(),
+        "the provider offers the explicit order"
+    );
+}
+
+#[tokio::test]
+async fn the_ca_sends_session_tickets_only_to_clients_that_ask_for_them() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let ca = TestCa::start().await;
+    let provider = lanyard::tls::provider();
+    // A client with a session store that does not send RFC 9149's ticket_request gets no
+    // ticket, so its next connection is a full handshake.
+    let silent = raw_config(&ca, provider.clone(), None);
+    for _ in 0..2 {
+        assert_eq!(raw_connection(&ca, silent.clone()).await.0, Full);
+    }
+    // Asking for none is the same.
+    let none = raw_config(
+        &ca,
+        provider.clone(),
+        Some(rustls::client::TicketRequest {
+            new_session_count: 0,
+            resumption_count: 0,
+        }),
+    );
+    for _ in 0..2 {
+        assert_eq!(raw_connection(&ca, none.clone()).await.0, Full);
+    }
+    // Asking as Lanyard's client does gets one ticket per connection: each next connection
+    // resumes, and gets the ticket for the one after.
+    let asking = raw_config(&ca, provider, Some(lanyard::tls::CA_TICKET_REQUEST));
+    let kinds = [
+        raw_connection(&ca, asking.clone()).await.0,
+        raw_connection(&ca, asking.clone()).await.0,
+        raw_connection(&ca, asking).await.0,
+    ];
+    assert_eq!(kinds, [Full, Resumed, Resumed]);
 }

@@ -115,20 +115,68 @@ pub const KX_GROUPS: [rustls::NamedGroup; 3] = [
     rustls::NamedGroup::secp384r1,
 ];
 
+/// The TLS 1.3 cipher suites Lanyard offers and accepts, in order of preference. Explicit, like
+/// [`KX_GROUPS`]: the suite's hash runs the whole key schedule (transcript, HKDF, Finished, the
+/// ticket's PSK), and ring hashes SHA-256 with the CPU's SHA extensions where it has them but
+/// SHA-384 in portable code on many x86-64 CPUs (AMD among them), where it took ~17 µs of a
+/// handshake on each side (docs/performance.md, docs/design.md decision 90). AES-128 matches
+/// the 128-bit strength of X25519 and P-256; the other two suites stay accepted. The CA applies this order even to clients that prefer another
+/// ([`configure_ca_server`]).
+pub const TLS13_SUITES: [rustls::CipherSuite; 3] = [
+    rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+    rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+    rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+];
+
 /// The rustls crypto provider Lanyard uses everywhere (ring), with the key-exchange groups in
-/// the order of [`KX_GROUPS`]. Built once: every TLS config and verifier shares it.
+/// the order of [`KX_GROUPS`] and the TLS 1.3 suites in the order of [`TLS13_SUITES`] (TLS 1.2
+/// suites, where a config allows TLS 1.2, follow in ring's order). Built once: every TLS config
+/// and verifier shares it.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
     PROVIDER
         .get_or_init(|| {
-            use rustls::crypto::ring::kx_group;
+            use rustls::crypto::ring::{cipher_suite, kx_group};
             let mut p = rustls::crypto::ring::default_provider();
             p.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
             debug_assert!(p.kx_groups.iter().map(|g| g.name()).eq(KX_GROUPS));
+            let tls12: Vec<_> = p
+                .cipher_suites
+                .iter()
+                .filter(|s| s.tls13().is_none())
+                .copied()
+                .collect();
+            p.cipher_suites = vec![
+                cipher_suite::TLS13_AES_128_GCM_SHA256,
+                cipher_suite::TLS13_AES_256_GCM_SHA384,
+                cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+            ];
+            debug_assert!(p.cipher_suites.iter().map(|s| s.suite()).eq(TLS13_SUITES));
+            p.cipher_suites.extend(tls12);
             Arc::new(p)
         })
         .clone()
 }
+
+/// Settles what the CA's gRPC server config does beyond its certificate and client verifier:
+/// the cipher suite order and session resumption.
+///
+/// - The CA picks the suite in its own order ([`TLS13_SUITES`]) rather than the client's: a
+///   client built on ring's default order asks for AES-256-GCM-SHA384, whose SHA-384 key
+///   schedule costs both sides more than SHA-256 (ring has no SHA-384 in hardware here).
+/// - Resumption as [`enable_ca_resumption`] describes.
+pub fn configure_ca_server(cfg: &mut rustls::ServerConfig) -> Result<(), TlsError> {
+    cfg.ignore_client_order = true;
+    enable_ca_resumption(cfg)
+}
+
+/// The RFC 9149 ticket request a Lanyard client sends the CA: one ticket per new connection and
+/// one per resumed one (a connection uses one ticket and gets the next on it). The CA sends
+/// tickets only to clients that ask ([`enable_ca_resumption`]).
+pub const CA_TICKET_REQUEST: rustls::client::TicketRequest = rustls::client::TicketRequest {
+    new_session_count: 1,
+    resumption_count: 1,
+};
 
 /// Makes the CA's server config resume TLS 1.3 sessions from tickets, so a client that connects
 /// again (an agent after a broken connection, a CLI call) skips the handshake's two signatures
@@ -143,13 +191,21 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// one, and a restarted or another replica's CA simply does a full handshake. 0-RTT stays off: early
 /// data can be replayed. Do not use this for a config whose client verifier does the peer checks
 /// ([`server_config`] keeps resumption off for that reason).
+///
+/// Tickets go only to clients that ask for them with RFC 9149's `ticket_request` extension
+/// (Lanyard's own client sends [`CA_TICKET_REQUEST`]), at most one per connection: a client
+/// that never resumes (one-shot tools, load generators with resumption off) would otherwise
+/// cost the CA a ticket's encoding, sealing and record per connection, and itself the record's
+/// decryption and a PSK derivation, for nothing. A client that asks for none gets none.
 pub fn enable_ca_resumption(cfg: &mut rustls::ServerConfig) -> Result<(), TlsError> {
     cfg.ticketer =
         rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Credential(e.to_string()))?;
     // Stateless tickets only: no session cache on the server, whatever the fleet's size.
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    // A client uses one ticket per connection and gets a fresh one on it.
-    cfg.send_tls13_tickets = 1;
+    // None unasked; a client asking gets what it asks for, up to one (it uses one ticket per
+    // connection and gets the next on it).
+    cfg.send_tls13_tickets = 0;
+    cfg.max_tls13_tickets = 1;
     cfg.max_early_data_size = 0;
     Ok(())
 }
@@ -271,6 +327,8 @@ struct HandshakeCounters {
     resumed: std::sync::atomic::AtomicU64,
     /// The last negotiated key-exchange group (`NamedGroup` as u16; 0: none yet).
     group: std::sync::atomic::AtomicU32,
+    /// The last negotiated cipher suite (`CipherSuite` as u16; 0: none yet).
+    suite: std::sync::atomic::AtomicU32,
 }
 
 /// What the client handshakes of a [`CertSlot`] did: for metrics, logs and tests.
@@ -282,6 +340,8 @@ pub struct HandshakeStats {
     pub resumed: u64,
     /// The key-exchange group of the last handshake.
     pub last_group: Option<rustls::NamedGroup>,
+    /// The cipher suite of the last handshake.
+    pub last_suite: Option<rustls::CipherSuite>,
 }
 
 impl std::fmt::Debug for CertSlot {
@@ -363,7 +423,12 @@ impl CertSlot {
     }
 
     /// Counts a client handshake made with this slot's certificate.
-    pub(crate) fn note_handshake(&self, resumed: bool, group: Option<rustls::NamedGroup>) {
+    pub(crate) fn note_handshake(
+        &self,
+        resumed: bool,
+        group: Option<rustls::NamedGroup>,
+        suite: Option<rustls::CipherSuite>,
+    ) {
         use std::sync::atomic::Ordering;
         let counter = if resumed {
             &self.stats.resumed
@@ -374,19 +439,24 @@ impl CertSlot {
         self.stats
             .group
             .store(group.map_or(0, u16::from).into(), Ordering::Relaxed);
+        self.stats
+            .suite
+            .store(suite.map_or(0, u16::from).into(), Ordering::Relaxed);
     }
 
     /// What the client handshakes with this slot's certificates did so far.
     pub fn stats(&self) -> HandshakeStats {
         use std::sync::atomic::Ordering;
-        let group = self.stats.group.load(Ordering::Relaxed);
+        let code = |v: &std::sync::atomic::AtomicU32| {
+            u16::try_from(v.load(Ordering::Relaxed))
+                .ok()
+                .filter(|c| *c != 0)
+        };
         HandshakeStats {
             full: self.stats.full.load(Ordering::Relaxed),
             resumed: self.stats.resumed.load(Ordering::Relaxed),
-            last_group: u16::try_from(group)
-                .ok()
-                .filter(|g| *g != 0)
-                .map(rustls::NamedGroup::from),
+            last_group: code(&self.stats.group).map(rustls::NamedGroup::from),
+            last_suite: code(&self.stats.suite).map(rustls::CipherSuite::from),
         }
     }
 }
