@@ -4,8 +4,10 @@
 //! tonic's default codec gives every call an 8 KiB encode buffer (and every request body an 8 KiB
 //! decode buffer) that lives as long as the call. A CA with 10,000 agents holds two server
 //! streams per agent (`Revocation.Watch`, `Ca.WatchBundles`), mostly idle, whose messages are a
-//! few hundred bytes: 16 KiB per agent of buffers that are almost never used (issue #16). Buffers
-//! start at [`INITIAL_BUFFER`] and grow as a message needs; the yield threshold stays tonic's.
+//! few hundred bytes: 16 KiB per agent of buffers that are almost never used (issue #16). Decode
+//! buffers start at [`INITIAL_BUFFER`] and grow as a message needs. Encode buffers start empty
+//! ([`INITIAL_ENCODE_BUFFER`]): a watch stream that has sent nothing holds no buffer at all, and
+//! the first message sizes it. The yield threshold stays tonic's.
 
 use std::marker::PhantomData;
 
@@ -13,17 +15,26 @@ use prost::Message;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
-/// Initial size of a call's encode and decode buffers (tonic's default is 8 KiB).
+/// Initial size of a request body's decode buffer (tonic's default is 8 KiB).
 pub const INITIAL_BUFFER: usize = 512;
+
+/// Initial size of a call's encode buffer: none until the first message (tonic's default is
+/// 8 KiB). An agent's `Revocation.Watch` usually never sends one; the few reallocations a unary
+/// response pays to grow from empty are noise beside its TLS record and signature.
+pub const INITIAL_ENCODE_BUFFER: usize = 0;
 
 /// Yield to the runtime after this many encoded bytes in one poll (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-fn settings() -> BufferSettings {
+fn decode_settings() -> BufferSettings {
     BufferSettings::new(INITIAL_BUFFER, YIELD_THRESHOLD)
 }
 
-/// A prost [`Codec`] with [`INITIAL_BUFFER`]-byte buffers; named by `build.rs` as the codec of
+fn encode_settings() -> BufferSettings {
+    BufferSettings::new(INITIAL_ENCODE_BUFFER, YIELD_THRESHOLD)
+}
+
+/// A prost [`Codec`] with small initial buffers; named by `build.rs` as the codec of
 /// the generated services.
 #[derive(Debug, Clone, Copy)]
 pub struct SmallBufferCodec<T, U>(PhantomData<(T, U)>);
@@ -53,7 +64,7 @@ where
     }
 }
 
-/// Encodes `T` with prost into a small initial buffer.
+/// Encodes `T` with prost into a buffer that starts empty.
 #[derive(Debug, Clone, Copy)]
 pub struct SmallEncoder<T>(PhantomData<T>);
 
@@ -69,7 +80,7 @@ impl<T: Message> Encoder for SmallEncoder<T> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        settings()
+        encode_settings()
     }
 }
 
@@ -91,6 +102,6 @@ impl<U: Message + Default> Decoder for SmallDecoder<U> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        settings()
+        decode_settings()
     }
 }

@@ -6,6 +6,12 @@
 //! [`TrackRequestsLayer`], whose guard lives until the response body ends, so a long-lived
 //! watch stream that carries nothing for minutes keeps its connection. Bytes are not activity:
 //! HTTP/2 PINGs flow on every healthy connection, and an attacker can send them too.
+//!
+//! [`TrackRequests`] also sends the response headers and trailers whose values change from one
+//! response to the next (`date`, a renewal's bound serial, `grpc-message`) as never-indexed
+//! HPACK literals ([`never_index`]): indexed, each new value would take a place in the
+//! connection's HPACK encoder table until the table holds the peer's 4 KiB, ~10 KB of memory
+//! per kept agent connection after a few dozen renewals (docs/design.md, decision 97).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use hyper::body::{Body, Frame, SizeHint};
+use hyper::header::{CONTENT_TYPE, DATE, HeaderMap, HeaderValue};
 use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
@@ -269,6 +276,40 @@ pub struct TrackRequests<S, I> {
 pub struct Tracked<B> {
     inner: Pin<Box<B>>,
     in_flight: Option<InFlight>,
+}
+
+/// Response header names whose values come from a small fixed set: HPACK indexing them costs a
+/// few table entries per connection, once, and saves their bytes on every later response.
+const INDEXED_HEADERS: [&str; 2] = ["content-type", "grpc-status"];
+
+/// Marks every value in `headers` but [`INDEXED_HEADERS`] as sensitive, which h2 encodes as a
+/// never-indexed literal instead of inserting it in the connection's HPACK table; and, in a
+/// response head (one with a `content-type`), adds a `date` so hyper does not add its own
+/// (indexed) one. An HPACK encoder table is as large as the peer allows (tonic's 4 KiB), and
+/// every distinct value inserted stays until evicted: `date` changes every second and a
+/// renewal's bound serial every renewal, so a kept agent connection's table fills after a few
+/// dozen renewals. The cost is ~30 bytes per response on the wire.
+pub fn never_index(headers: &mut HeaderMap) {
+    if headers.contains_key(CONTENT_TYPE) && !headers.contains_key(DATE) {
+        headers.insert(DATE, http_date(time::OffsetDateTime::now_utc()));
+    }
+    for (name, value) in headers.iter_mut() {
+        if !INDEXED_HEADERS.contains(&name.as_str()) {
+            value.set_sensitive(true);
+        }
+    }
+}
+
+/// `at` as an HTTP date (RFC 9110 IMF-fixdate, always UTC).
+fn http_date(at: time::OffsetDateTime) -> HeaderValue {
+    const IMF_FIXDATE: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    at.to_offset(time::UtcOffset::UTC)
+        .format(IMF_FIXDATE)
+        .ok()
+        .and_then(|s| HeaderValue::from_str(&s).ok())
+        .unwrap_or_else(|| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"))
 }
 
 /// Reads the 24-byte HTTP/2 client preface within `timeout`; a connection that does not send it
@@ -628,7 +669,8 @@ where
         };
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let resp = fut.await?;
+            let mut resp = fut.await?;
+            never_index(resp.headers_mut());
             Ok(resp.map(|inner| Tracked {
                 inner: Box::pin(inner),
                 in_flight,
@@ -647,9 +689,14 @@ impl<B: Body> Body for Tracked<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = self.inner.as_mut().poll_frame(cx);
+        let mut polled = self.inner.as_mut().poll_frame(cx);
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             self.in_flight = None;
+        }
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled
+            && let Some(trailers) = frame.trailers_mut()
+        {
+            never_index(trailers);
         }
         polled
     }
@@ -757,6 +804,37 @@ mod tests {
         assert!(ended.elapsed() >= idle - Duration::from_millis(20));
         drop(conn);
         assert_eq!(adm.open(), 0, "closing frees the permit");
+    }
+
+    #[test]
+    fn changing_header_values_are_never_indexed_and_a_response_gets_a_date() {
+        let mut head = HeaderMap::new();
+        head.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        head.insert("lanyard-connection-bound", HeaderValue::from_static("0a1b"));
+        never_index(&mut head);
+        assert!(!head[CONTENT_TYPE].is_sensitive());
+        assert!(head["lanyard-connection-bound"].is_sensitive());
+        let date = head[DATE].clone();
+        assert!(date.is_sensitive());
+        // hyper keeps a date that is there, so its own (indexed) one is never added.
+        assert_eq!(date.to_str().unwrap().len(), 29, "{date:?}");
+        assert!(date.to_str().unwrap().ends_with(" GMT"));
+        // Trailers: the status stays indexed, a message does not, and no date is added.
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.insert("grpc-message", HeaderValue::from_static("revoked"));
+        never_index(&mut trailers);
+        assert!(!trailers["grpc-status"].is_sensitive());
+        assert!(trailers["grpc-message"].is_sensitive());
+        assert!(!trailers.contains_key(DATE));
+    }
+
+    #[test]
+    fn http_dates_are_imf_fixdate() {
+        let at = time::macros::datetime!(1994-11-06 08:49:37 UTC);
+        assert_eq!(http_date(at), "Sun, 06 Nov 1994 08:49:37 GMT");
+        let at = time::macros::datetime!(2026-12-07 07:05:09 +01:00);
+        assert_eq!(http_date(at), "Mon, 07 Dec 2026 06:05:09 GMT");
     }
 
     #[test]
