@@ -256,9 +256,19 @@ async fn renew_over(channel: &Channel, svid: &SvidInfo, ttl: u32) -> (SvidInfo, 
     )
 }
 
+/// The next message of a revocation watch, within 10 s.
+async fn next_entry(
+    watch: &mut tonic::Streaming<pb::RevocationEntry>,
+) -> Result<Option<pb::RevocationEntry>, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("the watch answers within 10 s")
+}
+
 /// Decision 65 end to end: a certificate renewed over connection A authenticates A from then
 /// on — past the expiry of the certificate A was opened with — and never connection B, opened
-/// with the same first certificate; revoking the bound certificate refuses A's next call.
+/// with the same first certificate; revoking the bound certificate refuses A's next call and
+/// ends the revocation watch A opened before that certificate was bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_certificate_authenticates_its_own_connection_and_no_other() {
     let ca = TestCa::start().await;
@@ -296,6 +306,19 @@ async fn a_renewed_certificate_authenticates_its_own_connection_and_no_other() {
         peers_of(port).difference(&before).copied().collect();
     assert_eq!(now, ours, "A and B are the connections they were");
 
+    // A revocation watch on A, opened while A speaks for `second`.
+    let watch = |ch: &Channel| {
+        let mut client = RevocationClient::new(ch.clone());
+        async move {
+            client
+                .watch(pb::WatchRequest { since: 0 })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let mut watch_a = watch(&a).await;
+
     // Renewing again on A binds the newest; renewing on B (its first certificate is within the
     // renewal grace) binds B's own, not A's.
     let (third, bound) = renew_over(&a, &second, 60).await;
@@ -303,6 +326,7 @@ async fn a_renewed_certificate_authenticates_its_own_connection_and_no_other() {
     let (on_b, bound) = renew_over(&b, &first, 60).await;
     assert_eq!(bound, Some(on_b.serial.to_hex()));
     check(&b, &on_b.serial.to_hex()).await.unwrap();
+    let mut watch_b = watch(&b).await;
 
     // Revoking the certificate A speaks for refuses A's next call, renewal included; B is
     // unaffected.
@@ -321,6 +345,24 @@ async fn a_renewed_certificate_authenticates_its_own_connection_and_no_other() {
         "{refused:?}"
     );
     assert!(refused.message().contains("revoked"), "{refused:?}");
+    // A's watch, opened before `third` existed, ends: the revoked certificate is the one its
+    // connection speaks for now. B's goes on with the entry.
+    let entry = next_entry(&mut watch_a)
+        .await
+        .unwrap()
+        .expect("the entry first");
+    assert_eq!(entry.serial, third.serial.to_hex());
+    let ended = next_entry(&mut watch_a).await.unwrap_err();
+    assert_eq!(ended.code(), tonic::Code::FailedPrecondition, "{ended:?}");
+    assert!(
+        ended.message().contains(&third.serial.to_hex()),
+        "{ended:?}"
+    );
+    let entry = next_entry(&mut watch_b)
+        .await
+        .unwrap()
+        .expect("B's watch goes on");
+    assert_eq!(entry.serial, third.serial.to_hex());
     let key = rcgen::KeyPair::generate().unwrap();
     let renewal = CaClient::new(a.clone())
         .issue(pb::IssueRequest {

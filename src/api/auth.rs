@@ -196,7 +196,7 @@ impl Authenticator {
             });
         let chain: Arc<[CertificateDer<'static>]> =
             chain.iter().map(|c| c.clone().into_owned()).collect();
-        conn.bind(chain, verified);
+        conn.bind(chain, svid.clone(), verified);
         true
     }
 
@@ -506,6 +506,9 @@ struct ConnState {
     epoch: u64,
     /// The last verification of the connection's chain.
     verified: Option<ConnVerified>,
+    /// What `bound` says of itself (as issued), for judging revocations against the
+    /// connection's current certificate without parsing it again (see [`ConnAuth::bound_svid`]).
+    bound_svid: Option<SvidInfo>,
 }
 
 /// A verification of a connection's chain: "`verify_svid` succeeded on this chain against
@@ -563,9 +566,21 @@ impl ConnAuth {
         }
     }
 
-    fn bind(&self, chain: Arc<[CertificateDer<'static>]>, verified: Option<ConnVerified>) {
+    /// The newest certificate this CA issued over the connection, if any: the one that
+    /// authenticates its calls, so the one a revocation must end its open streams for.
+    pub fn bound_svid(&self) -> Option<SvidInfo> {
+        self.lock().bound_svid.clone()
+    }
+
+    fn bind(
+        &self,
+        chain: Arc<[CertificateDer<'static>]>,
+        svid: SvidInfo,
+        verified: Option<ConnVerified>,
+    ) {
         let mut st = self.lock();
         st.bound = Some(chain);
+        st.bound_svid = Some(svid);
         st.epoch += 1;
         st.verified = verified;
     }

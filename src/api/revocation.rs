@@ -8,6 +8,7 @@ use futures_util::Stream;
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
 
+use super::auth::ConnAuth;
 use super::{Authenticator, status};
 use crate::ca::{CaHandle, Serial};
 use crate::pb::v1::{self as pb, revocation_server::Revocation, revoke_request::Target};
@@ -145,6 +146,7 @@ impl Revocation for RevocationService {
         // Any identity of this domain; and the CA of a federated domain (its serving identity,
         // `/lanyard/server`), which relays this CA's own revocations to its workloads.
         let caller = self.auth.peer_any_domain(&req).map_err(status::auth)?;
+        let conn = req.extensions().get::<Arc<ConnAuth>>().cloned();
         let td = self.authority.active().trust_domain().to_string();
         let foreign = caller.spiffe_id.trust_domain_name() != td;
         if foreign && caller.spiffe_id.path() != "/lanyard/server" {
@@ -166,6 +168,7 @@ impl Revocation for RevocationService {
             live,
             shutdown: self.shutdown.clone(),
             caller,
+            conn,
             relay: Box::new(relay),
             sent: since,
             resync: true,
@@ -223,8 +226,11 @@ struct WatchState {
     revocations: Arc<Revocations>,
     live: broadcast::Receiver<Option<Arc<crate::audit::Committed>>>,
     shutdown: watch::Receiver<bool>,
-    /// The certificate the caller's connection was opened with.
+    /// The certificate that authenticated the caller when the stream opened.
     caller: crate::ca::SvidInfo,
+    /// The connection's authentication state: a renewal on the connection since the stream
+    /// opened makes the certificate it issued the one that counts (decision 65).
+    conn: Option<Arc<ConnAuth>>,
     /// Whether an entry goes to this caller (a federated CA gets this CA's own only).
     relay: Box<dyn Fn(&RevocationRecord) -> bool + Send + Sync>,
     /// The highest revision sent.
@@ -285,18 +291,24 @@ impl WatchState {
                     if !c.revocations.is_empty() {
                         self.sent = c.record.seq;
                     }
-                    // The certificate this connection was opened with is revoked now (by serial
+                    // The certificate that authenticates this connection now (the newest one a
+                    // renewal bound to it, else the one it opened with) is revoked (by serial
                     // or identity): after the entries that say so, the stream ends, as every
                     // later call on the connection is refused, so a revoked credential cannot
                     // keep listening.
                     // Judged from the entries in hand, not the store: 10,000 watchers must not
                     // cost 10,000 store reads per revocation.
-                    if let Some(r) = c.revocations.iter().find(|r| covers(r, &self.caller)) {
+                    if c.revocations.is_empty() {
+                        continue;
+                    }
+                    let current = self.conn.as_ref().and_then(|c| c.bound_svid());
+                    let current = current.as_ref().unwrap_or(&self.caller);
+                    if let Some(r) = c.revocations.iter().find(|r| covers(r, current)) {
                         self.done = true;
                         self.pending
                             .push_back(Err(Status::failed_precondition(format!(
                                 "certificate {} is revoked: {}",
-                                self.caller.serial, r.reason
+                                current.serial, r.reason
                             ))));
                     }
                 }
