@@ -1066,6 +1066,9 @@ mod leaf_tests {
         &der[at..at + tbs.len()]
     }
 
+    /// (SPIFFE ID, roles, DNS names, IP addresses, notAfter) of one leaf.
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<&'a str>, Vec<&'a str>, i64);
+
     /// The hand-written leaf is byte for byte what rcgen writes for the same inputs (the
     /// signature aside: ECDSA signatures are randomized), for P-256 and Ed25519 keys, with and
     /// without roles and names, under the default roles OID and one with large arcs.
@@ -1084,7 +1087,7 @@ mod leaf_tests {
                 KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap(),
             ];
             let long_path = format!("spiffe://example.org/{}", "seg/".repeat(40) + "end");
-            let cases: Vec<(&str, Vec<&str>, Vec<&str>, Vec<&str>, i64)> = vec![
+            let cases: Vec<Case<'_>> = vec![
                 (
                     "spiffe://example.org/ns/a",
                     vec!["deploy", "db-read", "deploy"],
@@ -1111,9 +1114,10 @@ mod leaf_tests {
             ];
             for key in &keys {
                 for (id, roles, dns, ips, not_after) in &cases {
-                    let mut names = SanNames::default();
-                    names.dns = dns.iter().map(|d| d.to_string()).collect();
-                    names.ips = ips.iter().map(|i| i.parse().unwrap()).collect();
+                    let names = SanNames {
+                        dns: dns.iter().map(|d| d.to_string()).collect(),
+                        ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+                    };
                     let params = LeafParams {
                         spiffe_id: SpiffeId::parse(id).unwrap(),
                         roles: roles.iter().map(|r| r.to_string()).collect(),
