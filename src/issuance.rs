@@ -227,8 +227,8 @@ impl Issuance {
             Ok(r) => r,
             Err(e) => return Err(self.deny(&actor, &subject, e).await),
         };
-        let replaced = match self.check_enrollment(&record, &subject) {
-            Ok(r) => r,
+        let prior = match self.check_enrollment(&record, &subject) {
+            Ok(p) => p,
             Err(e) => return Err(self.deny(&actor, &subject, e).await),
         };
         let ceiling_ttl = Duration::from_secs(record.max_ttl);
@@ -286,24 +286,26 @@ impl Issuance {
             max_ttl: record.max_ttl,
             via: actor.clone(),
         };
-        let reason = match replaced {
-            Some(old) => format!(
+        let reason = match &prior {
+            Prior::Replaced(old) => format!(
                 "join token {}; replaces the enrollment {} with {}",
                 parsed.id,
-                describe_enrollment(&old),
+                describe_enrollment(old),
                 describe_enrollment(&enrollment)
             ),
-            None => format!("join token {}", parsed.id),
+            Prior::None | Prior::Own(_) => format!("join token {}", parsed.id),
         };
-        self.commit(
-            Kind::Issued,
-            &actor,
-            signed,
-            vec![Write::PutEnrollment(enrollment), rule.guard()],
-            reason,
-            &used,
-        )
-        .await
+        // A token redeemed again for an identity it enrolled (a multi-use token, a workload that
+        // lost its key) finds the very record it would write: writing it again would only add
+        // a sled write (and a tree) to the group commit. Enrollments are unguarded, so a
+        // replacement committed meanwhile wins either way, as if it came after this one.
+        let mut writes = Vec::with_capacity(2);
+        if !matches!(&prior, Prior::Own(old) if *old == enrollment) {
+            writes.push(Write::PutEnrollment(enrollment));
+        }
+        writes.push(rule.guard());
+        self.commit(Kind::Issued, &actor, signed, writes, reason, &used)
+            .await
     }
 
     /// Attestation: issues a certificate to the holder of a JWT an `[[attestor]]` verifies, for
@@ -779,22 +781,18 @@ impl Issuance {
         Ok(record)
     }
 
-    /// The enrollment this redemption would replace, if any (one made by another token). A
-    /// prefix token enrolls only new identities (or re-enrolls those it enrolled itself): one
+    /// The identity's stored enrollment as this redemption finds it: none, this token's own, or
+    /// one it would replace (made by another token). A prefix token enrolls only new identities (or re-enrolls those it enrolled itself): one
     /// enrolled otherwise whose enrollment still backs a renewable certificate belongs to someone
     /// else, and replacing its role ceiling takes a token naming exactly that identity.
-    fn check_enrollment(
-        &self,
-        token: &TokenRecord,
-        subject: &str,
-    ) -> Result<Option<Enrollment>, IssueError> {
+    fn check_enrollment(&self, token: &TokenRecord, subject: &str) -> Result<Prior, IssueError> {
         let Some(old) = self.store().enrollment(subject).map_err(internal)? else {
-            return Ok(None);
+            return Ok(Prior::None);
         };
-        if old.via == format!("token:{}", token.id) {
+        if old.via.strip_prefix("token:") == Some(token.id.as_str()) {
             // Enrolled by this very token before (a multi-use token, a restarted workload that
             // lost its key): the same ceiling again, nobody else's enrollment is touched.
-            return Ok(None);
+            return Ok(Prior::Own(old));
         }
         let prefix = matches!(
             IdPattern::parse(&token.spiffe_id).map_err(internal)?,
@@ -808,7 +806,7 @@ impl Issuance {
                 token.spiffe_id
             )));
         }
-        Ok(Some(old))
+        Ok(Prior::Replaced(old))
     }
 
     /// Whether `id` holds a certificate that is unexpired or still within the renewal grace.
@@ -1067,6 +1065,16 @@ impl Issuance {
         }
         err
     }
+}
+
+/// An identity's stored enrollment, as a join token's redemption finds it.
+enum Prior {
+    /// None is stored: the redemption enrolls the identity.
+    None,
+    /// This very token made it.
+    Own(Enrollment),
+    /// Another token (or `local`) made it: the redemption replaces it.
+    Replaced(Enrollment),
 }
 
 /// An identity's rule as read while an issuance was decided, for the commit's guard.

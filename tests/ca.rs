@@ -1255,3 +1255,52 @@ async fn a_source_over_its_refusal_budget_is_refused_unaudited_and_counted() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A multi-use token redeemed again for the identity it enrolled finds its own enrollment and
+/// leaves it as it is; once another token has replaced that enrollment, redeeming the first
+/// token again puts its own ceiling back (a renewal then gets exactly that ceiling's roles).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_redeemed_again_keeps_or_restores_its_own_enrollment() {
+    let ca = TestCa::start().await;
+    let dir = ca.dir.path().join("api");
+    let multi = ca.token(API, &["db-read"], 600, 5).await;
+    for _ in 0..2 {
+        let (key, resp) = ca.issue(&multi, API, 60).await.expect("issue");
+        assert_eq!(resp.roles, vec!["db-read"]);
+        common::write_response(&dir, &resp, &key);
+        let renewed = ca.renew(&dir, 60).await.expect("renews");
+        assert_eq!(renewed.roles, vec!["db-read"]);
+    }
+    // Another token for exactly this identity replaces the ceiling...
+    let wider = ca.token(API, &["db-read", "deploy"], 600, 1).await;
+    let (key, resp) = ca.issue(&wider, API, 60).await.expect("issue");
+    assert_eq!(resp.roles, vec!["db-read", "deploy"]);
+    common::write_response(&dir, &resp, &key);
+    let renewed = ca.renew(&dir, 60).await.expect("renews");
+    assert_eq!(renewed.roles, vec!["db-read", "deploy"]);
+    // ...and the first token, redeemed again, writes its own back.
+    let (key, resp) = ca.issue(&multi, API, 60).await.expect("issue");
+    assert_eq!(resp.roles, vec!["db-read"]);
+    common::write_response(&dir, &resp, &key);
+    let renewed = ca.renew(&dir, 60).await.expect("renews");
+    assert_eq!(renewed.roles, vec!["db-read"]);
+    let log = ca.audit_log().await;
+    let issued: Vec<&str> = log
+        .iter()
+        .filter(|e| e.kind == "issued" && e.subject == API)
+        .map(|e| e.reason.as_str())
+        .collect();
+    assert_eq!(issued.len(), 4, "{issued:?}");
+    assert!(!issued[1].contains("replaces"), "{}", issued[1]);
+    assert!(
+        issued[2].contains("replaces the enrollment"),
+        "{}",
+        issued[2]
+    );
+    assert!(
+        issued[3].contains("replaces the enrollment")
+            && issued[3].contains("roles [db-read,deploy]"),
+        "{}",
+        issued[3]
+    );
+}

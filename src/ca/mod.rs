@@ -10,7 +10,7 @@ mod set;
 mod svid;
 
 pub use authority::{Authority, CrlEntries, LeafParams, SignedLeaf, certs_to_pem, pem_encode};
-pub use csr::{MAX_CSR_BYTES, ValidCsr, parse_csr, parse_csr_assigned};
+pub use csr::{CsrKey, MAX_CSR_BYTES, ValidCsr, parse_csr, parse_csr_assigned};
 pub use names::{
     MAX_NAMES, NameError, SanNames, ip_from_bytes, normalize_dns, parse_ip, san_names,
 };
