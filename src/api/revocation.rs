@@ -379,6 +379,7 @@ mod tests {
                 not_before: unix_now() - 10,
                 not_after: unix_now() + 60,
             },
+            conn: None,
             relay: Box::new(|_| true),
             sent: 0,
             resync: true,
