@@ -553,9 +553,8 @@ impl Store for SledStore {
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(backend)?;
         // Durable means durable across a power cut: sled's flush wrote and `sync_file_range`d the
-        // log (on this thread, with the vendored sled: decision 80), and this makes the data, the
-        // file's length and the drive's cache stable (one fdatasync per group commit, shared by
-        // every event in the group).
+        // log, and this makes the data, the file's length and the drive's cache stable (one
+        // fdatasync per group commit, shared by every event in the group).
         self.log
             .sync_data()
             .map_err(|e| StoreError::Backend(format!("fdatasync of sled's log: {e}")))
