@@ -25,14 +25,6 @@ fn sample(name: &str) -> PathBuf {
     repo().join("tests/bench_samples").join(name)
 }
 
-fn python() -> bool {
-    common::require_tool(
-        "python3",
-        common::command_works("python3", &["--version"]),
-        "apt-get install python3",
-    )
-}
-
 /// `python3 scripts/<script> args...`.
 fn script(script: &str, args: &[&str]) -> Output {
     Command::new("python3")
@@ -76,7 +68,7 @@ fn edited(name: &str, from: &str, to: &str) -> (tempfile::TempDir, PathBuf) {
 
 #[test]
 fn revocation_figures_are_read_and_absent_ones_named() {
-    if !python() {
+    if !common::require_python3() {
         return;
     }
     let (code, v, err) = parse("revocation", &sample("revocation.txt"));
@@ -114,7 +106,7 @@ fn revocation_figures_are_read_and_absent_ones_named() {
 
 #[test]
 fn the_current_revocation_output_gives_every_figure() {
-    if !python() {
+    if !common::require_python3() {
         return;
     }
     // Captured from `scripts/bench-revocation --revocations 20000` with the paged Watch, the
@@ -132,7 +124,7 @@ fn the_current_revocation_output_gives_every_figure() {
 
 #[test]
 fn a_changed_revocation_line_is_missing_not_guessed() {
-    if !python() {
+    if !common::require_python3() {
         return;
     }
     let (_dir, path) = edited(
@@ -157,7 +149,7 @@ fn a_changed_revocation_line_is_missing_not_guessed() {
 
 #[test]
 fn fleet_table_is_read_by_column_name() {
-    if !python() {
+    if !common::require_python3() {
         return;
     }
     let (code, v, err) = parse("fleet", &sample("fleet.txt"));
@@ -191,7 +183,7 @@ fn fleet_table_is_read_by_column_name() {
 
 #[test]
 fn harness_results_take_the_median_and_refuse_failed_checks() {
-    if !python() {
+    if !common::require_python3() {
         return;
     }
     let (code, v, err) = parse("results", &sample("peers-results.jsonl"));
@@ -236,7 +228,7 @@ fn harness_results_take_the_median_and_refuse_failed_checks() {
 
 #[test]
 fn openssl_speed_multi_output_is_read() {
-    if !python() {
+    if !common::require_python3() {
         return;
     }
     let (code, v, err) = parse("speed", &sample("openssl-speed-multi.txt"));
@@ -247,7 +239,7 @@ fn openssl_speed_multi_output_is_read() {
 
 #[test]
 fn unknown_sections_are_refused() {
-    if !python() {
+    if !common::require_python3() {
         return;
     }
     let out = script("bench", &["--only", "issue,bogus"]);
@@ -259,7 +251,7 @@ fn unknown_sections_are_refused() {
 
 #[test]
 fn profile_rules_put_symbols_in_their_categories() {
-    if !python() {
+    if !common::require_python3() {
         return;
     }
     let out = script(

@@ -19,14 +19,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn python() -> bool {
-    common::require_tool(
-        "python3",
-        common::command_works("python3", &["--version"]),
-        "apt-get install python3",
-    )
-}
-
 /// A massif file with one detailed snapshot of `heap` bytes (`extra` of allocator overhead).
 fn snapshot(dir: &Path, name: &str, heap: u64, extra: u64, tree: &str) -> PathBuf {
     let path = dir.join(name);
@@ -60,7 +52,7 @@ n4: 52000 (heap allocation functions) malloc/new/new[], --alloc-fns, etc.
 
 #[test]
 fn fold_divides_the_difference_per_agent_and_the_innermost_frame_decides() {
-    if !python() {
+    if !common::require_python3() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

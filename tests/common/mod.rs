@@ -551,6 +551,15 @@ pub fn require_tool(what: &str, present: bool, install: &str) -> bool {
     false
 }
 
+/// Whether `python3` is here for the tests that run the Python scripts (see [`require_tool`]).
+pub fn require_python3() -> bool {
+    require_tool(
+        "python3",
+        command_works("python3", &["--version"]),
+        "apt-get install python3",
+    )
+}
+
 /// Whether `program args...` runs and exits 0.
 pub fn command_works(program: &str, args: &[&str]) -> bool {
     std::process::Command::new(program)
