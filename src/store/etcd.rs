@@ -474,14 +474,16 @@ impl Inner {
             .pop())
     }
 
-    /// Every key in `[key, end)` at revision `rev` (0: latest), page by page.
-    async fn range_all(
+    /// Hands every key in `[key, end)` at revision `rev` (0: latest) to `each`, page by page,
+    /// so a caller holds one page of the range at a time, not all of it (a million revocations
+    /// as key-values would be ~400 MB); returns the revision read.
+    async fn range_each(
         &self,
         key: Vec<u8>,
         end: Vec<u8>,
         mut rev: i64,
-    ) -> Result<(Vec<pb::KeyValue>, i64), StoreError> {
-        let mut out = Vec::new();
+        mut each: impl FnMut(&pb::KeyValue) -> Result<(), StoreError>,
+    ) -> Result<i64, StoreError> {
         let mut from = key;
         loop {
             let resp = self
@@ -496,33 +498,28 @@ impl Inner {
             if rev == 0 {
                 rev = resp.header.as_ref().map_or(0, |h| h.revision);
             }
-            let more = resp.more;
-            if let Some(last) = resp.kvs.last() {
-                from = last.key.clone();
-                from.push(0);
+            for kv in &resp.kvs {
+                each(kv)?;
             }
-            out.extend(resp.kvs);
-            if !more {
-                return Ok((out, rev));
-            }
+            let Some(last) = resp.kvs.last().filter(|_| resp.more) else {
+                return Ok(rev);
+            };
+            from = last.key.clone();
+            from.push(0);
         }
     }
 
     /// Rebuilds the mirror from a consistent snapshot; returns its revision.
     async fn reload(&self) -> Result<i64, StoreError> {
         let mut rev = 0;
-        let mut kvs = Vec::new();
+        let mut fresh = Mirror::default();
+        fresh.revoked.start_load();
         for coll in MIRRORED {
             let key = self.key(coll);
             let end = prefix_end(&key);
-            let (mut page, r) = self.range_all(key, end, rev).await?;
-            rev = r;
-            kvs.append(&mut page);
-        }
-        let mut fresh = Mirror::default();
-        fresh.revoked.start_load();
-        for kv in &kvs {
-            self.apply_put(&mut fresh, kv)?;
+            rev = self
+                .range_each(key, end, rev, |kv| self.apply_put(&mut fresh, kv).map(drop))
+                .await?;
         }
         fresh.revoked.finish_load();
         let head_seq = fresh.head.map_or(0, |(h, _)| h.seq);
