@@ -782,9 +782,10 @@ impl Issuance {
     }
 
     /// The identity's stored enrollment as this redemption finds it: none, this token's own, or
-    /// one it would replace (made by another token). A prefix token enrolls only new identities (or re-enrolls those it enrolled itself): one
-    /// enrolled otherwise whose enrollment still backs a renewable certificate belongs to someone
-    /// else, and replacing its role ceiling takes a token naming exactly that identity.
+    /// one it would replace (made by another token). A prefix token enrolls only new identities
+    /// (or re-enrolls those it enrolled itself): one enrolled otherwise whose enrollment still
+    /// backs a renewable certificate belongs to someone else, and replacing its role ceiling
+    /// takes a token naming exactly that identity.
     fn check_enrollment(&self, token: &TokenRecord, subject: &str) -> Result<Prior, IssueError> {
         let Some(old) = self.store().enrollment(subject).map_err(internal)? else {
             return Ok(Prior::None);

@@ -120,8 +120,8 @@ pub const KX_GROUPS: [rustls::NamedGroup; 3] = [
 /// ticket's PSK), and ring hashes SHA-256 with the CPU's SHA extensions where it has them but
 /// SHA-384 in portable code on many x86-64 CPUs (AMD among them), where it took ~17 µs of a
 /// handshake on each side (docs/performance.md, docs/design.md decision 90). AES-128 matches
-/// the 128-bit strength of X25519 and P-256; the other two suites stay accepted. The CA applies this order even to clients that prefer another
-/// ([`configure_ca_server`]).
+/// the 128-bit strength of X25519 and P-256; the other two suites stay accepted. The CA applies
+/// this order even to clients that prefer another ([`configure_ca_server`]).
 pub const TLS13_SUITES: [rustls::CipherSuite; 3] = [
     rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
     rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
