@@ -382,6 +382,39 @@ async fn a_renewed_certificate_authenticates_its_own_connection_and_no_other() {
     check(&b, &on_b.serial.to_hex()).await.unwrap();
 }
 
+/// A refused call on a connection a renewal rebound is audited as the identity the connection
+/// speaks for, also once the certificate the connection was opened with is past the renewal
+/// grace (kept agent connections outlive it by hours), not as `unauthenticated`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_on_a_rebound_connection_is_audited_as_its_identity() {
+    let ca = TestCa::start_with("renewal_grace = \"1s\"", common::POLICY).await;
+    let id = "spiffe://example.org/ns/prod/refused";
+    let dir = ca.enroll("refused", id, &[], 2).await;
+    let first = common::dir_svid(&dir).unwrap();
+    let a = ca.channel_as(&dir).await;
+    let (second, bound) = renew_over(&a, &first, 60).await;
+    assert_eq!(bound, Some(second.serial.to_hex()));
+    // Past the first certificate's expiry and its 1 s grace.
+    let wait = first.not_after + 3 - lanyard::tls::unix_now();
+    tokio::time::sleep(Duration::from_secs(wait.max(0) as u64)).await;
+    let refused = RevocationClient::new(a.clone())
+        .revoke(pb::RevokeRequest {
+            target: Some(pb::revoke_request::Target::Serial(second.serial.to_hex())),
+            reason: "not an admin".into(),
+            lift: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let log = ca.audit_log().await;
+    let denied = log
+        .iter()
+        .rev()
+        .find(|r| r.kind == "denied" && r.reason.contains("Revocation/Revoke"))
+        .expect("the refusal is audited");
+    assert_eq!(denied.actor, id, "{denied:?}");
+}
+
 /// A renewal due when the connection's certificate is already within the reopen margin (short
 /// certificates: the 30 s backdate makes the margin as long as the time left at half-life) still
 /// rides the connection in hand: opening again would present the same certificate, on every

@@ -566,6 +566,11 @@ impl ConnAuth {
         }
     }
 
+    /// The chain of the newest certificate this CA issued over the connection, if any.
+    pub fn bound_chain(&self) -> Option<Arc<[CertificateDer<'static>]>> {
+        self.lock().bound.clone()
+    }
+
     /// The newest certificate this CA issued over the connection, if any: the one that
     /// authenticates its calls, so the one a revocation must end its open streams for.
     pub fn bound_svid(&self) -> Option<SvidInfo> {

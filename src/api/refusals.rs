@@ -10,7 +10,7 @@
 //!    `FAILED_PRECONDITION`), keep the unit spent and, unless the call audits its own refusals
 //!    (`Ca.Issue`, whose denial shares the issuance's group commit), record a `denied` event
 //!    before the answer goes out: the actor is the identity the caller's certificate *proves*
-//!    (revoked or not), else `unauthenticated` with the identity the certificate merely claims
+//!    (revoked or not; on a connection a renewal rebound, the certificate bound to it), else `unauthenticated` with the identity the certificate merely claims
 //!    in the separate `claimed` field; the reason names the call;
 //! 4. on anything else, give the unit back.
 //!
@@ -30,6 +30,7 @@ use tonic::{Code, Status};
 use tracing::warn;
 
 use super::Authenticator;
+use super::auth::ConnAuth;
 use super::limit::DenialLimiter;
 use crate::audit::{AuditLog, Event, Kind, UNAUTHENTICATED};
 use crate::tls::unix_now;
@@ -87,14 +88,17 @@ pub fn is_refusal(code: Code) -> bool {
     )
 }
 
-/// The source address and presented chain of a request, from tonic's connection info.
-fn caller_of<B>(
-    req: http::Request<B>,
-) -> (
-    http::Request<B>,
-    Option<IpAddr>,
-    Option<Arc<Vec<CertificateDer<'static>>>>,
-) {
+/// What a request's caller presented: the handshake's chain and the connection's
+/// authentication state, which holds the newer certificate a renewal bound to the connection
+/// (decision 65). Kept as they come; the chain is chosen only for a refusal's event.
+struct Presented {
+    handshake: Option<Arc<Vec<CertificateDer<'static>>>>,
+    conn: Option<Arc<ConnAuth>>,
+}
+
+/// The source address and what the caller presented, from tonic's connection info and the
+/// listener's per-connection state.
+fn caller_of<B>(req: http::Request<B>) -> (http::Request<B>, Option<IpAddr>, Presented) {
     let (mut parts, body) = req.into_parts();
     let probe = tonic::Request::from_parts(
         tonic::metadata::MetadataMap::new(),
@@ -102,10 +106,13 @@ fn caller_of<B>(
         (),
     );
     let ip = probe.remote_addr().map(|a| a.ip());
-    let certs = probe.peer_certs();
+    let presented = Presented {
+        handshake: probe.peer_certs(),
+        conn: probe.extensions().get::<Arc<ConnAuth>>().cloned(),
+    };
     let (_, extensions, ()) = probe.into_parts();
     parts.extensions = extensions;
-    (http::Request::from_parts(parts, body), ip, certs)
+    (http::Request::from_parts(parts, body), ip, presented)
 }
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RefusalService<S>
@@ -133,7 +140,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         let path = req.uri().path().to_string();
-        let (req, ip, certs) = caller_of(req);
+        let (req, ip, presented) = caller_of(req);
         let reservation = match ip {
             Some(ip) => match shared.limiter.reserve(ip) {
                 Some(r) => Some(r),
@@ -156,9 +163,7 @@ where
                 (Some(status), _) => {
                     crate::metrics::ca().refused_call(status.code());
                     if !SELF_AUDITED.contains(&path.as_str()) {
-                        shared
-                            .record(&path, certs.as_deref().map(Vec::as_slice), &status)
-                            .await;
+                        shared.record(&path, &presented, &status).await;
                     }
                 }
                 (None, Some(r)) => r.release(),
@@ -171,8 +176,16 @@ where
 
 impl Shared {
     /// Writes the `denied` event of a refused call; durable before the answer goes out.
-    async fn record(&self, path: &str, certs: Option<&[CertificateDer<'static>]>, status: &Status) {
-        let certs = certs.unwrap_or_default();
+    /// The actor is whom the connection's calls speak for: the certificate a renewal bound to
+    /// it if any (the handshake's may have expired long ago on a kept connection), else the
+    /// handshake's.
+    async fn record(&self, path: &str, presented: &Presented, status: &Status) {
+        let bound = presented.conn.as_ref().and_then(|c| c.bound_chain());
+        let certs = match (&bound, &presented.handshake) {
+            (Some(chain), _) => &chain[..],
+            (None, Some(chain)) => chain.as_slice(),
+            (None, None) => &[],
+        };
         let event = match self.auth.identify(certs, unix_now()) {
             Ok(svid) => Event::new(Kind::Denied, svid.spiffe_id.as_str()),
             Err(claimed) => Event::new(Kind::Denied, UNAUTHENTICATED).claimed(claimed),
