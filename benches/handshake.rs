@@ -10,8 +10,8 @@
 //!   a CLI call): the session of the previous connection is resumed.
 //!
 //! Prints, per mode: renewals, full/resumed handshakes (from the client's `CertSlot`), the
-//! negotiated key-exchange group and cipher suite, and CPU µs per renewal for the server threads and the client
-//! threads (utime + stime from /proc, by thread name).
+//! negotiated key-exchange group and cipher suite, and CPU µs per renewal for the server threads
+//! and the client threads (utime + stime from /proc, by thread name).
 //!
 //! Knobs: `LANYARD_HS_RENEWALS` (per client, default 500), `LANYARD_HS_CLIENTS` (default 4),
 //! `LANYARD_HS_MODES` (`new-cert,same-cert`).
