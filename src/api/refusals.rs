@@ -10,8 +10,9 @@
 //!    `FAILED_PRECONDITION`), keep the unit spent and, unless the call audits its own refusals
 //!    (`Ca.Issue`, whose denial shares the issuance's group commit), record a `denied` event
 //!    before the answer goes out: the actor is the identity the caller's certificate *proves*
-//!    (revoked or not; on a connection a renewal rebound, the certificate bound to it), else `unauthenticated` with the identity the certificate merely claims
-//!    in the separate `claimed` field; the reason names the call;
+//!    (revoked or not; on a connection a renewal rebound, the certificate bound to it), else
+//!    `unauthenticated` with the identity the certificate merely claims in the separate
+//!    `claimed` field; the reason names the call;
 //! 4. on anything else, give the unit back.
 //!
 //! A refusal reaches the layer in the response head (gRPC "trailers-only"), which is how tonic
