@@ -498,17 +498,23 @@ pub struct ConnAuth {
 
 #[derive(Debug, Default)]
 struct ConnState {
-    /// The newest certificate (chain, leaf first) this CA issued over the connection; `None`:
-    /// the handshake's chain authenticates it.
-    bound: Option<Arc<[CertificateDer<'static>]>>,
+    /// The newest certificate this CA issued over the connection; `None`: the handshake's
+    /// chain authenticates it.
+    bound: Option<Bound>,
     /// Bumped by every binding, so a verification of the previous chain that finishes after
     /// a binding is not remembered as the new one's.
     epoch: u64,
     /// The last verification of the connection's chain.
     verified: Option<ConnVerified>,
-    /// What `bound` says of itself (as issued), for judging revocations against the
-    /// connection's current certificate without parsing it again (see [`ConnAuth::bound_svid`]).
-    bound_svid: Option<SvidInfo>,
+}
+
+/// A certificate bound to a connection: its chain (leaf first), and what it says of itself as
+/// issued, for judging revocations against it without parsing it again
+/// ([`ConnAuth::bound_svid`]).
+#[derive(Debug)]
+struct Bound {
+    chain: Arc<[CertificateDer<'static>]>,
+    svid: SvidInfo,
 }
 
 /// A verification of a connection's chain: "`verify_svid` succeeded on this chain against
@@ -553,7 +559,7 @@ impl ConnAuth {
                 ConnLookup::Hit(v.svid.clone())
             }
             _ => ConnLookup::Miss {
-                bound: st.bound.clone(),
+                bound: st.bound.as_ref().map(|b| b.chain.clone()),
                 epoch: st.epoch,
             },
         }
@@ -568,13 +574,13 @@ impl ConnAuth {
 
     /// The chain of the newest certificate this CA issued over the connection, if any.
     pub fn bound_chain(&self) -> Option<Arc<[CertificateDer<'static>]>> {
-        self.lock().bound.clone()
+        self.lock().bound.as_ref().map(|b| b.chain.clone())
     }
 
     /// The newest certificate this CA issued over the connection, if any: the one that
     /// authenticates its calls, so the one a revocation must end its open streams for.
     pub fn bound_svid(&self) -> Option<SvidInfo> {
-        self.lock().bound_svid.clone()
+        self.lock().bound.as_ref().map(|b| b.svid.clone())
     }
 
     fn bind(
@@ -584,8 +590,7 @@ impl ConnAuth {
         verified: Option<ConnVerified>,
     ) {
         let mut st = self.lock();
-        st.bound = Some(chain);
-        st.bound_svid = Some(svid);
+        st.bound = Some(Bound { chain, svid });
         st.epoch += 1;
         st.verified = verified;
     }
