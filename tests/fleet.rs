@@ -188,12 +188,7 @@ async fn rotations_keep_the_connection_past_the_first_certificate_and_revocation
     let revoke = |serial: String| {
         let admin = admin.clone();
         async move {
-            RevocationClient::new(admin)
-                .revoke(pb::RevokeRequest {
-                    target: Some(pb::revoke_request::Target::Serial(serial)),
-                    reason: "key compromise".into(),
-                    lift: false,
-                })
+            revoke_serial(&admin, &serial, "key compromise")
                 .await
                 .unwrap();
         }
@@ -226,6 +221,18 @@ async fn check(channel: &Channel, serial: &str) -> Result<(), tonic::Status> {
     RevocationClient::new(channel.clone())
         .check(pb::CheckRequest {
             serial: serial.to_string(),
+        })
+        .await
+        .map(drop)
+}
+
+/// `Revocation.Revoke` of `serial` over `channel`.
+async fn revoke_serial(channel: &Channel, serial: &str, reason: &str) -> Result<(), tonic::Status> {
+    RevocationClient::new(channel.clone())
+        .revoke(pb::RevokeRequest {
+            target: Some(pb::revoke_request::Target::Serial(serial.to_string())),
+            reason: reason.into(),
+            lift: false,
         })
         .await
         .map(drop)
@@ -330,12 +337,7 @@ async fn a_renewed_certificate_authenticates_its_own_connection_and_no_other() {
 
     // Revoking the certificate A speaks for refuses A's next call, renewal included; B is
     // unaffected.
-    RevocationClient::new(admin)
-        .revoke(pb::RevokeRequest {
-            target: Some(pb::revoke_request::Target::Serial(third.serial.to_hex())),
-            reason: "key compromise".into(),
-            lift: false,
-        })
+    revoke_serial(&admin, &third.serial.to_hex(), "key compromise")
         .await
         .unwrap();
     let refused = check(&a, &third.serial.to_hex()).await.unwrap_err();
@@ -397,12 +399,7 @@ async fn a_refusal_on_a_rebound_connection_is_audited_as_its_identity() {
     // Past the first certificate's expiry and its 1 s grace.
     let wait = first.not_after + 3 - lanyard::tls::unix_now();
     tokio::time::sleep(Duration::from_secs(wait.max(0) as u64)).await;
-    let refused = RevocationClient::new(a.clone())
-        .revoke(pb::RevokeRequest {
-            target: Some(pb::revoke_request::Target::Serial(second.serial.to_hex())),
-            reason: "not an admin".into(),
-            lift: false,
-        })
+    let refused = revoke_serial(&a, &second.serial.to_hex(), "not an admin")
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
