@@ -94,7 +94,7 @@ fn fifty_redemptions_over_three_replicas_have_one_winner() {
     assert_eq!((won, used), (1, 49), "{outcomes:?}");
     for s in &stores {
         eventually("use visible on every replica", || {
-            s.token("once").unwrap().unwrap().uses_left == 0
+            s.token("once").unwrap().is_some_and(|t| t.uses_left == 0)
         });
     }
 }
@@ -236,7 +236,10 @@ async fn ambiguous_failures_neither_duplicate_nor_lose() {
         matches!(stores[1].consume_token("multi", 10).unwrap(), Consume::Won(t) if t.uses_left == 3)
     );
     eventually("exactly one use spent", || {
-        stores[2].token("multi").unwrap().unwrap().uses_left == 2
+        stores[2]
+            .token("multi")
+            .unwrap()
+            .is_some_and(|t| t.uses_left == 2)
     });
     // The same for an audit append: recorded once, acknowledged.
     let log = AuditLog::start(stores[2].clone() as Arc<dyn Store>).unwrap();
@@ -559,6 +562,9 @@ fn sixty_redemptions_of_a_sixty_use_token_all_win() {
         .count();
     assert_eq!(won, 60, "{outcomes:?}");
     eventually("every use spent", || {
-        stores[1].token("fleet").unwrap().unwrap().uses_left == 0
+        stores[1]
+            .token("fleet")
+            .unwrap()
+            .is_some_and(|t| t.uses_left == 0)
     });
 }
