@@ -11,7 +11,9 @@
 //!    connection per renewal with the certificate the previous renewal returned (the handshake
 //!    and the first-call chain check included).
 //! 5. **Join-token issuance**: N clients, each with its own multi-use token, on channels without a
-//!    client certificate.
+//!    client certificate; or, with `LANYARD_BENCH_FRESH_TOKENS=1`, as the peers harness's
+//!    `lanyard-token` does: every request redeems its own single-use token for its own new
+//!    SPIFFE ID (minted, with the CSRs, before the clock).
 //!
 //! The server is the real thing: `lanyard::server::start` on 127.0.0.1:0 over a temp data dir,
 //! with TLS 1.3, sled, and the durable audit log. Clients run in the same process (their own tokio
@@ -29,6 +31,12 @@
 //! - `LANYARD_BENCH_AUDIT_WRITERS` concurrent writers in the second audit run (default 64)
 //! - `LANYARD_BENCH_CLIENT_THREADS` worker threads of the client runtime (default 2)
 //! - `LANYARD_BENCH_SHARED_TOKEN=1` all token clients share one multi-use token (hot key)
+//! - `LANYARD_BENCH_FRESH_TOKENS=1` every token request redeems a fresh single-use token for a
+//!   fresh SPIFFE ID, as the harness's `lanyard-token` does (needs `LANYARD_BENCH_REQUESTS`: the
+//!   tokens are minted before the clock)
+//! - `LANYARD_BENCH_FRESH_POOL` fresh tokens minted per client (default: the warm-up plus the
+//!   counted requests); set it to the larger run's count in both runs of a callgrind difference,
+//!   so the minting (server work too) is the same in both and cancels
 //! - `LANYARD_BENCH_LOG`       a log filter (`info`): log as `lanyard serve` does, to stderr
 //!   (redirect it to a file, as a service manager would), so the tracing cost is measured too;
 //!   unset, nothing is logged
@@ -81,6 +89,10 @@ struct Knobs {
     audit_writers: usize,
     client_threads: usize,
     shared_token: bool,
+    /// Each token request redeems its own single-use token for a new identity.
+    fresh_tokens: bool,
+    /// Fresh tokens minted per client (at least the warm-up plus the counted requests).
+    fresh_pool: usize,
     /// Requests per client per point (0: run for `secs`).
     requests: usize,
     /// Warm-up requests per client before the counted ones (with `requests`).
@@ -121,6 +133,8 @@ impl Knobs {
             audit_writers: env("LANYARD_BENCH_AUDIT_WRITERS", 64usize).max(1),
             client_threads: env("LANYARD_BENCH_CLIENT_THREADS", 2usize).max(1),
             shared_token: env("LANYARD_BENCH_SHARED_TOKEN", 0u8) != 0,
+            fresh_tokens: env("LANYARD_BENCH_FRESH_TOKENS", 0u8) != 0,
+            fresh_pool: env("LANYARD_BENCH_FRESH_POOL", 0usize),
             requests: env("LANYARD_BENCH_REQUESTS", 0usize),
             warmup_requests: env("LANYARD_BENCH_WARMUP_REQUESTS", 5usize),
             store: std::env::var("LANYARD_BENCH_STORE")
@@ -368,6 +382,9 @@ struct Client {
     channel: Channel,
     csr: Vec<u8>,
     token: String,
+    /// Fresh-token clients: one (CSR, single-use token) per request, taken in order.
+    jobs: Vec<(Vec<u8>, String)>,
+    next_job: std::sync::atomic::AtomicUsize,
     /// Renewing clients: what reconnecting as an agent does needs.
     agent: Option<AgentCredential>,
 }
@@ -438,7 +455,9 @@ fn end_to_end(k: &Knobs, server_rt: &tokio::runtime::Runtime, ceiling: f64) {
         }
     }
     if k.token {
-        let what = if k.shared_token {
+        let what = if k.fresh_tokens {
+            "a fresh single-use token and SPIFFE ID per request"
+        } else if k.shared_token {
             "one shared multi-use token"
         } else {
             "one multi-use token per client"
@@ -542,6 +561,8 @@ async fn setup(
             channel,
             csr,
             token: String::new(),
+            jobs: Vec::new(),
+            next_job: Default::default(),
             agent: Some(AgentCredential {
                 server: server.to_string(),
                 bundle: bundle.clone(),
@@ -559,6 +580,23 @@ async fn setup(
         } else {
             token(id.to_string(), u32::MAX).await
         };
+        // The harness's lanyard-token: a new identity and a single-use token for every request.
+        let mut jobs = Vec::new();
+        if k.fresh_tokens && k.token {
+            assert!(
+                k.requests > 0,
+                "LANYARD_BENCH_FRESH_TOKENS needs LANYARD_BENCH_REQUESTS"
+            );
+            for j in 0..(k.warmup_requests + k.requests).max(k.fresh_pool) {
+                let id = SpiffeId::parse(&format!("spiffe://example.org/bench/f{i}-{j}"))
+                    .expect("id");
+                let key = KeyPair::generate().expect("key");
+                jobs.push((
+                    csr_for(&id, &key).expect("csr"),
+                    token(id.to_string(), 1).await,
+                ));
+            }
+        }
         let channel = connect(
             server,
             ServerTrust::Bundle(bundle.clone()),
@@ -571,6 +609,8 @@ async fn setup(
             channel,
             csr,
             token: tok,
+            jobs,
+            next_job: Default::default(),
             agent: None,
         }));
     }
@@ -758,9 +798,18 @@ async fn one_request(
     ca: &mut CaClient<Channel>,
     reconnect: bool,
 ) -> Result<tonic::Response<pb::IssueResponse>, tonic::Status> {
+    let (csr, join_token) = if c.jobs.is_empty() {
+        (c.csr.clone(), c.token.clone())
+    } else {
+        let j = c
+            .next_job
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (csr, token) = c.jobs.get(j).expect("a fresh token per request");
+        (csr.clone(), token.clone())
+    };
     let req = pb::IssueRequest {
-        csr: c.csr.clone(),
-        join_token: c.token.clone(),
+        csr,
+        join_token,
         jwt: String::new(),
         ttl_seconds: 300,
         roles: vec![],
