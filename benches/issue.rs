@@ -588,8 +588,8 @@ async fn setup(
                 "LANYARD_BENCH_FRESH_TOKENS needs LANYARD_BENCH_REQUESTS"
             );
             for j in 0..(k.warmup_requests + k.requests).max(k.fresh_pool) {
-                let id = SpiffeId::parse(&format!("spiffe://example.org/bench/f{i}-{j}"))
-                    .expect("id");
+                let id =
+                    SpiffeId::parse(&format!("spiffe://example.org/bench/f{i}-{j}")).expect("id");
                 let key = KeyPair::generate().expect("key");
                 jobs.push((
                     csr_for(&id, &key).expect("csr"),
