@@ -418,6 +418,26 @@ impl Store for SledStore {
             .iter()
             .map(|r| (r.seq.to_be_bytes(), r.to_stored()))
             .collect();
+        // Identity-rule guards are judged here, against the in-memory index, not by a read of the
+        // rules tree inside the transaction: the index holds every rule exactly as that tree does
+        // and changes only below, under this commit lock, so it gives the same answer (guards are
+        // judged before any write of the commit), without a tree read per issuance under sled's
+        // process-wide write lock, which every request's store read waits on meanwhile.
+        let ruled: Vec<usize> = {
+            let index = self.index();
+            writes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, w)| match w {
+                    Write::Guard(Guard::IdentityRule { spiffe_id, expect })
+                        if index.rule_with(spiffe_id).map(|(r, _)| r) != expect.as_deref() =>
+                    {
+                        Some(i)
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
         // A serial entry is written in the compact form, naming its strings by the numbers the
         // index hands out; they are taken now (under the commit lock, so the index changes no
         // other way meanwhile) with one reference each, kept by the entry once committed and
@@ -467,7 +487,8 @@ impl Store for SledStore {
                 Prepared::Issued { .. } => &[T_ISSUED, T_ISSUED_IDS, T_EXPIRY],
                 Prepared::Revocation { rec, .. } if rec.identity_rule => &[T_RULES],
                 Prepared::Revocation { .. } => &[T_REVOKED],
-                Prepared::Guard(Guard::IdentityRule { .. }) => &[T_RULES],
+                // Judged against the index above.
+                Prepared::Guard(Guard::IdentityRule { .. }) => &[],
                 Prepared::Access { .. } => &[T_ACCESS, T_EXPIRY],
                 Prepared::Guard(Guard::Access { .. }) => &[T_ACCESS],
             };
@@ -497,13 +518,19 @@ impl Store for SledStore {
             }
         }
         let result = if trees.is_empty() {
-            Ok(())
+            if ruled.is_empty() {
+                Ok(())
+            } else {
+                Err(StoreError::GuardFailed {
+                    writes: ruled.clone(),
+                })
+            }
         } else {
             trees[..]
                 .transaction(|t| {
                     let tree = |i: usize| &t[at[i]];
                     // Guards first: a failed one aborts before anything is written.
-                    let mut failed = Vec::new();
+                    let mut failed = ruled.clone();
                     for (i, w) in prepared.iter().enumerate() {
                         if let Prepared::Guard(g) = w {
                             let holds = match g {
@@ -512,11 +539,8 @@ impl Store for SledStore {
                                         tx_get(tree(T_ACCESS), id.as_bytes())?;
                                     now.as_ref() == expect.as_deref()
                                 }
-                                Guard::IdentityRule { spiffe_id, expect } => {
-                                    let now: Option<RevocationRecord> =
-                                        tx_get(tree(T_RULES), spiffe_id.as_bytes())?;
-                                    now.as_ref() == expect.as_deref()
-                                }
+                                // Judged against the index before the transaction.
+                                Guard::IdentityRule { .. } => true,
                                 Guard::TokenAbsent { id } => {
                                     tree(T_TOKENS).get(id.as_bytes())?.is_none()
                                 }
