@@ -13,7 +13,10 @@
 //! CA RSS and file descriptors per connected agent (above the CA's own before any agent came),
 //! TCP connections per agent, revocation and bundle fan-out latency p50/p99 (in-process only: the
 //! time from the admin call to each agent's revocation set or trust bundle having the change),
-//! and agent memory (per in-process agent, or the RSS of each agent process).
+//! and agent memory (per in-process agent, or the RSS of each agent process). After the summary
+//! table, the CA's CPU and wake-ups per rotation by thread (tokio workers, the audit writer,
+//! sled's IO pool and flusher), and the audit group commits per rotation: where a rotation's
+//! CPU goes, without a profiler.
 //!
 //! Knobs (environment; `scripts/bench-fleet` sets them from flags):
 //! - `LANYARD_FLEET_AGENTS`  comma list of N (default `100,1000`)
@@ -74,6 +77,93 @@ fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
+/// One thread of a process: its name (`comm`), nanoseconds on a CPU (`schedstat`) and voluntary
+/// context switches (each one a sleep, so the next run on a CPU is a wake-up).
+struct ThreadStat {
+    name: String,
+    cpu_ns: u64,
+    wakes: u64,
+}
+
+/// Every thread of `pid`, by thread id.
+fn threads(pid: u32) -> std::collections::BTreeMap<u32, ThreadStat> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in dir.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+        let cpu_ns = read("schedstat")
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let wakes = read("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        out.insert(
+            tid,
+            ThreadStat {
+                name: read("comm").trim().to_string(),
+                cpu_ns,
+                wakes,
+            },
+        );
+    }
+    out
+}
+
+/// A thread's group: its name without a trailing number (`sled-io-3` → `sled-io`), so a pool
+/// of threads is one line.
+fn thread_group(name: &str) -> String {
+    name.trim_end_matches(|c: char| c.is_ascii_digit())
+        .trim_end_matches(['-', '_', ' '])
+        .to_string()
+}
+
+/// CA CPU (µs) and voluntary context switches per rotation by thread group between two
+/// [`threads`] snapshots, largest first; a thread that started in between counts from zero.
+fn per_thread(
+    before: &std::collections::BTreeMap<u32, ThreadStat>,
+    after: &std::collections::BTreeMap<u32, ThreadStat>,
+    rotations: f64,
+) -> Vec<ThreadShare> {
+    let mut groups: std::collections::BTreeMap<String, ThreadShare> = Default::default();
+    for (tid, a) in after {
+        let (cpu0, wakes0) = before.get(tid).map_or((0, 0), |b| (b.cpu_ns, b.wakes));
+        let g = groups
+            .entry(thread_group(&a.name))
+            .or_insert_with(|| ThreadShare {
+                group: thread_group(&a.name),
+                threads: 0,
+                us_per_rotation: 0.0,
+                wakes_per_rotation: 0.0,
+            });
+        g.threads += 1;
+        g.us_per_rotation += a.cpu_ns.saturating_sub(cpu0) as f64 / 1e3 / rotations;
+        g.wakes_per_rotation += a.wakes.saturating_sub(wakes0) as f64 / rotations;
+    }
+    let mut v: Vec<ThreadShare> = groups
+        .into_values()
+        .filter(|g| g.us_per_rotation >= 0.05 || g.wakes_per_rotation >= 0.005)
+        .collect();
+    v.sort_by(|a, b| b.us_per_rotation.total_cmp(&a.us_per_rotation));
+    v
+}
+
+/// One thread group's share of the CA's CPU per rotation.
+struct ThreadShare {
+    group: String,
+    threads: usize,
+    us_per_rotation: f64,
+    wakes_per_rotation: f64,
+}
+
 /// Established TCP connections to local port `port` (the CA's side of each connection).
 fn connections_to(port: u16) -> usize {
     let mut n = 0;
@@ -117,6 +207,11 @@ fn free_port() -> u16 {
 
 /// Issuances the CA counted (`lanyard_issuances_total`, all labels).
 async fn issuances(metrics: u16) -> f64 {
+    metric_sum(metrics, "lanyard_issuances_total").await
+}
+
+/// The sum of every sample of the CA's metric `name` (all labels); NaN if unreadable.
+async fn metric_sum(metrics: u16, name: &str) -> f64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", metrics)).await else {
         return f64::NAN;
@@ -127,7 +222,10 @@ async fn issuances(metrics: u16) -> f64 {
     let mut body = String::new();
     let _ = s.read_to_string(&mut body).await;
     body.lines()
-        .filter(|l| l.starts_with("lanyard_issuances_total"))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -241,6 +339,8 @@ struct Row {
     bundle: (f64, f64),
     agent_mem_mb: f64,
     ready_s: f64,
+    /// The steady window's commits and per-thread breakdown.
+    window: Steady,
 }
 
 fn main() {
@@ -299,6 +399,30 @@ fn main() {
             r.agent_mem_mb,
         );
     }
+    // Where the CA's CPU per rotation goes, by thread (after the summary table, which
+    // scripts/bench reads by its header): each thread's CPU time and its voluntary context
+    // switches (each a sleep, so a wake-up to come) per rotation, and the audit group commits
+    // per rotation (below 1 when commits carry several renewals).
+    println!(
+        "\nCA threads per rotation (CPU from /proc/<pid>/task/*/schedstat, wake-ups = voluntary context switches):"
+    );
+    println!("| N | CA thread | threads | µs/rotation | wake-ups/rotation |");
+    println!("|---:|---|---:|---:|---:|");
+    for r in &rows {
+        for t in &r.window.threads {
+            println!(
+                "| {} | {} | {} | {:.1} | {:.2} |",
+                r.n, t.group, t.threads, t.us_per_rotation, t.wakes_per_rotation
+            );
+        }
+        let (us, wakes) = r.window.threads.iter().fold((0.0, 0.0), |(u, w), t| {
+            (u + t.us_per_rotation, w + t.wakes_per_rotation)
+        });
+        println!(
+            "| {} | all (audit commits/rotation {:.2}) | | {us:.1} | {wakes:.2} |",
+            r.n, r.window.commits_per_rotation
+        );
+    }
 }
 
 fn ms_pair((a, b): (f64, f64)) -> String {
@@ -346,23 +470,57 @@ async fn token(admin: &Channel, n: usize) -> String {
         .token
 }
 
+/// What the CA did over the steady-state window.
+struct Steady {
+    /// All CA CPU over the window ÷ the renewals it counted, ms (NaN without renewals).
+    per_rotation_ms: f64,
+    /// CA CPU ÷ wall time (share of one core).
+    core_share: f64,
+    rotations: f64,
+    /// Audit group commits (one transaction and one fdatasync each) per rotation.
+    commits_per_rotation: f64,
+    /// The CA's CPU and wake-ups per rotation by thread group.
+    threads: Vec<ThreadShare>,
+}
+
 /// Measures the CA over `secs` of steady state.
-async fn steady(ca: &Ca, secs: u64) -> (f64, f64, f64) {
+async fn steady(ca: &Ca, secs: u64) -> Steady {
+    const COMMITS: &str = "lanyard_audit_group_size_count";
     let pid = ca.child.id();
-    let (c0, i0) = (cpu_secs(pid), issuances(ca.metrics).await);
+    let (c0, i0, g0) = (
+        cpu_secs(pid),
+        issuances(ca.metrics).await,
+        metric_sum(ca.metrics, COMMITS).await,
+    );
+    let t0_threads = threads(pid);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;
-    let (c1, i1) = (cpu_secs(pid), issuances(ca.metrics).await);
+    let (c1, i1, g1) = (
+        cpu_secs(pid),
+        issuances(ca.metrics).await,
+        metric_sum(ca.metrics, COMMITS).await,
+    );
+    let t1_threads = threads(pid);
     let wall = t0.elapsed().as_secs_f64();
     let rotations = i1 - i0;
     // No renewal in the window (certificates longer than twice the window): only the idle
     // cost (the share of a core) means anything; per rotation is NaN, not a made-up figure.
-    let per_rotation = if rotations >= 1.0 {
-        (c1 - c0) / rotations * 1e3
+    let (per_rotation_ms, commits_per_rotation, threads) = if rotations >= 1.0 {
+        (
+            (c1 - c0) / rotations * 1e3,
+            (g1 - g0) / rotations,
+            per_thread(&t0_threads, &t1_threads, rotations),
+        )
     } else {
-        f64::NAN
+        (f64::NAN, f64::NAN, Vec::new())
     };
-    (per_rotation, (c1 - c0) / wall, rotations)
+    Steady {
+        per_rotation_ms,
+        core_share: (c1 - c0) / wall,
+        rotations,
+        commits_per_rotation,
+        threads,
+    }
 }
 
 async fn run_in_process(n: usize, ttl: u64, secs: u64, fanout: usize) -> Row {
@@ -410,7 +568,8 @@ async fn run_in_process(n: usize, ttl: u64, secs: u64, fanout: usize) -> Row {
     // One lifetime for the fleet to spread out and every stream to settle.
     tokio::time::sleep(Duration::from_secs(ttl.min(30))).await;
     let settled = rss(pid);
-    let (cpu_per_rotation_ms, core_share, rotations) = steady(&ca, secs).await;
+    let window = steady(&ca, secs).await;
+    let rotations = window.rotations;
     // Per agent: connected and enrolled (its connection, streams, enrollment and first
     // records), before the steady window adds renewal records.
     let ca_rss_per_agent_kb = settled.saturating_sub(rss0) as f64 / 1024.0 / n as f64;
@@ -499,8 +658,8 @@ async fn run_in_process(n: usize, ttl: u64, secs: u64, fanout: usize) -> Row {
     Row {
         n,
         mode: "in-process",
-        cpu_per_rotation_ms,
-        core_share,
+        cpu_per_rotation_ms: window.per_rotation_ms,
+        core_share: window.core_share,
         rotations,
         ca_rss_per_agent_kb,
         ca_rss_per_rotation_kb,
@@ -510,6 +669,7 @@ async fn run_in_process(n: usize, ttl: u64, secs: u64, fanout: usize) -> Row {
         bundle: (pct(&mut bundle_lat, 0.5), pct(&mut bundle_lat, 0.99)),
         agent_mem_mb,
         ready_s,
+        window,
     }
 }
 
@@ -571,7 +731,8 @@ async fn run_processes(n: usize, ttl: u64, secs: u64) -> Row {
     let ready_s = t.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(ttl.min(30))).await;
     let settled = rss(pid);
-    let (cpu_per_rotation_ms, core_share, rotations) = steady(&ca, secs).await;
+    let window = steady(&ca, secs).await;
+    let rotations = window.rotations;
     // Per agent: connected and enrolled (its connection, streams, enrollment and first
     // records), before the steady window adds renewal records.
     let ca_rss_per_agent_kb = settled.saturating_sub(rss0) as f64 / 1024.0 / n as f64;
@@ -587,8 +748,8 @@ async fn run_processes(n: usize, ttl: u64, secs: u64) -> Row {
     Row {
         n,
         mode: "processes",
-        cpu_per_rotation_ms,
-        core_share,
+        cpu_per_rotation_ms: window.per_rotation_ms,
+        core_share: window.core_share,
         rotations,
         ca_rss_per_agent_kb,
         ca_rss_per_rotation_kb,
@@ -598,6 +759,7 @@ async fn run_processes(n: usize, ttl: u64, secs: u64) -> Row {
         bundle: (f64::NAN, f64::NAN),
         agent_mem_mb,
         ready_s,
+        window,
     }
 }
 
