@@ -86,6 +86,11 @@ pub struct SledStore {
     next_seq: Mutex<Option<u64>>,
     /// Enrollments recently read or written (see [`EnrollmentCache`]).
     enrollment_cache: Mutex<EnrollmentCache>,
+    /// The group being written without a transaction (see [`JOURNAL_TREE`]).
+    journal: sled::Tree,
+    /// Set when a journaled group could not be written to the end: what is in the trees is then
+    /// uncertain until the journal is replayed at the next open, so every later commit fails.
+    journal_stuck: std::sync::atomic::AtomicBool,
 }
 
 /// The enrollments a renewal looks up, kept in memory so that lookup does not take sled's
@@ -146,6 +151,7 @@ impl SledStore {
     fn open_with(dir: &Path, compact_min: u64) -> Result<Self, StoreError> {
         recover_compaction(dir)?;
         let db = open_db(dir)?;
+        replay_journal(&db)?;
         // One pass over the revocations both loads the index and counts their bytes, which
         // are most of a large store's live data (the compaction decision needs that sum).
         let (index, revocation_bytes) = load_index(&db)?;
@@ -164,6 +170,7 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name).map_err(backend);
         let store = Self {
             audit: tree("audit")?,
+            journal: tree(JOURNAL_TREE)?,
             tokens: tree("tokens")?,
             enrollments: tree("enrollments")?,
             issued: tree("issued")?,
@@ -183,6 +190,7 @@ impl SledStore {
             db,
             next_seq: Mutex::new(None),
             enrollment_cache: Mutex::default(),
+            journal_stuck: std::sync::atomic::AtomicBool::new(false),
         };
         // Strings no entry names (a crash between a prune's two batches) go now.
         {
@@ -205,6 +213,29 @@ impl SledStore {
             batch.remove(&id.to_be_bytes());
         }
         self.strings.apply_batch(batch).map_err(backend)
+    }
+
+    /// Writes one group's puts as [`JOURNAL_TREE`] describes: the journal entry (one atomic
+    /// insert), the puts, then the entry's removal. Called under the commit lock.
+    fn write_journaled(
+        &self,
+        trees: &[&sled::Tree; TREES],
+        puts: &[Put<'_>],
+    ) -> Result<(), StoreError> {
+        self.journal
+            .insert(JOURNAL_KEY, encode_journal(puts))
+            .map_err(backend)?;
+        // From here on the group is written: a crash leaves the entry for the next open.
+        let applied = puts
+            .iter()
+            .try_for_each(|(t, k, v)| trees[*t].insert(*k, *v).map(drop))
+            .and_then(|()| self.journal.remove(JOURNAL_KEY).map(drop));
+        if let Err(e) = applied {
+            self.journal_stuck
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            return Err(backend(e));
+        }
+        Ok(())
     }
 
     fn enrollment_cache(&self) -> std::sync::MutexGuard<'_, EnrollmentCache> {
@@ -582,7 +613,52 @@ impl Store for SledStore {
                 trees.push(tree);
             }
         }
-        let result = if trees.is_empty() {
+        // A group of issuances (audit records with the enrollment and issued-certificate writes
+        // they describe, identity-rule guards judged above, nothing else) is written without a
+        // transaction; see [`JOURNAL_TREE`].
+        let journaled = !trees.is_empty()
+            && prepared.iter().all(|w| {
+                matches!(
+                    w,
+                    Prepared::Enrollment { .. }
+                        | Prepared::Issued { .. }
+                        | Prepared::Guard(Guard::IdentityRule { .. })
+                )
+            });
+        if self.journal_stuck.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Backend(
+                "an earlier group commit was interrupted by a storage error; restart the CA to \
+                 finish it from the store's journal"
+                    .into(),
+            ));
+        }
+        let result = if journaled && !ruled.is_empty() {
+            Err(StoreError::GuardFailed {
+                writes: ruled.clone(),
+            })
+        } else if journaled {
+            let mut puts: Vec<Put<'_>> = Vec::new();
+            for (k, v) in &audit {
+                puts.push((T_AUDIT, k, v));
+            }
+            for w in &prepared {
+                match w {
+                    Prepared::Enrollment { key, value } => puts.push((T_ENROLL, key, value)),
+                    Prepared::Issued {
+                        key,
+                        value,
+                        id_key,
+                        expiry_key,
+                    } => {
+                        puts.push((T_ISSUED, key, value));
+                        puts.push((T_ISSUED_IDS, id_key, &[]));
+                        puts.push((T_EXPIRY, expiry_key, &[]));
+                    }
+                    _ => {}
+                }
+            }
+            self.write_journaled(&all, &puts)
+        } else if trees.is_empty() {
             if ruled.is_empty() {
                 Ok(())
             } else {
@@ -1061,6 +1137,112 @@ fn get<T: Stored>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>, StoreError
 
 /// The tree of the strings compact serial entries name by number.
 const STRINGS_TREE: &str = "revocation_strings";
+
+/// The tree that makes a group of issuances atomic without a sled transaction.
+///
+/// A sled transaction costs two log writes of its own (`pin_log` seals a buffer for the batch
+/// manifest, and the manifest's completion hands it to the IO pool), and every log write wakes
+/// all seven of sled's IO threads (decision 80): most of the CA's CPU per rotation in a fleet
+/// (decision 102). A single insert is atomic in sled and ordered in its log. So a group whose
+/// writes are only puts (audit records, enrollments, issued certificates: every renewal and
+/// join-token issuance) is written as: one insert of all its puts, encoded, under
+/// [`JOURNAL_KEY`]; the puts themselves; the removal of that entry. sled recovers a prefix of
+/// its log, so after a crash either the entry is absent and so are all of the group's puts, or
+/// it is present and [`replay_journal`] applies the puts again at open (they are whole values,
+/// so writing one twice is harmless). A put that a crash undoes this way was not acknowledged:
+/// the group is answered only after the flush that follows its commit. Groups with anything
+/// else (revocations, tokens, access records, guards read from the trees) keep the
+/// transaction.
+const JOURNAL_TREE: &str = "journal";
+
+/// One put of a journaled group: the tree's `T_*` position, the key, the value.
+type Put<'a> = (usize, &'a [u8], &'a [u8]);
+
+/// The one journal entry (commits are serialized, so there is never more than one group).
+const JOURNAL_KEY: &[u8] = b"group";
+
+/// The tree names in the order of the `T_*` positions, for [`replay_journal`].
+const TREE_NAMES: [&str; TREES] = [
+    "audit",
+    "tokens",
+    "enrollments",
+    "issued",
+    "issued_ids",
+    "revoked",
+    "identity_rules",
+    "access",
+    "expiry",
+    STRINGS_TREE,
+];
+
+/// A journal entry: per put, the tree's position (1 byte), the key's and the value's lengths
+/// (4 bytes each, big-endian) and the bytes.
+fn encode_journal(puts: &[Put<'_>]) -> Vec<u8> {
+    let len = puts.iter().map(|(_, k, v)| 9 + k.len() + v.len()).sum();
+    let mut out = Vec::with_capacity(len);
+    for (t, k, v) in puts {
+        out.push(*t as u8);
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        out.extend_from_slice(k);
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+/// The puts of a journal entry; an entry that does not decode is an error (the store is
+/// corrupt), never a partial replay.
+fn decode_journal(raw: &[u8]) -> Result<Vec<Put<'_>>, StoreError> {
+    let corrupt = |why: &str| StoreError::Decode {
+        key: "journal/group".into(),
+        reason: why.into(),
+    };
+    let mut puts = Vec::new();
+    let mut rest = raw;
+    while !rest.is_empty() {
+        if rest.len() < 9 {
+            return Err(corrupt("truncated put header"));
+        }
+        let t = usize::from(rest[0]);
+        let klen = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let vlen = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) as usize;
+        rest = &rest[9..];
+        if t >= TREES {
+            return Err(corrupt("unknown tree"));
+        }
+        if rest.len() < klen.saturating_add(vlen) {
+            return Err(corrupt("truncated put"));
+        }
+        let (k, tail) = rest.split_at(klen);
+        let (v, tail) = tail.split_at(vlen);
+        puts.push((t, k, v));
+        rest = tail;
+    }
+    Ok(puts)
+}
+
+/// Finishes a group a crash interrupted (see [`JOURNAL_TREE`]): applies its puts again,
+/// removes the entry and flushes, before anything reads the trees.
+fn replay_journal(db: &sled::Db) -> Result<(), StoreError> {
+    let journal = db.open_tree(JOURNAL_TREE).map_err(backend)?;
+    let Some(raw) = journal.get(JOURNAL_KEY).map_err(backend)? else {
+        return Ok(());
+    };
+    let puts = decode_journal(&raw)?;
+    for (t, k, v) in &puts {
+        db.open_tree(TREE_NAMES[*t])
+            .map_err(backend)?
+            .insert(*k, *v)
+            .map_err(backend)?;
+    }
+    journal.remove(JOURNAL_KEY).map_err(backend)?;
+    db.flush().map_err(backend)?;
+    info!(
+        puts = puts.len(),
+        "finished a group commit a crash interrupted"
+    );
+    Ok(())
+}
 
 /// The trees [`load_index`] reads (the strings first).
 const REVOCATION_TREES: [&[u8]; 3] = [STRINGS_TREE.as_bytes(), b"revoked", b"identity_rules"];
@@ -1561,6 +1743,136 @@ mod tests {
             cache.put(&enrollment(&format!("spiffe://example.org/w{i}"), &["w"]));
         }
         assert_eq!(cache.map.len(), EnrollmentCache::CAPACITY);
+    }
+
+    fn issued_rec(id: &str, serial: &str) -> IssuedRecord {
+        IssuedRecord {
+            v: RECORD_VERSION,
+            spiffe_id: id.into(),
+            serial: serial.into(),
+            roles: vec!["web".into()],
+            not_after: 500,
+        }
+    }
+
+    /// An issuance group goes through the journal: everything is written and the entry is
+    /// gone when the commit returns; a group with anything else keeps the transaction (and
+    /// writes no journal entry either).
+    #[test]
+    fn an_issuance_group_is_journaled_and_leaves_no_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let id = "spiffe://example.org/web";
+        let writes = [
+            Write::PutEnrollment(enrollment(id, &["web"])),
+            Write::PutIssued(issued_rec(id, "0a"), 900),
+            Write::Guard(Guard::IdentityRule {
+                spiffe_id: id.into(),
+                expect: None,
+            }),
+        ];
+        store.commit(&[audit_rec(1)], &writes).unwrap();
+        assert!(store.journal.is_empty());
+        assert_eq!(store.read_audit(1, 10).unwrap().len(), 1);
+        assert_eq!(store.issued("0a").unwrap(), Some(issued_rec(id, "0a")));
+        assert_eq!(store.issued_for(id).unwrap().len(), 1);
+        assert_eq!(store.enrollment(id).unwrap().unwrap().roles, ["web"]);
+        // A failed identity-rule guard writes nothing, journaled or not.
+        let rule = RevocationRecord {
+            identity_rule: true,
+            spiffe_id: id.into(),
+            ..revocation("", 2, 900)
+        };
+        store
+            .commit(&[audit_rec(2)], &[Write::PutRevocation(rule)])
+            .unwrap();
+        let refused = store.commit(
+            &[audit_rec(3)],
+            &[
+                Write::PutIssued(issued_rec(id, "0b"), 900),
+                Write::Guard(Guard::IdentityRule {
+                    spiffe_id: id.into(),
+                    expect: None,
+                }),
+            ],
+        );
+        assert!(matches!(refused, Err(StoreError::GuardFailed { .. })));
+        assert_eq!(store.issued("0b").unwrap(), None);
+        assert_eq!(store.audit_head().unwrap().unwrap().0, 2);
+        assert!(store.journal.is_empty());
+        // The prune deletes what a journaled group indexed for expiry.
+        assert!(store.prune(1_000).unwrap() >= 1);
+        assert_eq!(store.issued("0a").unwrap(), None);
+    }
+
+    /// A crash between a journaled group's entry and the end of its puts: the next open
+    /// applies the group from the entry, so the store holds all of it (never a part).
+    #[test]
+    fn a_journaled_group_a_crash_interrupted_is_finished_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "spiffe://example.org/web";
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.commit(&[audit_rec(1)], &[]).unwrap();
+            store.flush().unwrap();
+        }
+        let (rec, issued, enrolled) = (
+            audit_rec(2),
+            issued_rec(id, "0c"),
+            enrollment(id, &["web", "db"]),
+        );
+        {
+            // What `write_journaled` leaves when the process dies right after the entry and
+            // one of its puts.
+            let db = open_db(dir.path()).unwrap();
+            let mut id_key = issued_prefix(id);
+            id_key.extend_from_slice(b"0c");
+            let expiry = expiry_key(900, Coll::Issued, b"0c");
+            let (seq, audit, issued_v, enrolled_v) = (
+                2u64.to_be_bytes(),
+                rec.to_stored(),
+                issued.to_stored(),
+                enrolled.to_stored(),
+            );
+            let puts: Vec<Put<'_>> = vec![
+                (T_AUDIT, &seq, &audit),
+                (T_ENROLL, id.as_bytes(), &enrolled_v),
+                (T_ISSUED, b"0c", &issued_v),
+                (T_ISSUED_IDS, &id_key, &[]),
+                (T_EXPIRY, &expiry, &[]),
+            ];
+            let journal = db.open_tree(JOURNAL_TREE).unwrap();
+            journal.insert(JOURNAL_KEY, encode_journal(&puts)).unwrap();
+            db.open_tree("audit").unwrap().insert(seq, audit).unwrap();
+            db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert!(store.journal.is_empty());
+        assert_eq!(store.audit_head().unwrap().unwrap().0, 2);
+        assert_eq!(store.issued("0c").unwrap(), Some(issued));
+        assert_eq!(store.issued_for(id).unwrap().len(), 1);
+        assert_eq!(store.enrollment(id).unwrap(), Some(enrolled));
+        // The chain goes on from the finished group.
+        store.commit(&[audit_rec(3)], &[]).unwrap();
+        assert_eq!(store.prune(1_000).unwrap(), 1);
+    }
+
+    /// A journal entry that does not decode is refused, not half applied.
+    #[test]
+    fn a_corrupt_journal_entry_is_an_error() {
+        let good = encode_journal(&[(T_AUDIT, b"k", b"value")]);
+        assert_eq!(
+            decode_journal(&good).unwrap(),
+            vec![(T_AUDIT, &b"k"[..], &b"value"[..])]
+        );
+        assert!(decode_journal(&good[..good.len() - 1]).is_err());
+        assert!(decode_journal(&good[..5]).is_err());
+        let mut bad_tree = good.clone();
+        bad_tree[0] = TREES as u8;
+        assert!(decode_journal(&bad_tree).is_err());
+        let mut huge = good;
+        huge[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_journal(&huge).is_err());
     }
 
     #[test]
