@@ -23,8 +23,11 @@ use tracing::{debug, error, warn};
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
+use tonic::transport::Channel;
+
 use super::link::CaLink;
 use super::timing::{Backoff, refresh_in};
+use crate::codec::MAX_CRL_RESPONSE;
 use crate::pb::v1::{self as pb, revocation_client::RevocationClient};
 use crate::tls::{RevocationSet, unix_now};
 
@@ -209,7 +212,7 @@ impl Fetcher {
             .await
             .map_err(|_| CrlError::Call("connecting to the CA timed out".into()))?
             .map_err(|e| CrlError::Call(e.to_string()))?;
-        let mut client = RevocationClient::new(channel);
+        let mut client = crl_client(channel);
         let call = client.get_crl(pb::GetCrlRequest {});
         let answer = match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(r)) => r.into_inner(),
@@ -231,6 +234,12 @@ impl Fetcher {
         let until = next_update(&crls)?;
         Ok((crls, until))
     }
+}
+
+/// A `Revocation` client that takes a CRL of any size the CA may hold ([`MAX_CRL_RESPONSE`];
+/// tonic's default 4 MiB refused the CRL of a CA with more than ~110,000 revocations).
+pub(crate) fn crl_client(channel: Channel) -> RevocationClient<Channel> {
+    RevocationClient::new(channel).max_decoding_message_size(MAX_CRL_RESPONSE)
 }
 
 fn jitter() -> f64 {
