@@ -563,7 +563,7 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
         let kek = tmp.path().join("kek");
         lanyard::ca::Kek::generate(&kek)?;
         toml += &format!(
-            "store = \"{}\"\netcd_prefix = \"bench/\"\nkek_file = \"{}\"\n",
+            "store = \"{}\"\netcd_prefix = \"/bench/\"\nkek_file = \"{}\"\n",
             e.url(),
             kek.display()
         );
@@ -578,7 +578,7 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
     let store: Arc<dyn Store> = match etcd {
         None => Arc::new(SledStore::open(&data.join("store"))?),
         Some(e) => Arc::new(lanyard::store::EtcdStore::open(
-            lanyard::store::EtcdConfig::parse(&e.url(), "bench/")?,
+            lanyard::store::EtcdConfig::parse(&e.url(), "/bench/")?,
         )?),
     };
     let t = Instant::now();
@@ -605,10 +605,16 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
     drop(store);
 
     // The measured start.
+    let etcd_cpu = etcd.map(|e| cpu(e.child.id()));
     let (serve, took) = Serve::start(&config, &data, tmp.path()).await?;
     println!(
-        "   CA start (process spawned until it listens: store opened, index loaded) {}; CA {}",
+        "   CA start (process spawned until it listens: store opened, index loaded) {}; CA CPU {:.2}s{}; CA {}",
         secs(took),
+        cpu(serve.pid()),
+        etcd_cpu.map_or(String::new(), |c0| format!(
+            ", etcd CPU {:.2}s",
+            etcd.map_or(0.0, |e| cpu(e.child.id())) - c0
+        )),
         serve.rss()
     );
     let oid = RolesOid::default();
