@@ -56,7 +56,7 @@ const PAGE: i64 = 256;
 /// Keys per page of a mirror load: mirrored values are a few hundred bytes (a page of a
 /// million revocations' is ~430 KB), and fewer, larger pages cost etcd less per key.
 const LOAD_PAGE: i64 = 1024;
-/// A range holding more keys than this is read in halves (see `Inner::range_each`).
+/// A range holding more keys than this is read in parts (see `Inner::range_each`).
 const SPLIT_ABOVE: usize = 4 * LOAD_PAGE as usize;
 /// Largest response the client accepts; pages stay far below it.
 const MAX_RESPONSE: usize = 16 << 20;
@@ -486,9 +486,10 @@ impl Inner {
     /// etcd 3.4 walks its whole index from a range's start to its end for every request, a
     /// limit or not (it counts the range), so paging a range from its start made a load
     /// quadratic: 300,000 revocations took 50 s to load, a million ~9 minutes. A range found
-    /// to hold many more keys than a page is therefore halved, by key (see [`midpoint`]), until
-    /// each part is a few pages: every request then walks a bounded part of the index, and the
-    /// load is O(n log n) in index steps, still in key order and at one revision.
+    /// to hold many more keys than a page is therefore cut by key into parts of about
+    /// [`SPLIT_ABOVE`] keys each, were the keys even (see [`split_points`]), and a part still
+    /// too large is cut again: every request then walks a bounded part of the index, the load
+    /// is O(n log n) in index steps, and it stays in key order at one revision.
     async fn range_each(
         &self,
         key: Vec<u8>,
@@ -523,14 +524,18 @@ impl Inner {
             let left = usize::try_from(resp.count)
                 .unwrap_or(0)
                 .saturating_sub(resp.kvs.len());
-            if left > SPLIT_ABOVE
-                && let Some(mid) = midpoint(&next, &end)
-            {
-                todo.push((mid.clone(), end));
-                todo.push((next, mid));
+            let points = if left > SPLIT_ABOVE {
+                split_points(&next, &end, (left / SPLIT_ABOVE + 1).min(256))
             } else {
-                todo.push((next, end));
+                Vec::new()
+            };
+            // Pushed last part first: the parts are read in key order.
+            let mut upper = end;
+            for p in points.into_iter().rev() {
+                todo.push((p.clone(), upper));
+                upper = p;
             }
+            todo.push((next, upper));
         }
         Ok(rev)
     }
@@ -1666,32 +1671,33 @@ fn range_op(key: Vec<u8>) -> pb::RequestOp {
 }
 
 /// The smallest key after every key starting with `prefix`.
-/// A key strictly between `a` and `b` (`a < b`) about halfway, reading both as base-256
-/// fractions; `None` when there is none worth splitting at.
-fn midpoint(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
-    let n = a.len().max(b.len()) + 1;
-    let at = |x: &[u8], i: usize| u16::from(x.get(i).copied().unwrap_or(0));
-    // a + b, one byte wider for the carry...
-    let mut sum = vec![0u8; n + 1];
-    let mut carry = 0u16;
-    for i in (0..n).rev() {
-        let t = at(a, i) + at(b, i) + carry;
-        sum[i + 1] = (t & 0xff) as u8;
-        carry = t >> 8;
+/// Up to `k - 1` keys strictly between `a` and `b` (`a < b`), ascending and about evenly
+/// spaced, reading the 15 bytes after their common prefix as a base-256 fraction; none when the
+/// two are too close to split.
+fn split_points(a: &[u8], b: &[u8], k: usize) -> Vec<Vec<u8>> {
+    let common = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let fraction = |x: &[u8]| {
+        (0..15).fold(0u128, |v, i| {
+            (v << 8) | u128::from(x.get(common + i).copied().unwrap_or(0))
+        })
+    };
+    let (from, to) = (fraction(a), fraction(b));
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    if to <= from || k < 2 {
+        return out;
     }
-    sum[0] = carry as u8;
-    // ... halved.
-    let mut mid = vec![0u8; n];
-    let mut rem = u16::from(sum[0]);
-    for (i, m) in mid.iter_mut().enumerate() {
-        let cur = (rem << 8) | u16::from(sum[i + 1]);
-        *m = (cur >> 1) as u8;
-        rem = cur & 1;
+    let step = (to - from) / k as u128;
+    for i in 1..k as u128 {
+        let mut key = a[..common].to_vec();
+        key.extend_from_slice(&(from + step * i).to_be_bytes()[1..]);
+        while key.len() > common && key.last() == Some(&0) {
+            key.pop();
+        }
+        if key.as_slice() > a && key.as_slice() < b && out.last().is_none_or(|l| *l < key) {
+            out.push(key);
+        }
     }
-    while mid.last() == Some(&0) {
-        mid.pop();
-    }
-    (a < mid.as_slice() && mid.as_slice() < b).then_some(mid)
+    out
 }
 
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
@@ -1762,17 +1768,21 @@ mod tests {
     }
 
     #[test]
-    fn a_midpoint_lies_strictly_between() {
-        // A whole collection: the middle is under its prefix, halfway through the next byte.
-        let mid = midpoint(b"/p/revoked/", &prefix_end(b"/p/revoked/")).unwrap();
-        assert_eq!(mid, b"/p/revoked/\x80");
-        assert_eq!(midpoint(b"a", b"c").unwrap(), b"b");
-        // Adjacent keys have none.
-        assert_eq!(midpoint(b"a", b"a\0"), None);
-        assert_eq!(midpoint(b"b", b"a"), None);
+    fn split_points_lie_strictly_between_in_order() {
+        // A whole collection, in halves: the cut is under its prefix, halfway through the byte.
+        let end = prefix_end(b"/p/revoked/");
+        assert_eq!(
+            split_points(b"/p/revoked/", &end, 2),
+            vec![b"/p/revoked/\x80".to_vec()]
+        );
+        assert_eq!(split_points(b"a", b"c", 2), vec![b"b".to_vec()]);
+        assert_eq!(split_points(b"/p/revoked/", &end, 256).len(), 255);
+        // Adjacent keys have none between them.
+        assert!(split_points(b"a", b"a\0", 4).is_empty());
+        assert!(split_points(b"b", b"a", 4).is_empty());
         let mut rng = rand::rng();
         for _ in 0..10_000 {
-            let len = |r: &mut rand::rngs::ThreadRng| rand::Rng::random_range(r, 0..6);
+            let len = |r: &mut rand::rngs::ThreadRng| rand::Rng::random_range(r, 0..20);
             let a: Vec<u8> = (0..len(&mut rng))
                 .map(|_| rand::random::<u8>() % 4)
                 .collect();
@@ -1780,8 +1790,16 @@ mod tests {
                 .map(|_| rand::random::<u8>() % 4)
                 .collect();
             let (a, b) = if a < b { (a, b) } else { (b, a) };
-            if let Some(m) = midpoint(&a, &b) {
-                assert!(a < m && m < b, "{a:?} < {m:?} < {b:?}");
+            if a == b {
+                continue;
+            }
+            let k = rand::Rng::random_range(&mut rng, 2..300);
+            let points = split_points(&a, &b, k);
+            assert!(points.len() < k);
+            let mut prev = a.clone();
+            for p in points.iter().chain([&b]) {
+                assert!(prev < *p, "{a:?} .. {points:?} .. {b:?}");
+                prev = p.clone();
             }
         }
     }
