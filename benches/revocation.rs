@@ -769,7 +769,101 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
         cpu(serve.pid()) - cpu0,
         serve.rss()
     );
+    if etcd.is_none() && knob("LANYARD_BENCH_AGENT", 1u8)? != 0 {
+        agent_run(&serve, connect(true).await?, tmp.path(), n).await?;
+    }
     serve.stop()?;
+    Ok(())
+}
+
+/// A real `lanyard agent` against the CA holding `n` revocations: how long until it holds a
+/// certificate and has written the whole CRL to `crl.pem`, and what it costs (its revocation
+/// watch from 0 and its CRL follower both run at start).
+async fn agent_run(
+    serve: &Serve,
+    admin: tonic::transport::Channel,
+    dir: &Path,
+    n: usize,
+) -> Result<(), Box<dyn Error>> {
+    use lanyard::pb::v1::{self as pb, admin_client::AdminClient};
+    let token = AdminClient::new(admin)
+        .create_join_token(pb::CreateJoinTokenRequest {
+            spiffe_id: "spiffe://example.org/bench/agent".into(),
+            roles: vec![],
+            max_ttl_seconds: 600,
+            expires_in_seconds: 3600,
+            uses: 1,
+        })
+        .await?
+        .into_inner()
+        .token;
+    let out = dir.join("agent");
+    let log = std::fs::File::create(dir.join("agent.log"))?;
+    let t = Instant::now();
+    let mut agent = Serve {
+        child: Some(
+            std::process::Command::new(env!("CARGO_BIN_EXE_lanyard"))
+                .args(["agent", "--server", &serve.addr, "--token", &token, "--out"])
+                .arg(&out)
+                .env("LANYARD_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()?,
+        ),
+        addr: String::new(),
+    };
+    // The PEM of a CRL listing all `n` entries is over 36 bytes each.
+    let (mut cert_at, mut crl_at) = (None, None);
+    while crl_at.is_none() && t.elapsed() < Duration::from_secs(180) {
+        if cert_at.is_none() && out.join("cert.pem").exists() {
+            cert_at = Some(t.elapsed());
+        }
+        if std::fs::metadata(out.join("crl.pem")).is_ok_and(|m| m.len() > 36 * n as u64) {
+            crl_at = Some(t.elapsed());
+        }
+        if agent
+            .child
+            .as_mut()
+            .map(|c| c.try_wait())
+            .transpose()?
+            .flatten()
+            .is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let when = |d: Option<Duration>| d.map_or("not within 180 s".to_string(), secs);
+    println!(
+        "   lanyard agent from a join token: certificate after {}, the whole CRL in crl.pem ({}) after {}; agent CPU {:.2}s, {}",
+        when(cert_at),
+        mib(std::fs::metadata(out.join("crl.pem")).map_or(0, |m| m.len())),
+        when(crl_at),
+        cpu(agent.pid()),
+        agent.rss()
+    );
+    // Then until it is idle (its revocation watch caught up, its CRL follower settled): CPU and
+    // memory every 5 s, for at most a minute.
+    let mut last = cpu(agent.pid());
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = cpu(agent.pid());
+        println!(
+            "   ... after {}: agent CPU {now:.2}s, {}",
+            secs(t.elapsed()),
+            agent.rss()
+        );
+        if now - last < 0.05 {
+            break;
+        }
+        last = now;
+    }
+    if crl_at.is_none() {
+        println!(
+            "   agent log: {}",
+            std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+        );
+    }
     Ok(())
 }
 
