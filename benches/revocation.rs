@@ -663,6 +663,63 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
     }
     println!("   CA after the watches: {}", serve.rss());
 
+    // The same through a proxy that adds a round trip (no bandwidth limit): what HTTP/2 flow
+    // control lets through when the client's window, not the CA or the link, is the limit.
+    let rtt = Duration::from_millis(knob("LANYARD_BENCH_RTT_MS", 10u64)?);
+    if !rtt.is_zero() {
+        let far = delay_proxy(serve.addr.clone(), rtt / 2).await?;
+        let far_channel = |identity: bool| {
+            lanyard::client::connect(
+                &far,
+                lanyard::tls::ServerTrust::Bundle(admin.bundle.clone()),
+                if identity { admin.slot().ok() } else { None },
+                oid.clone(),
+            )
+        };
+        let t = Instant::now();
+        let mut stream = RevocationClient::new(far_channel(true).await?)
+            .watch(pb::WatchRequest { since: 0 })
+            .await?
+            .into_inner();
+        let (mut got, mut bytes) = (0usize, 0usize);
+        let limit = Duration::from_secs(60);
+        while got < n && t.elapsed() < limit {
+            match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+                Ok(Ok(Some(e))) => {
+                    got += 1;
+                    bytes += prost::Message::encoded_len(&e);
+                }
+                _ => break,
+            }
+        }
+        let took = t.elapsed();
+        println!(
+            "   Watch{{since: 0}} over a {} ms round trip: {got} of {n} entries in {} ({:.1} MiB/s of messages)",
+            rtt.as_millis(),
+            secs(took),
+            bytes as f64 / took.as_secs_f64() / (1024.0 * 1024.0)
+        );
+        drop(stream);
+        let t = Instant::now();
+        let answer = tokio::time::timeout(
+            limit,
+            RevocationClient::new(far_channel(false).await?)
+                .max_decoding_message_size(lanyard::codec::MAX_CRL_RESPONSE)
+                .get_crl(pb::GetCrlRequest {}),
+        )
+        .await;
+        println!(
+            "   GetCrl over a {} ms round trip: {} in {}",
+            rtt.as_millis(),
+            match answer {
+                Ok(Ok(r)) => format!("{} bytes", r.into_inner().der.len()),
+                Ok(Err(s)) => format!("failed ({:?})", s.code()),
+                Err(_) => "not done".into(),
+            },
+            secs(t.elapsed())
+        );
+    }
+
     // Check, one call at a time on a kept connection: half revoked serials, half never seen.
     let channel = connect(true).await?;
     let mut client = RevocationClient::new(channel);
@@ -865,6 +922,55 @@ async fn agent_run(
         );
     }
     Ok(())
+}
+
+/// A TCP proxy on loopback to `target` that holds every chunk `delay` in each direction: a
+/// round trip of twice that, with no bandwidth limit. Returns its address.
+async fn delay_proxy(target: String, delay: Duration) -> Result<String, Box<dyn Error>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                continue;
+            };
+            let _ = (client.set_nodelay(true), server.set_nodelay(true));
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(delayed_pipe(cr, sw, delay));
+            tokio::spawn(delayed_pipe(sr, cw, delay));
+        }
+    });
+    Ok(addr)
+}
+
+/// Copies `from` to `to`, each chunk `delay` after it was read.
+async fn delayed_pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    tokio::spawn(async move {
+        while let Some((at, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0
+            || tx
+                .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+        {
+            break;
+        }
+    }
 }
 
 /// Commits `n` serial revocations through an audit log over `store`, `per_event` per event,
