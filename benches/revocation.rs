@@ -22,11 +22,28 @@
 //! 7. **Second wave**: as many revocations again, then pruned again: whether sled reuses the
 //!    space the first wave freed or keeps growing.
 //!
+//! 8. **Over gRPC** (on unless `LANYARD_BENCH_GRPC=0`): as many revocations committed through
+//!    the audit log of a real `lanyard serve` on sled (stopped, filled, started again: the
+//!    start is timed), then asked from this process over TLS and tonic as agents ask:
+//!    `Watch{since: 0}` until every entry arrived (twice, each on a new connection), the same
+//!    and a `GetCrl` through a proxy adding a round trip, `Revocation.Check` one call at a time,
+//!    `GetCrl` with tonic's default 4 MiB client limit and with Lanyard's, eight at once and
+//!    the CA's peak RSS meanwhile, and a real `lanyard agent` from a join token until it is
+//!    idle. CPU and RSS of each process from `/proc`.
+//! 9. **On etcd** (`LANYARD_BENCH_ETCD=1`): section 8's CA on a one-member etcd
+//!    (`/usr/bin/etcd`): its start (the mirror load), etcd's CPU, RSS and data dir.
+//!
 //! Knobs (environment; `scripts/bench-revocation` documents them too):
 //! - `LANYARD_BENCH_REVOCATIONS` live revocations to insert (default 1000000)
 //! - `LANYARD_BENCH_LOOKUPS`     `revoked_serial` calls to time (default 100000)
 //! - `LANYARD_BENCH_BATCH`       revocations per `Store::commit` (default 1000)
-//! - `LANYARD_BENCH_SECOND_WAVE` 0 skips step 5 (default 1)
+//! - `LANYARD_BENCH_SECOND_WAVE` 0 skips step 7 (default 1)
+//! - `LANYARD_BENCH_STORE`       0 skips steps 1-7 (default 1)
+//! - `LANYARD_BENCH_GRPC`        0 skips step 8 (default 1)
+//! - `LANYARD_BENCH_GRPC_CHECKS` `Revocation.Check` calls over gRPC (default 20000)
+//! - `LANYARD_BENCH_RTT_MS`      round trip the proxy adds in step 8, 0: none (default 10)
+//! - `LANYARD_BENCH_AGENT`       0: no `lanyard agent` in step 8 (default 1)
+//! - `LANYARD_BENCH_ETCD`        1 runs step 9 (default 0)
 //!
 //! It prints figures and asserts nothing.
 #![expect(clippy::print_stdout, reason = "a benchmark prints its figures")]
