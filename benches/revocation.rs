@@ -22,11 +22,28 @@
 //! 7. **Second wave**: as many revocations again, then pruned again: whether sled reuses the
 //!    space the first wave freed or keeps growing.
 //!
+//! 8. **Over gRPC** (on unless `LANYARD_BENCH_GRPC=0`): as many revocations committed through
+//!    the audit log of a real `lanyard serve` on sled (stopped, filled, started again: the
+//!    start is timed), then asked from this process over TLS and tonic as agents ask:
+//!    `Watch{since: 0}` until every entry arrived (twice, each on a new connection), the same
+//!    and a `GetCrl` through a proxy adding a round trip, `Revocation.Check` one call at a time,
+//!    `GetCrl` with tonic's default 4 MiB client limit and with Lanyard's, eight at once and
+//!    the CA's peak RSS meanwhile, and a real `lanyard agent` from a join token until it is
+//!    idle. CPU and RSS of each process from `/proc`.
+//! 9. **On etcd** (`LANYARD_BENCH_ETCD=1`): section 8's CA on a one-member etcd
+//!    (`/usr/bin/etcd`): its start (the mirror load), etcd's CPU, RSS and data dir.
+//!
 //! Knobs (environment; `scripts/bench-revocation` documents them too):
 //! - `LANYARD_BENCH_REVOCATIONS` live revocations to insert (default 1000000)
 //! - `LANYARD_BENCH_LOOKUPS`     `revoked_serial` calls to time (default 100000)
 //! - `LANYARD_BENCH_BATCH`       revocations per `Store::commit` (default 1000)
-//! - `LANYARD_BENCH_SECOND_WAVE` 0 skips step 5 (default 1)
+//! - `LANYARD_BENCH_SECOND_WAVE` 0 skips step 7 (default 1)
+//! - `LANYARD_BENCH_STORE`       0 skips steps 1-7 (default 1)
+//! - `LANYARD_BENCH_GRPC`        0 skips step 8 (default 1)
+//! - `LANYARD_BENCH_GRPC_CHECKS` `Revocation.Check` calls over gRPC (default 20000)
+//! - `LANYARD_BENCH_RTT_MS`      round trip the proxy adds in step 8, 0: none (default 10)
+//! - `LANYARD_BENCH_AGENT`       0: no `lanyard agent` in step 8 (default 1)
+//! - `LANYARD_BENCH_ETCD`        1 runs step 9 (default 0)
 //!
 //! It prints figures and asserts nothing.
 #![expect(clippy::print_stdout, reason = "a benchmark prints its figures")]
@@ -57,6 +74,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     let lookups: usize = knob("LANYARD_BENCH_LOOKUPS", 100_000)?;
     let batch: usize = knob("LANYARD_BENCH_BATCH", 1000)?.max(1);
     let second_wave = knob("LANYARD_BENCH_SECOND_WAVE", 1u8)? != 0;
+    let grpc = knob("LANYARD_BENCH_GRPC", 1u8)? != 0;
+    let grpc_checks: usize = knob("LANYARD_BENCH_GRPC_CHECKS", 20_000)?;
+    let etcd = knob("LANYARD_BENCH_ETCD", 0u8)? != 0;
+    if knob("LANYARD_BENCH_STORE", 1u8)? == 0 {
+        return served(n, grpc_checks, grpc, etcd);
+    }
     let tmp = tempfile::tempdir()?;
     let path = tmp.path().join("store");
     println!(
@@ -263,7 +286,8 @@ fn main() -> Result<(), Box<dyn Error>> {
             &path,
         );
     }
-    Ok(())
+    drop(store);
+    served(n, grpc_checks, grpc, etcd)
 }
 
 /// The store's share of an issuance, for `valgrind --tool=callgrind` (instruction counts do not
@@ -388,7 +412,12 @@ fn insert(
 
 /// The process's resident set now and at its peak.
 fn rss() -> String {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    rss_of("/proc/self/status")
+}
+
+/// The resident set now and at its peak of the process whose status file is `status`.
+fn rss_of(status: &str) -> String {
+    let status = std::fs::read_to_string(status).unwrap_or_default();
     let field = |name: &str| {
         status
             .lines()
@@ -487,4 +516,730 @@ fn secs(d: Duration) -> String {
 
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+// === 8 and 9: the same scale behind a real `lanyard serve`, over gRPC, on sled and on etcd ===
+
+/// Where Debian's `etcd-server` puts etcd.
+const ETCD: &str = "/usr/bin/etcd";
+
+/// The agent's policy in the served CA (section 8's `lanyard agent`).
+const POLICY: &str = r#"
+[[policy]]
+spiffe_id = "spiffe://example.org/bench/*"
+roles = []
+max_ttl = "10m"
+"#;
+
+/// Sections 8 (sled, on unless `LANYARD_BENCH_GRPC=0`) and 9 (etcd, with `LANYARD_BENCH_ETCD=1`):
+/// `n` live revocations in a real `lanyard serve` process, asked over TLS and gRPC as agents and
+/// operators ask.
+fn served(n: usize, checks: usize, grpc: bool, etcd: bool) -> Result<(), Box<dyn Error>> {
+    if !grpc && !etcd {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    if grpc {
+        println!(
+            "\n8. over gRPC: {n} live revocations in a real `lanyard serve` on sled (TLS, tonic, loopback)"
+        );
+        rt.block_on(served_run(n, checks, None))?;
+    }
+    if etcd {
+        if !Path::new(ETCD).exists() {
+            println!("\n9. on etcd: {ETCD} is missing (apt-get install etcd-server): skipped");
+            return Ok(());
+        }
+        let dir = tempfile::tempdir()?;
+        let etcd = Etcd::start(dir.path())?;
+        println!(
+            "\n9. on etcd: {n} live revocations in a real `lanyard serve` on a one-member etcd ({ETCD}, data in {})",
+            dir.path().display()
+        );
+        println!("   etcd empty: {}", etcd.footprint());
+        rt.block_on(served_run(n, checks, Some(&etcd)))?;
+        println!("   etcd at the end: {}", etcd.footprint());
+    }
+    Ok(())
+}
+
+/// One served run: a CA started once (it creates its keys and admin credential) and stopped,
+/// `n` revocations committed to its store through the audit log (as `Revoke` commits them, a
+/// batch per event), then the CA started again (the measured start: store opened, revocation
+/// index loaded) and asked.
+async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), Box<dyn Error>> {
+    use lanyard::pb::v1::{self as pb, revocation_client::RevocationClient};
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let config = tmp.path().join("lanyard.toml");
+    let mut toml = "trust_domain = \"example.org\"\nlisten = \"127.0.0.1:0\"\n".to_string();
+    if let Some(e) = etcd {
+        let kek = tmp.path().join("kek");
+        lanyard::ca::Kek::generate(&kek)?;
+        toml += &format!(
+            "store = \"{}\"\netcd_prefix = \"/bench/\"\nkek_file = \"{}\"\n",
+            e.url(),
+            kek.display()
+        );
+    }
+    toml += POLICY;
+    std::fs::write(&config, toml)?;
+    Serve::start(&config, &data, tmp.path()).await?.0.stop()?;
+
+    // etcd takes at most 128 operations per transaction (a commit of the audit record, its head
+    // and the entries): 100 revocations per event there.
+    let per_event = if etcd.is_some() { 100 } else { 1000 };
+    let store: Arc<dyn Store> = match etcd {
+        None => Arc::new(SledStore::open(&data.join("store"))?),
+        Some(e) => Arc::new(lanyard::store::EtcdStore::open(
+            lanyard::store::EtcdConfig::parse(&e.url(), "/bench/")?,
+        )?),
+    };
+    let t = Instant::now();
+    let serials = fill(store.clone(), n, per_event).await?;
+    println!(
+        "   filled through the audit log: {n} revocations in {} events of {per_event} in {} ({:.0}/s)",
+        n.div_ceil(per_event),
+        secs(t.elapsed()),
+        n as f64 / t.elapsed().as_secs_f64()
+    );
+    if let Some(e) = etcd {
+        println!(
+            "   etcd after the fill: db_size {} ({:.0} bytes per revocation); {}",
+            mib(store.stats()?.disk_bytes),
+            store.stats()?.disk_bytes as f64 / n.max(1) as f64,
+            e.footprint()
+        );
+    }
+    // The audit writer's thread lets go of the store a moment after the log's last handle.
+    let t = Instant::now();
+    while Arc::strong_count(&store) > 1 && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(store);
+
+    // The measured start.
+    let etcd_cpu = etcd.map(|e| cpu(e.child.id()));
+    let (serve, took) = Serve::start(&config, &data, tmp.path()).await?;
+    println!(
+        "   CA start (process spawned until it listens: store opened, index loaded) {}; CA CPU {:.2}s{}; CA {}",
+        secs(took),
+        cpu(serve.pid()),
+        etcd_cpu.map_or(String::new(), |c0| format!(
+            ", etcd CPU {:.2}s",
+            etcd.map_or(0.0, |e| cpu(e.child.id())) - c0
+        )),
+        serve.rss()
+    );
+    let oid = RolesOid::default();
+    let admin = lanyard::client::Credential::load(&data.join("admin"), &oid)?;
+    let connect = |identity: bool| {
+        lanyard::client::connect(
+            &serve.addr,
+            lanyard::tls::ServerTrust::Bundle(admin.bundle.clone()),
+            if identity { admin.slot().ok() } else { None },
+            oid.clone(),
+        )
+    };
+
+    // Watch{since: 0}, on a new connection each time (an agent that starts from nothing).
+    for round in 1..=2 {
+        let channel = connect(true).await?;
+        let (cpu0, me0) = (cpu(serve.pid()), cpu(std::process::id()));
+        let t = Instant::now();
+        let mut stream = RevocationClient::new(channel)
+            .watch(pb::WatchRequest { since: 0 })
+            .await?
+            .into_inner();
+        let (mut got, mut bytes, mut first) = (0usize, 0usize, None);
+        while got < n {
+            let e = match tokio::time::timeout(Duration::from_secs(60), stream.message()).await {
+                Ok(Ok(Some(e))) => e,
+                Ok(Ok(None)) => return Err(format!("the watch ended after {got} entries").into()),
+                Ok(Err(s)) => return Err(format!("the watch failed after {got}: {s}").into()),
+                Err(_) => return Err(format!("the watch stalled after {got} entries").into()),
+            };
+            first.get_or_insert_with(|| t.elapsed());
+            if e.reason == "benchmark" {
+                got += 1;
+            }
+            bytes += prost::Message::encoded_len(&e);
+        }
+        let took = t.elapsed();
+        println!(
+            "   Watch{{since: 0}} #{round}: {got} entries ({} of messages) in {} (first after {}); CA CPU {:.2}s, client CPU {:.2}s",
+            mib(bytes as u64),
+            secs(took),
+            us(first.unwrap_or_default()),
+            cpu(serve.pid()) - cpu0,
+            cpu(std::process::id()) - me0
+        );
+    }
+    println!("   CA after the watches: {}", serve.rss());
+
+    // The same through a proxy that adds a round trip (no bandwidth limit): what HTTP/2 flow
+    // control lets through when the client's window, not the CA or the link, is the limit.
+    let rtt = Duration::from_millis(knob("LANYARD_BENCH_RTT_MS", 10u64)?);
+    if !rtt.is_zero() {
+        let far = delay_proxy(serve.addr.clone(), rtt / 2).await?;
+        let far_channel = |identity: bool| {
+            lanyard::client::connect(
+                &far,
+                lanyard::tls::ServerTrust::Bundle(admin.bundle.clone()),
+                if identity { admin.slot().ok() } else { None },
+                oid.clone(),
+            )
+        };
+        let t = Instant::now();
+        let mut stream = RevocationClient::new(far_channel(true).await?)
+            .watch(pb::WatchRequest { since: 0 })
+            .await?
+            .into_inner();
+        let (mut got, mut bytes) = (0usize, 0usize);
+        let limit = Duration::from_secs(60);
+        while got < n && t.elapsed() < limit {
+            match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+                Ok(Ok(Some(e))) => {
+                    got += 1;
+                    bytes += prost::Message::encoded_len(&e);
+                }
+                _ => break,
+            }
+        }
+        let took = t.elapsed();
+        println!(
+            "   Watch{{since: 0}} over a {} ms round trip: {got} of {n} entries in {} ({:.1} MiB/s of messages)",
+            rtt.as_millis(),
+            secs(took),
+            bytes as f64 / took.as_secs_f64() / (1024.0 * 1024.0)
+        );
+        drop(stream);
+        let t = Instant::now();
+        let answer = tokio::time::timeout(
+            limit,
+            RevocationClient::new(far_channel(false).await?)
+                .max_decoding_message_size(lanyard::codec::MAX_CRL_RESPONSE)
+                .get_crl(pb::GetCrlRequest {}),
+        )
+        .await;
+        println!(
+            "   GetCrl over a {} ms round trip: {} in {}",
+            rtt.as_millis(),
+            match answer {
+                Ok(Ok(r)) => format!("{} bytes", r.into_inner().der.len()),
+                Ok(Err(s)) => format!("failed ({:?})", s.code()),
+                Err(_) => "not done".into(),
+            },
+            secs(t.elapsed())
+        );
+    }
+
+    // Check, one call at a time on a kept connection: half revoked serials, half never seen.
+    let channel = connect(true).await?;
+    let mut client = RevocationClient::new(channel);
+    let mut rng = rand::rng();
+    let (mut hits, mut misses, mut wrong) = (Vec::new(), Vec::new(), 0);
+    let cpu0 = cpu(serve.pid());
+    let t = Instant::now();
+    for i in 0..checks {
+        let revoked = i % 2 == 0 && n > 0;
+        let serial = if revoked {
+            serials[rng.random_range(0..n)].clone()
+        } else {
+            Serial::random().to_hex()
+        };
+        let q = Instant::now();
+        let answer = client
+            .check(pb::CheckRequest { serial })
+            .await?
+            .into_inner();
+        let took = q.elapsed();
+        if answer.revoked != revoked {
+            wrong += 1;
+        }
+        if revoked { &mut hits } else { &mut misses }.push(took);
+    }
+    let total = t.elapsed();
+    println!(
+        "   Revocation.Check over gRPC: {checks} calls, one at a time on one connection, in {} ({:.0}/s); CA CPU {:.0} µs per call{}",
+        secs(total),
+        checks as f64 / total.as_secs_f64(),
+        (cpu(serve.pid()) - cpu0) * 1e6 / checks.max(1) as f64,
+        if wrong > 0 {
+            format!(", {wrong} WRONG ANSWERS")
+        } else {
+            String::new()
+        }
+    );
+    let mut all: Vec<Duration> = hits.iter().chain(&misses).copied().collect();
+    latency("all", &mut all);
+    latency("hits (revoked)", &mut hits);
+    latency("misses (not revoked)", &mut misses);
+
+    // GetCrl: as a client with tonic's default decode limit, then with Lanyard's.
+    let anon = connect(false).await?;
+    let t = Instant::now();
+    match RevocationClient::new(anon.clone())
+        .get_crl(pb::GetCrlRequest {})
+        .await
+    {
+        Ok(r) => println!(
+            "   GetCrl, client with tonic's default 4 MiB decode limit: {} bytes in {}",
+            r.into_inner().der.len(),
+            secs(t.elapsed())
+        ),
+        Err(s) => println!(
+            "   GetCrl, client with tonic's default 4 MiB decode limit: refused by the client after {}: {:?} {}",
+            secs(t.elapsed()),
+            s.code(),
+            s.message()
+        ),
+    }
+    for round in ["first", "again"] {
+        let cpu0 = cpu(serve.pid());
+        let t = Instant::now();
+        let crl = RevocationClient::new(anon.clone())
+            .max_decoding_message_size(lanyard::codec::MAX_CRL_RESPONSE)
+            .get_crl(pb::GetCrlRequest {})
+            .await?
+            .into_inner();
+        println!(
+            "   GetCrl ({round}), limit {}: {} bytes in {}; CA CPU {:.3}s",
+            mib(lanyard::codec::MAX_CRL_RESPONSE as u64),
+            crl.der.len(),
+            secs(t.elapsed()),
+            cpu(serve.pid()) - cpu0
+        );
+    }
+    // Several at once, each on its own connection (agents fetching after a revocation): the CA's
+    // memory while they are in flight.
+    let fetchers = 8;
+    reset_peak_rss_of(serve.pid());
+    let before = serve.rss();
+    let cpu0 = cpu(serve.pid());
+    let t = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..fetchers {
+        let channel = connect(false).await?;
+        calls.spawn(async move {
+            RevocationClient::new(channel)
+                .max_decoding_message_size(lanyard::codec::MAX_CRL_RESPONSE)
+                .get_crl(pb::GetCrlRequest {})
+                .await
+                .map(|r| r.into_inner().der.len())
+        });
+    }
+    let mut sizes = Vec::new();
+    while let Some(r) = calls.join_next().await {
+        sizes.push(r??);
+    }
+    println!(
+        "   {fetchers} GetCrl at once: {} bytes each, all in {}; CA CPU {:.3}s; CA before {before}, after {}",
+        sizes.first().copied().unwrap_or(0),
+        secs(t.elapsed()),
+        cpu(serve.pid()) - cpu0,
+        serve.rss()
+    );
+    if etcd.is_none() && knob("LANYARD_BENCH_AGENT", 1u8)? != 0 {
+        agent_run(&serve, connect(true).await?, tmp.path(), n).await?;
+    }
+    serve.stop()?;
+    Ok(())
+}
+
+/// A real `lanyard agent` against the CA holding `n` revocations: how long until it holds a
+/// certificate and has written the whole CRL to `crl.pem`, and what it costs (its revocation
+/// watch from 0 and its CRL follower both run at start).
+async fn agent_run(
+    serve: &Serve,
+    admin: tonic::transport::Channel,
+    dir: &Path,
+    n: usize,
+) -> Result<(), Box<dyn Error>> {
+    use lanyard::pb::v1::{self as pb, admin_client::AdminClient};
+    let token = AdminClient::new(admin)
+        .create_join_token(pb::CreateJoinTokenRequest {
+            spiffe_id: "spiffe://example.org/bench/agent".into(),
+            roles: vec![],
+            max_ttl_seconds: 600,
+            expires_in_seconds: 3600,
+            uses: 1,
+        })
+        .await?
+        .into_inner()
+        .token;
+    let out = dir.join("agent");
+    let log = std::fs::File::create(dir.join("agent.log"))?;
+    let t = Instant::now();
+    let mut agent = Serve {
+        child: Some(
+            std::process::Command::new(env!("CARGO_BIN_EXE_lanyard"))
+                .args(["agent", "--server", &serve.addr, "--token", &token, "--out"])
+                .arg(&out)
+                .env("LANYARD_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()?,
+        ),
+        addr: String::new(),
+    };
+    // The PEM of a CRL listing all `n` entries is over 36 bytes each.
+    let (mut cert_at, mut crl_at) = (None, None);
+    while crl_at.is_none() && t.elapsed() < Duration::from_secs(180) {
+        if cert_at.is_none() && out.join("cert.pem").exists() {
+            cert_at = Some(t.elapsed());
+        }
+        if std::fs::metadata(out.join("crl.pem")).is_ok_and(|m| m.len() > 36 * n as u64) {
+            crl_at = Some(t.elapsed());
+        }
+        if agent
+            .child
+            .as_mut()
+            .map(|c| c.try_wait())
+            .transpose()?
+            .flatten()
+            .is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let when = |d: Option<Duration>| d.map_or("not within 180 s".to_string(), secs);
+    println!(
+        "   lanyard agent from a join token: certificate after {}, the whole CRL in crl.pem ({}) after {}; agent CPU {:.2}s, {}",
+        when(cert_at),
+        mib(std::fs::metadata(out.join("crl.pem")).map_or(0, |m| m.len())),
+        when(crl_at),
+        cpu(agent.pid()),
+        agent.rss()
+    );
+    // Then until it is idle (its revocation watch caught up, its CRL follower settled): CPU and
+    // memory every 5 s, for at most a minute.
+    let mut last = cpu(agent.pid());
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = cpu(agent.pid());
+        println!(
+            "   ... after {}: agent CPU {now:.2}s, {}",
+            secs(t.elapsed()),
+            agent.rss()
+        );
+        if now - last < 0.05 {
+            break;
+        }
+        last = now;
+    }
+    if crl_at.is_none() {
+        println!(
+            "   agent log: {}",
+            std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// A TCP proxy on loopback to `target` that holds every chunk `delay` in each direction: a
+/// round trip of twice that, with no bandwidth limit. Returns its address.
+async fn delay_proxy(target: String, delay: Duration) -> Result<String, Box<dyn Error>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                continue;
+            };
+            let _ = (client.set_nodelay(true), server.set_nodelay(true));
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(delayed_pipe(cr, sw, delay));
+            tokio::spawn(delayed_pipe(sr, cw, delay));
+        }
+    });
+    Ok(addr)
+}
+
+/// Copies `from` to `to`, each chunk `delay` after it was read.
+async fn delayed_pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    tokio::spawn(async move {
+        while let Some((at, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0
+            || tx
+                .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+        {
+            break;
+        }
+    }
+}
+
+/// Commits `n` serial revocations through an audit log over `store`, `per_event` per event,
+/// eight events in flight (the writer groups them); returns their serials.
+async fn fill(
+    store: Arc<dyn Store>,
+    n: usize,
+    per_event: usize,
+) -> Result<Vec<String>, Box<dyn Error>> {
+    use lanyard::audit::{Event, Kind};
+    let log = AuditLog::start(store)?;
+    let now = unix_now();
+    let mut serials = Vec::with_capacity(n);
+    let mut pending = tokio::task::JoinSet::new();
+    for start in (0..n).step_by(per_event.max(1)) {
+        let writes: Vec<Write> = (start..(start + per_event).min(n))
+            .map(|i| {
+                let serial = Serial::random().to_hex();
+                serials.push(serial.clone());
+                Write::PutRevocation(RevocationRecord {
+                    v: RECORD_VERSION,
+                    rev: 0,
+                    serial,
+                    spiffe_id: format!("spiffe://example.org/ns/prod/workload-{}", i % 10_000),
+                    identity_rule: false,
+                    before: 0,
+                    reason: "benchmark".into(),
+                    revoked_at: now,
+                    expires_at: now + 3600,
+                    blocked: false,
+                    renewable: false,
+                    origin: String::new(),
+                })
+            })
+            .collect();
+        let log = log.clone();
+        pending.spawn(async move {
+            log.record(
+                Event::new(Kind::Revoked, "spiffe://example.org/lanyard/admin").reason("benchmark"),
+                writes,
+            )
+            .await
+            .map(drop)
+        });
+        while pending.len() >= 8 {
+            if let Some(r) = pending.join_next().await {
+                r??;
+            }
+        }
+    }
+    while let Some(r) = pending.join_next().await {
+        r??;
+    }
+    Ok(serials)
+}
+
+/// A `lanyard serve` process (the binary this bench is built with); killed on drop.
+struct Serve {
+    child: Option<std::process::Child>,
+    addr: String,
+}
+
+impl Serve {
+    /// Starts it over `data` and waits until it listens; returns it and how long that took.
+    async fn start(
+        config: &Path,
+        data: &Path,
+        logs: &Path,
+    ) -> Result<(Self, Duration), Box<dyn Error>> {
+        let _ = std::fs::remove_file(data.join("serve.addr"));
+        let log_path = logs.join("serve.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let t = Instant::now();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_lanyard"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data)
+            .env("LANYARD_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let mut serve = Self {
+            child: Some(child),
+            addr: String::new(),
+        };
+        loop {
+            if let Ok(a) = std::fs::read_to_string(data.join("serve.addr"))
+                && !a.trim().is_empty()
+            {
+                serve.addr = a.trim().to_string();
+                return Ok((serve, t.elapsed()));
+            }
+            let exited = match serve.child.as_mut() {
+                Some(c) => c.try_wait()?,
+                None => None,
+            };
+            if exited.is_some() || t.elapsed() > Duration::from_secs(600) {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(format!("lanyard serve did not start ({exited:?}): {log}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, std::process::Child::id)
+    }
+
+    fn rss(&self) -> String {
+        rss_of(&format!("/proc/{}/status", self.pid()))
+    }
+
+    /// Stops it with SIGTERM (a graceful shutdown) and waits.
+    fn stop(mut self) -> Result<(), Box<dyn Error>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let t = Instant::now();
+        while child.try_wait()?.is_none() {
+            if t.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("lanyard serve did not stop within 30 s of SIGTERM".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A one-member etcd on loopback; killed on drop.
+struct Etcd {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Etcd {
+    fn start(dir: &Path) -> Result<Self, Box<dyn Error>> {
+        let free = || -> Result<u16, Box<dyn Error>> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let (port, peer) = (free()?, free()?);
+        let log = std::fs::File::create(dir.join("etcd.log"))?;
+        let child = std::process::Command::new(ETCD)
+            .args(["--name", "m0", "--data-dir"])
+            .arg(dir.join("m0.etcd"))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{port}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{port}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &format!("m0=http://127.0.0.1:{peer}"),
+                // A million revocations and their history take more than the 2 GiB default.
+                "--quota-backend-bytes",
+                "8589934592",
+                "--logger",
+                "zap",
+                "--log-level",
+                "warn",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let etcd = Self {
+            child,
+            port,
+            dir: dir.join("m0.etcd"),
+        };
+        let t = Instant::now();
+        while !http_get(port, "/health").is_some_and(|h| h.contains("\"health\":\"true\"")) {
+            if t.elapsed() > Duration::from_secs(30) {
+                return Err(format!(
+                    "etcd did not start: {}",
+                    std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default()
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(etcd)
+    }
+
+    fn url(&self) -> String {
+        format!("etcd://127.0.0.1:{}", self.port)
+    }
+
+    /// etcd's RSS and its data dir on disk.
+    fn footprint(&self) -> String {
+        format!(
+            "etcd {}, data dir {}",
+            rss_of(&format!("/proc/{}/status", self.child.id())),
+            mib(dir_size(&self.dir).0)
+        )
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The body of `GET path` on 127.0.0.1:`port` (HTTP/1.0).
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// CPU seconds (user + system) of process `pid` so far.
+fn cpu(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(i) = s.rfind(')') else { return 0.0 };
+    let f: Vec<&str> = s[i + 1..].split_whitespace().collect();
+    let t = |n: usize| f.get(n).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+/// Resets process `pid`'s peak RSS (see [`reset_peak_rss`]).
+fn reset_peak_rss_of(pid: u32) {
+    if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "5") {
+        println!("   (cannot reset the CA's peak RSS: {e}; its peak includes earlier steps)");
+    }
 }

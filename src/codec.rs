@@ -23,6 +23,14 @@ pub const INITIAL_BUFFER: usize = 512;
 /// response pays to grow from empty are noise beside its TLS record and signature.
 pub const INITIAL_ENCODE_BUFFER: usize = 0;
 
+/// Largest `Revocation.GetCrl` response a Lanyard client decodes (tonic's default limit is
+/// 4 MiB). A CRL takes ~36 bytes per live serial revocation, 36 MB at a million, and while a CA
+/// rotates the response carries the retiring CA's CRL too; at 4 MiB every client refused the CRL
+/// of a CA holding more than ~110,000 revocations. 256 MiB is about 3.5 million entries with a
+/// retiring CA's CRL beside them: room to grow, yet a bound on what one response may make a
+/// client allocate. Requests stay bounded by the server's own, far smaller, limit.
+pub const MAX_CRL_RESPONSE: usize = 256 << 20;
+
 /// Yield to the runtime after this many encoded bytes in one poll (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 

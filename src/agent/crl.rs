@@ -11,7 +11,6 @@
 //! Workload API's peers) from the push, before any CRL is fetched. Fetches ride the agent's one
 //! connection to the CA ([`super::link`]).
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,8 +22,11 @@ use tracing::{debug, error, warn};
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
+use tonic::transport::Channel;
+
 use super::link::CaLink;
 use super::timing::{Backoff, refresh_in};
+use crate::codec::MAX_CRL_RESPONSE;
 use crate::pb::v1::{self as pb, revocation_client::RevocationClient};
 use crate::tls::{RevocationSet, unix_now};
 
@@ -71,16 +73,47 @@ pub(crate) fn next_update(crls: &[Vec<u8>]) -> Result<Option<i64>, CrlError> {
     Ok(earliest)
 }
 
-/// The serials `crls` list (raw bytes); CRLs that do not parse contribute none.
-pub(crate) fn revoked_serials(crls: &[Vec<u8>]) -> BTreeSet<Vec<u8>> {
-    crls.iter()
-        .filter_map(|der| CertificateRevocationList::from_der(der).ok())
-        .flat_map(|(_, crl)| {
-            crl.iter_revoked_certificates()
-                .map(|r| r.raw_serial().to_vec())
-                .collect::<Vec<_>>()
-        })
-        .collect()
+/// What serials a set of CRLs lists, in a few bytes: how many, and an order-independent digest
+/// of them. A CA with a million revocations sends a 36 MB CRL; the agent compares each one it
+/// fetches with the one in hand to tell a routine refresh from news, and a set of a million
+/// serials (one `Vec` each, twice) cost it ~100 MB per comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RevokedSerials {
+    count: usize,
+    /// Wrapping sum of each serial's hash (SipHash with fixed keys: the same in every run).
+    digest: u64,
+}
+
+impl RevokedSerials {
+    /// How many serials (with repeats: a serial listed by two CRLs counts twice).
+    pub(crate) fn len(&self) -> usize {
+        self.count
+    }
+}
+
+/// The serials `crls` list; CRLs that do not parse contribute none.
+pub(crate) fn revoked_serials(crls: &[Vec<u8>]) -> RevokedSerials {
+    use std::hash::{Hash, Hasher};
+    let mut set = RevokedSerials {
+        count: 0,
+        digest: 0,
+    };
+    for der in crls {
+        let Ok((_, crl)) = CertificateRevocationList::from_der(der) else {
+            continue;
+        };
+        for r in crl.iter_revoked_certificates() {
+            #[allow(
+                deprecated,
+                reason = "a fixed-key SipHash: a digest, not a hash table's"
+            )]
+            let mut h = std::hash::SipHasher::new();
+            r.raw_serial().hash(&mut h);
+            set.count += 1;
+            set.digest = set.digest.wrapping_add(h.finish());
+        }
+    }
+    set
 }
 
 /// `crls` as concatenated PEM (`X509 CRL` blocks), the form `crl.pem` holds.
@@ -209,7 +242,7 @@ impl Fetcher {
             .await
             .map_err(|_| CrlError::Call("connecting to the CA timed out".into()))?
             .map_err(|e| CrlError::Call(e.to_string()))?;
-        let mut client = RevocationClient::new(channel);
+        let mut client = crl_client(channel);
         let call = client.get_crl(pb::GetCrlRequest {});
         let answer = match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(r)) => r.into_inner(),
@@ -231,6 +264,12 @@ impl Fetcher {
         let until = next_update(&crls)?;
         Ok((crls, until))
     }
+}
+
+/// A `Revocation` client that takes a CRL of any size the CA may hold ([`MAX_CRL_RESPONSE`];
+/// tonic's default 4 MiB refused the CRL of a CA with more than ~110,000 revocations).
+pub(crate) fn crl_client(channel: Channel) -> RevocationClient<Channel> {
+    RevocationClient::new(channel).max_decoding_message_size(MAX_CRL_RESPONSE)
 }
 
 fn jitter() -> f64 {
@@ -276,8 +315,21 @@ mod tests {
         assert_eq!(from_pem(pem.as_bytes()), vec![a.clone(), b.clone()]);
         assert_eq!(next_update(&[a.clone(), b.clone()]).unwrap(), Some(3_000));
         assert_eq!(
-            revoked_serials(&[a.clone(), b]),
-            BTreeSet::from([vec![0x42, 1]])
+            revoked_serials(&[a.clone(), b.clone()]),
+            revoked_serials(&[b.clone(), a.clone()])
+        );
+        assert_eq!(revoked_serials(&[a.clone(), b.clone()]).len(), 1);
+        assert_ne!(
+            revoked_serials(std::slice::from_ref(&a)),
+            revoked_serials(std::slice::from_ref(&b))
+        );
+        // Another serial, same count: told apart.
+        let other = crate::ca::Serial::from_bytes(&[0x42, 2]);
+        let c = ca.sign_crl(&[(other, 1_000)], 3, 1_000, 5_000).unwrap();
+        assert_eq!(revoked_serials(std::slice::from_ref(&c)).len(), 1);
+        assert_ne!(
+            revoked_serials(std::slice::from_ref(&a)),
+            revoked_serials(&[c])
         );
         assert!(next_update(&[a[..a.len() - 1].to_vec()]).is_err());
         assert!(from_pem(b"not pem").is_empty());
