@@ -55,7 +55,14 @@ struct Inner {
     /// spiffe_id → rule.
     identities: HashMap<String, IdentityRule>,
     rev: u64,
+    /// Expired entries are swept once `serials` holds this many: twice what the last sweep left
+    /// (at least [`SWEEP_MIN`]), so catching up on a million entries sweeps ~20 times, not once
+    /// per 1,024 inserts (which made it quadratic), and expired entries at most double the set.
+    sweep_at: usize,
 }
+
+/// The smallest set size that triggers a sweep of expired entries.
+const SWEEP_MIN: usize = 1024;
 
 impl RevocationSet {
     /// An empty set.
@@ -88,9 +95,10 @@ impl RevocationSet {
         }
         g.rev = g.rev.max(e.rev);
         let now = unix_now();
-        if g.serials.len() % 1024 == 0 {
+        if g.serials.len() >= g.sweep_at.max(SWEEP_MIN) {
             g.serials.retain(|_, e| e.expires_at >= now);
             g.identities.retain(|_, r| r.expires_at >= now);
+            g.sweep_at = (2 * g.serials.len()).max(SWEEP_MIN);
         }
         let rev = g.rev;
         drop(g);
@@ -236,5 +244,39 @@ mod tests {
         assert!(set.check(&svid(900)).is_some());
         assert!(set.check(&svid(2000)).is_none(), "lifted: only older ones");
         assert_eq!(set.rev(), 2);
+    }
+
+    fn serial_entry(i: u64, expires_at: i64) -> RevocationEntry {
+        RevocationEntry {
+            serial: format!("{i:x}"),
+            expires_at,
+            reason: "test".into(),
+            rev: i,
+            ..Default::default()
+        }
+    }
+
+    /// Expired entries are swept once the set doubles since the last sweep: they never make
+    /// it more than twice its live size (beyond the minimum), and live ones always stay.
+    #[test]
+    fn expired_entries_are_swept_as_the_set_doubles() {
+        let set = RevocationSet::new();
+        let live = i64::MAX;
+        for i in 1..=3000 {
+            // Every other entry has already expired.
+            set.apply(&serial_entry(i, if i % 2 == 0 { 0 } else { live }));
+            let g = set.inner.read().unwrap();
+            let alive = i.div_ceil(2) as usize;
+            assert!(
+                g.serials.len() <= (2 * alive + 1).max(SWEEP_MIN),
+                "{} entries held for {alive} live ones",
+                g.serials.len()
+            );
+        }
+        let g = set.inner.read().unwrap();
+        assert!(g.serials.len() < 3000, "a sweep ran");
+        for i in (1..=3000u64).step_by(2) {
+            assert!(g.serials.contains_key(&format!("{i:x}")), "live {i} kept");
+        }
     }
 }
