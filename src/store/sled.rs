@@ -632,31 +632,19 @@ impl Store for SledStore {
                     .into(),
             ));
         }
+        // Every write that is a plain put, encoded before sled's lock is taken.
+        let mut puts: Vec<Put<'_>> = audit
+            .iter()
+            .map(|(k, v)| (T_AUDIT, &k[..], &v[..]))
+            .collect();
+        for w in &prepared {
+            w.puts(&mut puts);
+        }
         let result = if journaled && !ruled.is_empty() {
             Err(StoreError::GuardFailed {
                 writes: ruled.clone(),
             })
         } else if journaled {
-            let mut puts: Vec<Put<'_>> = Vec::new();
-            for (k, v) in &audit {
-                puts.push((T_AUDIT, k, v));
-            }
-            for w in &prepared {
-                match w {
-                    Prepared::Enrollment { key, value } => puts.push((T_ENROLL, key, value)),
-                    Prepared::Issued {
-                        key,
-                        value,
-                        id_key,
-                        expiry_key,
-                    } => {
-                        puts.push((T_ISSUED, key, value));
-                        puts.push((T_ISSUED_IDS, id_key, &[]));
-                        puts.push((T_EXPIRY, expiry_key, &[]));
-                    }
-                    _ => {}
-                }
-            }
             self.write_journaled(&all, &puts)
         } else if trees.is_empty() {
             if ruled.is_empty() {
@@ -696,62 +684,32 @@ impl Store for SledStore {
                             StoreError::GuardFailed { writes: failed },
                         ));
                     }
-                    for (k, v) in &audit {
-                        tree(T_AUDIT).insert(k, v.as_slice())?;
+                    for (t, k, v) in &puts {
+                        tree(*t).insert(*k, *v)?;
                     }
                     for (id, s) in &rows {
                         tree(T_STRINGS).insert(&id.to_be_bytes(), s.as_bytes())?;
                     }
+                    // Revocations are not in `puts`: one key per revocation (the in-memory
+                    // index answers by rev and by expiry), in the tree of its kind, replacing
+                    // the key an earlier release wrote.
                     for w in &prepared {
-                        match w {
-                            Prepared::Token {
-                                key,
-                                value,
-                                expiry_key,
-                            } => {
-                                tree(T_TOKENS).insert(*key, value.as_slice())?;
-                                tree(T_EXPIRY).insert(expiry_key.as_slice(), &[])?;
+                        if let Prepared::Revocation {
+                            rec,
+                            key,
+                            value,
+                            legacy,
+                        } = w
+                        {
+                            let t = tree(if rec.identity_rule {
+                                T_RULES
+                            } else {
+                                T_REVOKED
+                            });
+                            if let Some(old) = legacy {
+                                t.remove(*old)?;
                             }
-                            Prepared::Enrollment { key, value } => {
-                                tree(T_ENROLL).insert(*key, value.as_slice())?;
-                            }
-                            Prepared::Issued {
-                                key,
-                                value,
-                                id_key,
-                                expiry_key,
-                            } => {
-                                tree(T_ISSUED).insert(*key, value.as_slice())?;
-                                tree(T_ISSUED_IDS).insert(id_key.as_slice(), &[])?;
-                                tree(T_EXPIRY).insert(expiry_key.as_slice(), &[])?;
-                            }
-                            // One key per revocation: the in-memory index answers by rev and
-                            // by expiry.
-                            Prepared::Revocation {
-                                rec,
-                                key,
-                                value,
-                                legacy,
-                            } => {
-                                let t = tree(if rec.identity_rule {
-                                    T_RULES
-                                } else {
-                                    T_REVOKED
-                                });
-                                if let Some(old) = legacy {
-                                    t.remove(*old)?;
-                                }
-                                t.insert(key.as_slice(), value.as_slice())?;
-                            }
-                            Prepared::Access {
-                                key,
-                                value,
-                                expiry_key,
-                            } => {
-                                tree(T_ACCESS).insert(*key, value.as_slice())?;
-                                tree(T_EXPIRY).insert(expiry_key.as_slice(), &[])?;
-                            }
-                            Prepared::Guard(_) => {}
+                            t.insert(key.as_slice(), value.as_slice())?;
                         }
                     }
                     Ok(())
@@ -1032,6 +990,41 @@ enum Prepared<'a> {
 }
 
 impl<'a> Prepared<'a> {
+    /// The tree puts this write is (nothing for a guard; a revocation's removal of its legacy
+    /// key is not a put, and its tree depends on its kind, so the transaction writes it itself).
+    fn puts<'s>(&'s self, out: &mut Vec<Put<'s>>) {
+        match self {
+            Prepared::Token {
+                key,
+                value,
+                expiry_key,
+            } => {
+                out.push((T_TOKENS, key, value));
+                out.push((T_EXPIRY, expiry_key, &[]));
+            }
+            Prepared::Enrollment { key, value } => out.push((T_ENROLL, key, value)),
+            Prepared::Issued {
+                key,
+                value,
+                id_key,
+                expiry_key,
+            } => {
+                out.push((T_ISSUED, key, value));
+                out.push((T_ISSUED_IDS, id_key, &[]));
+                out.push((T_EXPIRY, expiry_key, &[]));
+            }
+            Prepared::Access {
+                key,
+                value,
+                expiry_key,
+            } => {
+                out.push((T_ACCESS, key, value));
+                out.push((T_EXPIRY, expiry_key, &[]));
+            }
+            Prepared::Revocation { .. } | Prepared::Guard(_) => {}
+        }
+    }
+
     /// `compact` is a serial entry's compact form when the index keeps it so; `index` tells
     /// which serial entries still sit under a key of an earlier release.
     fn new(w: &'a Write, compact: Option<&CompactRevocation>, index: Option<&RevIndex>) -> Self {
