@@ -491,6 +491,14 @@ impl Store for SledStore {
 
     fn commit(&self, records: &[AuditRecord], writes: &[Write]) -> Result<(), StoreError> {
         let mut next_seq = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked first, before anything (string references in the index) is taken.
+        if self.journal_stuck.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Backend(
+                "an earlier group commit was interrupted by a storage error; restart the CA to \
+                 finish it from the store's journal"
+                    .into(),
+            ));
+        }
         if !records.is_empty() {
             let expected = match *next_seq {
                 Some(n) => n,
@@ -625,13 +633,6 @@ impl Store for SledStore {
                         | Prepared::Guard(Guard::IdentityRule { .. })
                 )
             });
-        if self.journal_stuck.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(StoreError::Backend(
-                "an earlier group commit was interrupted by a storage error; restart the CA to \
-                 finish it from the store's journal"
-                    .into(),
-            ));
-        }
         // Every write that is a plain put, encoded before sled's lock is taken.
         let mut puts: Vec<Put<'_>> = audit
             .iter()
