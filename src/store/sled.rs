@@ -1851,6 +1851,27 @@ mod tests {
         assert_eq!(store.prune(1_000).unwrap(), 1);
     }
 
+    /// After a journaled group failed part-way, commits are refused (nothing is written) until
+    /// a restart replays the journal.
+    #[test]
+    fn commits_are_refused_after_a_journaled_group_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.commit(&[audit_rec(1)], &[]).unwrap();
+        store
+            .journal_stuck
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let refused = store.commit(&[audit_rec(2)], &[]);
+        assert!(
+            matches!(&refused, Err(StoreError::Backend(m)) if m.contains("restart the CA")),
+            "{refused:?}"
+        );
+        assert_eq!(store.audit_head().unwrap().unwrap().0, 1);
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        store.commit(&[audit_rec(2)], &[]).unwrap();
+    }
+
     /// A journal entry that does not decode is refused, not half applied.
     #[test]
     fn a_corrupt_journal_entry_is_an_error() {
