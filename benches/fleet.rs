@@ -28,6 +28,8 @@
 //!   before/after comparison against an older build)
 #![allow(clippy::print_stdout, clippy::expect_used, clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
@@ -35,6 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::cpu_secs;
 use lanyard::agent::{Agent, AgentConfig};
 use lanyard::ca::RolesOid;
 use lanyard::client::{Credential, connect};
@@ -50,16 +53,6 @@ fn env<T: FromStr>(name: &str, default: T) -> T {
             .unwrap_or_else(|_| panic!("{name}={v:?} does not parse")),
         _ => default,
     }
-}
-
-/// CPU seconds (user + system) of process `pid`, from `/proc/<pid>/stat`.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields 14 and 15 (utime, stime), counted after the command name: indices 11 and 12.
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Resident set size of `pid`, bytes.

@@ -15,12 +15,15 @@
 //! - `LANYARD_BENCH_WARMUP`   warm-up seconds per row (default 1)
 #![allow(clippy::print_stdout, clippy::expect_used, clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::cpu_secs as cpu;
 use lanyard::ca::RolesOid;
 use lanyard::client::{Credential, connect, csr_for};
 use lanyard::pb::v1::{self as pb, admin_client::AdminClient, ca_client::CaClient};
@@ -172,17 +175,6 @@ fn http_get(port: u16, path: &str) -> Option<String> {
         .next()
         .is_some_and(|l| l.contains(" 200 "))
         .then_some(out)
-}
-
-/// CPU seconds (user + system) of `pid` so far.
-fn cpu(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some(i) = s.rfind(')') else { return 0.0 };
-    let f: Vec<&str> = s[i + 1..].split_whitespace().collect();
-    let t = |n: usize| f.get(n).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
 }
 
 /// The replicas of one row.

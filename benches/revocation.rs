@@ -48,12 +48,15 @@
 //! It prints figures and asserts nothing.
 #![expect(clippy::print_stdout, reason = "a benchmark prints its figures")]
 
+mod common;
+
 use std::error::Error;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::cpu_secs as cpu;
 use lanyard::api::revocation::to_proto;
 use lanyard::audit::AuditLog;
 use lanyard::ca::{Authority, RolesOid, Serial};
@@ -1224,17 +1227,6 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
-}
-
-/// CPU seconds (user + system) of process `pid` so far.
-fn cpu(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some(i) = s.rfind(')') else { return 0.0 };
-    let f: Vec<&str> = s[i + 1..].split_whitespace().collect();
-    let t = |n: usize| f.get(n).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
 }
 
 /// Resets process `pid`'s peak RSS (see [`reset_peak_rss`]).
