@@ -164,17 +164,10 @@ impl Etcd {
     }
 }
 
+/// The response to `GET path` on 127.0.0.1:`port`, if its status is 200.
 fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.lines()
-        .next()
-        .is_some_and(|l| l.contains(" 200 "))
-        .then_some(out)
+    common::http_get(port, path)
+        .filter(|out| out.lines().next().is_some_and(|l| l.contains(" 200 ")))
 }
 
 /// The replicas of one row.

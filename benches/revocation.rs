@@ -56,7 +56,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cpu_secs as cpu;
+use common::{cpu_secs as cpu, http_get};
 use lanyard::api::revocation::to_proto;
 use lanyard::audit::AuditLog;
 use lanyard::ca::{Authority, RolesOid, Serial};
@@ -1216,17 +1216,6 @@ impl Drop for Etcd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The body of `GET path` on 127.0.0.1:`port` (HTTP/1.0).
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
 }
 
 /// Resets process `pid`'s peak RSS (see [`reset_peak_rss`]).
