@@ -167,10 +167,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             String::new()
         }
     );
-    let mut all: Vec<Duration> = hits.iter().chain(&misses).copied().collect();
-    latency("all", &mut all);
-    latency("hits (revoked)", &mut hits);
-    latency("misses (not revoked)", &mut misses);
+    check_latencies(&mut hits, &mut misses);
 
     // 4. Watch{since: 0}: the whole store in wire form, first as one snapshot (the full scan),
     // then a page at a time as a `Revocation.Watch` from 0 now streams it (each page sent before
@@ -491,6 +488,14 @@ fn dir_size(path: &Path) -> (u64, u64) {
     total
 }
 
+/// The latency lines of a lookup run: all lookups, then the hits and the misses apart.
+fn check_latencies(hits: &mut [Duration], misses: &mut [Duration]) {
+    let mut all: Vec<Duration> = hits.iter().chain(misses.iter()).copied().collect();
+    latency("all", &mut all);
+    latency("hits (revoked)", hits);
+    latency("misses (not revoked)", misses);
+}
+
 fn latency(label: &str, samples: &mut [Duration]) {
     if samples.is_empty() {
         return;
@@ -777,10 +782,7 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
             String::new()
         }
     );
-    let mut all: Vec<Duration> = hits.iter().chain(&misses).copied().collect();
-    latency("all", &mut all);
-    latency("hits (revoked)", &mut hits);
-    latency("misses (not revoked)", &mut misses);
+    check_latencies(&mut hits, &mut misses);
 
     // GetCrl: as a client with tonic's default decode limit, then with Lanyard's.
     let anon = connect(false).await?;
