@@ -235,6 +235,14 @@ pub const STREAM_WINDOW: u32 = 64 * 1024;
 /// Connection-level receive window (several streams share it).
 pub const CONNECTION_WINDOW: u32 = 256 * 1024;
 
+/// A `Revocation` client that takes a CRL of any size the CA may hold
+/// ([`crate::codec::MAX_CRL_RESPONSE`]; tonic's default 4 MiB refused the CRL of a CA with more
+/// than ~110,000 revocations). Every `GetCrl` caller (the agent, `lanyard crl`) uses it.
+pub fn crl_client(channel: Channel) -> crate::pb::v1::revocation_client::RevocationClient<Channel> {
+    crate::pb::v1::revocation_client::RevocationClient::new(channel)
+        .max_decoding_message_size(crate::codec::MAX_CRL_RESPONSE)
+}
+
 /// The CA addresses a client may use, in order of preference: `host:port` entries from one or
 /// more comma-separated lists (`https://` prefixes allowed). A name that resolves to several
 /// addresses contributes each of them.

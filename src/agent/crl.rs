@@ -22,12 +22,9 @@ use tracing::{debug, error, warn};
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
-use tonic::transport::Channel;
-
 use super::link::CaLink;
 use super::timing::{Backoff, refresh_in};
-use crate::codec::MAX_CRL_RESPONSE;
-use crate::pb::v1::{self as pb, revocation_client::RevocationClient};
+use crate::pb::v1 as pb;
 use crate::tls::{RevocationSet, unix_now};
 
 /// Least time between two CRL fetches: a burst of revocations is coalesced into one fetch per
@@ -242,7 +239,7 @@ impl Fetcher {
             .await
             .map_err(|_| CrlError::Call("connecting to the CA timed out".into()))?
             .map_err(|e| CrlError::Call(e.to_string()))?;
-        let mut client = crl_client(channel);
+        let mut client = crate::client::crl_client(channel);
         let call = client.get_crl(pb::GetCrlRequest {});
         let answer = match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(r)) => r.into_inner(),
@@ -264,12 +261,6 @@ impl Fetcher {
         let until = next_update(&crls)?;
         Ok((crls, until))
     }
-}
-
-/// A `Revocation` client that takes a CRL of any size the CA may hold ([`MAX_CRL_RESPONSE`];
-/// tonic's default 4 MiB refused the CRL of a CA with more than ~110,000 revocations).
-pub(crate) fn crl_client(channel: Channel) -> RevocationClient<Channel> {
-    RevocationClient::new(channel).max_decoding_message_size(MAX_CRL_RESPONSE)
 }
 
 fn jitter() -> f64 {

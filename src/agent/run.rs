@@ -719,7 +719,7 @@ impl Agent {
     async fn fetch_crls(&self) -> Vec<Vec<u8>> {
         let fetch = async {
             let channel = self.ca_channel().await.ok()?;
-            super::crl::crl_client(channel)
+            crate::client::crl_client(channel)
                 .get_crl(pb::GetCrlRequest {})
                 .await
                 .ok()

@@ -400,8 +400,7 @@ pub(super) async fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) async fn crl(a: CrlArgs) -> anyhow::Result<ExitCode> {
-    let mut client = RevocationClient::new(a.conn.channel().await?)
-        .max_decoding_message_size(crate::codec::MAX_CRL_RESPONSE);
+    let mut client = crate::client::crl_client(a.conn.channel().await?);
     let crl = client
         .get_crl(pb::GetCrlRequest {})
         .await
