@@ -18,6 +18,7 @@ mod etcd;
 mod index;
 mod records;
 mod sled;
+mod wal;
 
 use std::sync::Arc;
 

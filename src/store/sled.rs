@@ -11,6 +11,7 @@
 //! swaps the directories (see [`compact`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -24,6 +25,7 @@ use tokio::sync::broadcast;
 
 use super::index::RevIndex;
 use super::records::{CompactRevocation, Stored};
+use super::wal::{self, Wal};
 use super::{
     AccessRecord, AuditRecord, Consume, Enrollment, FEED_BUFFER, Guard, IssuedRecord,
     RevocationBrief, RevocationRecord, SharedChange, Store, StoreError, StoreHealth, StoreStats,
@@ -90,7 +92,16 @@ pub struct SledStore {
     journal: sled::Tree,
     /// Set when a journaled group could not be written to the end: what is in the trees is then
     /// uncertain until the journal is replayed at the next open, so every later commit fails.
-    journal_stuck: std::sync::atomic::AtomicBool,
+    journal_stuck: AtomicBool,
+    /// Where journaled groups are made durable (see the [`wal`] module).
+    wal: Wal,
+    /// Bumped after every write that only sled's log makes durable (transactions, token uses,
+    /// prunes, shared values, a group the write-ahead log could not take).
+    sled_writes: AtomicU64,
+    /// The `sled_writes` value the last completed flush of sled's log covered.
+    sled_synced: AtomicU64,
+    /// Held by the flush that runs a write-ahead-log checkpoint (one at a time).
+    checkpoint: Mutex<()>,
 }
 
 /// The enrollments a renewal looks up, kept in memory so that lookup does not take sled's
@@ -152,6 +163,7 @@ impl SledStore {
         recover_compaction(dir)?;
         let db = open_db(dir)?;
         replay_journal(&db)?;
+        replay_wal(&db, dir)?;
         // One pass over the revocations both loads the index and counts their bytes, which
         // are most of a large store's live data (the compaction decision needs that sum).
         let (index, revocation_bytes) = load_index(&db)?;
@@ -190,7 +202,11 @@ impl SledStore {
             db,
             next_seq: Mutex::new(None),
             enrollment_cache: Mutex::default(),
-            journal_stuck: std::sync::atomic::AtomicBool::new(false),
+            journal_stuck: AtomicBool::new(false),
+            wal: Wal::open(dir)?,
+            sled_writes: AtomicU64::new(0),
+            sled_synced: AtomicU64::new(0),
+            checkpoint: Mutex::new(()),
         };
         // Strings no entry names (a crash between a prune's two batches) go now.
         {
@@ -216,14 +232,18 @@ impl SledStore {
     }
 
     /// Writes one group's puts as [`JOURNAL_TREE`] describes: the journal entry (one atomic
-    /// insert), the puts, then the entry's removal. Called under the commit lock.
+    /// insert), the puts, then the entry's removal; then appends the group to the write-ahead
+    /// log, which makes it durable at the next flush without a write of sled's log. `seqs` are
+    /// the group's first and last audit seq. Called under the commit lock.
     fn write_journaled(
         &self,
         trees: &[&sled::Tree; TREES],
         puts: &[Put<'_>],
+        seqs: (u64, u64),
     ) -> Result<(), StoreError> {
+        let entry = encode_journal(puts);
         self.journal
-            .insert(JOURNAL_KEY, encode_journal(puts))
+            .insert(JOURNAL_KEY, entry.as_slice())
             .map_err(backend)?;
         // From here on the group is written: a crash leaves the entry for the next open.
         let applied = puts
@@ -231,11 +251,35 @@ impl SledStore {
             .try_for_each(|(t, k, v)| trees[*t].insert(*k, *v).map(drop))
             .and_then(|()| self.journal.remove(JOURNAL_KEY).map(drop));
         if let Err(e) = applied {
-            self.journal_stuck
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.journal_stuck.store(true, Ordering::SeqCst);
             return Err(backend(e));
         }
+        // The group is in sled's trees; only its durability is left. A log that cannot take it
+        // leaves that to sled's log, as for a transaction.
+        match self.wal.append(seqs.0, seqs.1, &entry) {
+            Ok(true) => {}
+            Ok(false) => self.wrote(),
+            Err(e) => {
+                warn!(error = %e, "the write-ahead log failed; groups are made durable through sled's log until a restart");
+                self.wrote();
+            }
+        }
         Ok(())
+    }
+
+    /// Notes a write that only a flush of sled's log makes durable (call it after the write).
+    fn wrote(&self) {
+        self.sled_writes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Makes everything written to sled so far durable.
+    fn flush_sled(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(backend)?;
+        // Durable means durable across a power cut: sled's flush wrote and `sync_file_range`d the
+        // log, and this makes the data, the file's length and the drive's cache stable.
+        self.log
+            .sync_data()
+            .map_err(|e| StoreError::Backend(format!("fdatasync of sled's log: {e}")))
     }
 
     fn enrollment_cache(&self) -> std::sync::MutexGuard<'_, EnrollmentCache> {
@@ -336,7 +380,10 @@ impl Store for SledStore {
                 .compare_and_swap(key, Some(&raw), Some(after.to_stored()))
                 .map_err(backend)?
             {
-                Ok(()) => break Consume::Won(rec),
+                Ok(()) => {
+                    self.wrote();
+                    break Consume::Won(rec);
+                }
                 // Someone else took a use (or the record changed) in between: decide again.
                 Err(_) => continue,
             }
@@ -344,7 +391,8 @@ impl Store for SledStore {
         // No fsync of its own. Durability comes from the caller's audit group commit:
         // `Issuance::with_token` answers only after the issuance's audit record is committed,
         // and that commit's `flush` makes every write made to this database before it durable as
-        // well (sled has one log for all trees, and a flush covers everything already in it). So
+        // well (sled has one log for all trees, and a flush covers everything already in it;
+        // `wrote` above makes that flush write sled's log even for a journaled group). So
         // no certificate is handed out on a use that a crash could give back; a crash before that
         // flush loses the use together with the never-sent certificate, and the token simply
         // keeps that use. Flushing here cost one extra fsync per issuance, paid on an async
@@ -481,7 +529,8 @@ impl Store for SledStore {
             self.audit.remove(k).map_err(backend)?;
             deleted += 1;
         }
-        self.db.flush().map_err(backend)?;
+        self.wrote();
+        self.flush()?;
         Ok(deleted)
     }
 
@@ -492,7 +541,7 @@ impl Store for SledStore {
     fn commit(&self, records: &[AuditRecord], writes: &[Write]) -> Result<(), StoreError> {
         let mut next_seq = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
         // Checked first, before anything (string references in the index) is taken.
-        if self.journal_stuck.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.journal_stuck.load(Ordering::SeqCst) {
             return Err(StoreError::Backend(
                 "an earlier group commit was interrupted by a storage error; restart the CA to \
                  finish it from the store's journal"
@@ -625,6 +674,7 @@ impl Store for SledStore {
         // they describe, identity-rule guards judged above, nothing else) is written without a
         // transaction; see [`JOURNAL_TREE`].
         let journaled = !trees.is_empty()
+            && !records.is_empty()
             && prepared.iter().all(|w| {
                 matches!(
                     w,
@@ -645,8 +695,9 @@ impl Store for SledStore {
             Err(StoreError::GuardFailed {
                 writes: ruled.clone(),
             })
-        } else if journaled {
-            self.write_journaled(&all, &puts)
+        } else if let (true, Some(first), Some(last)) = (journaled, records.first(), records.last())
+        {
+            self.write_journaled(&all, &puts, (first.seq, last.seq))
         } else if trees.is_empty() {
             if ruled.is_empty() {
                 Ok(())
@@ -716,6 +767,7 @@ impl Store for SledStore {
                     Ok(())
                 })
                 .map_err(tx_err)
+                .inspect(|()| self.wrote())
         };
         // Still under the commit lock, so the index applies commits in their order. It may
         // show a revocation before its flush, as the trees do: a crash can only forget one
@@ -755,13 +807,20 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(backend)?;
-        // Durable means durable across a power cut: sled's flush wrote and `sync_file_range`d the
-        // log, and this makes the data, the file's length and the drive's cache stable (one
-        // fdatasync per group commit, shared by every event in the group).
-        self.log
-            .sync_data()
-            .map_err(|e| StoreError::Backend(format!("fdatasync of sled's log: {e}")))
+        // Journaled groups are durable once the write-ahead log is synced; anything else written
+        // before this call needs sled's log, and so does a checkpoint of the write-ahead log.
+        let writes = self.sled_writes.load(Ordering::SeqCst);
+        if writes != self.sled_synced.load(Ordering::SeqCst) || self.wal.checkpoint_due() {
+            // One checkpoint at a time; a flush that finds one running still flushes sled's log.
+            let running = self.checkpoint.try_lock().ok();
+            let rotation = running.as_ref().and_then(|_| self.wal.rotate());
+            self.flush_sled()?;
+            self.sled_synced.fetch_max(writes, Ordering::SeqCst);
+            if let Some(r) = rotation {
+                self.wal.retire(r)?;
+            }
+        }
+        self.wal.sync()
     }
 
     fn prune(&self, now: i64) -> Result<usize, StoreError> {
@@ -792,6 +851,7 @@ impl Store for SledStore {
             }
             self.expiry.remove(&k).map_err(backend)?;
         }
+        self.wrote();
         Ok(pruned)
     }
 
@@ -844,6 +904,7 @@ impl Store for SledStore {
         {
             return Ok(false);
         }
+        self.wrote();
         self.flush()?;
         let _ = self.shared_tx.send(SharedChange {
             key: key.to_string(),
@@ -870,6 +931,7 @@ impl Store for SledStore {
         {
             return Ok(false);
         }
+        self.wrote();
         self.flush()?;
         let _ = self.shared_tx.send(SharedChange {
             key: key.to_string(),
@@ -1236,6 +1298,53 @@ fn replay_journal(db: &sled::Db) -> Result<(), StoreError> {
         "finished a group commit a crash interrupted"
     );
     Ok(())
+}
+
+/// Applies the journaled groups that the write-ahead log made durable and sled's log does not
+/// hold yet (see the [`wal`] module), then makes them durable in sled and empties the log.
+fn replay_wal(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
+    let head = match db
+        .open_tree("audit")
+        .map_err(backend)?
+        .last()
+        .map_err(backend)?
+    {
+        Some((k, _)) => <[u8; 8]>::try_from(k.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Decode {
+                key: crate::encoding::hex(&k),
+                reason: "an audit key that is not a seq".into(),
+            })?,
+        None => 0,
+    };
+    let mut trees: Vec<Option<sled::Tree>> = vec![None; TREES];
+    let (applied, dropped) = wal::replay(dir, head, |payload| {
+        for (t, k, v) in decode_journal(payload)? {
+            let tree = match &mut trees[t] {
+                Some(tree) => tree,
+                slot => slot.insert(db.open_tree(TREE_NAMES[t]).map_err(backend)?),
+            };
+            tree.insert(k, v).map_err(backend)?;
+        }
+        Ok(())
+    })?;
+    if dropped > 0 {
+        warn!(
+            dropped,
+            "the write-ahead log holds groups past a missing audit seq; they were never acknowledged and are dropped"
+        );
+    }
+    if applied > 0 {
+        db.flush().map_err(backend)?;
+        std::fs::File::open(dir.join("db"))
+            .and_then(|f| f.sync_data())
+            .map_err(|e| StoreError::Backend(format!("fdatasync of sled's log: {e}")))?;
+        info!(
+            groups = applied,
+            "applied group commits from the write-ahead log"
+        );
+    }
+    wal::clear(dir)
 }
 
 /// The trees [`load_index`] reads (the strings first).
@@ -1797,6 +1906,93 @@ mod tests {
         // The prune deletes what a journaled group indexed for expiry.
         assert!(store.prune(1_000).unwrap() >= 1);
         assert_eq!(store.issued("0a").unwrap(), None);
+    }
+
+    /// Copies a store's directory as a crash would leave it: sled's files hold only what sled
+    /// wrote out (a process killed with `kill -9` loses sled's unwritten buffers, the page cache
+    /// survives).
+    fn crash_copy(from: &Path, to: &Path, with_wal: bool) {
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name();
+            if !with_wal && name.to_string_lossy().starts_with("lanyard-wal") {
+                continue;
+            }
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::create_dir_all(to.join(&name)).unwrap();
+                crash_copy(&entry.path(), &to.join(&name), with_wal);
+            } else {
+                std::fs::copy(entry.path(), to.join(&name)).unwrap();
+            }
+        }
+    }
+
+    /// A journaled group is durable once the write-ahead log is synced, without a write of
+    /// sled's log: a crash that loses what sled had not written out finds the group, whole, at
+    /// the next open. A token use before it (only in sled's log) is durable by the same flush.
+    #[test]
+    fn an_acknowledged_group_sled_never_wrote_out_is_replayed_from_the_write_ahead_log() {
+        let id = "spiffe://example.org/web";
+        // sled's own flusher writes its log out every second; an attempt it happens to cover
+        // proves nothing, so try again (it covers a few milliseconds of each second).
+        let mut shown = false;
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SledStore::open(dir.path()).unwrap();
+            store
+                .commit(&[audit_rec(1)], &[Write::PutToken(token("t", 1, 1_000))])
+                .unwrap();
+            store.flush().unwrap();
+            assert!(matches!(
+                store.consume_token("t", 10).unwrap(),
+                Consume::Won(_)
+            ));
+            let writes = [
+                Write::PutEnrollment(enrollment(id, &["web"])),
+                Write::PutIssued(issued_rec(id, "0d"), 900),
+            ];
+            store
+                .commit(&[audit_rec(2), audit_rec(3)], &writes)
+                .unwrap();
+            store.flush().unwrap();
+            store.commit(&[audit_rec(4)], &[]).unwrap();
+            store.flush().unwrap();
+            let (crashed, sled_only) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            crash_copy(dir.path(), crashed.path(), true);
+            crash_copy(dir.path(), sled_only.path(), false);
+            drop(store);
+
+            let reopened = SledStore::open(crashed.path()).unwrap();
+            assert_eq!(reopened.audit_head().unwrap().unwrap().0, 4);
+            assert_eq!(reopened.read_audit(1, 10).unwrap().len(), 4);
+            assert_eq!(reopened.issued("0d").unwrap(), Some(issued_rec(id, "0d")));
+            assert_eq!(reopened.issued_for(id).unwrap().len(), 1);
+            assert_eq!(reopened.enrollment(id).unwrap().unwrap().roles, ["web"]);
+            assert_eq!(
+                reopened.consume_token("t", 10).unwrap(),
+                Consume::AlreadyUsed
+            );
+            // The replayed groups are in sled's log now: the log was emptied.
+            reopened.commit(&[audit_rec(5)], &[]).unwrap();
+            drop(reopened);
+            let again = SledStore::open(crashed.path()).unwrap();
+            assert_eq!(again.audit_head().unwrap().unwrap().0, 5);
+
+            // Without the write-ahead log, sled's files alone hold the token's use and the
+            // group flushed after it (that flush wrote sled's log out for the use), but lack the
+            // last group (unless sled's flusher ran in between).
+            let without = SledStore::open(sled_only.path()).unwrap();
+            assert_eq!(
+                without.consume_token("t", 10).unwrap(),
+                Consume::AlreadyUsed
+            );
+            assert_eq!(without.issued("0d").unwrap(), Some(issued_rec(id, "0d")));
+            if without.audit_head().unwrap().unwrap().0 == 3 {
+                shown = true;
+                break;
+            }
+        }
+        assert!(shown, "sled's flusher wrote every attempt's groups out");
     }
 
     /// A crash between a journaled group's entry and the end of its puts: the next open
