@@ -271,8 +271,9 @@ impl SharedCrl {
         };
         let mut chunks = Vec::with_capacity(2 * fields.len() + 1);
         let mut head = BytesMut::with_capacity(5 + 16);
-        // Uncompressed: the CA is built without tonic's compression features, so tonic never
-        // compresses a response either.
+        // Not compressed (flag 0). The CA is built without tonic's compression features, so
+        // tonic never compresses an answer either; and the flag is per message, so an
+        // uncompressed message is valid whatever `grpc-encoding` the headers name.
         head.put_u8(0);
         head.put_u32(prefix);
         for (tag, value) in fields {
