@@ -28,8 +28,9 @@
 //!    `Watch{since: 0}` until every entry arrived (twice, each on a new connection), the same
 //!    and a `GetCrl` through a proxy adding a round trip, `Revocation.Check` one call at a time,
 //!    `GetCrl` with tonic's default 4 MiB client limit and with Lanyard's, eight at once and
-//!    the CA's peak RSS meanwhile, and a real `lanyard agent` from a join token until it is
-//!    idle. CPU and RSS of each process from `/proc`.
+//!    the CA's peak RSS meanwhile (over its RSS before, in CRLs: the answers share the cached
+//!    CRL), eight `Watch{since: 0}` at once and the CA's peak meanwhile, and a real `lanyard
+//!    agent` from a join token until it is idle. CPU and RSS of each process from `/proc`.
 //! 9. **On etcd** (`LANYARD_BENCH_ETCD=1`): section 8's CA on a one-member etcd
 //!    (`/usr/bin/etcd`): its start (the mirror load), etcd's CPU, RSS and data dir.
 //!
@@ -42,6 +43,10 @@
 //! - `LANYARD_BENCH_GRPC`        0 skips step 8 (default 1)
 //! - `LANYARD_BENCH_GRPC_CHECKS` `Revocation.Check` calls over gRPC (default 20000)
 //! - `LANYARD_BENCH_RTT_MS`      round trip the proxy adds in step 8, 0: none (default 10)
+//! - `LANYARD_BENCH_CRL_FETCHERS` concurrent `GetCrl` calls in step 8 (default 8)
+//! - `LANYARD_BENCH_WATCHERS`    concurrent `Watch{since: 0}` in step 8, 0: none (default 8)
+//! - `LANYARD_BENCH_SERVE_BIN`   the `lanyard` binary steps 8-9 serve with (default: this
+//!   build's), for an A/B of two CA builds with the same clients
 //! - `LANYARD_BENCH_AGENT`       0: no `lanyard agent` in step 8 (default 1)
 //! - `LANYARD_BENCH_ETCD`        1 runs step 9 (default 0)
 //!
@@ -820,10 +825,12 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
         );
     }
     // Several at once, each on its own connection (agents fetching after a revocation): the CA's
-    // memory while they are in flight.
-    let fetchers = 8;
+    // memory while they are in flight. Each answer shares the cached CRL (decision 116): the
+    // peak over the CA's resident set before is what N callers at once cost.
+    let fetchers: usize = knob("LANYARD_BENCH_CRL_FETCHERS", 8)?;
     reset_peak_rss_of(serve.pid());
     let before = serve.rss();
+    let before_kib = status_kib(serve.pid(), "VmRSS:");
     let cpu0 = cpu(serve.pid());
     let t = Instant::now();
     let mut calls = tokio::task::JoinSet::new();
@@ -841,13 +848,65 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
     while let Some(r) = calls.join_next().await {
         sizes.push(r??);
     }
+    let size = sizes.first().copied().unwrap_or(0);
+    let peak = status_kib(serve.pid(), "VmHWM:");
     println!(
-        "   {fetchers} GetCrl at once: {} bytes each, all in {}; CA CPU {:.3}s; CA before {before}, after {}",
-        sizes.first().copied().unwrap_or(0),
+        "   {fetchers} GetCrl at once: {size} bytes each, all in {}; CA CPU {:.3}s; CA before {before}, after {}",
         secs(t.elapsed()),
         cpu(serve.pid()) - cpu0,
         serve.rss()
     );
+    println!(
+        "   {fetchers} GetCrl at once: CA peak {} MiB, {} MiB over its RSS before = {:.2} CRLs ({} bytes each)",
+        peak / 1024,
+        peak.saturating_sub(before_kib) / 1024,
+        peak.saturating_sub(before_kib) as f64 * 1024.0 / size.max(1) as f64,
+        size
+    );
+    // Watch{since: 0} from several new agents at once: what each stream in flight holds in the
+    // CA (a page of entries and the encoded messages HTTP/2 has not sent yet), not the store.
+    let watchers: usize = knob("LANYARD_BENCH_WATCHERS", 8)?;
+    if watchers > 0 {
+        reset_peak_rss_of(serve.pid());
+        let before = serve.rss();
+        let before_kib = status_kib(serve.pid(), "VmRSS:");
+        let cpu0 = cpu(serve.pid());
+        let t = Instant::now();
+        let mut streams = tokio::task::JoinSet::new();
+        for _ in 0..watchers {
+            let mut client = RevocationClient::new(connect(true).await?);
+            streams.spawn(async move {
+                let mut stream = client
+                    .watch(pb::WatchRequest { since: 0 })
+                    .await?
+                    .into_inner();
+                let mut got = 0usize;
+                while got < n {
+                    match tokio::time::timeout(Duration::from_secs(60), stream.message()).await {
+                        Ok(Ok(Some(e))) if e.reason == "benchmark" => got += 1,
+                        Ok(Ok(Some(_))) => {}
+                        Ok(Ok(None)) | Err(_) => break,
+                        Ok(Err(s)) => return Err(s),
+                    }
+                }
+                Ok::<_, tonic::Status>(got)
+            });
+        }
+        let mut got = Vec::new();
+        while let Some(r) = streams.join_next().await {
+            got.push(r??);
+        }
+        let peak = status_kib(serve.pid(), "VmHWM:");
+        println!(
+            "   {watchers} Watch{{since: 0}} at once: {} of {n} entries each, all in {}; CA CPU {:.2}s; CA before {before}, after {}; peak {} MiB over before ({:.1} MiB per stream)",
+            got.iter().min().copied().unwrap_or(0),
+            secs(t.elapsed()),
+            cpu(serve.pid()) - cpu0,
+            serve.rss(),
+            peak.saturating_sub(before_kib) / 1024,
+            peak.saturating_sub(before_kib) as f64 / 1024.0 / watchers as f64
+        );
+    }
     if etcd.is_none() && knob("LANYARD_BENCH_AGENT", 1u8)? != 0 {
         agent_run(&serve, connect(true).await?, tmp.path(), n).await?;
     }
@@ -1049,7 +1108,8 @@ async fn fill(
     Ok(serials)
 }
 
-/// A `lanyard serve` process (the binary this bench is built with); killed on drop.
+/// A `lanyard serve` process (the binary this bench is built with, or
+/// `LANYARD_BENCH_SERVE_BIN`); killed on drop.
 struct Serve {
     child: Option<std::process::Child>,
     addr: String,
@@ -1069,7 +1129,10 @@ impl Serve {
             .append(true)
             .open(&log_path)?;
         let t = Instant::now();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_lanyard"))
+        // Another build of the CA for an A/B run (the same bench binary, so the same clients).
+        let bin = std::env::var_os("LANYARD_BENCH_SERVE_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_lanyard").into());
+        let child = std::process::Command::new(bin)
             .args(["serve", "--config"])
             .arg(config)
             .arg("--data-dir")
@@ -1218,6 +1281,16 @@ impl Drop for Etcd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `kB` field (`VmRSS:`, `VmHWM:`) of process `pid`'s status file, in KiB; 0 when unknown.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Resets process `pid`'s peak RSS (see [`reset_peak_rss`]).

@@ -22,8 +22,11 @@ use crate::api::access::AccessService;
 use crate::api::limit::DenialLimiter;
 use crate::api::refusals::RefusalLayer;
 use crate::api::{
-    Authenticator, admin::AdminService, audit::AuditService, ca::CaService,
-    revocation::RevocationService,
+    Authenticator,
+    admin::AdminService,
+    audit::AuditService,
+    ca::CaService,
+    revocation::{RevocationService, SharedCrlServer},
 };
 use crate::audit::{AuditLog, Event, Kind};
 use crate::ca::{Authority, CaError, Kek, SanNames};
@@ -702,7 +705,8 @@ async fn grpc_server<S: Future<Output = ()> + Send + 'static>(
             ))
             .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
-        .add_service(
+        // `GetCrl` answers share the cached CRL instead of a copy per call (decision 116).
+        .add_service(SharedCrlServer::new(
             RevocationServer::new(RevocationService::new(
                 core.revocations.clone(),
                 core.cas.clone(),
@@ -711,7 +715,7 @@ async fn grpc_server<S: Future<Output = ()> + Send + 'static>(
                 shutdown_rx.clone(),
             ))
             .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
+        ))
         .serve_with_incoming_shutdown(ReceiverStream::new(conns), signal))
 }
 

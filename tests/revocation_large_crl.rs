@@ -17,16 +17,10 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{POLICY, TestCa, poll_until, spawn_agent, wait_for_svid};
-use lanyard::audit::{AuditLog, Event, Kind};
-use lanyard::ca::Serial;
+use common::{POLICY, TestCa, commit_serial_revocations, poll_until, spawn_agent, wait_for_svid};
 use lanyard::pb::v1::{self as pb, revocation_client::RevocationClient};
-use lanyard::store::{RECORD_VERSION, RevocationRecord, SledStore, Store, Write};
-use lanyard::tls::unix_now;
 use rustls_pki_types::CertificateRevocationListDer;
 use rustls_pki_types::pem::PemObject;
 use x509_parser::prelude::FromDer;
@@ -47,55 +41,11 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Commits `n` serial revocations to the stopped CA's store; returns their serials.
-async fn revoke_many(data: &Path, n: usize) -> HashSet<String> {
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&data.join("store")).unwrap());
-    let log = AuditLog::start(store.clone()).unwrap();
-    let now = unix_now();
-    let mut serials = HashSet::new();
-    for start in (0..n).step_by(1000) {
-        let writes: Vec<Write> = (start..(start + 1000).min(n))
-            .map(|i| {
-                let serial = Serial::random().to_hex();
-                serials.insert(serial.clone());
-                Write::PutRevocation(RevocationRecord {
-                    v: RECORD_VERSION,
-                    rev: 0,
-                    serial,
-                    spiffe_id: format!("spiffe://example.org/ns/prod/w{}", i % 100),
-                    identity_rule: false,
-                    before: 0,
-                    reason: "bulk".into(),
-                    revoked_at: now,
-                    expires_at: now + 3600,
-                    blocked: false,
-                    renewable: false,
-                    origin: String::new(),
-                })
-            })
-            .collect();
-        log.record(
-            Event::new(Kind::Revoked, "spiffe://example.org/lanyard/admin").reason("bulk"),
-            writes,
-        )
-        .await
-        .unwrap();
-    }
-    drop(log);
-    // The audit writer's thread lets go of the store a moment after the log's last handle.
-    poll_until(Duration::from_secs(10), Duration::from_millis(10), || {
-        (Arc::strong_count(&store) == 1).then_some(())
-    })
-    .await
-    .expect("the audit writer stops");
-    serials
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crl_over_four_mib_reaches_the_cli_and_the_agent() {
     let ca = TestCa::start_with("", POLICY).await;
     let (dir, config) = ca.stop().await;
-    let revoked = revoke_many(&dir.path().join("data"), ENTRIES).await;
+    let revoked = commit_serial_revocations(&dir.path().join("data"), ENTRIES).await;
     let ca = TestCa::start_in(dir, config).await;
 
     // A client with tonic's default limit cannot take it: the case this test is about.

@@ -5,13 +5,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
+use http_body_util::StreamBody;
+use hyper::body::Frame;
+use prost::bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::{broadcast, watch};
+use tonic::codegen::http;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 use super::auth::ConnAuth;
 use super::{Authenticator, status};
 use crate::ca::{CaHandle, Serial};
-use crate::pb::v1::{self as pb, revocation_server::Revocation, revoke_request::Target};
+use crate::pb::v1::{
+    self as pb,
+    revocation_server::{Revocation, RevocationServer},
+    revoke_request::Target,
+};
 use crate::policy::ROLE_ADMIN;
 use crate::revocation::Revocations;
 use crate::spiffe::SpiffeId;
@@ -184,7 +193,7 @@ impl Revocation for RevocationService {
         ))))
     }
 
-    async fn get_crl(&self, _req: Request<pb::GetCrlRequest>) -> Result<Response<pb::Crl>, Status> {
+    async fn get_crl(&self, req: Request<pb::GetCrlRequest>) -> Result<Response<pb::Crl>, Status> {
         let cas = self.authority.current();
         let der = self
             .revocations
@@ -194,15 +203,163 @@ impl Revocation for RevocationService {
             Some(old) => vec![
                 self.revocations
                     .crl(old, self.crl_validity)
-                    .map_err(status::revocation)?
-                    .to_vec(),
+                    .map_err(status::revocation)?,
             ],
             None => Vec::new(),
         };
+        // Behind `SharedCrlServer` (how the CA serves this service) the answer goes out as the
+        // cached CRL itself, not a copy: the message stays empty and the layer writes it.
+        if req.extensions().get::<ShareCrl>().is_some() {
+            let mut answer = Response::new(pb::Crl::default());
+            answer.extensions_mut().insert(SharedCrl { der, retiring });
+            return Ok(answer);
+        }
         Ok(Response::new(pb::Crl {
             der: der.to_vec(),
-            retiring,
+            retiring: retiring.iter().map(|c| c.to_vec()).collect(),
         }))
+    }
+}
+
+/// The gRPC path of `Revocation.GetCrl`.
+const GET_CRL_PATH: &str = "/lanyard.v1.Revocation/GetCrl";
+
+/// Request marker: the `GetCrl` handler may answer with [`SharedCrl`] (a
+/// [`SharedCrlServer`] in front of it writes the message).
+#[derive(Debug, Clone, Copy)]
+struct ShareCrl;
+
+/// A `GetCrl` answer as the cache holds it: the CRLs (DER) to send, shared with the cache.
+#[derive(Debug, Clone)]
+struct SharedCrl {
+    der: Arc<Vec<u8>>,
+    retiring: Vec<Arc<Vec<u8>>>,
+}
+
+/// A cached CRL as a `Bytes` that holds it instead of copying it.
+struct CrlDer(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for CrlDer {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+}
+
+impl SharedCrl {
+    /// The gRPC message (the 5-byte length prefix, then a `Crl` as prost encodes it) in
+    /// pieces: the small headers are written here, each CRL is the cached buffer itself. At a
+    /// million revocations a CRL is 36 MB, and tonic encodes a message into a buffer of its
+    /// own per call, held until the client has read it: N callers at once held N copies.
+    fn into_chunks(self) -> Result<Vec<Bytes>, Status> {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+        // `Crl`: bytes der = 1 (left out when empty, as proto3 encodes a default), repeated
+        // bytes retiring = 2 (every element, empty or not).
+        let der = (!self.der.is_empty()).then_some((1, self.der));
+        let fields: Vec<(u32, Arc<Vec<u8>>)> = der
+            .into_iter()
+            .chain(self.retiring.into_iter().map(|r| (2, r)))
+            .collect();
+        let len: usize = fields
+            .iter()
+            .map(|(tag, v)| key_len(*tag) + encoded_len_varint(v.len() as u64) + v.len())
+            .sum();
+        // tonic's own limit and wording for a message past the 4-byte length prefix.
+        let Ok(prefix) = u32::try_from(len) else {
+            return Err(Status::resource_exhausted(format!(
+                "Cannot return body with more than 4GB of data but got {len} bytes"
+            )));
+        };
+        let mut chunks = Vec::with_capacity(2 * fields.len() + 1);
+        let mut head = BytesMut::with_capacity(5 + 16);
+        // Not compressed (flag 0). The CA is built without tonic's compression features, so
+        // tonic never compresses an answer either; and the flag is per message, so an
+        // uncompressed message is valid whatever `grpc-encoding` the headers name.
+        head.put_u8(0);
+        head.put_u32(prefix);
+        for (tag, value) in fields {
+            encode_key(tag, WireType::LengthDelimited, &mut head);
+            encode_varint(value.len() as u64, &mut head);
+            chunks.push(head.split().freeze());
+            if !value.is_empty() {
+                chunks.push(Bytes::from_owner(CrlDer(value)));
+            }
+        }
+        if !head.is_empty() {
+            chunks.push(head.freeze());
+        }
+        Ok(chunks)
+    }
+}
+
+/// `lanyard.v1.Revocation` as the CA serves it: the generated server, with `GetCrl` answers
+/// written from the cached CRL. Everything else about a `GetCrl` call (decoding the request,
+/// the handler and its errors, the response headers) is the generated server's; only a
+/// successful answer's body is replaced, by the same message in shared pieces and the same
+/// trailers (`grpc-status: 0`). Any other call passes through untouched.
+#[derive(Debug, Clone)]
+pub struct SharedCrlServer<S> {
+    inner: S,
+}
+
+impl SharedCrlServer<RevocationServer<RevocationService>> {
+    /// Wraps the generated server (configured as the caller wants).
+    pub fn new(inner: RevocationServer<RevocationService>) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S: NamedService> NamedService for SharedCrlServer<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for SharedCrlServer<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let get_crl = req.uri().path() == GET_CRL_PATH;
+        if get_crl {
+            req.extensions_mut().insert(ShareCrl);
+        }
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let mut resp = answer.await?;
+            let Some(crl) = get_crl
+                .then(|| resp.extensions_mut().remove::<SharedCrl>())
+                .flatten()
+            else {
+                return Ok(resp);
+            };
+            let chunks = match crl.into_chunks() {
+                Ok(c) => c,
+                Err(status) => return Ok(status.into_http()),
+            };
+            // The trailers tonic ends a successful answer with (`grpc-status: 0`).
+            let mut trailers = http::HeaderMap::new();
+            if let Err(status) = Status::ok("").add_header(&mut trailers) {
+                return Ok(status.into_http());
+            }
+            let frames = chunks
+                .into_iter()
+                .map(Frame::data)
+                .chain(std::iter::once(Frame::trailers(trailers)))
+                .map(Ok::<_, std::convert::Infallible>);
+            let body = StreamBody::new(futures_util::stream::iter(frames));
+            Ok(resp.map(|_| tonic::body::Body::new(body)))
+        })
     }
 }
 
@@ -340,6 +497,47 @@ mod tests {
             blocked: false,
             renewable: false,
             origin: String::new(),
+        }
+    }
+
+    /// A shared `GetCrl` answer is, byte for byte, the gRPC message tonic writes for the same
+    /// `Crl` encoded by prost: the 5-byte prefix (uncompressed, big-endian length), then the
+    /// fields; an empty `der` left out, every `retiring` element kept, lengths of one to four
+    /// varint bytes. Each CRL goes out as the cached buffer itself, not a copy.
+    #[test]
+    fn a_shared_crl_answer_is_the_message_tonic_and_prost_write() {
+        let bytes = |n: usize| -> Vec<u8> { (0..n).map(|i| (i * 7 + n) as u8).collect() };
+        let cases: Vec<(Vec<u8>, Vec<Vec<u8>>)> = vec![
+            (Vec::new(), Vec::new()),
+            (bytes(10), Vec::new()),
+            (Vec::new(), vec![bytes(5)]),
+            (bytes(300), vec![Vec::new(), bytes(20_000)]),
+            (bytes(3 << 20), vec![bytes(200)]),
+        ];
+        for (der, retiring) in cases {
+            let message = pb::Crl {
+                der: der.clone(),
+                retiring: retiring.clone(),
+            };
+            let mut expected = vec![0u8];
+            expected
+                .extend_from_slice(&(prost::Message::encoded_len(&message) as u32).to_be_bytes());
+            expected.extend_from_slice(&prost::Message::encode_to_vec(&message));
+            let der = Arc::new(der);
+            let retiring: Vec<Arc<Vec<u8>>> = retiring.into_iter().map(Arc::new).collect();
+            let chunks = SharedCrl {
+                der: der.clone(),
+                retiring: retiring.clone(),
+            }
+            .into_chunks()
+            .unwrap();
+            assert_eq!(chunks.concat(), expected, "der {} bytes", der.len());
+            // The CRLs are shared, not copied: a chunk points into each one's own buffer.
+            for crl in std::iter::once(&der).chain(&retiring) {
+                if !crl.is_empty() {
+                    assert!(chunks.iter().any(|c| c.as_ptr() == crl.as_ptr()));
+                }
+            }
         }
     }
 

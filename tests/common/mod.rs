@@ -722,3 +722,54 @@ pub async fn workload_client(
 }
 
 pub mod etcd;
+
+/// Commits `n` serial revocations (random serials, live for an hour) to the store of a stopped
+/// CA whose data dir is `data`, through its audit log as `Revoke` commits them (1,000 per
+/// event), so a test gets a large CRL without `n` RPCs; returns the serials in hex
+/// (tests/revocation_large_crl.rs, tests/revocation_shared_crl.rs).
+pub async fn commit_serial_revocations(data: &Path, n: usize) -> std::collections::HashSet<String> {
+    use lanyard::audit::{AuditLog, Event, Kind};
+    use lanyard::store::{RECORD_VERSION, RevocationRecord, SledStore, Store, Write};
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&data.join("store")).unwrap());
+    let log = AuditLog::start(store.clone()).unwrap();
+    let now = lanyard::tls::unix_now();
+    let mut serials = std::collections::HashSet::new();
+    for start in (0..n).step_by(1000) {
+        let writes: Vec<Write> = (start..(start + 1000).min(n))
+            .map(|i| {
+                let serial = lanyard::ca::Serial::random().to_hex();
+                serials.insert(serial.clone());
+                Write::PutRevocation(RevocationRecord {
+                    v: RECORD_VERSION,
+                    rev: 0,
+                    serial,
+                    spiffe_id: format!("spiffe://example.org/ns/prod/w{}", i % 100),
+                    identity_rule: false,
+                    before: 0,
+                    reason: "bulk".into(),
+                    revoked_at: now,
+                    expires_at: now + 3600,
+                    blocked: false,
+                    renewable: false,
+                    origin: String::new(),
+                })
+            })
+            .collect();
+        log.record(
+            Event::new(Kind::Revoked, "spiffe://example.org/lanyard/admin").reason("bulk"),
+            writes,
+        )
+        .await
+        .unwrap();
+    }
+    drop(log);
+    // The audit writer's thread lets go of the store a moment after the log's last handle.
+    poll_until(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(10),
+        || (Arc::strong_count(&store) == 1).then_some(()),
+    )
+    .await
+    .expect("the audit writer stops");
+    serials
+}
