@@ -817,7 +817,7 @@ impl Store for SledStore {
             self.flush_sled()?;
             self.sled_synced.fetch_max(writes, Ordering::SeqCst);
             if let Some(r) = rotation {
-                self.wal.retire(r)?;
+                self.wal.retire(r);
             }
         }
         self.wal.sync()

@@ -14,10 +14,17 @@
 //! seq: a later group there was never acknowledged (see [`Wal::sync`]'s caller).
 //!
 //! Two files take turns: a checkpoint (a flush of sled's log) starts appending to the other one
-//! and, once sled's log is durable, empties the first, whose groups sled now holds.
+//! and, once sled's log is durable, retires the first, whose groups sled now holds: its next
+//! turn writes over it from the start. A file is grown with zeros a mebibyte at a time ahead of
+//! the records and never shrunk while the store is open, so the `fdatasync` after an append
+//! writes data into blocks the file already has and, most of the time, no file-system metadata
+//! (an append past the end would change the file's size and make every sync a journal commit).
+//! What is left of an earlier turn past the new records is older than what sled holds, and a
+//! replay skips it by seq.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write as _};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -34,6 +41,9 @@ const HEADER: usize = 24;
 /// size and the work of a replay.
 pub(super) const CHECKPOINT_BYTES: u64 = 8 << 20;
 
+/// How far ahead of the records a file is grown with zeros.
+const GROW_BYTES: u64 = 1 << 20;
+
 /// The append-only group log of a sled store.
 pub(super) struct Wal {
     files: [File; 2],
@@ -44,8 +54,10 @@ pub(super) struct Wal {
 struct State {
     /// The file appended to.
     active: usize,
-    /// Bytes appended per file since it was last emptied.
+    /// Bytes of records per file in its current turn (where the next append goes).
     len: [u64; 2],
+    /// Each file's size: records, then zeros or an earlier turn's records.
+    size: [u64; 2],
     /// Bytes of each file known to be on stable storage.
     synced: [u64; 2],
     /// Bumped when a file is emptied, so a sync that began before does not count for after.
@@ -78,7 +90,8 @@ impl Wal {
         let open = |name: &str| {
             OpenOptions::new()
                 .create(true)
-                .append(true)
+                .write(true)
+                .truncate(false)
                 .read(true)
                 .open(dir.join(name))
                 .map_err(|e| io_err(&format!("opening {name}"), e))
@@ -88,7 +101,7 @@ impl Wal {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| io_err("syncing the store directory", e))?;
-        let len = [
+        let size = [
             files[0].metadata().map_err(|e| io_err("stat", e))?.len(),
             files[1].metadata().map_err(|e| io_err("stat", e))?.len(),
         ];
@@ -96,8 +109,9 @@ impl Wal {
             files,
             state: Mutex::new(State {
                 active: 0,
-                len,
-                synced: len,
+                len: size,
+                size,
+                synced: size,
                 generation: [0; 2],
                 broken: false,
             }),
@@ -128,12 +142,26 @@ impl Wal {
         let crc = crc32fast::hash(&record[8..]);
         record[4..8].copy_from_slice(&crc.to_le_bytes());
         let active = state.active;
-        if let Err(e) = (&self.files[active]).write_all(&record) {
-            state.broken = true;
-            return Err(io_err("append", e));
+        let (at, file) = (state.len[active], &self.files[active]);
+        let end = at + record.len() as u64;
+        let grown = if end > state.size[active] {
+            let size = end.next_multiple_of(GROW_BYTES);
+            let zeros = vec![0u8; (size - state.size[active]) as usize];
+            file.write_all_at(&zeros, state.size[active]).map(|()| size)
+        } else {
+            Ok(state.size[active])
+        };
+        match grown.and_then(|size| file.write_all_at(&record, at).map(|()| size)) {
+            Ok(size) => {
+                state.size[active] = size;
+                state.len[active] = end;
+                Ok(true)
+            }
+            Err(e) => {
+                state.broken = true;
+                Err(io_err("append", e))
+            }
         }
-        state.len[active] += record.len() as u64;
-        Ok(true)
     }
 
     /// Whether the active file has grown past [`CHECKPOINT_BYTES`].
@@ -181,21 +209,17 @@ impl Wal {
         })
     }
 
-    /// Ends a checkpoint once sled's log is durable: empties the file it rotated away from.
-    pub(super) fn retire(&self, r: Rotation) -> Result<(), StoreError> {
+    /// Ends a checkpoint once sled's log is durable: the file it rotated away from takes its
+    /// next turn from the start. Its records stay until written over; sled holds them all, so a
+    /// replay skips them by seq.
+    pub(super) fn retire(&self, r: Rotation) {
         let mut state = self.state();
         if state.generation[r.file] != r.generation || state.active == r.file {
-            return Ok(());
+            return;
         }
-        // Not synced: until it is, a crash may leave the old records, which sled now holds
-        // (a replay skips them by seq).
-        self.files[r.file]
-            .set_len(0)
-            .map_err(|e| io_err("truncate", e))?;
         state.len[r.file] = 0;
         state.synced[r.file] = 0;
         state.generation[r.file] += 1;
-        Ok(())
     }
 }
 
@@ -316,7 +340,7 @@ mod tests {
         assert_eq!(replayed(dir.path(), 3).0, [b"c"]);
         assert_eq!(replayed(dir.path(), 6).0, Vec::<Vec<u8>>::new());
         // Retired: sled holds 1..=3 now.
-        wal.retire(r).unwrap();
+        wal.retire(r);
         assert_eq!(replayed(dir.path(), 3).0, [b"c"]);
         // The emptied file takes appends again at the next rotation.
         assert!(wal.rotate().is_some());
@@ -343,8 +367,11 @@ mod tests {
         drop(wal);
         let path = dir.path().join(FILES[0]);
         let mut raw = std::fs::read(&path).unwrap();
-        // A crash mid-append: the second record is cut short.
-        raw.truncate(raw.len() - 3);
+        // Grown ahead with zeros.
+        assert_eq!(raw.len() as u64, GROW_BYTES);
+        // A crash mid-append: the second record's last bytes never reached the disk.
+        let end = 2 * HEADER + "first".len() + "second".len();
+        raw[end - 3..end].fill(0);
         std::fs::write(&path, &raw).unwrap();
         assert_eq!(replayed(dir.path(), 0).0, [b"first"]);
         // A flipped bit fails the checksum.
@@ -362,7 +389,7 @@ mod tests {
         let r = wal.rotate().unwrap();
         wal.append(2, 2, b"b").unwrap();
         assert!(wal.rotate().is_none(), "the spare still holds 1");
-        wal.retire(r).unwrap();
+        wal.retire(r);
         assert!(!wal.checkpoint_due());
         wal.sync().unwrap();
         assert_eq!(replayed(dir.path(), 1).0, [b"b"]);
