@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use rustls_pki_types::CertificateDer;
@@ -96,11 +96,18 @@ pub(crate) fn write_generation(
         0o600,
     )?;
     if !crls.is_empty() {
-        write_atomic(
-            &gen_dir.join(CRL),
-            super::crl::to_pem(crls).as_bytes(),
-            0o644,
-        )?;
+        // Written straight into the new generation (nobody sees it before the swap below) as it
+        // is encoded: the PEM of a CRL with a million entries is 46 MiB.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(gen_dir.join(CRL))?;
+        f.set_permissions(fs::Permissions::from_mode(0o644))?;
+        let mut w = std::io::BufWriter::with_capacity(64 * 1024, f);
+        super::crl::write_pem(crls, &mut w)?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        fs::File::open(&gen_dir)?.sync_all()?;
     }
     let fed_dir = gen_dir.join(FEDERATED);
     fs::create_dir(&fed_dir)?;

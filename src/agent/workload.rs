@@ -1,7 +1,9 @@
 //! The SPIFFE Workload API on a unix socket: `FetchX509SVID` and `FetchX509Bundles` stream the
 //! full state at once and again on every rotation or bundle change. Federated bundles travel in
 //! `federated_bundles` (FetchX509SVID) and next to the own bundle in `bundles`
-//! (FetchX509Bundles), keyed `spiffe://<td>`. JWT-SVIDs are not supported.
+//! (FetchX509Bundles), keyed `spiffe://<td>`. JWT-SVIDs are not supported. The CA's CRLs go in
+//! `crl` only while the whole response stays within [`MAX_RESPONSE`] (gRPC's default 4 MiB):
+//! past ~110,000 revocations a client would refuse the response, SVID and all.
 //!
 //! Any local process that can open the socket reaches this server, before the security header is
 //! checked, so it is bounded: at most `max_connections` connections at once (one more is closed
@@ -10,7 +12,7 @@
 
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
@@ -20,7 +22,10 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
+use prost::Message;
+
 use super::SvidState;
+use super::crl::{Crls, RevokedSerials};
 use super::uds::{MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE};
 use crate::pb::workload::{
     self as wl,
@@ -36,23 +41,88 @@ const WINDOW: u32 = 64 * 1024;
 const MAX_STREAMS: u32 = 32;
 /// Least time between two warnings about refused connections (repeats are logged at debug).
 const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(60);
+/// The largest response message the Workload API sends: gRPC's default receive limit (4 MiB in
+/// grpc-go, so go-spiffe; grpc core, so py-spiffe; tonic). A client refuses a larger message
+/// whole, SVID and all, so the CRLs (optional in the SPIFFE Workload API) are left out of a
+/// response they would push past it: a CA with over ~110,000 live revocations.
+pub const MAX_RESPONSE: usize = 4 * 1024 * 1024;
 
 /// The Workload API service over the agent's current SVID.
 pub struct WorkloadApi {
     state: watch::Receiver<Option<Arc<SvidState>>>,
+    budget: CrlBudget,
+}
+
+/// Whether the CRLs go into a response: only when the whole response stays within `limit`.
+/// Leaving them out is warned about once per set of revoked serials, not once per client or
+/// per routine refresh of the same list.
+#[derive(Debug, Clone)]
+struct CrlBudget {
+    limit: usize,
+    /// The CRLs last warned about: their serials and size.
+    warned: Arc<Mutex<Option<(RevokedSerials, usize)>>>,
+}
+
+// === impl CrlBudget ===
+
+impl CrlBudget {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            warned: Arc::default(),
+        }
+    }
+
+    /// The CRLs for a response whose other fields encode to `rest` octets and whose `crl` field
+    /// has number `field`: all of `crls`, or none when they do not fit.
+    fn crls_for(&self, rest: usize, field: u32, crls: &Crls) -> Vec<Vec<u8>> {
+        let size = prost::encoding::bytes::encoded_len_repeated(field, crls.ders());
+        if rest.saturating_add(size) <= self.limit {
+            return crls.ders().to_vec();
+        }
+        let key = (crls.serials(), crls.size());
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if *warned != Some(key) {
+            *warned = Some(key);
+            warn!(
+                crl_bytes = crls.size(),
+                revoked = crls.serials().len(),
+                limit = self.limit,
+                "the CA's CRLs are too large for a Workload API response (gRPC clients refuse \
+                 messages over 4 MiB by default): SVIDs and bundles are sent without them; \
+                 read crl.pem (--out) or ask Lanyard's Revocation API (Check, Watch) instead"
+            );
+        } else {
+            debug!(
+                crl_bytes = crls.size(),
+                "Workload API response sent without the CRLs (too large)"
+            );
+        }
+        Vec::new()
+    }
 }
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 impl WorkloadApi {
-    /// A service following `state`.
+    /// A service following `state`, whose responses stay within [`MAX_RESPONSE`].
     pub fn new(state: watch::Receiver<Option<Arc<SvidState>>>) -> Self {
-        Self { state }
+        Self::with_limit(state, MAX_RESPONSE)
+    }
+
+    /// A service following `state` that leaves the CRLs out of a response they would push past
+    /// `limit` octets.
+    pub fn with_limit(state: watch::Receiver<Option<Arc<SvidState>>>, limit: usize) -> Self {
+        Self {
+            state,
+            budget: CrlBudget::new(limit),
+        }
     }
 
     /// Streams `make(state)` now and after every change.
-    fn follow<T: Send + 'static>(&self, make: fn(&SvidState) -> T) -> Stream_<T> {
+    fn follow<T: Send + 'static>(&self, make: fn(&SvidState, &CrlBudget) -> T) -> Stream_<T> {
         let mut rx = self.state.clone();
+        let budget = self.budget.clone();
         let (tx, out) = mpsc::channel(4);
         let open = crate::metrics::agent().workload_stream();
         tokio::spawn(async move {
@@ -60,7 +130,7 @@ impl WorkloadApi {
             loop {
                 let current = rx.borrow_and_update().clone();
                 if let Some(s) = current
-                    && tx.send(Ok(make(&s))).await.is_err()
+                    && tx.send(Ok(make(&s, &budget))).await.is_err()
                 {
                     return;
                 }
@@ -97,8 +167,8 @@ fn td_key(s: &SvidState) -> String {
     format!("spiffe://{}", s.svid.spiffe_id.trust_domain_name())
 }
 
-fn svid_response(s: &SvidState) -> wl::X509svidResponse {
-    wl::X509svidResponse {
+fn svid_response(s: &SvidState, budget: &CrlBudget) -> wl::X509svidResponse {
+    let mut r = wl::X509svidResponse {
         svids: vec![wl::X509svid {
             spiffe_id: s.svid.spiffe_id.to_string(),
             x509_svid: concat(&s.chain),
@@ -106,9 +176,12 @@ fn svid_response(s: &SvidState) -> wl::X509svidResponse {
             bundle: concat(&s.bundle),
             hint: String::new(),
         }],
-        crl: s.crls.clone(),
+        crl: Vec::new(),
         federated_bundles: federated(s).collect(),
-    }
+    };
+    // `crl` is field 2 of X509SVIDResponse.
+    r.crl = budget.crls_for(r.encoded_len(), 2, &s.crls);
+    r
 }
 
 fn federated(s: &SvidState) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
@@ -117,13 +190,16 @@ fn federated(s: &SvidState) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
         .map(|(td, certs)| (format!("spiffe://{td}"), concat(certs)))
 }
 
-fn bundles_response(s: &SvidState) -> wl::X509BundlesResponse {
-    wl::X509BundlesResponse {
-        crl: s.crls.clone(),
+fn bundles_response(s: &SvidState, budget: &CrlBudget) -> wl::X509BundlesResponse {
+    let mut r = wl::X509BundlesResponse {
+        crl: Vec::new(),
         bundles: federated(s)
             .chain(std::iter::once((td_key(s), concat(&s.bundle))))
             .collect(),
-    }
+    };
+    // `crl` is field 1 of X509BundlesResponse.
+    r.crl = budget.crls_for(r.encoded_len(), 1, &s.crls);
+    r
 }
 
 #[tonic::async_trait]
