@@ -77,7 +77,7 @@ impl CrlBudget {
     /// has number `field`: all of `crls`, or none when they do not fit.
     fn crls_for(&self, rest: usize, field: u32, crls: &Crls) -> Vec<Vec<u8>> {
         let size = prost::encoding::bytes::encoded_len_repeated(field, crls.ders());
-        if rest.saturating_add(size) <= self.limit {
+        if crls.is_empty() || rest.saturating_add(size) <= self.limit {
             return crls.ders().to_vec();
         }
         let key = (crls.serials(), crls.size());
@@ -387,5 +387,50 @@ impl Refusals {
                 "workload API connection refused: all connection slots are taken"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The CRLs go in exactly while the whole encoded response fits the limit, and leaving them
+    /// out is warned about once per CRL content.
+    #[test]
+    fn crls_go_in_while_the_whole_response_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = crate::spiffe::TrustDomain::new("example.org").unwrap();
+        let ca = crate::ca::Authority::load_or_create(dir.path(), &td, Default::default()).unwrap();
+        let entries: Vec<_> = (0..200u32)
+            .map(|i| (crate::ca::Serial::from_bytes(&i.to_be_bytes()), 1_000))
+            .collect();
+        let der = ca.sign_crl(&entries, 1, 1_000, 5_000).unwrap();
+        let crls = Crls::new(vec![der.clone(), der]).unwrap();
+        let rest = wl::X509svidResponse {
+            svids: vec![wl::X509svid {
+                spiffe_id: "spiffe://example.org/w".into(),
+                x509_svid: vec![1; 700],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut full = rest.clone();
+        full.crl = crls.ders().to_vec();
+        let whole = full.encoded_len();
+        assert!(whole > rest.encoded_len() + crls.size());
+
+        let fits = CrlBudget::new(whole);
+        assert_eq!(fits.crls_for(rest.encoded_len(), 2, &crls), crls.ders());
+        assert!(fits.warned.lock().unwrap().is_none());
+        let short = CrlBudget::new(whole - 1);
+        assert!(short.crls_for(rest.encoded_len(), 2, &crls).is_empty());
+        let warned = *short.warned.lock().unwrap();
+        assert_eq!(warned, Some((crls.serials(), crls.size())));
+        // No CRLs: nothing to warn about, whatever the size of the rest.
+        let none = CrlBudget::new(10);
+        assert!(none.crls_for(whole, 2, &Crls::default()).is_empty());
+        assert!(none.warned.lock().unwrap().is_none());
     }
 }
