@@ -147,7 +147,9 @@ async fn a_crl_over_four_mib_reaches_the_cli_and_the_agent() {
         &ca.server(),
         &token,
         &out,
-        &["--workload-socket", socket.to_str().unwrap()],
+        // Short-lived, so it rotates within the test: the new generation of files must carry
+        // the CRL over (the agent no longer holds one this large in memory).
+        &["--workload-socket", socket.to_str().unwrap(), "--ttl", "6s"],
     );
     if wait_for_svid(&out, Duration::from_secs(30)).await.is_none() {
         panic!("the agent wrote no certificate:\n{}", agent.output());
@@ -167,11 +169,12 @@ async fn a_crl_over_four_mib_reaches_the_cli_and_the_agent() {
     // py-spiffe's): the SVID of cert.pem and the bundles, without the CRLs, which do not fit.
     let own = common::dir_svid(&out).expect("cert.pem parses");
     let mut client = workload_client(&socket).await;
-    let svid = client
+    let mut svids = client
         .fetch_x509svid(header(wl::X509svidRequest {}))
         .await
         .unwrap()
-        .into_inner()
+        .into_inner();
+    let svid = svids
         .message()
         .await
         .unwrap_or_else(|e| panic!("FetchX509SVID refused: {e}\n{}", agent.output()))
@@ -182,7 +185,12 @@ async fn a_crl_over_four_mib_reaches_the_cli_and_the_agent() {
     assert_eq!(one.spiffe_id, "spiffe://example.org/ns/prod/agent");
     let chain = lanyard::agent::split_der(&one.x509_svid).expect("a DER chain");
     let leaf = lanyard::ca::parse_svid(&chain[0], &Default::default()).unwrap();
-    assert_eq!(leaf.serial, own.serial, "the SVID of cert.pem");
+    // The SVID of cert.pem (which may have rotated meanwhile).
+    let now_in_file = common::dir_svid(&out).unwrap().serial;
+    assert!(
+        leaf.serial == own.serial || leaf.serial == now_in_file,
+        "the SVID of cert.pem"
+    );
     assert!(!one.x509_svid_key.is_empty() && !one.bundle.is_empty());
     assert!(svid.crl.is_empty(), "CRLs over the limit are left out");
     let bundles = client
@@ -205,4 +213,35 @@ async fn a_crl_over_four_mib_reaches_the_cli_and_the_agent() {
     .await
     .expect("the agent warns that the CRLs were left out");
     assert_eq!(warned.matches(warning).count(), 1, "{warned}");
+
+    // A rotation: the new generation's crl.pem still lists every serial, the Workload API
+    // sends the new SVID (without the CRLs), and nothing more is warned: same CRLs.
+    poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        common::dir_svid(&out).filter(|s| s.serial != own.serial)
+    })
+    .await
+    .unwrap_or_else(|| panic!("the agent did not rotate:\n{}", agent.output()));
+    let pem = std::fs::read(out.join("crl.pem")).expect("crl.pem after the rotation");
+    let after: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&pem)
+        .map(|c| c.unwrap().as_ref().to_vec())
+        .collect();
+    assert_eq!(after, vec![crl.clone()], "the same CRL, carried over");
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), svids.message())
+            .await
+            .expect("the rotated SVID on the Workload API")
+            .unwrap()
+            .expect("the stream stays open");
+        assert!(m.crl.is_empty());
+        let chain = lanyard::agent::split_der(&m.svids[0].x509_svid).unwrap();
+        let serial = lanyard::ca::parse_svid(&chain[0], &Default::default())
+            .unwrap()
+            .serial;
+        // A rotated one (a second rotation may come before this message is read).
+        if serial != own.serial {
+            break;
+        }
+    }
+    let log = agent.output();
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
 }

@@ -11,7 +11,7 @@
 //! Workload API's peers) from the push, before any CRL is fetched. Fetches ride the agent's one
 //! connection to the CA ([`super::link`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls_pki_types::CertificateRevocationListDer;
@@ -57,12 +57,21 @@ pub(crate) enum CrlError {
 /// The CA's CRLs (DER) as the agent holds them: the signing CA's, then a retiring CA's during a
 /// rotation; empty until fetched. One copy, shared: the agent's state, the CRL follower's
 /// channel and every Workload API stream point at it (a million revocations make a 36 MB CRL).
-/// What the agent reads from them is read once, when they arrive.
+/// What the agent reads from them is read once, when they arrive. CRLs too large for any
+/// Workload API response are let go once written to `crl.pem` ([`Crls::release_if_over`]):
+/// what is left (their digest, `nextUpdate`, serial count) still tells them apart.
 #[derive(Clone, Default)]
 pub struct Crls(Arc<Held>);
 
 struct Held {
-    ders: Vec<Vec<u8>>,
+    /// `None` once released.
+    ders: Mutex<Option<Arc<Vec<Vec<u8>>>>>,
+    /// How many CRLs, their sizes, and their size in octets all together.
+    count: usize,
+    lens: Vec<usize>,
+    size: usize,
+    /// SHA-256 over each CRL's length and octets: equal CRLs, without holding them.
+    digest: [u8; 32],
     /// The earliest `nextUpdate`; `Err` when one of `ders` does not parse (a damaged
     /// `crl.pem` read back at start).
     next_update: Result<Option<i64>, ()>,
@@ -71,10 +80,30 @@ struct Held {
 
 impl Default for Held {
     fn default() -> Self {
+        Self::new(Vec::new(), Ok(None), RevokedSerials::default())
+    }
+}
+
+impl Held {
+    fn new(
+        ders: Vec<Vec<u8>>,
+        next_update: Result<Option<i64>, ()>,
+        serials: RevokedSerials,
+    ) -> Self {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for der in &ders {
+            h.update((der.len() as u64).to_be_bytes());
+            h.update(der);
+        }
         Self {
-            ders: Vec::new(),
-            next_update: Ok(None),
-            serials: RevokedSerials::default(),
+            count: ders.len(),
+            lens: ders.iter().map(Vec::len).collect(),
+            size: ders.iter().map(Vec::len).sum(),
+            digest: h.finalize().into(),
+            ders: Mutex::new(Some(Arc::new(ders))),
+            next_update,
+            serials,
         }
     }
 }
@@ -83,38 +112,64 @@ impl Crls {
     /// CRLs from the CA; `Err` when one does not parse.
     pub(crate) fn new(ders: Vec<Vec<u8>>) -> Result<Self, CrlError> {
         let (next_update, serials) = scan_all(&ders)?;
-        Ok(Self(Arc::new(Held {
-            ders,
-            next_update: Ok(next_update),
-            serials,
-        })))
+        Ok(Self(Arc::new(Held::new(ders, Ok(next_update), serials))))
     }
 
     /// CRLs read back from `crl.pem`: kept even if they do not parse (served until the CA is
     /// asked again, which it is at once: see [`Crls::next_update`]).
     pub(crate) fn read_back(ders: Vec<Vec<u8>>) -> Self {
-        Self::new(ders.clone()).unwrap_or_else(|_| {
-            Self(Arc::new(Held {
-                ders,
-                next_update: Err(()),
-                serials: RevokedSerials::default(),
-            }))
-        })
+        let held = match scan_all(&ders) {
+            Ok((next_update, serials)) => Held::new(ders, Ok(next_update), serials),
+            Err(_) => Held::new(ders, Err(()), RevokedSerials::default()),
+        };
+        Self(Arc::new(held))
     }
 
-    /// The CRLs (DER).
-    pub fn ders(&self) -> &[Vec<u8>] {
-        &self.0.ders
+    /// The CRLs (DER); `None` once released (they are in `crl.pem`), or when there are none.
+    pub fn ders(&self) -> Option<Arc<Vec<Vec<u8>>>> {
+        if self.is_empty() {
+            return None;
+        }
+        self.0
+            .ders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.ders.is_empty()
+        self.0.count == 0
+    }
+
+    /// How many CRLs.
+    pub fn count(&self) -> usize {
+        self.0.count
     }
 
     /// Their size in octets, all together.
     pub fn size(&self) -> usize {
-        self.0.ders.iter().map(Vec::len).sum()
+        self.0.size
+    }
+
+    /// What they take in a message as repeated `bytes` field number `field`.
+    pub(crate) fn encoded_len(&self, field: u32) -> usize {
+        self.0
+            .lens
+            .iter()
+            .map(|l| {
+                prost::encoding::key_len(field) + prost::encoding::encoded_len_varint(*l as u64) + l
+            })
+            .sum()
+    }
+
+    /// Lets the DER go, in every clone, when it is over `limit` octets: nothing in memory needs
+    /// CRLs too large for a Workload API response once they are written to `crl.pem` (a new
+    /// generation of the files links the previous one's).
+    pub(crate) fn release_if_over(&self, limit: usize) {
+        if self.size() > limit {
+            *self.0.ders.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     /// The earliest `nextUpdate` (seconds since the epoch); `Ok(None)` when none carries one,
@@ -131,7 +186,8 @@ impl Crls {
 
 impl PartialEq for Crls {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0.ders == other.0.ders
+        Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.count == other.0.count && self.0.digest == other.0.digest)
     }
 }
 
@@ -140,7 +196,7 @@ impl Eq for Crls {}
 impl std::fmt::Debug for Crls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Crls")
-            .field("crls", &self.0.ders.len())
+            .field("crls", &self.0.count)
             .field("octets", &self.size())
             .field("revoked", &self.0.serials.len())
             .finish()
@@ -606,6 +662,19 @@ mod tests {
         let damaged = Crls::read_back(vec![a[..a.len() - 1].to_vec()]);
         assert!(!damaged.is_empty() && damaged.next_update().is_err());
         assert_eq!(Crls::default().next_update().unwrap(), None);
+        // Released: the DER is gone from every clone, what was read from it stays, and it is
+        // still equal to the same CRLs and unequal to others.
+        let held = crls(&[&a, &b]);
+        let clone = held.clone();
+        held.release_if_over(held.size());
+        assert!(clone.ders().is_some(), "not over the limit: kept");
+        held.release_if_over(held.size() - 1);
+        assert!(clone.ders().is_none() && !clone.is_empty());
+        assert_eq!((clone.count(), clone.serials().len()), (2, 1));
+        assert_eq!(clone.next_update().unwrap(), Some(3_000));
+        assert_eq!(clone, crls(&[&a, &b]));
+        assert_ne!(clone, crls(&[&b, &a]));
+        assert_ne!(clone, crls(&[&a]));
         assert!(from_pem(b"not pem").is_empty());
     }
 

@@ -592,10 +592,10 @@ impl Agent {
         let revoked = next.crls.serials();
         // A refresh that lists the same serials is routine (every few minutes): debug.
         if revoked == cur.crls.serials() {
-            debug!(crls = next.crls.ders().len(), next_update, "CRL refreshed");
+            debug!(crls = next.crls.count(), next_update, "CRL refreshed");
         } else {
             info!(
-                crls = next.crls.ders().len(),
+                crls = next.crls.count(),
                 revoked = revoked.len(),
                 next_update,
                 "CRL updated"
@@ -614,20 +614,28 @@ impl Agent {
         Ok(())
     }
 
-    /// Writes `state` as a new generation in `out_dir`, if there is one.
+    /// Writes `state` as a new generation in `out_dir`, if there is one. Then CRLs too large for
+    /// a Workload API response are let go: `crl.pem` has them, the next generation links it.
     fn write_files(&self, state: &SvidState) -> Result<(), AgentError> {
-        let Some(dir) = &self.cfg.out_dir else {
-            return Ok(());
-        };
-        files::write_generation(
-            dir,
-            &state.chain,
-            &state.key_pem,
-            &state.bundle,
-            &state.federated,
-            state.crls.ders(),
-        )
-        .map_err(|e| AgentError::Io(format!("writing {}: {e}", dir.display())))
+        if let Some(dir) = &self.cfg.out_dir {
+            let ders = state.crls.ders();
+            let crl = match &ders {
+                Some(ders) => files::CrlFile::Ders(ders),
+                None if state.crls.is_empty() => files::CrlFile::None,
+                None => files::CrlFile::Keep,
+            };
+            files::write_generation(
+                dir,
+                &state.chain,
+                &state.key_pem,
+                &state.bundle,
+                &state.federated,
+                crl,
+            )
+            .map_err(|e| AgentError::Io(format!("writing {}: {e}", dir.display())))?;
+        }
+        state.crls.release_if_over(super::MAX_RESPONSE);
+        Ok(())
     }
 
     /// Installs a new SVID everywhere: TLS source, files, Workload API watchers, on-rotate hook.

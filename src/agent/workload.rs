@@ -76,9 +76,14 @@ impl CrlBudget {
     /// The CRLs for a response whose other fields encode to `rest` octets and whose `crl` field
     /// has number `field`: all of `crls`, or none when they do not fit.
     fn crls_for(&self, rest: usize, field: u32, crls: &Crls) -> Vec<Vec<u8>> {
-        let size = prost::encoding::bytes::encoded_len_repeated(field, crls.ders());
-        if crls.is_empty() || rest.saturating_add(size) <= self.limit {
-            return crls.ders().to_vec();
+        if crls.is_empty() {
+            return Vec::new();
+        }
+        // CRLs over MAX_RESPONSE are not held in memory once written (`Crls::release_if_over`).
+        if rest.saturating_add(crls.encoded_len(field)) <= self.limit
+            && let Some(ders) = crls.ders()
+        {
+            return ders.to_vec();
         }
         let key = (crls.serials(), crls.size());
         let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
@@ -107,15 +112,9 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl WorkloadApi {
     /// A service following `state`, whose responses stay within [`MAX_RESPONSE`].
     pub fn new(state: watch::Receiver<Option<Arc<SvidState>>>) -> Self {
-        Self::with_limit(state, MAX_RESPONSE)
-    }
-
-    /// A service following `state` that leaves the CRLs out of a response they would push past
-    /// `limit` octets.
-    pub fn with_limit(state: watch::Receiver<Option<Arc<SvidState>>>, limit: usize) -> Self {
         Self {
             state,
-            budget: CrlBudget::new(limit),
+            budget: CrlBudget::new(MAX_RESPONSE),
         }
     }
 
@@ -417,12 +416,15 @@ mod tests {
             ..Default::default()
         };
         let mut full = rest.clone();
-        full.crl = crls.ders().to_vec();
+        full.crl = crls.ders().unwrap().to_vec();
         let whole = full.encoded_len();
         assert!(whole > rest.encoded_len() + crls.size());
 
         let fits = CrlBudget::new(whole);
-        assert_eq!(fits.crls_for(rest.encoded_len(), 2, &crls), crls.ders());
+        assert_eq!(
+            fits.crls_for(rest.encoded_len(), 2, &crls),
+            *crls.ders().unwrap()
+        );
         assert!(fits.warned.lock().unwrap().is_none());
         let short = CrlBudget::new(whole - 1);
         assert!(short.crls_for(rest.encoded_len(), 2, &crls).is_empty());
