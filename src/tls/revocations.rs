@@ -213,7 +213,7 @@ impl Serials {
             .map(|(serial, meta)| Slot { serial, meta })
             .collect();
         self.recent.shrink_to(MERGE_MIN);
-        add.sort_unstable_by(|a, b| a.serial.cmp(&b.serial));
+        add.sort_unstable_by_key(|a| a.serial);
         let old = self.sorted.len();
         self.sorted.reserve_exact(add.len());
         let filler = add.first().copied();
