@@ -298,7 +298,53 @@ impl Serials {
     }
 }
 
+/// A serial's part in an order-independent digest of a set of serials (a wrapping sum of
+/// these): SipHash with fixed keys of the serial as a CRL entry's INTEGER holds it (`raw`: its
+/// content octets). The agent compares its set's with its CRLs' (`agent::crl`).
+pub(crate) fn serial_hash(raw: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    #[allow(
+        deprecated,
+        reason = "a fixed-key SipHash: a digest, not a hash table's"
+    )]
+    let mut h = std::hash::SipHasher::new();
+    raw.hash(&mut h);
+    h.finish()
+}
+
 impl RevocationSet {
+    /// How many serials of this trust domain's CA (not relayed) are revoked and live at `now`,
+    /// and their digest ([`serial_hash`]): equal to a CRL's when it lists exactly those.
+    pub(crate) fn serial_digest(&self, now: i64) -> (usize, u64) {
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        // One entry per serial, in `sorted` and `other` only.
+        g.serials.merge();
+        let s = &g.serials;
+        let now = clamp_time(now);
+        let counted =
+            |m: &Meta| m.expires >= now && s.tag(*m).is_some_and(|t| t.relayed_for.is_none());
+        let mut count = 0usize;
+        let mut digest = 0u64;
+        let mut raw = [0u8; LANYARD_SERIAL_LEN];
+        raw[0] = 0x01;
+        for slot in s.sorted.iter().filter(|slot| counted(&slot.meta)) {
+            raw[1..].copy_from_slice(&slot.serial);
+            count += 1;
+            digest = digest.wrapping_add(serial_hash(&raw));
+        }
+        for (serial, _) in s.other.iter().filter(|(_, m)| counted(m)) {
+            // A DER INTEGER is signed: a leading octet with its high bit set takes a zero first.
+            let h = if serial.first().is_some_and(|b| *b >= 0x80) {
+                serial_hash(&[&[0u8][..], serial].concat())
+            } else {
+                serial_hash(serial)
+            };
+            count += 1;
+            digest = digest.wrapping_add(h);
+        }
+        (count, digest)
+    }
+
     /// An empty set.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
