@@ -48,6 +48,10 @@
 //! - `LANYARD_BENCH_SERVE_BIN`   the `lanyard` binary steps 8-9 serve with (default: this
 //!   build's), for an A/B of two CA builds with the same clients
 //! - `LANYARD_BENCH_AGENT`       0: no `lanyard agent` in step 8 (default 1)
+//! - `LANYARD_BENCH_AGENT_COMPARE` another build's `lanyard`, run as the agent in turn with this
+//!   build's against the same CA (before/after figures from one fill)
+//! - `LANYARD_BENCH_AGENT_ROUNDS` how many agents (or pairs, when comparing) step 8 runs
+//!   (default 1)
 //! - `LANYARD_BENCH_ETCD`        1 runs step 9 (default 0)
 //!
 //! It prints figures and asserts nothing.
@@ -908,7 +912,21 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
         );
     }
     if etcd.is_none() && knob("LANYARD_BENCH_AGENT", 1u8)? != 0 {
-        agent_run(&serve, connect(true).await?, tmp.path(), n).await?;
+        // With another build to compare, the two agents run in turn against this one CA.
+        let other = std::env::var_os("LANYARD_BENCH_AGENT_COMPARE").map(std::path::PathBuf::from);
+        let mut bins = Vec::new();
+        for _ in 0..knob("LANYARD_BENCH_AGENT_ROUNDS", 1u32)? {
+            bins.extend(other.clone().map(|o| (o, "the other build")));
+            bins.push((agent_bin(), "this build"));
+        }
+        for (i, (bin, which)) in bins.iter().enumerate() {
+            if other.is_some() {
+                println!("   agent #{}, {which} ({}):", i + 1, bin.display());
+            }
+            let dir = tmp.path().join(format!("agent{i}"));
+            std::fs::create_dir_all(&dir)?;
+            agent_run(&serve, connect(true).await?, &dir, n, bin).await?;
+        }
     }
     serve.stop()?;
     Ok(())
@@ -922,6 +940,7 @@ async fn agent_run(
     admin: tonic::transport::Channel,
     dir: &Path,
     n: usize,
+    bin: &Path,
 ) -> Result<(), Box<dyn Error>> {
     use lanyard::pb::v1::{self as pb, admin_client::AdminClient};
     let token = AdminClient::new(admin)
@@ -940,7 +959,7 @@ async fn agent_run(
     let t = Instant::now();
     let mut agent = Serve {
         child: Some(
-            std::process::Command::new(env!("CARGO_BIN_EXE_lanyard"))
+            std::process::Command::new(bin)
                 .args(["agent", "--server", &serve.addr, "--token", &token, "--out"])
                 .arg(&out)
                 .env("LANYARD_LOG", "warn")
@@ -1003,6 +1022,11 @@ async fn agent_run(
         );
     }
     Ok(())
+}
+
+/// The `lanyard` binary section 8 runs as the agent: this build's.
+fn agent_bin() -> std::path::PathBuf {
+    env!("CARGO_BIN_EXE_lanyard").into()
 }
 
 /// A TCP proxy on loopback to `target` that holds every chunk `delay` in each direction: a

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use rustls_pki_types::CertificateDer;
@@ -58,18 +58,29 @@ pub fn write_credential_dir(
     bundle: &[CertificateDer<'_>],
     federated: &BTreeMap<String, Vec<CertificateDer<'_>>>,
 ) -> std::io::Result<()> {
-    write_generation(dir, chain, key_pem, bundle, federated, &[])
+    write_generation(dir, chain, key_pem, bundle, federated, CrlFile::None)
+}
+
+/// What `crl.pem` holds in a new generation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CrlFile<'a> {
+    /// No CRLs: no `crl.pem`.
+    None,
+    /// These CRLs (DER).
+    Ders(&'a [Vec<u8>]),
+    /// The current generation's `crl.pem`, linked (the agent let go of CRLs too large to hold).
+    Keep,
 }
 
 /// Publishes a new generation of the credential in `dir`, with `federated` bundles and the
-/// CA's `crls` (DER) as `crl.pem`; without CRLs there is no `crl.pem`.
+/// CA's CRLs as `crl.pem` (see [`CrlFile`]).
 pub(crate) fn write_generation(
     dir: &Path,
     chain: &[CertificateDer<'_>],
     key_pem: &str,
     bundle: &[CertificateDer<'_>],
     federated: &BTreeMap<String, Vec<CertificateDer<'_>>>,
-    crls: &[Vec<u8>],
+    crls: CrlFile<'_>,
 ) -> std::io::Result<()> {
     fs::create_dir_all(dir)?;
     let gen_name = format!(
@@ -95,12 +106,36 @@ pub(crate) fn write_generation(
         format!("{key_pem}{chain_pem}").as_bytes(),
         0o600,
     )?;
-    if !crls.is_empty() {
-        write_atomic(
-            &gen_dir.join(CRL),
-            super::crl::to_pem(crls).as_bytes(),
-            0o644,
-        )?;
+    let mut has_crl = false;
+    if let CrlFile::Keep = crls {
+        // The file is never changed once written, so the new generation shares it.
+        let current = dir.join(DATA).join(CRL);
+        let target = gen_dir.join(CRL);
+        match fs::hard_link(&current, &target).or_else(|_| fs::copy(&current, &target).map(drop)) {
+            Ok(()) => has_crl = true,
+            Err(e) => tracing::warn!(
+                error = %e,
+                file = %current.display(),
+                "cannot carry crl.pem over to the new generation; it is written again with the next CRL"
+            ),
+        }
+    }
+    if let CrlFile::Ders(crls) = crls
+        && !crls.is_empty()
+    {
+        has_crl = true;
+        // Written straight into the new generation (nobody sees it before the swap below) as it
+        // is encoded: the PEM of a CRL with a million entries is 46 MiB.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(gen_dir.join(CRL))?;
+        f.set_permissions(fs::Permissions::from_mode(0o644))?;
+        let mut w = std::io::BufWriter::with_capacity(64 * 1024, f);
+        super::crl::write_pem(crls, &mut w)?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        fs::File::open(&gen_dir)?.sync_all()?;
     }
     let fed_dir = gen_dir.join(FEDERATED);
     fs::create_dir(&fed_dir)?;
@@ -124,7 +159,7 @@ pub(crate) fn write_generation(
     swap_symlink(dir, DATA, Path::new(&gen_name))?;
     for f in FILES {
         let link = dir.join(f);
-        if f == CRL && crls.is_empty() {
+        if f == CRL && !has_crl {
             // No dangling link: a reader finds no crl.pem rather than a broken one.
             if fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
                 fs::remove_file(&link)?;
@@ -384,7 +419,15 @@ mod tests {
         let cert = CertificateDer::from(vec![0x30, 0x00]);
         let one = std::slice::from_ref(&cert);
         let none = BTreeMap::new();
-        write_generation(dir.path(), one, "K\n", one, &none, &[vec![0x30, 0x01]]).unwrap();
+        write_generation(
+            dir.path(),
+            one,
+            "K\n",
+            one,
+            &none,
+            CrlFile::Ders(&[vec![0x30, 0x01]]),
+        )
+        .unwrap();
         assert_eq!(
             fs::read_link(dir.path().join(CRL)).unwrap(),
             Path::new(DATA).join(CRL)
@@ -395,8 +438,21 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o644);
-        write_generation(dir.path(), one, "K\n", one, &none, &[vec![0x30, 0x02]]).unwrap();
+        write_generation(
+            dir.path(),
+            one,
+            "K\n",
+            one,
+            &none,
+            CrlFile::Ders(&[vec![0x30, 0x02]]),
+        )
+        .unwrap();
         assert_eq!(read_crls(dir.path()), vec![vec![0x30, 0x02]]);
+        // Carried over from the current generation, twice (the previous one is then gone).
+        for _ in 0..2 {
+            write_generation(dir.path(), one, "K\n", one, &none, CrlFile::Keep).unwrap();
+            assert_eq!(read_crls(dir.path()), vec![vec![0x30, 0x02]]);
+        }
         // Without CRLs: no link at all, not a dangling one.
         write_credential_dir(dir.path(), one, "K\n", one, &none).unwrap();
         assert!(fs::symlink_metadata(dir.path().join(CRL)).is_err());

@@ -19,10 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use bundles::{Bundles, split_der};
+pub use crl::Crls;
 pub use files::{read_consistent, read_federated, write_credential_dir, write_svid_dir};
 pub use run::{Agent, SvidState};
 pub use timing::{Backoff, refresh_in};
-pub use workload::{DEFAULT_MAX_CONNECTIONS, SocketAccess, WorkloadApi, serve_workload_api};
+pub use workload::{
+    DEFAULT_MAX_CONNECTIONS, MAX_RESPONSE, SocketAccess, WorkloadApi, serve_workload_api,
+};
 
 /// How the agent is set up.
 #[derive(Debug, Clone)]

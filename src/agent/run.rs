@@ -11,7 +11,7 @@ use tonic::Code;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::bundles::{Bundles, decode_federated, follow_bundles};
-use super::crl::follow_crls;
+use super::crl::{Crls, follow_crls};
 use super::link::{CaLink, follow};
 use super::timing::{Backoff, refresh_in};
 use super::{AgentConfig, AgentError, files};
@@ -38,8 +38,8 @@ pub struct SvidState {
     /// The CA's revision of `bundle` + `federated` (0 when unknown, e.g. read back from files).
     pub bundle_revision: u64,
     /// The latest CRLs from the CA (DER): the signing CA's, then a retiring CA's during a
-    /// rotation; empty until fetched.
-    pub crls: Vec<Vec<u8>>,
+    /// rotation; empty until fetched. Shared, not copied, by every state and watcher.
+    pub crls: Crls,
     /// When the agent received the certificate (milliseconds since the epoch). Renewal timing
     /// runs from here, not from notBefore, which the CA backdates for clock skew.
     pub received_at_ms: i64,
@@ -142,7 +142,7 @@ impl Agent {
         &self,
         shutdown: &mut watch::Receiver<bool>,
         bundles: &mut watch::Receiver<Option<Bundles>>,
-        crls: &mut watch::Receiver<Vec<Vec<u8>>>,
+        crls: &mut watch::Receiver<Crls>,
     ) -> Result<(), AgentError> {
         let mut backoff = Backoff::new(Duration::from_secs(1), self.cfg.max_backoff);
         let mut last_failure: Option<String> = None;
@@ -424,7 +424,7 @@ impl Agent {
             federated: files::read_federated(dir),
             bundle_revision: 0,
             // Served until the CA is asked again: better than none if it cannot be reached.
-            crls: files::read_crls(dir),
+            crls: Crls::read_back(files::read_crls(dir)),
             received_at_ms: ((svid.not_before + crate::issuance::BACKDATE_SECS) * 1000)
                 .min(now_ms()),
             svid,
@@ -506,7 +506,7 @@ impl Agent {
             bundle,
             federated,
             bundle_revision,
-            crls: Vec::new(),
+            crls: Crls::default(),
             received_at_ms: now_ms(),
             svid,
         })
@@ -573,7 +573,7 @@ impl Agent {
     /// Installs CRLs from the CRL follower when they differ from the ones in hand: files (a new
     /// generation with the same certificate), Workload API watchers, then the CRL hook
     /// (`on_crl_change`, else `on_rotate`).
-    async fn apply_crls(&self, crls: Vec<Vec<u8>>) -> Result<(), AgentError> {
+    async fn apply_crls(&self, crls: Crls) -> Result<(), AgentError> {
         let Some(cur) = self.current() else {
             return Ok(());
         };
@@ -583,17 +583,19 @@ impl Agent {
         let mut next = (*cur).clone();
         next.crls = crls;
         self.write_files(&next)?;
-        let next_update = super::crl::next_update(&next.crls)
+        let next_update = next
+            .crls
+            .next_update()
             .ok()
             .flatten()
             .map_or_else(|| "none".to_string(), crate::issuance::fmt_time);
-        let revoked = super::crl::revoked_serials(&next.crls);
+        let revoked = next.crls.serials();
         // A refresh that lists the same serials is routine (every few minutes): debug.
-        if revoked == super::crl::revoked_serials(&cur.crls) {
-            debug!(crls = next.crls.len(), next_update, "CRL refreshed");
+        if revoked == cur.crls.serials() {
+            debug!(crls = next.crls.count(), next_update, "CRL refreshed");
         } else {
             info!(
-                crls = next.crls.len(),
+                crls = next.crls.count(),
                 revoked = revoked.len(),
                 next_update,
                 "CRL updated"
@@ -612,20 +614,28 @@ impl Agent {
         Ok(())
     }
 
-    /// Writes `state` as a new generation in `out_dir`, if there is one.
+    /// Writes `state` as a new generation in `out_dir`, if there is one. Then CRLs too large for
+    /// a Workload API response are let go: `crl.pem` has them, the next generation links it.
     fn write_files(&self, state: &SvidState) -> Result<(), AgentError> {
-        let Some(dir) = &self.cfg.out_dir else {
-            return Ok(());
-        };
-        files::write_generation(
-            dir,
-            &state.chain,
-            &state.key_pem,
-            &state.bundle,
-            &state.federated,
-            &state.crls,
-        )
-        .map_err(|e| AgentError::Io(format!("writing {}: {e}", dir.display())))
+        if let Some(dir) = &self.cfg.out_dir {
+            let ders = state.crls.ders();
+            let crl = match &ders {
+                Some(ders) => files::CrlFile::Ders(ders),
+                None if state.crls.is_empty() => files::CrlFile::None,
+                None => files::CrlFile::Keep,
+            };
+            files::write_generation(
+                dir,
+                &state.chain,
+                &state.key_pem,
+                &state.bundle,
+                &state.federated,
+                crl,
+            )
+            .map_err(|e| AgentError::Io(format!("writing {}: {e}", dir.display())))?;
+        }
+        state.crls.release_if_over(super::MAX_RESPONSE);
+        Ok(())
     }
 
     /// Installs a new SVID everywhere: TLS source, files, Workload API watchers, on-rotate hook.
@@ -716,7 +726,7 @@ impl Agent {
             .flatten()
     }
 
-    async fn fetch_crls(&self) -> Vec<Vec<u8>> {
+    async fn fetch_crls(&self) -> Crls {
         let fetch = async {
             let channel = self.ca_channel().await.ok()?;
             crate::client::crl_client(channel)
@@ -725,13 +735,20 @@ impl Agent {
                 .ok()
                 .map(|r| {
                     let crl = r.into_inner();
-                    std::iter::once(crl.der).chain(crl.retiring).collect()
+                    std::iter::once(crl.der)
+                        .chain(crl.retiring)
+                        .filter(|d| !d.is_empty())
+                        .collect()
                 })
         };
-        tokio::time::timeout(Duration::from_secs(5), fetch)
+        let ders: Vec<Vec<u8>> = tokio::time::timeout(Duration::from_secs(5), fetch)
             .await
             .ok()
             .flatten()
+            .unwrap_or_default();
+        // Not taken if it does not parse: the CRL follower fetches again at once.
+        Crls::new(ders)
+            .inspect_err(|e| warn!(error = %e, "ignoring CRLs from the CA"))
             .unwrap_or_default()
     }
 }

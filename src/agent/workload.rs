@@ -1,7 +1,9 @@
 //! The SPIFFE Workload API on a unix socket: `FetchX509SVID` and `FetchX509Bundles` stream the
 //! full state at once and again on every rotation or bundle change. Federated bundles travel in
 //! `federated_bundles` (FetchX509SVID) and next to the own bundle in `bundles`
-//! (FetchX509Bundles), keyed `spiffe://<td>`. JWT-SVIDs are not supported.
+//! (FetchX509Bundles), keyed `spiffe://<td>`. JWT-SVIDs are not supported. The CA's CRLs go in
+//! `crl` only while the whole response stays within [`MAX_RESPONSE`] (gRPC's default 4 MiB):
+//! past ~110,000 revocations a client would refuse the response, SVID and all.
 //!
 //! Any local process that can open the socket reaches this server, before the security header is
 //! checked, so it is bounded: at most `max_connections` connections at once (one more is closed
@@ -10,7 +12,7 @@
 
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
@@ -20,7 +22,10 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
+use prost::Message;
+
 use super::SvidState;
+use super::crl::{Crls, RevokedSerials};
 use super::uds::{MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE};
 use crate::pb::workload::{
     self as wl,
@@ -36,23 +41,87 @@ const WINDOW: u32 = 64 * 1024;
 const MAX_STREAMS: u32 = 32;
 /// Least time between two warnings about refused connections (repeats are logged at debug).
 const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(60);
+/// The largest response message the Workload API sends: gRPC's default receive limit (4 MiB in
+/// grpc-go, so go-spiffe; grpc core, so py-spiffe; tonic). A client refuses a larger message
+/// whole, SVID and all, so the CRLs (optional in the SPIFFE Workload API) are left out of a
+/// response they would push past it: a CA with over ~110,000 live revocations.
+pub const MAX_RESPONSE: usize = 4 * 1024 * 1024;
 
 /// The Workload API service over the agent's current SVID.
 pub struct WorkloadApi {
     state: watch::Receiver<Option<Arc<SvidState>>>,
+    budget: CrlBudget,
+}
+
+/// Whether the CRLs go into a response: only when the whole response stays within `limit`.
+/// Leaving them out is warned about once per set of revoked serials, not once per client or
+/// per routine refresh of the same list.
+#[derive(Debug, Clone)]
+struct CrlBudget {
+    limit: usize,
+    /// The CRLs last warned about: their serials and size.
+    warned: Arc<Mutex<Option<(RevokedSerials, usize)>>>,
+}
+
+// === impl CrlBudget ===
+
+impl CrlBudget {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            warned: Arc::default(),
+        }
+    }
+
+    /// The CRLs for a response whose other fields encode to `rest` octets and whose `crl` field
+    /// has number `field`: all of `crls`, or none when they do not fit.
+    fn crls_for(&self, rest: usize, field: u32, crls: &Crls) -> Vec<Vec<u8>> {
+        if crls.is_empty() {
+            return Vec::new();
+        }
+        // CRLs over MAX_RESPONSE are not held in memory once written (`Crls::release_if_over`).
+        if rest.saturating_add(crls.encoded_len(field)) <= self.limit
+            && let Some(ders) = crls.ders()
+        {
+            return ders.to_vec();
+        }
+        let key = (crls.serials(), crls.size());
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if *warned != Some(key) {
+            *warned = Some(key);
+            warn!(
+                crl_bytes = crls.size(),
+                revoked = crls.serials().len(),
+                limit = self.limit,
+                "the CA's CRLs are too large for a Workload API response (gRPC clients refuse \
+                 messages over 4 MiB by default): SVIDs and bundles are sent without them; \
+                 read crl.pem (--out) or ask Lanyard's Revocation API (Check, Watch) instead"
+            );
+        } else {
+            debug!(
+                crl_bytes = crls.size(),
+                "Workload API response sent without the CRLs (too large)"
+            );
+        }
+        Vec::new()
+    }
 }
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 impl WorkloadApi {
-    /// A service following `state`.
+    /// A service following `state`, whose responses stay within [`MAX_RESPONSE`].
     pub fn new(state: watch::Receiver<Option<Arc<SvidState>>>) -> Self {
-        Self { state }
+        Self {
+            state,
+            budget: CrlBudget::new(MAX_RESPONSE),
+        }
     }
 
     /// Streams `make(state)` now and after every change.
-    fn follow<T: Send + 'static>(&self, make: fn(&SvidState) -> T) -> Stream_<T> {
+    fn follow<T: Send + 'static>(&self, make: fn(&SvidState, &CrlBudget) -> T) -> Stream_<T> {
         let mut rx = self.state.clone();
+        let budget = self.budget.clone();
         let (tx, out) = mpsc::channel(4);
         let open = crate::metrics::agent().workload_stream();
         tokio::spawn(async move {
@@ -60,7 +129,7 @@ impl WorkloadApi {
             loop {
                 let current = rx.borrow_and_update().clone();
                 if let Some(s) = current
-                    && tx.send(Ok(make(&s))).await.is_err()
+                    && tx.send(Ok(make(&s, &budget))).await.is_err()
                 {
                     return;
                 }
@@ -97,8 +166,8 @@ fn td_key(s: &SvidState) -> String {
     format!("spiffe://{}", s.svid.spiffe_id.trust_domain_name())
 }
 
-fn svid_response(s: &SvidState) -> wl::X509svidResponse {
-    wl::X509svidResponse {
+fn svid_response(s: &SvidState, budget: &CrlBudget) -> wl::X509svidResponse {
+    let mut r = wl::X509svidResponse {
         svids: vec![wl::X509svid {
             spiffe_id: s.svid.spiffe_id.to_string(),
             x509_svid: concat(&s.chain),
@@ -106,9 +175,12 @@ fn svid_response(s: &SvidState) -> wl::X509svidResponse {
             bundle: concat(&s.bundle),
             hint: String::new(),
         }],
-        crl: s.crls.clone(),
+        crl: Vec::new(),
         federated_bundles: federated(s).collect(),
-    }
+    };
+    // `crl` is field 2 of X509SVIDResponse.
+    r.crl = budget.crls_for(r.encoded_len(), 2, &s.crls);
+    r
 }
 
 fn federated(s: &SvidState) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
@@ -117,13 +189,16 @@ fn federated(s: &SvidState) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
         .map(|(td, certs)| (format!("spiffe://{td}"), concat(certs)))
 }
 
-fn bundles_response(s: &SvidState) -> wl::X509BundlesResponse {
-    wl::X509BundlesResponse {
-        crl: s.crls.clone(),
+fn bundles_response(s: &SvidState, budget: &CrlBudget) -> wl::X509BundlesResponse {
+    let mut r = wl::X509BundlesResponse {
+        crl: Vec::new(),
         bundles: federated(s)
             .chain(std::iter::once((td_key(s), concat(&s.bundle))))
             .collect(),
-    }
+    };
+    // `crl` is field 1 of X509BundlesResponse.
+    r.crl = budget.crls_for(r.encoded_len(), 1, &s.crls);
+    r
 }
 
 #[tonic::async_trait]
@@ -311,5 +386,53 @@ impl Refusals {
                 "workload API connection refused: all connection slots are taken"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The CRLs go in exactly while the whole encoded response fits the limit, and leaving them
+    /// out is warned about once per CRL content.
+    #[test]
+    fn crls_go_in_while_the_whole_response_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = crate::spiffe::TrustDomain::new("example.org").unwrap();
+        let ca = crate::ca::Authority::load_or_create(dir.path(), &td, Default::default()).unwrap();
+        let entries: Vec<_> = (0..200u32)
+            .map(|i| (crate::ca::Serial::from_bytes(&i.to_be_bytes()), 1_000))
+            .collect();
+        let der = ca.sign_crl(&entries, 1, 1_000, 5_000).unwrap();
+        let crls = Crls::new(vec![der.clone(), der]).unwrap();
+        let rest = wl::X509svidResponse {
+            svids: vec![wl::X509svid {
+                spiffe_id: "spiffe://example.org/w".into(),
+                x509_svid: vec![1; 700],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut full = rest.clone();
+        full.crl = crls.ders().unwrap().to_vec();
+        let whole = full.encoded_len();
+        assert!(whole > rest.encoded_len() + crls.size());
+
+        let fits = CrlBudget::new(whole);
+        assert_eq!(
+            fits.crls_for(rest.encoded_len(), 2, &crls),
+            *crls.ders().unwrap()
+        );
+        assert!(fits.warned.lock().unwrap().is_none());
+        let short = CrlBudget::new(whole - 1);
+        assert!(short.crls_for(rest.encoded_len(), 2, &crls).is_empty());
+        let warned = *short.warned.lock().unwrap();
+        assert_eq!(warned, Some((crls.serials(), crls.size())));
+        // No CRLs: nothing to warn about, whatever the size of the rest.
+        let none = CrlBudget::new(10);
+        assert!(none.crls_for(whole, 2, &Crls::default()).is_empty());
+        assert!(none.warned.lock().unwrap().is_none());
     }
 }

@@ -81,6 +81,7 @@ pub use authz::{Authorizer, PeerRule};
 pub use grants::GrantSet;
 pub use mtls::{PeerVerifier, client_config, peer_svid, server_config};
 pub use revocations::RevocationSet;
+pub(crate) use revocations::serial_hash;
 pub use source::{FederatedBundles, TlsSource, check_key_matches};
 pub use verifiers::{DeferredClientVerifier, ServerTrust, ServerVerifier};
 
