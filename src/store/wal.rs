@@ -146,8 +146,7 @@ impl Wal {
         let end = at + record.len() as u64;
         let grown = if end > state.size[active] {
             let size = end.next_multiple_of(GROW_BYTES);
-            let zeros = vec![0u8; (size - state.size[active]) as usize];
-            file.write_all_at(&zeros, state.size[active]).map(|()| size)
+            grow(file, state.size[active], size).map(|()| size)
         } else {
             Ok(state.size[active])
         };
@@ -221,6 +220,19 @@ impl Wal {
         state.synced[r.file] = 0;
         state.generation[r.file] += 1;
     }
+}
+
+/// Writes zeros to `file` from `from` up to `to`, from a static buffer: a heap buffer of a
+/// mebibyte would raise glibc's mmap threshold and stay in the CA's memory once freed.
+fn grow(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZEROS.len() as u64);
+        file.write_all_at(&ZEROS[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// Reads the log files in `dir` and applies, in seq order, each group that follows `head` (the
