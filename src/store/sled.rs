@@ -197,8 +197,7 @@ impl SledStore {
             audit_meta: tree("audit_meta")?,
             shared_tx: broadcast::channel(FEED_BUFFER).0,
             path: dir.to_path_buf(),
-            log: std::fs::File::open(dir.join("db"))
-                .map_err(|e| StoreError::Backend(format!("opening sled's log file: {e}")))?,
+            log: open_sled_log(dir)?,
             db,
             next_seq: Mutex::new(None),
             enrollment_cache: Mutex::default(),
@@ -274,12 +273,7 @@ impl SledStore {
 
     /// Makes everything written to sled so far durable.
     fn flush_sled(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(backend)?;
-        // Durable means durable across a power cut: sled's flush wrote and `sync_file_range`d the
-        // log, and this makes the data, the file's length and the drive's cache stable.
-        self.log
-            .sync_data()
-            .map_err(|e| StoreError::Backend(format!("fdatasync of sled's log: {e}")))
+        sync_sled(&self.db, &self.log)
     }
 
     fn enrollment_cache(&self) -> std::sync::MutexGuard<'_, EnrollmentCache> {
@@ -1300,6 +1294,21 @@ fn replay_journal(db: &sled::Db) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// sled's log file (`<dir>/db`), opened again so that [`sync_sled`] can `fdatasync` it.
+fn open_sled_log(dir: &Path) -> Result<std::fs::File, StoreError> {
+    std::fs::File::open(dir.join("db"))
+        .map_err(|e| StoreError::Backend(format!("opening sled's log file: {e}")))
+}
+
+/// Makes everything written to `db` so far durable. Durable means durable across a power cut:
+/// sled's flush writes and `sync_file_range`s its log, and the `fdatasync` of `log` makes the
+/// data, the file's length and the drive's cache stable (decision 73).
+fn sync_sled(db: &sled::Db, log: &std::fs::File) -> Result<(), StoreError> {
+    db.flush().map_err(backend)?;
+    log.sync_data()
+        .map_err(|e| StoreError::Backend(format!("fdatasync of sled's log: {e}")))
+}
+
 /// Applies the journaled groups that the write-ahead log made durable and sled's log does not
 /// hold yet (see the [`wal`] module), then makes them durable in sled and empties the log.
 fn replay_wal(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
@@ -1335,10 +1344,7 @@ fn replay_wal(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
         );
     }
     if applied > 0 {
-        db.flush().map_err(backend)?;
-        std::fs::File::open(dir.join("db"))
-            .and_then(|f| f.sync_data())
-            .map_err(|e| StoreError::Backend(format!("fdatasync of sled's log: {e}")))?;
+        sync_sled(db, &open_sled_log(dir)?)?;
         info!(
             groups = applied,
             "applied group commits from the write-ahead log"
