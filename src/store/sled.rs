@@ -1279,12 +1279,7 @@ fn replay_journal(db: &sled::Db) -> Result<(), StoreError> {
         return Ok(());
     };
     let puts = decode_journal(&raw)?;
-    for (t, k, v) in &puts {
-        db.open_tree(TREE_NAMES[*t])
-            .map_err(backend)?
-            .insert(*k, *v)
-            .map_err(backend)?;
-    }
+    apply_puts(db, &puts)?;
     journal.remove(JOURNAL_KEY).map_err(backend)?;
     db.flush().map_err(backend)?;
     info!(
@@ -1326,16 +1321,8 @@ fn replay_wal(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
             })?,
         None => 0,
     };
-    let mut trees: Vec<Option<sled::Tree>> = vec![None; TREES];
     let (applied, dropped) = wal::replay(dir, head, |payload| {
-        for (t, k, v) in decode_journal(payload)? {
-            let tree = match &mut trees[t] {
-                Some(tree) => tree,
-                slot => slot.insert(db.open_tree(TREE_NAMES[t]).map_err(backend)?),
-            };
-            tree.insert(k, v).map_err(backend)?;
-        }
-        Ok(())
+        apply_puts(db, &decode_journal(payload)?)
     })?;
     if dropped > 0 {
         warn!(
@@ -1351,6 +1338,21 @@ fn replay_wal(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
         );
     }
     wal::clear(dir)
+}
+
+/// Writes a replayed group's puts into their trees, its audit records last: no journal entry
+/// covers a replay from the write-ahead log, so if a crash interrupts it and sled kept a prefix,
+/// a group whose last audit record sled holds is whole, and the next replay (which starts after
+/// that record) does not skip a part of it.
+fn apply_puts(db: &sled::Db, puts: &[Put<'_>]) -> Result<(), StoreError> {
+    let (audit, rest): (Vec<&Put<'_>>, Vec<&Put<'_>>) = puts.iter().partition(|p| p.0 == T_AUDIT);
+    for (t, k, v) in rest.into_iter().chain(audit) {
+        db.open_tree(TREE_NAMES[*t])
+            .map_err(backend)?
+            .insert(*k, *v)
+            .map_err(backend)?;
+    }
+    Ok(())
 }
 
 /// The trees [`load_index`] reads (the strings first).
