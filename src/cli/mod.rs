@@ -79,6 +79,9 @@ pub struct Conn {
     roles_oid: String,
 }
 
+/// The agent's runtime threads at most (`lanyard agent`).
+const AGENT_WORKER_THREADS: usize = 2;
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the CA.
@@ -226,10 +229,16 @@ pub fn main() -> ExitCode {
         std::env::var_os("NO_COLOR").as_deref(),
     );
     telemetry::init(cli.log_format, filter, ansi);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if matches!(cli.command, Command::Agent(_)) {
+        // A sidecar runs beside every workload: it renews, follows two streams and serves a
+        // few local clients, which two threads carry on any host. One per core (tokio's
+        // default) would give an agent on a 64-core node 64 threads, each with its stack
+        // and malloc arena.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        builder.worker_threads(cores.min(AGENT_WORKER_THREADS));
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
