@@ -70,8 +70,8 @@ const MERGE_MAX: usize = 64 * 1024;
 /// The most recent inserts held before they are merged into a table on disk. Smaller than
 /// [`MERGE_MAX`]: the map and its sorted copy at a merge are the set's largest transient heap
 /// blocks, and once glibc has raised its mmap threshold (the agent's CRL decode does) the heap
-/// keeps its high-water mark (at 64 Ki, ~6.5 MB of anonymous memory left after a catch-up of a
-/// million; at 16 Ki, ~1.9 MB, for ~4x the rewrites).
+/// keeps its high-water mark (a million inserts left 6.4 MiB more anonymous memory at 64 Ki,
+/// 1.8 MiB at 16 Ki, for ~4x the rewrites).
 const MERGE_MAX_DISK: usize = 16 * 1024;
 
 /// What an entry says besides its serial: its expiry (seconds since the epoch, clamped to
@@ -101,10 +101,10 @@ struct Tag {
 /// Revoked serials, sized for a million: Lanyard-shaped serials in a sorted table of 24-octet
 /// slots (looked up by binary search) fed through a small hash map of recent inserts, merged
 /// in when it reaches an eighth of the table (between [`MERGE_MIN`] and [`MERGE_MAX`], or
-/// [`MERGE_MAX_DISK`] for a table on disk), so a
-/// catch-up of a million inserts moves each slot a few times, not once per insert. Serials of
-/// any other shape (another CA's, relayed) are kept as they are in a map of their own. With a
-/// [`Spill`] directory, a table of [`SPILL_AT`] slots or more is kept on disk (decision 118).
+/// [`MERGE_MAX_DISK`] for a table on disk), so a catch-up of a million inserts moves each slot
+/// a few times, not once per insert. Serials of any other shape (another CA's, relayed) are
+/// kept as they are in a map of their own. With a [`Spill`] directory, a table of [`SPILL_AT`]
+/// slots or more is kept on disk (decision 118).
 #[derive(Debug, Default)]
 struct Serials {
     /// Sorted by serial, no repeats; disjoint from `recent`.
