@@ -806,8 +806,13 @@ impl RevocationSet {
     /// and their digest ([`serial_hash`]): equal to a CRL's when it lists exactly those.
     pub(crate) fn serial_digest(&self, now: i64) -> (usize, u64) {
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        // One entry per serial, in the table and `other` only.
-        g.serials.merge();
+        // A merge makes one entry per serial. A table on disk is not rewritten for a few recent
+        // inserts (the follower asks after every burst of news: a 24 MB file written per new
+        // revocation, which the kernel writes back to the disk), but after a catch-up the
+        // recent map goes into it, so it does not stay that large while the agent idles.
+        if !matches!(g.serials.table, Table::Disk(_)) || g.serials.recent.len() >= MERGE_MIN {
+            g.serials.merge();
+        }
         let s = &g.serials;
         let now = clamp_time(now);
         let counted =
@@ -816,11 +821,15 @@ impl RevocationSet {
         let mut digest = 0u64;
         let mut raw = [0u8; LANYARD_SERIAL_LEN];
         raw[0] = 0x01;
+        let mut add = |serial: &[u8; 16]| {
+            raw[1..].copy_from_slice(serial);
+            count += 1;
+            digest = digest.wrapping_add(serial_hash(&raw));
+        };
+        // A serial in both counts once, with its recent entry (what `get` answers).
         let walked = s.table.for_each(|slot| {
-            if counted(&slot.meta) {
-                raw[1..].copy_from_slice(&slot.serial);
-                count += 1;
-                digest = digest.wrapping_add(serial_hash(&raw));
+            if counted(&slot.meta) && !s.recent.contains_key(&slot.serial) {
+                add(&slot.serial);
             }
             Ok(())
         });
@@ -828,6 +837,9 @@ impl RevocationSet {
             // A digest no CRL has: the CRL follower fetches rather than trust this one.
             warn!(%error, "cannot take the revocation set's digest");
             return (usize::MAX, 0);
+        }
+        for (serial, _) in s.recent.iter().filter(|(_, m)| counted(m)) {
+            add(serial);
         }
         for (serial, _) in s.other.iter().filter(|(_, m)| counted(m)) {
             // A DER INTEGER is signed: a leading octet with its high bit set takes a zero first.
@@ -1460,6 +1472,25 @@ mod tests {
         }
         assert_eq!(disk.serial_digest(0), memory.serial_digest(0));
         assert_eq!(disk.serial_digest(0).0, serials.len());
+        // A few news after that (one replacing an entry with an expired one) are counted
+        // without rewriting the table on disk.
+        for (i, serial) in [serials[3].clone(), lanyard_serial(&mut rng)]
+            .iter()
+            .enumerate()
+        {
+            let e = RevocationEntry {
+                serial: serial.to_hex(),
+                expires_at: if i == 0 { 1 } else { i64::MAX },
+                reason: "news".into(),
+                rev: (serials.len() + i + 1) as u64,
+                ..Default::default()
+            };
+            disk.apply(&e);
+            memory.apply(&e);
+        }
+        assert_eq!(disk.serial_digest(10), memory.serial_digest(10));
+        assert_eq!(disk.serial_digest(10).0, serials.len());
+        assert_eq!(disk.inner.read().unwrap().serials.recent.len(), 2);
     }
 
     /// When the directory goes away (or is not one), the set keeps its table in memory without
