@@ -730,6 +730,9 @@ impl Serials {
     /// disk is rewritten (and comes back into memory if it shrinks below half the threshold);
     /// if that fails it is swept in memory, and if it cannot be read nothing is swept.
     fn sweep(&mut self, now: i64) {
+        // Merged first: a recent entry that replaced one in the table with an earlier expiry
+        // would otherwise be swept alone and leave the replaced entry answering again.
+        self.merge();
         let now = clamp_time(now);
         let old_tags = std::mem::take(&mut self.tags);
         let mut renumber = Renumber::new(&old_tags);
@@ -1540,5 +1543,28 @@ mod tests {
         s.spill.as_mut().unwrap().dir = file.path().to_owned();
         add(&mut s, &mut model, &mut rng, 2_000);
         assert!(!on_disk(&s));
+    }
+
+    /// A serial revoked again with an earlier expiry is gone once that expiry passes, even
+    /// while the entry it replaced is still in the table (in memory and on disk).
+    #[test]
+    fn a_sweep_drops_a_replaced_entry_with_its_replacement() {
+        let key = |b: u8| {
+            let mut k = [0u8; 17];
+            k[0] = 1;
+            k[16] = b;
+            k
+        };
+        let (_dir, disk) = spilling(2);
+        for mut s in [Serials::default(), disk] {
+            for b in 0..4 {
+                s.insert(&key(b), 5_000, "first", None);
+            }
+            s.merge();
+            s.insert(&key(1), 1_000, "again", None);
+            s.sweep(2_000);
+            assert!(s.get(&key(1)).unwrap().is_none());
+            assert_eq!(s.len(), 3);
+        }
     }
 }
