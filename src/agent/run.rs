@@ -72,7 +72,12 @@ impl Agent {
     /// An agent that has not fetched anything yet.
     pub fn new(cfg: AgentConfig) -> Self {
         let source = TlsSource::empty(cfg.roles_oid.clone());
-        let revocations = RevocationSet::new();
+        // At a million revocations the set's table is 24 MB: an agent with a directory of its
+        // own keeps it there, on disk, not in its memory (decision 118).
+        let revocations = match &cfg.out_dir {
+            Some(dir) => RevocationSet::spilling_to(dir),
+            None => RevocationSet::new(),
+        };
         let link = CaLink::new(cfg.server.clone(), source.clone(), revocations.clone());
         Self {
             cfg,
