@@ -632,3 +632,48 @@ async fn ca_exits_on_sigterm_while_an_agent_is_watching() {
     );
     assert!(agent.is_running(), "the agent outlives the CA");
 }
+
+/// `--cache-dir` is checked at start: a path where no file can be made is refused with the flag
+/// named; a directory that does not exist yet is made, leaving nothing in it.
+#[test]
+fn cache_dir_is_made_at_start_and_a_path_that_cannot_hold_files_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    // The token is checked after the flags (it is malformed, so the agent then stops, without
+    // calling any CA).
+    let agent = |cache: &Path| {
+        lanyard_cmd()
+            .args(["agent", "--server", "127.0.0.1:1", "--token", "lanyard1.x"])
+            .arg("--out")
+            .arg(work.path().join("out"))
+            .arg("--cache-dir")
+            .arg(cache)
+            .output()
+            .unwrap()
+    };
+    let not_a_dir = work.path().join("plain-file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let out = agent(&not_a_dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "accepted a file as --cache-dir: {err}"
+    );
+    assert!(
+        err.contains("--cache-dir") && err.contains("plain-file") && !err.contains("token"),
+        "refused for the cache directory, before the token: {err}"
+    );
+
+    let fresh = work.path().join("cache/agent");
+    let out = agent(&fresh);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("join token is malformed") && !err.contains("--cache-dir"),
+        "past the cache directory's check: {err}"
+    );
+    assert!(fresh.is_dir(), "--cache-dir not made");
+    assert_eq!(
+        std::fs::read_dir(&fresh).unwrap().count(),
+        0,
+        "the probe file has no name"
+    );
+}

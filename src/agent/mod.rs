@@ -45,6 +45,9 @@ pub struct AgentConfig {
     pub bundle: Option<PathBuf>,
     /// Where to write cert.pem, key.pem, bundle.pem (optional: the key can stay in memory).
     pub out_dir: Option<PathBuf>,
+    /// Where to keep what the agent can rebuild from the CA (a large revocation table, in a
+    /// file without a name); `out_dir` when `None`. Meant for a disk when `out_dir` is tmpfs.
+    pub cache_dir: Option<PathBuf>,
     /// Unix socket for the SPIFFE Workload API.
     pub workload_socket: Option<PathBuf>,
     /// Shell command run after every rotation and every bundle change (and every CRL change
@@ -74,6 +77,7 @@ impl AgentConfig {
             spiffe_id: None,
             bundle: None,
             out_dir: None,
+            cache_dir: None,
             workload_socket: None,
             on_rotate: None,
             on_crl_change: None,

@@ -74,7 +74,7 @@ impl Agent {
         let source = TlsSource::empty(cfg.roles_oid.clone());
         // At a million revocations the set's table is 24 MB: an agent with a directory of its
         // own keeps it there, on disk, not in its memory (decision 118).
-        let revocations = match &cfg.out_dir {
+        let revocations = match cfg.cache_dir.as_ref().or(cfg.out_dir.as_ref()) {
             Some(dir) => RevocationSet::spilling_to(dir),
             None => RevocationSet::new(),
         };

@@ -39,6 +39,11 @@ pub(super) struct AgentArgs {
     /// CRLs, kept fresh) here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Keep data the agent can rebuild from the CA here (a revocation table past 65,536
+    /// serials, in a file without a name) instead of in --out: a directory on a disk when
+    /// --out is tmpfs. Default: --out.
+    #[arg(long, env = "LANYARD_AGENT_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
     /// Serve the SPIFFE Workload API on this unix socket: a path, or a `unix:` URI as SPIFFE
     /// clients take it (`unix:///run/lanyard/agent.sock` is `/run/lanyard/agent.sock`).
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", value_parser = parse_socket)]
@@ -93,6 +98,14 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     if !(0.05..=0.95).contains(&a.renew_at) {
         anyhow::bail!("--renew-at must be between 0.05 and 0.95");
     }
+    if let Some(dir) = &a.cache_dir {
+        // At start, so a wrong path is an error now, not a warning when the table first grows.
+        std::fs::create_dir_all(dir)
+            .and_then(|()| tempfile::tempfile_in(dir).map(drop))
+            .map_err(|e| {
+                anyhow::anyhow!("--cache-dir {}: cannot write there: {e}", dir.display())
+            })?;
+    }
     if a.out.is_none() && a.workload_socket.is_none() {
         anyhow::bail!(
             "give --out, --workload-socket, or both: otherwise nobody can use the certificate"
@@ -112,6 +125,7 @@ pub(super) async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         spiffe_id: a.spiffe_id,
         bundle: a.bundle,
         out_dir: a.out,
+        cache_dir: a.cache_dir,
         workload_socket: a.workload_socket.clone(),
         // An empty hook (e.g. an unset variable in a unit file) means no hook.
         on_rotate: a.on_rotate.filter(|c| !c.trim().is_empty()),
