@@ -424,7 +424,8 @@ fn rss() -> String {
     rss_of("/proc/self/status")
 }
 
-/// The resident set now and at its peak of the process whose status file is `status`.
+/// The resident set now and at its peak of the process whose status file is `status`, and
+/// what of it is the process's own (anonymous) and what is mapped files (its code, shared).
 fn rss_of(status: &str) -> String {
     let status = std::fs::read_to_string(status).unwrap_or_default();
     let field = |name: &str| {
@@ -433,7 +434,13 @@ fn rss_of(status: &str) -> String {
             .find_map(|l| l.strip_prefix(name))
             .map_or("?".to_string(), |v| v.trim().to_string())
     };
-    format!("RSS {} (peak {})", field("VmRSS:"), field("VmHWM:"))
+    format!(
+        "RSS {} (peak {}; anonymous {}, file-backed {})",
+        field("VmRSS:"),
+        field("VmHWM:"),
+        field("RssAnon:"),
+        field("RssFile:")
+    )
 }
 
 /// Resets the process's peak RSS (VmHWM) to its current RSS (Linux `clear_refs` value 5), so
