@@ -1104,6 +1104,15 @@ mod tests {
         }
     }
 
+    /// The Lanyard-shaped serial whose random octets are all zero but the last, `b`: keys that
+    /// sort as `b` does.
+    fn key(b: u8) -> [u8; 17] {
+        let mut k = [0u8; 17];
+        k[0] = 1;
+        k[16] = b;
+        k
+    }
+
     fn lanyard_serial(rng: &mut impl rand::Rng) -> Serial {
         let mut b = [0u8; 17];
         b[0] = 1;
@@ -1246,12 +1255,6 @@ mod tests {
     /// middle, last), and closes the gap it leaves.
     #[test]
     fn a_merge_keeps_the_recent_entry_of_a_serial_in_both() {
-        let key = |b: u8| {
-            let mut k = [0u8; 17];
-            k[0] = 1;
-            k[16] = b;
-            k
-        };
         let mut s = Serials::default();
         for b in [10, 20, 30, 40] {
             s.insert(&key(b), 1_000, "old", None);
@@ -1549,12 +1552,6 @@ mod tests {
     /// while the entry it replaced is still in the table (in memory and on disk).
     #[test]
     fn a_sweep_drops_a_replaced_entry_with_its_replacement() {
-        let key = |b: u8| {
-            let mut k = [0u8; 17];
-            k[0] = 1;
-            k[16] = b;
-            k
-        };
         let (_dir, disk) = spilling(2);
         for mut s in [Serials::default(), disk] {
             for b in 0..4 {
