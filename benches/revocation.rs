@@ -47,6 +47,9 @@
 //! - `LANYARD_BENCH_WATCHERS`    concurrent `Watch{since: 0}` in step 8, 0: none (default 8)
 //! - `LANYARD_BENCH_SERVE_BIN`   the `lanyard` binary steps 8-9 serve with (default: this
 //!   build's), for an A/B of two CA builds with the same clients
+//! - `LANYARD_BENCH_START_COMPARE` another build's `lanyard`: before the measured start, steps
+//!   8-9 start it and this build in turn over the filled store, `LANYARD_BENCH_START_ROUNDS`
+//!   times (default 3), and print each start
 //! - `LANYARD_BENCH_AGENT`       0: no `lanyard agent` in step 8 (default 1)
 //! - `LANYARD_BENCH_AGENT_COMPARE` another build's `lanyard`, run as the agent in turn with this
 //!   build's against the same CA (before/after figures from one fill)
@@ -645,6 +648,28 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
     }
     drop(store);
 
+    // Starts of another build and this one in turn, over the same store (an A/B of the load).
+    if let Some(other) = std::env::var_os("LANYARD_BENCH_START_COMPARE") {
+        let this = std::env::var_os("LANYARD_BENCH_SERVE_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_lanyard").into());
+        for round in 1..=knob("LANYARD_BENCH_START_ROUNDS", 3usize)? {
+            for (name, bin) in [("compared", &other), ("this", &this)] {
+                let etcd_cpu = etcd.map(|e| cpu(e.child.id()));
+                let (serve, took) = Serve::start_bin(bin, &config, &data, tmp.path()).await?;
+                println!(
+                    "   start #{round}, {name} build: {}; CA CPU {:.2}s{}",
+                    secs(took),
+                    cpu(serve.pid()),
+                    etcd_cpu.map_or(String::new(), |c0| format!(
+                        ", etcd CPU {:.2}s",
+                        etcd.map_or(0.0, |e| cpu(e.child.id())) - c0
+                    )),
+                );
+                serve.stop()?;
+            }
+        }
+    }
+
     // The measured start.
     let etcd_cpu = etcd.map(|e| cpu(e.child.id()));
     let (serve, took) = Serve::start(&config, &data, tmp.path()).await?;
@@ -1153,6 +1178,19 @@ impl Serve {
         data: &Path,
         logs: &Path,
     ) -> Result<(Self, Duration), Box<dyn Error>> {
+        // Another build of the CA for an A/B run (the same bench binary, so the same clients).
+        let bin = std::env::var_os("LANYARD_BENCH_SERVE_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_lanyard").into());
+        Self::start_bin(&bin, config, data, logs).await
+    }
+
+    /// [`Serve::start`] with the `lanyard` binary at `bin`.
+    async fn start_bin(
+        bin: &std::ffi::OsStr,
+        config: &Path,
+        data: &Path,
+        logs: &Path,
+    ) -> Result<(Self, Duration), Box<dyn Error>> {
         let _ = std::fs::remove_file(data.join("serve.addr"));
         let log_path = logs.join("serve.log");
         let log = std::fs::OpenOptions::new()
@@ -1160,9 +1198,6 @@ impl Serve {
             .append(true)
             .open(&log_path)?;
         let t = Instant::now();
-        // Another build of the CA for an A/B run (the same bench binary, so the same clients).
-        let bin = std::env::var_os("LANYARD_BENCH_SERVE_BIN")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_lanyard").into());
         let child = std::process::Command::new(bin)
             .args(["serve", "--config"])
             .arg(config)

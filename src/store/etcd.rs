@@ -57,7 +57,15 @@ const PAGE: i64 = 256;
 /// million revocations' is ~430 KB), and fewer, larger pages cost etcd less per key.
 const LOAD_PAGE: i64 = 1024;
 /// A range holding more keys than this is read in parts (see `Inner::range_each`).
-const SPLIT_ABOVE: usize = 4 * LOAD_PAGE as usize;
+const SPLIT_ABOVE: usize = LOAD_PAGE as usize;
+/// Keys a part is cut to hold, were the keys even: most parts then take one page, and etcd
+/// walks each key of its index about once (it walks a request's whole range, not a page).
+const PART_KEYS: usize = 3 * LOAD_PAGE as usize / 4;
+/// Parts of a mirror load read at once (see `Inner::range_each`).
+const LOAD_IN_FLIGHT: usize = 4;
+/// Keys a mirror load holds read ahead of the part it is waiting for (~8 pages, ~3.5 MB of
+/// revocations).
+const LOAD_AHEAD: usize = 8 * LOAD_PAGE as usize;
 /// Largest response the client accepts; pages stay far below it.
 const MAX_RESPONSE: usize = 16 << 20;
 /// How long a caller waits for the watch to apply a revision it wrote.
@@ -479,17 +487,20 @@ impl Inner {
             .pop())
     }
 
-    /// Hands every key in `[key, end)` at revision `rev` (0: latest) to `each`, page by page,
-    /// so a caller holds one page of the range at a time, not all of it (a million revocations
-    /// as key-values would be ~400 MB); returns the revision read.
+    /// Hands every key in `[key, end)` at revision `rev` (0: latest) to `each`, in key order,
+    /// page by page, so a caller holds a few pages of the range at a time, not all of it (a
+    /// million revocations as key-values would be ~400 MB); returns the revision read.
     ///
     /// etcd 3.4 walks its whole index from a range's start to its end for every request, a
     /// limit or not (it counts the range), so paging a range from its start made a load
     /// quadratic: 300,000 revocations took 50 s to load, a million ~9 minutes. A range found
-    /// to hold many more keys than a page is therefore cut by key into parts of about
-    /// [`SPLIT_ABOVE`] keys each, were the keys even (see [`split_points`]), and a part still
-    /// too large is cut again: every request then walks a bounded part of the index, the load
-    /// is O(n log n) in index steps, and it stays in key order at one revision.
+    /// to hold more keys than a page is therefore cut by key into parts of about
+    /// [`PART_KEYS`] keys each, were the keys even (see [`split_points`]), and a part still
+    /// too large is cut again: every request then walks a bounded part of the index, and the
+    /// load is O(n log n) in index steps. Once the first page has fixed the revision, up to
+    /// [`LOAD_IN_FLIGHT`] parts are read at once (etcd serves concurrent reads on all of its
+    /// cores; one at a time, a load waited on one of them), and pages read ahead of an earlier
+    /// part wait for it, at most [`LOAD_AHEAD`] keys of them.
     async fn range_each(
         &self,
         key: Vec<u8>,
@@ -497,47 +508,106 @@ impl Inner {
         mut rev: i64,
         mut each: impl FnMut(&pb::KeyValue) -> Result<(), StoreError>,
     ) -> Result<i64, StoreError> {
-        // Ranges still to read, the next one last.
-        let mut todo = vec![(key, end)];
-        while let Some((from, end)) = todo.pop() {
-            let resp = self
-                .range(pb::RangeRequest {
-                    key: from,
-                    range_end: end.clone(),
-                    limit: LOAD_PAGE,
-                    revision: rev,
-                    ..Default::default()
-                })
-                .await?;
+        /// A part of the range, in key order with the others.
+        enum Part {
+            /// Not asked for yet: `[from, end)`.
+            Todo(Vec<u8>, Vec<u8>),
+            /// Asked for (the request's number); the part ends at `end`.
+            Reading(u64, Vec<u8>),
+            /// A page read, waiting for the parts before it.
+            Read(Vec<pb::KeyValue>),
+        }
+        let mut parts = std::collections::VecDeque::from([Part::Todo(key, end)]);
+        let mut reading = futures_util::stream::FuturesUnordered::new();
+        let (mut asked, mut ahead) = (0u64, 0usize);
+        // The last key handed on: the parts' bookkeeping is checked, not trusted, to keep order.
+        let mut last: Option<Vec<u8>> = None;
+        loop {
+            while let Some(Part::Read(_)) = parts.front() {
+                if let Some(Part::Read(kvs)) = parts.pop_front() {
+                    ahead -= kvs.len();
+                    let ordered = kvs.windows(2).all(|w| w[0].key < w[1].key)
+                        && kvs
+                            .first()
+                            .is_none_or(|f| last.as_ref().is_none_or(|l| *l < f.key));
+                    if !ordered {
+                        return Err(StoreError::Backend(
+                            "etcd range load: keys arrived out of order".into(),
+                        ));
+                    }
+                    kvs.iter().try_for_each(&mut each)?;
+                    if let Some(l) = kvs.last() {
+                        last = Some(l.key.clone());
+                    }
+                }
+            }
+            if parts.is_empty() {
+                return Ok(rev);
+            }
+            // One request until the revision is known; the earliest parts first.
+            let limit = if rev == 0 { 1 } else { LOAD_IN_FLIGHT };
+            for part in parts.iter_mut() {
+                if !reading.is_empty() && (reading.len() >= limit || ahead >= LOAD_AHEAD) {
+                    break;
+                }
+                if let Part::Todo(from, to) = part {
+                    let req = pb::RangeRequest {
+                        key: std::mem::take(from),
+                        range_end: to.clone(),
+                        limit: LOAD_PAGE,
+                        revision: rev,
+                        ..Default::default()
+                    };
+                    let id = asked;
+                    asked += 1;
+                    *part = Part::Reading(id, std::mem::take(to));
+                    reading.push(async move { (id, self.range(req).await) });
+                }
+            }
+            let Some((id, resp)) = futures_util::StreamExt::next(&mut reading).await else {
+                return Err(StoreError::Backend(
+                    "etcd range load: no part left to read".into(),
+                ));
+            };
+            let resp = resp?;
             if rev == 0 {
                 rev = resp.header.as_ref().map_or(0, |h| h.revision);
             }
-            for kv in &resp.kvs {
-                each(kv)?;
-            }
-            let Some(last) = resp.kvs.last().filter(|_| resp.more) else {
-                continue;
+            let Some((at, end)) = parts.iter_mut().enumerate().find_map(|(i, p)| match p {
+                Part::Reading(r, end) if *r == id => Some((i, std::mem::take(end))),
+                _ => None,
+            }) else {
+                return Err(StoreError::Backend(
+                    "etcd range load: a page lost its part".into(),
+                ));
             };
-            let mut next = last.key.clone();
-            next.push(0);
-            // `count` is every key in the range, this page's included.
-            let left = usize::try_from(resp.count)
-                .unwrap_or(0)
-                .saturating_sub(resp.kvs.len());
-            let points = if left > SPLIT_ABOVE {
-                split_points(&next, &end, (left / SPLIT_ABOVE + 1).min(256))
-            } else {
-                Vec::new()
-            };
-            // Pushed last part first: the parts are read in key order.
-            let mut upper = end;
-            for p in points.into_iter().rev() {
-                todo.push((p.clone(), upper));
-                upper = p;
+            let mut rest = Vec::new();
+            if let Some(last) = resp.kvs.last().filter(|_| resp.more) {
+                let mut next = last.key.clone();
+                next.push(0);
+                // `count` is every key in the range, this page's included.
+                let left = usize::try_from(resp.count)
+                    .unwrap_or(0)
+                    .saturating_sub(resp.kvs.len());
+                let points = if left > SPLIT_ABOVE {
+                    let common = next.iter().zip(&end).take_while(|(x, y)| x == y).count();
+                    let digits = key_digits(resp.kvs.iter().map(|kv| kv.key.as_slice()), common);
+                    split_points(&next, &end, (left / PART_KEYS + 1).min(256), &digits)
+                } else {
+                    Vec::new()
+                };
+                let mut lower = next;
+                for p in points {
+                    rest.push(Part::Todo(std::mem::replace(&mut lower, p.clone()), p));
+                }
+                rest.push(Part::Todo(lower, end));
             }
-            todo.push((next, upper));
+            ahead += resp.kvs.len();
+            parts[at] = Part::Read(resp.kvs);
+            for (i, p) in rest.into_iter().enumerate() {
+                parts.insert(at + 1 + i, p);
+            }
         }
-        Ok(rev)
     }
 
     /// Rebuilds the mirror from a consistent snapshot; returns its revision.
@@ -1672,32 +1742,73 @@ fn range_op(key: Vec<u8>) -> pb::RequestOp {
 
 /// The smallest key after every key starting with `prefix`.
 /// Up to `k - 1` keys strictly between `a` and `b` (`a < b`), ascending and about evenly
-/// spaced, reading the 15 bytes after their common prefix as a base-256 fraction; none when the
-/// two are too close to split.
-fn split_points(a: &[u8], b: &[u8], k: usize) -> Vec<Vec<u8>> {
+/// spaced, reading what follows their common prefix as a fraction whose digits are `digits`
+/// (sorted, distinct: the bytes the range's keys are seen to use; all 256 when unknown); none
+/// when the two are too close to split.
+///
+/// Digits matter for keys that use a few byte values: hex serials use 16 of 256, so cuts spaced
+/// by byte value put nearly every key in one or two parts, and a load read them one page at a
+/// time; in base 16 the parts hold about as many keys each.
+fn split_points(a: &[u8], b: &[u8], k: usize, digits: &[u8]) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let base = digits.len() as u128;
+    if base < 2 || k < 2 {
+        return out;
+    }
     let common = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    // As many digits as fit in 120 bits (15 of base 256).
+    let (mut width, mut span) = (0usize, 1u128);
+    while let Some(next) = span.checked_mul(base).filter(|s| *s <= 1 << 120) {
+        span = next;
+        width += 1;
+    }
+    // A byte that is not a digit reads as the next digit up (`base` past the last), which keeps
+    // the fractions in key order.
+    let rank = |x: u8| digits.partition_point(|d| *d < x) as u128;
     let fraction = |x: &[u8]| {
-        (0..15).fold(0u128, |v, i| {
-            (v << 8) | u128::from(x.get(common + i).copied().unwrap_or(0))
+        (0..width).fold(0u128, |v, i| {
+            v * base + x.get(common + i).map_or(0, |c| rank(*c))
         })
     };
     let (from, to) = (fraction(a), fraction(b));
-    let mut out: Vec<Vec<u8>> = Vec::new();
-    if to <= from || k < 2 {
+    if to <= from {
         return out;
     }
     let step = (to - from) / k as u128;
     for i in 1..k as u128 {
-        let mut key = a[..common].to_vec();
-        key.extend_from_slice(&(from + step * i).to_be_bytes()[1..]);
-        while key.len() > common && key.last() == Some(&0) {
-            key.pop();
+        let mut v = from + step * i;
+        let mut tail = vec![digits[0]; width];
+        for d in tail.iter_mut().rev() {
+            *d = digits[(v % base) as usize];
+            v /= base;
         }
+        while tail.last() == Some(&digits[0]) {
+            tail.pop();
+        }
+        let mut key = a[..common].to_vec();
+        key.extend_from_slice(&tail);
         if key.as_slice() > a && key.as_slice() < b && out.last().is_none_or(|l| *l < key) {
             out.push(key);
         }
     }
     out
+}
+
+/// The bytes `keys` use after their first `skip`, sorted, as [`split_points`]' digits; every
+/// byte value when they use fewer than two.
+fn key_digits<'a>(keys: impl Iterator<Item = &'a [u8]>, skip: usize) -> Vec<u8> {
+    let mut seen = [false; 256];
+    for k in keys {
+        for b in k.iter().skip(skip) {
+            seen[usize::from(*b)] = true;
+        }
+    }
+    let digits: Vec<u8> = (0..=255u8).filter(|b| seen[usize::from(*b)]).collect();
+    if digits.len() < 2 {
+        (0..=255u8).collect()
+    } else {
+        digits
+    }
 }
 
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
@@ -1768,18 +1879,51 @@ mod tests {
     }
 
     #[test]
+    fn hex_keys_are_cut_into_parts_of_about_the_same_size() {
+        // A load's view: the first page of a collection of hex serials read, the rest to cut.
+        let prefix = b"/p/revoked/";
+        let end = prefix_end(prefix);
+        let mut keys: Vec<Vec<u8>> = (0..16_000)
+            .map(|_| {
+                let mut k = prefix.to_vec();
+                k.extend(format!("{:032x}", rand::random::<u128>()).bytes());
+                k
+            })
+            .collect();
+        keys.sort();
+        let (page, rest) = keys.split_at(1024);
+        let mut next = page[1023].clone();
+        next.push(0);
+        let common = next.iter().zip(&end).take_while(|(x, y)| x == y).count();
+        let digits = key_digits(page.iter().map(Vec::as_slice), common);
+        assert_eq!(digits, b"/0123456789abcdef");
+        let points = split_points(&next, &end, 8, &digits);
+        assert_eq!(points.len(), 7);
+        let mut counts = [0usize; 8];
+        for k in rest {
+            counts[points.partition_point(|p| p <= k)] += 1;
+        }
+        let mean = rest.len() / 8;
+        assert!(
+            counts.iter().all(|c| *c > mean / 2 && *c < mean * 2),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
     fn split_points_lie_strictly_between_in_order() {
         // A whole collection, in halves: the cut is under its prefix, halfway through the byte.
+        let all: Vec<u8> = (0..=255).collect();
         let end = prefix_end(b"/p/revoked/");
         assert_eq!(
-            split_points(b"/p/revoked/", &end, 2),
+            split_points(b"/p/revoked/", &end, 2, &all),
             vec![b"/p/revoked/\x80".to_vec()]
         );
-        assert_eq!(split_points(b"a", b"c", 2), vec![b"b".to_vec()]);
-        assert_eq!(split_points(b"/p/revoked/", &end, 256).len(), 255);
+        assert_eq!(split_points(b"a", b"c", 2, &all), vec![b"b".to_vec()]);
+        assert_eq!(split_points(b"/p/revoked/", &end, 256, &all).len(), 255);
         // Adjacent keys have none between them.
-        assert!(split_points(b"a", b"a\0", 4).is_empty());
-        assert!(split_points(b"b", b"a", 4).is_empty());
+        assert!(split_points(b"a", b"a\0", 4, &all).is_empty());
+        assert!(split_points(b"b", b"a", 4, &all).is_empty());
         let mut rng = rand::rng();
         for _ in 0..10_000 {
             let len = |r: &mut rand::rngs::ThreadRng| rand::Rng::random_range(r, 0..20);
@@ -1794,7 +1938,13 @@ mod tests {
                 continue;
             }
             let k = rand::Rng::random_range(&mut rng, 2..300);
-            let points = split_points(&a, &b, k);
+            // Every byte, or a few (some of the keys' bytes are then not digits).
+            let digits = if rand::random::<bool>() {
+                all.clone()
+            } else {
+                key_digits([[1u8, 2].as_slice(), &[3]].into_iter(), 0)
+            };
+            let points = split_points(&a, &b, k, &digits);
             assert!(points.len() < k);
             let mut prev = a.clone();
             for p in points.iter().chain([&b]) {
