@@ -152,6 +152,7 @@ async fn get_crl(ca: &TestCa) -> Vec<u8> {
         .expect("anyone may fetch the CRL")
         .into_inner()
         .der
+        .to_vec()
 }
 
 /// Serials a DER CRL lists (lowercase hex), its nextUpdate and its CRL number.

@@ -14,6 +14,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prost::bytes::Bytes;
 use rustls_pki_types::CertificateRevocationListDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::sync::watch;
@@ -65,7 +66,7 @@ pub struct Crls(Arc<Held>);
 
 struct Held {
     /// `None` once released.
-    ders: Mutex<Option<Arc<Vec<Vec<u8>>>>>,
+    ders: Mutex<Option<Arc<Vec<Bytes>>>>,
     /// How many CRLs, their sizes, and their size in octets all together.
     count: usize,
     lens: Vec<usize>,
@@ -86,7 +87,7 @@ impl Default for Held {
 
 impl Held {
     fn new(
-        ders: Vec<Vec<u8>>,
+        ders: Vec<Bytes>,
         next_update: Result<Option<i64>, ()>,
         serials: RevokedSerials,
     ) -> Self {
@@ -98,8 +99,8 @@ impl Held {
         }
         Self {
             count: ders.len(),
-            lens: ders.iter().map(Vec::len).collect(),
-            size: ders.iter().map(Vec::len).sum(),
+            lens: ders.iter().map(Bytes::len).collect(),
+            size: ders.iter().map(Bytes::len).sum(),
             digest: h.finalize().into(),
             ders: Mutex::new(Some(Arc::new(ders))),
             next_update,
@@ -109,8 +110,9 @@ impl Held {
 }
 
 impl Crls {
-    /// CRLs from the CA; `Err` when one does not parse.
-    pub(crate) fn new(ders: Vec<Vec<u8>>) -> Result<Self, CrlError> {
+    /// CRLs from the CA (as decoded: slices of the buffer the answer arrived in); `Err` when
+    /// one does not parse.
+    pub(crate) fn new(ders: Vec<Bytes>) -> Result<Self, CrlError> {
         let (next_update, serials) = scan_all(&ders)?;
         Ok(Self(Arc::new(Held::new(ders, Ok(next_update), serials))))
     }
@@ -118,6 +120,7 @@ impl Crls {
     /// CRLs read back from `crl.pem`: kept even if they do not parse (served until the CA is
     /// asked again, which it is at once: see [`Crls::next_update`]).
     pub(crate) fn read_back(ders: Vec<Vec<u8>>) -> Self {
+        let ders: Vec<Bytes> = ders.into_iter().map(Bytes::from).collect();
         let held = match scan_all(&ders) {
             Ok((next_update, serials)) => Held::new(ders, Ok(next_update), serials),
             Err(_) => Held::new(ders, Err(()), RevokedSerials::default()),
@@ -126,7 +129,7 @@ impl Crls {
     }
 
     /// The CRLs (DER); `None` once released (they are in `crl.pem`), or when there are none.
-    pub fn ders(&self) -> Option<Arc<Vec<Vec<u8>>>> {
+    pub fn ders(&self) -> Option<Arc<Vec<Bytes>>> {
         if self.is_empty() {
             return None;
         }
@@ -236,7 +239,7 @@ impl RevokedSerials {
 
 /// The earliest `nextUpdate` of `crls` and the serials they list, or `Err` if one does not
 /// parse.
-fn scan_all(crls: &[Vec<u8>]) -> Result<(Option<i64>, RevokedSerials), CrlError> {
+fn scan_all(crls: &[Bytes]) -> Result<(Option<i64>, RevokedSerials), CrlError> {
     let mut earliest: Option<i64> = None;
     let mut serials = RevokedSerials::default();
     for der in crls {
@@ -427,7 +430,7 @@ pub(crate) fn to_pem(crls: &[Vec<u8>]) -> String {
 
 /// Writes `crls` to `w` as [`to_pem`] would make them, 48 octets (a line) at a time: the PEM
 /// of a 36 MB CRL is 46 MiB, which the agent held whole for a moment at every change.
-pub(crate) fn write_pem(crls: &[Vec<u8>], w: &mut impl std::io::Write) -> std::io::Result<()> {
+pub(crate) fn write_pem(crls: &[Bytes], w: &mut impl std::io::Write) -> std::io::Result<()> {
     use base64::Engine;
     let mut line = [0u8; 65];
     for der in crls {
@@ -597,7 +600,7 @@ impl Fetcher {
             }
             Err(_) => return Err(CrlError::Call("GetCrl timed out".into())),
         };
-        let crls: Vec<Vec<u8>> = std::iter::once(answer.der)
+        let crls: Vec<Bytes> = std::iter::once(answer.der)
             .chain(answer.retiring)
             .filter(|d| !d.is_empty())
             .collect();
@@ -670,8 +673,9 @@ mod tests {
         let pem = to_pem(&[a.clone(), b.clone()]);
         assert_eq!(pem.matches("-----BEGIN X509 CRL-----").count(), 2);
         assert_eq!(from_pem(pem.as_bytes()), vec![a.clone(), b.clone()]);
-        let crls =
-            |ders: &[&Vec<u8>]| Crls::new(ders.iter().map(|d| d.to_vec()).collect()).unwrap();
+        let crls = |ders: &[&Vec<u8>]| {
+            Crls::new(ders.iter().map(|d| d.to_vec().into()).collect()).unwrap()
+        };
         assert_eq!(crls(&[&a, &b]).next_update().unwrap(), Some(3_000));
         assert_eq!(crls(&[&a, &b]).serials(), crls(&[&b, &a]).serials());
         assert_eq!(crls(&[&a, &b]).serials().len(), 1);
@@ -681,7 +685,7 @@ mod tests {
         let c = ca.sign_crl(&[(other, 1_000)], 3, 1_000, 5_000).unwrap();
         assert_eq!(crls(&[&c]).serials().len(), 1);
         assert_ne!(crls(&[&a]).serials(), crls(&[&c]).serials());
-        assert!(Crls::new(vec![a[..a.len() - 1].to_vec()]).is_err());
+        assert!(Crls::new(vec![a[..a.len() - 1].to_vec().into()]).is_err());
         let damaged = Crls::read_back(vec![a[..a.len() - 1].to_vec()]);
         assert!(!damaged.is_empty() && damaged.next_update().is_err());
         assert_eq!(Crls::default().next_update().unwrap(), None);
@@ -740,7 +744,7 @@ mod tests {
         ));
         set.apply(&entry(&crate::ca::Serial::from_bytes(&[0x01, 8]), 5, ""));
         let crl = |entries: &[(crate::ca::Serial, i64)]| {
-            Crls::new(vec![ca.sign_crl(entries, 1, 1_000, 5_000).unwrap()])
+            Crls::new(vec![ca.sign_crl(entries, 1, 1_000, 5_000).unwrap().into()])
                 .unwrap()
                 .serials()
         };
@@ -780,7 +784,7 @@ mod tests {
             assert_eq!((serials.clone(), next), by_x509_parser(&der));
             assert!(serials.len() <= entries.len());
             let mut pem = Vec::new();
-            write_pem(&[der.clone(), der.clone()], &mut pem).unwrap();
+            write_pem(&[der.clone().into(), der.clone().into()], &mut pem).unwrap();
             assert_eq!(pem, to_pem(&[der.clone(), der.clone()]).into_bytes());
             // Anything cut short, or with more after it, is refused.
             for cut in [1, 2, der.len() / 2, der.len() - 1] {

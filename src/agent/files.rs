@@ -67,7 +67,7 @@ pub(crate) enum CrlFile<'a> {
     /// No CRLs: no `crl.pem`.
     None,
     /// These CRLs (DER).
-    Ders(&'a [Vec<u8>]),
+    Ders(&'a [prost::bytes::Bytes]),
     /// The current generation's `crl.pem`, linked (the agent let go of CRLs too large to hold).
     Keep,
 }
@@ -425,7 +425,7 @@ mod tests {
             "K\n",
             one,
             &none,
-            CrlFile::Ders(&[vec![0x30, 0x01]]),
+            CrlFile::Ders(&[vec![0x30, 0x01].into()]),
         )
         .unwrap();
         assert_eq!(
@@ -444,7 +444,7 @@ mod tests {
             "K\n",
             one,
             &none,
-            CrlFile::Ders(&[vec![0x30, 0x02]]),
+            CrlFile::Ders(&[vec![0x30, 0x02].into()]),
         )
         .unwrap();
         assert_eq!(read_crls(dir.path()), vec![vec![0x30, 0x02]]);

@@ -746,7 +746,7 @@ impl Agent {
                         .collect()
                 })
         };
-        let ders: Vec<Vec<u8>> = tokio::time::timeout(Duration::from_secs(5), fetch)
+        let ders: Vec<prost::bytes::Bytes> = tokio::time::timeout(Duration::from_secs(5), fetch)
             .await
             .ok()
             .flatten()

@@ -415,6 +415,7 @@ pub(super) async fn crl(a: CrlArgs) -> anyhow::Result<ExitCode> {
             .map(|der| crate::ca::pem_encode("X509 CRL", der))
             .collect::<String>()
             .into_bytes()
+            .into()
     };
     crate::fsutil::write_atomic(&a.out, &data, 0o644)?;
     if a.der || n == 1 {
