@@ -78,8 +78,9 @@ fn revocation_figures_are_read_and_absent_ones_named() {
     assert!(close(f(&v, "disk_bytes_per_revocation"), 1153.0));
     assert!(close(f(&v, "scan_s"), 0.04));
     assert!(close(f(&v, "pruned_kib"), 26.6 * 1024.0));
-    // This capture prints no CRL time, no Watch time and no RSS, and the empty store as
-    // "0.0 MiB": each is named as missing, none is filled in, and the exit status says so.
+    // This capture prints no CRL time, no Watch time, no RSS and no fresh-process open, and the
+    // empty store as "0.0 MiB": each is named as missing, none is filled in, and the exit status
+    // says so.
     assert_eq!(code, 3, "{err}");
     let missing: Vec<&str> = v["missing"]
         .as_array()
@@ -92,6 +93,7 @@ fn revocation_figures_are_read_and_absent_ones_named() {
         "Watch{since:0} time",
         "CA RSS",
         "pruned-disk ratio",
+        "index rebuilt at start",
     ] {
         assert!(
             missing.iter().any(|m| m.starts_with(figure)),
@@ -99,7 +101,7 @@ fn revocation_figures_are_read_and_absent_ones_named() {
         );
         assert!(err.contains(figure), "stderr does not name {figure}: {err}");
     }
-    for key in ["crl_s", "watch_s", "ca_rss_mib", "pruned_ratio"] {
+    for key in ["crl_s", "watch_s", "ca_rss_mib", "pruned_ratio", "index_load_s"] {
         assert!(v.get(key).is_none(), "{key} was filled in: {v}");
     }
 }
@@ -117,6 +119,7 @@ fn the_current_revocation_output_gives_every_figure() {
     assert!(close(f(&v, "check_p50_us"), 0.2));
     assert!(close(f(&v, "disk_bytes_per_revocation"), 288.0));
     assert!(close(f(&v, "watch_s"), 0.01));
+    assert!(close(f(&v, "index_load_s"), 0.04));
     assert!(close(f(&v, "ca_rss_mib"), 16.8));
     // 8,414,705 / 524,701 bytes, from the exact line, not the MiB-rounded sizes.
     assert!(close(f(&v, "pruned_ratio"), 8_414_705.0 / 524_701.0), "{v}");
