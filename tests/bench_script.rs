@@ -123,6 +123,21 @@ fn the_current_revocation_output_gives_every_figure() {
     assert!(close(f(&v, "ca_rss_mib"), 16.8));
     // 8,414,705 / 524,701 bytes, from the exact line, not the MiB-rounded sizes.
     assert!(close(f(&v, "pruned_ratio"), 8_414_705.0 / 524_701.0), "{v}");
+    // No section 9 (run without --etcd): no etcd figure, and none missing either.
+    assert!(v.get("etcd_start_s").is_none(), "{v}");
+}
+
+#[test]
+fn the_start_on_etcd_is_read_from_section_nine_not_section_eight() {
+    if !common::require_python3() {
+        return;
+    }
+    // Captured from `scripts/bench-revocation --revocations 20000 --etcd` (no agent): section
+    // 8's start on sled is 0.04 s, section 9's on etcd 0.09 s.
+    let (code, v, err) = parse("revocation", &sample("revocation-etcd.txt"));
+    assert_eq!(code, 0, "{err}");
+    assert!(close(f(&v, "etcd_start_s"), 0.09), "{v}");
+    assert!(close(f(&v, "index_load_s"), 0.05), "{v}");
 }
 
 #[test]
