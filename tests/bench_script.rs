@@ -101,7 +101,13 @@ fn revocation_figures_are_read_and_absent_ones_named() {
         );
         assert!(err.contains(figure), "stderr does not name {figure}: {err}");
     }
-    for key in ["crl_s", "watch_s", "ca_rss_mib", "pruned_ratio", "index_load_s"] {
+    for key in [
+        "crl_s",
+        "watch_s",
+        "ca_rss_mib",
+        "pruned_ratio",
+        "index_load_s",
+    ] {
         assert!(v.get(key).is_none(), "{key} was filled in: {v}");
     }
 }

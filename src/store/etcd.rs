@@ -1740,7 +1740,6 @@ fn range_op(key: Vec<u8>) -> pb::RequestOp {
     }
 }
 
-/// The smallest key after every key starting with `prefix`.
 /// Up to `k - 1` keys strictly between `a` and `b` (`a < b`), ascending and about evenly
 /// spaced, reading what follows their common prefix as a fraction whose digits are `digits`
 /// (sorted, distinct: the bytes the range's keys are seen to use; all 256 when unknown); none
@@ -1811,6 +1810,7 @@ fn key_digits<'a>(keys: impl Iterator<Item = &'a [u8]>, skip: usize) -> Vec<u8> 
     }
 }
 
+/// The smallest key after every key starting with `prefix`.
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
