@@ -648,6 +648,15 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
     }
     drop(store);
 
+    // etcd's CPU since `c0` (taken before a start), as the start lines print it.
+    let etcd_cpu_since = |c0: Option<f64>| {
+        c0.map_or(String::new(), |c0| {
+            format!(
+                ", etcd CPU {:.2}s",
+                etcd.map_or(0.0, |e| cpu(e.child.id())) - c0
+            )
+        })
+    };
     // Starts of another build and this one in turn, over the same store (an A/B of the load).
     if let Some(other) = std::env::var_os("LANYARD_BENCH_START_COMPARE") {
         let this = std::env::var_os("LANYARD_BENCH_SERVE_BIN")
@@ -660,10 +669,7 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
                     "   start #{round}, {name} build: {}; CA CPU {:.2}s{}",
                     secs(took),
                     cpu(serve.pid()),
-                    etcd_cpu.map_or(String::new(), |c0| format!(
-                        ", etcd CPU {:.2}s",
-                        etcd.map_or(0.0, |e| cpu(e.child.id())) - c0
-                    )),
+                    etcd_cpu_since(etcd_cpu),
                 );
                 serve.stop()?;
             }
@@ -677,10 +683,7 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
         "   CA start (process spawned until it listens: store opened, index loaded) {}; CA CPU {:.2}s{}; CA {}",
         secs(took),
         cpu(serve.pid()),
-        etcd_cpu.map_or(String::new(), |c0| format!(
-            ", etcd CPU {:.2}s",
-            etcd.map_or(0.0, |e| cpu(e.child.id())) - c0
-        )),
+        etcd_cpu_since(etcd_cpu),
         serve.rss()
     );
     let oid = RolesOid::default();
