@@ -600,10 +600,7 @@ impl Fetcher {
             }
             Err(_) => return Err(CrlError::Call("GetCrl timed out".into())),
         };
-        let crls: Vec<Bytes> = std::iter::once(answer.der)
-            .chain(answer.retiring)
-            .filter(|d| !d.is_empty())
-            .collect();
+        let crls = answer_ders(answer);
         if crls.is_empty() {
             return Err(CrlError::Malformed);
         }
@@ -611,6 +608,14 @@ impl Fetcher {
         let until = crls.next_update()?;
         Ok((crls, until))
     }
+}
+
+/// The CRLs of a `GetCrl` answer: the signing CA's, then a retiring one's, the empty left out.
+pub(crate) fn answer_ders(answer: pb::Crl) -> Vec<Bytes> {
+    std::iter::once(answer.der)
+        .chain(answer.retiring)
+        .filter(|d| !d.is_empty())
+        .collect()
 }
 
 fn jitter() -> f64 {

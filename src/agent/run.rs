@@ -738,15 +738,9 @@ impl Agent {
                 .get_crl(pb::GetCrlRequest {})
                 .await
                 .ok()
-                .map(|r| {
-                    let crl = r.into_inner();
-                    std::iter::once(crl.der)
-                        .chain(crl.retiring)
-                        .filter(|d| !d.is_empty())
-                        .collect()
-                })
+                .map(|r| super::crl::answer_ders(r.into_inner()))
         };
-        let ders: Vec<prost::bytes::Bytes> = tokio::time::timeout(Duration::from_secs(5), fetch)
+        let ders = tokio::time::timeout(Duration::from_secs(5), fetch)
             .await
             .ok()
             .flatten()
