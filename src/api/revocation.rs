@@ -503,10 +503,6 @@ mod tests {
         }
     }
 
-    /// A shared `GetCrl` answer is, byte for byte, the gRPC message tonic writes for the same
-    /// `Crl` encoded by prost: the 5-byte prefix (uncompressed, big-endian length), then the
-    /// fields; an empty `der` left out, every `retiring` element kept, lengths of one to four
-    /// varint bytes. Each CRL goes out as the cached buffer itself, not a copy.
     /// A client decodes a `Crl` into slices of the buffer the answer arrived in (tonic hands the
     /// decoder a `BytesMut`), so a 36 MB CRL is held once, not twice, while it is taken in.
     #[test]
@@ -522,6 +518,10 @@ mod tests {
         assert!(inside(&decoded.der) && inside(&decoded.retiring[0]));
     }
 
+    /// A shared `GetCrl` answer is, byte for byte, the gRPC message tonic writes for the same
+    /// `Crl` encoded by prost: the 5-byte prefix (uncompressed, big-endian length), then the
+    /// fields; an empty `der` left out, every `retiring` element kept, lengths of one to four
+    /// varint bytes. Each CRL goes out as the cached buffer itself, not a copy.
     #[test]
     fn a_shared_crl_answer_is_the_message_tonic_and_prost_write() {
         let bytes = |n: usize| -> Vec<u8> { (0..n).map(|i| (i * 7 + n) as u8).collect() };
