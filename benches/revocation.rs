@@ -659,8 +659,7 @@ async fn served_run(n: usize, checks: usize, etcd: Option<&Etcd>) -> Result<(), 
     };
     // Starts of another build and this one in turn, over the same store (an A/B of the load).
     if let Some(other) = std::env::var_os("LANYARD_BENCH_START_COMPARE") {
-        let this = std::env::var_os("LANYARD_BENCH_SERVE_BIN")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_lanyard").into());
+        let this = serve_bin();
         for round in 1..=knob("LANYARD_BENCH_START_ROUNDS", 3usize)? {
             for (name, bin) in [("compared", &other), ("this", &this)] {
                 let etcd_cpu = etcd.map(|e| cpu(e.child.id()));
@@ -1167,6 +1166,13 @@ async fn fill(
     Ok(serials)
 }
 
+/// The `lanyard` binary steps 8-9 serve with: `LANYARD_BENCH_SERVE_BIN` (another build of the
+/// CA for an A/B run: the same bench binary, so the same clients), else this build's.
+fn serve_bin() -> std::ffi::OsString {
+    std::env::var_os("LANYARD_BENCH_SERVE_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_lanyard").into())
+}
+
 /// A `lanyard serve` process (the binary this bench is built with, or
 /// `LANYARD_BENCH_SERVE_BIN`); killed on drop.
 struct Serve {
@@ -1181,10 +1187,7 @@ impl Serve {
         data: &Path,
         logs: &Path,
     ) -> Result<(Self, Duration), Box<dyn Error>> {
-        // Another build of the CA for an A/B run (the same bench binary, so the same clients).
-        let bin = std::env::var_os("LANYARD_BENCH_SERVE_BIN")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_lanyard").into());
-        Self::start_bin(&bin, config, data, logs).await
+        Self::start_bin(&serve_bin(), config, data, logs).await
     }
 
     /// [`Serve::start`] with the `lanyard` binary at `bin`.
