@@ -361,6 +361,71 @@ async fn agent_survives_a_ca_outage_past_expiry_and_renews_within_grace() {
     );
 }
 
+/// Reads a process's environment from `/proc`: what it runs with now, after any exec.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn environ_of(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    raw.split(|b| *b == 0)
+        .filter(|v| v.starts_with(b"MALLOC_"))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+/// Decision 123: an agent re-executes itself (same pid) with glibc's classic malloc thresholds
+/// fixed, then gets its certificate as usual; an operator's own setting of either is kept as it
+/// is.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_runs_with_glibc_malloc_thresholds_fixed_unless_the_operator_set_them() {
+    let ca = TestCa::start().await;
+    let work = tempfile::tempdir().unwrap();
+    for (own, want) in [
+        (
+            None,
+            vec![
+                "MALLOC_MMAP_THRESHOLD_=131072".to_string(),
+                "MALLOC_TRIM_THRESHOLD_=131072".to_string(),
+            ],
+        ),
+        (
+            Some("262144"),
+            vec!["MALLOC_TRIM_THRESHOLD_=262144".to_string()],
+        ),
+    ] {
+        let out = work.path().join(format!("svid-{}", want.len()));
+        let token = ca.token(API, &[], 600, 1).await;
+        let mut cmd = lanyard_cmd();
+        cmd.env_remove("MALLOC_MMAP_THRESHOLD_")
+            .env_remove("MALLOC_TRIM_THRESHOLD_");
+        if let Some(v) = own {
+            cmd.env("MALLOC_TRIM_THRESHOLD_", v);
+        }
+        cmd.args([
+            "agent",
+            "--server",
+            &ca.server(),
+            "--token",
+            &token,
+            "--out",
+        ])
+        .arg(&out);
+        let mut agent =
+            common::ChildGuard::spawn("lanyard agent", &mut cmd, &out.with_extension("log"));
+        wait_for_svid(&out, Duration::from_secs(15))
+            .await
+            .unwrap_or_else(|| panic!("no certificate written:\n{}", agent.output()));
+        assert!(agent.is_running(), "agent exited:\n{}", agent.output());
+        let mut env = environ_of(agent.pid());
+        env.sort();
+        assert_eq!(env, want, "operator's own value: {own:?}");
+        assert!(
+            !agent.output().contains("could not re-execute"),
+            "{}",
+            agent.output()
+        );
+    }
+}
+
 // === revocation ===
 
 /// Starts an agent, revokes it with `lanyard revoke <target>`, and checks it exits 3 within 2 s

@@ -42,9 +42,7 @@ fn parse_cli(args: &[String], env: &[(String, String)], origin: &str) {
         .unwrap_or_else(|| panic!("{origin}: no subcommand {:?}", args[0]));
     let mut argv = vec!["lanyard".to_string(), args[0].clone()];
     argv.extend(args[1..].iter().cloned());
-    // Read by glibc's malloc when the process starts, not by Lanyard (decision 120).
-    let for_libc = |name: &str| name.starts_with("MALLOC_") && name.ends_with('_');
-    for (name, value) in env.iter().filter(|(name, _)| !for_libc(name)) {
+    for (name, value) in env {
         let arg = sub
             .get_arguments()
             .chain(cli.get_arguments())

@@ -229,6 +229,10 @@ pub fn main() -> ExitCode {
         std::env::var_os("NO_COLOR").as_deref(),
     );
     telemetry::init(cli.log_format, filter, ansi);
+    if matches!(cli.command, Command::Agent(_)) {
+        // Before any thread starts: an exec replaces the whole process.
+        agent::fix_malloc_thresholds();
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if matches!(cli.command, Command::Agent(_)) {
         // A sidecar runs beside every workload: it renews, follows two streams and serves a
