@@ -23,7 +23,8 @@ pub const STALE_AFTER: Duration = Duration::from_secs(10);
 /// An entry silent for this long is deleted by whichever replica sees it (a replica removed for
 /// good, or a renamed one).
 pub const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
-const PREFIX: &str = "replicas/";
+/// Where the registry's entries live among the store's shared values.
+pub const PREFIX: &str = "replicas/";
 
 /// One replica's published entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +41,11 @@ pub struct ReplicaInfo {
     pub started_at: i64,
     /// Its Lanyard version.
     pub version: String,
+    /// Whether it reads audit and revocation records in the compact binary layout on a shared
+    /// store (absent, so false, in entries of replicas from before decision 124): a shared
+    /// store writes that layout only while every registered replica says so.
+    #[serde(default)]
+    pub binary_records: bool,
 }
 
 /// Publishes this replica's entry and watches the others' policies.
@@ -73,6 +79,7 @@ impl Replicas {
                 heartbeat: now,
                 started_at: now,
                 version: env!("CARGO_PKG_VERSION").to_string(),
+                binary_records: true,
             },
             policy,
         }
@@ -292,6 +299,8 @@ mod tests {
             all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
             ["r0", "r1", "r2"]
         );
+        // This release reads binary records on a shared store, and says so (decision 124).
+        assert!(all.iter().all(|r| r.binary_records));
         assert_eq!(all[0].policy_sha256, all[1].policy_sha256);
         assert_ne!(all[0].policy_sha256, all[2].policy_sha256);
         let differing = check_policies(&rs[0].me(), &all, None).unwrap();

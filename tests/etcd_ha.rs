@@ -637,3 +637,125 @@ async fn a_reopened_store_loads_every_revocation_of_a_large_collection() {
     assert_eq!(again.read_audit(50, 10).unwrap().len(), 10);
     assert_eq!(again.read_audit(115, 10).unwrap().len(), 6);
 }
+
+/// Decision 124: a store writes audit and revocation records in the binary layout only while
+/// every registered replica says it reads them (an entry from an older release, or one that
+/// does not decode, keeps JSON); it reads both layouts, and a replica that followed by watch
+/// and one loaded afresh agree on records of both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_turn_binary_only_while_every_registered_replica_reads_them() {
+    let Some(cluster) = EtcdCluster::start(1) else {
+        return;
+    };
+    let cfg = EtcdConfig::parse(&cluster.url_from(0), "/layout/").unwrap();
+    let store = Arc::new(EtcdStore::open(cfg.clone()).unwrap());
+    let follower = EtcdStore::open(cfg.clone()).unwrap();
+    let entry = |id: &str, binary: Option<bool>| {
+        let mut e = serde_json::json!({
+            "id": id, "address": "10.0.0.1:8443", "policy_sha256": "00",
+            "heartbeat": lanyard::tls::unix_now(), "started_at": 1, "version": "0.1.0",
+        });
+        if let Some(b) = binary {
+            e["binary_records"] = b.into();
+        }
+        serde_json::to_vec(&e).unwrap()
+    };
+    // One replica of this release and one from before the field existed.
+    assert!(
+        store
+            .shared_put("replicas/new", &entry("new", Some(true)), None)
+            .unwrap()
+    );
+    assert!(
+        store
+            .shared_put("replicas/old", &entry("old", None), None)
+            .unwrap()
+    );
+    let log = AuditLog::start(store.clone() as Arc<dyn Store>).unwrap();
+    let now = lanyard::tls::unix_now();
+    let mut seq = 0u64;
+    let mut revoke = async |store: &EtcdStore| {
+        let serial = lanyard::ca::Serial::from_bytes(&rand::random::<[u8; 16]>()).to_hex();
+        let rec = lanyard::store::RevocationRecord {
+            v: RECORD_VERSION,
+            rev: 0,
+            serial: serial.clone(),
+            spiffe_id: "spiffe://example.org/w".into(),
+            identity_rule: false,
+            before: 0,
+            reason: "layout".into(),
+            revoked_at: now,
+            expires_at: now + 600,
+            blocked: false,
+            renewable: false,
+            origin: String::new(),
+        };
+        log.record(
+            Event::new(Kind::Revoked, "spiffe://example.org/admin"),
+            vec![Write::PutRevocation(rec)],
+        )
+        .await
+        .unwrap();
+        seq += 1;
+        let value = store
+            .raw_value(&format!("revoked/{serial}"))
+            .unwrap()
+            .unwrap();
+        let record = store
+            .raw_value(&format!("audit/rec/{seq:016x}"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            value[0] == b'{',
+            record[0] == b'{',
+            "both records in one layout"
+        );
+        (serial, value[0] != b'{')
+    };
+    let (json, binary) = revoke(&store).await;
+    assert!(!binary, "an older replica is registered: JSON");
+
+    // The old replica comes back upgraded: every entry now reads binary.
+    let v = store.shared_get("replicas/old").unwrap().unwrap().version;
+    assert!(
+        store
+            .shared_put("replicas/old", &entry("old", Some(true)), Some(v))
+            .unwrap()
+    );
+    let (bin, binary) = revoke(&store).await;
+    assert!(binary, "every registered replica reads binary");
+
+    // An entry that says false, or does not decode, closes it again.
+    let v = store.shared_get("replicas/old").unwrap().unwrap().version;
+    assert!(
+        store
+            .shared_put("replicas/old", &entry("old", Some(false)), Some(v))
+            .unwrap()
+    );
+    assert!(!revoke(&store).await.1, "binary_records: false");
+    let v = store.shared_get("replicas/old").unwrap().unwrap().version;
+    assert!(
+        store
+            .shared_put("replicas/old", b"not json", Some(v))
+            .unwrap()
+    );
+    assert!(!revoke(&store).await.1, "an undecodable entry");
+    let v = store.shared_get("replicas/old").unwrap().unwrap().version;
+    assert!(store.shared_delete("replicas/old", Some(v)).unwrap());
+    assert!(revoke(&store).await.1, "the entry deleted (a clean stop)");
+
+    // Both layouts are read: by the replica that followed by watch, and by a fresh load.
+    let fresh = EtcdStore::open(cfg).unwrap();
+    for s in [&json, &bin] {
+        let want = store.revoked_serial(s).unwrap().expect("revoked");
+        eventually("the follower has both", || {
+            follower.revoked_serial(s).unwrap().as_ref() == Some(&want)
+        });
+        assert_eq!(fresh.revoked_serial(s).unwrap(), Some(want));
+    }
+    assert_eq!(fresh.revocations_since(0).unwrap().len(), 5);
+    let records = fresh.read_audit(1, 100).unwrap();
+    assert_eq!(records.len(), 5);
+    verify_chain(&records, 1, GENESIS_HASH).unwrap();
+    assert_eq!(records, follower.read_audit(1, 100).unwrap());
+}

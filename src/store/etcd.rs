@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -29,7 +29,8 @@ use tonic::{Code, Request, Status};
 use tracing::{debug, info, warn};
 
 use super::index::RevIndex;
-use super::sled::{decode, encode};
+use super::records::Stored;
+use super::sled::{decode, encode, load};
 use super::{
     AccessRecord, AuditRecord, Committed, Consume, Enrollment, FEED_BUFFER, Guard, IssuedRecord,
     RevocationBrief, RevocationRecord, SharedChange, Store, StoreError, StoreHealth, StoreMember,
@@ -157,6 +158,9 @@ struct Inner {
     shared_tx: broadcast::Sender<SharedChange>,
     /// Test hook: this many coming transactions report a failure after etcd applied them.
     ambiguous: AtomicUsize,
+    /// Whether commits write audit and revocation records in the binary layout: only while
+    /// every replica in the registry reads it (decision 124; see `Inner::update_layout`).
+    binary: AtomicBool,
 }
 
 /// Requests sent to etcd by every store in this process (benchmarks: round trips per issuance).
@@ -179,6 +183,13 @@ struct TokenEntry {
     rec: TokenRecord,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     nonces: Vec<String>,
+}
+
+/// What the store reads of a replica registry entry (`crate::replicas::ReplicaInfo`).
+#[derive(Deserialize)]
+struct RegistryEntry {
+    #[serde(default)]
+    binary_records: bool,
 }
 
 /// An issued-index entry with its prune time (sled keeps that in its expiry index).
@@ -280,6 +291,7 @@ impl EtcdStore {
             feed: broadcast::channel(FEED_BUFFER).0,
             shared_tx: broadcast::channel(FEED_BUFFER).0,
             ambiguous: AtomicUsize::new(0),
+            binary: AtomicBool::new(false),
         });
         let rev = inner.block({
             let i = inner.clone();
@@ -296,6 +308,14 @@ impl EtcdStore {
     #[doc(hidden)]
     pub fn danger_inject_ambiguous(&self, n: usize) {
         self.inner.ambiguous.store(n, Ordering::SeqCst);
+    }
+
+    /// Tests and diagnosis: the value of `key` (under the prefix) exactly as etcd holds it.
+    #[doc(hidden)]
+    pub fn raw_value(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.inner.key(key);
+        let kv = self.block(|i| Box::pin(async move { i.get(key).await }))??;
+        Ok(kv.map(|kv| kv.value))
     }
 
     /// Requests sent to etcd so far by every etcd store in this process (benchmarks: round
@@ -630,6 +650,7 @@ impl Inner {
             let published = m.published;
             fresh.published = if published == 0 { head_seq } else { published };
             *m = fresh;
+            self.update_layout(&m);
             published
         };
         // Records committed while the watch was away: publish them from the log.
@@ -661,6 +682,46 @@ impl Inner {
         let mut m = self.mirror.write().unwrap_or_else(|p| p.into_inner());
         m.published = m.published.max(next.saturating_sub(1));
         Ok(())
+    }
+
+    /// A record as this store writes it now: binary while [`Inner::binary`] says every
+    /// replica reads it, else JSON, which every release reads.
+    fn record_bytes<T: Stored + Serialize>(&self, r: &T) -> Vec<u8> {
+        if self.binary.load(Ordering::Relaxed) {
+            r.to_stored()
+        } else {
+            encode(r)
+        }
+    }
+
+    /// Opens or closes the binary layout from the registry in `m`: open only while every
+    /// registered replica says it reads it. A replica from before decision 124 cannot decode
+    /// such a record: its watch and reloads would fail and it would answer from a mirror that
+    /// no longer moves. Entries stay registered across a crash (until a clean stop or a day of
+    /// silence), so a replica down for an upgrade keeps the layout closed until it is back.
+    fn update_layout(&self, m: &Mirror) {
+        let prefix = crate::replicas::PREFIX;
+        let open = m
+            .shared
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .all(|(_, v)| {
+                serde_json::from_slice::<RegistryEntry>(&v.value).is_ok_and(|e| e.binary_records)
+            });
+        if self.binary.swap(open, Ordering::Relaxed) != open {
+            info!(
+                binary = open,
+                "etcd record layout: {}",
+                if open {
+                    "every registered replica reads binary records; writing them"
+                } else {
+                    "a registered replica reads JSON records only; writing JSON"
+                }
+            );
+        }
     }
 
     fn set_applied(&self, rev: i64) {
@@ -711,12 +772,12 @@ impl Inner {
                 None
             }
             Key::Revoked(_) => {
-                let r: RevocationRecord = decode(&kv.key, &kv.value)?;
+                let r: RevocationRecord = load(&kv.key, &kv.value)?;
                 m.revoked.insert_with(&r, rev);
                 Some(Applied::Revocation(r))
             }
             Key::Rule(_) => {
-                let r: RevocationRecord = decode(&kv.key, &kv.value)?;
+                let r: RevocationRecord = load(&kv.key, &kv.value)?;
                 m.revoked.insert_with(&r, rev);
                 Some(Applied::Revocation(r))
             }
@@ -742,7 +803,7 @@ impl Inner {
                 m.checkpoint = Some(c.seq);
                 None
             }
-            Key::Record => Some(Applied::Record(decode(&kv.key, &kv.value)?)),
+            Key::Record => Some(Applied::Record(load(&kv.key, &kv.value)?)),
             Key::Other => None,
         })
     }
@@ -810,6 +871,12 @@ impl Inner {
                     Some(Applied::Shared(k, v)) => shared.push(SharedChange { key: k, value: v }),
                     None => {}
                 }
+            }
+            if shared
+                .iter()
+                .any(|c| c.key.starts_with(crate::replicas::PREFIX))
+            {
+                self.update_layout(&m);
             }
             for (_, (mut records, revs, mut access)) in txns {
                 records.sort_by_key(|r| r.seq);
@@ -969,7 +1036,7 @@ impl Inner {
                 Err(s) => return Err(status_err(s)),
             };
             for kv in &resp.kvs {
-                out.push(decode(&kv.key, &kv.value)?);
+                out.push(load(&kv.key, &kv.value)?);
             }
             match resp.kvs.last() {
                 Some(last) if resp.more => {
@@ -1056,7 +1123,7 @@ impl EtcdStore {
                     } else {
                         i.key(&format!("revoked/{}", r.serial))
                     };
-                    ops.push(put(key, encode(r)));
+                    ops.push(put(key, i.record_bytes(r)));
                 }
                 Write::PutAccess(a) => {
                     ops.push(put(i.key(&format!("access/{}", a.id)), encode(a)));
@@ -1277,10 +1344,8 @@ impl Store for EtcdStore {
         let (at, cp) = self.block(|i| {
             Box::pin(async move { Ok::<_, StoreError>((i.get(k1).await?, i.get(k2).await?)) })
         })??;
-        let at_rec: Option<AuditRecord> = at
-            .as_ref()
-            .map(|kv| decode(&kv.key, &kv.value))
-            .transpose()?;
+        let at_rec: Option<AuditRecord> =
+            at.as_ref().map(|kv| load(&kv.key, &kv.value)).transpose()?;
         let checkpoint: Option<Head> = cp
             .as_ref()
             .map(|kv| decode(&kv.key, &kv.value))
@@ -1374,7 +1439,7 @@ impl Store for EtcdStore {
             return Err(StoreError::GuardFailed { writes: failed });
         }
         for r in records {
-            ops.push(put(i.record_key(r.seq), encode(r)));
+            ops.push(put(i.record_key(r.seq), i.record_bytes(r)));
         }
         if let Some(last) = records.last() {
             let head = Head {

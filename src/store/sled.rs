@@ -1160,7 +1160,7 @@ pub(super) fn decode<T: DeserializeOwned>(key: &[u8], raw: &[u8]) -> Result<T, S
 }
 
 /// Reads a stored record in either layout (see [`Stored`]).
-fn load<T: Stored>(key: &[u8], raw: &[u8]) -> Result<T, StoreError> {
+pub(super) fn load<T: Stored>(key: &[u8], raw: &[u8]) -> Result<T, StoreError> {
     T::from_stored(raw).map_err(|reason| StoreError::Decode {
         key: String::from_utf8_lossy(key).into_owned(),
         reason,
