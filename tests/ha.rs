@@ -253,6 +253,13 @@ async fn replicas_share_one_ca_tokens_revocations_approvals_and_rotation() {
         assert!(line.contains(" up "), "{line}");
         assert!(!line.contains("DIFFERS"), "{line}");
     }
+    // Every replica is of this release, so the store writes binary records (decision 124).
+    assert!(
+        status
+            .lines()
+            .any(|l| l == "records: binary (every registered replica reads them)"),
+        "{status}"
+    );
     // And etcd's health: three members with their client URLs, one of them the leader.
     assert!(status.contains("  etcd leader "), "{status}");
     assert!(!status.contains("leader NONE"), "{status}");

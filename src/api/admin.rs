@@ -263,6 +263,7 @@ impl Admin for AdminService {
                 heartbeat: r.heartbeat,
                 started_at: r.started_at,
                 version: r.version,
+                binary_records: r.binary_records,
             })
             .collect();
         Ok(Response::new(pb::ServerStatus {

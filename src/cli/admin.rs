@@ -236,6 +236,23 @@ pub(super) async fn status(a: CaArgs) -> anyhow::Result<ExitCode> {
             "warning: live replicas have different policies; deploy the same policy file to every replica"
         );
     }
+    if s.store == "etcd" {
+        // The rule the etcd store applies (design decision 124), from the same registry.
+        let json_only: Vec<&str> = s
+            .replicas
+            .iter()
+            .filter(|r| !r.binary_records)
+            .map(|r| r.id.as_str())
+            .collect();
+        if json_only.is_empty() {
+            println!("records: binary (every registered replica reads them)");
+        } else {
+            println!(
+                "records: JSON (registered replicas that read only JSON: {})",
+                json_only.join(", ")
+            );
+        }
+    }
     if let Some(h) = &s.store_health {
         if h.error.is_empty() {
             println!("store health: {} database {} bytes", h.location, h.db_size);
