@@ -144,6 +144,20 @@ fn the_start_on_etcd_is_read_from_section_nine_not_section_eight() {
     assert_eq!(code, 0, "{err}");
     assert!(close(f(&v, "etcd_start_s"), 0.09), "{v}");
     assert!(close(f(&v, "index_load_s"), 0.05), "{v}");
+    // etcd's db_size per revocation, from section 9's fill line (not sled's section 1 figure).
+    assert!(close(f(&v, "etcd_disk_bytes_per_revocation"), 335.0), "{v}");
+    // With section 9's fill line changed, its figure is missing, not taken from elsewhere,
+    // and the start figure beside it is still read.
+    let (_dir, path) = edited(
+        "revocation-etcd.txt",
+        "(335 bytes per revocation)",
+        "(335 B/revocation)",
+    );
+    let (code, v, err) = parse("revocation", &path);
+    assert_eq!(code, 3, "{v}");
+    assert!(v.get("etcd_disk_bytes_per_revocation").is_none(), "{v}");
+    assert!(err.contains("etcd bytes per revocation"), "{err}");
+    assert!(close(f(&v, "etcd_start_s"), 0.09), "{v}");
 }
 
 #[test]
