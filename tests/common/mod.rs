@@ -509,8 +509,15 @@ pub fn pem_leaf_svid(cert_pem: &[u8]) -> Option<lanyard::ca::SvidInfo> {
     lanyard::ca::parse_svid(chain.first()?, &RolesOid::default()).ok()
 }
 
-/// The SVID currently in a credential directory (one generation, through `..data`).
+/// The SVID currently in a credential directory (one generation, through `..data`), once the
+/// named links are there too (an agent's directory; `lanyard issue` writes plain files): a
+/// first generation's `..data` is in place a moment before its `cert.pem`, `key.pem`, ...
+/// links (made in that order, `federated` last of those always made), and tests go on to open
+/// files by those names.
 pub fn dir_svid(dir: &Path) -> Option<lanyard::ca::SvidInfo> {
+    if dir.join("..data").exists() && !dir.join("federated").exists() {
+        return None;
+    }
     let (cert, _) = lanyard::agent::read_consistent(dir).ok()?;
     pem_leaf_svid(&cert)
 }
