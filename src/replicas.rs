@@ -132,6 +132,7 @@ impl Replicas {
                 raft_term: h.raft_term,
                 alarms: h.alarms,
                 location: h.location,
+                binary_records: h.binary_records,
             },
             Err(error) => crate::pb::v1::StoreHealth {
                 error,

@@ -710,6 +710,8 @@ async fn records_turn_binary_only_while_every_registered_replica_reads_them() {
             record[0] == b'{',
             "both records in one layout"
         );
+        // What `lanyard status` shows of the store: the layout it writes now.
+        assert_eq!(store.health().unwrap().binary_records, value[0] != b'{');
         (serial, value[0] != b'{')
     };
     let (json, binary) = revoke(&store).await;

@@ -236,20 +236,26 @@ pub(super) async fn status(a: CaArgs) -> anyhow::Result<ExitCode> {
             "warning: live replicas have different policies; deploy the same policy file to every replica"
         );
     }
-    if s.store == "etcd" {
-        // The rule the etcd store applies (design decision 124), from the same registry.
-        let json_only: Vec<&str> = s
-            .replicas
-            .iter()
-            .filter(|r| !r.binary_records)
-            .map(|r| r.id.as_str())
-            .collect();
-        if json_only.is_empty() {
+    if let Some(h) = s.store_health.as_ref().filter(|h| h.error.is_empty())
+        && s.store == "etcd"
+    {
+        // What the answering replica's store writes now (design decision 124).
+        if h.binary_records {
             println!("records: binary (every registered replica reads them)");
         } else {
+            let json_only: Vec<&str> = s
+                .replicas
+                .iter()
+                .filter(|r| !r.binary_records)
+                .map(|r| r.id.as_str())
+                .collect();
             println!(
                 "records: JSON (registered replicas that read only JSON: {})",
-                json_only.join(", ")
+                if json_only.is_empty() {
+                    "none listed; an entry that does not decode counts as one".to_string()
+                } else {
+                    json_only.join(", ")
+                }
             );
         }
     }

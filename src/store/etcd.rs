@@ -1659,6 +1659,7 @@ impl Store for EtcdStore {
                 .filter(|a| a.alarm != 0)
                 .map(|a| format!("{:x}: {}", a.member_id, alarm_name(a.alarm)))
                 .collect(),
+            binary_records: self.inner.binary.load(Ordering::Relaxed),
         })
     }
 

@@ -868,6 +868,7 @@ impl Store for SledStore {
         Ok(StoreHealth {
             location: self.path.display().to_string(),
             size_bytes: self.db.size_on_disk().map_err(backend)?,
+            binary_records: true,
             ..StoreHealth::default()
         })
     }
