@@ -41,7 +41,7 @@ pub struct ReplicaInfo {
     pub started_at: i64,
     /// Its Lanyard version.
     pub version: String,
-    /// Whether it reads audit and revocation records in the compact binary layout on a shared
+    /// Whether it reads audit, revocation and issued records in the compact binary layout on a shared
     /// store (absent, so false, in entries of replicas from before decision 124): a shared
     /// store writes that layout only while every registered replica says so.
     #[serde(default)]

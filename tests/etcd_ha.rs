@@ -638,7 +638,7 @@ async fn a_reopened_store_loads_every_revocation_of_a_large_collection() {
     assert_eq!(again.read_audit(115, 10).unwrap().len(), 6);
 }
 
-/// Decision 124: a store writes audit and revocation records in the binary layout only while
+/// Decision 124: a store writes audit, revocation and issued records in the binary layout only while
 /// every registered replica says it reads them (an entry from an older release, or one that
 /// does not decode, keeps JSON); it reads both layouts, and a replica that followed by watch
 /// and one loaded afresh agree on records of both.
@@ -690,9 +690,19 @@ async fn records_turn_binary_only_while_every_registered_replica_reads_them() {
             renewable: false,
             origin: String::new(),
         };
+        let issued = lanyard::store::IssuedRecord {
+            v: RECORD_VERSION,
+            spiffe_id: "spiffe://example.org/w".into(),
+            serial: serial.clone(),
+            roles: vec!["db".into()],
+            not_after: now + 600,
+        };
         log.record(
             Event::new(Kind::Revoked, "spiffe://example.org/admin"),
-            vec![Write::PutRevocation(rec)],
+            vec![
+                Write::PutIssued(issued, now + 900),
+                Write::PutRevocation(rec),
+            ],
         )
         .await
         .unwrap();
@@ -705,10 +715,14 @@ async fn records_turn_binary_only_while_every_registered_replica_reads_them() {
             .raw_value(&format!("audit/rec/{seq:016x}"))
             .unwrap()
             .unwrap();
+        let issued = store
+            .raw_value(&format!("issued/{serial}"))
+            .unwrap()
+            .unwrap();
         assert_eq!(
-            value[0] == b'{',
-            record[0] == b'{',
-            "both records in one layout"
+            (value[0] == b'{', issued[0] == b'{'),
+            (record[0] == b'{', record[0] == b'{'),
+            "all three records in one layout"
         );
         // What `lanyard status` shows of the store: the layout it writes now.
         assert_eq!(store.health().unwrap().binary_records, value[0] != b'{');
@@ -754,6 +768,9 @@ async fn records_turn_binary_only_while_every_registered_replica_reads_them() {
             follower.revoked_serial(s).unwrap().as_ref() == Some(&want)
         });
         assert_eq!(fresh.revoked_serial(s).unwrap(), Some(want));
+        let issued = store.issued(s).unwrap().expect("issued");
+        assert_eq!(follower.issued(s).unwrap().as_ref(), Some(&issued));
+        assert_eq!(fresh.issued(s).unwrap(), Some(issued));
     }
     assert_eq!(fresh.revocations_since(0).unwrap().len(), 5);
     let records = fresh.read_audit(1, 100).unwrap();

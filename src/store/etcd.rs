@@ -29,7 +29,7 @@ use tonic::{Code, Request, Status};
 use tracing::{debug, info, warn};
 
 use super::index::RevIndex;
-use super::records::Stored;
+use super::records::{Stored, issued_with_prune_from_stored, issued_with_prune_to_stored};
 use super::sled::{decode, encode, load};
 use super::{
     AccessRecord, AuditRecord, Committed, Consume, Enrollment, FEED_BUFFER, Guard, IssuedRecord,
@@ -158,7 +158,7 @@ struct Inner {
     shared_tx: broadcast::Sender<SharedChange>,
     /// Test hook: this many coming transactions report a failure after etcd applied them.
     ambiguous: AtomicUsize,
-    /// Whether commits write audit and revocation records in the binary layout: only while
+    /// Whether commits write audit, revocation and issued records in the binary layout: only while
     /// every replica in the registry reads it (decision 124; see `Inner::update_layout`).
     binary: AtomicBool,
 }
@@ -763,7 +763,16 @@ impl Inner {
                 None
             }
             Key::Issued(serial) => {
-                let e: IssuedEntry = decode(&kv.key, &kv.value)?;
+                let e = match issued_with_prune_from_stored(&kv.value) {
+                    Some(Ok((rec, prune_at))) => IssuedEntry { rec, prune_at },
+                    Some(Err(reason)) => {
+                        return Err(StoreError::Decode {
+                            key: String::from_utf8_lossy(&kv.key).into_owned(),
+                            reason,
+                        });
+                    }
+                    None => decode(&kv.key, &kv.value)?,
+                };
                 m.issued_ids
                     .entry(e.rec.spiffe_id.clone())
                     .or_default()
@@ -1111,11 +1120,15 @@ impl EtcdStore {
                     ops.push(put(i.key(&format!("enroll/{}", e.spiffe_id)), encode(e)));
                 }
                 Write::PutIssued(rec, prune_at) => {
-                    let e = IssuedEntry {
-                        rec: rec.clone(),
-                        prune_at: *prune_at,
+                    let value = if i.binary.load(Ordering::Relaxed) {
+                        issued_with_prune_to_stored(rec, *prune_at)
+                    } else {
+                        encode(&IssuedEntry {
+                            rec: rec.clone(),
+                            prune_at: *prune_at,
+                        })
                     };
-                    ops.push(put(i.key(&format!("issued/{}", rec.serial)), encode(&e)));
+                    ops.push(put(i.key(&format!("issued/{}", rec.serial)), value));
                 }
                 Write::PutRevocation(r) => {
                     let key = if r.identity_rule {

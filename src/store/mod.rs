@@ -387,7 +387,7 @@ pub struct StoreHealth {
     pub raft_term: u64,
     /// Raised etcd alarms, as `<member id hex>: NOSPACE` (empty when healthy).
     pub alarms: Vec<String>,
-    /// Whether commits write audit and revocation records in the compact binary layout now
+    /// Whether commits write audit, revocation and issued records in the compact binary layout now
     /// (sled: always; etcd: while every registered replica reads it, decision 124).
     pub binary_records: bool,
 }

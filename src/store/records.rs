@@ -501,6 +501,37 @@ impl Binary for AuditRecord {
     }
 }
 
+/// Type tag of an issued record followed by its prune time: the etcd backend's issued-index
+/// entries (sled keeps the prune time in its expiry index).
+const ISSUED_PRUNE_TAG: u8 = 6;
+
+/// An issued record and the time its index entry may be pruned, in the binary layout.
+pub(crate) fn issued_with_prune_to_stored(rec: &IssuedRecord, prune_at: i64) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(96));
+    w.0.push(BINARY);
+    w.0.push(ISSUED_PRUNE_TAG);
+    rec.write(&mut w);
+    w.i64(prune_at);
+    w.0
+}
+
+/// Reads what [`issued_with_prune_to_stored`] wrote; `None` when `raw` is not binary (JSON).
+pub(crate) fn issued_with_prune_from_stored(
+    raw: &[u8],
+) -> Option<Result<(IssuedRecord, i64), String>> {
+    let rest = match raw {
+        [BINARY, ISSUED_PRUNE_TAG, rest @ ..] => rest,
+        [BINARY, ..] => return Some(Err("binary record of another type".into())),
+        _ => return None,
+    };
+    let mut r = Reader(rest);
+    Some(match (IssuedRecord::read(&mut r), r.i64()) {
+        (Some(rec), Some(prune_at)) if r.0.is_empty() => Ok((rec, prune_at)),
+        (Some(_), Some(_)) => Err("trailing bytes after an issued entry".into()),
+        _ => Err("truncated or malformed issued entry".into()),
+    })
+}
+
 /// A serial revocation as sled now stores it under its serial's key: the record's numbers,
 /// and its identity, reason and origin by the number of a string stored once in the
 /// revocation strings tree (the in-memory index hands the numbers out). About 16 bytes
@@ -697,6 +728,33 @@ mod tests {
         both_layouts(token(false));
         both_layouts(token(true));
         both_layouts(issued());
+    }
+
+    /// etcd's issued-index entries: the record and its prune time; JSON is told apart (None),
+    /// other binary types, truncations and trailing bytes are refused.
+    #[test]
+    fn issued_entries_with_their_prune_time_round_trip() {
+        for prune_at in [0, 1_700_000_000, -5, i64::MAX] {
+            let raw = issued_with_prune_to_stored(&issued(), prune_at);
+            assert_eq!(
+                issued_with_prune_from_stored(&raw),
+                Some(Ok((issued(), prune_at)))
+            );
+            for n in 2..raw.len() {
+                assert!(matches!(
+                    issued_with_prune_from_stored(&raw[..n]),
+                    Some(Err(_))
+                ));
+            }
+            let mut long = raw.clone();
+            long.push(0);
+            assert!(matches!(issued_with_prune_from_stored(&long), Some(Err(_))));
+        }
+        assert_eq!(issued_with_prune_from_stored(br#"{"v":1}"#), None);
+        assert!(matches!(
+            issued_with_prune_from_stored(&issued().to_stored()),
+            Some(Err(_))
+        ));
     }
 
     #[test]
