@@ -200,6 +200,18 @@ struct IssuedEntry {
     prune_at: i64,
 }
 
+impl Stored for IssuedEntry {
+    fn to_stored(&self) -> Vec<u8> {
+        issued_with_prune_to_stored(&self.rec, self.prune_at)
+    }
+    fn from_stored(raw: &[u8]) -> Result<Self, String> {
+        match issued_with_prune_from_stored(raw) {
+            Some(r) => r.map(|(rec, prune_at)| Self { rec, prune_at }),
+            None => serde_json::from_slice(raw).map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// The mirrored collections, each value with its etcd mod_revision.
 #[derive(Default)]
 struct Mirror {
@@ -685,7 +697,7 @@ impl Inner {
     }
 
     /// A record as this store writes it now: binary while [`Inner::binary`] says every
-    /// replica reads it, else JSON, which every release reads.
+    /// replica reads it, else JSON, which every release reads ([`load`] reads both).
     fn record_bytes<T: Stored + Serialize>(&self, r: &T) -> Vec<u8> {
         if self.binary.load(Ordering::Relaxed) {
             r.to_stored()
@@ -763,16 +775,7 @@ impl Inner {
                 None
             }
             Key::Issued(serial) => {
-                let e = match issued_with_prune_from_stored(&kv.value) {
-                    Some(Ok((rec, prune_at))) => IssuedEntry { rec, prune_at },
-                    Some(Err(reason)) => {
-                        return Err(StoreError::Decode {
-                            key: String::from_utf8_lossy(&kv.key).into_owned(),
-                            reason,
-                        });
-                    }
-                    None => decode(&kv.key, &kv.value)?,
-                };
+                let e: IssuedEntry = load(&kv.key, &kv.value)?;
                 m.issued_ids
                     .entry(e.rec.spiffe_id.clone())
                     .or_default()
@@ -1120,15 +1123,14 @@ impl EtcdStore {
                     ops.push(put(i.key(&format!("enroll/{}", e.spiffe_id)), encode(e)));
                 }
                 Write::PutIssued(rec, prune_at) => {
-                    let value = if i.binary.load(Ordering::Relaxed) {
-                        issued_with_prune_to_stored(rec, *prune_at)
-                    } else {
-                        encode(&IssuedEntry {
-                            rec: rec.clone(),
-                            prune_at: *prune_at,
-                        })
+                    let e = IssuedEntry {
+                        rec: rec.clone(),
+                        prune_at: *prune_at,
                     };
-                    ops.push(put(i.key(&format!("issued/{}", rec.serial)), value));
+                    ops.push(put(
+                        i.key(&format!("issued/{}", rec.serial)),
+                        i.record_bytes(&e),
+                    ));
                 }
                 Write::PutRevocation(r) => {
                     let key = if r.identity_rule {
