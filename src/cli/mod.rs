@@ -229,12 +229,11 @@ pub fn main() -> ExitCode {
         std::env::var_os("NO_COLOR").as_deref(),
     );
     telemetry::init(cli.log_format, filter, ansi);
-    if matches!(cli.command, Command::Agent(_)) {
-        // Before any thread starts: an exec replaces the whole process.
-        agent::fix_malloc_thresholds();
-    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if matches!(cli.command, Command::Agent(_)) {
+        // Before any thread starts (the builder has started none): an exec replaces the
+        // whole process.
+        agent::fix_malloc_thresholds();
         // A sidecar runs beside every workload: it renews, follows two streams and serves a
         // few local clients, which two threads carry on any host. One per core (tokio's
         // default) would give an agent on a 64-core node 64 threads, each with its stack
