@@ -197,7 +197,8 @@ fn main() {
         loadavg()
     );
     let ceiling = crypto(&knobs);
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
+    // The server's runtime as `lanyard serve` builds it.
+    let server_rt = lanyard::server::tune_runtime(&mut tokio::runtime::Builder::new_multi_thread())
         .enable_all()
         .build()
         .expect("server runtime");

@@ -70,6 +70,19 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// Largest decoded header list a request may carry (hyper refuses larger ones itself).
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
+/// How many scheduler ticks a runtime worker of `lanyard serve` runs between looks at tokio's
+/// global queue: every tick. An issuance is answered by the audit writer's thread, outside the
+/// runtime, so the tasks it wakes (the answers) land in the global queue, while a loaded
+/// worker's own queue keeps filling with new requests. Looking there first finishes started
+/// requests before it takes up new ones (design decision 125).
+pub const GLOBAL_QUEUE_INTERVAL: u32 = 1;
+
+/// Sets `builder` up as `lanyard serve` runs its runtime (see [`GLOBAL_QUEUE_INTERVAL`]); for
+/// the CLI and for benchmarks that serve in-process.
+pub fn tune_runtime(builder: &mut tokio::runtime::Builder) -> &mut tokio::runtime::Builder {
+    builder.global_queue_interval(GLOBAL_QUEUE_INTERVAL)
+}
+
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

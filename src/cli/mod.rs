@@ -241,6 +241,9 @@ pub fn main() -> ExitCode {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         builder.worker_threads(cores.min(AGENT_WORKER_THREADS));
     }
+    if matches!(cli.command, Command::Serve(_)) {
+        crate::server::tune_runtime(&mut builder);
+    }
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
