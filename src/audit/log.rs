@@ -1,7 +1,7 @@
 //! The single writer: group commit of audit records and the state changes they describe.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -52,6 +52,12 @@ pub struct AuditLog {
     live: broadcast::Sender<Arc<Committed>>,
     store: Arc<dyn Store>,
     gate: Arc<Gate>,
+    /// The writer's state, locked by its thread for each group it gathers and commits, and by a
+    /// caller that commits a lone event itself (see [`AuditLog::record_with`]).
+    writer: Arc<Mutex<Writer>>,
+    /// Whether callers may commit a lone event themselves: only on a local store, whose commit
+    /// is a few sled writes and one `fdatasync`, never a network round trip.
+    inline: bool,
 }
 
 /// What the writer and the callers share to size groups.
@@ -120,6 +126,7 @@ impl AuditLog {
         // then publishes nothing (its own commits arrive through the store's feed too).
         let feed = store.commit_feed();
         let publish = feed.is_none();
+        let publish_by_store = !publish;
         let live = feed.unwrap_or_else(|| broadcast::channel(LIVE_BUFFER).0);
         let gate = Arc::new(Gate::default());
         let flusher = Arc::new(Flusher {
@@ -159,15 +166,19 @@ impl AuditLog {
             last_ms: 0,
             recent: [1; RECENT_GROUPS],
             recent_at: 0,
+            lone_commits: 0,
         };
         // The writer is a plain thread, not a task that hands each group to the blocking pool:
         // the commit and its fsync block anyway, and this saves two thread hand-offs per group
-        // (task → blocking thread → task), which is most of the non-fsync latency of a lone
-        // issuance (a lone group is flushed on the writer itself; only a loaded writer hands its
-        // flushes to the syncer). It stops once every `AuditLog` handle is dropped.
+        // (task → blocking thread → task). A lone event skips even this thread: its caller
+        // commits it (see `commit_if_alone`). A lone group is flushed on the writer itself; only
+        // a loaded writer hands its flushes to the syncer. It stops once every `AuditLog`
+        // handle is dropped.
+        let writer = Arc::new(Mutex::new(writer));
+        let thread_writer = writer.clone();
         let thread = std::thread::Builder::new()
             .name("lanyard-audit".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || Writer::run(&thread_writer, rx))
             .map_err(|e| {
                 AuditError::Store(crate::store::StoreError::Backend(format!(
                     "cannot start the audit writer: {e}"
@@ -179,6 +190,8 @@ impl AuditLog {
             live,
             store,
             gate,
+            writer,
+            inline: !publish_by_store,
         })
     }
 
@@ -198,12 +211,17 @@ impl AuditLog {
         writes: Vec<Write>,
     ) -> Result<AuditRecord, AuditError> {
         let (done, rx) = oneshot::channel();
+        let pending = Pending {
+            event,
+            writes,
+            done,
+        };
+        let (intent, pending) = match self.commit_if_alone(intent, pending) {
+            Ok(()) => return rx.await.map_err(|_| AuditError::Closed)?,
+            Err(back) => back,
+        };
         self.tx
-            .send(Pending {
-                event,
-                writes,
-                done,
-            })
+            .send(pending)
             .await
             .map_err(|_| AuditError::Closed)?;
         // The event is queued: its intent is fulfilled (dropping it wakes the writer if it was
@@ -221,6 +239,41 @@ impl AuditLog {
             self.gate.wake_writer();
         }
         rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Commits `p` right here, on the caller's thread, if it is alone: a local store, no other
+    /// event announced, none queued, the writer not busy and its recent groups lone too. Waking the writer's thread for a lone
+    /// event, and the caller's task back after, costs more than the commit itself at a fleet's
+    /// rates (design decision 126). The commit blocks this thread for a few sled writes and one
+    /// `fdatasync`, one caller at a time (the writer's lock); a loaded CA, whose events are
+    /// announced or queued, hands them to the writer's thread as before. Otherwise gives
+    /// `intent` and `p` back.
+    #[allow(clippy::result_large_err)]
+    fn commit_if_alone(
+        &self,
+        intent: Option<Intent>,
+        p: Pending,
+    ) -> Result<(), (Option<Intent>, Pending)> {
+        let own = usize::from(intent.is_some());
+        if !self.inline
+            || self.gate.outstanding.load(Ordering::SeqCst) != own
+            || self.tx.capacity() != self.tx.max_capacity()
+        {
+            return Err((intent, p));
+        }
+        let Ok(mut writer) = self.writer.try_lock() else {
+            return Err((intent, p));
+        };
+        // Only while the writer's recent groups were lone too: under load an event that finds
+        // the queue empty for a moment is still better taken into the next group than let to
+        // hold a runtime thread through an fsync.
+        if writer.recent.iter().any(|&n| n > 1) {
+            drop(writer);
+            return Err((intent, p));
+        }
+        drop(intent);
+        writer.commit_lone(p);
+        Ok(())
     }
 
     /// Records `event` together with `writes`; returns once both are durable.
@@ -319,25 +372,42 @@ struct Writer {
     /// Sizes of the last groups (a ring).
     recent: [usize; RECENT_GROUPS],
     recent_at: usize,
+    /// Events its callers committed themselves (see `AuditLog::commit_if_alone`).
+    lone_commits: u64,
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
+    fn run(writer: &Mutex<Writer>, mut rx: mpsc::Receiver<Pending>) {
         let mut group = Vec::with_capacity(MAX_GROUP);
         // Block for the first event, then take what else is queued or announced: that is the group.
         while let Some(first) = rx.blocking_recv() {
+            let mut this = writer.lock().unwrap_or_else(|p| p.into_inner());
             let deadline = Instant::now() + GATHER_WINDOW;
             take(&mut group, first);
-            self.gather(&mut rx, &mut group, deadline);
+            this.gather(&mut rx, &mut group, deadline);
             // Announced events alone do not make the writer loaded: at a fleet's rates (tens of
             // renewals a second) some renewal has nearly always announced its event, and handing
             // those groups to the syncer cost a thread hand-off each and ~7 KB more CA memory
             // per connected agent at 1,000 agents (sled's per-thread state on a second thread).
-            self.alone = rx.is_empty();
-            self.recent[self.recent_at] = group.len();
-            self.recent_at = (self.recent_at + 1) % RECENT_GROUPS;
-            self.commit_group(std::mem::take(&mut group));
+            this.alone = rx.is_empty();
+            this.remember_size(group.len());
+            this.commit_group(std::mem::take(&mut group));
         }
+    }
+
+    /// Notes a group's size for the next guess (see [`Writer::gather`]).
+    fn remember_size(&mut self, n: usize) {
+        self.recent[self.recent_at] = n;
+        self.recent_at = (self.recent_at + 1) % RECENT_GROUPS;
+    }
+
+    /// Commits an event that is alone (see [`AuditLog::record_with`]) as a group of one, and
+    /// answers it once durable: here, unless the syncer is still flushing an earlier group.
+    fn commit_lone(&mut self, p: Pending) {
+        self.lone_commits += 1;
+        self.alone = true;
+        self.remember_size(1);
+        self.commit_group(vec![p]);
     }
 
     /// Adds queued events to `group`; while more are expected (see [`GATHER_WINDOW`]), waits for
@@ -746,6 +816,44 @@ mod tests {
             assert_eq!(live.recv().await.unwrap().record.seq, want);
         }
         assert_eq!(log.gate.outstanding.load(Ordering::SeqCst), 0);
+    }
+
+    /// An event alone is committed by its caller, durable and chained like any other; one
+    /// announced behind another, or arriving while the writer's recent groups held several,
+    /// goes to the writer's thread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_event_is_committed_by_its_caller() {
+        let (_dir, log) = log();
+        let lone = |log: &AuditLog| log.writer.lock().unwrap().lone_commits;
+        let first = log.intent();
+        let r = log
+            .record_with(Some(first), event(1), vec![])
+            .await
+            .unwrap();
+        assert_eq!((r.seq, lone(&log)), (1, 1));
+        // Another event is announced: this one is left to the writer, which waits for it.
+        let other = log.intent();
+        let r = log.record(event(2), vec![]).await.unwrap();
+        assert_eq!((r.seq, lone(&log)), (2, 1));
+        drop(other);
+        let r = log.record(event(3), vec![]).await.unwrap();
+        assert_eq!((r.seq, lone(&log)), (3, 2));
+        // A group of two: the next events go to the writer until its recent groups are lone.
+        let (a, b) = (log.intent(), log.intent());
+        let (ra, rb) = tokio::join!(
+            log.record_with(Some(a), event(4), vec![]),
+            log.record_with(Some(b), event(5), vec![]),
+        );
+        assert_eq!(ra.unwrap().time_ms, rb.unwrap().time_ms);
+        for n in 6..6 + RECENT_GROUPS as u32 {
+            log.record(event(n), vec![]).await.unwrap();
+        }
+        assert_eq!(lone(&log), 2);
+        let r = log.record(event(99), vec![]).await.unwrap();
+        assert_eq!((r.seq, lone(&log)), (6 + RECENT_GROUPS as u64, 3));
+        let stored = log.store().read_audit(1, 100).unwrap();
+        assert_eq!(stored.len() as u64, r.seq);
+        crate::audit::chain::verify_chain(&stored, 1, GENESIS_HASH).unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
