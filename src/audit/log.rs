@@ -53,10 +53,11 @@ pub struct AuditLog {
     store: Arc<dyn Store>,
     gate: Arc<Gate>,
     /// The writer's state, locked by its thread for each group it gathers and commits, and by a
-    /// caller that commits a lone event itself (see [`AuditLog::record_with`]).
+    /// caller that commits a lone event itself (see [`AuditLog::commit_if_alone`]).
     writer: Arc<Mutex<Writer>>,
-    /// Whether callers may commit a lone event themselves: only on a local store, whose commit
-    /// is a few sled writes and one `fdatasync`, never a network round trip.
+    /// Whether callers may commit a lone event themselves: only on a local store (one that
+    /// leaves publishing to the log), whose commit is a few sled writes and one `fdatasync`,
+    /// never a network round trip.
     inline: bool,
 }
 
@@ -126,7 +127,6 @@ impl AuditLog {
         // then publishes nothing (its own commits arrive through the store's feed too).
         let feed = store.commit_feed();
         let publish = feed.is_none();
-        let publish_by_store = !publish;
         let live = feed.unwrap_or_else(|| broadcast::channel(LIVE_BUFFER).0);
         let gate = Arc::new(Gate::default());
         let flusher = Arc::new(Flusher {
@@ -191,7 +191,7 @@ impl AuditLog {
             store,
             gate,
             writer,
-            inline: !publish_by_store,
+            inline: publish,
         })
     }
 
@@ -242,12 +242,12 @@ impl AuditLog {
     }
 
     /// Commits `p` right here, on the caller's thread, if it is alone: a local store, no other
-    /// event announced, none queued, the writer not busy and its recent groups lone too. Waking the writer's thread for a lone
-    /// event, and the caller's task back after, costs more than the commit itself at a fleet's
-    /// rates (design decision 126). The commit blocks this thread for a few sled writes and one
-    /// `fdatasync`, one caller at a time (the writer's lock); a loaded CA, whose events are
-    /// announced or queued, hands them to the writer's thread as before. Otherwise gives
-    /// `intent` and `p` back.
+    /// event announced, none queued, the writer not busy and its recent groups lone too.
+    /// Waking the writer's thread for a lone event, and the caller's task back after, costs
+    /// more than the commit itself at a fleet's rates (design decision 126). The commit blocks
+    /// this thread for a few sled writes and one `fdatasync`, one caller at a time (the
+    /// writer's lock); a loaded CA, whose events are announced or queued, hands them to the
+    /// writer's thread as before. Otherwise gives `intent` and `p` back.
     #[allow(clippy::result_large_err)]
     fn commit_if_alone(
         &self,
