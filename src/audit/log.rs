@@ -267,7 +267,7 @@ impl AuditLog {
         // Only while the writer's recent groups were lone too: under load an event that finds
         // the queue empty for a moment is still better taken into the next group than let to
         // hold a runtime thread through an fsync.
-        if writer.recent.iter().any(|&n| n > 1) {
+        if writer.expected_size() > 1 {
             drop(writer);
             return Err((intent, p));
         }
@@ -395,13 +395,23 @@ impl Writer {
         }
     }
 
-    /// Notes a group's size for the next guess (see [`Writer::gather`]).
+    /// The next group's size, guessed from the recent ones: the largest of them.
+    fn expected_size(&self) -> usize {
+        self.recent
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(1)
+            .min(MAX_GROUP)
+    }
+
+    /// Notes a group's size for the next guess (see [`Writer::expected_size`]).
     fn remember_size(&mut self, n: usize) {
         self.recent[self.recent_at] = n;
         self.recent_at = (self.recent_at + 1) % RECENT_GROUPS;
     }
 
-    /// Commits an event that is alone (see [`AuditLog::record_with`]) as a group of one, and
+    /// Commits an event that is alone (see [`AuditLog::commit_if_alone`]) as a group of one, and
     /// answers it once durable: here, unless the syncer is still flushing an earlier group.
     fn commit_lone(&mut self, p: Pending) {
         self.lone_commits += 1;
@@ -418,13 +428,7 @@ impl Writer {
         group: &mut Vec<Pending>,
         deadline: Instant,
     ) {
-        let expected = self
-            .recent
-            .iter()
-            .copied()
-            .max()
-            .unwrap_or(1)
-            .min(MAX_GROUP);
+        let expected = self.expected_size();
         let more_expected = |group: &Vec<Pending>| {
             group.len() < expected || self.gate.outstanding.load(Ordering::SeqCst) > 0
         };
